@@ -1,0 +1,307 @@
+//! Command-line interface: clap definitions and thin wrappers over the library.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use comq_gpu::device::DeviceKind;
+use comq_gpu::io::Model;
+use comq_gpu::pipeline::{self, Progress, RunOptions, Selection};
+use comq_gpu::quant::{Granularity, Method, OrderKind, QuantConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// COMQ post-training quantization of neural-network weights, on any GPU or the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "comq-gpu", version, about)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Quantize a safetensors model.
+    Run(RunArgs),
+    /// List a model's tensors, which would be quantized, and sizes before and after.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OrderArg {
+    Greedy,
+    Natural,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GranularityArg {
+    Channel,
+    Layer,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MethodArg {
+    Comq,
+    Rtn,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+/// Options that shape the quantization grid and the algorithm.
+#[derive(Debug, Args)]
+pub struct QuantArgs {
+    /// Bits per weight (2..=8).
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Inputs per quantization group (default: one grid per output row).
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Symmetric grid (zero point 0); needed for transformers-loadable output.
+    #[arg(long)]
+    pub sym: bool,
+    /// Grid shrink factor c (the reference uses 0.65 at 2 bits).
+    #[arg(long, default_value_t = 1.0)]
+    pub scalar: f32,
+    /// Coordinate-descent sweeps.
+    #[arg(long, default_value_t = 1)]
+    pub sweeps: usize,
+    /// Visiting order.
+    #[arg(long, value_enum, default_value_t = OrderArg::Greedy)]
+    pub order: OrderArg,
+    /// Closed-form scale update after each sweep.
+    #[arg(long)]
+    pub scale_update: bool,
+    /// One scale per output channel or per layer.
+    #[arg(long, value_enum, default_value_t = GranularityArg::Channel)]
+    pub granularity: GranularityArg,
+    /// COMQ, or round-to-nearest on the same grid.
+    #[arg(long, value_enum, default_value_t = MethodArg::Comq)]
+    pub method: MethodArg,
+    /// Skip tensors matching this regex (replaces the default head/embedding pattern).
+    #[arg(long, value_name = "RE")]
+    pub skip: Option<String>,
+    /// Quantize only `.weight` tensors matching this regex.
+    #[arg(long, value_name = "RE")]
+    pub only: Option<String>,
+}
+
+impl QuantArgs {
+    fn config(&self) -> QuantConfig {
+        QuantConfig {
+            bits: self.bits,
+            sym: self.sym,
+            group_size: self.group_size,
+            scalar: self.scalar,
+            sweeps: self.sweeps,
+            order: match self.order {
+                OrderArg::Greedy => OrderKind::Greedy,
+                OrderArg::Natural => OrderKind::Natural,
+            },
+            scale_update: self.scale_update,
+            granularity: match self.granularity {
+                GranularityArg::Channel => Granularity::Channel,
+                GranularityArg::Layer => Granularity::Layer,
+            },
+            method: match self.method {
+                MethodArg::Comq => Method::Comq,
+                MethodArg::Rtn => Method::Rtn,
+            },
+            ..QuantConfig::default()
+        }
+    }
+}
+
+/// `comq-gpu run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The model (.safetensors).
+    pub model: PathBuf,
+    /// Calibration file holding `P.input` or `P.gram` for each layer `P.weight`.
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<PathBuf>,
+    /// Use G = I (minimise ‖W − Q‖²) for layers without calibration.
+    #[arg(long)]
+    pub data_free: bool,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Pick a GPU adapter by (part of) its name.
+    #[arg(long, value_name = "NAME")]
+    pub adapter: Option<String>,
+    /// Packed compressed-tensors output (.safetensors).
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
+    /// Dequantized output with the input's names, shapes and dtypes.
+    #[arg(long, value_name = "PATH")]
+    pub dequantized: Option<PathBuf>,
+    /// JSON report.
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+}
+
+/// `comq-gpu inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The model (.safetensors).
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sets up `env_logger` from -v/-q (RUST_LOG still wins).
+pub fn init_logging(cli: &Cli) {
+    let level = if cli.quiet {
+        "error"
+    } else {
+        match cli.verbose {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp(None)
+        .init();
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(a) => run_cmd(a, cli.quiet),
+        Command::Inspect(a) => inspect_cmd(a),
+    }
+}
+
+fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.2} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{b} B")
+    }
+}
+
+fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
+    let opts = RunOptions {
+        model: a.model,
+        calib: a.calib,
+        data_free: a.data_free,
+        config: a.quant.config(),
+        selection: Selection::new(a.quant.only.as_deref(), a.quant.skip.as_deref())?,
+        out: a.out,
+        dequantized: a.dequantized,
+        report: a.report,
+        device: match a.device {
+            DeviceArg::Auto => DeviceKind::Auto,
+            DeviceArg::Cpu => DeviceKind::Cpu,
+            DeviceArg::Gpu => DeviceKind::Gpu,
+        },
+        adapter: a.adapter,
+    };
+    let bar = ProgressBar::hidden();
+    if !quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} layers (ETA {eta}) {msg}")
+            .expect("valid template"),
+    );
+    let report = pipeline::run(&opts, &mut |p| match p {
+        Progress::Start { layers, device } => {
+            bar.set_length(layers as u64);
+            bar.println(format!("quantizing {layers} layers on {device}"));
+        }
+        Progress::LayerStart { name } => bar.set_message(name.to_string()),
+        Progress::LayerDone(_) => bar.inc(1),
+    });
+    bar.finish_and_clear();
+    let report = report?;
+    if !quiet {
+        println!(
+            "{:<48} {:>13} {:>12} {:>12} {:>8} {:>8}",
+            "layer", "shape", "err COMQ", "err RTN", "RTN/COMQ", "seconds"
+        );
+        for l in &report.layers {
+            let ratio = if l.rel_error > 0.0 { l.rel_error_rtn / l.rel_error } else { f64::INFINITY };
+            println!(
+                "{:<48} {:>13} {:>12.4e} {:>12.4e} {:>8.2} {:>8.3}",
+                l.name,
+                format!("{}x{}", l.shape[0], l.shape[1]),
+                l.rel_error,
+                l.rel_error_rtn,
+                ratio,
+                l.seconds
+            );
+        }
+        let t = &report.totals;
+        println!(
+            "{} layers, {} weights, mean relative error {:.4e} (RTN {:.4e}) in {:.2} s on {}{}",
+            t.layers,
+            t.weights,
+            t.mean_rel_error,
+            t.mean_rel_error_rtn,
+            t.seconds,
+            report.device,
+            if report.data_free { " [data-free: G = I for some layers]" } else { "" }
+        );
+        for (k, v) in &report.outputs {
+            println!("wrote {k}: {v}");
+        }
+    }
+    Ok(())
+}
+
+fn inspect_cmd(a: InspectArgs) -> Result<()> {
+    let model = Model::open(&a.model)?;
+    let cfg = a.quant.config();
+    cfg.validate()?;
+    let sel = Selection::new(a.quant.only.as_deref(), a.quant.skip.as_deref())?;
+    let rows = pipeline::inspect(&model, &sel, &cfg)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<56} {:>5} {:>16} {:>10} {:>10}  note", "tensor", "dtype", "shape", "before", "after");
+    for r in &rows {
+        println!(
+            "{:<56} {:>5} {:>16} {:>10} {:>10}  {}",
+            r.name,
+            r.dtype,
+            format!("{:?}", r.shape),
+            human_bytes(r.bytes),
+            human_bytes(r.bytes_after),
+            if r.quantize { format!("quantize to {} bits", cfg.bits) } else { r.reason.unwrap_or("").to_string() }
+        );
+    }
+    let before: usize = rows.iter().map(|r| r.bytes).sum();
+    let after: usize = rows.iter().map(|r| r.bytes_after).sum();
+    println!(
+        "{} tensors, {} to quantize; {} -> {} ({:.2}x smaller)",
+        rows.len(),
+        rows.iter().filter(|r| r.quantize).count(),
+        human_bytes(before),
+        human_bytes(after),
+        before as f64 / after.max(1) as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! The CPU reference device.
+//!
+//! Plain loops, rows in parallel with rayon (rows are independent problems for a fixed grid).
+//! The sweep keeps `G`, `Q̂` and `R` in f32 — the same arithmetic the GPU kernels do, so the two
+//! agree to the last rounding decision in almost every step — while the exact residual refresh,
+//! the losses and the scale steps accumulate in f64, which makes the reported errors the
+//! reference the GPU is checked against.
+
+use rayon::prelude::*;
+
+use super::{Device, LayerProblem};
+use crate::error::Result;
+use crate::quant::grid::nearest_code;
+use crate::quant::{Granularity, Order, ScaleDtype};
+
+/// The CPU device.
+#[derive(Debug, Default, Clone)]
+pub struct CpuDevice;
+
+impl CpuDevice {
+    /// A CPU device using rayon's global pool.
+    pub fn new() -> Self {
+        CpuDevice
+    }
+}
+
+/// A layer's state on the CPU.
+#[derive(Debug, Clone)]
+pub struct CpuLayer {
+    cols: usize,
+    group_size: usize,
+    levels: i32,
+    w: Vec<f32>,
+    g: Vec<f32>,
+    q: Vec<f32>,
+    r: Vec<f32>,
+    codes: Vec<i32>,
+    delta: Vec<f32>,
+    delta0: Vec<f32>,
+    lo: Vec<i32>,
+    order: Order,
+    dead: f32,
+    scale_dtype: ScaleDtype,
+}
+
+impl CpuLayer {
+    fn groups(&self) -> usize {
+        self.cols / self.group_size
+    }
+}
+
+/// One row's view for the coordinate steps.
+pub struct RowState<'a> {
+    /// The row's float weights.
+    pub w: &'a [f32],
+    /// The row's current grid values `Q̂_i`.
+    pub q: &'a mut [f32],
+    /// The row's residual `R_i = (w_i − Q̂_i)·G`.
+    pub r: &'a mut [f32],
+    /// The row's codes.
+    pub codes: &'a mut [i32],
+    /// The row's steps, one per group.
+    pub delta: &'a [f32],
+    /// The row's lowest codes, one per group.
+    pub lo: &'a [i32],
+}
+
+/// One exact coordinate step on column `j` of a row (spec a.3, step 4).
+///
+/// The loss restricted to `Q̂_ij` is a 1-D quadratic with curvature `G_jj`, minimised over the
+/// reals at `Q̂_ij + R_ij/G_jj`; the best grid value is the one nearest to it. A dead input
+/// (`G_jj ≤ dead`) has no curvature, so the weight is rounded to nearest instead (spec a.8).
+#[inline]
+pub fn coordinate_step(
+    row: &mut RowState<'_>,
+    g: &[f32],
+    n: usize,
+    j: usize,
+    group_size: usize,
+    levels: i32,
+    dead: f32,
+) {
+    let gjj = g[j * n + j];
+    let slot = j / group_size;
+    let target = if gjj > dead {
+        row.q[j] + row.r[j] / gjj
+    } else {
+        row.w[j]
+    };
+    let k = nearest_code(target, row.delta[slot], row.lo[slot], levels);
+    let qn = row.delta[slot] * k as f32;
+    let d = qn - row.q[j];
+    if d != 0.0 {
+        let grow = &g[j * n..(j + 1) * n];
+        for (r, &gv) in row.r.iter_mut().zip(grow) {
+            *r -= d * gv;
+        }
+    }
+    row.q[j] = qn;
+    row.codes[j] = k;
+}
+
+/// `out = a·G` for one row, in f64 (G is symmetric, so rows of G serve as columns).
+fn row_times_gram(a: &[f64], g: &[f32], n: usize, out: &mut [f64]) {
+    out.iter_mut().for_each(|v| *v = 0.0);
+    for (j, &aj) in a.iter().enumerate() {
+        if aj != 0.0 {
+            let grow = &g[j * n..(j + 1) * n];
+            for (o, &gv) in out.iter_mut().zip(grow) {
+                *o += aj * gv as f64;
+            }
+        }
+    }
+}
+
+fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+impl Device for CpuDevice {
+    type Layer = CpuLayer;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, p: &LayerProblem<'_>) -> Result<CpuLayer> {
+        let (rows, cols) = (p.grid.rows, p.grid.cols); // state is rows × cols
+        Ok(CpuLayer {
+            cols,
+            group_size: p.grid.group_size,
+            levels: p.grid.levels(),
+            w: p.weights.to_vec(),
+            g: p.gram.to_vec(),
+            q: p.weights.to_vec(),
+            r: vec![0.0; rows * cols],
+            codes: vec![0; rows * cols],
+            delta: p.grid.delta.clone(),
+            delta0: p.grid.delta.clone(),
+            lo: p.grid.lo.clone(),
+            order: p.order.clone(),
+            dead: p.dead_threshold,
+            scale_dtype: p.scale_dtype,
+        })
+    }
+
+    fn energy(&self, l: &mut CpuLayer) -> Result<f64> {
+        let n = l.cols;
+        Ok(l.w
+            .par_chunks(n)
+            .map(|w| {
+                let a: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+                let mut out = vec![0.0; n];
+                row_times_gram(&a, &l.g, n, &mut out);
+                dot64(&a, &out)
+            })
+            .sum())
+    }
+
+    fn reset(&self, l: &mut CpuLayer) -> Result<()> {
+        l.q.copy_from_slice(&l.w);
+        l.r.iter_mut().for_each(|v| *v = 0.0);
+        l.codes.iter_mut().for_each(|v| *v = 0);
+        l.delta.copy_from_slice(&l.delta0);
+        Ok(())
+    }
+
+    fn round_to_nearest(&self, l: &mut CpuLayer) -> Result<()> {
+        let (n, gs, ng, levels) = (l.cols, l.group_size, l.groups(), l.levels);
+        let (delta, lo) = (&l.delta, &l.lo);
+        l.q.par_chunks_mut(n)
+            .zip(l.codes.par_chunks_mut(n))
+            .zip(l.w.par_chunks(n))
+            .enumerate()
+            .for_each(|(i, ((q, codes), w))| {
+                for j in 0..n {
+                    let s = i * ng + j / gs;
+                    let k = nearest_code(w[j], delta[s], lo[s], levels);
+                    codes[j] = k;
+                    q[j] = delta[s] * k as f32;
+                }
+            });
+        Ok(())
+    }
+
+    fn sweep(&self, l: &mut CpuLayer) -> Result<()> {
+        let (n, gs, ng, levels, dead) = (l.cols, l.group_size, l.groups(), l.levels, l.dead);
+        let (g, order, delta, lo) = (&l.g, &l.order, &l.delta, &l.lo);
+        l.q.par_chunks_mut(n)
+            .zip(l.r.par_chunks_mut(n))
+            .zip(l.codes.par_chunks_mut(n))
+            .zip(l.w.par_chunks(n))
+            .enumerate()
+            .for_each(|(i, (((q, r), codes), w))| {
+                let mut row = RowState {
+                    w,
+                    q,
+                    r,
+                    codes,
+                    delta: &delta[i * ng..(i + 1) * ng],
+                    lo: &lo[i * ng..(i + 1) * ng],
+                };
+                for t in 0..n {
+                    coordinate_step(&mut row, g, n, order.at(i, t), gs, levels, dead);
+                }
+            });
+        Ok(())
+    }
+
+    fn refresh(&self, l: &mut CpuLayer) -> Result<f64> {
+        let n = l.cols;
+        let g = &l.g;
+        Ok(l.r
+            .par_chunks_mut(n)
+            .zip(l.w.par_chunks(n))
+            .zip(l.q.par_chunks(n))
+            .map(|((r, w), q)| {
+                let e: Vec<f64> = w.iter().zip(q).map(|(&a, &b)| a as f64 - b as f64).collect();
+                let mut out = vec![0.0; n];
+                row_times_gram(&e, g, n, &mut out);
+                for (rv, &o) in r.iter_mut().zip(&out) {
+                    *rv = o as f32;
+                }
+                dot64(&e, &out)
+            })
+            .sum())
+    }
+
+    fn update_scales(&self, l: &mut CpuLayer, granularity: Granularity) -> Result<()> {
+        match granularity {
+            Granularity::Channel => update_scales_channel(l),
+            Granularity::Layer => update_scale_layer(l),
+        }
+        Ok(())
+    }
+
+    fn download(&self, l: &mut CpuLayer) -> Result<(Vec<i32>, Vec<f32>)> {
+        Ok((l.codes.clone(), l.delta.clone()))
+    }
+}
+
+/// Accepts a scale step `s` only if the exact change of the loss,
+/// `−2·s·(k̃ᵀR) + s²·(k̃ᵀGk̃)`, is not positive (rounding the step to the storage dtype can
+/// move it off the optimum).
+fn step_lowers_loss(s: f64, num: f64, den: f64) -> bool {
+    s != 0.0 && -2.0 * s * num + s * s * den <= 0.0
+}
+
+fn new_step(old: f32, num: f64, den: f64, dtype: ScaleDtype) -> Option<f32> {
+    if !(den > 0.0) {
+        return None;
+    }
+    let new = dtype.round((old as f64 + num / den) as f32);
+    (new > 0.0 && new.is_finite() && step_lowers_loss(new as f64 - old as f64, num, den))
+        .then_some(new)
+}
+
+/// Per (row, group): `Δ ← Δ + k̃ᵀR / k̃ᵀGk̃`, groups of a row one after the other (each is an
+/// exact block-coordinate step, so the loss cannot rise).
+fn update_scales_channel(l: &mut CpuLayer) {
+    let (n, gs, ng) = (l.cols, l.group_size, l.groups());
+    let (g, dtype) = (&l.g, l.scale_dtype);
+    l.r.par_chunks_mut(n)
+        .zip(l.q.par_chunks_mut(n))
+        .zip(l.codes.par_chunks(n))
+        .zip(l.delta.par_chunks_mut(ng))
+        .for_each(|(((r, q), codes), delta)| {
+            let mut kg = vec![0.0f64; n];
+            let mut kt = vec![0.0f64; n];
+            for grp in 0..ng {
+                let cols = grp * gs..(grp + 1) * gs;
+                kt.iter_mut().for_each(|v| *v = 0.0);
+                for j in cols.clone() {
+                    kt[j] = codes[j] as f64;
+                }
+                row_times_gram(&kt, g, n, &mut kg);
+                let num: f64 = cols.clone().map(|j| kt[j] * r[j] as f64).sum();
+                let den: f64 = cols.clone().map(|j| kt[j] * kg[j]).sum();
+                if let Some(new) = new_step(delta[grp], num, den, dtype) {
+                    let s = new as f64 - delta[grp] as f64;
+                    for (rv, &v) in r.iter_mut().zip(&kg) {
+                        *rv = (*rv as f64 - s * v) as f32;
+                    }
+                    delta[grp] = new;
+                    for j in cols {
+                        q[j] = new * codes[j] as f32;
+                    }
+                }
+            }
+        });
+}
+
+/// One step for the whole tensor: `δ ← δ + Σ_i k_iᵀR_i / Σ_i k_iᵀGk_i` (spec a.5).
+fn update_scale_layer(l: &mut CpuLayer) {
+    let n = l.cols;
+    let g = &l.g;
+    let (num, den) = l
+        .codes
+        .par_chunks(n)
+        .zip(l.r.par_chunks(n))
+        .map(|(codes, r)| {
+            let k: Vec<f64> = codes.iter().map(|&c| c as f64).collect();
+            let mut kg = vec![0.0; n];
+            row_times_gram(&k, g, n, &mut kg);
+            let num: f64 = k.iter().zip(r).map(|(a, &b)| a * b as f64).sum();
+            (num, dot64(&k, &kg))
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let old = l.delta[0];
+    if let Some(new) = new_step(old, num, den, l.scale_dtype) {
+        l.delta.iter_mut().for_each(|d| *d = new);
+        for (q, &k) in l.q.iter_mut().zip(&l.codes) {
+            *q = new * k as f32;
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Devices: where the arithmetic of a layer runs.
+//!
+//! The algorithm ([`crate::quant`]) decides what to compute; a [`Device`] only runs
+//! data-parallel primitives on state it keeps resident — weights and Gram uploaded once per
+//! layer, codes and steps downloaded once. The CPU device is the plain reference; the wgpu
+//! device runs the same primitives as WGSL kernels, and every kernel has a parity test against
+//! its CPU twin. The binary picks one at run time through [`AnyDevice`] (an enum, not `dyn`,
+//! because the trait has an associated state type).
+
+pub mod cpu;
+
+pub use cpu::CpuDevice;
+
+use crate::error::{Error, Result};
+use crate::quant::{Granularity, Grid, Order, ScaleDtype};
+
+/// Everything a device needs to start on one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerProblem<'a> {
+    /// The weight tensor's name (for errors and logs).
+    pub name: &'a str,
+    /// Row-major `rows × cols` float weights `W`.
+    pub weights: &'a [f32],
+    /// Row-major `cols × cols` Gram matrix `G` in f32.
+    pub gram: &'a [f32],
+    /// The initial grid.
+    pub grid: &'a Grid,
+    /// The visiting order.
+    pub order: &'a Order,
+    /// `G_jj` at or below this is a dead input (round to nearest, spec a.8).
+    pub dead_threshold: f32,
+    /// Steps are rounded to this dtype whenever they change.
+    pub scale_dtype: ScaleDtype,
+}
+
+/// The primitives a device runs for the COMQ driver. State lives on the device between calls.
+///
+/// The state after [`Device::upload`] (and after [`Device::reset`]) is `Q̂ = W`, `R = 0`, the
+/// initial grid — the reference's starting point (spec a.3).
+pub trait Device {
+    /// Device-resident state of one layer.
+    type Layer;
+
+    /// A human-readable name (adapter, backend), for logs and reports.
+    fn describe(&self) -> String;
+
+    /// Uploads a layer; the state is the starting point described above.
+    fn upload(&self, problem: &LayerProblem<'_>) -> Result<Self::Layer>;
+
+    /// `Σ_i w_iᵀ G w_i = ‖X·Wᵀ‖²`, the denominator of the relative error.
+    fn energy(&self, layer: &mut Self::Layer) -> Result<f64>;
+
+    /// Back to the starting point (`Q̂ = W`, `R = 0`, initial steps).
+    fn reset(&self, layer: &mut Self::Layer) -> Result<()>;
+
+    /// Every weight to its nearest grid value (RTN). Leaves `R` stale.
+    fn round_to_nearest(&self, layer: &mut Self::Layer) -> Result<()>;
+
+    /// One coordinate-descent pass: each row visits every column in its order, sets the code to
+    /// the grid point nearest the 1-D minimiser `Q̂_ij + R_ij/G_jj` and updates `R_i` by rank 1.
+    fn sweep(&self, layer: &mut Self::Layer) -> Result<()>;
+
+    /// Recomputes `R = (W − Q̂)·G` exactly and returns the loss `Σ_i e_iᵀ G e_i`.
+    fn refresh(&self, layer: &mut Self::Layer) -> Result<f64>;
+
+    /// Closed-form scale steps with the codes fixed (spec a.4/a.5); needs an exact `R`.
+    /// Never raises the loss. Leaves `R` approximately updated; call [`Device::refresh`] after.
+    fn update_scales(&self, layer: &mut Self::Layer, granularity: Granularity) -> Result<()>;
+
+    /// Downloads the integer codes (row-major) and the current steps (`[rows, groups]`).
+    fn download(&self, layer: &mut Self::Layer) -> Result<(Vec<i32>, Vec<f32>)>;
+}
+
+/// Which device the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// A hardware GPU if there is one, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU reference path.
+    Cpu,
+    /// wgpu on the best adapter there is (a software one included).
+    Gpu,
+}
+
+/// A device chosen at run time.
+pub enum AnyDevice {
+    /// The CPU reference.
+    Cpu(CpuDevice),
+}
+
+impl AnyDevice {
+    /// Opens the device `kind` asks for; `adapter` filters adapters by name (substring,
+    /// case-insensitive). `auto` never fails: without a hardware GPU it says why and uses the CPU.
+    pub fn select(kind: DeviceKind, adapter: Option<&str>) -> Result<AnyDevice> {
+        match kind {
+            DeviceKind::Cpu => Ok(AnyDevice::Cpu(CpuDevice::new())),
+            DeviceKind::Gpu => Err(Error::NoAdapter(format!(
+                "the GPU path is not in this build (adapter filter {adapter:?})"
+            ))),
+            DeviceKind::Auto => {
+                log::info!("device auto: using the CPU (no GPU path in this build)");
+                Ok(AnyDevice::Cpu(CpuDevice::new()))
+            }
+        }
+    }
+
+    /// The device's description.
+    pub fn describe(&self) -> String {
+        match self {
+            AnyDevice::Cpu(d) => d.describe(),
+        }
+    }
+
+    /// Quantizes one layer on this device (see [`crate::quant::quantize_layer`]).
+    pub fn quantize_layer(
+        &self,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &crate::quant::Gram,
+        cfg: &crate::quant::QuantConfig,
+    ) -> Result<crate::quant::LayerOutcome> {
+        match self {
+            AnyDevice::Cpu(d) => crate::quant::quantize_layer(d, name, w, rows, cols, gram, cfg),
+        }
+    }
+
+    /// Accumulates `G += XᵀX` for a chunk on this device.
+    pub fn gram_add(&self, acc: &mut crate::quant::GramAccumulator, chunk: &[f32]) -> Result<()> {
+        match self {
+            AnyDevice::Cpu(_) => {
+                acc.add(chunk);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Returns an error when `v` holds a non-finite value, naming `what`.
+pub fn check_finite(what: &str, v: &[f32]) -> Result<()> {
+    match v.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(Error::NonFinite {
+            what: what.to_string(),
+            value: v[index] as f64,
+            index,
+        }),
+    }
+}

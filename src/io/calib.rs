@@ -1,0 +1,130 @@
+//! Calibration files: per-layer activations or Gram matrices.
+//!
+//! For a weight `P.weight` the file holds `P.input` (activations `[N, in]`, or `[B, T, in]` with
+//! the leading dimensions flattened, any float dtype) or `P.gram` (`[in, in]`). Activations are
+//! streamed in chunks of rows into a Gram accumulator, so a file of millions of tokens is never
+//! held in memory; every chunk is checked for NaN/Inf before it is summed.
+
+use std::path::Path;
+
+use super::Model;
+use crate::device::AnyDevice;
+use crate::error::{Error, Result};
+use crate::quant::{Gram, GramAccumulator};
+
+/// Rows of activations converted and accumulated at a time.
+pub const CHUNK_ROWS: usize = 4096;
+
+/// What calibration a layer has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalibKind {
+    /// `P.input` activations.
+    Input,
+    /// `P.gram` matrix.
+    Gram,
+}
+
+/// An open calibration file.
+#[derive(Debug)]
+pub struct Calibration {
+    file: Model,
+}
+
+impl Calibration {
+    /// Opens a calibration safetensors file.
+    pub fn open(path: &Path) -> Result<Calibration> {
+        Ok(Calibration {
+            file: Model::open(path)?,
+        })
+    }
+
+    /// Which calibration the layer with weight prefix `prefix` has, if any.
+    pub fn kind(&self, prefix: &str) -> Option<CalibKind> {
+        if self.file.get(&format!("{prefix}.gram")).is_some() {
+            Some(CalibKind::Gram)
+        } else if self.file.get(&format!("{prefix}.input")).is_some() {
+            Some(CalibKind::Input)
+        } else {
+            None
+        }
+    }
+
+    /// Checks shapes and dtypes for a layer with `cols` inputs without reading data.
+    pub fn check(&self, prefix: &str, cols: usize) -> Result<CalibKind> {
+        let path = self.file.path();
+        let kind = self.kind(prefix).ok_or_else(|| Error::MissingCalibration {
+            layer: format!("{prefix}.weight"),
+            prefix: prefix.to_string(),
+            cols,
+        })?;
+        let name = match kind {
+            CalibKind::Gram => format!("{prefix}.gram"),
+            CalibKind::Input => format!("{prefix}.input"),
+        };
+        let t = self.file.get(&name).expect("kind() found it");
+        if !super::dtype::is_float(t.dtype) {
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!("dtype {} is not a float type", super::dtype::name(t.dtype)),
+            ));
+        }
+        match kind {
+            CalibKind::Gram if t.shape != [cols, cols] => Err(Error::tensor(
+                path,
+                &name,
+                format!("shape {:?} does not match the layer's {cols} inputs (expected [{cols}, {cols}])", t.shape),
+            )),
+            CalibKind::Input if t.shape.len() < 2 || t.shape.last() != Some(&cols) => {
+                Err(Error::tensor(
+                    path,
+                    &name,
+                    format!("shape {:?} does not match the layer's {cols} inputs (expected [N, {cols}])", t.shape),
+                ))
+            }
+            CalibKind::Input if t.numel() == 0 => {
+                Err(Error::tensor(path, &name, "holds no activation rows"))
+            }
+            _ => Ok(kind),
+        }
+    }
+
+    /// The Gram matrix of layer `prefix` (with `cols` inputs), accumulating activations on `device`.
+    pub fn gram(&self, prefix: &str, cols: usize, device: &AnyDevice) -> Result<Gram> {
+        let path = self.file.path();
+        match self.check(prefix, cols)? {
+            CalibKind::Gram => {
+                let name = format!("{prefix}.gram");
+                let t = self.file.get(&name).expect("checked");
+                let data = self.file.read_f64(t)?;
+                if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite {
+                        what: format!("calibration tensor '{name}' in {}", path.display()),
+                        value: data[i],
+                        index: i,
+                    });
+                }
+                Ok(Gram::from_matrix(cols, data))
+            }
+            CalibKind::Input => {
+                let name = format!("{prefix}.input");
+                let t = self.file.get(&name).expect("checked");
+                let rows = t.numel() / cols;
+                let mut acc = GramAccumulator::new(cols);
+                for start in (0..rows).step_by(CHUNK_ROWS) {
+                    let end = (start + CHUNK_ROWS).min(rows);
+                    let chunk = self.file.read_rows_f32(t, cols, start..end)?;
+                    if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
+                        return Err(Error::NonFinite {
+                            what: format!("calibration tensor '{name}' in {}", path.display()),
+                            value: chunk[i] as f64,
+                            index: start * cols + i,
+                        });
+                    }
+                    device.gram_add(&mut acc, &chunk)?;
+                }
+                Ok(acc.finish())
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Reading safetensors files by memory map.
+//!
+//! The header is parsed and validated by the `safetensors` crate (offsets contiguous and inside
+//! the file, byte lengths matching dtype × shape) before anything else looks at the file; its
+//! errors are turned into messages that name the file. Tensor data is then read straight from
+//! the map, one tensor or one row range at a time.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use super::dtype;
+use crate::error::{Error, Result};
+
+/// Name, dtype, shape and location of one tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorMeta {
+    /// The tensor's name.
+    pub name: String,
+    /// Its element type.
+    pub dtype: Dtype,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub range: std::ops::Range<usize>,
+}
+
+impl TensorMeta {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A memory-mapped safetensors file.
+pub struct Model {
+    path: PathBuf,
+    map: Mmap,
+    tensors: Vec<TensorMeta>,
+    index: HashMap<String, usize>,
+    metadata: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl Model {
+    /// Opens and validates `path`.
+    pub fn open(path: &Path) -> Result<Model> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::BadSafetensors {
+                path: path.into(),
+                reason: "not a regular file".into(),
+            });
+        }
+        if meta.len() < 8 {
+            return Err(Error::BadSafetensors {
+                path: path.into(),
+                reason: format!("the file has {} bytes, fewer than the 8-byte header length", meta.len()),
+            });
+        }
+        // SAFETY: the map is read-only and private to this process. A concurrent writer to the
+        // input file could change the bytes under us; comq-gpu never writes its inputs, and a
+        // user who truncates a file mid-run gets a SIGBUS, as with any mmap-based reader.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| Error::BadSafetensors {
+                path: path.into(),
+                reason: describe_error(&e, &map),
+            })?;
+        let data_start = 8 + header_len;
+        let mut tensors = Vec::new();
+        for name in metadata.offset_keys() {
+            let info = metadata.info(&name).expect("offset_keys lists known tensors");
+            let (s, e) = info.data_offsets;
+            tensors.push(TensorMeta {
+                name,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                range: data_start + s..data_start + e,
+            });
+        }
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Model {
+            path: path.into(),
+            map,
+            tensors,
+            index,
+            metadata: metadata.metadata().clone().unwrap_or_default(),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All tensors, in file order.
+    pub fn tensors(&self) -> &[TensorMeta] {
+        &self.tensors
+    }
+
+    /// The `__metadata__` string map.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// A tensor's metadata by name.
+    pub fn get(&self, name: &str) -> Option<&TensorMeta> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// A tensor's raw little-endian bytes.
+    pub fn bytes(&self, t: &TensorMeta) -> &[u8] {
+        &self.map[t.range.clone()]
+    }
+
+    /// A float tensor converted to f32.
+    pub fn read_f32(&self, t: &TensorMeta) -> Result<Vec<f32>> {
+        dtype::to_f32(t.dtype, self.bytes(t)).ok_or_else(|| {
+            Error::tensor(
+                &self.path,
+                &t.name,
+                format!("dtype {} is not a float type (F32, F16, BF16, F64)", dtype::name(t.dtype)),
+            )
+        })
+    }
+
+    /// Rows `rows` of a tensor viewed as `[numel / width, width]`, converted to f32.
+    pub fn read_rows_f32(
+        &self,
+        t: &TensorMeta,
+        width: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let es = dtype::size_of(t.dtype).unwrap_or(0);
+        let bytes = self.bytes(t);
+        let slice = &bytes[rows.start * width * es..rows.end * width * es];
+        dtype::to_f32(t.dtype, slice).ok_or_else(|| {
+            Error::tensor(
+                &self.path,
+                &t.name,
+                format!("dtype {} is not a float type (F32, F16, BF16, F64)", dtype::name(t.dtype)),
+            )
+        })
+    }
+
+    /// A float tensor converted to f64.
+    pub fn read_f64(&self, t: &TensorMeta) -> Result<Vec<f64>> {
+        dtype::to_f64(t.dtype, self.bytes(t)).ok_or_else(|| {
+            Error::tensor(
+                &self.path,
+                &t.name,
+                format!("dtype {} is not a float type", dtype::name(t.dtype)),
+            )
+        })
+    }
+}
+
+fn describe_error(e: &safetensors::SafeTensorError, map: &[u8]) -> String {
+    use safetensors::SafeTensorError as E;
+    let declared = map
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .unwrap_or(0);
+    match e {
+        E::InvalidHeaderLength | E::HeaderTooLarge => format!(
+            "the header length field says {declared} bytes but the file has {} (truncated or not safetensors)",
+            map.len()
+        ),
+        E::InvalidHeader(_) => "the header is not valid UTF-8".into(),
+        E::InvalidHeaderDeserialization(err) => format!("the header is not valid safetensors JSON: {err}"),
+        E::InvalidOffset(name) => format!(
+            "tensor '{name}' has data offsets that overlap another tensor, leave a gap or run past the data"
+        ),
+        E::TensorInvalidInfo => "a tensor's byte length does not match its dtype and shape".into(),
+        E::MetadataIncompleteBuffer => format!(
+            "the tensors' data offsets do not end at the end of the file ({} bytes): truncated or padded",
+            map.len()
+        ),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,255 @@
+//! Atomic, streaming safetensors writer.
+//!
+//! The whole layout is planned before the first byte of data exists: names, dtypes and shapes
+//! give every tensor its offset. Tensors are laid out by descending element size and then by
+//! name (as the `safetensors` crate does), so every tensor is aligned to its element size for
+//! readers that cast in place. Data is written at its offset as soon as it is ready, so at most
+//! one layer's output is ever in memory. The file is `<out>.tmp` until [`SafetensorsWriter::finish`]
+//! rewrites the header with the final metadata (room for it is reserved), syncs and renames it
+//! into place; dropping an unfinished writer removes the temporary file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+
+use super::dtype;
+use crate::error::{Error, Result};
+
+/// Spare header bytes reserved for metadata that is only known at the end (hashes, timings).
+const HEADER_RESERVE_BYTES: usize = 4096;
+
+/// One tensor of a planned output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTensor {
+    /// Name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl PlannedTensor {
+    /// Byte length.
+    pub fn nbytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * dtype::size_of(self.dtype).unwrap_or(0)
+    }
+}
+
+/// A safetensors file being written (see the module doc).
+#[derive(Debug)]
+pub struct SafetensorsWriter {
+    file: Option<File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    tensors: Vec<PlannedTensor>,
+    offsets: HashMap<String, (usize, usize)>,
+    written: HashMap<String, bool>,
+    header_capacity: usize,
+    data_start: u64,
+}
+
+impl SafetensorsWriter {
+    /// Creates `<dest>.tmp` sized for `tensors`, with `metadata` as a first header.
+    pub fn create(
+        dest: &Path,
+        mut tensors: Vec<PlannedTensor>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<SafetensorsWriter> {
+        tensors.sort_by(|a, b| {
+            let (sa, sb) = (dtype::size_of(a.dtype), dtype::size_of(b.dtype));
+            sb.cmp(&sa).then_with(|| a.name.cmp(&b.name))
+        });
+        let mut offsets = HashMap::new();
+        let mut at = 0usize;
+        for t in &tensors {
+            if offsets.insert(t.name.clone(), (at, at + t.nbytes())).is_some() {
+                return Err(Error::InvalidOption(format!(
+                    "output {} would hold tensor '{}' twice",
+                    dest.display(),
+                    t.name
+                )));
+            }
+            at += t.nbytes();
+        }
+        let data_len = at;
+        let first = header_json(&tensors, &offsets, metadata);
+        let header_capacity = (first.len() + HEADER_RESERVE_BYTES).next_multiple_of(8);
+        let mut tmp = dest.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
+        let w = SafetensorsWriter {
+            file: Some(file),
+            tmp,
+            dest: dest.into(),
+            written: tensors.iter().map(|t| (t.name.clone(), false)).collect(),
+            tensors,
+            offsets,
+            header_capacity,
+            data_start: 8 + header_capacity as u64,
+        };
+        let total = w.data_start + data_len as u64;
+        w.file()
+            .set_len(total)
+            .map_err(|e| Error::io(&w.tmp, e))?;
+        w.write_header(metadata)?;
+        Ok(w)
+    }
+
+    fn file(&self) -> &File {
+        self.file.as_ref().expect("writer used after finish")
+    }
+
+    fn write_header(&self, metadata: &BTreeMap<String, String>) -> Result<()> {
+        let mut json = header_json(&self.tensors, &self.offsets, metadata).into_bytes();
+        if json.len() > self.header_capacity {
+            return Err(Error::InvalidOption(format!(
+                "metadata for {} exceeds the reserved header space ({} > {} bytes)",
+                self.dest.display(),
+                json.len(),
+                self.header_capacity
+            )));
+        }
+        json.resize(self.header_capacity, b' ');
+        let mut buf = (self.header_capacity as u64).to_le_bytes().to_vec();
+        buf.extend_from_slice(&json);
+        self.file()
+            .write_all_at(&buf, 0)
+            .map_err(|e| Error::io(&self.tmp, e))
+    }
+
+    /// Writes the data of tensor `name` (exactly its planned byte length).
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let &(s, e) = self.offsets.get(name).ok_or_else(|| {
+            Error::InvalidOption(format!("tensor '{name}' is not in the planned output"))
+        })?;
+        assert_eq!(bytes.len(), e - s, "tensor '{name}' must be written whole");
+        self.file()
+            .write_all_at(bytes, self.data_start + s as u64)
+            .map_err(|e| Error::io(&self.tmp, e))?;
+        self.written.insert(name.to_string(), true);
+        Ok(())
+    }
+
+    /// The destination path.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Rewrites the header with `metadata`, syncs and renames the file into place.
+    pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<()> {
+        if let Some((name, _)) = self.written.iter().find(|(_, &w)| !w) {
+            return Err(Error::InvalidOption(format!(
+                "output {} is incomplete: tensor '{name}' was never written",
+                self.dest.display()
+            )));
+        }
+        self.write_header(metadata)?;
+        let mut file = self.file.take().expect("finish is called once");
+        file.flush().map_err(|e| Error::io(&self.tmp, e))?;
+        file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        Ok(())
+    }
+}
+
+impl Drop for SafetensorsWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn header_json(
+    tensors: &[PlannedTensor],
+    offsets: &HashMap<String, (usize, usize)>,
+    metadata: &BTreeMap<String, String>,
+) -> String {
+    let mut map = serde_json::Map::new();
+    if !metadata.is_empty() {
+        map.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+    }
+    for t in tensors {
+        let (s, e) = offsets[&t.name];
+        map.insert(
+            t.name.clone(),
+            serde_json::json!({
+                "dtype": dtype::name(t.dtype),
+                "shape": t.shape,
+                "data_offsets": [s, e],
+            }),
+        );
+    }
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Writes `bytes` to `dest` atomically (temp file, sync, rename).
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = dest.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let res = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(dest, e));
+    }
+    std::fs::rename(&tmp, dest).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(dest, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_file_reads_back_with_the_safetensors_crate() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("o.safetensors");
+        let plan = vec![
+            PlannedTensor { name: "b".into(), dtype: Dtype::F16, shape: vec![3] },
+            PlannedTensor { name: "a".into(), dtype: Dtype::I64, shape: vec![2] },
+        ];
+        let mut meta = BTreeMap::new();
+        meta.insert("k".to_string(), "v".to_string());
+        let mut w = SafetensorsWriter::create(&dest, plan, &meta).unwrap();
+        w.write("b", &[1, 0, 2, 0, 3, 0]).unwrap();
+        w.write("a", &[7u8; 16]).unwrap();
+        meta.insert("hash".to_string(), "x".repeat(64));
+        w.finish(&meta).unwrap();
+        let bytes = std::fs::read(&dest).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("b").unwrap().data(), &[1, 0, 2, 0, 3, 0]);
+        assert_eq!(st.tensor("a").unwrap().data(), &[7u8; 16]);
+        let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(m.metadata().as_ref().unwrap()["hash"], "x".repeat(64));
+        assert!(!dir.path().join("o.safetensors.tmp").exists());
+    }
+
+    #[test]
+    fn an_unfinished_writer_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("o.safetensors");
+        let plan = vec![PlannedTensor { name: "a".into(), dtype: Dtype::F32, shape: vec![1] }];
+        let w = SafetensorsWriter::create(&dest, plan, &BTreeMap::new()).unwrap();
+        drop(w);
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+    }
+}

@@ -1,0 +1,12 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod error;
+pub mod io;
+pub mod pipeline;
+pub mod quant;
+
+pub use device::{AnyDevice, CpuDevice, Device, DeviceKind};
+pub use error::{Error, Result};
+pub use quant::{Gram, GramAccumulator, QuantConfig, QuantizedLayer};

@@ -1,0 +1,609 @@
+//! The `run` job: a safetensors model in, quantized checkpoints and a report out.
+//!
+//! Everything that can be checked before any compute is checked first — options, the layer
+//! selection, every selected layer's shape and calibration, output paths — so a mistake costs
+//! seconds, not an hour. Layers are then processed one at a time in file order: read (from the
+//! map), Gram (from the calibration file), quantize (on the chosen device), write (at the planned
+//! offsets). Peak memory is one layer's weights, Gram and outputs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use regex::Regex;
+use safetensors::Dtype;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::device::{AnyDevice, DeviceKind};
+use crate::error::{Error, Result};
+use crate::io::calib::CalibKind;
+use crate::io::{dtype, pack, Calibration, Model, PlannedTensor, SafetensorsWriter, TensorMeta};
+use crate::quant::{Gram, QuantConfig, QuantizedLayer, ScaleDtype};
+
+/// Names skipped by default: the classifier head and the patch/token embeddings stay in full
+/// precision, as in the reference (spec a.7).
+pub const DEFAULT_SKIP: &str =
+    r"(^|\.)(head|heads|classifier|fc_norm|patch_embed|patch_embeddings|embeddings|pooler|lm_head)(\.|$)";
+
+/// Which tensors are quantized.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Only `.weight` tensors matching this are considered (all when `None`).
+    pub only: Option<Regex>,
+    /// Tensors matching this are skipped.
+    pub skip: Option<Regex>,
+}
+
+impl Selection {
+    /// `--skip` replaces the default skip pattern; `--only` alone disables it.
+    pub fn new(only: Option<&str>, skip: Option<&str>) -> Result<Selection> {
+        let re = |s: &str, flag: &str| {
+            Regex::new(s).map_err(|e| Error::InvalidOption(format!("{flag} '{s}' is not a valid regex: {e}")))
+        };
+        let only = only.map(|s| re(s, "--only")).transpose()?;
+        let skip = match (skip, &only) {
+            (Some(s), _) => Some(re(s, "--skip")?),
+            (None, None) => Some(Regex::new(DEFAULT_SKIP).expect("default skip pattern is valid")),
+            (None, Some(_)) => None,
+        };
+        Ok(Selection { only, skip })
+    }
+
+    /// Whether `t` is quantized, or why not. A tensor named by `--only` that cannot be quantized
+    /// is an error, not a silent skip.
+    pub fn decide(&self, path: &Path, t: &TensorMeta) -> Result<Decision> {
+        if !t.name.ends_with(".weight") {
+            return Ok(Decision::Skip("not a .weight tensor"));
+        }
+        if let Some(only) = &self.only {
+            if !only.is_match(&t.name) {
+                return Ok(Decision::Skip("not matched by --only"));
+            }
+        }
+        if self.skip.as_ref().is_some_and(|s| s.is_match(&t.name)) {
+            return Ok(Decision::Skip("matched by the skip pattern"));
+        }
+        let explicit = self.only.is_some();
+        if t.shape.len() != 2 {
+            return if explicit {
+                Err(Error::tensor(
+                    path,
+                    &t.name,
+                    format!(
+                        "is {}-D {:?}; only 2-D linear weights [out, in] can be quantized",
+                        t.shape.len(),
+                        t.shape
+                    ),
+                ))
+            } else {
+                Ok(Decision::Skip("not 2-D"))
+            };
+        }
+        if !dtype::is_float(t.dtype) {
+            return if explicit {
+                Err(Error::tensor(
+                    path,
+                    &t.name,
+                    format!("dtype {} is not a float type", dtype::name(t.dtype)),
+                ))
+            } else {
+                Ok(Decision::Skip("not a float tensor"))
+            };
+        }
+        if t.numel() == 0 {
+            return Err(Error::tensor(path, &t.name, format!("is empty {:?}", t.shape)));
+        }
+        Ok(Decision::Quantize)
+    }
+}
+
+/// Whether a tensor is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Quantized.
+    Quantize,
+    /// Passed through, with the reason.
+    Skip(&'static str),
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The input safetensors model.
+    pub model: PathBuf,
+    /// The calibration file (`P.input` / `P.gram` per layer).
+    pub calib: Option<PathBuf>,
+    /// Use `G = I` for layers without calibration.
+    pub data_free: bool,
+    /// Quantization options.
+    pub config: QuantConfig,
+    /// Layer selection.
+    pub selection: Selection,
+    /// Packed compressed-tensors output.
+    pub out: Option<PathBuf>,
+    /// Dequantized output (same names, shapes, dtypes as the input).
+    pub dequantized: Option<PathBuf>,
+    /// JSON report.
+    pub report: Option<PathBuf>,
+    /// Device choice.
+    pub device: DeviceKind,
+    /// Adapter name filter for GPU devices.
+    pub adapter: Option<String>,
+}
+
+/// One layer's line in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerReport {
+    /// Weight tensor name.
+    pub name: String,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// Bits.
+    pub bits: u32,
+    /// Group size (`null` for one grid per row).
+    pub group_size: Option<usize>,
+    /// Relative output error of the shipped codes.
+    pub rel_error: f64,
+    /// Relative output error of round-to-nearest on the same grid.
+    pub rel_error_rtn: f64,
+    /// Loss after each sweep (and scale update).
+    pub loss_history: Vec<f64>,
+    /// Seconds on this layer (Gram + quantization).
+    pub seconds: f64,
+    /// The device that ran it.
+    pub device: String,
+    /// `input`, `gram` or `identity` (data-free).
+    pub calibration: &'static str,
+    /// Activation rows behind the Gram matrix (0 for a given Gram or the identity).
+    pub samples: u64,
+}
+
+/// Totals over all layers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    /// Layers quantized.
+    pub layers: usize,
+    /// Weights quantized.
+    pub weights: usize,
+    /// Mean relative error over layers.
+    pub mean_rel_error: f64,
+    /// Mean RTN relative error over layers.
+    pub mean_rel_error_rtn: f64,
+    /// Wall-clock seconds of the whole run.
+    pub seconds: f64,
+}
+
+/// The JSON report of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Tool name.
+    pub tool: &'static str,
+    /// Tool version.
+    pub version: &'static str,
+    /// Input model path.
+    pub model: String,
+    /// Device description.
+    pub device: String,
+    /// Quantization options.
+    pub options: QuantConfig,
+    /// Calibration file, or `data-free`.
+    pub calibration: String,
+    /// Whether `G = I` was used for any layer.
+    pub data_free: bool,
+    /// Per-layer results in file order.
+    pub layers: Vec<LayerReport>,
+    /// Totals.
+    pub totals: Totals,
+    /// SHA-256 over layer names and codes, also stored in the outputs' metadata.
+    pub codes_sha256: String,
+    /// Written files.
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// Progress events for a front end.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// The run starts with this many layers.
+    Start {
+        /// Layers to quantize.
+        layers: usize,
+        /// The device in use.
+        device: &'a str,
+    },
+    /// A layer is about to start.
+    LayerStart {
+        /// Its name.
+        name: &'a str,
+    },
+    /// A layer finished.
+    LayerDone(&'a LayerReport),
+}
+
+/// A planned layer.
+struct Job {
+    meta: TensorMeta,
+    prefix: String,
+    rows: usize,
+    cols: usize,
+    config: QuantConfig,
+    calib: Option<CalibKind>,
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| -> Option<PathBuf> {
+        if let Ok(c) = p.canonicalize() {
+            return Some(c);
+        }
+        let parent = p.parent().filter(|x| !x.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Some(parent.canonicalize().ok()?.join(p.file_name()?))
+    };
+    match (canon(a), canon(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The scale dtype that matches a weight's dtype (scales are stored in the model's dtype).
+pub fn scale_dtype_for(d: Dtype) -> (ScaleDtype, Dtype) {
+    match d {
+        Dtype::F16 => (ScaleDtype::F16, Dtype::F16),
+        Dtype::BF16 => (ScaleDtype::Bf16, Dtype::BF16),
+        _ => (ScaleDtype::F32, Dtype::F32),
+    }
+}
+
+/// The compressed-tensors tensors that replace `P.weight`.
+pub fn packed_plan(prefix: &str, rows: usize, cols: usize, cfg: &QuantConfig, scale: Dtype) -> Vec<PlannedTensor> {
+    let groups = cols / cfg.group_size.unwrap_or(cols);
+    let mut v = vec![
+        PlannedTensor {
+            name: format!("{prefix}.weight_packed"),
+            dtype: Dtype::I32,
+            shape: vec![rows, pack::words_for(cols, cfg.bits)],
+        },
+        PlannedTensor {
+            name: format!("{prefix}.weight_scale"),
+            dtype: scale,
+            shape: vec![rows, groups],
+        },
+        PlannedTensor {
+            name: format!("{prefix}.weight_shape"),
+            dtype: Dtype::I64,
+            shape: vec![2],
+        },
+    ];
+    if !cfg.sym {
+        v.push(PlannedTensor {
+            name: format!("{prefix}.weight_zero_point"),
+            dtype: Dtype::I32,
+            shape: vec![pack::words_for(rows, cfg.bits), groups],
+        });
+    }
+    v
+}
+
+/// Encodes a quantized layer as its compressed-tensors tensors (name, bytes), in `packed_plan` order.
+pub fn packed_tensors(prefix: &str, q: &QuantizedLayer, scale: Dtype, sym: bool) -> Result<Vec<(String, Vec<u8>)>> {
+    let codes = q.unsigned_codes();
+    let packed = pack::pack_rows(&codes, q.rows, q.cols, q.bits);
+    let groups = q.grid.groups();
+    let mut out = vec![
+        (format!("{prefix}.weight_packed"), bytemuck::cast_slice(&packed).to_vec()),
+        (
+            format!("{prefix}.weight_scale"),
+            dtype::from_f32(scale, &q.grid.delta).expect("scale dtype is a float type"),
+        ),
+        (
+            format!("{prefix}.weight_shape"),
+            [q.rows as i64, q.cols as i64].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+    ];
+    if !sym {
+        // Stored zero point = signed zp + 2^(b−1) = −lo; it must fit in b bits.
+        let max = (1i64 << q.bits) - 1;
+        let mut zp = Vec::with_capacity(q.grid.lo.len());
+        for (i, &lo) in q.grid.lo.iter().enumerate() {
+            let z = -(lo as i64);
+            if !(0..=max).contains(&z) {
+                return Err(Error::InvalidOption(format!(
+                    "layer '{prefix}.weight' row {} has all weights of one sign, so its zero point ({z}) \
+                     does not fit in {} bits of the compressed-tensors format; use --sym, or write only --dequantized",
+                    i / groups,
+                    q.bits
+                )));
+            }
+            zp.push(z as u32);
+        }
+        let packed_zp = pack::pack_columns(&zp, q.rows, groups, q.bits);
+        out.push((format!("{prefix}.weight_zero_point"), bytemuck::cast_slice(&packed_zp).to_vec()));
+    }
+    Ok(out)
+}
+
+/// Plans the layers to quantize, checking everything that can be checked without compute.
+fn plan(model: &Model, opts: &RunOptions, calib: Option<&Calibration>) -> Result<Vec<Job>> {
+    let mut jobs = Vec::new();
+    for t in model.tensors() {
+        if opts.selection.decide(model.path(), t)? != Decision::Quantize {
+            continue;
+        }
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let mut config = opts.config.clone();
+        config.scale_dtype = scale_dtype_for(t.dtype).0;
+        config.validate_for(&t.name, rows, cols)?;
+        let prefix = t.name.trim_end_matches(".weight").to_string();
+        let calib_kind = match calib {
+            Some(c) if c.kind(&prefix).is_some() || !opts.data_free => Some(c.check(&prefix, cols)?),
+            _ if opts.data_free => None,
+            _ => {
+                return Err(Error::MissingCalibration {
+                    layer: t.name.clone(),
+                    prefix,
+                    cols,
+                })
+            }
+        };
+        jobs.push(Job {
+            meta: t.clone(),
+            prefix,
+            rows,
+            cols,
+            config,
+            calib: calib_kind,
+        });
+    }
+    if jobs.is_empty() {
+        return Err(Error::InvalidOption(format!(
+            "no tensor of {} is selected for quantization (2-D float '*.weight' tensors not matching the skip pattern){}",
+            model.path().display(),
+            if opts.selection.only.is_some() { "; check --only" } else { "" }
+        )));
+    }
+    Ok(jobs)
+}
+
+fn check_outputs(opts: &RunOptions) -> Result<()> {
+    let outs: Vec<(&str, &PathBuf)> = [
+        ("--out", opts.out.as_ref()),
+        ("--dequantized", opts.dequantized.as_ref()),
+        ("--report", opts.report.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(f, p)| p.map(|p| (f, p)))
+    .collect();
+    for (i, (flag, p)) in outs.iter().enumerate() {
+        for input in std::iter::once(&opts.model).chain(opts.calib.iter()) {
+            if same_file(p, input) {
+                return Err(Error::InvalidOption(format!(
+                    "{flag} {} is an input file; comq-gpu never overwrites its inputs",
+                    p.display()
+                )));
+            }
+        }
+        for (flag2, p2) in &outs[..i] {
+            if same_file(p, p2) {
+                return Err(Error::InvalidOption(format!("{flag} and {flag2} name the same file {}", p.display())));
+            }
+        }
+        let parent = p.parent().filter(|x| !x.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(Error::InvalidOption(format!(
+                "{flag} {}: the directory {} does not exist",
+                p.display(),
+                parent.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn provenance(opts: &RunOptions, model: &Model, device: &str) -> BTreeMap<String, String> {
+    let c = &opts.config;
+    let mut m: BTreeMap<String, String> = model.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    m.entry("format".into()).or_insert_with(|| "pt".into());
+    let mut put = |k: &str, v: String| {
+        m.insert(format!("comq.{k}"), v);
+    };
+    put("tool", format!("comq-gpu {}", env!("CARGO_PKG_VERSION")));
+    put("method", serde_json::to_value(c.method).expect("enum").as_str().unwrap_or("").into());
+    put("bits", c.bits.to_string());
+    put("group_size", c.group_size.map_or("row".into(), |g| g.to_string()));
+    put("symmetric", c.sym.to_string());
+    put("scalar", c.scalar.to_string());
+    put("sweeps", c.sweeps.to_string());
+    put("order", serde_json::to_value(c.order).expect("enum").as_str().unwrap_or("").into());
+    put("scale_update", c.scale_update.to_string());
+    put("granularity", serde_json::to_value(c.granularity).expect("enum").as_str().unwrap_or("").into());
+    put("calibration", calib_label(opts));
+    put("device", device.to_string());
+    m
+}
+
+fn calib_label(opts: &RunOptions) -> String {
+    match (&opts.calib, opts.data_free) {
+        (Some(p), false) => p.display().to_string(),
+        (Some(p), true) => format!("{} (data-free G = I where missing)", p.display()),
+        (None, _) => "data-free (G = I)".into(),
+    }
+}
+
+/// Runs the whole job; `progress` receives events for a front end.
+pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RunReport> {
+    let started = Instant::now();
+    opts.config.validate()?;
+    check_outputs(opts)?;
+    let model = Model::open(&opts.model)?;
+    let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;
+    let jobs = plan(&model, opts, calib.as_ref())?;
+    let device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
+    let device_name = device.describe();
+    log::info!("quantizing {} layers of {} on {device_name}", jobs.len(), model.path().display());
+
+    let mut meta = provenance(opts, &model, &device_name);
+    meta.insert("comq.codes_sha256".into(), "0".repeat(64));
+    let mut packed = match &opts.out {
+        Some(path) => {
+            let mut planned = Vec::new();
+            for t in model.tensors() {
+                match jobs.iter().find(|j| j.meta.name == t.name) {
+                    Some(j) => planned.extend(packed_plan(&j.prefix, j.rows, j.cols, &j.config, scale_dtype_for(t.dtype).1)),
+                    None => planned.push(PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }),
+                }
+            }
+            Some(SafetensorsWriter::create(path, planned, &meta)?)
+        }
+        None => None,
+    };
+    let mut dequant = match &opts.dequantized {
+        Some(path) => {
+            let planned = model
+                .tensors()
+                .iter()
+                .map(|t| PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() })
+                .collect();
+            Some(SafetensorsWriter::create(path, planned, &meta)?)
+        }
+        None => None,
+    };
+    // Pass-through tensors go straight from the input map to the outputs.
+    for t in model.tensors() {
+        if jobs.iter().any(|j| j.meta.name == t.name) {
+            continue;
+        }
+        for w in [packed.as_mut(), dequant.as_mut()].into_iter().flatten() {
+            w.write(&t.name, model.bytes(t))?;
+        }
+    }
+
+    progress(Progress::Start { layers: jobs.len(), device: &device_name });
+    let mut hasher = Sha256::new();
+    let mut layers = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        progress(Progress::LayerStart { name: &job.meta.name });
+        let t0 = Instant::now();
+        let w = model.read_f32(&job.meta)?;
+        let gram = match (&calib, job.calib) {
+            (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, &device)?,
+            _ => Gram::identity(job.cols),
+        };
+        let outcome = device.quantize_layer(&job.meta.name, &w, job.rows, job.cols, &gram, &job.config)?;
+        let q = &outcome.layer;
+        hasher.update(job.meta.name.as_bytes());
+        hasher.update(q.unsigned_codes().iter().map(|&c| c as u8).collect::<Vec<u8>>());
+        if let Some(wr) = packed.as_mut() {
+            for (name, bytes) in packed_tensors(&job.prefix, q, scale_dtype_for(job.meta.dtype).1, job.config.sym)? {
+                wr.write(&name, &bytes)?;
+            }
+        }
+        if let Some(wr) = dequant.as_mut() {
+            let bytes = dtype::from_f32(job.meta.dtype, &q.dequantize()).expect("selected weights are float");
+            wr.write(&job.meta.name, &bytes)?;
+        }
+        let report = LayerReport {
+            name: job.meta.name.clone(),
+            shape: [job.rows, job.cols],
+            bits: job.config.bits,
+            group_size: job.config.group_size,
+            rel_error: outcome.rel_error,
+            rel_error_rtn: outcome.rel_error_rtn,
+            loss_history: outcome.history.clone(),
+            seconds: t0.elapsed().as_secs_f64(),
+            device: device_name.clone(),
+            calibration: match job.calib {
+                Some(CalibKind::Input) => "input",
+                Some(CalibKind::Gram) => "gram",
+                None => "identity",
+            },
+            samples: gram.samples,
+        };
+        progress(Progress::LayerDone(&report));
+        layers.push(report);
+    }
+    let codes_sha256: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    meta.insert("comq.codes_sha256".into(), codes_sha256.clone());
+    let mut outputs = BTreeMap::new();
+    if let Some(w) = packed {
+        outputs.insert("packed".into(), w.dest().display().to_string());
+        w.finish(&meta)?;
+    }
+    if let Some(w) = dequant {
+        outputs.insert("dequantized".into(), w.dest().display().to_string());
+        w.finish(&meta)?;
+    }
+    let n = layers.len() as f64;
+    let report = RunReport {
+        tool: "comq-gpu",
+        version: env!("CARGO_PKG_VERSION"),
+        model: opts.model.display().to_string(),
+        device: device_name,
+        options: opts.config.clone(),
+        calibration: calib_label(opts),
+        data_free: layers.iter().any(|l| l.calibration == "identity"),
+        totals: Totals {
+            layers: layers.len(),
+            weights: layers.iter().map(|l| l.shape[0] * l.shape[1]).sum(),
+            mean_rel_error: layers.iter().map(|l| l.rel_error).sum::<f64>() / n,
+            mean_rel_error_rtn: layers.iter().map(|l| l.rel_error_rtn).sum::<f64>() / n,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+        layers,
+        codes_sha256,
+        outputs,
+    };
+    if let Some(path) = &opts.report {
+        let json = serde_json::to_vec_pretty(&report).expect("report serialises");
+        crate::io::writer::write_atomic(path, &json)?;
+    }
+    Ok(report)
+}
+
+/// One tensor's line in `inspect`.
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectRow {
+    /// Name.
+    pub name: String,
+    /// Dtype name.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Whether it would be quantized.
+    pub quantize: bool,
+    /// Why not, when not.
+    pub reason: Option<&'static str>,
+    /// Bytes in the input.
+    pub bytes: usize,
+    /// Bytes in the packed output.
+    pub bytes_after: usize,
+}
+
+/// Lists the tensors of `model`, which would be quantized under `selection` and `cfg`, and sizes.
+pub fn inspect(model: &Model, selection: &Selection, cfg: &QuantConfig) -> Result<Vec<InspectRow>> {
+    let mut rows = Vec::new();
+    for t in model.tensors() {
+        let d = selection.decide(model.path(), t)?;
+        let bytes = t.range.len();
+        let (quantize, reason, after) = match d {
+            Decision::Quantize => {
+                let (r, c) = (t.shape[0], t.shape[1]);
+                let mut lc = cfg.clone();
+                if lc.group_size.is_some_and(|g| c % g != 0) {
+                    lc.group_size = None;
+                }
+                let after = packed_plan("x", r, c, &lc, scale_dtype_for(t.dtype).1).iter().map(|p| p.nbytes()).sum();
+                (true, None, after)
+            }
+            Decision::Skip(why) => (false, Some(why), bytes),
+        };
+        rows.push(InspectRow {
+            name: t.name.clone(),
+            dtype: dtype::name(t.dtype),
+            shape: t.shape.clone(),
+            quantize,
+            reason,
+            bytes,
+            bytes_after: after,
+        });
+    }
+    Ok(rows)
+}

@@ -1,0 +1,205 @@
+//! The Gram matrix `G = XᵀX` of a layer's inputs, accumulated from streamed chunks.
+//!
+//! Calibration sets reach millions of rows (every token of every image), so `X` is never held:
+//! chunks of rows are added as they arrive. Sums are kept in f64 — with 10⁶ terms an f32 running
+//! sum would lose about three digits — while each chunk's products are formed from the f32 inputs
+//! converted exactly to f64, so the only rounding is f64's (relative error ~1e-16·√N).
+
+use rayon::prelude::*;
+
+/// Rows of a chunk processed together: a transposed block of this many rows fits in L2 cache.
+const BLOCK_ROWS: usize = 64;
+
+/// A finished, symmetric Gram matrix in f64.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gram {
+    /// Width `n` (the layer's input features).
+    pub n: usize,
+    /// Row-major `n × n`, symmetric.
+    pub data: Vec<f64>,
+    /// Number of activation rows summed (0 for a Gram given directly or the identity).
+    pub samples: u64,
+}
+
+impl Gram {
+    /// `G = I`: the data-free objective `‖W − Q̂‖²_F`.
+    pub fn identity(n: usize) -> Gram {
+        let mut data = vec![0.0; n * n];
+        for i in 0..n {
+            data[i * n + i] = 1.0;
+        }
+        Gram {
+            n,
+            data,
+            samples: 0,
+        }
+    }
+
+    /// Builds a Gram from a full row-major matrix, symmetrising it (`(G + Gᵀ)/2`).
+    pub fn from_matrix(n: usize, mut data: Vec<f64>) -> Gram {
+        assert_eq!(data.len(), n * n, "Gram data must be n × n");
+        for i in 0..n {
+            for j in i + 1..n {
+                let v = 0.5 * (data[i * n + j] + data[j * n + i]);
+                data[i * n + j] = v;
+                data[j * n + i] = v;
+            }
+        }
+        Gram {
+            n,
+            data,
+            samples: 0,
+        }
+    }
+
+    /// The diagonal `G_jj = ‖x_j‖²`.
+    pub fn diag(&self) -> Vec<f64> {
+        (0..self.n).map(|i| self.data[i * self.n + i]).collect()
+    }
+
+    /// An f32 copy for the devices' sweeps.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.data.iter().map(|&v| v as f32).collect()
+    }
+
+    /// The dead-input threshold: `G_jj` at or below it counts as an input that is always 0
+    /// (spec a.8). Relative to the mean diagonal so it is scale-free.
+    pub fn dead_threshold(&self) -> f32 {
+        let mean = self.diag().iter().sum::<f64>() / self.n.max(1) as f64;
+        (mean * DEAD_INPUT_RELATIVE) as f32
+    }
+}
+
+/// `G_jj ≤ DEAD_INPUT_RELATIVE · mean(diag G)` marks a dead input.
+pub const DEAD_INPUT_RELATIVE: f64 = 1e-10;
+
+/// Accumulates `G += X_bᵀ X_b` over chunks `X_b` of rows.
+#[derive(Debug, Clone)]
+pub struct GramAccumulator {
+    n: usize,
+    /// Upper triangle (row-major full storage; the lower half is filled by `finish`).
+    sum: Vec<f64>,
+    samples: u64,
+}
+
+impl GramAccumulator {
+    /// An empty accumulator for `n` input features.
+    pub fn new(n: usize) -> Self {
+        GramAccumulator {
+            n,
+            sum: vec![0.0; n * n],
+            samples: 0,
+        }
+    }
+
+    /// Width `n`.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Rows added so far.
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+
+    /// Adds a row-major chunk of `rows × n` activations.
+    pub fn add(&mut self, chunk: &[f32]) {
+        let n = self.n;
+        assert_eq!(chunk.len() % n.max(1), 0, "chunk length must be a multiple of n");
+        let rows = chunk.len() / n.max(1);
+        let mut block = vec![0.0f64; n * BLOCK_ROWS];
+        for start in (0..rows).step_by(BLOCK_ROWS) {
+            let b = BLOCK_ROWS.min(rows - start);
+            // Column-major copy of the block: column j is block[j*b .. (j+1)*b].
+            for t in 0..b {
+                let row = &chunk[(start + t) * n..(start + t + 1) * n];
+                for (j, &x) in row.iter().enumerate() {
+                    block[j * b + t] = x as f64;
+                }
+            }
+            let block = &block[..n * b];
+            self.sum
+                .par_chunks_mut(n)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let ci = &block[i * b..(i + 1) * b];
+                    for j in i..n {
+                        let cj = &block[j * b..(j + 1) * b];
+                        out[j] += dot_f64(ci, cj);
+                    }
+                });
+        }
+        self.samples += rows as u64;
+    }
+
+    /// Adds another accumulator's sums (for parallel or sharded accumulation).
+    pub fn merge(&mut self, other: &GramAccumulator) {
+        assert_eq!(self.n, other.n, "merged accumulators must have the same width");
+        for (a, b) in self.sum.iter_mut().zip(&other.sum) {
+            *a += b;
+        }
+        self.samples += other.samples;
+    }
+
+    /// The symmetric Gram matrix.
+    pub fn finish(mut self) -> Gram {
+        let n = self.n;
+        for i in 0..n {
+            for j in 0..i {
+                self.sum[i * n + j] = self.sum[j * n + i];
+            }
+        }
+        Gram {
+            n,
+            data: self.sum,
+            samples: self.samples,
+        }
+    }
+}
+
+#[inline]
+fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
+    // Four independent partial sums let the compiler vectorise without reassociating.
+    let mut acc = [0.0f64; 4];
+    let chunks = a.len() / 4;
+    for k in 0..chunks {
+        for l in 0..4 {
+            acc[l] += a[4 * k + l] * b[4 * k + l];
+        }
+    }
+    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for k in chunks * 4..a.len() {
+        s += a[k] * b[k];
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_accumulation_equals_direct_product() {
+        let (rows, n) = (150, 7);
+        let x: Vec<f32> = (0..rows * n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+            .collect();
+        let mut acc = GramAccumulator::new(n);
+        acc.add(&x[..40 * n]);
+        acc.add(&x[40 * n..]);
+        let g = acc.finish();
+        assert_eq!(g.samples, rows as u64);
+        for i in 0..n {
+            for j in 0..n {
+                let direct: f64 = (0..rows)
+                    .map(|t| x[t * n + i] as f64 * x[t * n + j] as f64)
+                    .sum();
+                let got = g.data[i * n + j];
+                assert!(
+                    (got - direct).abs() <= 1e-12 * direct.abs().max(1.0),
+                    "G[{i},{j}] = {got}, expected {direct}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The COMQ algorithm, independent of any device or file.
+//!
+//! COMQ minimises each linear layer's reconstruction error `‖X·Wᵀ − X·Q̂ᵀ‖²` by coordinate
+//! descent over the integer codes, one weight at a time in a greedy order, with closed-form 1-D
+//! steps (`../shared/design/comq-algorithm.md`, sections a.2–a.6). In Gram form (`G = XᵀX`) every
+//! output row is an independent problem sharing `G`, so the state of a layer is `W`, `G`, the
+//! current grid values `Q̂` and the residual `R = (W − Q̂)·G`.
+//!
+//! This module owns the math that decides *what* is computed — grids ([`grid`]), visiting
+//! orders ([`order`]), Gram accumulation ([`gram`]) and the driver that sequences sweeps, scale
+//! updates and loss evaluations ([`comq`]). A [`crate::device::Device`] only runs the
+//! data-parallel primitives the driver asks for.
+
+pub mod comq;
+pub mod gram;
+pub mod grid;
+pub mod order;
+
+pub use comq::{quantize_layer, LayerOutcome};
+pub use gram::{Gram, GramAccumulator};
+pub use grid::Grid;
+pub use order::Order;
+
+use crate::error::{Error, Result};
+
+/// Which algorithm produces the codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Coordinate-descent COMQ (the default).
+    #[default]
+    Comq,
+    /// Round to nearest on the same grid: the baseline every report compares against.
+    Rtn,
+}
+
+/// The order in which each row's coordinates are visited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderKind {
+    /// Per row, by `|W_ij|·sqrt(G_jj)` descending (spec a.6); what the paper's results use.
+    #[default]
+    Greedy,
+    /// `0, 1, …, n−1` for every row.
+    Natural,
+}
+
+/// How many scales a tensor has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// One scale per output row (per group with `group_size`).
+    #[default]
+    Channel,
+    /// One scale for the whole tensor (spec a.5).
+    Layer,
+}
+
+/// The dtype scales are stored in; steps are rounded to it before optimisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleDtype {
+    /// 32-bit float (no rounding).
+    #[default]
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Every option that changes the numbers a quantization produces.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QuantConfig {
+    /// Bits per weight, 2..=8.
+    pub bits: u32,
+    /// Symmetric grid (zero point 0) instead of the reference min/max asymmetric grid.
+    pub sym: bool,
+    /// Inputs per group; `None` is one grid per row.
+    pub group_size: Option<usize>,
+    /// Grid shrink `c` (spec a.2), `0 < c`; 1.0 reproduces the reference.
+    pub scalar: f32,
+    /// Number of coordinate-descent sweeps, ≥ 1.
+    pub sweeps: usize,
+    /// Visiting order.
+    pub order: OrderKind,
+    /// Closed-form scale step after each code sweep (spec a.4).
+    pub scale_update: bool,
+    /// One scale per row/group or per tensor.
+    pub granularity: Granularity,
+    /// COMQ or round-to-nearest.
+    pub method: Method,
+    /// Storage dtype of the scales.
+    pub scale_dtype: ScaleDtype,
+}
+
+impl Default for QuantConfig {
+    /// The official code's defaults: 4 bits, per-channel asymmetric, scalar 1, one greedy sweep.
+    fn default() -> Self {
+        QuantConfig {
+            bits: 4,
+            sym: false,
+            group_size: None,
+            scalar: 1.0,
+            sweeps: 1,
+            order: OrderKind::Greedy,
+            scale_update: false,
+            granularity: Granularity::Channel,
+            method: Method::Comq,
+            scale_dtype: ScaleDtype::F32,
+        }
+    }
+}
+
+impl QuantConfig {
+    /// Checks the options on their own (ranges, combinations).
+    pub fn validate(&self) -> Result<()> {
+        if !(2..=8).contains(&self.bits) {
+            return Err(Error::InvalidOption(format!(
+                "--bits {} is out of range: comq-gpu quantizes to 2..=8 bits",
+                self.bits
+            )));
+        }
+        if !(self.scalar > 0.0 && self.scalar.is_finite()) {
+            return Err(Error::InvalidOption(format!(
+                "--scalar {} must be a positive finite number",
+                self.scalar
+            )));
+        }
+        if self.sweeps == 0 {
+            return Err(Error::InvalidOption("--sweeps must be at least 1".into()));
+        }
+        if self.group_size == Some(0) {
+            return Err(Error::InvalidOption("--group-size must be at least 1".into()));
+        }
+        if self.group_size.is_some() && self.granularity == Granularity::Layer {
+            return Err(Error::InvalidOption(
+                "--granularity layer uses one scale per tensor and cannot be combined with --group-size"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the options against one layer's shape.
+    pub fn validate_for(&self, name: &str, rows: usize, cols: usize) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Err(Error::Shape(format!(
+                "layer '{name}' has an empty weight [{rows}, {cols}]"
+            )));
+        }
+        if let Some(g) = self.group_size {
+            if cols % g != 0 {
+                return Err(Error::InvalidOption(format!(
+                    "--group-size {g} does not divide the {cols} inputs of layer '{name}'"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The result of quantizing one weight matrix: integer codes and the grid they live on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedLayer {
+    /// Rows (output channels).
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// Bit width.
+    pub bits: u32,
+    /// Integer codes `k`, row-major; the weight is `Δ·k`.
+    pub codes: Vec<i32>,
+    /// The grid, with the final steps (after any scale update).
+    pub grid: Grid,
+}
+
+impl QuantizedLayer {
+    /// The weights on the grid, `Δ·k`, row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.codes.len());
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let s = self.grid.slot(r, c);
+                out.push(self.grid.value(s, self.codes[r * self.cols + c]));
+            }
+        }
+        out
+    }
+
+    /// Codes shifted into `[0, 2^b − 1]` (`k − lo`), the unsigned form packers store.
+    pub fn unsigned_codes(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.codes.len());
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let k = self.codes[r * self.cols + c];
+                out.push((k - self.grid.lo[self.grid.slot(r, c)]) as u32);
+            }
+        }
+        out
+    }
+}
