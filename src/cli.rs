@@ -45,7 +45,7 @@ pub enum GranularityArg {
     Layer,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MethodArg {
     Comq,
     Rtn,
@@ -141,7 +141,8 @@ pub struct RunArgs {
     /// Pick a GPU adapter by (part of) its name.
     #[arg(long, value_name = "NAME")]
     pub adapter: Option<String>,
-    /// Packed compressed-tensors output (.safetensors).
+    /// Packed compressed-tensors output (.safetensors); default `<model>.comq-w<bits>.safetensors`
+    /// in the working directory when neither --out nor --dequantized is given.
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
     /// Dequantized output with the input's names, shapes and dtypes.
@@ -202,13 +203,33 @@ fn human_bytes(b: usize) -> String {
 }
 
 fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
+    // With no output named, write the packed checkpoint to the working directory.
+    let out = match (&a.out, &a.dequantized) {
+        (None, None) => {
+            let stem = a
+                .model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            let suffix = if a.quant.method == MethodArg::Rtn {
+                "rtn"
+            } else {
+                "comq"
+            };
+            Some(PathBuf::from(format!(
+                "{stem}.{suffix}-w{}.safetensors",
+                a.quant.bits
+            )))
+        }
+        _ => a.out.clone(),
+    };
     let opts = RunOptions {
         model: a.model,
         calib: a.calib,
         data_free: a.data_free,
         config: a.quant.config(),
         selection: Selection::new(a.quant.only.as_deref(), a.quant.skip.as_deref())?,
-        out: a.out,
+        out,
         dequantized: a.dequantized,
         report: a.report,
         device: match a.device {
@@ -223,8 +244,10 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     }
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} layers (ETA {eta}) {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} layers (ETA {eta}) {msg}",
+        )
+        .expect("valid template"),
     );
     let report = pipeline::run(&opts, &mut |p| match p {
         Progress::Start { layers, device } => {
@@ -242,7 +265,11 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
             "layer", "shape", "err COMQ", "err RTN", "RTN/COMQ", "seconds"
         );
         for l in &report.layers {
-            let ratio = if l.rel_error > 0.0 { l.rel_error_rtn / l.rel_error } else { f64::INFINITY };
+            let ratio = if l.rel_error > 0.0 {
+                l.rel_error_rtn / l.rel_error
+            } else {
+                f64::INFINITY
+            };
             println!(
                 "{:<48} {:>13} {:>12.4e} {:>12.4e} {:>8.2} {:>8.3}",
                 l.name,
@@ -262,7 +289,11 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
             t.mean_rel_error_rtn,
             t.seconds,
             report.device,
-            if report.data_free { " [data-free: G = I for some layers]" } else { "" }
+            if report.data_free {
+                " [data-free: G = I for some layers]"
+            } else {
+                ""
+            }
         );
         for (k, v) in &report.outputs {
             println!("wrote {k}: {v}");
@@ -281,7 +312,10 @@ fn inspect_cmd(a: InspectArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<56} {:>5} {:>16} {:>10} {:>10}  note", "tensor", "dtype", "shape", "before", "after");
+    println!(
+        "{:<56} {:>5} {:>16} {:>10} {:>10}  note",
+        "tensor", "dtype", "shape", "before", "after"
+    );
     for r in &rows {
         println!(
             "{:<56} {:>5} {:>16} {:>10} {:>10}  {}",
@@ -290,7 +324,11 @@ fn inspect_cmd(a: InspectArgs) -> Result<()> {
             format!("{:?}", r.shape),
             human_bytes(r.bytes),
             human_bytes(r.bytes_after),
-            if r.quantize { format!("quantize to {} bits", cfg.bits) } else { r.reason.unwrap_or("").to_string() }
+            if r.quantize {
+                format!("quantize to {} bits", cfg.bits)
+            } else {
+                r.reason.unwrap_or("").to_string()
+            }
         );
     }
     let before: usize = rows.iter().map(|r| r.bytes).sum();

@@ -1,11 +1,13 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod device;
 pub mod error;
 pub mod io;
 pub mod pipeline;
 pub mod quant;
+pub mod shaders;
 
 pub use device::{AnyDevice, CpuDevice, Device, DeviceKind};
 pub use error::{Error, Result};

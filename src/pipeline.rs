@@ -23,8 +23,7 @@ use crate::quant::{Gram, QuantConfig, QuantizedLayer, ScaleDtype};
 
 /// Names skipped by default: the classifier head and the patch/token embeddings stay in full
 /// precision, as in the reference (spec a.7).
-pub const DEFAULT_SKIP: &str =
-    r"(^|\.)(head|heads|classifier|fc_norm|patch_embed|patch_embeddings|embeddings|pooler|lm_head)(\.|$)";
+pub const DEFAULT_SKIP: &str = r"(^|\.)(head|heads|classifier|fc_norm|patch_embed|patch_embeddings|embeddings|pooler|lm_head)(\.|$)";
 
 /// Which tensors are quantized.
 #[derive(Debug, Clone)]
@@ -39,7 +38,9 @@ impl Selection {
     /// `--skip` replaces the default skip pattern; `--only` alone disables it.
     pub fn new(only: Option<&str>, skip: Option<&str>) -> Result<Selection> {
         let re = |s: &str, flag: &str| {
-            Regex::new(s).map_err(|e| Error::InvalidOption(format!("{flag} '{s}' is not a valid regex: {e}")))
+            Regex::new(s).map_err(|e| {
+                Error::InvalidOption(format!("{flag} '{s}' is not a valid regex: {e}"))
+            })
         };
         let only = only.map(|s| re(s, "--only")).transpose()?;
         let skip = match (skip, &only) {
@@ -92,7 +93,11 @@ impl Selection {
             };
         }
         if t.numel() == 0 {
-            return Err(Error::tensor(path, &t.name, format!("is empty {:?}", t.shape)));
+            return Err(Error::tensor(
+                path,
+                &t.name,
+                format!("is empty {:?}", t.shape),
+            ));
         }
         Ok(Decision::Quantize)
     }
@@ -235,7 +240,10 @@ fn same_file(a: &Path, b: &Path) -> bool {
         if let Ok(c) = p.canonicalize() {
             return Some(c);
         }
-        let parent = p.parent().filter(|x| !x.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = p
+            .parent()
+            .filter(|x| !x.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Some(parent.canonicalize().ok()?.join(p.file_name()?))
     };
     match (canon(a), canon(b)) {
@@ -254,7 +262,13 @@ pub fn scale_dtype_for(d: Dtype) -> (ScaleDtype, Dtype) {
 }
 
 /// The compressed-tensors tensors that replace `P.weight`.
-pub fn packed_plan(prefix: &str, rows: usize, cols: usize, cfg: &QuantConfig, scale: Dtype) -> Vec<PlannedTensor> {
+pub fn packed_plan(
+    prefix: &str,
+    rows: usize,
+    cols: usize,
+    cfg: &QuantConfig,
+    scale: Dtype,
+) -> Vec<PlannedTensor> {
     let groups = cols / cfg.group_size.unwrap_or(cols);
     let mut v = vec![
         PlannedTensor {
@@ -284,19 +298,30 @@ pub fn packed_plan(prefix: &str, rows: usize, cols: usize, cfg: &QuantConfig, sc
 }
 
 /// Encodes a quantized layer as its compressed-tensors tensors (name, bytes), in `packed_plan` order.
-pub fn packed_tensors(prefix: &str, q: &QuantizedLayer, scale: Dtype, sym: bool) -> Result<Vec<(String, Vec<u8>)>> {
+pub fn packed_tensors(
+    prefix: &str,
+    q: &QuantizedLayer,
+    scale: Dtype,
+    sym: bool,
+) -> Result<Vec<(String, Vec<u8>)>> {
     let codes = q.unsigned_codes();
     let packed = pack::pack_rows(&codes, q.rows, q.cols, q.bits);
     let groups = q.grid.groups();
     let mut out = vec![
-        (format!("{prefix}.weight_packed"), bytemuck::cast_slice(&packed).to_vec()),
+        (
+            format!("{prefix}.weight_packed"),
+            bytemuck::cast_slice(&packed).to_vec(),
+        ),
         (
             format!("{prefix}.weight_scale"),
             dtype::from_f32(scale, &q.grid.delta).expect("scale dtype is a float type"),
         ),
         (
             format!("{prefix}.weight_shape"),
-            [q.rows as i64, q.cols as i64].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            [q.rows as i64, q.cols as i64]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         ),
     ];
     if !sym {
@@ -316,7 +341,10 @@ pub fn packed_tensors(prefix: &str, q: &QuantizedLayer, scale: Dtype, sym: bool)
             zp.push(z as u32);
         }
         let packed_zp = pack::pack_columns(&zp, q.rows, groups, q.bits);
-        out.push((format!("{prefix}.weight_zero_point"), bytemuck::cast_slice(&packed_zp).to_vec()));
+        out.push((
+            format!("{prefix}.weight_zero_point"),
+            bytemuck::cast_slice(&packed_zp).to_vec(),
+        ));
     }
     Ok(out)
 }
@@ -334,7 +362,9 @@ fn plan(model: &Model, opts: &RunOptions, calib: Option<&Calibration>) -> Result
         config.validate_for(&t.name, rows, cols)?;
         let prefix = t.name.trim_end_matches(".weight").to_string();
         let calib_kind = match calib {
-            Some(c) if c.kind(&prefix).is_some() || !opts.data_free => Some(c.check(&prefix, cols)?),
+            Some(c) if c.kind(&prefix).is_some() || !opts.data_free => {
+                Some(c.check(&prefix, cols)?)
+            }
             _ if opts.data_free => None,
             _ => {
                 return Err(Error::MissingCalibration {
@@ -383,10 +413,16 @@ fn check_outputs(opts: &RunOptions) -> Result<()> {
         }
         for (flag2, p2) in &outs[..i] {
             if same_file(p, p2) {
-                return Err(Error::InvalidOption(format!("{flag} and {flag2} name the same file {}", p.display())));
+                return Err(Error::InvalidOption(format!(
+                    "{flag} and {flag2} name the same file {}",
+                    p.display()
+                )));
             }
         }
-        let parent = p.parent().filter(|x| !x.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = p
+            .parent()
+            .filter(|x| !x.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if !parent.is_dir() {
             return Err(Error::InvalidOption(format!(
                 "{flag} {}: the directory {} does not exist",
@@ -400,21 +436,49 @@ fn check_outputs(opts: &RunOptions) -> Result<()> {
 
 fn provenance(opts: &RunOptions, model: &Model, device: &str) -> BTreeMap<String, String> {
     let c = &opts.config;
-    let mut m: BTreeMap<String, String> = model.metadata().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut m: BTreeMap<String, String> = model
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     m.entry("format".into()).or_insert_with(|| "pt".into());
     let mut put = |k: &str, v: String| {
         m.insert(format!("comq.{k}"), v);
     };
     put("tool", format!("comq-gpu {}", env!("CARGO_PKG_VERSION")));
-    put("method", serde_json::to_value(c.method).expect("enum").as_str().unwrap_or("").into());
+    put(
+        "method",
+        serde_json::to_value(c.method)
+            .expect("enum")
+            .as_str()
+            .unwrap_or("")
+            .into(),
+    );
     put("bits", c.bits.to_string());
-    put("group_size", c.group_size.map_or("row".into(), |g| g.to_string()));
+    put(
+        "group_size",
+        c.group_size.map_or("row".into(), |g| g.to_string()),
+    );
     put("symmetric", c.sym.to_string());
     put("scalar", c.scalar.to_string());
     put("sweeps", c.sweeps.to_string());
-    put("order", serde_json::to_value(c.order).expect("enum").as_str().unwrap_or("").into());
+    put(
+        "order",
+        serde_json::to_value(c.order)
+            .expect("enum")
+            .as_str()
+            .unwrap_or("")
+            .into(),
+    );
     put("scale_update", c.scale_update.to_string());
-    put("granularity", serde_json::to_value(c.granularity).expect("enum").as_str().unwrap_or("").into());
+    put(
+        "granularity",
+        serde_json::to_value(c.granularity)
+            .expect("enum")
+            .as_str()
+            .unwrap_or("")
+            .into(),
+    );
     put("calibration", calib_label(opts));
     put("device", device.to_string());
     m
@@ -438,7 +502,11 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let jobs = plan(&model, opts, calib.as_ref())?;
     let device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
     let device_name = device.describe();
-    log::info!("quantizing {} layers of {} on {device_name}", jobs.len(), model.path().display());
+    log::info!(
+        "quantizing {} layers of {} on {device_name}",
+        jobs.len(),
+        model.path().display()
+    );
 
     let mut meta = provenance(opts, &model, &device_name);
     meta.insert("comq.codes_sha256".into(), "0".repeat(64));
@@ -447,8 +515,18 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             let mut planned = Vec::new();
             for t in model.tensors() {
                 match jobs.iter().find(|j| j.meta.name == t.name) {
-                    Some(j) => planned.extend(packed_plan(&j.prefix, j.rows, j.cols, &j.config, scale_dtype_for(t.dtype).1)),
-                    None => planned.push(PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }),
+                    Some(j) => planned.extend(packed_plan(
+                        &j.prefix,
+                        j.rows,
+                        j.cols,
+                        &j.config,
+                        scale_dtype_for(t.dtype).1,
+                    )),
+                    None => planned.push(PlannedTensor {
+                        name: t.name.clone(),
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                    }),
                 }
             }
             Some(SafetensorsWriter::create(path, planned, &meta)?)
@@ -460,7 +538,11 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             let planned = model
                 .tensors()
                 .iter()
-                .map(|t| PlannedTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() })
+                .map(|t| PlannedTensor {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                })
                 .collect();
             Some(SafetensorsWriter::create(path, planned, &meta)?)
         }
@@ -476,28 +558,45 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         }
     }
 
-    progress(Progress::Start { layers: jobs.len(), device: &device_name });
+    progress(Progress::Start {
+        layers: jobs.len(),
+        device: &device_name,
+    });
     let mut hasher = Sha256::new();
     let mut layers = Vec::with_capacity(jobs.len());
     for job in &jobs {
-        progress(Progress::LayerStart { name: &job.meta.name });
+        progress(Progress::LayerStart {
+            name: &job.meta.name,
+        });
         let t0 = Instant::now();
         let w = model.read_f32(&job.meta)?;
         let gram = match (&calib, job.calib) {
             (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, &device)?,
             _ => Gram::identity(job.cols),
         };
-        let outcome = device.quantize_layer(&job.meta.name, &w, job.rows, job.cols, &gram, &job.config)?;
+        let outcome =
+            device.quantize_layer(&job.meta.name, &w, job.rows, job.cols, &gram, &job.config)?;
         let q = &outcome.layer;
         hasher.update(job.meta.name.as_bytes());
-        hasher.update(q.unsigned_codes().iter().map(|&c| c as u8).collect::<Vec<u8>>());
+        hasher.update(
+            q.unsigned_codes()
+                .iter()
+                .map(|&c| c as u8)
+                .collect::<Vec<u8>>(),
+        );
         if let Some(wr) = packed.as_mut() {
-            for (name, bytes) in packed_tensors(&job.prefix, q, scale_dtype_for(job.meta.dtype).1, job.config.sym)? {
+            for (name, bytes) in packed_tensors(
+                &job.prefix,
+                q,
+                scale_dtype_for(job.meta.dtype).1,
+                job.config.sym,
+            )? {
                 wr.write(&name, &bytes)?;
             }
         }
         if let Some(wr) = dequant.as_mut() {
-            let bytes = dtype::from_f32(job.meta.dtype, &q.dequantize()).expect("selected weights are float");
+            let bytes = dtype::from_f32(job.meta.dtype, &q.dequantize())
+                .expect("selected weights are float");
             wr.write(&job.meta.name, &bytes)?;
         }
         let report = LayerReport {
@@ -520,7 +619,11 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         progress(Progress::LayerDone(&report));
         layers.push(report);
     }
-    let codes_sha256: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let codes_sha256: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     meta.insert("comq.codes_sha256".into(), codes_sha256.clone());
     let mut outputs = BTreeMap::new();
     if let Some(w) = packed {
@@ -590,7 +693,10 @@ pub fn inspect(model: &Model, selection: &Selection, cfg: &QuantConfig) -> Resul
                 if lc.group_size.is_some_and(|g| c % g != 0) {
                     lc.group_size = None;
                 }
-                let after = packed_plan("x", r, c, &lc, scale_dtype_for(t.dtype).1).iter().map(|p| p.nbytes()).sum();
+                let after = packed_plan("x", r, c, &lc, scale_dtype_for(t.dtype).1)
+                    .iter()
+                    .map(|p| p.nbytes())
+                    .sum();
                 (true, None, after)
             }
             Decision::Skip(why) => (false, Some(why), bytes),

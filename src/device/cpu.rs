@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::{Device, LayerProblem};
 use crate::error::Result;
+use crate::quant::comq::scale_step;
 use crate::quant::grid::nearest_code;
 use crate::quant::{Granularity, Order, ScaleDtype};
 
@@ -215,7 +216,11 @@ impl Device for CpuDevice {
             .zip(l.w.par_chunks(n))
             .zip(l.q.par_chunks(n))
             .map(|((r, w), q)| {
-                let e: Vec<f64> = w.iter().zip(q).map(|(&a, &b)| a as f64 - b as f64).collect();
+                let e: Vec<f64> = w
+                    .iter()
+                    .zip(q)
+                    .map(|(&a, &b)| a as f64 - b as f64)
+                    .collect();
                 let mut out = vec![0.0; n];
                 row_times_gram(&e, g, n, &mut out);
                 for (rv, &o) in r.iter_mut().zip(&out) {
@@ -239,22 +244,6 @@ impl Device for CpuDevice {
     }
 }
 
-/// Accepts a scale step `s` only if the exact change of the loss,
-/// `−2·s·(k̃ᵀR) + s²·(k̃ᵀGk̃)`, is not positive (rounding the step to the storage dtype can
-/// move it off the optimum).
-fn step_lowers_loss(s: f64, num: f64, den: f64) -> bool {
-    s != 0.0 && -2.0 * s * num + s * s * den <= 0.0
-}
-
-fn new_step(old: f32, num: f64, den: f64, dtype: ScaleDtype) -> Option<f32> {
-    if !(den > 0.0) {
-        return None;
-    }
-    let new = dtype.round((old as f64 + num / den) as f32);
-    (new > 0.0 && new.is_finite() && step_lowers_loss(new as f64 - old as f64, num, den))
-        .then_some(new)
-}
-
 /// Per (row, group): `Δ ← Δ + k̃ᵀR / k̃ᵀGk̃`, groups of a row one after the other (each is an
 /// exact block-coordinate step, so the loss cannot rise).
 fn update_scales_channel(l: &mut CpuLayer) {
@@ -276,7 +265,7 @@ fn update_scales_channel(l: &mut CpuLayer) {
                 row_times_gram(&kt, g, n, &mut kg);
                 let num: f64 = cols.clone().map(|j| kt[j] * r[j] as f64).sum();
                 let den: f64 = cols.clone().map(|j| kt[j] * kg[j]).sum();
-                if let Some(new) = new_step(delta[grp], num, den, dtype) {
+                if let Some(new) = scale_step(delta[grp], num, den, dtype) {
                     let s = new as f64 - delta[grp] as f64;
                     for (rv, &v) in r.iter_mut().zip(&kg) {
                         *rv = (*rv as f64 - s * v) as f32;
@@ -307,7 +296,7 @@ fn update_scale_layer(l: &mut CpuLayer) {
         })
         .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     let old = l.delta[0];
-    if let Some(new) = new_step(old, num, den, l.scale_dtype) {
+    if let Some(new) = scale_step(old, num, den, l.scale_dtype) {
         l.delta.iter_mut().for_each(|d| *d = new);
         for (q, &k) in l.q.iter_mut().zip(&l.codes) {
             *q = new * k as f32;

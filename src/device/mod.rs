@@ -8,8 +8,10 @@
 //! because the trait has an associated state type).
 
 pub mod cpu;
+pub mod wgpu;
 
 pub use cpu::CpuDevice;
+pub use wgpu::WgpuDevice;
 
 use crate::error::{Error, Result};
 use crate::quant::{Granularity, Grid, Order, ScaleDtype};
@@ -88,6 +90,8 @@ pub enum DeviceKind {
 pub enum AnyDevice {
     /// The CPU reference.
     Cpu(CpuDevice),
+    /// A wgpu adapter.
+    Wgpu(Box<WgpuDevice>),
 }
 
 impl AnyDevice {
@@ -96,13 +100,14 @@ impl AnyDevice {
     pub fn select(kind: DeviceKind, adapter: Option<&str>) -> Result<AnyDevice> {
         match kind {
             DeviceKind::Cpu => Ok(AnyDevice::Cpu(CpuDevice::new())),
-            DeviceKind::Gpu => Err(Error::NoAdapter(format!(
-                "the GPU path is not in this build (adapter filter {adapter:?})"
-            ))),
-            DeviceKind::Auto => {
-                log::info!("device auto: using the CPU (no GPU path in this build)");
-                Ok(AnyDevice::Cpu(CpuDevice::new()))
-            }
+            DeviceKind::Gpu => Ok(AnyDevice::Wgpu(Box::new(WgpuDevice::open(adapter, true)?))),
+            DeviceKind::Auto => match WgpuDevice::open(adapter, false) {
+                Ok(dev) => Ok(AnyDevice::Wgpu(Box::new(dev))),
+                Err(e) => {
+                    log::info!("device auto: using the CPU because {e}");
+                    Ok(AnyDevice::Cpu(CpuDevice::new()))
+                }
+            },
         }
     }
 
@@ -110,6 +115,7 @@ impl AnyDevice {
     pub fn describe(&self) -> String {
         match self {
             AnyDevice::Cpu(d) => d.describe(),
+            AnyDevice::Wgpu(d) => d.describe(),
         }
     }
 
@@ -125,16 +131,27 @@ impl AnyDevice {
     ) -> Result<crate::quant::LayerOutcome> {
         match self {
             AnyDevice::Cpu(d) => crate::quant::quantize_layer(d, name, w, rows, cols, gram, cfg),
+            AnyDevice::Wgpu(d) => {
+                crate::quant::quantize_layer(d.as_ref(), name, w, rows, cols, gram, cfg)
+                    .map_err(|e| e.in_layer(name))
+            }
         }
     }
 
-    /// Accumulates `G += XᵀX` for a chunk on this device.
-    pub fn gram_add(&self, acc: &mut crate::quant::GramAccumulator, chunk: &[f32]) -> Result<()> {
+    /// The Gram matrix of `n`-wide activations streamed as row-major chunks, on this device.
+    pub fn gram<I>(&self, n: usize, chunks: I) -> Result<crate::quant::Gram>
+    where
+        I: IntoIterator<Item = Result<Vec<f32>>>,
+    {
         match self {
             AnyDevice::Cpu(_) => {
-                acc.add(chunk);
-                Ok(())
+                let mut acc = crate::quant::GramAccumulator::new(n);
+                for chunk in chunks {
+                    acc.add(&chunk?);
+                }
+                Ok(acc.finish())
             }
+            AnyDevice::Wgpu(d) => d.gram(n, chunks),
         }
     }
 }

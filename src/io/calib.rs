@@ -10,7 +10,7 @@ use std::path::Path;
 use super::Model;
 use crate::device::AnyDevice;
 use crate::error::{Error, Result};
-use crate::quant::{Gram, GramAccumulator};
+use crate::quant::Gram;
 
 /// Rows of activations converted and accumulated at a time.
 pub const CHUNK_ROWS: usize = 4096;
@@ -110,8 +110,7 @@ impl Calibration {
                 let name = format!("{prefix}.input");
                 let t = self.file.get(&name).expect("checked");
                 let rows = t.numel() / cols;
-                let mut acc = GramAccumulator::new(cols);
-                for start in (0..rows).step_by(CHUNK_ROWS) {
+                let chunks = (0..rows).step_by(CHUNK_ROWS).map(|start| {
                     let end = (start + CHUNK_ROWS).min(rows);
                     let chunk = self.file.read_rows_f32(t, cols, start..end)?;
                     if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
@@ -121,9 +120,9 @@ impl Calibration {
                             index: start * cols + i,
                         });
                     }
-                    device.gram_add(&mut acc, &chunk)?;
-                }
-                Ok(acc.finish())
+                    Ok(chunk)
+                });
+                device.gram(cols, chunks)
             }
         }
     }

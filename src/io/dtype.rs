@@ -72,8 +72,14 @@ pub fn to_f64(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f64>> {
 pub fn from_f32(dtype: Dtype, v: &[f32]) -> Option<Vec<u8>> {
     let out = match dtype {
         Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Dtype::F16 => v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
-        Dtype::BF16 => v.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+        Dtype::F16 => v
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => v
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
         Dtype::F64 => v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
         _ => return None,
     };

@@ -14,7 +14,11 @@ pub fn words_for(count: usize, bits: u32) -> usize {
 /// Packs one line of unsigned `bits`-bit values into `out` (length [`words_for`]).
 fn pack_line(values: impl Iterator<Item = u32>, bits: u32, out: &mut [u32]) {
     out.iter_mut().for_each(|w| *w = 0);
-    let mask = if bits == 32 { u32::MAX } else { (1u32 << bits) - 1 };
+    let mask = if bits == 32 {
+        u32::MAX
+    } else {
+        (1u32 << bits) - 1
+    };
     for (i, v) in values.enumerate() {
         let v = (v & mask) as u64;
         let bit = i * bits as usize;

@@ -67,7 +67,10 @@ impl Model {
         if meta.len() < 8 {
             return Err(Error::BadSafetensors {
                 path: path.into(),
-                reason: format!("the file has {} bytes, fewer than the 8-byte header length", meta.len()),
+                reason: format!(
+                    "the file has {} bytes, fewer than the 8-byte header length",
+                    meta.len()
+                ),
             });
         }
         // SAFETY: the map is read-only and private to this process. A concurrent writer to the
@@ -82,7 +85,9 @@ impl Model {
         let data_start = 8 + header_len;
         let mut tensors = Vec::new();
         for name in metadata.offset_keys() {
-            let info = metadata.info(&name).expect("offset_keys lists known tensors");
+            let info = metadata
+                .info(&name)
+                .expect("offset_keys lists known tensors");
             let (s, e) = info.data_offsets;
             tensors.push(TensorMeta {
                 name,
@@ -136,7 +141,10 @@ impl Model {
             Error::tensor(
                 &self.path,
                 &t.name,
-                format!("dtype {} is not a float type (F32, F16, BF16, F64)", dtype::name(t.dtype)),
+                format!(
+                    "dtype {} is not a float type (F32, F16, BF16, F64)",
+                    dtype::name(t.dtype)
+                ),
             )
         })
     }
@@ -155,7 +163,10 @@ impl Model {
             Error::tensor(
                 &self.path,
                 &t.name,
-                format!("dtype {} is not a float type (F32, F16, BF16, F64)", dtype::name(t.dtype)),
+                format!(
+                    "dtype {} is not a float type (F32, F16, BF16, F64)",
+                    dtype::name(t.dtype)
+                ),
             )
         })
     }
@@ -188,11 +199,44 @@ fn describe_error(e: &safetensors::SafeTensorError, map: &[u8]) -> String {
         E::InvalidOffset(name) => format!(
             "tensor '{name}' has data offsets that overlap another tensor, leave a gap or run past the data"
         ),
-        E::TensorInvalidInfo => "a tensor's byte length does not match its dtype and shape".into(),
-        E::MetadataIncompleteBuffer => format!(
-            "the tensors' data offsets do not end at the end of the file ({} bytes): truncated or padded",
-            map.len()
-        ),
+        E::TensorInvalidInfo | E::MetadataIncompleteBuffer => match culprit(map) {
+            Some(why) => why,
+            None => format!(
+                "the tensors' data offsets do not end at the end of the file ({} bytes): truncated or padded",
+                map.len()
+            ),
+        },
         other => other.to_string(),
     }
+}
+
+/// Finds the tensor whose byte range is inconsistent (wrong length or past the end of the data),
+/// for a message that names it.
+fn culprit(map: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(map.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(map.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data_len = map.len() - 8 - n;
+    for (name, v) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: safetensors::tensor::TensorInfo = serde_json::from_value(v.clone()).ok()?;
+        let (s, e) = info.data_offsets;
+        let expected = info.shape.iter().product::<usize>() * info.dtype.bitsize() / 8;
+        if e < s || e - s != expected {
+            return Some(format!(
+                "tensor '{name}' ({} {:?}) needs {expected} bytes but its data offsets [{s}, {e}] span {}",
+                dtype::name(info.dtype),
+                info.shape,
+                e.saturating_sub(s)
+            ));
+        }
+        if e > data_len {
+            return Some(format!(
+                "tensor '{name}' has data offsets [{s}, {e}] past the end of the data ({data_len} bytes): the file is truncated or the header lies"
+            ));
+        }
+    }
+    None
 }

@@ -67,7 +67,10 @@ impl SafetensorsWriter {
         let mut offsets = HashMap::new();
         let mut at = 0usize;
         for t in &tensors {
-            if offsets.insert(t.name.clone(), (at, at + t.nbytes())).is_some() {
+            if offsets
+                .insert(t.name.clone(), (at, at + t.nbytes()))
+                .is_some()
+            {
                 return Err(Error::InvalidOption(format!(
                     "output {} would hold tensor '{}' twice",
                     dest.display(),
@@ -99,9 +102,7 @@ impl SafetensorsWriter {
             data_start: 8 + header_capacity as u64,
         };
         let total = w.data_start + data_len as u64;
-        w.file()
-            .set_len(total)
-            .map_err(|e| Error::io(&w.tmp, e))?;
+        w.file().set_len(total).map_err(|e| Error::io(&w.tmp, e))?;
         w.write_header(metadata)?;
         Ok(w)
     }
@@ -179,7 +180,10 @@ fn header_json(
 ) -> String {
     let mut map = serde_json::Map::new();
     if !metadata.is_empty() {
-        map.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+        map.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("string map"),
+        );
     }
     for t in tensors {
         let (s, e) = offsets[&t.name];
@@ -224,8 +228,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("o.safetensors");
         let plan = vec![
-            PlannedTensor { name: "b".into(), dtype: Dtype::F16, shape: vec![3] },
-            PlannedTensor { name: "a".into(), dtype: Dtype::I64, shape: vec![2] },
+            PlannedTensor {
+                name: "b".into(),
+                dtype: Dtype::F16,
+                shape: vec![3],
+            },
+            PlannedTensor {
+                name: "a".into(),
+                dtype: Dtype::I64,
+                shape: vec![2],
+            },
         ];
         let mut meta = BTreeMap::new();
         meta.insert("k".to_string(), "v".to_string());
@@ -247,7 +259,11 @@ mod tests {
     fn an_unfinished_writer_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("o.safetensors");
-        let plan = vec![PlannedTensor { name: "a".into(), dtype: Dtype::F32, shape: vec![1] }];
+        let plan = vec![PlannedTensor {
+            name: "a".into(),
+            dtype: Dtype::F32,
+            shape: vec![1],
+        }];
         let w = SafetensorsWriter::create(&dest, plan, &BTreeMap::new()).unwrap();
         drop(w);
         assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());

@@ -105,7 +105,11 @@ impl GramAccumulator {
     /// Adds a row-major chunk of `rows × n` activations.
     pub fn add(&mut self, chunk: &[f32]) {
         let n = self.n;
-        assert_eq!(chunk.len() % n.max(1), 0, "chunk length must be a multiple of n");
+        assert_eq!(
+            chunk.len() % n.max(1),
+            0,
+            "chunk length must be a multiple of n"
+        );
         let rows = chunk.len() / n.max(1);
         let mut block = vec![0.0f64; n * BLOCK_ROWS];
         for start in (0..rows).step_by(BLOCK_ROWS) {
@@ -118,23 +122,39 @@ impl GramAccumulator {
                 }
             }
             let block = &block[..n * b];
-            self.sum
-                .par_chunks_mut(n)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let ci = &block[i * b..(i + 1) * b];
-                    for j in i..n {
-                        let cj = &block[j * b..(j + 1) * b];
-                        out[j] += dot_f64(ci, cj);
-                    }
-                });
+            self.sum.par_chunks_mut(n).enumerate().for_each(|(i, out)| {
+                let ci = &block[i * b..(i + 1) * b];
+                for j in i..n {
+                    let cj = &block[j * b..(j + 1) * b];
+                    out[j] += dot_f64(ci, cj);
+                }
+            });
         }
         self.samples += rows as u64;
     }
 
+    /// Adds a partial Gram computed elsewhere (a GPU's f32 sums over `samples` rows), stored
+    /// row-major with row stride `stride ≥ n`; only the upper triangle is read.
+    pub fn add_partial(&mut self, part: &[f32], stride: usize, samples: u64) {
+        let n = self.n;
+        assert!(
+            stride >= n && part.len() >= n * stride,
+            "partial Gram must cover n × n"
+        );
+        for i in 0..n {
+            for j in i..n {
+                self.sum[i * n + j] += part[i * stride + j] as f64;
+            }
+        }
+        self.samples += samples;
+    }
+
     /// Adds another accumulator's sums (for parallel or sharded accumulation).
     pub fn merge(&mut self, other: &GramAccumulator) {
-        assert_eq!(self.n, other.n, "merged accumulators must have the same width");
+        assert_eq!(
+            self.n, other.n,
+            "merged accumulators must have the same width"
+        );
         for (a, b) in self.sum.iter_mut().zip(&other.sum) {
             *a += b;
         }

@@ -111,9 +111,10 @@ pub fn nearest_code(target: f32, delta: f32, lo: i32, levels: i32) -> i32 {
 }
 
 fn min_max(v: &[f32]) -> (f32, f32) {
-    v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
-        (a.min(x), b.max(x))
-    })
+    v.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        })
 }
 
 /// Asymmetric min/max range (spec a.2) with the constant-row guard.

@@ -131,7 +131,9 @@ impl QuantConfig {
             return Err(Error::InvalidOption("--sweeps must be at least 1".into()));
         }
         if self.group_size == Some(0) {
-            return Err(Error::InvalidOption("--group-size must be at least 1".into()));
+            return Err(Error::InvalidOption(
+                "--group-size must be at least 1".into(),
+            ));
         }
         if self.group_size.is_some() && self.granularity == Granularity::Layer {
             return Err(Error::InvalidOption(

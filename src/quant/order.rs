@@ -78,6 +78,12 @@ mod tests {
         let diag = [1.0, 1.0, 1.0, 4.0];
         let o = Order::build(OrderKind::Greedy, &w, 1, 4, &diag);
         // scores: 0.5, 2.0, 0.5, 2.0 -> 1, 3 (tie, by index), then 0, 2 (tie, by index)
-        assert_eq!(o, Order::PerRow { cols: 4, perm: vec![1, 3, 0, 2] });
+        assert_eq!(
+            o,
+            Order::PerRow {
+                cols: 4,
+                perm: vec![1, 3, 0, 2]
+            }
+        );
     }
 }

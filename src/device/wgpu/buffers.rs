@@ -1,0 +1,124 @@
+//! Buffer reuse across layers, and reading results back.
+//!
+//! Storage buffers are taken from a pool and returned when a layer's state is dropped, so a
+//! model of many equally-shaped layers allocates its device memory once. Readback is the
+//! copy → map → poll → unmap dance, documented once here: copy into a `MAP_READ` staging
+//! buffer, submit, `map_async`, block on `device.poll(wait_indefinitely)` (which also drives the
+//! map callback), copy the mapped bytes out, unmap.
+
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// A pool of storage buffers, shared by the layers of one device.
+#[derive(Debug, Default, Clone)]
+pub struct BufferPool {
+    free: Arc<Mutex<Vec<wgpu::Buffer>>>,
+}
+
+impl BufferPool {
+    /// A storage buffer of at least `size` bytes (the smallest free one that fits, else a new one).
+    pub fn take(&self, device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
+        let size = size.max(16).next_multiple_of(16);
+        let mut free = self.free.lock().expect("pool lock");
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.size() >= size && b.size() <= size.saturating_mul(2))
+            .min_by_key(|(_, b)| b.size())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => free.swap_remove(i),
+            None => device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: STORAGE,
+                mapped_at_creation: false,
+            }),
+        }
+    }
+
+    /// Returns buffers to the pool.
+    pub fn give(&self, buffers: impl IntoIterator<Item = wgpu::Buffer>) {
+        self.free.lock().expect("pool lock").extend(buffers);
+    }
+
+    /// Frees every pooled buffer.
+    pub fn clear(&self) {
+        self.free.lock().expect("pool lock").clear();
+    }
+}
+
+/// Reads `size` bytes at the start of `src` back to the host.
+pub fn read_bytes(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    src: &wgpu::Buffer,
+    size: u64,
+) -> Result<Vec<u8>> {
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("readback"),
+    });
+    enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
+    queue.submit([enc.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| gpu_err(format!("waiting for the GPU failed: {e}")))?;
+    rx.recv()
+        .map_err(|_| gpu_err("the readback was never completed (device lost?)".into()))?
+        .map_err(|e| gpu_err(format!("mapping a readback buffer failed: {e}")))?;
+    let out = {
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| gpu_err(format!("reading a mapped buffer failed: {e}")))?;
+        view.to_vec()
+    };
+    staging.unmap();
+    Ok(out)
+}
+
+/// Reads `count` f32 values.
+pub fn read_f32(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    src: &wgpu::Buffer,
+    count: usize,
+) -> Result<Vec<f32>> {
+    let bytes = read_bytes(device, queue, src, (count * 4) as u64)?;
+    Ok(bytemuck::pod_collect_to_vec(&bytes))
+}
+
+/// Reads `count` i32 values.
+pub fn read_i32(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    src: &wgpu::Buffer,
+    count: usize,
+) -> Result<Vec<i32>> {
+    let bytes = read_bytes(device, queue, src, (count * 4) as u64)?;
+    Ok(bytemuck::pod_collect_to_vec(&bytes))
+}
+
+pub(crate) fn gpu_err(message: String) -> Error {
+    Error::Gpu {
+        layer: None,
+        message,
+    }
+}

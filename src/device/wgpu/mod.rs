@@ -1,0 +1,805 @@
+//! The wgpu device: the COMQ primitives as WGSL compute kernels on Vulkan, Metal or DX12.
+//!
+//! One adapter, one logical device, pipelines built once. A layer's state (`W`, `Q̂`, `R`, codes,
+//! steps, order, `G`) is uploaded once and stays resident until its codes and steps are
+//! downloaded; only per-row loss partials (one f32 per row) come back in between, and are summed
+//! in f64 on the host. Layers whose `[rows, cols]` f32 arrays exceed the adapter's storage-binding
+//! limit are split into row tiles (rows are independent problems); `G` must fit one binding.
+//! Validation and out-of-memory errors are caught by error scopes or the uncaptured-error handler
+//! and returned as [`Error`]s; a lost device is reported, never panicked on.
+
+pub mod buffers;
+pub mod pipelines;
+
+use std::sync::{Arc, Mutex};
+
+use buffers::{gpu_err, read_f32, read_i32, BufferPool};
+use pipelines::{GramParams, GridParams, ModeParams, Pipelines, ScaleParams, SweepParams};
+
+use super::{Device, LayerProblem};
+use crate::error::{Error, Result};
+use crate::quant::{comq::scale_step, Gram, GramAccumulator, Granularity, Order, ScaleDtype};
+use crate::shaders::{Kernel, SWEEP_SHARED_MAX_COLS};
+
+/// Rows of activations summed in f32 on the device before the partial Gram is flushed into the
+/// host's f64 accumulator. At 16384 rows the f32 sums were measured within 2.1e-6 relative
+/// Frobenius error of f64 (`../shared/design/gpu-notes.md` §4); see ARCHITECTURE.md.
+pub const GRAM_FLUSH_ROWS: usize = 16384;
+
+/// Largest workgroup count per dispatch dimension.
+const MAX_GROUPS: u32 = 65535;
+
+/// One adapter as `comq-gpu devices` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterSummary {
+    /// Adapter name.
+    pub name: String,
+    /// Backend (Vulkan, Metal, Dx12).
+    pub backend: String,
+    /// Discrete, integrated, virtual, CPU (software) or other.
+    pub device_type: String,
+    /// Driver name.
+    pub driver: String,
+    /// Driver version information.
+    pub driver_info: String,
+    /// Largest storage binding in bytes.
+    pub max_storage_binding: u64,
+    /// Largest buffer in bytes.
+    pub max_buffer: u64,
+    /// Workgroup memory in bytes.
+    pub max_workgroup_storage: u32,
+    /// Invocations per workgroup.
+    pub max_invocations: u32,
+    /// Optional features of interest the adapter has.
+    pub features: Vec<String>,
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12;
+    wgpu::Instance::new(desc.with_env())
+}
+
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+fn summary(a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    let l = a.limits();
+    let f = a.features();
+    let wanted = [
+        (wgpu::Features::SHADER_F16, "shader-f16"),
+        (wgpu::Features::SHADER_F64, "shader-f64"),
+        (wgpu::Features::SUBGROUP, "subgroup"),
+        (wgpu::Features::SHADER_FLOAT32_ATOMIC, "f32-atomic"),
+        (wgpu::Features::TIMESTAMP_QUERY, "timestamp-query"),
+    ];
+    AdapterSummary {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: info.driver.clone(),
+        driver_info: info.driver_info.clone(),
+        max_storage_binding: l.max_storage_buffer_binding_size,
+        max_buffer: l.max_buffer_size,
+        max_workgroup_storage: l.max_compute_workgroup_storage_size,
+        max_invocations: l.max_compute_invocations_per_workgroup,
+        features: wanted
+            .iter()
+            .filter(|(x, _)| f.contains(*x))
+            .map(|(_, n)| n.to_string())
+            .collect(),
+    }
+}
+
+/// Every adapter wgpu finds on the Vulkan, Metal and DX12 backends, best first.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let mut v = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+    v.sort_by_key(|a| rank(a.get_info().device_type));
+    v.iter().map(summary).collect()
+}
+
+/// A wgpu device ready to run COMQ kernels.
+pub struct WgpuDevice {
+    info: wgpu::AdapterInfo,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    limits: wgpu::Limits,
+    pipelines: Pipelines,
+    pool: BufferPool,
+    fault: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for WgpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuDevice")
+            .field("adapter", &self.info.name)
+            .finish()
+    }
+}
+
+impl WgpuDevice {
+    /// Opens the best adapter (discrete, integrated, virtual, then software), optionally
+    /// filtered by a case-insensitive name substring. With `allow_software == false` a software
+    /// adapter (lavapipe) is refused, which is what `--device auto` wants.
+    pub fn open(filter: Option<&str>, allow_software: bool) -> Result<WgpuDevice> {
+        let inst = instance();
+        let mut adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
+        if adapters.is_empty() {
+            return Err(Error::NoAdapter(
+                "wgpu found no Vulkan, Metal or DX12 adapter (install a GPU driver, or Mesa's \
+                 mesa-vulkan-drivers for a software one; or use --device cpu)"
+                    .into(),
+            ));
+        }
+        if let Some(f) = filter {
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            let fl = f.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&fl));
+            if adapters.is_empty() {
+                return Err(Error::NoAdapter(format!(
+                    "no adapter name contains '{f}'; available: {}",
+                    names.join(", ")
+                )));
+            }
+        }
+        adapters.sort_by_key(|a| rank(a.get_info().device_type));
+        let adapter = adapters.remove(0);
+        let info = adapter.get_info();
+        if !allow_software && info.device_type == wgpu::DeviceType::Cpu {
+            return Err(Error::NoAdapter(format!(
+                "the only adapter is the software rasterizer '{}' (use --device gpu to run on it anyway)",
+                info.name
+            )));
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("comq-gpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::NoAdapter(format!("adapter '{}' refused a device: {e}", info.name)))?;
+        let fault = Arc::new(Mutex::new(None::<String>));
+        let f1 = fault.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            log::error!("GPU error: {e}");
+            let mut g = f1.lock().expect("fault lock");
+            g.get_or_insert_with(|| e.to_string());
+        }));
+        let f2 = fault.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            let mut g = f2.lock().expect("fault lock");
+            g.get_or_insert_with(|| format!("the GPU device was lost ({reason:?}): {msg}"));
+        });
+        let pipelines = Pipelines::build(&device)?;
+        log::info!(
+            "wgpu adapter: {} ({:?}, {:?}, driver {} {})",
+            info.name,
+            info.backend,
+            info.device_type,
+            info.driver,
+            info.driver_info
+        );
+        Ok(WgpuDevice {
+            info,
+            device,
+            queue,
+            limits,
+            pipelines,
+            pool: BufferPool::default(),
+            fault,
+        })
+    }
+
+    /// Whether the adapter is a software one (lavapipe, WARP…).
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The adapter's information.
+    pub fn info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    fn check_fault(&self) -> Result<()> {
+        match self.fault.lock().expect("fault lock").take() {
+            None => Ok(()),
+            Some(msg) => Err(gpu_err(format!(
+                "{msg} (for large layers try a smaller model shard or --device cpu)"
+            ))),
+        }
+    }
+
+    fn submit(&self, enc: wgpu::CommandEncoder) -> Result<()> {
+        self.queue.submit([enc.finish()]);
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| gpu_err(format!("waiting for the GPU failed: {e}")))?;
+        self.check_fault()
+    }
+
+    fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+    }
+
+    fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: std::mem::size_of::<T>() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.queue.write_buffer(&buf, 0, bytemuck::bytes_of(value));
+        buf
+    }
+
+    fn bind(&self, kernel: Kernel, entries: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
+        let layout = self.pipelines.get(kernel).get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> = entries
+            .iter()
+            .map(|(binding, buf)| wgpu::BindGroupEntry {
+                binding: *binding,
+                resource: buf.as_entire_binding(),
+            })
+            .collect();
+        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry()),
+            layout: &layout,
+            entries: &entries,
+        })
+    }
+
+    fn dispatch(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        kernel: Kernel,
+        bg: &wgpu::BindGroup,
+        groups: (u32, u32),
+    ) {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(kernel.entry()),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(self.pipelines.get(kernel));
+        pass.set_bind_group(0, bg, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, 1);
+    }
+
+    fn max_binding(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+    }
+
+    /// The Gram matrix of `n`-wide activations streamed as row-major chunks, accumulated on the
+    /// device in f32 over at most [`GRAM_FLUSH_ROWS`] rows and in f64 on the host beyond.
+    pub fn gram<I>(&self, n: usize, chunks: I) -> Result<Gram>
+    where
+        I: IntoIterator<Item = Result<Vec<f32>>>,
+    {
+        let np = n.div_ceil(64) * 64;
+        let g_bytes = (np * np * 4) as u64;
+        if g_bytes > self.max_binding() {
+            return Err(gpu_err(format!(
+                "a {n}×{n} Gram matrix ({g_bytes} bytes) exceeds the adapter's storage-binding limit ({} bytes); use --device cpu",
+                self.max_binding()
+            )));
+        }
+        let rows_cap = ((self.max_binding() / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let g = self.pool.take(&self.device, "gram", g_bytes);
+        let x = self
+            .pool
+            .take(&self.device, "gram-chunk", (rows_cap * np * 4) as u64);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(gpu_err(format!(
+                "out of GPU memory for a {n}-wide Gram matrix: {e}; use --device cpu"
+            )));
+        }
+        let result = (|| {
+            let mut enc = self.encoder("gram-clear");
+            enc.clear_buffer(&g, 0, None);
+            self.submit(enc)?;
+            let mut acc = GramAccumulator::new(n);
+            let mut pending = 0usize;
+            let mut padded = Vec::new();
+            for chunk in chunks {
+                let chunk = chunk?;
+                assert_eq!(chunk.len() % n, 0, "chunks hold whole rows");
+                let rows = chunk.len() / n;
+                for start in (0..rows).step_by(rows_cap) {
+                    let end = (start + rows_cap).min(rows);
+                    let rp = (end - start).div_ceil(16) * 16;
+                    padded.clear();
+                    padded.resize(rp * np, 0.0f32);
+                    for (t, r) in (start..end).enumerate() {
+                        padded[t * np..t * np + n].copy_from_slice(&chunk[r * n..(r + 1) * n]);
+                    }
+                    self.queue
+                        .write_buffer(&x, 0, bytemuck::cast_slice(&padded));
+                    let params = self.uniform(
+                        "gram-params",
+                        &GramParams {
+                            rows: rp as u32,
+                            n4: (np / 4) as u32,
+                            pad: [0; 2],
+                        },
+                    );
+                    let bg = self.bind(Kernel::Gram, &[(0, &x), (1, &g), (2, &params)]);
+                    let mut enc = self.encoder("gram");
+                    self.dispatch(
+                        &mut enc,
+                        Kernel::Gram,
+                        &bg,
+                        ((np / 64) as u32, (np / 64) as u32),
+                    );
+                    self.submit(enc)?;
+                    pending += end - start;
+                    if pending >= GRAM_FLUSH_ROWS {
+                        self.flush_gram(&g, np, n, pending, &mut acc)?;
+                        pending = 0;
+                    }
+                }
+            }
+            if pending > 0 {
+                self.flush_gram(&g, np, n, pending, &mut acc)?;
+            }
+            Ok(acc.finish())
+        })();
+        self.pool.give([g, x]);
+        result
+    }
+
+    fn flush_gram(
+        &self,
+        g: &wgpu::Buffer,
+        np: usize,
+        n: usize,
+        rows: usize,
+        acc: &mut GramAccumulator,
+    ) -> Result<()> {
+        let part = read_f32(&self.device, &self.queue, g, np * np)?;
+        acc.add_partial(&part, np, rows as u64);
+        let mut enc = self.encoder("gram-clear");
+        enc.clear_buffer(g, 0, None);
+        self.submit(enc)?;
+        let _ = n;
+        Ok(())
+    }
+}
+
+/// Dispatch size for one workgroup per row.
+fn per_row(rows: usize) -> (u32, u32) {
+    let rows = rows as u32;
+    (rows.min(MAX_GROUPS), rows.div_ceil(MAX_GROUPS))
+}
+
+/// Dispatch size for one invocation per element in workgroups of 256.
+fn per_element(count: usize) -> (u32, u32) {
+    let blocks = (count as u32).div_ceil(256);
+    (blocks.min(MAX_GROUPS), blocks.div_ceil(MAX_GROUPS))
+}
+
+/// One row tile of a layer: its buffers and bind groups.
+struct Tile {
+    rows: usize,
+    bufs: Vec<wgpu::Buffer>,
+    w: usize,
+    q: usize,
+    r: usize,
+    codes: usize,
+    delta: usize,
+    delta0: usize,
+    out: usize,
+    residual: [wgpu::BindGroup; 3],
+    reduce: [wgpu::BindGroup; 4],
+    rtn: wgpu::BindGroup,
+    apply: wgpu::BindGroup,
+    sweep: wgpu::BindGroup,
+    scale: wgpu::BindGroup,
+}
+
+impl Tile {
+    fn buf(&self, i: usize) -> &wgpu::Buffer {
+        &self.bufs[i]
+    }
+}
+
+/// A layer's state on the GPU.
+pub struct WgpuLayer {
+    cols: usize,
+    groups: usize,
+    g: Option<wgpu::Buffer>,
+    tiles: Vec<Tile>,
+    pool: BufferPool,
+    scale_dtype: ScaleDtype,
+    layer_delta: f32,
+}
+
+impl Drop for WgpuLayer {
+    fn drop(&mut self) {
+        let mut bufs: Vec<wgpu::Buffer> = self.g.take().into_iter().collect();
+        for t in self.tiles.drain(..) {
+            bufs.extend(t.bufs);
+        }
+        self.pool.give(bufs);
+    }
+}
+
+impl WgpuDevice {
+    fn make_tile(&self, p: &LayerProblem<'_>, g: &wgpu::Buffer, row0: usize, rows: usize) -> Tile {
+        let n = p.grid.cols;
+        let groups = p.grid.groups();
+        let mn = (rows * n * 4) as u64;
+        let mg = (rows * groups * 4) as u64;
+        let take = |label: &str, size: u64| self.pool.take(&self.device, label, size);
+        // Order of `bufs`: w q r codes s delta delta0 lo order out.
+        let bufs = vec![
+            take("w", mn),
+            take("q", mn),
+            take("r", mn),
+            take("codes", mn),
+            take("s", mn),
+            take("delta", mg),
+            take("delta0", mg),
+            take("lo", mg),
+            take(
+                "order",
+                if matches!(p.order, Order::Natural { .. }) {
+                    16
+                } else {
+                    mn
+                },
+            ),
+            take("out", (rows * 4) as u64),
+        ];
+        let (w, q, r, codes, s, delta, delta0, lo, order, out) = (
+            &bufs[0], &bufs[1], &bufs[2], &bufs[3], &bufs[4], &bufs[5], &bufs[6], &bufs[7],
+            &bufs[8], &bufs[9],
+        );
+        let wr = &p.weights[row0 * n..(row0 + rows) * n];
+        self.queue.write_buffer(w, 0, bytemuck::cast_slice(wr));
+        self.queue.write_buffer(
+            delta0,
+            0,
+            bytemuck::cast_slice(&p.grid.delta[row0 * groups..(row0 + rows) * groups]),
+        );
+        self.queue.write_buffer(
+            lo,
+            0,
+            bytemuck::cast_slice(&p.grid.lo[row0 * groups..(row0 + rows) * groups]),
+        );
+        if let Order::PerRow { perm, .. } = p.order {
+            self.queue.write_buffer(
+                order,
+                0,
+                bytemuck::cast_slice(&perm[row0 * n..(row0 + rows) * n]),
+            );
+        }
+        let (r32, n32) = (rows as u32, n as u32);
+        let mode = |m: u32| {
+            self.uniform(
+                "mode-params",
+                &ModeParams {
+                    rows: r32,
+                    n: n32,
+                    mode: m,
+                    pad: 0,
+                },
+            )
+        };
+        let residual = [0u32, 1, 2].map(|m| {
+            let target = if m == 0 { r } else { s };
+            self.bind(
+                Kernel::Residual,
+                &[
+                    (0, w),
+                    (1, q),
+                    (2, codes),
+                    (3, g),
+                    (4, target),
+                    (5, &mode(m)),
+                ],
+            )
+        });
+        let reduce = [0u32, 1, 2, 3].map(|m| {
+            self.bind(
+                Kernel::Reduce,
+                &[
+                    (0, w),
+                    (1, q),
+                    (2, codes),
+                    (3, r),
+                    (4, s),
+                    (5, out),
+                    (6, &mode(m)),
+                ],
+            )
+        });
+        let grid = self.uniform(
+            "grid-params",
+            &GridParams {
+                rows: r32,
+                n: n32,
+                group_size: p.grid.group_size as u32,
+                levels: p.grid.levels(),
+            },
+        );
+        let rtn = self.bind(
+            Kernel::Rtn,
+            &[(0, w), (1, q), (2, codes), (3, delta), (4, lo), (5, &grid)],
+        );
+        // apply_scale reads neither W nor lo, so its derived layout has no slots for them.
+        let apply = self.bind(
+            Kernel::ApplyScale,
+            &[(1, q), (2, codes), (3, delta), (5, &grid)],
+        );
+        let sp = self.uniform(
+            "sweep-params",
+            &SweepParams {
+                rows: r32,
+                n: n32,
+                group_size: p.grid.group_size as u32,
+                levels: p.grid.levels(),
+                dead: p.dead_threshold,
+                natural: matches!(p.order, Order::Natural { .. }) as u32,
+                groups: groups as u32,
+                pad: 0,
+            },
+        );
+        let sweep_kernel = self.sweep_kernel(n);
+        let sweep = self.bind(
+            sweep_kernel,
+            &[
+                (0, w),
+                (1, q),
+                (2, r),
+                (3, codes),
+                (4, g),
+                (5, delta),
+                (6, lo),
+                (7, order),
+                (8, s),
+                (9, &sp),
+            ],
+        );
+        let scp = self.uniform(
+            "scale-params",
+            &ScaleParams {
+                rows: r32,
+                n: n32,
+                group_size: p.grid.group_size as u32,
+                dtype: match p.scale_dtype {
+                    ScaleDtype::F32 => 0,
+                    ScaleDtype::F16 => 1,
+                    ScaleDtype::Bf16 => 2,
+                },
+            },
+        );
+        let scale = self.bind(
+            Kernel::ScaleChannel,
+            &[
+                (0, q),
+                (1, r),
+                (2, codes),
+                (3, g),
+                (4, delta),
+                (5, s),
+                (6, &scp),
+            ],
+        );
+        Tile {
+            rows,
+            w: 0,
+            q: 1,
+            r: 2,
+            codes: 3,
+            delta: 5,
+            delta0: 6,
+            out: 9,
+            residual,
+            reduce,
+            rtn,
+            apply,
+            sweep,
+            scale,
+            bufs,
+        }
+    }
+
+    fn sweep_kernel(&self, n: usize) -> Kernel {
+        if n <= SWEEP_SHARED_MAX_COLS
+            && self.limits.max_compute_workgroup_storage_size as usize >= SWEEP_SHARED_MAX_COLS * 4
+        {
+            Kernel::SweepShared
+        } else {
+            Kernel::SweepStorage
+        }
+    }
+
+    /// Runs `residual` mode `mode` and `reduce` mode `red` on every tile; returns Σ rows in f64.
+    fn product_sum(&self, l: &WgpuLayer, residual: Option<usize>, red: usize) -> Result<f64> {
+        let mut total = 0.0f64;
+        for t in &l.tiles {
+            let mut enc = self.encoder("product");
+            if let Some(m) = residual {
+                self.dispatch(
+                    &mut enc,
+                    Kernel::Residual,
+                    &t.residual[m],
+                    (l.cols.div_ceil(16) as u32, t.rows.div_ceil(16) as u32),
+                );
+            }
+            self.dispatch(&mut enc, Kernel::Reduce, &t.reduce[red], per_row(t.rows));
+            self.submit(enc)?;
+            let part = read_f32(&self.device, &self.queue, t.buf(t.out), t.rows)?;
+            total += part.iter().map(|&v| v as f64).sum::<f64>();
+        }
+        self.check_fault()?;
+        Ok(total)
+    }
+}
+
+impl Device for WgpuDevice {
+    type Layer = WgpuLayer;
+
+    fn describe(&self) -> String {
+        format!(
+            "gpu: {} ({:?}, {:?}, {} {})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info
+        )
+    }
+
+    fn upload(&self, p: &LayerProblem<'_>) -> Result<WgpuLayer> {
+        let (rows, n) = (p.grid.rows, p.grid.cols);
+        let max = self.max_binding();
+        let g_bytes = (n * n * 4) as u64;
+        if g_bytes > max {
+            return Err(gpu_err(format!(
+                "layer '{}': its {n}×{n} Gram matrix ({g_bytes} bytes) exceeds the adapter's storage-binding limit ({max} bytes); use --device cpu",
+                p.name
+            )));
+        }
+        // Rows per tile: every [rows, n] f32 array within one binding, and at most 16·65535 rows
+        // so the residual kernel's dispatch fits.
+        let tile_rows = ((max / (n as u64 * 4)) as usize).clamp(1, 16 * MAX_GROUPS as usize);
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let g = self.pool.take(&self.device, "gram", g_bytes);
+        self.queue.write_buffer(&g, 0, bytemuck::cast_slice(p.gram));
+        let mut tiles = Vec::new();
+        for row0 in (0..rows).step_by(tile_rows) {
+            tiles.push(self.make_tile(p, &g, row0, tile_rows.min(rows - row0)));
+        }
+        let oom = pollster::block_on(scope.pop());
+        let layer = WgpuLayer {
+            cols: n,
+            groups: p.grid.groups(),
+            g: Some(g),
+            tiles,
+            pool: self.pool.clone(),
+            scale_dtype: p.scale_dtype,
+            layer_delta: p.grid.delta[0],
+        };
+        if let Some(e) = oom {
+            drop(layer);
+            self.pool.clear();
+            return Err(gpu_err(format!(
+                "out of GPU memory uploading layer '{}' [{rows}, {n}]: {e}; use --device cpu",
+                p.name
+            )));
+        }
+        let mut layer = layer;
+        self.reset(&mut layer)?;
+        Ok(layer)
+    }
+
+    fn energy(&self, l: &mut WgpuLayer) -> Result<f64> {
+        self.product_sum(l, Some(1), 1)
+    }
+
+    fn reset(&self, l: &mut WgpuLayer) -> Result<()> {
+        let mut enc = self.encoder("reset");
+        for t in &l.tiles {
+            let mn = (t.rows * l.cols * 4) as u64;
+            let mg = (t.rows * l.groups * 4) as u64;
+            enc.copy_buffer_to_buffer(t.buf(t.w), 0, t.buf(t.q), 0, mn);
+            enc.clear_buffer(t.buf(t.r), 0, Some(mn));
+            enc.clear_buffer(t.buf(t.codes), 0, Some(mn));
+            enc.copy_buffer_to_buffer(t.buf(t.delta0), 0, t.buf(t.delta), 0, mg);
+        }
+        self.submit(enc)?;
+        if let Some(t) = l.tiles.first() {
+            l.layer_delta = read_f32(&self.device, &self.queue, t.buf(t.delta0), 1)?[0];
+        }
+        Ok(())
+    }
+
+    fn round_to_nearest(&self, l: &mut WgpuLayer) -> Result<()> {
+        let mut enc = self.encoder("rtn");
+        for t in &l.tiles {
+            self.dispatch(&mut enc, Kernel::Rtn, &t.rtn, per_element(t.rows * l.cols));
+        }
+        self.submit(enc)
+    }
+
+    fn sweep(&self, l: &mut WgpuLayer) -> Result<()> {
+        let kernel = self.sweep_kernel(l.cols);
+        let mut enc = self.encoder("sweep");
+        for t in &l.tiles {
+            self.dispatch(&mut enc, kernel, &t.sweep, per_row(t.rows));
+        }
+        self.submit(enc)
+    }
+
+    fn refresh(&self, l: &mut WgpuLayer) -> Result<f64> {
+        self.product_sum(l, Some(0), 0)
+    }
+
+    fn update_scales(&self, l: &mut WgpuLayer, granularity: Granularity) -> Result<()> {
+        match granularity {
+            Granularity::Channel => {
+                let mut enc = self.encoder("scale");
+                for t in &l.tiles {
+                    self.dispatch(&mut enc, Kernel::ScaleChannel, &t.scale, per_row(t.rows));
+                }
+                self.submit(enc)
+            }
+            Granularity::Layer => {
+                // δ ← δ + Σ kᵀR / Σ kᵀGk over all rows: two reductions, one host step.
+                let num = self.product_sum(l, None, 2)?;
+                let den = self.product_sum(l, Some(2), 3)?;
+                if let Some(new) = scale_step(l.layer_delta, num, den, l.scale_dtype) {
+                    let mut enc = self.encoder("apply-scale");
+                    for t in &l.tiles {
+                        let v = vec![new; t.rows * l.groups];
+                        self.queue
+                            .write_buffer(t.buf(t.delta), 0, bytemuck::cast_slice(&v));
+                        self.dispatch(
+                            &mut enc,
+                            Kernel::ApplyScale,
+                            &t.apply,
+                            per_element(t.rows * l.cols),
+                        );
+                    }
+                    self.submit(enc)?;
+                    l.layer_delta = new;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn download(&self, l: &mut WgpuLayer) -> Result<(Vec<i32>, Vec<f32>)> {
+        let mut codes = Vec::new();
+        let mut delta = Vec::new();
+        for t in &l.tiles {
+            codes.extend(read_i32(
+                &self.device,
+                &self.queue,
+                t.buf(t.codes),
+                t.rows * l.cols,
+            )?);
+            delta.extend(read_f32(
+                &self.device,
+                &self.queue,
+                t.buf(t.delta),
+                t.rows * l.groups,
+            )?);
+        }
+        self.check_fault()?;
+        Ok((codes, delta))
+    }
+}

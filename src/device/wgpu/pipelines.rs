@@ -1,0 +1,146 @@
+//! Compute pipelines, built once per device, and the uniform parameter structs they read.
+//!
+//! Pipeline creation runs inside a validation error scope so a WGSL error becomes
+//! [`Error::Shader`] instead of wgpu's uncaptured-error panic. Layouts are derived from the
+//! shaders (`layout: None`), and bind groups use `get_bind_group_layout(0)`.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+use crate::shaders::Kernel;
+
+/// `GramParams` in `gram.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct GramParams {
+    /// Padded rows of the chunk.
+    pub rows: u32,
+    /// Padded width / 4.
+    pub n4: u32,
+    /// Padding to 16 bytes.
+    pub pad: [u32; 2],
+}
+
+/// `ResidualParams` / `ReduceParams` (same layout) in `residual.wgsl` and `reduce.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct ModeParams {
+    /// Rows of the tile.
+    pub rows: u32,
+    /// Columns.
+    pub n: u32,
+    /// Which product or dot.
+    pub mode: u32,
+    /// Padding to 16 bytes.
+    pub pad: u32,
+}
+
+/// `GridParams` in `rtn.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct GridParams {
+    /// Rows of the tile.
+    pub rows: u32,
+    /// Columns.
+    pub n: u32,
+    /// Inputs per group.
+    pub group_size: u32,
+    /// Codes per range, `2^b`.
+    pub levels: i32,
+}
+
+/// `SweepParams` in `sweep.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct SweepParams {
+    /// Rows of the tile.
+    pub rows: u32,
+    /// Columns.
+    pub n: u32,
+    /// Inputs per group.
+    pub group_size: u32,
+    /// Codes per range.
+    pub levels: i32,
+    /// Dead-input threshold on `G_jj`.
+    pub dead: f32,
+    /// 1 for the natural order (no order table read).
+    pub natural: u32,
+    /// Groups per row.
+    pub groups: u32,
+    /// Padding to 32 bytes.
+    pub pad: u32,
+}
+
+/// `ScaleParams` in `scale.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct ScaleParams {
+    /// Rows of the tile.
+    pub rows: u32,
+    /// Columns.
+    pub n: u32,
+    /// Inputs per group.
+    pub group_size: u32,
+    /// Storage dtype of Δ: 0 f32, 1 f16, 2 bf16.
+    pub dtype: u32,
+}
+
+/// Every pipeline, built once.
+#[derive(Debug)]
+pub struct Pipelines {
+    list: Vec<(Kernel, wgpu::ComputePipeline)>,
+}
+
+impl Pipelines {
+    /// Compiles every kernel; a WGSL error is returned, not panicked on.
+    pub fn build(device: &wgpu::Device) -> Result<Pipelines> {
+        let mut list = Vec::new();
+        for kernel in Kernel::ALL {
+            let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(kernel.file()),
+                source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(kernel.entry()),
+                layout: None,
+                module: &module,
+                entry_point: Some(kernel.entry()),
+                compilation_options: wgpu::PipelineCompilationOptions::default(),
+                cache: None,
+            });
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(Error::Shader {
+                    kernel: kernel.entry().to_string(),
+                    message: e.to_string(),
+                });
+            }
+            list.push((kernel, pipeline));
+        }
+        Ok(Pipelines { list })
+    }
+
+    /// The pipeline of `kernel`.
+    pub fn get(&self, kernel: Kernel) -> &wgpu::ComputePipeline {
+        &self
+            .list
+            .iter()
+            .find(|(k, _)| *k == kernel)
+            .expect("every kernel is built")
+            .1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_structs_match_their_wgsl_sizes() {
+        assert_eq!(std::mem::size_of::<GramParams>(), 16);
+        assert_eq!(std::mem::size_of::<ModeParams>(), 16);
+        assert_eq!(std::mem::size_of::<GridParams>(), 16);
+        assert_eq!(std::mem::size_of::<SweepParams>(), 32);
+        assert_eq!(std::mem::size_of::<ScaleParams>(), 16);
+    }
+}

@@ -1,0 +1,437 @@
+//! The `comq-gpu` binary end to end on fixture files the tests write, good and bad.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use comq_gpu::io::{pack, Model};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_comq-gpu"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("binary runs")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn assert_bad_input(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2, stderr: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr should mention '{needle}': {err}"
+    );
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn run_writes_packed_and_dequantized_checkpoints_and_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 16, 1);
+    let before = std::fs::read(&model).unwrap();
+    let out = dir.path().join("q.safetensors");
+    let deq = dir.path().join("dq.safetensors");
+    let rep = dir.path().join("report.json");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--calib",
+        s(&calib),
+        "--device",
+        "cpu",
+        "--bits",
+        "4",
+        "--sweeps",
+        "2",
+        "--out",
+        s(&out),
+        "--dequantized",
+        s(&deq),
+        "--report",
+        s(&rep),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        before,
+        "the input is never touched"
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("blocks.1.mlp.fc2.weight"), "{stdout}");
+
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(
+        layers.len(),
+        8,
+        "qkv, proj, fc1, fc2 in two blocks; head and patch_embed skipped"
+    );
+    for l in layers {
+        let (e, r) = (
+            l["rel_error"].as_f64().unwrap(),
+            l["rel_error_rtn"].as_f64().unwrap(),
+        );
+        assert!(e < r, "{}: COMQ {e} should beat RTN {r}", l["name"]);
+    }
+
+    let packed = Model::open(&out).unwrap();
+    let dq = Model::open(&deq).unwrap();
+    assert!(
+        packed.get("head.weight").is_some() && packed.get("blocks.0.attn.qkv.weight").is_none()
+    );
+    assert_eq!(
+        packed.metadata()["comq.codes_sha256"],
+        report["codes_sha256"].as_str().unwrap()
+    );
+    // Unpacking the codes and applying (q − zp)·scale reproduces the dequantized weights.
+    for name in ["blocks.0.attn.qkv", "blocks.1.mlp.fc2"] {
+        let w = dq
+            .read_f32(dq.get(&format!("{name}.weight")).unwrap())
+            .unwrap();
+        let shape = packed.bytes(packed.get(&format!("{name}.weight_shape")).unwrap());
+        let rows = i64::from_le_bytes(shape[..8].try_into().unwrap()) as usize;
+        let cols = i64::from_le_bytes(shape[8..].try_into().unwrap()) as usize;
+        let words: Vec<i32> = packed
+            .bytes(packed.get(&format!("{name}.weight_packed")).unwrap())
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let u = pack::unpack_rows(&words, rows, cols, 4);
+        let scale = packed
+            .read_f32(packed.get(&format!("{name}.weight_scale")).unwrap())
+            .unwrap();
+        let zpw: Vec<i32> = packed
+            .bytes(packed.get(&format!("{name}.weight_zero_point")).unwrap())
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let zp = pack::unpack_columns(&zpw, rows, 1, 4);
+        for r in 0..rows {
+            for c in 0..cols {
+                // Signed forms: q = u − 8, zp_signed = zp − 8, W = (q − zp)·scale.
+                let v = (u[r * cols + c] as f32 - zp[r] as f32) * scale[r];
+                assert_eq!(v, w[r * cols + c], "{name}[{r},{c}]");
+            }
+        }
+    }
+    // Pass-through tensors are byte-identical.
+    let orig = Model::open(&model).unwrap();
+    for t in [
+        "cls_token",
+        "blocks.0.attn.qkv.bias",
+        "head.weight",
+        "patch_embed.proj.weight",
+    ] {
+        assert_eq!(
+            orig.bytes(orig.get(t).unwrap()),
+            packed.bytes(packed.get(t).unwrap()),
+            "{t}"
+        );
+    }
+    assert!(files_in(dir.path())
+        .iter()
+        .all(|p| !p.to_string_lossy().ends_with(".tmp")));
+}
+
+#[test]
+fn the_same_run_twice_gives_identical_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 8, 2);
+    let a = dir.path().join("a.safetensors");
+    let b = dir.path().join("b.safetensors");
+    for o in [&a, &b] {
+        let r = run(&[
+            "run",
+            s(&model),
+            "--calib",
+            s(&calib),
+            "--device",
+            "cpu",
+            "--sym",
+            "--out",
+            s(o),
+            "-q",
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn symmetric_group_output_has_no_zero_point_and_bf16_scales_for_bf16_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = common::Rng::new(3);
+    let w = rng.normals(8 * 16);
+    let model = dir.path().join("m.safetensors");
+    common::write_safetensors(
+        &model,
+        &[("lin.weight".into(), common::bf16_tensor(&[8, 16], &w))],
+    );
+    let out = dir.path().join("o.safetensors");
+    let r = run(&[
+        "run",
+        s(&model),
+        "--data-free",
+        "--sym",
+        "--group-size",
+        "8",
+        "--bits",
+        "3",
+        "--out",
+        s(&out),
+        "-q",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m = Model::open(&out).unwrap();
+    assert!(m.get("lin.weight_zero_point").is_none());
+    let sc = m.get("lin.weight_scale").unwrap();
+    assert_eq!(sc.shape, vec![8, 2]);
+    assert_eq!(comq_gpu::io::dtype::name(sc.dtype), "BF16");
+    assert_eq!(m.get("lin.weight_packed").unwrap().shape, vec![8, 2]); // 16·3 bits = 48 bits → 2 words
+}
+
+#[test]
+fn inspect_lists_what_would_be_quantized() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = common::tiny_vit(dir.path(), 8, 4);
+    let o = run(&["inspect", s(&model)]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("8 to quantize"), "{text}");
+    assert!(text.contains("matched by the skip pattern"), "{text}");
+}
+
+struct Bad {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+}
+
+fn bad() -> Bad {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _calib) = common::tiny_vit(dir.path(), 8, 5);
+    Bad { dir, model }
+}
+
+impl Bad {
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out.safetensors")
+    }
+    fn assert_nothing_written(&self) {
+        let names: Vec<String> = files_in(self.dir.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| n == "model.safetensors"
+                || n == "calib.safetensors"
+                || n.starts_with("in")),
+            "unexpected files left behind: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn missing_model_file_is_a_clear_error() {
+    let b = bad();
+    let o = run(&[
+        "run",
+        s(&b.dir.path().join("nope.safetensors")),
+        "--data-free",
+        "--out",
+        s(&b.out()),
+    ]);
+    assert_bad_input(&o, "nope.safetensors");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn truncated_model_file_is_a_clear_error() {
+    let b = bad();
+    let bytes = std::fs::read(&b.model).unwrap();
+    let p = b.dir.path().join("in-trunc.safetensors");
+    std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
+    let o = run(&["run", s(&p), "--data-free", "--out", s(&b.out())]);
+    assert_bad_input(&o, "truncated");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn header_length_larger_than_the_file_is_a_clear_error() {
+    let b = bad();
+    let mut bytes = std::fs::read(&b.model).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    let p = b.dir.path().join("in-hdr.safetensors");
+    std::fs::write(&p, &bytes).unwrap();
+    let o = run(&["run", s(&p), "--data-free", "--out", s(&b.out())]);
+    assert_bad_input(&o, "header length");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn header_with_offsets_past_the_end_is_a_clear_error() {
+    let b = bad();
+    let header = r#"{"a.weight":{"dtype":"F32","shape":[4,4],"data_offsets":[0,64]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 16]);
+    let p = b.dir.path().join("in-off.safetensors");
+    std::fs::write(&p, &bytes).unwrap();
+    let o = run(&["run", s(&p), "--data-free", "--out", s(&b.out())]);
+    assert_bad_input(&o, "a.weight");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn header_that_is_not_json_is_a_clear_error() {
+    let b = bad();
+    let header = "this is not json";
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    let p = b.dir.path().join("in-json.safetensors");
+    std::fs::write(&p, &bytes).unwrap();
+    let o = run(&["run", s(&p), "--data-free"]);
+    assert_bad_input(&o, "not valid safetensors JSON");
+}
+
+#[test]
+fn bits_out_of_range_is_a_clear_error() {
+    let b = bad();
+    let o = run(&[
+        "run",
+        s(&b.model),
+        "--data-free",
+        "--bits",
+        "9",
+        "--out",
+        s(&b.out()),
+    ]);
+    assert_bad_input(&o, "--bits 9");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn group_size_that_does_not_divide_the_row_is_a_clear_error() {
+    let b = bad();
+    let o = run(&[
+        "run",
+        s(&b.model),
+        "--data-free",
+        "--group-size",
+        "3",
+        "--out",
+        s(&b.out()),
+    ]);
+    assert_bad_input(&o, "--group-size 3 does not divide");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn out_equal_to_the_input_is_refused() {
+    let b = bad();
+    let before = std::fs::read(&b.model).unwrap();
+    let o = run(&["run", s(&b.model), "--data-free", "--out", s(&b.model)]);
+    assert_bad_input(&o, "never overwrites its inputs");
+    assert_eq!(std::fs::read(&b.model).unwrap(), before);
+}
+
+#[test]
+fn missing_calibration_names_the_layer_and_what_to_pass() {
+    let b = bad();
+    let o = run(&["run", s(&b.model), "--out", s(&b.out())]);
+    assert_bad_input(&o, "--calib");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("layer 'blocks.0.attn.") && err.contains("--data-free"),
+        "{err}"
+    );
+    b.assert_nothing_written();
+}
+
+#[test]
+fn calibration_width_mismatch_is_a_clear_error() {
+    let b = bad();
+    let x = vec![0.5f32; 10 * 5];
+    let p = b.dir.path().join("in-calib.safetensors");
+    common::write_safetensors(
+        &p,
+        &[(
+            "blocks.0.attn.qkv.input".into(),
+            common::f32_tensor(&[10, 5], &x),
+        )],
+    );
+    let o = run(&[
+        "run",
+        s(&b.model),
+        "--calib",
+        s(&p),
+        "--data-free",
+        "--out",
+        s(&b.out()),
+    ]);
+    assert_bad_input(&o, "blocks.0.attn.qkv.input");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn nan_weights_are_a_clear_error() {
+    let b = bad();
+    let mut w = vec![0.1f32; 4 * 8];
+    w[13] = f32::NAN;
+    let p = b.dir.path().join("in-nan.safetensors");
+    common::write_safetensors(
+        &p,
+        &[("lin.weight".into(), common::f32_tensor(&[4, 8], &w))],
+    );
+    let o = run(&["run", s(&p), "--data-free", "--out", s(&b.out())]);
+    assert_bad_input(&o, "lin.weight");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn inf_activations_are_a_clear_error() {
+    let b = bad();
+    let w = vec![0.1f32; 4 * 8];
+    let mut x = vec![1.0f32; 6 * 8];
+    x[20] = f32::INFINITY;
+    let p = b.dir.path().join("in-m.safetensors");
+    let c = b.dir.path().join("in-c.safetensors");
+    common::write_safetensors(
+        &p,
+        &[("lin.weight".into(), common::f32_tensor(&[4, 8], &w))],
+    );
+    common::write_safetensors(&c, &[("lin.input".into(), common::f32_tensor(&[6, 8], &x))]);
+    let o = run(&["run", s(&p), "--calib", s(&c), "--out", s(&b.out())]);
+    assert_bad_input(&o, "lin.input");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn only_naming_a_1d_tensor_is_a_clear_error() {
+    let b = bad();
+    let o = run(&[
+        "run",
+        s(&b.model),
+        "--data-free",
+        "--only",
+        "norm1",
+        "--out",
+        s(&b.out()),
+    ]);
+    assert_bad_input(&o, "only 2-D linear weights");
+    b.assert_nothing_written();
+}

@@ -1,0 +1,162 @@
+//! Shared test helpers: a seeded generator, correlated activations, fixture files.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::{Dtype, View};
+
+/// SplitMix64: small, seeded, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+}
+
+/// `rows × cols` activations with strongly correlated features and uneven scales, like the
+/// inputs of a transformer layer: X = Z·A with a random mixing matrix A and per-feature scales.
+pub fn correlated_x(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
+    let k = cols.div_ceil(2).max(1);
+    let z = rng.normals(rows * k);
+    let a = rng.normals(k * cols);
+    let scale: Vec<f32> = (0..cols)
+        .map(|_| 0.3 + 2.0 * rng.uniform() as f32)
+        .collect();
+    let noise = rng.normals(rows * cols);
+    let mut x = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            let mut s = 0.0f32;
+            for t in 0..k {
+                s += z[r * k + t] * a[t * cols + c];
+            }
+            x[r * cols + c] = scale[c] * (s / (k as f32).sqrt() + 0.1 * noise[r * cols + c]);
+        }
+    }
+    x
+}
+
+/// Gram matrix of row-major X in f64.
+pub fn gram_of(x: &[f32], rows: usize, cols: usize) -> comq_gpu::Gram {
+    let mut acc = comq_gpu::GramAccumulator::new(cols);
+    acc.add(&x[..rows * cols]);
+    acc.finish()
+}
+
+/// An owned tensor for writing fixtures.
+pub struct Owned {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl View for &Owned {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+pub fn f32_tensor(shape: &[usize], v: &[f32]) -> Owned {
+    Owned {
+        dtype: Dtype::F32,
+        shape: shape.to_vec(),
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+pub fn bf16_tensor(shape: &[usize], v: &[f32]) -> Owned {
+    Owned {
+        dtype: Dtype::BF16,
+        shape: shape.to_vec(),
+        data: v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+    }
+}
+
+pub fn write_safetensors(path: &Path, tensors: &[(String, Owned)]) {
+    let map: HashMap<String, &Owned> = tensors.iter().map(|(k, v)| (k.clone(), v)).collect();
+    safetensors::serialize_to_file(map, None, path).expect("fixture writes");
+}
+
+/// A tiny timm-layout ViT (2 blocks, width `d`, MLP 2d) with a calibration file holding
+/// `.input` activations for some layers and `.gram` for the others. Returns (model, calib).
+pub fn tiny_vit(dir: &Path, d: usize, seed: u64) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut rng = Rng::new(seed);
+    let mut model = Vec::new();
+    let mut calib = Vec::new();
+    let h = 2 * d;
+    model.push((
+        "cls_token".to_string(),
+        f32_tensor(&[1, 1, d], &rng.normals(d)),
+    ));
+    model.push((
+        "patch_embed.proj.weight".to_string(),
+        f32_tensor(&[d, 3, 2, 2], &rng.normals(d * 12)),
+    ));
+    for b in 0..2 {
+        for (name, out, inp) in [
+            ("attn.qkv", 3 * d, d),
+            ("attn.proj", d, d),
+            ("mlp.fc1", h, d),
+            ("mlp.fc2", d, h),
+        ] {
+            let p = format!("blocks.{b}.{name}");
+            let w: Vec<f32> = rng.normals(out * inp).iter().map(|v| v * 0.05).collect();
+            model.push((format!("{p}.weight"), f32_tensor(&[out, inp], &w)));
+            model.push((format!("{p}.bias"), f32_tensor(&[out], &rng.normals(out))));
+            let n = 96;
+            let x = correlated_x(&mut rng, n, inp);
+            if name == "attn.proj" {
+                let g = gram_of(&x, n, inp);
+                let g32: Vec<f32> = g.data.iter().map(|&v| v as f32).collect();
+                calib.push((format!("{p}.gram"), f32_tensor(&[inp, inp], &g32)));
+            } else {
+                calib.push((format!("{p}.input"), f32_tensor(&[n, inp], &x)));
+            }
+        }
+        model.push((
+            format!("blocks.{b}.norm1.weight"),
+            f32_tensor(&[d], &vec![1.0; d]),
+        ));
+    }
+    model.push((
+        "head.weight".to_string(),
+        f32_tensor(&[10, d], &rng.normals(10 * d)),
+    ));
+    let mp = dir.join("model.safetensors");
+    let cp = dir.join("calib.safetensors");
+    write_safetensors(&mp, &model);
+    write_safetensors(&cp, &calib);
+    (mp, cp)
+}
