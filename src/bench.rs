@@ -78,3 +78,114 @@ pub fn correlated_gram(n: usize, seed: u64) -> Gram {
     }
     Gram::from_matrix(n, g)
 }
+
+/// One line of `comq-gpu bench`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// Seconds for the whole layer on the CPU (median), if run.
+    pub cpu_seconds: Option<f64>,
+    /// Seconds for the whole layer on the GPU (median, upload and download included), if run.
+    pub gpu_seconds: Option<f64>,
+    /// CPU time / GPU time.
+    pub speedup: Option<f64>,
+    /// Share of codes that differ between CPU and GPU.
+    pub code_disagreement: Option<f64>,
+    /// Largest |k_cpu − k_gpu|.
+    pub max_code_diff: Option<i32>,
+    /// Relative error on the GPU (CPU when no GPU ran).
+    pub rel_error: f64,
+    /// RTN's relative error.
+    pub rel_error_rtn: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Quantizes synthetic layers of `shapes` on the CPU and/or the GPU in this process and
+/// compares time and codes. `repeats` timed runs per device (median); the GPU gets one
+/// untimed warm-up run per shape first (clocks ramp up, pipelines and pools warm).
+pub fn run_bench(
+    shapes: &[(usize, usize)],
+    cfg: &crate::quant::QuantConfig,
+    gpu: Option<&crate::device::WgpuDevice>,
+    cpu: bool,
+    repeats: usize,
+    mut on_row: impl FnMut(&BenchRow),
+) -> crate::Result<Vec<BenchRow>> {
+    use crate::quant::quantize_layer;
+    let repeats = repeats.max(1);
+    let mut rows = Vec::new();
+    for (i, &(m, n)) in shapes.iter().enumerate() {
+        let w = weights(m, n, 1 + i as u64);
+        let g = correlated_gram(n, 100 + i as u64);
+        let time = |f: &dyn Fn() -> crate::Result<crate::quant::LayerOutcome>| -> crate::Result<(f64, crate::quant::LayerOutcome)> {
+            let mut times = Vec::new();
+            let mut last = None;
+            for _ in 0..repeats {
+                let t = std::time::Instant::now();
+                last = Some(f()?);
+                times.push(t.elapsed().as_secs_f64());
+            }
+            Ok((median(times), last.expect("repeats ≥ 1")))
+        };
+        let c = if cpu {
+            let dev = crate::device::CpuDevice::new();
+            Some(time(&|| quantize_layer(&dev, "bench", &w, m, n, &g, cfg))?)
+        } else {
+            None
+        };
+        let gr = match gpu {
+            Some(dev) => {
+                quantize_layer(dev, "bench", &w, m, n, &g, cfg)?;
+                Some(time(&|| quantize_layer(dev, "bench", &w, m, n, &g, cfg))?)
+            }
+            None => None,
+        };
+        let (disagree, maxdiff) = match (&c, &gr) {
+            (Some((_, a)), Some((_, b))) => {
+                let d = a
+                    .layer
+                    .codes
+                    .iter()
+                    .zip(&b.layer.codes)
+                    .filter(|(x, y)| x != y)
+                    .count();
+                let md = a
+                    .layer
+                    .codes
+                    .iter()
+                    .zip(&b.layer.codes)
+                    .map(|(x, y)| (x - y).abs())
+                    .max()
+                    .unwrap_or(0);
+                (Some(d as f64 / a.layer.codes.len() as f64), Some(md))
+            }
+            _ => (None, None),
+        };
+        let best = gr
+            .as_ref()
+            .or(c.as_ref())
+            .map(|(_, o)| o)
+            .expect("at least one device runs");
+        let row = BenchRow {
+            shape: [m, n],
+            cpu_seconds: c.as_ref().map(|x| x.0),
+            gpu_seconds: gr.as_ref().map(|x| x.0),
+            speedup: match (&c, &gr) {
+                (Some(a), Some(b)) => Some(a.0 / b.0),
+                _ => None,
+            },
+            code_disagreement: disagree,
+            max_code_diff: maxdiff,
+            rel_error: best.rel_error,
+            rel_error_rtn: best.rel_error_rtn,
+        };
+        on_row(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}

@@ -31,6 +31,46 @@ pub enum Command {
     Run(RunArgs),
     /// List a model's tensors, which would be quantized, and sizes before and after.
     Inspect(InspectArgs),
+    /// List the GPU adapters wgpu finds (name, backend, type, driver, key limits and features).
+    Devices {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time the same synthetic layers on the CPU and the GPU and compare their codes.
+    Bench(BenchArgs),
+}
+
+/// `comq-gpu bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Small shapes that finish in seconds even on a software GPU (for CI).
+    #[arg(long)]
+    pub quick: bool,
+    /// Layer shapes as OUTxIN, comma-separated (default: ViT-B/16 and ViT-L/16 layers).
+    #[arg(long, value_delimiter = ',')]
+    pub shapes: Vec<String>,
+    /// Bits.
+    #[arg(long, default_value_t = 4)]
+    pub bits: u32,
+    /// Sweeps.
+    #[arg(long, default_value_t = 1)]
+    pub sweeps: usize,
+    /// Timed runs per device (median).
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    /// Skip the CPU (GPU times only).
+    #[arg(long)]
+    pub no_cpu: bool,
+    /// Skip the GPU (CPU times only).
+    #[arg(long)]
+    pub no_gpu: bool,
+    /// Pick a GPU adapter by (part of) its name.
+    #[arg(long, value_name = "NAME")]
+    pub adapter: Option<String>,
+    /// Also write the table as JSON.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -186,6 +226,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run_cmd(a, cli.quiet),
         Command::Inspect(a) => inspect_cmd(a),
+        Command::Devices { json } => devices_cmd(json),
+        Command::Bench(a) => bench_cmd(a),
     }
 }
 
@@ -341,5 +383,110 @@ fn inspect_cmd(a: InspectArgs) -> Result<()> {
         human_bytes(after),
         before as f64 / after.max(1) as f64
     );
+    Ok(())
+}
+
+fn devices_cmd(json: bool) -> Result<()> {
+    let list = comq_gpu::device::wgpu::list_adapters();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no Vulkan, Metal or DX12 adapter found; comq-gpu will run on the CPU");
+        return Ok(());
+    }
+    for (i, a) in list.iter().enumerate() {
+        println!(
+            "[{i}] {} ({}, {}, driver {} {})",
+            a.name, a.backend, a.device_type, a.driver, a.driver_info
+        );
+        println!(
+            "    max storage binding {}, max buffer {}, workgroup memory {} B, {} invocations/workgroup, features: {}",
+            human_bytes(a.max_storage_binding as usize),
+            human_bytes(a.max_buffer as usize),
+            a.max_workgroup_storage,
+            a.max_invocations,
+            if a.features.is_empty() { "none".to_string() } else { a.features.join(", ") }
+        );
+    }
+    Ok(())
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| anyhow::anyhow!("shape '{s}' is not OUTxIN"))?;
+    Ok((a.trim().parse()?, b.trim().parse()?))
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    use comq_gpu::bench::{run_bench, VIT_B16_SHAPES, VIT_L16_SHAPES};
+    let shapes: Vec<(usize, usize)> = if !a.shapes.is_empty() {
+        a.shapes
+            .iter()
+            .map(|s| parse_shape(s))
+            .collect::<Result<_>>()?
+    } else if a.quick {
+        vec![(64, 64), (96, 128), (128, 96)]
+    } else {
+        VIT_B16_SHAPES
+            .iter()
+            .chain(VIT_L16_SHAPES.iter())
+            .copied()
+            .collect()
+    };
+    let cfg = QuantConfig {
+        bits: a.bits,
+        sweeps: a.sweeps,
+        ..QuantConfig::default()
+    };
+    cfg.validate()?;
+    let gpu = if a.no_gpu {
+        None
+    } else {
+        Some(comq_gpu::device::WgpuDevice::open(
+            a.adapter.as_deref(),
+            true,
+        )?)
+    };
+    let cpu_threads = rayon::current_num_threads();
+    match &gpu {
+        Some(g) => {
+            use comq_gpu::Device;
+            println!("GPU: {}", g.describe());
+            if g.is_software() {
+                println!("note: this is a software adapter; its times are not GPU performance");
+            }
+        }
+        None => println!("GPU: not run"),
+    }
+    println!(
+        "CPU: {} threads{}",
+        cpu_threads,
+        if a.no_cpu { " (not run)" } else { "" }
+    );
+    println!(
+        "{:>11} {:>10} {:>10} {:>9} {:>12} {:>8} {:>11} {:>11}",
+        "shape", "CPU s", "GPU s", "speed-up", "codes diff", "max |dk|", "err", "err RTN"
+    );
+    let fmt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    let rows = run_bench(&shapes, &cfg, gpu.as_ref(), !a.no_cpu, a.repeats, |r| {
+        println!(
+            "{:>11} {:>10} {:>10} {:>9} {:>12} {:>8} {:>11.4e} {:>11.4e}",
+            format!("{}x{}", r.shape[0], r.shape[1]),
+            fmt(r.cpu_seconds, 4),
+            fmt(r.gpu_seconds, 4),
+            r.speedup.map_or("-".into(), |s| format!("{s:.1}x")),
+            r.code_disagreement
+                .map_or("-".into(), |d| format!("{:.4}%", 100.0 * d)),
+            r.max_code_diff.map_or("-".into(), |d| d.to_string()),
+            r.rel_error,
+            r.rel_error_rtn
+        );
+    })?;
+    if let Some(path) = a.json {
+        comq_gpu::io::writer::write_atomic(&path, &serde_json::to_vec_pretty(&rows)?)?;
+    }
     Ok(())
 }

@@ -435,3 +435,118 @@ fn only_naming_a_1d_tensor_is_a_clear_error() {
     assert_bad_input(&o, "only 2-D linear weights");
     b.assert_nothing_written();
 }
+
+#[path = "common/gpu.rs"]
+mod gpu;
+
+#[test]
+fn run_on_the_gpu_agrees_with_the_cpu() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 16, 9);
+    let mut reports = Vec::new();
+    for dev in ["cpu", "gpu"] {
+        let rep = dir.path().join(format!("{dev}.json"));
+        let out = dir.path().join(format!("{dev}.safetensors"));
+        let o = run(&[
+            "run",
+            s(&model),
+            "--calib",
+            s(&calib),
+            "--device",
+            dev,
+            "--sweeps",
+            "2",
+            "--scale-update",
+            "--out",
+            s(&out),
+            "--report",
+            s(&rep),
+            "-q",
+        ]);
+        assert!(
+            o.status.success(),
+            "{dev}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        reports.push(
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(&rep).unwrap()).unwrap(),
+        );
+    }
+    assert!(
+        reports[1]["device"].as_str().unwrap().starts_with("gpu:"),
+        "{}",
+        reports[1]["device"]
+    );
+    for (c, g) in reports[0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reports[1]["layers"].as_array().unwrap())
+    {
+        let (ec, eg) = (
+            c["rel_error"].as_f64().unwrap(),
+            g["rel_error"].as_f64().unwrap(),
+        );
+        assert!(
+            (ec - eg).abs() <= 1e-3 * ec,
+            "{}: CPU {ec} vs GPU {eg}",
+            c["name"]
+        );
+    }
+}
+
+#[test]
+fn bench_quick_compares_cpu_and_gpu() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let o = run(&["bench", "--quick", "--json", s(&json)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for r in rows.as_array().unwrap() {
+        assert!(r["cpu_seconds"].as_f64().is_some() && r["gpu_seconds"].as_f64().is_some());
+        assert!(r["code_disagreement"].as_f64().unwrap() <= 1e-3, "{r}");
+    }
+    assert!(String::from_utf8_lossy(&o.stdout).contains("speed-up"));
+}
+
+#[test]
+fn devices_lists_the_adapters() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let o = run(&["devices", "--json"]);
+    assert!(o.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let first = &list.as_array().unwrap()[0];
+    assert!(first["name"].as_str().is_some() && first["max_storage_binding"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn gpu_requested_without_an_adapter_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 8, 10);
+    let out = dir.path().join("o.safetensors");
+    let o = bin()
+        .args([
+            "run",
+            s(&model),
+            "--calib",
+            s(&calib),
+            "--device",
+            "gpu",
+            "--out",
+            s(&out),
+        ])
+        .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+        .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+        .output()
+        .unwrap();
+    assert_bad_input(&o, "no GPU adapter");
+    assert!(!out.exists());
+}

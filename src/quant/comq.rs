@@ -125,7 +125,7 @@ pub fn quantize_layer<D: Device>(
 /// it stays positive and finite and the exact change of the loss, `−2·s·num + s²·den` for
 /// `s = Δ' − Δ`, is not positive (rounding to bf16 can move it off the optimum).
 pub fn scale_step(old: f32, num: f64, den: f64, dtype: ScaleDtype) -> Option<f32> {
-    if !(den > 0.0) {
+    if den.is_nan() || den <= 0.0 {
         return None;
     }
     let new = dtype.round((old as f64 + num / den) as f32);

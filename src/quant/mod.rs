@@ -152,7 +152,7 @@ impl QuantConfig {
             )));
         }
         if let Some(g) = self.group_size {
-            if cols % g != 0 {
+            if !cols.is_multiple_of(g) {
                 return Err(Error::InvalidOption(format!(
                     "--group-size {g} does not divide the {cols} inputs of layer '{name}'"
                 )));

@@ -115,6 +115,7 @@ pub struct WgpuDevice {
     pipelines: Pipelines,
     pool: BufferPool,
     fault: Arc<Mutex<Option<String>>>,
+    binding_cap: Option<u64>,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -196,6 +197,7 @@ impl WgpuDevice {
             pipelines,
             pool: BufferPool::default(),
             fault,
+            binding_cap: None,
         })
     }
 
@@ -275,9 +277,15 @@ impl WgpuDevice {
     }
 
     fn max_binding(&self) -> u64 {
-        self.limits
-            .max_storage_buffer_binding_size
-            .min(self.limits.max_buffer_size)
+        let l = &self.limits;
+        let hw = l.max_storage_buffer_binding_size.min(l.max_buffer_size);
+        self.binding_cap.map_or(hw, |c| c.min(hw))
+    }
+
+    /// Caps the bytes per storage binding below the adapter's limit, so row tiling can be
+    /// exercised (and tested) on small layers.
+    pub fn cap_binding_bytes(&mut self, bytes: u64) {
+        self.binding_cap = Some(bytes.max(16));
     }
 
     /// The Gram matrix of `n`-wide activations streamed as row-major chunks, accumulated on the

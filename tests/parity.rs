@@ -1,0 +1,285 @@
+//! GPU kernels against their CPU twins on seeded random data with awkward shapes.
+//!
+//! Runs on whatever adapter wgpu finds — Mesa's lavapipe in CI. Without an adapter each test
+//! prints a visible skip, or fails when COMQ_REQUIRE_GPU=1.
+
+mod common;
+
+use common::{correlated_x, gram_of, Rng};
+use comq_gpu::device::{AnyDevice, CpuDevice, Device, LayerProblem, WgpuDevice};
+use comq_gpu::quant::{quantize_layer, Granularity, Grid, Order, OrderKind, QuantConfig};
+
+#[path = "common/gpu.rs"]
+mod gpu;
+
+/// GPU Gram (f32 sums on the device) vs the f64 CPU Gram: relative Frobenius error.
+const GRAM_REL_TOL: f64 = 1e-5;
+/// Energies and losses from the same state (f32 GEMM + per-row f32 sums vs f64).
+const LOSS_REL_TOL: f64 = 1e-4;
+/// End to end and after one sweep: the share of codes that may differ (rounding near ties).
+const CODE_DISAGREEMENT_MAX: f64 = 1e-3;
+/// End to end: the final loss.
+const FINAL_LOSS_REL_TOL: f64 = 1e-3;
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-30)
+}
+
+fn frob_rel(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn layer(seed: u64, rows: usize, cols: usize) -> (Vec<f32>, comq_gpu::Gram) {
+    let mut rng = Rng::new(seed);
+    let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
+    let x = correlated_x(&mut rng, 3 * cols.max(8), cols);
+    (w, gram_of(&x, 3 * cols.max(8), cols))
+}
+
+#[test]
+fn gram_matches_the_f64_cpu_gram() {
+    let Some(gpu) = gpu::device() else { return };
+    let cpu = AnyDevice::Cpu(CpuDevice::new());
+    let gpu = AnyDevice::Wgpu(Box::new(gpu));
+    for (i, (rows, cols)) in [(100usize, 1usize), (33, 7), (250, 63), (300, 257)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut rng = Rng::new(50 + i as u64);
+        let x = correlated_x(&mut rng, rows, cols);
+        // Uneven chunks, as a calibration file streams them.
+        let chunks = |x: &[f32]| {
+            let a = (rows / 3) * cols;
+            vec![Ok(x[..a].to_vec()), Ok(x[a..].to_vec())]
+        };
+        let g_cpu = cpu.gram(cols, chunks(&x)).unwrap();
+        let g_gpu = gpu.gram(cols, chunks(&x)).unwrap();
+        assert_eq!(g_gpu.samples, rows as u64);
+        let e = frob_rel(&g_gpu.data, &g_cpu.data);
+        assert!(
+            e <= GRAM_REL_TOL,
+            "{rows}×{cols}: Gram relative error {e:.2e} > {GRAM_REL_TOL:.0e}"
+        );
+    }
+}
+
+fn both_states(
+    gpu: &WgpuDevice,
+    w: &[f32],
+    gram: &comq_gpu::Gram,
+    rows: usize,
+    cols: usize,
+    cfg: &QuantConfig,
+) -> (
+    comq_gpu::device::cpu::CpuLayer,
+    comq_gpu::device::wgpu::WgpuLayer,
+) {
+    let grid = Grid::build(w, rows, cols, cfg);
+    let order = Order::build(cfg.order, w, rows, cols, &gram.diag());
+    let g32 = gram.to_f32();
+    let p = LayerProblem {
+        name: "parity",
+        weights: w,
+        gram: &g32,
+        grid: &grid,
+        order: &order,
+        dead_threshold: gram.dead_threshold(),
+        scale_dtype: cfg.scale_dtype,
+    };
+    (
+        CpuDevice::new().upload(&p).unwrap(),
+        gpu.upload(&p).unwrap(),
+    )
+}
+
+#[test]
+fn residual_loss_energy_and_one_sweep_match_the_cpu_from_the_same_state() {
+    let Some(gpu) = gpu::device() else { return };
+    let cpu = CpuDevice::new();
+    let (mut total, mut differ) = (0usize, 0usize);
+    for (i, (rows, cols)) in [(5usize, 1usize), (17, 7), (33, 63), (19, 257)]
+        .into_iter()
+        .enumerate()
+    {
+        let (w, gram) = layer(200 + i as u64, rows, cols);
+        let cfg = QuantConfig {
+            bits: 3,
+            ..QuantConfig::default()
+        };
+        let (mut c, mut g) = both_states(&gpu, &w, &gram, rows, cols, &cfg);
+        let (ec, eg) = (cpu.energy(&mut c).unwrap(), gpu.energy(&mut g).unwrap());
+        assert!(
+            rel(eg, ec) <= LOSS_REL_TOL,
+            "{rows}×{cols}: energy {eg} vs {ec}"
+        );
+        // The same state on both: round to nearest, then the exact residual and its loss.
+        cpu.round_to_nearest(&mut c).unwrap();
+        gpu.round_to_nearest(&mut g).unwrap();
+        let (lc, lg) = (cpu.refresh(&mut c).unwrap(), gpu.refresh(&mut g).unwrap());
+        assert!(
+            rel(lg, lc) <= LOSS_REL_TOL,
+            "{rows}×{cols}: RTN loss {lg} vs {lc}"
+        );
+        let (kc, _) = cpu.download(&mut c).unwrap();
+        let (kg, _) = gpu.download(&mut g).unwrap();
+        assert_eq!(kc, kg, "{rows}×{cols}: RTN codes are identical");
+        // One sweep from that state (a true coordinate-descent sweep, R exact).
+        cpu.sweep(&mut c).unwrap();
+        gpu.sweep(&mut g).unwrap();
+        let (kc, _) = cpu.download(&mut c).unwrap();
+        let (kg, _) = gpu.download(&mut g).unwrap();
+        total += kc.len();
+        differ += kc.iter().zip(&kg).filter(|(a, b)| a != b).count();
+        let (lc, lg) = (cpu.refresh(&mut c).unwrap(), gpu.refresh(&mut g).unwrap());
+        assert!(
+            rel(lg, lc) <= FINAL_LOSS_REL_TOL,
+            "{rows}×{cols}: loss after a sweep {lg} vs {lc}"
+        );
+    }
+    let share = differ as f64 / total as f64;
+    assert!(
+        share <= CODE_DISAGREEMENT_MAX,
+        "{differ} of {total} codes differ after one sweep"
+    );
+}
+
+fn end_to_end(gpu: &WgpuDevice, configs: &[QuantConfig]) {
+    let cpu = CpuDevice::new();
+    let shapes = [(3usize, 1usize), (9, 7), (70, 63), (37, 257), (130, 64)];
+    let (mut total, mut differ) = (0usize, 0usize);
+    for cfg in configs {
+        for (i, &(rows, cols)) in shapes.iter().enumerate() {
+            let mut cfg = cfg.clone();
+            if cfg.group_size.is_some_and(|g| cols % g != 0) {
+                cfg.group_size = None;
+            }
+            let (w, gram) = layer(700 + i as u64, rows, cols);
+            let c = quantize_layer(&cpu, "parity", &w, rows, cols, &gram, &cfg).unwrap();
+            let g = quantize_layer(gpu, "parity", &w, rows, cols, &gram, &cfg).unwrap();
+            total += c.layer.codes.len();
+            differ += c
+                .layer
+                .codes
+                .iter()
+                .zip(&g.layer.codes)
+                .filter(|(a, b)| a != b)
+                .count();
+            assert!(
+                rel(g.rel_error, c.rel_error) <= FINAL_LOSS_REL_TOL,
+                "{rows}×{cols} {cfg:?}: final relative error {} (GPU) vs {} (CPU)",
+                g.rel_error,
+                c.rel_error
+            );
+            assert!(rel(g.rel_error_rtn, c.rel_error_rtn) <= LOSS_REL_TOL);
+        }
+    }
+    let share = differ as f64 / total as f64;
+    eprintln!(
+        "end to end: {differ} of {total} codes differ ({:.4}%)",
+        100.0 * share
+    );
+    assert!(
+        share <= CODE_DISAGREEMENT_MAX,
+        "{differ} of {total} codes differ end to end"
+    );
+}
+
+#[test]
+fn end_to_end_codes_and_losses_match_the_cpu() {
+    let Some(gpu) = gpu::device() else { return };
+    let base = QuantConfig::default();
+    end_to_end(
+        &gpu,
+        &[
+            base.clone(),
+            QuantConfig {
+                bits: 2,
+                sweeps: 3,
+                ..base.clone()
+            },
+            QuantConfig {
+                bits: 3,
+                sym: true,
+                group_size: Some(16),
+                ..base.clone()
+            },
+            QuantConfig {
+                order: OrderKind::Natural,
+                sweeps: 2,
+                ..base.clone()
+            },
+        ],
+    );
+}
+
+#[test]
+fn end_to_end_with_scale_updates_matches_the_cpu() {
+    let Some(gpu) = gpu::device() else { return };
+    let base = QuantConfig {
+        scale_update: true,
+        sweeps: 2,
+        ..QuantConfig::default()
+    };
+    end_to_end(
+        &gpu,
+        &[
+            base.clone(),
+            QuantConfig {
+                group_size: Some(16),
+                bits: 3,
+                ..base.clone()
+            },
+            QuantConfig {
+                granularity: Granularity::Layer,
+                ..base.clone()
+            },
+        ],
+    );
+}
+
+#[test]
+fn layers_larger_than_a_binding_are_tiled_by_rows() {
+    let Some(mut gpu) = gpu::device() else { return };
+    let (rows, cols) = (100, 40);
+    // A binding just large enough for G (40 × 40 f32) holds 40 rows: tiles of 40, 40 and 20 rows.
+    gpu.cap_binding_bytes((cols * cols * 4) as u64);
+    let cpu = CpuDevice::new();
+    let (w, gram) = layer(31, rows, cols);
+    for cfg in [
+        QuantConfig {
+            sweeps: 2,
+            ..QuantConfig::default()
+        },
+        QuantConfig {
+            granularity: Granularity::Layer,
+            scale_update: true,
+            ..QuantConfig::default()
+        },
+    ] {
+        let c = quantize_layer(&cpu, "tiled", &w, rows, cols, &gram, &cfg).unwrap();
+        let g = quantize_layer(&gpu, "tiled", &w, rows, cols, &gram, &cfg).unwrap();
+        let differ = c
+            .layer
+            .codes
+            .iter()
+            .zip(&g.layer.codes)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            differ as f64 <= CODE_DISAGREEMENT_MAX * (rows * cols) as f64 + 1.0,
+            "{differ} codes differ"
+        );
+        assert!(rel(g.rel_error, c.rel_error) <= FINAL_LOSS_REL_TOL);
+    }
+}
+
+#[test]
+fn a_gram_larger_than_a_binding_is_a_clear_error() {
+    let Some(mut gpu) = gpu::device() else { return };
+    gpu.cap_binding_bytes(1024);
+    let (w, gram) = layer(3, 4, 32);
+    let err = quantize_layer(&gpu, "big", &w, 4, 32, &gram, &QuantConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("storage-binding limit"), "{err}");
+}
