@@ -550,3 +550,30 @@ fn gpu_requested_without_an_adapter_is_a_clear_error() {
     assert_bad_input(&o, "no GPU adapter");
     assert!(!out.exists());
 }
+
+#[test]
+fn an_unsupported_dtype_asked_to_be_quantized_is_a_clear_error() {
+    let b = bad();
+    let p = b.dir.path().join("in-int.safetensors");
+    let t = common::Owned {
+        dtype: safetensors::Dtype::I32,
+        shape: vec![2, 4],
+        data: vec![0u8; 32],
+    };
+    common::write_safetensors(&p, &[("lin.weight".into(), t)]);
+    let o = run(&[
+        "run",
+        s(&p),
+        "--data-free",
+        "--only",
+        "lin",
+        "--out",
+        s(&b.out()),
+    ]);
+    assert_bad_input(&o, "dtype I32 is not a float type");
+    b.assert_nothing_written();
+    // Without --only it is not a candidate, and nothing else is either.
+    let o = run(&["run", s(&p), "--data-free", "--out", s(&b.out())]);
+    assert_bad_input(&o, "no tensor");
+    b.assert_nothing_written();
+}
