@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use comq_gpu::device::DeviceKind;
-use comq_gpu::io::Model;
+use comq_gpu::io::Checkpoint;
+use comq_gpu::recipe::{parse_size, Recipe};
 use comq_gpu::pipeline::{self, Progress, RunOptions, Selection};
 use comq_gpu::quant::{Granularity, Method, OrderKind, QuantConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -98,67 +99,93 @@ pub enum DeviceArg {
     Gpu,
 }
 
-/// Options that shape the quantization grid and the algorithm.
+/// Options that shape the quantization grid and the algorithm. Every one may also come from
+/// a `--config` recipe; a flag given here wins.
 #[derive(Debug, Args)]
 pub struct QuantArgs {
-    /// Bits per weight (2..=8).
-    #[arg(long, default_value_t = 4)]
-    pub bits: u32,
-    /// Inputs per quantization group (default: one grid per output row).
+    /// Bits per weight (2..=8) [default: 4].
+    #[arg(long)]
+    pub bits: Option<u32>,
+    /// Inputs per quantization group (default: one grid per output row; 0 = per row).
     #[arg(long)]
     pub group_size: Option<usize>,
     /// Symmetric grid (zero point 0); needed for transformers-loadable output.
     #[arg(long)]
     pub sym: bool,
-    /// Grid shrink factor c (the reference uses 0.65 at 2 bits).
-    #[arg(long, default_value_t = 1.0)]
-    pub scalar: f32,
-    /// Coordinate-descent sweeps.
-    #[arg(long, default_value_t = 1)]
-    pub sweeps: usize,
-    /// Visiting order.
-    #[arg(long, value_enum, default_value_t = OrderArg::Greedy)]
-    pub order: OrderArg,
+    /// Grid shrink factor c (the reference uses 0.65 at 2 bits) [default: 1.0].
+    #[arg(long)]
+    pub scalar: Option<f32>,
+    /// Coordinate-descent sweeps [default: 1].
+    #[arg(long)]
+    pub sweeps: Option<usize>,
+    /// Visiting order [default: greedy].
+    #[arg(long, value_enum)]
+    pub order: Option<OrderArg>,
     /// Closed-form scale update after each sweep.
     #[arg(long)]
     pub scale_update: bool,
-    /// One scale per output channel or per layer.
-    #[arg(long, value_enum, default_value_t = GranularityArg::Channel)]
-    pub granularity: GranularityArg,
-    /// COMQ, or round-to-nearest on the same grid.
-    #[arg(long, value_enum, default_value_t = MethodArg::Comq)]
-    pub method: MethodArg,
+    /// One scale per output channel or per layer [default: channel].
+    #[arg(long, value_enum)]
+    pub granularity: Option<GranularityArg>,
+    /// COMQ, or round-to-nearest on the same grid [default: comq].
+    #[arg(long, value_enum)]
+    pub method: Option<MethodArg>,
     /// Skip tensors matching this regex (replaces the default head/embedding pattern).
     #[arg(long, value_name = "RE")]
     pub skip: Option<String>,
     /// Quantize only `.weight` tensors matching this regex.
     #[arg(long, value_name = "RE")]
     pub only: Option<String>,
+    /// A TOML recipe with the same keys as these flags and per-layer [[layer]] overrides.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+fn parse_enum<T: ValueEnum>(key: &str, v: Option<&String>) -> Result<Option<T>> {
+    v.map(|s| T::from_str(s, true).map_err(|_| anyhow::anyhow!("recipe key {key} = '{s}' is not a valid value")))
+        .transpose()
 }
 
 impl QuantArgs {
-    fn config(&self) -> QuantConfig {
-        QuantConfig {
-            bits: self.bits,
-            sym: self.sym,
-            group_size: self.group_size,
-            scalar: self.scalar,
-            sweeps: self.sweeps,
-            order: match self.order {
-                OrderArg::Greedy => OrderKind::Greedy,
-                OrderArg::Natural => OrderKind::Natural,
+    fn recipe(&self) -> Result<Recipe> {
+        Ok(match &self.config {
+            Some(p) => Recipe::load(p)?,
+            None => Recipe::default(),
+        })
+    }
+
+    fn config(&self, r: &Recipe) -> Result<QuantConfig> {
+        let d = QuantConfig::default();
+        let order = self.order.or(parse_enum("order", r.order.as_ref())?);
+        let granularity = self.granularity.or(parse_enum("granularity", r.granularity.as_ref())?);
+        let method = self.method.or(parse_enum("method", r.method.as_ref())?);
+        Ok(QuantConfig {
+            bits: self.bits.or(r.bits).unwrap_or(d.bits),
+            sym: self.sym || r.sym.unwrap_or(false),
+            group_size: self.group_size.or(r.group_size).filter(|&g| g > 0),
+            scalar: self.scalar.or(r.scalar).unwrap_or(d.scalar),
+            sweeps: self.sweeps.or(r.sweeps).unwrap_or(d.sweeps),
+            order: match order {
+                Some(OrderArg::Natural) => OrderKind::Natural,
+                _ => OrderKind::Greedy,
             },
-            scale_update: self.scale_update,
-            granularity: match self.granularity {
-                GranularityArg::Channel => Granularity::Channel,
-                GranularityArg::Layer => Granularity::Layer,
+            scale_update: self.scale_update || r.scale_update.unwrap_or(false),
+            granularity: match granularity {
+                Some(GranularityArg::Layer) => Granularity::Layer,
+                _ => Granularity::Channel,
             },
-            method: match self.method {
-                MethodArg::Comq => Method::Comq,
-                MethodArg::Rtn => Method::Rtn,
+            method: match method {
+                Some(MethodArg::Rtn) => Method::Rtn,
+                _ => Method::Comq,
             },
-            ..QuantConfig::default()
-        }
+            ..d
+        })
+    }
+
+    fn selection(&self, r: &Recipe) -> Result<Selection> {
+        let only = self.only.as_deref().or(r.only.as_deref());
+        let skip = self.skip.as_deref().or(r.skip.as_deref());
+        Ok(Selection::new(only, skip)?)
     }
 }
 
@@ -175,9 +202,9 @@ pub struct RunArgs {
     pub data_free: bool,
     #[command(flatten)]
     pub quant: QuantArgs,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
+    /// Where to run [default: auto].
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
     /// Pick a GPU adapter by (part of) its name.
     #[arg(long, value_name = "NAME")]
     pub adapter: Option<String>,
@@ -191,6 +218,9 @@ pub struct RunArgs {
     /// JSON report.
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
+    /// Split outputs larger than this into shards with an index (e.g. 5GB, 500MB) [default: 5GB].
+    #[arg(long, value_name = "SIZE")]
+    pub max_shard_size: Option<String>,
 }
 
 /// `comq-gpu inspect`.
@@ -245,6 +275,8 @@ fn human_bytes(b: usize) -> String {
 }
 
 fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
+    let recipe = a.quant.recipe()?;
+    let config = a.quant.config(&recipe)?;
     // With no output named, write the packed checkpoint to the working directory.
     let out = match (&a.out, &a.dequantized) {
         (None, None) => {
@@ -253,33 +285,34 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into());
-            let suffix = if a.quant.method == MethodArg::Rtn {
-                "rtn"
-            } else {
-                "comq"
-            };
-            Some(PathBuf::from(format!(
-                "{stem}.{suffix}-w{}.safetensors",
-                a.quant.bits
-            )))
+            let suffix = if config.method == Method::Rtn { "rtn" } else { "comq" };
+            Some(PathBuf::from(format!("{stem}.{suffix}-w{}.safetensors", config.bits)))
         }
         _ => a.out.clone(),
     };
+    let device = a.device.or(parse_enum("device", recipe.device.as_ref())?);
+    let max_shard_size = match (&a.max_shard_size, &recipe.max_shard_size) {
+        (Some(t), _) => parse_size(t)?,
+        (None, Some(s)) => s.bytes()?,
+        (None, None) => pipeline::DEFAULT_MAX_SHARD_BYTES,
+    };
     let opts = RunOptions {
         model: a.model,
-        calib: a.calib,
-        data_free: a.data_free,
-        config: a.quant.config(),
-        selection: Selection::new(a.quant.only.as_deref(), a.quant.skip.as_deref())?,
+        calib: a.calib.or(recipe.calib.clone()),
+        data_free: a.data_free || recipe.data_free.unwrap_or(false),
+        selection: a.quant.selection(&recipe)?,
+        config,
         out,
         dequantized: a.dequantized,
         report: a.report,
-        device: match a.device {
-            DeviceArg::Auto => DeviceKind::Auto,
-            DeviceArg::Cpu => DeviceKind::Cpu,
-            DeviceArg::Gpu => DeviceKind::Gpu,
+        device: match device {
+            Some(DeviceArg::Cpu) => DeviceKind::Cpu,
+            Some(DeviceArg::Gpu) => DeviceKind::Gpu,
+            _ => DeviceKind::Auto,
         },
-        adapter: a.adapter,
+        adapter: a.adapter.or(recipe.adapter.clone()),
+        max_shard_size,
+        overrides: recipe.overrides()?,
     };
     let bar = ProgressBar::hidden();
     if !quiet {
@@ -298,6 +331,7 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         }
         Progress::LayerStart { name } => bar.set_message(name.to_string()),
         Progress::LayerDone(_) => bar.inc(1),
+        Progress::Writing => bar.set_message("finishing outputs"),
     });
     bar.finish_and_clear();
     let report = report?;
@@ -345,10 +379,11 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
 }
 
 fn inspect_cmd(a: InspectArgs) -> Result<()> {
-    let model = Model::open(&a.model)?;
-    let cfg = a.quant.config();
+    let model = Checkpoint::open(&a.model)?;
+    let recipe = a.quant.recipe()?;
+    let cfg = a.quant.config(&recipe)?;
     cfg.validate()?;
-    let sel = Selection::new(a.quant.only.as_deref(), a.quant.skip.as_deref())?;
+    let sel = a.quant.selection(&recipe)?;
     let rows = pipeline::inspect(&model, &sel, &cfg)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -7,6 +7,7 @@ pub mod error;
 pub mod io;
 pub mod pipeline;
 pub mod quant;
+pub mod recipe;
 pub mod shaders;
 
 pub use device::{AnyDevice, CpuDevice, Device, DeviceKind};

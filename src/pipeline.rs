@@ -6,7 +6,7 @@
 //! map), Gram (from the calibration file), quantize (on the chosen device), write (at the planned
 //! offsets). Peak memory is one layer's weights, Gram and outputs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,7 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::device::{AnyDevice, DeviceKind};
 use crate::error::{Error, Result};
 use crate::io::calib::CalibKind;
-use crate::io::{dtype, pack, Calibration, Model, PlannedTensor, SafetensorsWriter, TensorMeta};
+use crate::io::hfconfig::{self, ModuleScheme};
+use crate::io::writer::ShardedWriter;
+use crate::io::{dtype, pack, Calibration, Checkpoint, PlannedTensor, TensorMeta};
 use crate::quant::{Gram, QuantConfig, QuantizedLayer, ScaleDtype};
 
 /// Names skipped by default: the classifier head and the patch/token embeddings stay in full
@@ -112,6 +114,23 @@ pub enum Decision {
     Skip(&'static str),
 }
 
+/// A per-layer override from a recipe: every layer whose weight name matches `pattern` gets
+/// these settings (later overrides win over earlier ones).
+#[derive(Debug, Clone)]
+pub struct LayerOverride {
+    /// Matched against the weight tensor's name.
+    pub pattern: Regex,
+    /// Bits for matching layers.
+    pub bits: Option<u32>,
+    /// Group size for matching layers (`Some(None)` = one grid per row).
+    pub group_size: Option<Option<usize>>,
+    /// Leave matching layers unquantized.
+    pub skip: bool,
+}
+
+/// Default `--max-shard-size`: 5 GB, as transformers writes.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -135,6 +154,10 @@ pub struct RunOptions {
     pub device: DeviceKind,
     /// Adapter name filter for GPU devices.
     pub adapter: Option<String>,
+    /// Outputs larger than this are split into shards with an index.
+    pub max_shard_size: u64,
+    /// Per-layer overrides (bits, group size, skip), applied in order.
+    pub overrides: Vec<LayerOverride>,
 }
 
 /// One layer's line in the report.
@@ -162,6 +185,8 @@ pub struct LayerReport {
     pub calibration: &'static str,
     /// Activation rows behind the Gram matrix (0 for a given Gram or the identity).
     pub samples: u64,
+    /// Peak resident memory of the process so far, in bytes (Linux; `null` elsewhere).
+    pub peak_rss_bytes: Option<u64>,
 }
 
 /// Totals over all layers.
@@ -204,6 +229,46 @@ pub struct RunReport {
     pub codes_sha256: String,
     /// Written files.
     pub outputs: BTreeMap<String, String>,
+    /// SHA-256 of every input file (model shards, calibration).
+    pub input_sha256: BTreeMap<String, String>,
+    /// SHA-256 of every written tensor file.
+    pub output_sha256: BTreeMap<String, String>,
+    /// Peak resident memory of the whole run, in bytes (Linux; `null` elsewhere).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Peak resident set size of this process (`VmHWM`), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Where a `--out`/`--dequantized` path puts its tensors: a path ending in `.safetensors` is the
+/// file itself; anything else is a directory (created) holding `model.safetensors`.
+pub fn resolve_output(path: &Path) -> Result<PathBuf> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        return Ok(path.to_path_buf());
+    }
+    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+    Ok(path.join("model.safetensors"))
 }
 
 /// Progress events for a front end.
@@ -223,6 +288,8 @@ pub enum Progress<'a> {
     },
     /// A layer finished.
     LayerDone(&'a LayerReport),
+    /// Outputs are being finished (metadata, sync, rename, hashes).
+    Writing,
 }
 
 /// A planned layer.
@@ -350,7 +417,7 @@ pub fn packed_tensors(
 }
 
 /// Plans the layers to quantize, checking everything that can be checked without compute.
-fn plan(model: &Model, opts: &RunOptions, calib: Option<&Calibration>) -> Result<Vec<Job>> {
+fn plan(model: &Checkpoint, opts: &RunOptions, calib: Option<&Calibration>) -> Result<Vec<Job>> {
     let mut jobs = Vec::new();
     for t in model.tensors() {
         if opts.selection.decide(model.path(), t)? != Decision::Quantize {
@@ -359,6 +426,20 @@ fn plan(model: &Model, opts: &RunOptions, calib: Option<&Calibration>) -> Result
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let mut config = opts.config.clone();
         config.scale_dtype = scale_dtype_for(t.dtype).0;
+        let mut skip = false;
+        for o in opts.overrides.iter().filter(|o| o.pattern.is_match(&t.name)) {
+            if let Some(b) = o.bits {
+                config.bits = b;
+            }
+            if let Some(g) = o.group_size {
+                config.group_size = g;
+            }
+            skip |= o.skip;
+        }
+        if skip {
+            continue;
+        }
+        config.validate()?;
         config.validate_for(&t.name, rows, cols)?;
         let prefix = t.name.trim_end_matches(".weight").to_string();
         let calib_kind = match calib {
@@ -393,7 +474,15 @@ fn plan(model: &Model, opts: &RunOptions, calib: Option<&Calibration>) -> Result
     Ok(jobs)
 }
 
-fn check_outputs(opts: &RunOptions) -> Result<()> {
+fn output_file(p: &Path) -> PathBuf {
+    if p.extension().is_some_and(|e| e == "safetensors") {
+        p.to_path_buf()
+    } else {
+        p.join("model.safetensors")
+    }
+}
+
+fn check_outputs(opts: &RunOptions, inputs: &[&Path]) -> Result<()> {
     let outs: Vec<(&str, &PathBuf)> = [
         ("--out", opts.out.as_ref()),
         ("--dequantized", opts.dequantized.as_ref()),
@@ -403,8 +492,9 @@ fn check_outputs(opts: &RunOptions) -> Result<()> {
     .filter_map(|(f, p)| p.map(|p| (f, p)))
     .collect();
     for (i, (flag, p)) in outs.iter().enumerate() {
-        for input in std::iter::once(&opts.model).chain(opts.calib.iter()) {
-            if same_file(p, input) {
+        let target = if *flag == "--report" { p.to_path_buf() } else { output_file(p) };
+        for input in inputs.iter().copied().chain(opts.calib.as_deref()).chain([opts.model.as_path()]) {
+            if same_file(p, input) || same_file(&target, input) {
                 return Err(Error::InvalidOption(format!(
                     "{flag} {} is an input file; comq-gpu never overwrites its inputs",
                     p.display()
@@ -434,7 +524,7 @@ fn check_outputs(opts: &RunOptions) -> Result<()> {
     Ok(())
 }
 
-fn provenance(opts: &RunOptions, model: &Model, device: &str) -> BTreeMap<String, String> {
+fn provenance(opts: &RunOptions, model: &Checkpoint, device: &str) -> BTreeMap<String, String> {
     let c = &opts.config;
     let mut m: BTreeMap<String, String> = model
         .metadata()
@@ -496,8 +586,8 @@ fn calib_label(opts: &RunOptions) -> String {
 pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RunReport> {
     let started = Instant::now();
     opts.config.validate()?;
-    check_outputs(opts)?;
-    let model = Model::open(&opts.model)?;
+    let model = Checkpoint::open(&opts.model)?;
+    check_outputs(opts, &model.files())?;
     let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;
     let jobs = plan(&model, opts, calib.as_ref())?;
     let device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
@@ -529,7 +619,8 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     }),
                 }
             }
-            Some(SafetensorsWriter::create(path, planned, &meta)?)
+            let file = resolve_output(path)?;
+            Some(ShardedWriter::create(&file, planned, opts.max_shard_size, &meta)?)
         }
         None => None,
     };
@@ -544,7 +635,8 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     shape: t.shape.clone(),
                 })
                 .collect();
-            Some(SafetensorsWriter::create(path, planned, &meta)?)
+            let file = resolve_output(path)?;
+            Some(ShardedWriter::create(&file, planned, opts.max_shard_size, &meta)?)
         }
         None => None,
     };
@@ -615,6 +707,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 None => "identity",
             },
             samples: gram.samples,
+            peak_rss_bytes: peak_rss_bytes(),
         };
         progress(Progress::LayerDone(&report));
         layers.push(report);
@@ -625,14 +718,54 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         .map(|b| format!("{b:02x}"))
         .collect();
     meta.insert("comq.codes_sha256".into(), codes_sha256.clone());
+    progress(Progress::Writing);
     let mut outputs = BTreeMap::new();
+    let mut written: Vec<PathBuf> = Vec::new();
+    let input_config = model.dir().join("config.json");
     if let Some(w) = packed {
-        outputs.insert("packed".into(), w.dest().display().to_string());
+        let dest = w.dest().to_path_buf();
+        let shards = w.shards();
         w.finish(&meta)?;
+        outputs.insert("packed".into(), dest.display().to_string());
+        written.extend(shard_files(&dest, shards));
+        let modules: BTreeMap<String, ModuleScheme> = jobs
+            .iter()
+            .map(|j| {
+                let s = ModuleScheme { bits: j.config.bits, group_size: j.config.group_size, sym: j.config.sym };
+                (j.prefix.clone(), s)
+            })
+            .collect();
+        let quantized: BTreeSet<&str> = jobs.iter().map(|j| j.meta.name.as_str()).collect();
+        let ignore: Vec<String> = model
+            .tensors()
+            .iter()
+            .filter(|t| t.name.ends_with(".weight") && t.shape.len() == 2 && !quantized.contains(t.name.as_str()))
+            .map(|t| t.name.trim_end_matches(".weight").to_string())
+            .collect();
+        let qc = hfconfig::quantization_config(&modules, &ignore);
+        write_side_files(&dest, model.dir(), &input_config, Some(qc), &mut outputs)?;
+        if !opts.config.sym {
+            log::warn!(
+                "asymmetric pack-quantized output loads in vLLM and llm-compressor, but transformers' \
+                 from_pretrained does not load it yet; pass --sym for a transformers-loadable checkpoint"
+            );
+        }
     }
     if let Some(w) = dequant {
-        outputs.insert("dequantized".into(), w.dest().display().to_string());
+        let dest = w.dest().to_path_buf();
+        let shards = w.shards();
         w.finish(&meta)?;
+        outputs.insert("dequantized".into(), dest.display().to_string());
+        written.extend(shard_files(&dest, shards));
+        write_side_files(&dest, model.dir(), &input_config, None, &mut outputs)?;
+    }
+    let mut input_sha256 = BTreeMap::new();
+    for f in model.files().into_iter().chain(opts.calib.as_deref()) {
+        input_sha256.insert(f.display().to_string(), sha256_file(f)?);
+    }
+    let mut output_sha256 = BTreeMap::new();
+    for f in &written {
+        output_sha256.insert(f.display().to_string(), sha256_file(f)?);
     }
     let n = layers.len() as f64;
     let report = RunReport {
@@ -653,12 +786,62 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         layers,
         codes_sha256,
         outputs,
+        input_sha256,
+        output_sha256,
+        peak_rss_bytes: peak_rss_bytes(),
     };
     if let Some(path) = &opts.report {
         let json = serde_json::to_vec_pretty(&report).expect("report serialises");
         crate::io::writer::write_atomic(path, &json)?;
     }
     Ok(report)
+}
+
+/// The tensor files behind an output's destination (the file itself, or the shards of an index).
+fn shard_files(dest: &Path, shards: usize) -> Vec<PathBuf> {
+    if shards <= 1 || !dest.to_string_lossy().ends_with(".index.json") {
+        return vec![dest.to_path_buf()];
+    }
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let stem = dest.file_name().map(|f| f.to_string_lossy().trim_end_matches(".safetensors.index.json").to_string()).unwrap_or_default();
+    (1..=shards).map(|i| dir.join(format!("{stem}-{i:05}-of-{shards:05}.safetensors"))).collect()
+}
+
+/// Writes `config.json` (with `quantization_config` when given) and copies the input's
+/// `preprocessor_config.json` beside an output — unless the output sits in the input's own
+/// directory, whose files are never touched.
+fn write_side_files(
+    dest: &Path,
+    input_dir: &Path,
+    input_config: &Path,
+    qc: Option<serde_json::Value>,
+    outputs: &mut BTreeMap<String, String>,
+) -> Result<()> {
+    let out_dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if same_file(out_dir, input_dir) {
+        log::warn!(
+            "{} is in the input's directory, so no config.json is written beside it; \
+             pass an output directory (--out DIR) for a checkpoint transformers can load",
+            dest.display()
+        );
+        return Ok(());
+    }
+    let has_input_config = input_config.is_file();
+    match qc {
+        Some(qc) => hfconfig::write_config(out_dir, Some(input_config), qc)?,
+        None if has_input_config => {
+            let bytes = std::fs::read(input_config).map_err(|e| Error::io(input_config, e))?;
+            crate::io::writer::write_atomic(&out_dir.join("config.json"), &bytes)?;
+        }
+        None => return Ok(()),
+    }
+    outputs.insert(format!("config:{}", dest.display()), out_dir.join("config.json").display().to_string());
+    let pre = input_dir.join("preprocessor_config.json");
+    if pre.is_file() {
+        let bytes = std::fs::read(&pre).map_err(|e| Error::io(&pre, e))?;
+        crate::io::writer::write_atomic(&out_dir.join("preprocessor_config.json"), &bytes)?;
+    }
+    Ok(())
 }
 
 /// One tensor's line in `inspect`.
@@ -681,7 +864,7 @@ pub struct InspectRow {
 }
 
 /// Lists the tensors of `model`, which would be quantized under `selection` and `cfg`, and sizes.
-pub fn inspect(model: &Model, selection: &Selection, cfg: &QuantConfig) -> Result<Vec<InspectRow>> {
+pub fn inspect(model: &Checkpoint, selection: &Selection, cfg: &QuantConfig) -> Result<Vec<InspectRow>> {
     let mut rows = Vec::new();
     for t in model.tensors() {
         let d = selection.decide(model.path(), t)?;

@@ -7,11 +7,14 @@
 //! the file is renamed into place only when complete.
 
 pub mod calib;
+pub mod checkpoint;
 pub mod dtype;
+pub mod hfconfig;
 pub mod pack;
 pub mod safetensors;
 pub mod writer;
 
 pub use self::safetensors::{Model, TensorMeta};
 pub use calib::Calibration;
+pub use checkpoint::Checkpoint;
 pub use writer::{PlannedTensor, SafetensorsWriter};

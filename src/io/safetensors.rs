@@ -26,6 +26,8 @@ pub struct TensorMeta {
     pub shape: Vec<usize>,
     /// Absolute byte range in the file.
     pub range: std::ops::Range<usize>,
+    /// Index of the shard holding it (0 for a single file).
+    pub file: usize,
 }
 
 impl TensorMeta {
@@ -94,6 +96,7 @@ impl Model {
                 dtype: info.dtype,
                 shape: info.shape.clone(),
                 range: data_start + s..data_start + e,
+                file: 0,
             });
         }
         let index = tensors

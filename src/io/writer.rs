@@ -269,3 +269,96 @@ mod tests {
         assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
     }
 }
+
+/// A planned output that may be split into shards (HF layout: `stem-00001-of-0000N.safetensors`
+/// plus `stem.safetensors.index.json`) when it exceeds `max_shard_bytes`. Tensors keep their
+/// planned order across shards; each shard is a [`SafetensorsWriter`], so every file is written
+/// at planned offsets and renamed into place only when the whole set is complete.
+#[derive(Debug)]
+pub struct ShardedWriter {
+    dest: PathBuf,
+    writers: Vec<SafetensorsWriter>,
+    route: HashMap<String, usize>,
+    index: Option<(PathBuf, BTreeMap<String, String>, usize)>,
+}
+
+impl ShardedWriter {
+    /// Plans `tensors` into one file at `dest`, or shards beside it when larger than
+    /// `max_shard_bytes` (a tensor larger than the limit gets a shard of its own).
+    pub fn create(
+        dest: &Path,
+        tensors: Vec<PlannedTensor>,
+        max_shard_bytes: u64,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<ShardedWriter> {
+        let total: usize = tensors.iter().map(|t| t.nbytes()).sum();
+        if total as u64 <= max_shard_bytes {
+            let w = SafetensorsWriter::create(dest, tensors.clone(), metadata)?;
+            let route = tensors.iter().map(|t| (t.name.clone(), 0)).collect();
+            return Ok(ShardedWriter { dest: dest.into(), writers: vec![w], route, index: None });
+        }
+        let mut groups: Vec<Vec<PlannedTensor>> = vec![Vec::new()];
+        let mut size = 0u64;
+        for t in tensors {
+            let b = t.nbytes() as u64;
+            if size > 0 && size + b > max_shard_bytes {
+                groups.push(Vec::new());
+                size = 0;
+            }
+            size += b;
+            groups.last_mut().expect("one group").push(t);
+        }
+        let n = groups.len();
+        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let stem = dest
+            .file_name()
+            .map(|f| f.to_string_lossy().trim_end_matches(".safetensors").to_string())
+            .unwrap_or_else(|| "model".into());
+        let mut writers = Vec::new();
+        let mut route = HashMap::new();
+        let mut weight_map = BTreeMap::new();
+        for (i, g) in groups.into_iter().enumerate() {
+            let file = format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1);
+            for t in &g {
+                route.insert(t.name.clone(), i);
+                weight_map.insert(t.name.clone(), file.clone());
+            }
+            writers.push(SafetensorsWriter::create(&dir.join(&file), g, metadata)?);
+        }
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        Ok(ShardedWriter { dest: index.clone(), writers, route, index: Some((index, weight_map, total)) })
+    }
+
+    /// Writes tensor `name`'s bytes into its shard.
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let i = *self.route.get(name).ok_or_else(|| {
+            Error::InvalidOption(format!("tensor '{name}' is not in the planned output"))
+        })?;
+        self.writers[i].write(name, bytes)
+    }
+
+    /// The file a loader opens: the single file, or the index of the shards.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Number of files holding tensors.
+    pub fn shards(&self) -> usize {
+        self.writers.len()
+    }
+
+    /// Finishes every shard (final metadata, sync, rename), then writes the index.
+    pub fn finish(self, metadata: &BTreeMap<String, String>) -> Result<()> {
+        for w in self.writers {
+            w.finish(metadata)?;
+        }
+        if let Some((path, weight_map, total)) = self.index {
+            let json = serde_json::json!({
+                "metadata": { "total_size": total },
+                "weight_map": weight_map,
+            });
+            write_atomic(&path, serde_json::to_string_pretty(&json).expect("json").as_bytes())?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,188 @@
+//! Recipes: `--config FILE.toml` with the same keys as the command-line flags, plus per-layer
+//! overrides by regex. Flags given on the command line win over the file; the file wins over
+//! the built-in defaults.
+//!
+//! ```toml
+//! bits = 4
+//! sym = true
+//! group_size = 128
+//! max_shard_size = "2GB"
+//!
+//! [[layer]]            # keep the MLP output projections at 8 bits
+//! match = "mlp\\.fc2"
+//! bits = 8
+//!
+//! [[layer]]
+//! match = "blocks\\.0\\."
+//! skip = true
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::pipeline::LayerOverride;
+
+/// A recipe file's contents. Every field is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// `--bits`.
+    pub bits: Option<u32>,
+    /// `--group-size` (0 = one grid per row).
+    pub group_size: Option<usize>,
+    /// `--sym`.
+    pub sym: Option<bool>,
+    /// `--scalar`.
+    pub scalar: Option<f32>,
+    /// `--sweeps`.
+    pub sweeps: Option<usize>,
+    /// `--order` (`greedy` or `natural`).
+    pub order: Option<String>,
+    /// `--scale-update`.
+    pub scale_update: Option<bool>,
+    /// `--granularity` (`channel` or `layer`).
+    pub granularity: Option<String>,
+    /// `--method` (`comq` or `rtn`).
+    pub method: Option<String>,
+    /// `--skip`.
+    pub skip: Option<String>,
+    /// `--only`.
+    pub only: Option<String>,
+    /// `--calib`.
+    pub calib: Option<PathBuf>,
+    /// `--data-free`.
+    pub data_free: Option<bool>,
+    /// `--device` (`auto`, `cpu` or `gpu`).
+    pub device: Option<String>,
+    /// `--adapter`.
+    pub adapter: Option<String>,
+    /// `--max-shard-size` (bytes, or a string such as "5GB", "500MB", "2GiB").
+    pub max_shard_size: Option<Size>,
+    /// Per-layer overrides, applied in order.
+    #[serde(default)]
+    pub layer: Vec<LayerRule>,
+}
+
+/// A size in bytes, written as a number or with a unit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// Plain bytes.
+    Bytes(u64),
+    /// "5GB", "500MB", "2GiB"…
+    Text(String),
+}
+
+impl Size {
+    /// The number of bytes.
+    pub fn bytes(&self) -> Result<u64> {
+        match self {
+            Size::Bytes(b) => Ok(*b),
+            Size::Text(t) => parse_size(t),
+        }
+    }
+}
+
+/// Parses "5GB", "500MB", "2GiB", "1000" into bytes.
+pub fn parse_size(t: &str) -> Result<u64> {
+    let t = t.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| Error::InvalidOption(format!("size '{t}' is not a number with an optional unit")))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(Error::InvalidOption(format!("size '{t}' has an unknown unit '{other}'"))),
+    };
+    let b = v * mult;
+    if !(b >= 1.0 && b.is_finite()) {
+        return Err(Error::InvalidOption(format!("size '{t}' must be at least one byte")));
+    }
+    Ok(b as u64)
+}
+
+/// One `[[layer]]` rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerRule {
+    /// Regex matched against weight names.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Bits for matching layers.
+    pub bits: Option<u32>,
+    /// Group size for matching layers (0 = one grid per row).
+    pub group_size: Option<usize>,
+    /// Leave matching layers unquantized.
+    #[serde(default)]
+    pub skip: bool,
+}
+
+impl Recipe {
+    /// Reads and parses a recipe file.
+    pub fn load(path: &Path) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Recipe::parse(&text).map_err(|e| match e {
+            Error::InvalidOption(m) => Error::InvalidOption(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses recipe text.
+    pub fn parse(text: &str) -> Result<Recipe> {
+        toml::from_str(text).map_err(|e| Error::InvalidOption(format!("not a valid recipe: {e}")))
+    }
+
+    /// The per-layer overrides, with their regexes compiled.
+    pub fn overrides(&self) -> Result<Vec<LayerOverride>> {
+        self.layer
+            .iter()
+            .map(|r| {
+                let pattern = Regex::new(&r.pattern).map_err(|e| {
+                    Error::InvalidOption(format!("[[layer]] match '{}' is not a valid regex: {e}", r.pattern))
+                })?;
+                Ok(LayerOverride {
+                    pattern,
+                    bits: r.bits,
+                    group_size: r.group_size.map(|g| (g > 0).then_some(g)),
+                    skip: r.skip,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recipe_parses_with_layer_overrides() {
+        let r = Recipe::parse(
+            "bits = 3\nsym = true\nmax_shard_size = \"2GB\"\n[[layer]]\nmatch = \"fc2\"\nbits = 8\ngroup_size = 0\n",
+        )
+        .unwrap();
+        assert_eq!(r.bits, Some(3));
+        assert_eq!(r.max_shard_size.as_ref().unwrap().bytes().unwrap(), 2_000_000_000);
+        let o = r.overrides().unwrap();
+        assert_eq!(o[0].bits, Some(8));
+        assert_eq!(o[0].group_size, Some(None));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_sizes_are_errors() {
+        assert!(Recipe::parse("bitz = 3").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert_eq!(parse_size("1.5MiB").unwrap(), 1_572_864);
+    }
+}
