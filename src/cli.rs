@@ -6,9 +6,9 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use comq_gpu::device::DeviceKind;
 use comq_gpu::io::Checkpoint;
-use comq_gpu::recipe::{parse_size, Recipe};
 use comq_gpu::pipeline::{self, Progress, RunOptions, Selection};
 use comq_gpu::quant::{Granularity, Method, OrderKind, QuantConfig};
+use comq_gpu::recipe::{parse_size, Recipe};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// COMQ post-training quantization of neural-network weights, on any GPU or the CPU.
@@ -142,8 +142,11 @@ pub struct QuantArgs {
 }
 
 fn parse_enum<T: ValueEnum>(key: &str, v: Option<&String>) -> Result<Option<T>> {
-    v.map(|s| T::from_str(s, true).map_err(|_| anyhow::anyhow!("recipe key {key} = '{s}' is not a valid value")))
-        .transpose()
+    v.map(|s| {
+        T::from_str(s, true)
+            .map_err(|_| anyhow::anyhow!("recipe key {key} = '{s}' is not a valid value"))
+    })
+    .transpose()
 }
 
 impl QuantArgs {
@@ -157,7 +160,9 @@ impl QuantArgs {
     fn config(&self, r: &Recipe) -> Result<QuantConfig> {
         let d = QuantConfig::default();
         let order = self.order.or(parse_enum("order", r.order.as_ref())?);
-        let granularity = self.granularity.or(parse_enum("granularity", r.granularity.as_ref())?);
+        let granularity = self
+            .granularity
+            .or(parse_enum("granularity", r.granularity.as_ref())?);
         let method = self.method.or(parse_enum("method", r.method.as_ref())?);
         Ok(QuantConfig {
             bits: self.bits.or(r.bits).unwrap_or(d.bits),
@@ -285,8 +290,15 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into());
-            let suffix = if config.method == Method::Rtn { "rtn" } else { "comq" };
-            Some(PathBuf::from(format!("{stem}.{suffix}-w{}.safetensors", config.bits)))
+            let suffix = if config.method == Method::Rtn {
+                "rtn"
+            } else {
+                "comq"
+            };
+            Some(PathBuf::from(format!(
+                "{stem}.{suffix}-w{}.safetensors",
+                config.bits
+            )))
         }
         _ => a.out.clone(),
     };

@@ -427,7 +427,11 @@ fn plan(model: &Checkpoint, opts: &RunOptions, calib: Option<&Calibration>) -> R
         let mut config = opts.config.clone();
         config.scale_dtype = scale_dtype_for(t.dtype).0;
         let mut skip = false;
-        for o in opts.overrides.iter().filter(|o| o.pattern.is_match(&t.name)) {
+        for o in opts
+            .overrides
+            .iter()
+            .filter(|o| o.pattern.is_match(&t.name))
+        {
             if let Some(b) = o.bits {
                 config.bits = b;
             }
@@ -492,8 +496,17 @@ fn check_outputs(opts: &RunOptions, inputs: &[&Path]) -> Result<()> {
     .filter_map(|(f, p)| p.map(|p| (f, p)))
     .collect();
     for (i, (flag, p)) in outs.iter().enumerate() {
-        let target = if *flag == "--report" { p.to_path_buf() } else { output_file(p) };
-        for input in inputs.iter().copied().chain(opts.calib.as_deref()).chain([opts.model.as_path()]) {
+        let target = if *flag == "--report" {
+            p.to_path_buf()
+        } else {
+            output_file(p)
+        };
+        for input in inputs
+            .iter()
+            .copied()
+            .chain(opts.calib.as_deref())
+            .chain([opts.model.as_path()])
+        {
             if same_file(p, input) || same_file(&target, input) {
                 return Err(Error::InvalidOption(format!(
                     "{flag} {} is an input file; comq-gpu never overwrites its inputs",
@@ -620,7 +633,12 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 }
             }
             let file = resolve_output(path)?;
-            Some(ShardedWriter::create(&file, planned, opts.max_shard_size, &meta)?)
+            Some(ShardedWriter::create(
+                &file,
+                planned,
+                opts.max_shard_size,
+                &meta,
+            )?)
         }
         None => None,
     };
@@ -636,7 +654,12 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 })
                 .collect();
             let file = resolve_output(path)?;
-            Some(ShardedWriter::create(&file, planned, opts.max_shard_size, &meta)?)
+            Some(ShardedWriter::create(
+                &file,
+                planned,
+                opts.max_shard_size,
+                &meta,
+            )?)
         }
         None => None,
     };
@@ -731,7 +754,11 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         let modules: BTreeMap<String, ModuleScheme> = jobs
             .iter()
             .map(|j| {
-                let s = ModuleScheme { bits: j.config.bits, group_size: j.config.group_size, sym: j.config.sym };
+                let s = ModuleScheme {
+                    bits: j.config.bits,
+                    group_size: j.config.group_size,
+                    sym: j.config.sym,
+                };
                 (j.prefix.clone(), s)
             })
             .collect();
@@ -739,7 +766,11 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         let ignore: Vec<String> = model
             .tensors()
             .iter()
-            .filter(|t| t.name.ends_with(".weight") && t.shape.len() == 2 && !quantized.contains(t.name.as_str()))
+            .filter(|t| {
+                t.name.ends_with(".weight")
+                    && t.shape.len() == 2
+                    && !quantized.contains(t.name.as_str())
+            })
             .map(|t| t.name.trim_end_matches(".weight").to_string())
             .collect();
         let qc = hfconfig::quantization_config(&modules, &ignore);
@@ -803,8 +834,17 @@ fn shard_files(dest: &Path, shards: usize) -> Vec<PathBuf> {
         return vec![dest.to_path_buf()];
     }
     let dir = dest.parent().unwrap_or(Path::new("."));
-    let stem = dest.file_name().map(|f| f.to_string_lossy().trim_end_matches(".safetensors.index.json").to_string()).unwrap_or_default();
-    (1..=shards).map(|i| dir.join(format!("{stem}-{i:05}-of-{shards:05}.safetensors"))).collect()
+    let stem = dest
+        .file_name()
+        .map(|f| {
+            f.to_string_lossy()
+                .trim_end_matches(".safetensors.index.json")
+                .to_string()
+        })
+        .unwrap_or_default();
+    (1..=shards)
+        .map(|i| dir.join(format!("{stem}-{i:05}-of-{shards:05}.safetensors")))
+        .collect()
 }
 
 /// Writes `config.json` (with `quantization_config` when given) and copies the input's
@@ -817,7 +857,10 @@ fn write_side_files(
     qc: Option<serde_json::Value>,
     outputs: &mut BTreeMap<String, String>,
 ) -> Result<()> {
-    let out_dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let out_dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if same_file(out_dir, input_dir) {
         log::warn!(
             "{} is in the input's directory, so no config.json is written beside it; \
@@ -835,7 +878,10 @@ fn write_side_files(
         }
         None => return Ok(()),
     }
-    outputs.insert(format!("config:{}", dest.display()), out_dir.join("config.json").display().to_string());
+    outputs.insert(
+        format!("config:{}", dest.display()),
+        out_dir.join("config.json").display().to_string(),
+    );
     let pre = input_dir.join("preprocessor_config.json");
     if pre.is_file() {
         let bytes = std::fs::read(&pre).map_err(|e| Error::io(&pre, e))?;
@@ -864,7 +910,11 @@ pub struct InspectRow {
 }
 
 /// Lists the tensors of `model`, which would be quantized under `selection` and `cfg`, and sizes.
-pub fn inspect(model: &Checkpoint, selection: &Selection, cfg: &QuantConfig) -> Result<Vec<InspectRow>> {
+pub fn inspect(
+    model: &Checkpoint,
+    selection: &Selection,
+    cfg: &QuantConfig,
+) -> Result<Vec<InspectRow>> {
     let mut rows = Vec::new();
     for t in model.tensors() {
         let d = selection.decide(model.path(), t)?;

@@ -89,11 +89,13 @@ impl Size {
 /// Parses "5GB", "500MB", "2GiB", "1000" into bytes.
 pub fn parse_size(t: &str) -> Result<u64> {
     let t = t.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| Error::InvalidOption(format!("size '{t}' is not a number with an optional unit")))?;
+    let v: f64 = num.parse().map_err(|_| {
+        Error::InvalidOption(format!("size '{t}' is not a number with an optional unit"))
+    })?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "kb" => 1e3,
@@ -103,11 +105,17 @@ pub fn parse_size(t: &str) -> Result<u64> {
         "kib" => 1024.0,
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(Error::InvalidOption(format!("size '{t}' has an unknown unit '{other}'"))),
+        other => {
+            return Err(Error::InvalidOption(format!(
+                "size '{t}' has an unknown unit '{other}'"
+            )))
+        }
     };
     let b = v * mult;
     if !(b >= 1.0 && b.is_finite()) {
-        return Err(Error::InvalidOption(format!("size '{t}' must be at least one byte")));
+        return Err(Error::InvalidOption(format!(
+            "size '{t}' must be at least one byte"
+        )));
     }
     Ok(b as u64)
 }
@@ -149,7 +157,10 @@ impl Recipe {
             .iter()
             .map(|r| {
                 let pattern = Regex::new(&r.pattern).map_err(|e| {
-                    Error::InvalidOption(format!("[[layer]] match '{}' is not a valid regex: {e}", r.pattern))
+                    Error::InvalidOption(format!(
+                        "[[layer]] match '{}' is not a valid regex: {e}",
+                        r.pattern
+                    ))
                 })?;
                 Ok(LayerOverride {
                     pattern,
@@ -173,7 +184,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.bits, Some(3));
-        assert_eq!(r.max_shard_size.as_ref().unwrap().bytes().unwrap(), 2_000_000_000);
+        assert_eq!(
+            r.max_shard_size.as_ref().unwrap().bytes().unwrap(),
+            2_000_000_000
+        );
         let o = r.overrides().unwrap();
         assert_eq!(o[0].bits, Some(8));
         assert_eq!(o[0].group_size, Some(None));

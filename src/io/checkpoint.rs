@@ -77,9 +77,15 @@ impl Checkpoint {
             let m = Model::open(shard)?;
             for t in m.tensors() {
                 if index.insert(t.name.clone(), tensors.len()).is_some() {
-                    return Err(bad(shard, format!("tensor '{}' appears in two shards", t.name)));
+                    return Err(bad(
+                        shard,
+                        format!("tensor '{}' appears in two shards", t.name),
+                    ));
                 }
-                tensors.push(TensorMeta { file: i, ..t.clone() });
+                tensors.push(TensorMeta {
+                    file: i,
+                    ..t.clone()
+                });
             }
             for (k, v) in m.metadata() {
                 metadata.entry(k.clone()).or_insert_with(|| v.clone());
@@ -145,20 +151,30 @@ impl Checkpoint {
 /// The distinct shard files of an index, in first-appearance order of the sorted weight map.
 fn read_index(path: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad(path, "no \"weight_map\" object"))?;
     let sorted: BTreeMap<&String, &serde_json::Value> = map.iter().collect();
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, f) in sorted {
-        let f = f
-            .as_str()
-            .ok_or_else(|| bad(path, format!("weight_map entry '{name}' is not a file name")))?;
+        let f = f.as_str().ok_or_else(|| {
+            bad(
+                path,
+                format!("weight_map entry '{name}' is not a file name"),
+            )
+        })?;
         if f.contains('/') || f.contains('\\') || f == ".." {
-            return Err(bad(path, format!("weight_map entry '{name}' points outside the directory: '{f}'")));
+            return Err(bad(
+                path,
+                format!("weight_map entry '{name}' points outside the directory: '{f}'"),
+            ));
         }
         let p = dir.join(f);
         if !files.contains(&p) {

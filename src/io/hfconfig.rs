@@ -48,7 +48,11 @@ pub fn quantization_config(modules: &BTreeMap<String, ModuleScheme>, ignore: &[S
     let single = by_scheme.len() == 1;
     let mut groups = serde_json::Map::new();
     for (i, (scheme, names)) in by_scheme.iter().enumerate() {
-        let targets: Value = if single { json!(["Linear"]) } else { json!(names) };
+        let targets: Value = if single {
+            json!(["Linear"])
+        } else {
+            json!(names)
+        };
         groups.insert(
             format!("group_{i}"),
             json!({
@@ -80,7 +84,10 @@ pub fn write_config(out_dir: &Path, input_config: Option<&Path>, qc: Value) -> R
                 reason: format!("config.json is not valid JSON: {e}"),
             })?;
             if !v.is_object() {
-                return Err(Error::BadSafetensors { path: p.into(), reason: "config.json is not a JSON object".into() });
+                return Err(Error::BadSafetensors {
+                    path: p.into(),
+                    reason: "config.json is not a JSON object".into(),
+                });
             }
             v
         }

@@ -295,7 +295,12 @@ impl ShardedWriter {
         if total as u64 <= max_shard_bytes {
             let w = SafetensorsWriter::create(dest, tensors.clone(), metadata)?;
             let route = tensors.iter().map(|t| (t.name.clone(), 0)).collect();
-            return Ok(ShardedWriter { dest: dest.into(), writers: vec![w], route, index: None });
+            return Ok(ShardedWriter {
+                dest: dest.into(),
+                writers: vec![w],
+                route,
+                index: None,
+            });
         }
         let mut groups: Vec<Vec<PlannedTensor>> = vec![Vec::new()];
         let mut size = 0u64;
@@ -309,10 +314,17 @@ impl ShardedWriter {
             groups.last_mut().expect("one group").push(t);
         }
         let n = groups.len();
-        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let stem = dest
             .file_name()
-            .map(|f| f.to_string_lossy().trim_end_matches(".safetensors").to_string())
+            .map(|f| {
+                f.to_string_lossy()
+                    .trim_end_matches(".safetensors")
+                    .to_string()
+            })
             .unwrap_or_else(|| "model".into());
         let mut writers = Vec::new();
         let mut route = HashMap::new();
@@ -326,7 +338,12 @@ impl ShardedWriter {
             writers.push(SafetensorsWriter::create(&dir.join(&file), g, metadata)?);
         }
         let index = dir.join(format!("{stem}.safetensors.index.json"));
-        Ok(ShardedWriter { dest: index.clone(), writers, route, index: Some((index, weight_map, total)) })
+        Ok(ShardedWriter {
+            dest: index.clone(),
+            writers,
+            route,
+            index: Some((index, weight_map, total)),
+        })
     }
 
     /// Writes tensor `name`'s bytes into its shard.
@@ -357,7 +374,12 @@ impl ShardedWriter {
                 "metadata": { "total_size": total },
                 "weight_map": weight_map,
             });
-            write_atomic(&path, serde_json::to_string_pretty(&json).expect("json").as_bytes())?;
+            write_atomic(
+                &path,
+                serde_json::to_string_pretty(&json)
+                    .expect("json")
+                    .as_bytes(),
+            )?;
         }
         Ok(())
     }

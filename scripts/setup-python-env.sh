@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates (once) the Python environment the interoperability tests use: transformers,
+# compressed-tensors and torch, pinned. It lives outside the checkout and is reused while its
+# stamp matches. Prints the environment's python path on the last line.
+set -euo pipefail
+ENV_DIR=${COMQ_PYENV:-$HOME/.cache/comq-gpu/pyenv}
+PINS="torch==2.15.0 transformers==5.23.0 compressed-tensors==0.20.0 safetensors numpy"
+STAMP="$ENV_DIR/.comq-pins"
+if [ ! -x "$ENV_DIR/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$PINS" ]; then
+  echo "creating the Python test environment in $ENV_DIR ($PINS)" >&2
+  rm -rf "$ENV_DIR"
+  python3 -m venv "$ENV_DIR"
+  "$ENV_DIR/bin/pip" install -q --upgrade pip >&2
+  # shellcheck disable=SC2086
+  "$ENV_DIR/bin/pip" install -q $PINS >&2
+  echo "$PINS" > "$STAMP"
+fi
+echo "$ENV_DIR/bin/python"
