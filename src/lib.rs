@@ -6,6 +6,7 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod pipeline;
+pub mod plan;
 pub mod quant;
 pub mod recipe;
 pub mod shaders;

@@ -158,6 +158,9 @@ pub struct RunOptions {
     pub max_shard_size: u64,
     /// Per-layer overrides (bits, group size, skip), applied in order.
     pub overrides: Vec<LayerOverride>,
+    /// Memory budget of the device in bytes (host memory for the CPU; default: the host's
+    /// available memory for the CPU, none for a GPU, whose memory wgpu cannot query).
+    pub memory_limit: Option<u64>,
 }
 
 /// One layer's line in the report.
@@ -292,14 +295,21 @@ pub enum Progress<'a> {
     Writing,
 }
 
-/// A planned layer.
-struct Job {
-    meta: TensorMeta,
-    prefix: String,
-    rows: usize,
-    cols: usize,
-    config: QuantConfig,
-    calib: Option<CalibKind>,
+/// A planned layer: what will be quantized, with which options and calibration.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The weight tensor.
+    pub meta: TensorMeta,
+    /// Its name without `.weight`.
+    pub prefix: String,
+    /// Output channels.
+    pub rows: usize,
+    /// Inputs.
+    pub cols: usize,
+    /// Options after per-layer overrides.
+    pub config: QuantConfig,
+    /// Its calibration (`None` = data-free).
+    pub calib: Option<CalibKind>,
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -417,7 +427,11 @@ pub fn packed_tensors(
 }
 
 /// Plans the layers to quantize, checking everything that can be checked without compute.
-fn plan(model: &Checkpoint, opts: &RunOptions, calib: Option<&Calibration>) -> Result<Vec<Job>> {
+pub fn plan(
+    model: &Checkpoint,
+    opts: &RunOptions,
+    calib: Option<&Calibration>,
+) -> Result<Vec<Job>> {
     let mut jobs = Vec::new();
     for t in model.tensors() {
         if opts.selection.decide(model.path(), t)? != Decision::Quantize {
@@ -605,6 +619,8 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let jobs = plan(&model, opts, calib.as_ref())?;
     let device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
     let device_name = device.describe();
+    // Refuse before any compute when a layer cannot fit.
+    crate::plan::preflight(&jobs, calib.as_ref(), &device, opts.memory_limit, None)?.check()?;
     log::info!(
         "quantizing {} layers of {} on {device_name}",
         jobs.len(),

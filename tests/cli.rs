@@ -577,3 +577,177 @@ fn an_unsupported_dtype_asked_to_be_quantized_is_a_clear_error() {
     assert_bad_input(&o, "no tensor");
     b.assert_nothing_written();
 }
+
+#[test]
+fn inspect_plan_refuses_a_plan_that_cannot_fit_and_names_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 16, 11);
+    let ok = run(&[
+        "inspect",
+        s(&model),
+        "--calib",
+        s(&calib),
+        "--plan",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        text.contains("peak device memory") && text.contains("estimated time"),
+        "{text}"
+    );
+    let no = run(&[
+        "inspect",
+        s(&model),
+        "--plan",
+        "--device",
+        "cpu",
+        "--memory-limit",
+        "20kB",
+    ]);
+    assert_bad_input(&no, "cannot fit");
+    assert!(String::from_utf8_lossy(&no.stderr).contains("--skip"));
+    // run refuses the same plan before computing anything.
+    let out = dir.path().join("o.safetensors");
+    let r = run(&[
+        "run",
+        s(&model),
+        "--calib",
+        s(&calib),
+        "--device",
+        "cpu",
+        "--memory-limit",
+        "20kB",
+        "--out",
+        s(&out),
+    ]);
+    assert_bad_input(&r, "nothing was computed");
+    assert!(!out.exists());
+}
+
+#[test]
+fn an_output_directory_gets_config_json_and_large_outputs_are_sharded_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 16, 12);
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "vit", "hidden_size": 16}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("packed");
+    let deq = dir.path().join("deq");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--calib",
+        s(&calib),
+        "--device",
+        "cpu",
+        "--sym",
+        "--out",
+        s(&out),
+        "--dequantized",
+        s(&deq),
+        "--max-shard-size",
+        "4kB",
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["model_type"], "vit",
+        "the input's config.json is extended"
+    );
+    let qc = &cfg["quantization_config"];
+    assert_eq!(qc["format"], "pack-quantized");
+    assert_eq!(qc["config_groups"]["group_0"]["weights"]["num_bits"], 4);
+    assert_eq!(qc["config_groups"]["group_0"]["weights"]["symmetric"], true);
+    assert!(qc["ignore"].as_array().unwrap().iter().any(|v| v == "head"));
+    // Sharded: an index and several shards, readable as one checkpoint.
+    let index = out.join("model.safetensors.index.json");
+    assert!(index.exists());
+    let shards = files_in(&out)
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("-of-"))
+        .count();
+    assert!(shards > 1, "expected several shards, found {shards}");
+    let ck = comq_gpu::io::Checkpoint::open(&out).unwrap();
+    assert!(ck.get("blocks.1.mlp.fc2.weight_packed").is_some() && ck.get("head.weight").is_some());
+    // The dequantized shards quantize again as an input (sharded in).
+    let again = dir.path().join("again.safetensors");
+    let o = run(&[
+        "run",
+        s(&deq),
+        "--data-free",
+        "--device",
+        "cpu",
+        "--out",
+        s(&again),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(Model::open(&again)
+        .unwrap()
+        .get("blocks.0.attn.qkv.weight_packed")
+        .is_some());
+}
+
+#[test]
+fn a_recipe_sets_options_and_per_layer_overrides_while_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 16, 13);
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        "bits = 3\nsweeps = 2\n[[layer]]\nmatch = 'mlp\\.fc2'\nbits = 8\n[[layer]]\nmatch = 'blocks\\.1\\.attn\\.proj'\nskip = true\n",
+    )
+    .unwrap();
+    let rep = dir.path().join("r.json");
+    let out = dir.path().join("o.safetensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--calib",
+        s(&calib),
+        "--config",
+        s(&recipe),
+        "--device",
+        "cpu",
+        "--bits",
+        "2",
+        "--out",
+        s(&out),
+        "--report",
+        s(&rep),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    let layers = r["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 7, "one layer skipped by the recipe");
+    for l in layers {
+        let name = l["name"].as_str().unwrap();
+        let want = if name.contains("fc2") { 8 } else { 2 };
+        assert_eq!(
+            l["bits"], want,
+            "{name}: the flag --bits 2 wins over the recipe, the override over both"
+        );
+        assert_eq!(
+            l["loss_history"].as_array().unwrap().len(),
+            2,
+            "sweeps = 2 from the recipe"
+        );
+    }
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "bitz = 3\n").unwrap();
+    assert_bad_input(
+        &run(&["run", s(&model), "--data-free", "--config", s(&bad)]),
+        "bitz",
+    );
+}

@@ -49,6 +49,16 @@ impl Calibration {
         }
     }
 
+    /// Activation rows behind layer `prefix`'s calibration (0 for a given Gram or none).
+    pub fn rows(&self, prefix: &str, cols: usize) -> u64 {
+        match self.file.get(&format!("{prefix}.input")) {
+            Some(t) if self.kind(prefix) == Some(CalibKind::Input) => {
+                (t.numel() / cols.max(1)) as u64
+            }
+            _ => 0,
+        }
+    }
+
     /// Checks shapes and dtypes for a layer with `cols` inputs without reading data.
     pub fn check(&self, prefix: &str, cols: usize) -> Result<CalibKind> {
         let path = self.file.path();

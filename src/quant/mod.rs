@@ -17,6 +17,19 @@ pub mod grid;
 pub mod order;
 
 pub use comq::{quantize_layer, LayerOutcome};
+
+/// [`quantize_layer`] on a run-time chosen device.
+pub fn quantize_layer_any(
+    device: &crate::device::AnyDevice,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &Gram,
+    cfg: &QuantConfig,
+) -> crate::error::Result<LayerOutcome> {
+    device.quantize_layer(name, w, rows, cols, gram, cfg)
+}
 pub use gram::{Gram, GramAccumulator};
 pub use grid::Grid;
 pub use order::Order;

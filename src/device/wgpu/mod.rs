@@ -282,6 +282,11 @@ impl WgpuDevice {
         self.binding_cap.map_or(hw, |c| c.min(hw))
     }
 
+    /// The largest storage binding this device accepts, in bytes.
+    pub fn binding_limit(&self) -> u64 {
+        self.max_binding()
+    }
+
     /// Caps the bytes per storage binding below the adapter's limit, so row tiling can be
     /// exercised (and tested) on small layers.
     pub fn cap_binding_bytes(&mut self, bytes: u64) {

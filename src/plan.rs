@@ -1,0 +1,260 @@
+//! Preflight: what a run will need, per layer, before it computes anything.
+//!
+//! Memory is counted from the device's own layout (ARCHITECTURE.md, memory plan): on the GPU
+//! `W`, `Q̂`, `R`, codes and a scratch row block (f32/i32), the order table (greedy only), steps
+//! and code ranges, and `G` in f32; on the host the f32 weights, the f64 Gram, its f32 copy and
+//! the downloaded codes and dequantized values. Time is estimated from a quick measured run of a
+//! small synthetic layer on the same device, scaled by `rows·cols²` (the work of a sweep and of a
+//! residual refresh), plus Gram accumulation scaled by `N·cols²`.
+//!
+//! A plan is refused when a layer cannot fit: its Gram matrix over the adapter's storage-binding
+//! limit, or its memory over the budget. The refusal names the layer and the option that would
+//! make it fit.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::device::AnyDevice;
+use crate::error::{Error, Result};
+use crate::io::Calibration;
+use crate::pipeline::Job;
+use crate::quant::{quantize_layer_any, OrderKind, QuantConfig};
+
+/// One layer's needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerPlan {
+    /// Weight name.
+    pub name: String,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// Bits.
+    pub bits: u32,
+    /// Bytes of `W` in f32.
+    pub w_bytes: u64,
+    /// Bytes of `G` in f32.
+    pub g_bytes: u64,
+    /// Bytes of the residual `R` in f32.
+    pub residual_bytes: u64,
+    /// Device memory the layer's state needs.
+    pub device_bytes: u64,
+    /// Host memory the layer needs while it is processed.
+    pub host_bytes: u64,
+    /// Activation rows to accumulate (0 for a given Gram or data-free).
+    pub calib_rows: u64,
+    /// Estimated seconds (when measured).
+    pub est_seconds: Option<f64>,
+}
+
+/// The whole preflight plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preflight {
+    /// The device it was planned for.
+    pub device: String,
+    /// Per layer.
+    pub layers: Vec<LayerPlan>,
+    /// Largest device memory of one layer (layers are processed one at a time).
+    pub peak_device_bytes: u64,
+    /// Largest host memory of one layer.
+    pub peak_host_bytes: u64,
+    /// The device memory budget checked against, if any.
+    pub device_budget: Option<u64>,
+    /// The host memory available, if known.
+    pub host_available: Option<u64>,
+    /// The adapter's storage-binding limit (GPU only).
+    pub binding_limit: Option<u64>,
+    /// Estimated total seconds (when measured).
+    pub est_seconds: Option<f64>,
+    /// Why the plan cannot run, with the fix (empty when it can).
+    pub problems: Vec<String>,
+}
+
+impl Preflight {
+    /// An error listing the problems, if there are any.
+    pub fn check(&self) -> Result<()> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidOption(format!(
+                "this run cannot fit, nothing was computed:\n  {}",
+                self.problems.join("\n  ")
+            )))
+        }
+    }
+}
+
+/// Host memory available to new allocations (`MemAvailable`), where the OS reports it.
+pub fn host_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn human(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
+    }
+}
+
+/// Device bytes of one layer's state (see the module doc).
+pub fn device_bytes(rows: usize, cols: usize, cfg: &QuantConfig) -> u64 {
+    let (m, n) = (rows as u64, cols as u64);
+    let groups = (cols / cfg.group_size.unwrap_or(cols)) as u64;
+    let order = if cfg.order == OrderKind::Greedy {
+        4 * m * n
+    } else {
+        0
+    };
+    20 * m * n + order + 12 * m * groups + 4 * m + 4 * n * n
+}
+
+/// Host bytes while one layer is processed.
+pub fn host_bytes(rows: usize, cols: usize, cpu: bool, cfg: &QuantConfig) -> u64 {
+    let (m, n) = (rows as u64, cols as u64);
+    // f32 weights, codes and dequantized values out, f64 Gram + f32 copy.
+    let base = 4 * m * n * 3 + 12 * n * n;
+    if cpu {
+        base + device_bytes(rows, cols, cfg)
+    } else {
+        base + 4 * m * n // the greedy order is built on the host before upload
+    }
+}
+
+/// Plans `jobs` for `device`. With `measure`, a small synthetic layer of that shape is run on the
+/// device first to estimate times.
+pub fn preflight(
+    jobs: &[Job],
+    calib: Option<&Calibration>,
+    device: &AnyDevice,
+    memory_limit: Option<u64>,
+    measure: Option<(usize, usize)>,
+) -> Result<Preflight> {
+    let cpu = matches!(device, AnyDevice::Cpu(_));
+    let binding_limit = match device {
+        AnyDevice::Wgpu(d) => Some(d.binding_limit()),
+        AnyDevice::Cpu(_) => None,
+    };
+    let host_available = host_available_bytes();
+    let device_budget = if cpu {
+        memory_limit.or(host_available)
+    } else {
+        memory_limit
+    };
+    let (rate_sweep, rate_gram) = match measure {
+        Some((m, n)) => {
+            let (a, b) = measure_rates(device, m, n, jobs.first().map(|j| &j.config))?;
+            (Some(a), Some(b))
+        }
+        None => (None, None),
+    };
+    let mut layers = Vec::new();
+    let mut problems = Vec::new();
+    for j in jobs {
+        let (m, n) = (j.rows, j.cols);
+        let cfg = &j.config;
+        let dev = device_bytes(m, n, cfg);
+        let host = host_bytes(m, n, cpu, cfg);
+        let calib_rows = calib.map_or(0, |c| c.rows(&j.prefix, n));
+        let g_bytes = (4 * n * n) as u64;
+        let work = (m * n * n) as f64
+            * (cfg.sweeps as f64 * if cfg.scale_update { 3.0 } else { 2.0 } + 3.0);
+        let est = rate_sweep
+            .map(|r| work / r + rate_gram.map_or(0.0, |g| calib_rows as f64 * (n * n) as f64 / g));
+        if let Some(lim) = binding_limit {
+            if g_bytes > lim {
+                problems.push(format!(
+                    "layer '{}' needs a {n}×{n} Gram matrix of {} but the adapter binds at most {}: use --device cpu, or --skip '{}'",
+                    j.meta.name,
+                    human(g_bytes),
+                    human(lim),
+                    regex::escape(&j.meta.name)
+                ));
+            }
+        }
+        if let Some(budget) = device_budget {
+            let need = if cpu { host } else { dev };
+            if need > budget {
+                let natural = QuantConfig {
+                    order: OrderKind::Natural,
+                    ..cfg.clone()
+                };
+                let need_nat = if cpu {
+                    host_bytes(m, n, true, &natural)
+                } else {
+                    device_bytes(m, n, &natural)
+                };
+                let fix = if need_nat <= budget {
+                    "--order natural (no per-row order table)".to_string()
+                } else if !cpu && host_available.is_some_and(|h| host_bytes(m, n, true, cfg) <= h) {
+                    "--device cpu".to_string()
+                } else {
+                    format!("--skip '{}'", regex::escape(&j.meta.name))
+                };
+                problems.push(format!(
+                    "layer '{}' [{m}, {n}] needs {} of {} memory but the budget is {}: use {fix}",
+                    j.meta.name,
+                    human(need),
+                    if cpu { "host" } else { "device" },
+                    human(budget)
+                ));
+            }
+        }
+        layers.push(LayerPlan {
+            name: j.meta.name.clone(),
+            shape: [m, n],
+            bits: cfg.bits,
+            w_bytes: (4 * m * n) as u64,
+            g_bytes,
+            residual_bytes: (4 * m * n) as u64,
+            device_bytes: dev,
+            host_bytes: host,
+            calib_rows,
+            est_seconds: est,
+        });
+    }
+    Ok(Preflight {
+        device: device.describe(),
+        peak_device_bytes: layers.iter().map(|l| l.device_bytes).max().unwrap_or(0),
+        peak_host_bytes: layers.iter().map(|l| l.host_bytes).max().unwrap_or(0),
+        est_seconds: rate_sweep.map(|_| layers.iter().filter_map(|l| l.est_seconds).sum()),
+        layers,
+        device_budget,
+        host_available,
+        binding_limit,
+        problems,
+    })
+}
+
+/// Measures `rows·cols²` per second for a whole layer and `N·cols²` per second for Gram
+/// accumulation on `device`, on a small synthetic problem (one warm-up, one timed run).
+fn measure_rates(
+    device: &AnyDevice,
+    m: usize,
+    n: usize,
+    cfg: Option<&QuantConfig>,
+) -> Result<(f64, f64)> {
+    let cfg = QuantConfig {
+        group_size: None,
+        ..cfg.cloned().unwrap_or_default()
+    };
+    let w = crate::bench::weights(m, n, 7);
+    let g = crate::bench::correlated_gram(n, 8);
+    quantize_layer_any(device, "preflight", &w, m, n, &g, &cfg)?;
+    let t = Instant::now();
+    quantize_layer_any(device, "preflight", &w, m, n, &g, &cfg)?;
+    let secs = t.elapsed().as_secs_f64().max(1e-6);
+    let work =
+        (m * n * n) as f64 * (cfg.sweeps as f64 * if cfg.scale_update { 3.0 } else { 2.0 } + 3.0);
+    let rows = 1024;
+    let x = crate::bench::weights(rows, n, 9);
+    let t = Instant::now();
+    let chunks = std::iter::once(Ok(x));
+    let _ = device.gram(n, chunks)?;
+    let gsecs = t.elapsed().as_secs_f64().max(1e-6);
+    Ok((work / secs, (rows * n * n) as f64 / gsecs))
+}
