@@ -226,6 +226,9 @@ pub struct RunArgs {
     /// Split outputs larger than this into shards with an index (e.g. 5GB, 500MB) [default: 5GB].
     #[arg(long, value_name = "SIZE")]
     pub max_shard_size: Option<String>,
+    /// Draw the per-layer relative error, COMQ vs RTN, to this PNG.
+    #[arg(long, value_name = "PATH.png")]
+    pub plot: Option<PathBuf>,
     /// Memory budget of the device (host memory for --device cpu; default: the host's available
     /// memory on the CPU, none on a GPU); a layer that cannot fit is refused before any compute.
     #[arg(long, value_name = "SIZE")]
@@ -303,6 +306,15 @@ fn human_bytes(b: usize) -> String {
 fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
     let recipe = a.quant.recipe()?;
     let config = a.quant.config(&recipe)?;
+    let a_plot = a.plot.clone();
+    if let Some(p) = &a_plot {
+        if p.extension().is_none_or(|e| e != "png") {
+            anyhow::bail!(comq_gpu::Error::InvalidOption(format!(
+                "--plot {} must end in .png",
+                p.display()
+            )));
+        }
+    }
     // With no output named, write the packed checkpoint to the working directory.
     let out = match (&a.out, &a.dequantized) {
         (None, None) => {
@@ -364,11 +376,25 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
             bar.println(format!("quantizing {layers} layers on {device}"));
         }
         Progress::LayerStart { name } => bar.set_message(name.to_string()),
+        Progress::Stage { name, stage } => bar.set_message(format!("{stage}: {name}")),
         Progress::LayerDone(_) => bar.inc(1),
         Progress::Writing => bar.set_message("finishing outputs"),
     });
     bar.finish_and_clear();
     let report = report?;
+    if let Some(p) = &a_plot {
+        let title = format!(
+            "{} — W{} {} on {}",
+            report.model,
+            report.options.bits,
+            if report.options.sym { "sym" } else { "asym" },
+            report.device.split(" (").next().unwrap_or("")
+        );
+        comq_gpu::plot::plot_errors(p, &title, &report.layers)?;
+        if !quiet {
+            println!("wrote plot: {}", p.display());
+        }
+    }
     if !quiet {
         println!(
             "{:<48} {:>13} {:>12} {:>12} {:>8} {:>8}",

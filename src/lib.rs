@@ -7,6 +7,7 @@ pub mod error;
 pub mod io;
 pub mod pipeline;
 pub mod plan;
+pub mod plot;
 pub mod quant;
 pub mod recipe;
 pub mod shaders;

@@ -289,6 +289,13 @@ pub enum Progress<'a> {
         /// Its name.
         name: &'a str,
     },
+    /// A step within a layer: `read`, `calibration`, `quantize` or `write`.
+    Stage {
+        /// The layer.
+        name: &'a str,
+        /// The step.
+        stage: &'static str,
+    },
     /// A layer finished.
     LayerDone(&'a LayerReport),
     /// Outputs are being finished (metadata, sync, rename, hashes).
@@ -687,6 +694,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         for w in [packed.as_mut(), dequant.as_mut()].into_iter().flatten() {
             w.write(&t.name, model.bytes(t))?;
         }
+        model.release(t);
     }
 
     progress(Progress::Start {
@@ -700,7 +708,16 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             name: &job.meta.name,
         });
         let t0 = Instant::now();
+        progress(Progress::Stage {
+            name: &job.meta.name,
+            stage: "read",
+        });
         let w = model.read_f32(&job.meta)?;
+        model.release(&job.meta);
+        progress(Progress::Stage {
+            name: &job.meta.name,
+            stage: "calibration",
+        });
         let gram = match (&calib, job.calib) {
             (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, &device)?,
             _ => Gram::identity(job.cols),
@@ -708,6 +725,10 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         let outcome =
             device.quantize_layer(&job.meta.name, &w, job.rows, job.cols, &gram, &job.config)?;
         let q = &outcome.layer;
+        progress(Progress::Stage {
+            name: &job.meta.name,
+            stage: "write",
+        });
         hasher.update(job.meta.name.as_bytes());
         hasher.update(
             q.unsigned_codes()
@@ -790,8 +811,16 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             .map(|t| t.name.trim_end_matches(".weight").to_string())
             .collect();
         let qc = hfconfig::quantization_config(&modules, &ignore);
-        write_side_files(&dest, model.dir(), &input_config, Some(qc), &mut outputs)?;
-        if !opts.config.sym {
+        let dir_mode = opts.out.as_deref().is_some_and(|p| output_file(p) != p);
+        write_side_files(
+            dir_mode,
+            &dest,
+            model.dir(),
+            &input_config,
+            Some(qc),
+            &mut outputs,
+        )?;
+        if !opts.config.sym && dir_mode {
             log::warn!(
                 "asymmetric pack-quantized output loads in vLLM and llm-compressor, but transformers' \
                  from_pretrained does not load it yet; pass --sym for a transformers-loadable checkpoint"
@@ -804,7 +833,18 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         w.finish(&meta)?;
         outputs.insert("dequantized".into(), dest.display().to_string());
         written.extend(shard_files(&dest, shards));
-        write_side_files(&dest, model.dir(), &input_config, None, &mut outputs)?;
+        let dir_mode = opts
+            .dequantized
+            .as_deref()
+            .is_some_and(|p| output_file(p) != p);
+        write_side_files(
+            dir_mode,
+            &dest,
+            model.dir(),
+            &input_config,
+            None,
+            &mut outputs,
+        )?;
     }
     let mut input_sha256 = BTreeMap::new();
     for f in model.files().into_iter().chain(opts.calib.as_deref()) {
@@ -867,6 +907,7 @@ fn shard_files(dest: &Path, shards: usize) -> Vec<PathBuf> {
 /// `preprocessor_config.json` beside an output — unless the output sits in the input's own
 /// directory, whose files are never touched.
 fn write_side_files(
+    dir_mode: bool,
     dest: &Path,
     input_dir: &Path,
     input_config: &Path,
@@ -877,6 +918,14 @@ fn write_side_files(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    if !dir_mode {
+        log::info!(
+            "{} is a single file, so no config.json is written beside it; pass a directory \
+             (--out DIR) for a checkpoint transformers can load",
+            dest.display()
+        );
+        return Ok(());
+    }
     if same_file(out_dir, input_dir) {
         log::warn!(
             "{} is in the input's directory, so no config.json is written beside it; \

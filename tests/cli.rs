@@ -751,3 +751,41 @@ fn a_recipe_sets_options_and_per_layer_overrides_while_flags_win() {
         "bitz",
     );
 }
+
+#[test]
+fn plot_draws_a_png_and_refuses_other_extensions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 16, 14);
+    let png = dir.path().join("errors.png");
+    let out = dir.path().join("o.safetensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--calib",
+        s(&calib),
+        "--device",
+        "cpu",
+        "--out",
+        s(&out),
+        "--plot",
+        s(&png),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(bytes.len() > 10_000, "a real chart, not an empty image");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--calib",
+        s(&calib),
+        "--device",
+        "cpu",
+        "--out",
+        s(&out),
+        "--plot",
+        "x.svg",
+    ]);
+    assert_bad_input(&o, "must end in .png");
+}

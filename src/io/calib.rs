@@ -123,6 +123,10 @@ impl Calibration {
                 let chunks = (0..rows).step_by(CHUNK_ROWS).map(|start| {
                     let end = (start + CHUNK_ROWS).min(rows);
                     let chunk = self.file.read_rows_f32(t, cols, start..end)?;
+                    let es = super::dtype::size_of(t.dtype).unwrap_or(0);
+                    self.file.release(
+                        t.range.start + start * cols * es..t.range.start + end * cols * es,
+                    );
                     if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
                         return Err(Error::NonFinite {
                             what: format!("calibration tensor '{name}' in {}", path.display()),

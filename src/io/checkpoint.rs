@@ -137,6 +137,11 @@ impl Checkpoint {
         self.shards[t.file].bytes(t)
     }
 
+    /// Releases a tensor's pages from this process's resident set (see [`Model::release`]).
+    pub fn release(&self, t: &TensorMeta) {
+        self.shards[t.file].release(t.range.clone());
+    }
+
     /// A float tensor as f32.
     pub fn read_f32(&self, t: &TensorMeta) -> Result<Vec<f32>> {
         self.shards[t.file].read_f32(t)

@@ -138,6 +138,28 @@ impl Model {
         &self.map[t.range.clone()]
     }
 
+    /// Drops the process's mapping of the pages wholly inside `range` (they stay in the page
+    /// cache), so a pass over a file larger than memory keeps the resident set to what is in use.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        const PAGE: usize = 4096;
+        let start = range.start.next_multiple_of(PAGE);
+        let end = range.end / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the map is private and read-only; MADV_DONTNEED on it only discards this
+            // process's page-table entries, and a later access faults the identical file
+            // contents back in. No reference into these pages outlives this call's callers'
+            // use (they have already copied or written the bytes).
+            #[cfg(unix)]
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
     /// A float tensor converted to f32.
     pub fn read_f32(&self, t: &TensorMeta) -> Result<Vec<f32>> {
         dtype::to_f32(t.dtype, self.bytes(t)).ok_or_else(|| {

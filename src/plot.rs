@@ -1,0 +1,100 @@
+//! `--plot PATH.png`: the per-layer relative output error of COMQ and of RTN, on a log scale.
+//!
+//! Drawn with plotters' bitmap backend and an embedded DejaVu Sans (no system fonts, no Python).
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::pipeline::LayerReport;
+
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+static REGISTER: Once = Once::new();
+
+fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::InvalidOption(format!("--plot {}: drawing failed: {e}", path.display()))
+}
+
+/// Draws the chart to `path` (PNG), atomically.
+pub fn plot_errors(path: &Path, title: &str, layers: &[LayerReport]) -> Result<()> {
+    if path.extension().is_none_or(|e| e != "png") {
+        return Err(Error::InvalidOption(format!(
+            "--plot {} must end in .png",
+            path.display()
+        )));
+    }
+    REGISTER.call_once(|| {
+        if plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
+            log::error!("the embedded plot font did not load");
+        }
+    });
+    let tmp = path.with_extension("tmp.png");
+    let n = layers.len().max(1);
+    let vals = layers
+        .iter()
+        .flat_map(|l| [l.rel_error, l.rel_error_rtn])
+        .filter(|v| *v > 0.0);
+    let (lo, hi) = vals.fold((f64::INFINITY, 0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = if lo.is_finite() && hi > 0.0 {
+        (lo / 2.0, hi * 2.0)
+    } else {
+        (1e-6, 1.0)
+    };
+    {
+        let root = BitMapBackend::new(&tmp, (1200, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 24))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(80)
+            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), (lo..hi).log_scale())
+            .map_err(|e| plot_err(path, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("layer (file order)")
+            .y_desc("relative output error ‖(W−Q)Xᵀ‖² / ‖WXᵀ‖²")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0e}"))
+            .label_style(("sans-serif", 15))
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        let series = [("RTN", RED, true), ("COMQ", BLUE, false)];
+        for (name, color, rtn) in series {
+            let pts: Vec<(f64, f64)> = layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    (
+                        i as f64,
+                        if rtn { l.rel_error_rtn } else { l.rel_error }.max(lo),
+                    )
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| plot_err(path, e))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                .map_err(|e| plot_err(path, e))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 16))
+            .draw()
+            .map_err(|e| plot_err(path, e))?;
+        root.present().map_err(|e| plot_err(path, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
