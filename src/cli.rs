@@ -226,6 +226,16 @@ pub struct RunArgs {
     /// Split outputs larger than this into shards with an index (e.g. 5GB, 500MB) [default: 5GB].
     #[arg(long, value_name = "SIZE")]
     pub max_shard_size: Option<String>,
+    /// Continue an interrupted run from its per-layer checkpoints (same model, calibration and
+    /// options; anything else is refused).
+    #[arg(long)]
+    pub resume: bool,
+    /// Where per-layer checkpoints go [default: <first output>.work].
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// On a GPU, re-run N layers (spread over the model) on the CPU and report code disagreement.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub verify_cpu: usize,
     /// Draw the per-layer relative error, COMQ vs RTN, to this PNG.
     #[arg(long, value_name = "PATH.png")]
     pub plot: Option<PathBuf>,
@@ -359,6 +369,9 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         max_shard_size,
         overrides: recipe.overrides()?,
         memory_limit: a.memory_limit.as_deref().map(parse_size).transpose()?,
+        resume: a.resume,
+        work_dir: a.work_dir,
+        verify_cpu: a.verify_cpu,
     };
     let bar = ProgressBar::hidden();
     if !quiet {
@@ -431,6 +444,21 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
                 ""
             }
         );
+        for l in report.layers.iter().filter(|l| l.verify_cpu.is_some()) {
+            let v = l.verify_cpu.as_ref().expect("filtered");
+            println!(
+                "verify-cpu {}: {:.4}% of codes differ (max |dk| {}), CPU error {:.4e} vs {:.4e}",
+                l.name,
+                100.0 * v.code_disagreement,
+                v.max_code_diff,
+                v.rel_error_cpu,
+                l.rel_error
+            );
+        }
+        let resumed = report.layers.iter().filter(|l| l.resumed).count();
+        if resumed > 0 {
+            println!("{resumed} layers resumed from the work directory");
+        }
         for (k, v) in &report.outputs {
             println!("wrote {k}: {v}");
         }
@@ -616,6 +644,9 @@ fn plan_cmd(
         max_shard_size: pipeline::DEFAULT_MAX_SHARD_BYTES,
         overrides: recipe.overrides()?,
         memory_limit: a.memory_limit.as_deref().map(parse_size).transpose()?,
+        resume: false,
+        work_dir: None,
+        verify_cpu: 0,
     };
     let calib = opts
         .calib

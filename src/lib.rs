@@ -10,6 +10,7 @@ pub mod plan;
 pub mod plot;
 pub mod quant;
 pub mod recipe;
+pub mod resume;
 pub mod shaders;
 
 pub use device::{AnyDevice, CpuDevice, Device, DeviceKind};

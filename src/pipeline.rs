@@ -158,6 +158,13 @@ pub struct RunOptions {
     pub max_shard_size: u64,
     /// Per-layer overrides (bits, group size, skip), applied in order.
     pub overrides: Vec<LayerOverride>,
+    /// Continue from the per-layer checkpoints of an interrupted run with the same fingerprint.
+    pub resume: bool,
+    /// Where per-layer checkpoints go (default: `<first output>.work`).
+    pub work_dir: Option<PathBuf>,
+    /// Re-run this many layers (spread over the model) on the CPU when quantizing on a GPU, and
+    /// report the code disagreement.
+    pub verify_cpu: usize,
     /// Memory budget of the device in bytes (host memory for the CPU; default: the host's
     /// available memory for the CPU, none for a GPU, whose memory wgpu cannot query).
     pub memory_limit: Option<u64>,
@@ -190,6 +197,21 @@ pub struct LayerReport {
     pub samples: u64,
     /// Peak resident memory of the process so far, in bytes (Linux; `null` elsewhere).
     pub peak_rss_bytes: Option<u64>,
+    /// Whether the layer was loaded from a checkpoint of an interrupted run (`--resume`).
+    pub resumed: bool,
+    /// CPU re-run of this layer (`--verify-cpu`).
+    pub verify_cpu: Option<VerifyReport>,
+}
+
+/// A GPU layer re-run on the CPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Share of codes that differ.
+    pub code_disagreement: f64,
+    /// Largest |k_gpu − k_cpu|.
+    pub max_code_diff: i32,
+    /// The CPU's relative error.
+    pub rel_error_cpu: f64,
 }
 
 /// Totals over all layers.
@@ -624,8 +646,8 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     check_outputs(opts, &model.files())?;
     let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;
     let jobs = plan(&model, opts, calib.as_ref())?;
-    let device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
-    let device_name = device.describe();
+    let mut device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
+    let mut device_name = device.describe();
     // Refuse before any compute when a layer cannot fit.
     crate::plan::preflight(&jobs, calib.as_ref(), &device, opts.memory_limit, None)?.check()?;
     log::info!(
@@ -697,33 +719,135 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         model.release(t);
     }
 
+    let work = match opts.out.as_ref().or(opts.dequantized.as_ref()) {
+        Some(first) => {
+            let dir = opts.work_dir.clone().unwrap_or_else(|| {
+                let mut d = first.as_os_str().to_owned();
+                d.push(".work");
+                PathBuf::from(d)
+            });
+            let mut files: Vec<&Path> = model.files();
+            files.extend(opts.calib.as_deref());
+            let options = serde_json::json!({
+                "config": opts.config,
+                "only": opts.selection.only.as_ref().map(|r| r.as_str()),
+                "skip": opts.selection.skip.as_ref().map(|r| r.as_str()),
+                "overrides": opts.overrides.iter().map(|o| (o.pattern.as_str(), o.bits, o.group_size, o.skip)).collect::<Vec<_>>(),
+                "data_free": opts.data_free,
+                "device": opts.device,
+            });
+            let fp = crate::resume::fingerprint(&files, &options.to_string())?;
+            Some(crate::resume::WorkDir::open(&dir, &fp, opts.resume)?)
+        }
+        None => None,
+    };
+    let verify_at: BTreeSet<usize> = if opts.verify_cpu > 0 && matches!(device, AnyDevice::Wgpu(_))
+    {
+        let k = opts.verify_cpu.min(jobs.len());
+        (0..k)
+            .map(|i| {
+                if k == 1 {
+                    0
+                } else {
+                    i * (jobs.len() - 1) / (k - 1)
+                }
+            })
+            .collect()
+    } else {
+        if opts.verify_cpu > 0 {
+            log::info!("--verify-cpu: the run is on the CPU already, nothing to verify");
+        }
+        BTreeSet::new()
+    };
     progress(Progress::Start {
         layers: jobs.len(),
         device: &device_name,
     });
     let mut hasher = Sha256::new();
     let mut layers = Vec::with_capacity(jobs.len());
-    for job in &jobs {
+    for (index, job) in jobs.iter().enumerate() {
         progress(Progress::LayerStart {
             name: &job.meta.name,
         });
         let t0 = Instant::now();
-        progress(Progress::Stage {
-            name: &job.meta.name,
-            stage: "read",
-        });
-        let w = model.read_f32(&job.meta)?;
-        model.release(&job.meta);
-        progress(Progress::Stage {
-            name: &job.meta.name,
-            stage: "calibration",
-        });
-        let gram = match (&calib, job.calib) {
-            (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, &device)?,
-            _ => Gram::identity(job.cols),
+        let saved = match (&work, opts.resume) {
+            (Some(w), true) => w.load(index, &job.meta.name, job.rows, job.cols)?,
+            _ => None,
         };
-        let outcome =
-            device.quantize_layer(&job.meta.name, &w, job.rows, job.cols, &gram, &job.config)?;
+        let resumed = saved.is_some();
+        let mut verify = None;
+        let (outcome, samples) = match saved {
+            Some(s) => {
+                log::info!("{}: resumed from the work directory", job.meta.name);
+                (s.outcome, s.samples)
+            }
+            None => {
+                progress(Progress::Stage {
+                    name: &job.meta.name,
+                    stage: "read",
+                });
+                let w = model.read_f32(&job.meta)?;
+                model.release(&job.meta);
+                progress(Progress::Stage {
+                    name: &job.meta.name,
+                    stage: "calibration",
+                });
+                let gram = match (&calib, job.calib) {
+                    (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, &device)?,
+                    _ => Gram::identity(job.cols),
+                };
+                progress(Progress::Stage {
+                    name: &job.meta.name,
+                    stage: "quantize",
+                });
+                let outcome = match device.quantize_layer(
+                    &job.meta.name,
+                    &w,
+                    job.rows,
+                    job.cols,
+                    &gram,
+                    &job.config,
+                ) {
+                    Err(e @ Error::Gpu { .. }) if opts.device == DeviceKind::Auto => {
+                        log::warn!("{e}; --device auto continues on the CPU from this layer on");
+                        device = AnyDevice::Cpu(crate::device::CpuDevice::new());
+                        device_name = device.describe();
+                        device.quantize_layer(
+                            &job.meta.name,
+                            &w,
+                            job.rows,
+                            job.cols,
+                            &gram,
+                            &job.config,
+                        )?
+                    }
+                    other => other?,
+                };
+                if verify_at.contains(&index) && matches!(device, AnyDevice::Wgpu(_)) {
+                    let cpu = crate::device::CpuDevice::new();
+                    let c = crate::quant::quantize_layer(
+                        &cpu,
+                        &job.meta.name,
+                        &w,
+                        job.rows,
+                        job.cols,
+                        &gram,
+                        &job.config,
+                    )?;
+                    let pairs = c.layer.codes.iter().zip(&outcome.layer.codes);
+                    let differ = pairs.clone().filter(|(a, b)| a != b).count();
+                    verify = Some(VerifyReport {
+                        code_disagreement: differ as f64 / c.layer.codes.len().max(1) as f64,
+                        max_code_diff: pairs.map(|(a, b)| (a - b).abs()).max().unwrap_or(0),
+                        rel_error_cpu: c.rel_error,
+                    });
+                }
+                if let Some(w) = &work {
+                    w.save(index, &job.meta.name, &outcome, gram.samples)?;
+                }
+                (outcome, gram.samples)
+            }
+        };
         let q = &outcome.layer;
         progress(Progress::Stage {
             name: &job.meta.name,
@@ -766,8 +890,10 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 Some(CalibKind::Gram) => "gram",
                 None => "identity",
             },
-            samples: gram.samples,
+            samples,
             peak_rss_bytes: peak_rss_bytes(),
+            resumed,
+            verify_cpu: verify,
         };
         progress(Progress::LayerDone(&report));
         layers.push(report);
@@ -845,6 +971,9 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             None,
             &mut outputs,
         )?;
+    }
+    if let Some(w) = work {
+        w.remove()?;
     }
     let mut input_sha256 = BTreeMap::new();
     for f in model.files().into_iter().chain(opts.calib.as_deref()) {

@@ -789,3 +789,244 @@ fn plot_draws_a_png_and_refuses_other_extensions() {
     ]);
     assert_bad_input(&o, "must end in .png");
 }
+
+/// A model of `layers` linear layers `[rows, cols]` that takes a while to quantize.
+fn slow_model(dir: &Path, layers: usize, rows: usize, cols: usize) -> PathBuf {
+    let mut rng = common::Rng::new(77);
+    let tensors: Vec<(String, common::Owned)> = (0..layers)
+        .map(|i| {
+            (
+                format!("layers.{i:02}.weight"),
+                common::f32_tensor(&[rows, cols], &rng.normals(rows * cols)),
+            )
+        })
+        .collect();
+    let p = dir.join("slow.safetensors");
+    common::write_safetensors(&p, &tensors);
+    p
+}
+
+#[test]
+fn a_killed_run_leaves_no_output_and_resume_gives_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = slow_model(dir.path(), 24, 384, 192);
+    let out = dir.path().join("out.safetensors");
+    let work = dir.path().join("out.safetensors.work");
+    let args = ["--data-free", "--device", "cpu", "--sweeps", "12", "-q"];
+    let mut child = bin()
+        .args(["run", s(&model), "--out", s(&out)])
+        .args(args)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let saved = std::fs::read_dir(&work)
+            .map(|d| {
+                d.filter(|e| {
+                    let n = e
+                        .as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .into_owned();
+                    n.starts_with("layer-") && n.ends_with(".safetensors")
+                })
+                .count()
+            })
+            .unwrap_or(0);
+        if saved >= 3 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before it could be killed; make it slower"
+        );
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no layer checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!out.exists(), "a killed run must not leave an output");
+    // A different fingerprint is refused.
+    let o = run(&[
+        "run",
+        s(&model),
+        "--out",
+        s(&out),
+        "--resume",
+        "--bits",
+        "3",
+        "--data-free",
+        "--device",
+        "cpu",
+        "--sweeps",
+        "12",
+    ]);
+    assert_bad_input(&o, "refusing to resume");
+    // Resume with the same inputs and options.
+    let rep = dir.path().join("r.json");
+    let o = bin()
+        .args([
+            "run",
+            s(&model),
+            "--out",
+            s(&out),
+            "--resume",
+            "--report",
+            s(&rep),
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    let resumed = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["resumed"] == true)
+        .count();
+    assert!(resumed >= 3, "only {resumed} layers were resumed");
+    assert!(
+        !work.exists(),
+        "the work directory is removed after a complete run"
+    );
+    let fresh = dir.path().join("fresh.safetensors");
+    let o = bin()
+        .args(["run", s(&model), "--out", s(&fresh)])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&fresh).unwrap(),
+        "resumed and uninterrupted runs write the same bytes"
+    );
+}
+
+#[test]
+fn a_3d_tensor_asked_to_be_quantized_is_a_clear_error() {
+    let b = bad();
+    let p = b.dir.path().join("in-3d.safetensors");
+    common::write_safetensors(
+        &p,
+        &[(
+            "conv.weight".into(),
+            common::f32_tensor(&[2, 3, 4], &[0.5; 24]),
+        )],
+    );
+    let o = run(&[
+        "run",
+        s(&p),
+        "--data-free",
+        "--only",
+        "conv",
+        "--out",
+        s(&b.out()),
+    ]);
+    assert_bad_input(&o, "is 3-D [2, 3, 4]");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn an_output_directory_that_cannot_exist_is_a_clear_error() {
+    let b = bad();
+    let blocker = b.dir.path().join("in-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let out = blocker.join("o.safetensors");
+    let o = run(&["run", s(&b.model), "--data-free", "--out", s(&out)]);
+    assert_bad_input(&o, "does not exist");
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"x");
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_no_file() {
+    use std::os::unix::process::CommandExt;
+    let b = bad();
+    let mut cmd = bin();
+    cmd.args([
+        "run",
+        s(&b.model),
+        "--data-free",
+        "--device",
+        "cpu",
+        "--out",
+        s(&b.out()),
+    ]);
+    // SAFETY: setrlimit is async-signal-safe; it only limits the child's file sizes to 4 kB, so
+    // writing the output fails as on a full disk.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 4096,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    assert_bad_input(&o, "out.safetensors");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("too large"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    b.assert_nothing_written();
+}
+
+#[test]
+fn constant_rows_and_all_zero_input_channels_quantize_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, cols, n) = (6, 16, 64);
+    let mut rng = common::Rng::new(21);
+    let mut w = rng.normals(rows * cols);
+    for c in 0..cols {
+        w[2 * cols + c] = 0.25; // a constant row
+        w[4 * cols + c] = 0.0; // an all-zero row
+    }
+    let mut x = common::correlated_x(&mut rng, n, cols);
+    for r in 0..n {
+        x[r * cols + 5] = 0.0; // a dead input channel
+    }
+    let m = dir.path().join("m.safetensors");
+    let c = dir.path().join("c.safetensors");
+    common::write_safetensors(
+        &m,
+        &[("lin.weight".into(), common::f32_tensor(&[rows, cols], &w))],
+    );
+    common::write_safetensors(
+        &c,
+        &[("lin.input".into(), common::f32_tensor(&[n, cols], &x))],
+    );
+    let deq = dir.path().join("d.safetensors");
+    let o = run(&[
+        "run",
+        s(&m),
+        "--calib",
+        s(&c),
+        "--device",
+        "cpu",
+        "--dequantized",
+        s(&deq),
+        "-q",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = Model::open(&deq).unwrap();
+    let q = d.read_f32(d.get("lin.weight").unwrap()).unwrap();
+    assert!(q.iter().all(|v| v.is_finite()));
+    assert!(
+        q[2 * cols..3 * cols].iter().all(|&v| v == 0.25),
+        "a constant row stays exact"
+    );
+    assert!(
+        q[4 * cols..5 * cols].iter().all(|&v| v == 0.0),
+        "an all-zero row stays zero"
+    );
+}
