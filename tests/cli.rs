@@ -1030,3 +1030,32 @@ fn constant_rows_and_all_zero_input_channels_quantize_cleanly() {
         "an all-zero row stays zero"
     );
 }
+
+fn raw_file(dir: &Path, name: &str, header: &str, data_len: usize) -> PathBuf {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat_n(0u8, data_len));
+    let p = dir.join(name);
+    std::fs::write(&p, &bytes).unwrap();
+    p
+}
+
+#[test]
+fn overlapping_offsets_are_a_clear_error() {
+    let b = bad();
+    let header = r#"{"a.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[8,24]}}"#;
+    let p = raw_file(b.dir.path(), "in-overlap.safetensors", header, 24);
+    let o = run(&["run", s(&p), "--data-free", "--out", s(&b.out())]);
+    assert_bad_input(&o, "overlap");
+    b.assert_nothing_written();
+}
+
+#[test]
+fn a_byte_length_that_does_not_match_dtype_and_shape_is_a_clear_error() {
+    let b = bad();
+    let header = r#"{"a.weight":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,16]}}"#;
+    let p = raw_file(b.dir.path(), "in-len.safetensors", header, 16);
+    let o = run(&["run", s(&p), "--data-free", "--out", s(&b.out())]);
+    assert_bad_input(&o, "tensor 'a.weight' (BF16 [2, 3]) needs 12 bytes");
+    b.assert_nothing_written();
+}

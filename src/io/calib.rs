@@ -38,6 +38,16 @@ impl Calibration {
         })
     }
 
+    /// A calibration file already opened (or held in memory).
+    pub fn from_model(file: Model) -> Calibration {
+        Calibration { file }
+    }
+
+    /// The underlying file.
+    pub fn model(&self) -> &Model {
+        &self.file
+    }
+
     /// Which calibration the layer with weight prefix `prefix` has, if any.
     pub fn kind(&self, prefix: &str) -> Option<CalibKind> {
         if self.file.get(&format!("{prefix}.gram")).is_some() {

@@ -37,10 +37,26 @@ impl TensorMeta {
     }
 }
 
+/// Where a model's bytes live: a memory map of a file, or a buffer (tests, fuzzing).
+enum Storage {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Map(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
 /// A memory-mapped safetensors file.
 pub struct Model {
     path: PathBuf,
-    map: Mmap,
+    map: Storage,
     tensors: Vec<TensorMeta>,
     index: HashMap<String, usize>,
     metadata: HashMap<String, String>,
@@ -79,6 +95,25 @@ impl Model {
         // input file could change the bytes under us; comq-gpu never writes its inputs, and a
         // user who truncates a file mid-run gets a SIGBUS, as with any mmap-based reader.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Model::from_storage(path, Storage::Map(map))
+    }
+
+    /// Parses and validates a safetensors file held in memory; `name` stands for its path in
+    /// messages. (The reader the fuzz targets exercise.)
+    pub fn from_bytes(name: &Path, bytes: Vec<u8>) -> Result<Model> {
+        if bytes.len() < 8 {
+            return Err(Error::BadSafetensors {
+                path: name.into(),
+                reason: format!(
+                    "the file has {} bytes, fewer than the 8-byte header length",
+                    bytes.len()
+                ),
+            });
+        }
+        Model::from_storage(name, Storage::Owned(bytes))
+    }
+
+    fn from_storage(path: &Path, map: Storage) -> Result<Model> {
         let (header_len, metadata) =
             SafeTensors::read_metadata(&map).map_err(|e| Error::BadSafetensors {
                 path: path.into(),
@@ -150,13 +185,15 @@ impl Model {
             // contents back in. No reference into these pages outlives this call's callers'
             // use (they have already copied or written the bytes).
             #[cfg(unix)]
-            let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    end - start,
-                )
-            };
+            if let Storage::Map(map) = &self.map {
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
         }
     }
 
