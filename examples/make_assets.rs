@@ -6,26 +6,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use comq_gpu::bench::SplitMix as Rng;
 use safetensors::{Dtype, View};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn normal(&mut self) -> f32 {
-        let u1 = ((self.next() >> 11) as f64 / (1u64 << 53) as f64).max(1e-300);
-        let u2 = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-    fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-}
 
 struct T(Dtype, Vec<usize>, Vec<u8>);
 impl View for &T {
@@ -85,7 +67,7 @@ fn activations(rng: &mut Rng, rows: usize, cols: usize) -> Vec<f32> {
 
 fn main() {
     let (d, hidden, depth, classes, tokens) = (64usize, 256usize, 4usize, 10usize, 512usize);
-    let mut rng = Rng(2024);
+    let mut rng = Rng::new(2024);
     let mut model: Vec<(String, T)> = Vec::new();
     let mut calib: Vec<(String, T)> = Vec::new();
     model.push(("cls_token".into(), f32t(&[1, 1, d], &rng.normals(d))));

@@ -43,6 +43,11 @@ impl SplitMix {
         let u2 = self.uniform();
         ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
     }
+
+    /// `n` standard normals.
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
 }
 
 /// Gaussian weights with std `1/√in` for an `[out, in]` layer.

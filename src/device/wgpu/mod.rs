@@ -358,13 +358,13 @@ impl WgpuDevice {
                     self.submit(enc)?;
                     pending += end - start;
                     if pending >= GRAM_FLUSH_ROWS {
-                        self.flush_gram(&g, np, n, pending, &mut acc)?;
+                        self.flush_gram(&g, np, pending, &mut acc)?;
                         pending = 0;
                     }
                 }
             }
             if pending > 0 {
-                self.flush_gram(&g, np, n, pending, &mut acc)?;
+                self.flush_gram(&g, np, pending, &mut acc)?;
             }
             Ok(acc.finish())
         })();
@@ -376,7 +376,6 @@ impl WgpuDevice {
         &self,
         g: &wgpu::Buffer,
         np: usize,
-        n: usize,
         rows: usize,
         acc: &mut GramAccumulator,
     ) -> Result<()> {
@@ -384,9 +383,7 @@ impl WgpuDevice {
         acc.add_partial(&part, np, rows as u64);
         let mut enc = self.encoder("gram-clear");
         enc.clear_buffer(g, 0, None);
-        self.submit(enc)?;
-        let _ = n;
-        Ok(())
+        self.submit(enc)
     }
 }
 
@@ -436,6 +433,7 @@ pub struct WgpuLayer {
     pool: BufferPool,
     scale_dtype: ScaleDtype,
     layer_delta: f32,
+    layer_delta0: f32,
 }
 
 impl Drop for WgpuLayer {
@@ -705,6 +703,7 @@ impl Device for WgpuDevice {
             pool: self.pool.clone(),
             scale_dtype: p.scale_dtype,
             layer_delta: p.grid.delta[0],
+            layer_delta0: p.grid.delta[0],
         };
         if let Some(e) = oom {
             drop(layer);
@@ -734,9 +733,7 @@ impl Device for WgpuDevice {
             enc.copy_buffer_to_buffer(t.buf(t.delta0), 0, t.buf(t.delta), 0, mg);
         }
         self.submit(enc)?;
-        if let Some(t) = l.tiles.first() {
-            l.layer_delta = read_f32(&self.device, &self.queue, t.buf(t.delta0), 1)?[0];
-        }
+        l.layer_delta = l.layer_delta0;
         Ok(())
     }
 
