@@ -8,11 +8,12 @@ secs=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # cargo-fuzz needs nightly flags; the stable toolchain accepts them with RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1
-mkdir -p fuzz/corpus/safetensors_reader fuzz/corpus/calib_reader fuzz/corpus/recipe_parser
+mkdir -p fuzz/corpus/safetensors_reader fuzz/corpus/calib_reader fuzz/corpus/recipe_parser fuzz/corpus/image_loader
 cp -n assets/*.safetensors fuzz/corpus/safetensors_reader/ 2>/dev/null || true
 cp -n assets/tiny-vit.calib.safetensors fuzz/corpus/calib_reader/ 2>/dev/null || true
+cp -n tests/data/fmnist-vit-reference.safetensors fuzz/corpus/image_loader/ 2>/dev/null || true
 printf 'bits = 4\nsym = true\nmax_shard_size = "2GB"\n[[layer]]\nmatch = "fc2"\nbits = 8\n' > fuzz/corpus/recipe_parser/seed.toml
-for t in safetensors_reader calib_reader recipe_parser; do
+for t in safetensors_reader calib_reader recipe_parser image_loader; do
   log=fuzz/$t.log
   cargo fuzz run "$t" -- -max_total_time="$secs" -max_len=65536 -rss_limit_mb=4096 > "$log" 2>&1 || true
   execs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' || true)

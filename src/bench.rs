@@ -4,6 +4,9 @@
 //! uneven feature scales; a low-rank-plus-diagonal Gram reproduces that without the cost of
 //! forming `XᵀX` from millions of rows, so benchmark set-up stays cheap at ViT-L sizes.
 
+use std::time::Instant;
+
+use crate::error::{Error, Result};
 use crate::quant::Gram;
 
 /// Shapes `[out, in]` of the four linear layers of a ViT-B/16 block (qkv, proj, fc1, fc2).
@@ -193,4 +196,130 @@ pub fn run_bench(
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// One line of the forward-pass benchmark.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ForwardRow {
+    /// Model shape name.
+    pub model: String,
+    /// Images per timed pass.
+    pub images: usize,
+    /// CPU images per second.
+    pub cpu_images_per_s: Option<f64>,
+    /// GPU images per second (end to end: upload, blocks, download of the final tokens).
+    pub gpu_images_per_s: Option<f64>,
+    /// GPU / CPU.
+    pub speedup: Option<f64>,
+    /// Relative difference of the CLS features, GPU vs CPU.
+    pub cls_rel_diff: Option<f64>,
+}
+
+/// Named synthetic ViT shapes for the forward benchmark: (name, width, depth, heads, MLP, patch, input).
+pub const FORWARD_SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 4] = [
+    ("tiny", 64, 2, 4, 256, 4, 32),
+    ("vit-s14", 384, 12, 6, 1536, 14, 224),
+    ("vit-b16", 768, 12, 12, 3072, 16, 224),
+    ("vit-l16", 1024, 24, 16, 4096, 16, 224),
+];
+
+fn time_forward<O: crate::model::forward::Ops>(
+    ops: &O,
+    spec: &crate::model::VitSpec,
+    model: &crate::io::Checkpoint,
+    pixels: &[f32],
+    n: usize,
+) -> Result<(f64, Vec<f32>)> {
+    use crate::model::forward::{run_model, HostBlock, HostStem};
+    let stem = HostStem::load(model, spec)?;
+    let blocks: Vec<HostBlock> = spec
+        .blocks
+        .iter()
+        .map(|b| HostBlock::load(model, spec, b))
+        .collect::<Result<_>>()?;
+    // One warm-up pass (pipeline caches, page faults), then the timed one.
+    let go = || run_model(ops, spec, &stem, &mut |b| Ok(blocks[b].clone()), pixels, n);
+    go()?;
+    let t = Instant::now();
+    let out = go()?;
+    Ok((t.elapsed().as_secs_f64(), out.cls))
+}
+
+/// Times the forward pass of a random ViT of shape `shape` (a [`FORWARD_SHAPES`] name) over
+/// `images` random images on the CPU and/or the GPU, in one process.
+pub fn run_forward_bench(
+    shape: &str,
+    images: usize,
+    gpu: Option<&crate::device::WgpuDevice>,
+    cpu: bool,
+) -> Result<ForwardRow> {
+    let &(name, dim, depth, heads, mlp, patch, img) = FORWARD_SHAPES
+        .iter()
+        .find(|s| s.0 == shape)
+        .ok_or_else(|| {
+            Error::InvalidOption(format!(
+                "unknown forward shape '{shape}'; one of {}",
+                FORWARD_SHAPES.map(|s| s.0).join(", ")
+            ))
+        })?;
+    let dir = std::env::temp_dir().join(format!("comq-forward-bench-{}", std::process::id()));
+    crate::model::synthetic::SyntheticVit {
+        family: crate::model::Family::TimmVit,
+        dim,
+        depth,
+        heads,
+        mlp,
+        patch,
+        img,
+        channels: 3,
+        classes: 0,
+        seed: 1,
+    }
+    .write(&dir)?;
+    let result = (|| {
+        let model = crate::io::Checkpoint::open(&dir.join("model.safetensors"))?;
+        let spec = crate::model::VitSpec::detect(&model)?;
+        let pixels = SplitMix::new(2).normals(images * 3 * img * img);
+        let c = if cpu {
+            Some(time_forward(
+                &crate::model::cpu::CpuOps,
+                &spec,
+                &model,
+                &pixels,
+                images,
+            )?)
+        } else {
+            None
+        };
+        let g = match gpu {
+            Some(d) => {
+                let ops = crate::device::wgpu::forward::GpuOps::new(d);
+                Some(time_forward(&ops, &spec, &model, &pixels, images)?)
+            }
+            None => None,
+        };
+        let ips = |r: &Option<(f64, Vec<f32>)>| r.as_ref().map(|(s, _)| images as f64 / s);
+        let diff = match (&c, &g) {
+            (Some((_, a)), Some((_, b))) => {
+                let num: f64 = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+                    .sum();
+                let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+                Some((num / den.max(1e-30)).sqrt())
+            }
+            _ => None,
+        };
+        Ok(ForwardRow {
+            model: name.to_string(),
+            images,
+            cpu_images_per_s: ips(&c),
+            gpu_images_per_s: ips(&g),
+            speedup: ips(&g).zip(ips(&c)).map(|(g, c)| g / c),
+            cls_rel_diff: diff,
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use comq_gpu::calibrate::CalibMode;
 use comq_gpu::device::DeviceKind;
 use comq_gpu::io::Checkpoint;
 use comq_gpu::pipeline::{self, Progress, RunOptions, Selection};
@@ -29,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Quantize a safetensors model.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List a model's tensors, which would be quantized, and sizes before and after.
     Inspect(InspectArgs),
     /// List the GPU adapters wgpu finds (name, backend, type, driver, key limits and features).
@@ -40,6 +41,56 @@ pub enum Command {
     },
     /// Time the same synthetic layers on the CPU and the GPU and compare their codes.
     Bench(BenchArgs),
+    /// Accuracy (top-1/top-5) of a ViT on labelled images, and with --reference the fidelity of
+    /// its features to another model's (CLS cosine, relative MSE, nearest-neighbour agreement).
+    Eval(EvalArgs),
+}
+
+/// Image preprocessing overrides shared by `run` and `eval`.
+#[derive(Debug, Args)]
+pub struct PreprocessArgs {
+    /// Resize the shorter side to this many pixels before the centre crop [default: the model's].
+    #[arg(long, value_name = "PX")]
+    pub resize: Option<usize>,
+    /// Centre crop = model input size, a multiple of the patch [default: the model's].
+    #[arg(long, value_name = "PX")]
+    pub crop: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CalibModeArg {
+    /// Inputs from the full-precision model (the paper's setting).
+    Fp,
+    /// Inputs from the already-quantized prefix (sequential).
+    Quantized,
+}
+
+/// `comq-gpu eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The model (a dense .safetensors file, shard index or directory; for a quantized model
+    /// evaluate its --dequantized output).
+    pub model: PathBuf,
+    /// Images: a folder of PNG/JPEG files (class sub-folders give labels) or an image pack.
+    #[arg(long, value_name = "DIR|PACK")]
+    pub images: PathBuf,
+    /// Compare features with this model (usually the full-precision original).
+    #[arg(long, value_name = "MODEL")]
+    pub reference: Option<PathBuf>,
+    /// Use at most this many images.
+    #[arg(long, value_name = "N")]
+    pub count: Option<usize>,
+    /// Where to run [default: auto].
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
+    /// Pick a GPU adapter by (part of) its name.
+    #[arg(long, value_name = "NAME")]
+    pub adapter: Option<String>,
+    #[command(flatten)]
+    pub pre: PreprocessArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `comq-gpu bench`.
@@ -72,6 +123,13 @@ pub struct BenchArgs {
     /// Also write the table as JSON.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+    /// Time the ViT forward pass instead, in images per second on the CPU and the GPU, on a
+    /// random model of this shape: tiny, vit-s14, vit-b16 or vit-l16.
+    #[arg(long, value_name = "SHAPE")]
+    pub forward: Option<String>,
+    /// Images per timed forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub images: usize,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -205,6 +263,27 @@ pub struct RunArgs {
     /// Use G = I (minimise ‖W − Q‖²) for layers without calibration.
     #[arg(long)]
     pub data_free: bool,
+    /// Calibration images (a folder of PNG/JPEG files, searched recursively, or an image pack):
+    /// the model's own ViT forward pass captures every block's layer inputs.
+    #[arg(long, value_name = "DIR|PACK", conflicts_with = "calib")]
+    pub images: Option<PathBuf>,
+    /// Calibration images to use (a seeded choice from --images).
+    #[arg(long, value_name = "N", default_value_t = pipeline::DEFAULT_CALIB_COUNT)]
+    pub calib_count: usize,
+    /// Seed of the calibration-image choice.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Layer inputs from the full-precision model, or from the already-quantized prefix.
+    #[arg(long, value_enum, default_value = "fp")]
+    pub calib_mode: CalibModeArg,
+    #[command(flatten)]
+    pub pre: PreprocessArgs,
+    /// After quantizing, evaluate FP32 / RTN / COMQ on these images (folder or image pack).
+    #[arg(long, value_name = "DIR|PACK")]
+    pub eval: Option<PathBuf>,
+    /// Use at most this many evaluation images.
+    #[arg(long, value_name = "N")]
+    pub eval_count: Option<usize>,
     #[command(flatten)]
     pub quant: QuantArgs,
     /// Where to run [default: auto].
@@ -293,10 +372,11 @@ pub fn init_logging(cli: &Cli) {
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run(a) => run_cmd(a, cli.quiet),
+        Command::Run(a) => run_cmd(*a, cli.quiet),
         Command::Inspect(a) => inspect_cmd(a),
         Command::Devices { json } => devices_cmd(json),
         Command::Bench(a) => bench_cmd(a),
+        Command::Eval(a) => eval_cmd(a),
     }
 }
 
@@ -372,6 +452,21 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         resume: a.resume,
         work_dir: a.work_dir,
         verify_cpu: a.verify_cpu,
+        images: a.images.map(|path| pipeline::ImageOptions {
+            path,
+            count: a.calib_count,
+            seed: a.seed,
+            mode: match a.calib_mode {
+                CalibModeArg::Fp => CalibMode::Fp,
+                CalibModeArg::Quantized => CalibMode::Quantized,
+            },
+            resize: a.pre.resize,
+            crop: a.pre.crop,
+        }),
+        eval: a.eval.map(|path| pipeline::EvalOptions {
+            path,
+            count: a.eval_count,
+        }),
     };
     let bar = ProgressBar::hidden();
     if !quiet {
@@ -462,6 +557,35 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         for (k, v) in &report.outputs {
             println!("wrote {k}: {v}");
         }
+        if let Some(e) = &report.eval {
+            print!("{}", e.table());
+        }
+    }
+    Ok(())
+}
+
+fn device_kind(d: Option<DeviceArg>) -> DeviceKind {
+    match d {
+        Some(DeviceArg::Cpu) => DeviceKind::Cpu,
+        Some(DeviceArg::Gpu) => DeviceKind::Gpu,
+        _ => DeviceKind::Auto,
+    }
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let report = comq_gpu::eval::evaluate(
+        &a.model,
+        a.reference.as_deref(),
+        &a.images,
+        a.count,
+        (a.pre.resize, a.pre.crop),
+        device_kind(a.device),
+        a.adapter.as_deref(),
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
     }
     Ok(())
 }
@@ -547,6 +671,9 @@ fn parse_shape(s: &str) -> Result<(usize, usize)> {
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if let Some(shape) = &a.forward {
+        return forward_bench_cmd(&a, shape);
+    }
     use comq_gpu::bench::{run_bench, VIT_B16_SHAPES, VIT_L16_SHAPES};
     let shapes: Vec<(usize, usize)> = if !a.shapes.is_empty() {
         a.shapes
@@ -647,6 +774,8 @@ fn plan_cmd(
         resume: false,
         work_dir: None,
         verify_cpu: 0,
+        images: None,
+        eval: None,
     };
     let calib = opts
         .calib
@@ -699,5 +828,43 @@ fn plan_cmd(
         }
     }
     plan.check()?;
+    Ok(())
+}
+
+fn forward_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
+    let gpu = if a.no_gpu {
+        None
+    } else {
+        Some(comq_gpu::device::WgpuDevice::open(
+            a.adapter.as_deref(),
+            true,
+        )?)
+    };
+    if let Some(g) = &gpu {
+        use comq_gpu::Device;
+        println!("GPU: {}", g.describe());
+        if g.is_software() {
+            println!("note: this is a software adapter; its times are not GPU performance");
+        }
+    }
+    println!("CPU: {} threads", rayon::current_num_threads());
+    let r = comq_gpu::bench::run_forward_bench(shape, a.images, gpu.as_ref(), !a.no_cpu)?;
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    println!(
+        "{:<10} {:>7} {:>12} {:>12} {:>9} {:>12}",
+        "model", "images", "CPU img/s", "GPU img/s", "speed-up", "CLS rel diff"
+    );
+    println!(
+        "{:<10} {:>7} {:>12} {:>12} {:>9} {:>12}",
+        r.model,
+        r.images,
+        f(r.cpu_images_per_s),
+        f(r.gpu_images_per_s),
+        r.speedup.map_or("-".into(), |s| format!("{s:.1}x")),
+        r.cls_rel_diff.map_or("-".into(), |d| format!("{d:.2e}"))
+    );
+    if let Some(path) = &a.json {
+        comq_gpu::io::writer::write_atomic(path, &serde_json::to_vec_pretty(&r)?)?;
+    }
     Ok(())
 }

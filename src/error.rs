@@ -13,6 +13,24 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in comq-gpu.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A model whose layout is not one of the ViT families the forward pass knows.
+    #[error("{path}: {reason}")]
+    UnknownModel {
+        /// The model file or directory.
+        path: PathBuf,
+        /// What was missing or unexpected, with what to do instead.
+        reason: String,
+    },
+
+    /// An image or image set that cannot be used.
+    #[error("{path}: {reason}")]
+    Image {
+        /// The image file, image pack or folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// An operating-system I/O error on a named file.
     #[error("{path}: {source}")]
     Io {

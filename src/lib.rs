@@ -2,9 +2,12 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod calibrate;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod io;
+pub mod model;
 pub mod pipeline;
 pub mod plan;
 pub mod plot;

@@ -15,17 +15,21 @@ use safetensors::Dtype;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::calibrate::{BlockGrams, CalibMode};
 use crate::device::{AnyDevice, DeviceKind};
 use crate::error::{Error, Result};
+use crate::eval::{EvalReport, EvalRow, Overrides};
 use crate::io::calib::CalibKind;
 use crate::io::hfconfig::{self, ModuleScheme};
+use crate::io::images::ImageSet;
 use crate::io::writer::ShardedWriter;
 use crate::io::{dtype, pack, Calibration, Checkpoint, PlannedTensor, TensorMeta};
+use crate::model::{Engine, Role, VitSpec};
 use crate::quant::{Gram, QuantConfig, QuantizedLayer, ScaleDtype};
 
 /// Names skipped by default: the classifier head and the patch/token embeddings stay in full
 /// precision, as in the reference (spec a.7).
-pub const DEFAULT_SKIP: &str = r"(^|\.)(head|heads|classifier|fc_norm|patch_embed|patch_embeddings|embeddings|pooler|lm_head)(\.|$)";
+pub const DEFAULT_SKIP: &str = r"(^|\.)(head|heads|head_dist|classifier|cls_classifier|distillation_classifier|fc_norm|patch_embed|patch_embeddings|embeddings|pooler|lm_head)(\.|$)";
 
 /// Which tensors are quantized.
 #[derive(Debug, Clone)]
@@ -131,6 +135,35 @@ pub struct LayerOverride {
 /// Default `--max-shard-size`: 5 GB, as transformers writes.
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
+/// Calibration from images (`--images`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageOptions {
+    /// A folder of PNG/JPEG files or an image pack.
+    pub path: PathBuf,
+    /// How many images to use (a seeded choice when the set is larger).
+    pub count: usize,
+    /// Seed of the choice.
+    pub seed: u64,
+    /// Inputs from the full-precision model or from the quantized prefix.
+    pub mode: CalibMode,
+    /// Override of the resize (shorter side) of the model's preprocessing.
+    pub resize: Option<usize>,
+    /// Override of the centre crop (the model's input size).
+    pub crop: Option<usize>,
+}
+
+/// Default `--calib-count`: 1024 images, as in the paper.
+pub const DEFAULT_CALIB_COUNT: usize = 1024;
+
+/// Evaluation after quantization (`--eval`).
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// A folder of PNG/JPEG files (class sub-folders for labels) or an image pack.
+    pub path: PathBuf,
+    /// Use at most this many images (seeded choice).
+    pub count: Option<usize>,
+}
+
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -168,6 +201,10 @@ pub struct RunOptions {
     /// Memory budget of the device in bytes (host memory for the CPU; default: the host's
     /// available memory for the CPU, none for a GPU, whose memory wgpu cannot query).
     pub memory_limit: Option<u64>,
+    /// Calibrate from images through the built-in ViT forward pass.
+    pub images: Option<ImageOptions>,
+    /// Evaluate FP32 / RTN / COMQ on these images at the end.
+    pub eval: Option<EvalOptions>,
 }
 
 /// One layer's line in the report.
@@ -260,6 +297,8 @@ pub struct RunReport {
     pub output_sha256: BTreeMap<String, String>,
     /// Peak resident memory of the whole run, in bytes (Linux; `null` elsewhere).
     pub peak_rss_bytes: Option<u64>,
+    /// FP32 / RTN / COMQ on the evaluation images (`--eval`).
+    pub eval: Option<EvalReport>,
 }
 
 /// Peak resident set size of this process (`VmHWM`), where the OS reports it.
@@ -339,6 +378,69 @@ pub struct Job {
     pub config: QuantConfig,
     /// Its calibration (`None` = data-free).
     pub calib: Option<CalibKind>,
+    /// Block and role inside a recognised ViT (images mode).
+    pub block: Option<(usize, Role)>,
+}
+
+/// The ViT layout and image sets of a run with `--images` or `--eval`.
+struct Vision {
+    spec: VitSpec,
+    calib: Option<ImageSet>,
+    calib_idx: Vec<usize>,
+    eval: Option<ImageSet>,
+}
+
+impl Vision {
+    fn prepare(model: &Checkpoint, opts: &RunOptions, jobs: &mut [Job]) -> Result<Vision> {
+        let mut spec = VitSpec::detect(model)?;
+        let (resize, crop) = opts
+            .images
+            .as_ref()
+            .map_or((None, None), |i| (i.resize, i.crop));
+        spec.set_input(resize, crop)?;
+        let (calib, calib_idx) = match &opts.images {
+            Some(io) => {
+                if io.count == 0 {
+                    return Err(Error::InvalidOption(
+                        "--calib-count must be at least 1".into(),
+                    ));
+                }
+                let set = ImageSet::open(&io.path)?;
+                let idx = set.choose(io.count, io.seed);
+                if idx.len() < io.count && io.count != DEFAULT_CALIB_COUNT {
+                    log::warn!(
+                        "--calib-count {} but {} holds {} images; using all of them",
+                        io.count,
+                        io.path.display(),
+                        idx.len()
+                    );
+                }
+                for j in jobs.iter_mut() {
+                    j.block = Some(spec.locate(&j.prefix).ok_or_else(|| {
+                        Error::InvalidOption(format!(
+                            "'{}' is not a linear layer of an encoder block, so --images cannot calibrate it; \
+                             leave it out with --skip, or pass --calib with its activations",
+                            j.meta.name
+                        ))
+                    })?);
+                }
+                jobs.sort_by_key(|j| j.block);
+                (Some(set), idx)
+            }
+            None => (None, Vec::new()),
+        };
+        let eval = opts
+            .eval
+            .as_ref()
+            .map(|e| ImageSet::open(&e.path))
+            .transpose()?;
+        Ok(Vision {
+            spec,
+            calib,
+            calib_idx,
+            eval,
+        })
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -490,6 +592,7 @@ pub fn plan(
         config.validate_for(&t.name, rows, cols)?;
         let prefix = t.name.trim_end_matches(".weight").to_string();
         let calib_kind = match calib {
+            _ if opts.images.is_some() => Some(CalibKind::Images),
             Some(c) if c.kind(&prefix).is_some() || !opts.data_free => {
                 Some(c.check(&prefix, cols)?)
             }
@@ -509,6 +612,7 @@ pub fn plan(
             cols,
             config,
             calib: calib_kind,
+            block: None,
         });
     }
     if jobs.is_empty() {
@@ -631,6 +735,18 @@ fn provenance(opts: &RunOptions, model: &Checkpoint, device: &str) -> BTreeMap<S
 }
 
 fn calib_label(opts: &RunOptions) -> String {
+    if let Some(i) = &opts.images {
+        return format!(
+            "{} images of {} (seed {}, inputs from the {} model)",
+            i.count,
+            i.path.display(),
+            i.seed,
+            match i.mode {
+                CalibMode::Fp => "full-precision",
+                CalibMode::Quantized => "quantized",
+            }
+        );
+    }
     match (&opts.calib, opts.data_free) {
         (Some(p), false) => p.display().to_string(),
         (Some(p), true) => format!("{} (data-free G = I where missing)", p.display()),
@@ -645,7 +761,15 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let model = Checkpoint::open(&opts.model)?;
     check_outputs(opts, &model.files())?;
     let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;
-    let jobs = plan(&model, opts, calib.as_ref())?;
+    let mut jobs = plan(&model, opts, calib.as_ref())?;
+    // Images: the model's own forward pass produces the Gram matrices, block by block; the
+    // layers are visited in block order. Image sets are opened before any compute so a bad
+    // folder fails fast.
+    let vision = if opts.images.is_some() || opts.eval.is_some() {
+        Some(Vision::prepare(&model, opts, &mut jobs)?)
+    } else {
+        None
+    };
     let mut device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
     let mut device_name = device.describe();
     // Refuse before any compute when a layer cannot fit.
@@ -734,6 +858,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 "skip": opts.selection.skip.as_ref().map(|r| r.as_str()),
                 "overrides": opts.overrides.iter().map(|o| (o.pattern.as_str(), o.bits, o.group_size, o.skip)).collect::<Vec<_>>(),
                 "data_free": opts.data_free,
+                "images": opts.images,
                 "device": opts.device,
             });
             let fp = crate::resume::fingerprint(&files, &options.to_string())?;
@@ -763,6 +888,30 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         layers: jobs.len(),
         device: &device_name,
     });
+    let engine = match &vision {
+        Some(_) => Some(Engine::for_device(&device)?),
+        None => None,
+    };
+    let mut grams: Option<Box<dyn BlockGrams + '_>> = match (&vision, &engine, &opts.images) {
+        (Some(v), Some(e), Some(io)) => {
+            progress(Progress::Stage {
+                name: "calibration images",
+                stage: "embed",
+            });
+            let set = v.calib.as_ref().expect("opened with --images");
+            Some(crate::calibrate::calibrator(
+                e,
+                &v.spec,
+                &model,
+                set,
+                &v.calib_idx,
+                io.mode,
+            )?)
+        }
+        _ => None,
+    };
+    let mut comq_weights = Overrides::new();
+    let mut rtn_weights = Overrides::new();
     let mut hasher = Sha256::new();
     let mut layers = Vec::with_capacity(jobs.len());
     for (index, job) in jobs.iter().enumerate() {
@@ -793,6 +942,10 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     stage: "calibration",
                 });
                 let gram = match (&calib, job.calib) {
+                    (_, Some(CalibKind::Images)) => {
+                        let (b, role) = job.block.expect("image jobs are located");
+                        grams.as_mut().expect("calibrator exists").gram(b, role)?
+                    }
                     (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, &device)?,
                     _ => Gram::identity(job.cols),
                 };
@@ -845,10 +998,31 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 if let Some(w) = &work {
                     w.save(index, &job.meta.name, &outcome, gram.samples)?;
                 }
+                if opts.eval.is_some() {
+                    let mut c = job.config.clone();
+                    c.method = crate::quant::Method::Rtn;
+                    let cpu = crate::device::CpuDevice::new();
+                    let r = crate::quant::quantize_layer(
+                        &cpu,
+                        &job.meta.name,
+                        &w,
+                        job.rows,
+                        job.cols,
+                        &gram,
+                        &c,
+                    )?;
+                    rtn_weights.insert(job.meta.name.clone(), r.layer.dequantize());
+                }
                 (outcome, gram.samples)
             }
         };
         let q = &outcome.layer;
+        if let (Some(g), Some((b, role))) = (grams.as_mut(), job.block) {
+            g.quantized(b, role, &q.dequantize());
+        }
+        if opts.eval.is_some() {
+            comq_weights.insert(job.meta.name.clone(), q.dequantize());
+        }
         progress(Progress::Stage {
             name: &job.meta.name,
             stage: "write",
@@ -888,6 +1062,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             calibration: match job.calib {
                 Some(CalibKind::Input) => "input",
                 Some(CalibKind::Gram) => "gram",
+                Some(CalibKind::Images) => "images",
                 None => "identity",
             },
             samples,
@@ -898,6 +1073,44 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         progress(Progress::LayerDone(&report));
         layers.push(report);
     }
+    drop(grams);
+    let eval = match (&vision, &engine, &opts.eval) {
+        (Some(v), Some(e), Some(eo)) => {
+            progress(Progress::Stage {
+                name: "evaluation images",
+                stage: "evaluate",
+            });
+            let set = v.eval.as_ref().expect("opened with --eval");
+            let idx = set.choose(eo.count.unwrap_or(usize::MAX), 0);
+            let bits = opts.config.bits;
+            let mut rows = Vec::new();
+            let map = crate::eval::label_map(set, &v.spec);
+            let fp = crate::eval::features(e, &v.spec, &model, &Overrides::new(), set, &idx)?;
+            rows.push(EvalRow {
+                model: "FP32".into(),
+                accuracy: crate::eval::accuracy(&fp, set, &idx, &map),
+                fidelity: None,
+            });
+            // Layers resumed from a checkpoint have no RTN twin; their RTN row is then partial.
+            for (label, weights) in [
+                (format!("RTN W{bits}"), &rtn_weights),
+                (format!("COMQ W{bits}"), &comq_weights),
+            ] {
+                let f = crate::eval::features(e, &v.spec, &model, weights, set, &idx)?;
+                rows.push(EvalRow {
+                    model: label,
+                    accuracy: crate::eval::accuracy(&f, set, &idx, &map),
+                    fidelity: Some(crate::eval::fidelity(&f, &fp)),
+                });
+            }
+            Some(EvalReport {
+                images: set.path().display().to_string(),
+                count: idx.len(),
+                rows,
+            })
+        }
+        _ => None,
+    };
     let codes_sha256: String = hasher
         .finalize()
         .iter()
@@ -1005,6 +1218,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         input_sha256,
         output_sha256,
         peak_rss_bytes: peak_rss_bytes(),
+        eval,
     };
     if let Some(path) = &opts.report {
         let json = serde_json::to_vec_pretty(&report).expect("report serialises");

@@ -23,16 +23,33 @@ pub enum Kernel {
     SweepStorage,
     /// Per-(row, group) closed-form scale steps (`scale.wgsl`).
     ScaleChannel,
+    /// ViT forward: `y = x·Wᵀ + b` (`vit.wgsl`).
+    Linear,
+    /// ViT forward: row LayerNorm (`vit.wgsl`).
+    LayerNorm,
+    /// ViT forward: exact GELU in place (`vit.wgsl`).
+    Gelu,
+    /// ViT forward: `h += γ ⊙ o` (`vit.wgsl`).
+    AddScaled,
+    /// ViT forward: softmax attention (`vit.wgsl`).
+    Attention,
+    /// ViT forward: patch extraction (`vit.wgsl`).
+    Im2col,
+    /// ViT forward: prefix tokens + patches + position embedding (`vit.wgsl`).
+    Assemble,
+    /// Zero-padded copy of activation rows for the Gram kernel (`vit.wgsl`).
+    PadRows,
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     ("gram.wgsl", include_str!("../shaders/gram.wgsl")),
     ("residual.wgsl", include_str!("../shaders/residual.wgsl")),
     ("reduce.wgsl", include_str!("../shaders/reduce.wgsl")),
     ("rtn.wgsl", include_str!("../shaders/rtn.wgsl")),
     ("sweep.wgsl", include_str!("../shaders/sweep.wgsl")),
     ("scale.wgsl", include_str!("../shaders/scale.wgsl")),
+    ("vit.wgsl", include_str!("../shaders/vit.wgsl")),
 ];
 
 /// Residual rows of at most this many columns fit `sweep_shared`'s workgroup array.
@@ -40,7 +57,7 @@ pub const SWEEP_SHARED_MAX_COLS: usize = 4096;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::Gram,
         Kernel::Residual,
         Kernel::Reduce,
@@ -49,6 +66,14 @@ impl Kernel {
         Kernel::SweepShared,
         Kernel::SweepStorage,
         Kernel::ScaleChannel,
+        Kernel::Linear,
+        Kernel::LayerNorm,
+        Kernel::Gelu,
+        Kernel::AddScaled,
+        Kernel::Attention,
+        Kernel::Im2col,
+        Kernel::Assemble,
+        Kernel::PadRows,
     ];
 
     /// The file the kernel lives in.
@@ -60,6 +85,14 @@ impl Kernel {
             Kernel::Rtn | Kernel::ApplyScale => "rtn.wgsl",
             Kernel::SweepShared | Kernel::SweepStorage => "sweep.wgsl",
             Kernel::ScaleChannel => "scale.wgsl",
+            Kernel::Linear
+            | Kernel::LayerNorm
+            | Kernel::Gelu
+            | Kernel::AddScaled
+            | Kernel::Attention
+            | Kernel::Im2col
+            | Kernel::Assemble
+            | Kernel::PadRows => "vit.wgsl",
         }
     }
 
@@ -74,6 +107,14 @@ impl Kernel {
             Kernel::SweepShared => "sweep_shared",
             Kernel::SweepStorage => "sweep_storage",
             Kernel::ScaleChannel => "scale_channel",
+            Kernel::Linear => "linear",
+            Kernel::LayerNorm => "layernorm",
+            Kernel::Gelu => "gelu",
+            Kernel::AddScaled => "add_scaled",
+            Kernel::Attention => "attention",
+            Kernel::Im2col => "im2col",
+            Kernel::Assemble => "assemble",
+            Kernel::PadRows => "pad_rows",
         }
     }
 

@@ -22,6 +22,8 @@ pub enum CalibKind {
     Input,
     /// `P.gram` matrix.
     Gram,
+    /// Captured by the built-in forward pass from calibration images.
+    Images,
 }
 
 /// An open calibration file.
@@ -80,6 +82,7 @@ impl Calibration {
         let name = match kind {
             CalibKind::Gram => format!("{prefix}.gram"),
             CalibKind::Input => format!("{prefix}.input"),
+            CalibKind::Images => unreachable!("kind() only finds file tensors"),
         };
         let t = self.file.get(&name).expect("kind() found it");
         if !super::dtype::is_float(t.dtype) {
@@ -113,6 +116,7 @@ impl Calibration {
     pub fn gram(&self, prefix: &str, cols: usize, device: &AnyDevice) -> Result<Gram> {
         let path = self.file.path();
         match self.check(prefix, cols)? {
+            CalibKind::Images => unreachable!("check() only returns file kinds"),
             CalibKind::Gram => {
                 let name = format!("{prefix}.gram");
                 let t = self.file.get(&name).expect("checked");

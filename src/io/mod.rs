@@ -10,6 +10,7 @@ pub mod calib;
 pub mod checkpoint;
 pub mod dtype;
 pub mod hfconfig;
+pub mod images;
 pub mod pack;
 pub mod safetensors;
 pub mod writer;

@@ -9,6 +9,7 @@
 //! and returned as [`Error`]s; a lost device is reported, never panicked on.
 
 pub mod buffers;
+pub mod forward;
 pub mod pipelines;
 
 use std::sync::{Arc, Mutex};

@@ -85,8 +85,30 @@ pub struct ScaleParams {
     pub dtype: u32,
 }
 
+/// `VitParams` in `vit.wgsl` (field meanings per kernel are in the shader).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, Default)]
+pub struct VitParams {
+    /// First size.
+    pub a: u32,
+    /// Second size.
+    pub b: u32,
+    /// Third size.
+    pub c: u32,
+    /// Fourth size.
+    pub d: u32,
+    /// Fifth size.
+    pub e: u32,
+    /// Width of the 2-D workgroup grid of elementwise kernels.
+    pub gx: u32,
+    /// LayerNorm epsilon.
+    pub eps: f32,
+    /// Attention scale.
+    pub scale: f32,
+}
+
 /// Every pipeline, built once.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Pipelines {
     list: Vec<(Kernel, wgpu::ComputePipeline)>,
 }
@@ -142,5 +164,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<GridParams>(), 16);
         assert_eq!(std::mem::size_of::<SweepParams>(), 32);
         assert_eq!(std::mem::size_of::<ScaleParams>(), 16);
+        assert_eq!(std::mem::size_of::<VitParams>(), 32);
     }
 }

@@ -1,0 +1,298 @@
+// The ViT forward pass: GEMM, LayerNorm, exact-erf GELU, softmax attention, LayerScale residual,
+// patch extraction, token assembly, and the zero-padded copy that feeds gram.wgsl.
+//
+// @group(0) @binding(0) src0   : array<f32>, read        — first input
+// @group(0) @binding(1) src1   : array<f32>, read        — weights / gains / prefix tokens
+// @group(0) @binding(2) src2   : array<f32>, read        — bias / position embedding
+// @group(0) @binding(3) dst    : array<f32>, read_write  — output (in place for gelu, add_scaled)
+// @group(0) @binding(4) p      : uniform VitParams
+// Every entry point reads `VitParams` (its fields' meaning is given per kernel) and binds only
+// the buffers it uses. All tensors are row-major f32 with
+// no padding. Elementwise kernels use workgroups of 256 on a 2-D grid (x fastest) so more than
+// 65535 workgroups can be dispatched; the host passes the grid width in `VitParams.gx`.
+
+struct VitParams {
+    a: u32,
+    b: u32,
+    c: u32,
+    d: u32,
+    e: u32,
+    gx: u32,
+    eps: f32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<storage, read> src0: array<f32>;
+@group(0) @binding(1) var<storage, read> src1: array<f32>;
+@group(0) @binding(2) var<storage, read> src2: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(4) var<uniform> p: VitParams;
+
+fn flat(wid: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.y * p.gx + wid.x) * 256u + lid.x;
+}
+
+// ---- linear: dst[m, n] = src0[m, k] · src1[n, k]ᵀ + src2[n]      (a = m, b = k, c = n)
+// Workgroup (16, 16) owns a 64×64 output tile, each invocation a 4×4 block kept in four vec4
+// accumulators; K advances in steps of 16 through workgroup tiles. Dispatch (⌈n/64⌉, ⌈m/64⌉).
+var<workgroup> ta: array<f32, 1024>;
+var<workgroup> tb: array<f32, 1024>;
+
+@compute @workgroup_size(16, 16, 1)
+fn linear(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let m0 = wid.y * 64u;
+    let n0 = wid.x * 64u;
+    let tid = lid.y * 16u + lid.x;
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < p.b; k0 += 16u) {
+        for (var e = 0u; e < 4u; e++) {
+            let idx = tid + e * 256u;
+            let r = idx / 16u;
+            let kk = idx % 16u;
+            let gk = k0 + kk;
+            var va = 0.0;
+            if (m0 + r < p.a && gk < p.b) {
+                va = src0[(m0 + r) * p.b + gk];
+            }
+            ta[kk * 64u + r] = va;
+            var vb = 0.0;
+            if (n0 + r < p.c && gk < p.b) {
+                vb = src1[(n0 + r) * p.b + gk];
+            }
+            tb[kk * 64u + r] = vb;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < 16u; kk++) {
+            let ai = kk * 64u + lid.y * 4u;
+            let bi = kk * 64u + lid.x * 4u;
+            let av = vec4<f32>(ta[ai], ta[ai + 1u], ta[ai + 2u], ta[ai + 3u]);
+            let bv = vec4<f32>(tb[bi], tb[bi + 1u], tb[bi + 2u], tb[bi + 3u]);
+            c0 = fma(vec4<f32>(av.x), bv, c0);
+            c1 = fma(vec4<f32>(av.y), bv, c1);
+            c2 = fma(vec4<f32>(av.z), bv, c2);
+            c3 = fma(vec4<f32>(av.w), bv, c3);
+        }
+        workgroupBarrier();
+    }
+    let col0 = n0 + lid.x * 4u;
+    let row0 = m0 + lid.y * 4u;
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + i;
+        if (row >= p.a) {
+            break;
+        }
+        var v = c0;
+        if (i == 1u) { v = c1; }
+        if (i == 2u) { v = c2; }
+        if (i == 3u) { v = c3; }
+        for (var j = 0u; j < 4u; j++) {
+            let col = col0 + j;
+            if (col < p.c) {
+                dst[row * p.c + col] = v[j] + src2[col];
+            }
+        }
+    }
+}
+
+// ---- layernorm: dst[r, :] = (src0[r, :] − μ) / √(σ² + eps) · src1 + src2     (a = rows, b = d)
+// One workgroup of 256 per row; mean first, then the variance of the centred values (two
+// passes, as the CPU does). Dispatch per row on a 2-D grid of width gx.
+var<workgroup> red: array<f32, 256>;
+
+fn reduce_sum(lid: u32, v: f32) -> f32 {
+    red[lid] = v;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = red[0];
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn layernorm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let row = wid.y * p.gx + wid.x;
+    if (row >= p.a) {
+        return;
+    }
+    let d = p.b;
+    let base = row * d;
+    var s = 0.0;
+    for (var j = lid.x; j < d; j += 256u) {
+        s += src0[base + j];
+    }
+    let mean = reduce_sum(lid.x, s) / f32(d);
+    var v = 0.0;
+    for (var j = lid.x; j < d; j += 256u) {
+        let c = src0[base + j] - mean;
+        v += c * c;
+    }
+    let inv = inverseSqrt(reduce_sum(lid.x, v) / f32(d) + p.eps);
+    for (var j = lid.x; j < d; j += 256u) {
+        dst[base + j] = (src0[base + j] - mean) * inv * src1[j] + src2[j];
+    }
+}
+
+// ---- gelu: dst[i] = x Φ(x) in place over a = count elements (src0 unused).
+// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), so GELU is exact to f32 rounding.
+fn erf_approx(x: f32) -> f32 {
+    let s = sign(x);
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.3275911 * z);
+    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-z * z);
+    return s * y;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn gelu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let i = flat(wid, lid);
+    if (i >= p.a) {
+        return;
+    }
+    let x = dst[i];
+    dst[i] = 0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752));
+}
+
+// ---- add_scaled: dst[r, j] += src1[j] · src0[r, j]          (a = rows·d, b = d)
+@compute @workgroup_size(256, 1, 1)
+fn add_scaled(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let i = flat(wid, lid);
+    if (i >= p.a) {
+        return;
+    }
+    dst[i] += src1[i % p.b] * src0[i];
+}
+
+// ---- attention: src0 = qkv [n·t, 3·D] (q | k | v, heads inside each) → dst [n·t, D]
+// (a = t, b = head dim, c = D, scale = 1/√hd). One workgroup of 64 per (query, head, image):
+// scores for all keys in workgroup memory (t ≤ 2048), max-subtracted softmax, then one output
+// dimension per invocation. Dispatch (t, heads, n).
+var<workgroup> sc: array<f32, 2048>;
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> red64: array<f32, 64>;
+
+fn reduce64(lid: u32, v: f32, is_max: bool) -> f32 {
+    red64[lid] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lid < s) {
+            if (is_max) {
+                red64[lid] = max(red64[lid], red64[lid + s]);
+            } else {
+                red64[lid] += red64[lid + s];
+            }
+        }
+        workgroupBarrier();
+    }
+    let r = red64[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn attention(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let t = p.a;
+    let hd = p.b;
+    let d = p.c;
+    let d3 = 3u * d;
+    let qi = wid.x;
+    let h = wid.y;
+    let base = wid.z * t * d3;
+    for (var x = lid.x; x < hd; x += 64u) {
+        qs[x] = src0[base + qi * d3 + h * hd + x];
+    }
+    workgroupBarrier();
+    var mx = -3.4e38;
+    for (var j = lid.x; j < t; j += 64u) {
+        let kb = base + j * d3 + d + h * hd;
+        var s = 0.0;
+        for (var x = 0u; x < hd; x++) {
+            s = fma(qs[x], src0[kb + x], s);
+        }
+        sc[j] = s;
+        mx = max(mx, s);
+    }
+    let m = reduce64(lid.x, mx, true);
+    var sum = 0.0;
+    for (var j = lid.x; j < t; j += 64u) {
+        let e = exp((sc[j] - m) * p.scale);
+        sc[j] = e;
+        sum += e;
+    }
+    let inv = 1.0 / reduce64(lid.x, sum, false);
+    for (var x = lid.x; x < hd; x += 64u) {
+        var acc = 0.0;
+        for (var j = 0u; j < t; j++) {
+            acc = fma(sc[j], src0[base + j * d3 + 2u * d + h * hd + x], acc);
+        }
+        dst[(wid.z * t + qi) * d + h * hd + x] = acc * inv;
+    }
+}
+
+// ---- im2col: src0 = pixels [n, ch, side, side] → dst [n·g², ch·pz²]
+// (a = total elements, b = ch, c = side, d = pz (patch size), e = g (patches per side))
+@compute @workgroup_size(256, 1, 1)
+fn im2col(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let i = flat(wid, lid);
+    if (i >= p.a) {
+        return;
+    }
+    let pz = p.d;
+    let g = p.e;
+    let k = p.b * pz * pz;
+    let row = i / k;
+    let col = i % k;
+    let img = row / (g * g);
+    let cell = row % (g * g);
+    let gy = cell / g;
+    let gx = cell % g;
+    let ch = col / (pz * pz);
+    let ky = (col / pz) % pz;
+    let kx = col % pz;
+    dst[i] = src0[((img * p.b + ch) * p.c + gy * pz + ky) * p.c + gx * pz + kx];
+}
+
+// ---- assemble: tokens [n, pre + g, D] = (prefix tokens src1 | patches src0) + pos src2
+// (a = total elements, b = pre, c = g (patch tokens), d = D)
+@compute @workgroup_size(256, 1, 1)
+fn assemble(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let i = flat(wid, lid);
+    if (i >= p.a) {
+        return;
+    }
+    let t = p.b + p.c;
+    let j = i % p.d;
+    let tok = (i / p.d) % t;
+    let img = i / (p.d * t);
+    var v = 0.0;
+    if (tok < p.b) {
+        v = src1[tok * p.d + j];
+    } else {
+        v = src0[(img * p.c + tok - p.b) * p.d + j];
+    }
+    dst[i] = v + src2[tok * p.d + j];
+}
+
+// ---- pad_rows: dst [rp, np] = rows r0 .. r0 + rows of src0 [*, n], zero-padded
+// (a = rp·np total, b = n, c = np, d = r0, e = rows) — the layout gram.wgsl reads.
+@compute @workgroup_size(256, 1, 1)
+fn pad_rows(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let i = flat(wid, lid);
+    if (i >= p.a) {
+        return;
+    }
+    let r = i / p.c;
+    let j = i % p.c;
+    var v = 0.0;
+    if (r < p.e && j < p.b) {
+        v = src0[(p.d + r) * p.b + j];
+    }
+    dst[i] = v;
+}

@@ -1,0 +1,269 @@
+//! Calibration from images: the Gram matrices of each block's linear layers, one block at a time.
+//!
+//! The calibration images are embedded once; their hidden state (one block's input for the whole
+//! calibration set, in batches on the device) is then moved through the model block by block.
+//! For block `b`, the inputs of its linear layers (LayerNorm 1 output, attention output,
+//! LayerNorm 2 output, GELU output) are accumulated into Gram matrices on the device while the
+//! block runs; the pipeline quantizes the block's layers, then asks for the next block.
+//!
+//! Two modes. [`CalibMode::Fp`] (the paper's): every layer's inputs come from the
+//! full-precision model, so one forward pass serves every block. [`CalibMode::Quantized`]
+//! (sequential): the inputs come from the already-quantized prefix — earlier blocks run with
+//! their quantized weights, and inside a block a layer's input is recomputed after the layers
+//! before it were quantized.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::io::checkpoint::Checkpoint;
+use crate::io::images::ImageSet;
+use crate::model::forward::{Forward, HostBlock, HostStem, Ops, Stem};
+use crate::model::{Engine, Role, Site, VitSpec};
+use crate::quant::Gram;
+
+/// Where calibration inputs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CalibMode {
+    /// From the full-precision model (layers independent, as in the paper).
+    #[default]
+    Fp,
+    /// From the already-quantized prefix (sequential).
+    Quantized,
+}
+
+/// Images per device batch during calibration and evaluation.
+pub const BATCH: usize = 32;
+
+/// Decodes and preprocesses images `idx` of `set` into one `[n, c, s, s]` buffer.
+pub fn load_pixels(set: &ImageSet, idx: &[usize], spec: &VitSpec) -> Result<Vec<f32>> {
+    let per: Vec<Vec<f32>> = idx
+        .par_iter()
+        .map(|&i| set.pixels(i, &spec.preprocess))
+        .collect::<Result<_>>()?;
+    Ok(per.concat())
+}
+
+/// Something that hands out one block's Gram matrices at a time.
+pub trait BlockGrams {
+    /// The Gram of the input of layer `role` in block `block` (blocks in increasing order).
+    fn gram(&mut self, block: usize, role: Role) -> Result<Gram>;
+    /// Records the dequantized weights of a layer just quantized (used in quantized mode).
+    fn quantized(&mut self, block: usize, role: Role, w: &[f32]);
+    /// Device description.
+    fn describe(&self) -> String;
+}
+
+/// The block-by-block calibrator over one device.
+pub struct Calibrator<'a, O: Ops> {
+    ops: &'a O,
+    spec: &'a VitSpec,
+    model: &'a Checkpoint,
+    mode: CalibMode,
+    /// Hidden state per batch: the input of block `at`.
+    hidden: Vec<(O::T, usize)>,
+    at: usize,
+    /// Gram matrices of block `at - 1` (fp mode) or of block `at` (quantized mode), by site.
+    grams: HashMap<Site, Gram>,
+    grams_block: Option<usize>,
+    /// Host weights of blocks with quantized layers (quantized mode).
+    blocks: HashMap<usize, HostBlock>,
+    _stem: Stem<O::T>,
+}
+
+impl<'a, O: Ops> Calibrator<'a, O> {
+    /// Embeds the calibration images.
+    pub fn new(
+        ops: &'a O,
+        spec: &'a VitSpec,
+        model: &'a Checkpoint,
+        images: &ImageSet,
+        idx: &[usize],
+        mode: CalibMode,
+    ) -> Result<Self> {
+        let stem = HostStem::load(model, spec)?.upload(ops)?;
+        let f = Forward::new(ops, spec);
+        let mut hidden = Vec::new();
+        for chunk in idx.chunks(BATCH) {
+            let px = load_pixels(images, chunk, spec)?;
+            hidden.push((f.embed(&stem, &px, chunk.len())?, chunk.len()));
+        }
+        log::info!(
+            "calibration: {} images from {}, {} tokens each, on {}",
+            idx.len(),
+            images.path().display(),
+            spec.tokens_per_image(),
+            ops.describe()
+        );
+        Ok(Calibrator {
+            ops,
+            spec,
+            model,
+            mode,
+            hidden,
+            at: 0,
+            grams: HashMap::new(),
+            grams_block: None,
+            blocks: HashMap::new(),
+            _stem: stem,
+        })
+    }
+
+    fn host_block(&self, b: usize) -> Result<HostBlock> {
+        match self.blocks.get(&b) {
+            Some(h) => Ok(h.clone()),
+            None => HostBlock::load(self.model, self.spec, &self.spec.blocks[b]),
+        }
+    }
+
+    /// Moves the hidden state through block `self.at` (accumulating its Grams when `collect`).
+    fn advance(&mut self, collect: bool) -> Result<()> {
+        let b = self.at;
+        let w = self.host_block(b)?.upload(self.ops)?;
+        let f = Forward::new(self.ops, self.spec);
+        let (d, m) = (self.spec.dim, self.spec.mlp);
+        let mut acc: HashMap<Site, O::G> = HashMap::new();
+        if collect {
+            for (s, n) in [
+                (Site::AttnIn, d),
+                (Site::ProjIn, d),
+                (Site::MlpIn, d),
+                (Site::Fc2In, m),
+            ] {
+                acc.insert(s, self.ops.gram_new(n)?);
+            }
+        }
+        let ops = self.ops;
+        for (h, n) in self.hidden.iter_mut() {
+            f.block(&w, h, *n, None, &mut |site, x, rows| {
+                if let Some(g) = acc.get_mut(&site) {
+                    ops.gram_add(g, x, rows)?;
+                }
+                Ok(())
+            })?;
+        }
+        if collect {
+            self.grams.clear();
+            for (s, g) in acc {
+                self.grams.insert(s, ops.gram_finish(g)?);
+            }
+            self.grams_block = Some(b);
+        }
+        self.at += 1;
+        Ok(())
+    }
+
+    /// The Gram of one site of block `self.at` with the block's current weights, leaving the
+    /// hidden state where it is.
+    fn site_gram(&mut self, site: Site) -> Result<Gram> {
+        let b = self.at;
+        let w = self.host_block(b)?.upload(self.ops)?;
+        let f = Forward::new(self.ops, self.spec);
+        let n = if site == Site::Fc2In {
+            self.spec.mlp
+        } else {
+            self.spec.dim
+        };
+        let ops = self.ops;
+        let mut g = ops.gram_new(n)?;
+        for (h, k) in self.hidden.iter_mut() {
+            f.block(&w, h, *k, Some(site), &mut |s, x, rows| {
+                if s == site {
+                    ops.gram_add(&mut g, x, rows)?;
+                }
+                Ok(())
+            })?;
+        }
+        ops.gram_finish(g)
+    }
+}
+
+impl<O: Ops> BlockGrams for Calibrator<'_, O> {
+    fn gram(&mut self, block: usize, role: Role) -> Result<Gram> {
+        let site = role.site();
+        match self.mode {
+            CalibMode::Fp => {
+                if self.grams_block != Some(block) {
+                    if block < self.at {
+                        return Err(Error::InvalidOption(format!(
+                            "calibration asked for block {block} after block {}",
+                            self.at
+                        )));
+                    }
+                    while self.at < block {
+                        self.advance(false)?;
+                    }
+                    self.advance(true)?;
+                }
+                Ok(self.grams[&site].clone())
+            }
+            CalibMode::Quantized => {
+                if block < self.at {
+                    return Err(Error::InvalidOption(format!(
+                        "calibration asked for block {block} after block {}",
+                        self.at
+                    )));
+                }
+                while self.at < block {
+                    self.advance(false)?;
+                    self.grams.clear();
+                }
+                if self.grams_block != Some(block) {
+                    self.grams.clear();
+                    self.grams_block = Some(block);
+                }
+                if let Some(g) = self.grams.get(&site) {
+                    return Ok(g.clone());
+                }
+                let g = self.site_gram(site)?;
+                self.grams.insert(site, g.clone());
+                Ok(g)
+            }
+        }
+    }
+
+    fn quantized(&mut self, block: usize, role: Role, w: &[f32]) {
+        if self.mode != CalibMode::Quantized {
+            return;
+        }
+        if !self.blocks.contains_key(&block) {
+            match HostBlock::load(self.model, self.spec, &self.spec.blocks[block]) {
+                Ok(h) => {
+                    self.blocks.insert(block, h);
+                }
+                Err(e) => {
+                    log::warn!("cannot record quantized weights of block {block}: {e}");
+                    return;
+                }
+            }
+        }
+        let d = self.spec.dim;
+        if let Some(h) = self.blocks.get_mut(&block) {
+            h.set_weight(role, d, w);
+        }
+        // Blocks behind the hidden state are no longer needed.
+        let at = self.at;
+        self.blocks.retain(|&k, _| k >= at);
+    }
+
+    fn describe(&self) -> String {
+        self.ops.describe()
+    }
+}
+
+/// A calibrator on the engine's device.
+pub fn calibrator<'a>(
+    engine: &'a Engine,
+    spec: &'a VitSpec,
+    model: &'a Checkpoint,
+    images: &ImageSet,
+    idx: &[usize],
+    mode: CalibMode,
+) -> Result<Box<dyn BlockGrams + 'a>> {
+    Ok(match engine {
+        Engine::Cpu(o) => Box::new(Calibrator::new(o, spec, model, images, idx, mode)?),
+        Engine::Gpu(o) => Box::new(Calibrator::new(o.as_ref(), spec, model, images, idx, mode)?),
+    })
+}

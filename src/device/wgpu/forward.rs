@@ -1,0 +1,476 @@
+//! The ViT forward primitives on a wgpu device (`shaders/vit.wgsl`), with the Gram matrices of
+//! layer inputs accumulated where the activations already are.
+//!
+//! Work is submitted without waiting: wgpu runs submissions in order, so only a download (or a
+//! Gram flush) blocks. Activations never leave the device during calibration; the Gram kernel
+//! (`gram.wgsl`) reads a zero-padded copy of a row chunk made on the device (`pad_rows`), sums in
+//! f32 for at most [`GRAM_FLUSH_ROWS`] rows and the host adds those partial sums in f64.
+
+use std::sync::{Arc, Mutex};
+
+use super::buffers::{gpu_err, read_f32};
+use super::pipelines::{GramParams, Pipelines, VitParams};
+use super::{WgpuDevice, GRAM_FLUSH_ROWS, MAX_GROUPS};
+use crate::error::Result;
+use crate::model::forward::Ops;
+use crate::quant::{Gram, GramAccumulator};
+use crate::shaders::Kernel;
+
+const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
+
+/// Longest token sequence the attention kernel holds in workgroup memory.
+pub const MAX_TOKENS: usize = 2048;
+/// Largest head dimension the attention kernel caches.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// A tensor in device memory.
+#[derive(Debug)]
+pub struct GpuTensor {
+    buf: wgpu::Buffer,
+    len: usize,
+}
+
+/// A Gram accumulator in device memory.
+#[derive(Debug)]
+pub struct GpuGram {
+    g: wgpu::Buffer,
+    n: usize,
+    np: usize,
+    pending: usize,
+    acc: GramAccumulator,
+}
+
+/// Forward primitives on one wgpu device. Holds its own handles (cheap clones), so it outlives
+/// a change of the quantization device.
+#[derive(Debug, Clone)]
+pub struct GpuOps {
+    name: String,
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    pipelines: Pipelines,
+    fault: Arc<Mutex<Option<String>>>,
+    max_binding: u64,
+}
+
+fn grid(count: usize) -> (u32, u32) {
+    let blocks = (count as u32).div_ceil(256).max(1);
+    (blocks.min(MAX_GROUPS), blocks.div_ceil(MAX_GROUPS))
+}
+
+impl GpuOps {
+    /// Forward primitives on the device of `d`.
+    pub fn new(d: &WgpuDevice) -> GpuOps {
+        GpuOps {
+            name: format!("{} ({:?})", d.info.name, d.info.backend),
+            device: d.device.clone(),
+            queue: d.queue.clone(),
+            pipelines: d.pipelines.clone(),
+            fault: d.fault.clone(),
+            max_binding: d.max_binding(),
+        }
+    }
+
+    fn check_fault(&self) -> Result<()> {
+        match self.fault.lock().expect("fault lock").take() {
+            None => Ok(()),
+            Some(msg) => Err(gpu_err(format!(
+                "{msg} (the forward pass can run on the CPU with --device cpu)"
+            ))),
+        }
+    }
+
+    fn alloc(&self, len: usize) -> Result<GpuTensor> {
+        let bytes = (len.max(4) * 4) as u64;
+        if bytes > self.max_binding {
+            return Err(gpu_err(format!(
+                "a forward-pass tensor of {bytes} bytes exceeds the adapter's storage-binding limit ({} bytes); use fewer images per batch or --device cpu",
+                self.max_binding
+            )));
+        }
+        Ok(GpuTensor {
+            buf: self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("vit"),
+                size: bytes.next_multiple_of(16),
+                usage: STORAGE,
+                mapped_at_creation: false,
+            }),
+            len,
+        })
+    }
+
+    /// Encodes and submits one dispatch of `kernel` (no wait).
+    fn run(
+        &self,
+        kernel: Kernel,
+        bufs: &[(u32, &wgpu::Buffer)],
+        params: VitParams,
+        groups: (u32, u32, u32),
+    ) {
+        let ubuf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("vit-params"),
+            size: std::mem::size_of::<VitParams>() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.queue
+            .write_buffer(&ubuf, 0, bytemuck::bytes_of(&params));
+        self.dispatch(kernel, bufs, &ubuf, 4, groups);
+    }
+
+    fn dispatch(
+        &self,
+        kernel: Kernel,
+        bufs: &[(u32, &wgpu::Buffer)],
+        ubuf: &wgpu::Buffer,
+        ubinding: u32,
+        groups: (u32, u32, u32),
+    ) {
+        let pipeline = self.pipelines.get(kernel);
+        let mut entries: Vec<wgpu::BindGroupEntry> = bufs
+            .iter()
+            .map(|(b, buf)| wgpu::BindGroupEntry {
+                binding: *b,
+                resource: buf.as_entire_binding(),
+            })
+            .collect();
+        entries.push(wgpu::BindGroupEntry {
+            binding: ubinding,
+            resource: ubuf.as_entire_binding(),
+        });
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(kernel.entry()),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some(kernel.entry()),
+            });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(kernel.entry()),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        }
+        self.queue.submit([enc.finish()]);
+    }
+
+    fn elementwise(
+        &self,
+        kernel: Kernel,
+        bufs: &[(u32, &wgpu::Buffer)],
+        count: usize,
+        mut p: VitParams,
+    ) {
+        let (gx, gy) = grid(count);
+        p.gx = gx;
+        self.run(kernel, bufs, p, (gx, gy, 1));
+    }
+
+    fn flush(&self, g: &mut GpuGram) -> Result<()> {
+        if g.pending == 0 {
+            return Ok(());
+        }
+        let part = read_f32(&self.device, &self.queue, &g.g, g.np * g.np)?;
+        self.check_fault()?;
+        g.acc.add_partial(&part, g.np, g.pending as u64);
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("gram-clear"),
+            });
+        enc.clear_buffer(&g.g, 0, None);
+        self.queue.submit([enc.finish()]);
+        g.pending = 0;
+        Ok(())
+    }
+}
+
+impl Ops for GpuOps {
+    type T = GpuTensor;
+    type G = GpuGram;
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<GpuTensor> {
+        let t = self.alloc(data.len())?;
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(&t.buf, 0, bytemuck::cast_slice(data));
+        }
+        Ok(t)
+    }
+
+    fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+        let v = read_f32(&self.device, &self.queue, &t.buf, t.len)?;
+        self.check_fault()?;
+        Ok(v)
+    }
+
+    fn linear(
+        &self,
+        x: &GpuTensor,
+        rows: usize,
+        k: usize,
+        w: &GpuTensor,
+        b: &GpuTensor,
+        n: usize,
+    ) -> Result<GpuTensor> {
+        let y = self.alloc(rows * n)?;
+        let p = VitParams {
+            a: rows as u32,
+            b: k as u32,
+            c: n as u32,
+            ..Default::default()
+        };
+        let gy = rows.div_ceil(64) as u32;
+        if gy > MAX_GROUPS {
+            return Err(gpu_err(format!(
+                "{rows} rows in one GEMM exceed the dispatch limit; use fewer images per batch"
+            )));
+        }
+        self.run(
+            Kernel::Linear,
+            &[(0, &x.buf), (1, &w.buf), (2, &b.buf), (3, &y.buf)],
+            p,
+            (n.div_ceil(64) as u32, gy, 1),
+        );
+        Ok(y)
+    }
+
+    fn layernorm(
+        &self,
+        x: &GpuTensor,
+        rows: usize,
+        d: usize,
+        w: &GpuTensor,
+        b: &GpuTensor,
+        eps: f32,
+    ) -> Result<GpuTensor> {
+        let y = self.alloc(rows * d)?;
+        let gx = (rows as u32).clamp(1, MAX_GROUPS);
+        let gy = (rows as u32).div_ceil(MAX_GROUPS).max(1);
+        let p = VitParams {
+            a: rows as u32,
+            b: d as u32,
+            gx,
+            eps,
+            ..Default::default()
+        };
+        self.run(
+            Kernel::LayerNorm,
+            &[(0, &x.buf), (1, &w.buf), (2, &b.buf), (3, &y.buf)],
+            p,
+            (gx, gy, 1),
+        );
+        Ok(y)
+    }
+
+    fn gelu(&self, x: &mut GpuTensor, len: usize) -> Result<()> {
+        let p = VitParams {
+            a: len as u32,
+            ..Default::default()
+        };
+        self.elementwise(Kernel::Gelu, &[(3, &x.buf)], len, p);
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        qkv: &GpuTensor,
+        n: usize,
+        t: usize,
+        heads: usize,
+        hd: usize,
+    ) -> Result<GpuTensor> {
+        if t > MAX_TOKENS || hd > MAX_HEAD_DIM {
+            return Err(gpu_err(format!(
+                "attention over {t} tokens with head dimension {hd} exceeds the kernel's limits ({MAX_TOKENS} tokens, {MAX_HEAD_DIM}); use --device cpu"
+            )));
+        }
+        let d = heads * hd;
+        let y = self.alloc(n * t * d)?;
+        let p = VitParams {
+            a: t as u32,
+            b: hd as u32,
+            c: d as u32,
+            scale: 1.0 / (hd as f32).sqrt(),
+            ..Default::default()
+        };
+        self.run(
+            Kernel::Attention,
+            &[(0, &qkv.buf), (3, &y.buf)],
+            p,
+            (t as u32, heads as u32, n as u32),
+        );
+        Ok(y)
+    }
+
+    fn add_scaled(
+        &self,
+        h: &mut GpuTensor,
+        o: &GpuTensor,
+        gamma: &GpuTensor,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        let p = VitParams {
+            a: (rows * d) as u32,
+            b: d as u32,
+            ..Default::default()
+        };
+        self.elementwise(
+            Kernel::AddScaled,
+            &[(0, &o.buf), (1, &gamma.buf), (3, &h.buf)],
+            rows * d,
+            p,
+        );
+        Ok(())
+    }
+
+    fn patch_embed(
+        &self,
+        px: &GpuTensor,
+        n: usize,
+        c: usize,
+        side: usize,
+        pz: usize,
+        w: &GpuTensor,
+        b: &GpuTensor,
+        d: usize,
+    ) -> Result<GpuTensor> {
+        let g = side / pz;
+        let k = c * pz * pz;
+        let total = n * g * g * k;
+        let cols = self.alloc(total)?;
+        let p = VitParams {
+            a: total as u32,
+            b: c as u32,
+            c: side as u32,
+            d: pz as u32,
+            e: g as u32,
+            ..Default::default()
+        };
+        self.elementwise(Kernel::Im2col, &[(0, &px.buf), (3, &cols.buf)], total, p);
+        self.linear(&cols, n * g * g, k, w, b, d)
+    }
+
+    fn assemble(
+        &self,
+        patches: &GpuTensor,
+        prefix: &GpuTensor,
+        pos: &GpuTensor,
+        n: usize,
+        prefix_tokens: usize,
+        g: usize,
+        d: usize,
+    ) -> Result<GpuTensor> {
+        let total = n * (prefix_tokens + g) * d;
+        let y = self.alloc(total)?;
+        let p = VitParams {
+            a: total as u32,
+            b: prefix_tokens as u32,
+            c: g as u32,
+            d: d as u32,
+            ..Default::default()
+        };
+        self.elementwise(
+            Kernel::Assemble,
+            &[
+                (0, &patches.buf),
+                (1, &prefix.buf),
+                (2, &pos.buf),
+                (3, &y.buf),
+            ],
+            total,
+            p,
+        );
+        Ok(y)
+    }
+
+    fn gram_new(&self, n: usize) -> Result<GpuGram> {
+        let np = n.div_ceil(64) * 64;
+        let bytes = (np * np * 4) as u64;
+        if bytes > self.max_binding {
+            return Err(gpu_err(format!(
+                "a {n}×{n} Gram matrix ({bytes} bytes) exceeds the adapter's storage-binding limit; use --device cpu"
+            )));
+        }
+        let g = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("gram"),
+            size: bytes,
+            usage: STORAGE,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("gram-clear"),
+            });
+        enc.clear_buffer(&g, 0, None);
+        self.queue.submit([enc.finish()]);
+        Ok(GpuGram {
+            g,
+            n,
+            np,
+            pending: 0,
+            acc: GramAccumulator::new(n),
+        })
+    }
+
+    fn gram_add(&self, g: &mut GpuGram, x: &GpuTensor, rows: usize) -> Result<()> {
+        let (n, np) = (g.n, g.np);
+        let cap = ((self.max_binding / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
+        let chunk = self.alloc(cap * np)?;
+        for r0 in (0..rows).step_by(cap) {
+            let r = cap.min(rows - r0);
+            let rp = r.div_ceil(16) * 16;
+            let p = VitParams {
+                a: (rp * np) as u32,
+                b: n as u32,
+                c: np as u32,
+                d: r0 as u32,
+                e: r as u32,
+                ..Default::default()
+            };
+            self.elementwise(Kernel::PadRows, &[(0, &x.buf), (3, &chunk.buf)], rp * np, p);
+            let gp = GramParams {
+                rows: rp as u32,
+                n4: (np / 4) as u32,
+                pad: [0; 2],
+            };
+            let ubuf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("gram-params"),
+                size: std::mem::size_of::<GramParams>() as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.queue.write_buffer(&ubuf, 0, bytemuck::bytes_of(&gp));
+            self.dispatch(
+                Kernel::Gram,
+                &[(0, &chunk.buf), (1, &g.g)],
+                &ubuf,
+                2,
+                ((np / 64) as u32, (np / 64) as u32, 1),
+            );
+            g.pending += r;
+            if g.pending >= GRAM_FLUSH_ROWS {
+                self.flush(g)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn gram_finish(&self, mut g: GpuGram) -> Result<Gram> {
+        self.flush(&mut g)?;
+        Ok(g.acc.finish())
+    }
+}

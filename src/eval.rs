@@ -1,0 +1,392 @@
+//! Accuracy of a model on labelled images, and fidelity of a quantized model's features to the
+//! full-precision model's.
+//!
+//! Top-1 / top-5 need a classifier head and labels (class sub-folders or a labelled pack). For a
+//! backbone, and as a finer signal for a classifier, the quantized model is compared with the
+//! full-precision one on the same images: mean cosine of the CLS features, their relative mean
+//! squared error, and how often each image's nearest neighbour (cosine, among the other images)
+//! is the same image under both models. Same-model k-NN accuracy is not a fidelity measure —
+//! gallery and queries drift together under quantization — so it is not used as one.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::calibrate::{load_pixels, BATCH};
+use crate::error::Result;
+use crate::io::checkpoint::Checkpoint;
+use crate::io::images::ImageSet;
+use crate::model::forward::{Forward, HostBlock, HostStem, Ops};
+use crate::model::{Engine, VitSpec};
+
+/// Images processed block by block together (bounds the hidden state held at once).
+const GROUP: usize = 512;
+
+/// Features of an image set under one model.
+#[derive(Debug, Clone)]
+pub struct Features {
+    /// Images.
+    pub n: usize,
+    /// Width of the CLS features.
+    pub dim: usize,
+    /// Classes of the head (0 for a backbone).
+    pub classes: usize,
+    /// CLS features after the final LayerNorm, `[n, dim]`.
+    pub cls: Vec<f32>,
+    /// Logits `[n, classes]`.
+    pub logits: Vec<f32>,
+}
+
+/// Replacement weights (dequantized layers) by tensor name.
+pub type Overrides = HashMap<String, Vec<f32>>;
+
+fn block_with(
+    model: &Checkpoint,
+    spec: &VitSpec,
+    b: usize,
+    overrides: &Overrides,
+) -> Result<HostBlock> {
+    let names = &spec.blocks[b];
+    let mut h = HostBlock::load(model, spec, names)?;
+    for (role, prefix) in names.linears() {
+        if let Some(w) = overrides.get(&format!("{prefix}.weight")) {
+            h.set_weight(role, spec.dim, w);
+        }
+    }
+    Ok(h)
+}
+
+fn features_on<O: Ops>(
+    ops: &O,
+    spec: &VitSpec,
+    model: &Checkpoint,
+    overrides: &Overrides,
+    set: &ImageSet,
+    idx: &[usize],
+) -> Result<Features> {
+    let f = Forward::new(ops, spec);
+    let stem = HostStem::load(model, spec)?.upload(ops)?;
+    let mut out = Features {
+        n: idx.len(),
+        dim: spec.dim,
+        classes: spec.num_classes,
+        cls: Vec::new(),
+        logits: Vec::new(),
+    };
+    for group in idx.chunks(GROUP) {
+        let mut hidden = Vec::new();
+        for chunk in group.chunks(BATCH) {
+            let px = load_pixels(set, chunk, spec)?;
+            hidden.push((f.embed(&stem, &px, chunk.len())?, chunk.len()));
+        }
+        for b in 0..spec.depth {
+            let w = block_with(model, spec, b, overrides)?.upload(ops)?;
+            for (h, n) in hidden.iter_mut() {
+                f.block(&w, h, *n, None, &mut |_, _, _| Ok(()))?;
+            }
+        }
+        for (h, n) in &hidden {
+            let o = f.finish(&stem, h, *n)?;
+            out.cls.extend(o.cls);
+            out.logits.extend(o.logits);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the model (with `overrides` swapped in) over images `idx` of `set`.
+pub fn features(
+    engine: &Engine,
+    spec: &VitSpec,
+    model: &Checkpoint,
+    overrides: &Overrides,
+    set: &ImageSet,
+    idx: &[usize],
+) -> Result<Features> {
+    match engine {
+        Engine::Cpu(o) => features_on(o, spec, model, overrides, set, idx),
+        Engine::Gpu(o) => features_on(o.as_ref(), spec, model, overrides, set, idx),
+    }
+}
+
+/// Classification accuracy.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Accuracy {
+    /// Labelled images scored.
+    pub images: usize,
+    /// Top-1 accuracy.
+    pub top1: f64,
+    /// Top-5 accuracy.
+    pub top5: f64,
+}
+
+/// Maps the image set's classes onto the head's: by name when the model's label names cover
+/// the set's class names, else by position.
+pub fn label_map(set: &ImageSet, spec: &VitSpec) -> Vec<Option<usize>> {
+    let classes = set.classes();
+    let by_name = !spec.labels.is_empty()
+        && !classes.is_empty()
+        && classes.iter().all(|c| spec.labels.contains(c));
+    (0..classes.len().max(spec.num_classes))
+        .map(|i| {
+            if by_name {
+                classes
+                    .get(i)
+                    .and_then(|c| spec.labels.iter().position(|l| l == c))
+            } else {
+                (i < spec.num_classes).then_some(i)
+            }
+        })
+        .collect()
+}
+
+/// Top-1 / top-5 of `f` on the labelled images of `idx` (`None` without a head or labels).
+pub fn accuracy(
+    f: &Features,
+    set: &ImageSet,
+    idx: &[usize],
+    map: &[Option<usize>],
+) -> Option<Accuracy> {
+    if f.classes == 0 {
+        return None;
+    }
+    let (mut n, mut t1, mut t5) = (0usize, 0usize, 0usize);
+    for (k, &i) in idx.iter().enumerate() {
+        let Some(label) = set.label(i).and_then(|l| map.get(l).copied().flatten()) else {
+            continue;
+        };
+        let row = &f.logits[k * f.classes..(k + 1) * f.classes];
+        let mine = row[label];
+        let above = row.iter().filter(|&&v| v > mine).count();
+        n += 1;
+        t1 += (above == 0) as usize;
+        t5 += (above < 5) as usize;
+    }
+    (n > 0).then(|| Accuracy {
+        images: n,
+        top1: t1 as f64 / n as f64,
+        top5: t5 as f64 / n as f64,
+    })
+}
+
+/// Fidelity of features `q` to reference features `r` on the same images.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Fidelity {
+    /// Mean cosine similarity of the CLS features.
+    pub cls_cosine: f64,
+    /// `Σ‖q − r‖² / Σ‖r‖²` over the CLS features.
+    pub rel_mse: f64,
+    /// Share of images whose nearest other image (cosine) is the same under both models.
+    pub nn_agreement: f64,
+    /// Share of images with the same top-1 class (models with a head).
+    pub top1_agreement: Option<f64>,
+}
+
+fn normalized(v: &[f32], d: usize) -> Vec<f64> {
+    v.chunks(d)
+        .flat_map(|r| {
+            let n = r
+                .iter()
+                .map(|&x| (x as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(1e-30);
+            r.iter().map(move |&x| x as f64 / n)
+        })
+        .collect()
+}
+
+fn nearest(u: &[f64], d: usize) -> Vec<usize> {
+    let n = u.len() / d;
+    (0..n)
+        .map(|i| {
+            let a = &u[i * d..(i + 1) * d];
+            (0..n)
+                .filter(|&j| j != i)
+                .map(|j| {
+                    let s: f64 = a
+                        .iter()
+                        .zip(&u[j * d..(j + 1) * d])
+                        .map(|(x, y)| x * y)
+                        .sum();
+                    (j, s)
+                })
+                .fold((usize::MAX, f64::NEG_INFINITY), |b, c| {
+                    if c.1 > b.1 {
+                        c
+                    } else {
+                        b
+                    }
+                })
+                .0
+        })
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0
+}
+
+/// Compares `q` with the reference `r`.
+pub fn fidelity(q: &Features, r: &Features) -> Fidelity {
+    let d = r.dim;
+    let (un, rn) = (normalized(&q.cls, d), normalized(&r.cls, d));
+    let n = r.n.max(1);
+    let cos = un
+        .chunks(d)
+        .zip(rn.chunks(d))
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>())
+        .sum::<f64>()
+        / n as f64;
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (a, b) in q.cls.iter().zip(&r.cls) {
+        num += (*a as f64 - *b as f64).powi(2);
+        den += (*b as f64).powi(2);
+    }
+    let nn = if r.n >= 2 {
+        let (a, b) = (nearest(&un, d), nearest(&rn, d));
+        a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / r.n as f64
+    } else {
+        1.0
+    };
+    let top1 = (r.classes > 0).then(|| {
+        let c = r.classes;
+        (0..r.n)
+            .filter(|&i| {
+                argmax(&q.logits[i * c..(i + 1) * c]) == argmax(&r.logits[i * c..(i + 1) * c])
+            })
+            .count() as f64
+            / n as f64
+    });
+    Fidelity {
+        cls_cosine: cos,
+        rel_mse: num / den.max(1e-30),
+        nn_agreement: nn,
+        top1_agreement: top1,
+    }
+}
+
+/// One row of an evaluation table.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalRow {
+    /// What was evaluated ("FP32", "RTN W4", "COMQ W4", a file name).
+    pub model: String,
+    /// Accuracy, when the model has a head and the images labels.
+    pub accuracy: Option<Accuracy>,
+    /// Fidelity to the reference (absent for the reference itself).
+    pub fidelity: Option<Fidelity>,
+}
+
+/// An evaluation: the images and one row per model.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    /// The image folder or pack.
+    pub images: String,
+    /// Images used.
+    pub count: usize,
+    /// The rows.
+    pub rows: Vec<EvalRow>,
+}
+
+impl EvalReport {
+    /// A plain-text table.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "evaluation on {} images of {}\n{:<16} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9}\n",
+            self.count,
+            self.images,
+            "model",
+            "top-1",
+            "top-5",
+            "CLS cos",
+            "rel MSE",
+            "NN agree",
+            "top-1 agr"
+        );
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}%", 100.0 * v));
+        let f4 = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        for r in &self.rows {
+            let a = r.accuracy;
+            let f = r.fidelity;
+            s.push_str(&format!(
+                "{:<16} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9}\n",
+                r.model,
+                pct(a.map(|a| a.top1)),
+                pct(a.map(|a| a.top5)),
+                f4(f.map(|f| f.cls_cosine)),
+                f.map_or("-".to_string(), |f| format!("{:.3e}", f.rel_mse)),
+                pct(f.map(|f| f.nn_agreement)),
+                pct(f.and_then(|f| f.top1_agreement)),
+            ));
+        }
+        s
+    }
+}
+
+/// `comq-gpu eval`: accuracy of `model` on `images`, and with `reference` the fidelity of its
+/// features to the reference model's (both must share the layout).
+pub fn evaluate(
+    model: &std::path::Path,
+    reference: Option<&std::path::Path>,
+    images: &std::path::Path,
+    count: Option<usize>,
+    (resize, crop): (Option<usize>, Option<usize>),
+    device: crate::device::DeviceKind,
+    adapter: Option<&str>,
+) -> Result<EvalReport> {
+    let m = Checkpoint::open(model)?;
+    let mut spec = VitSpec::detect(&m)?;
+    spec.set_input(resize, crop)?;
+    let set = ImageSet::open(images)?;
+    let idx = set.choose(count.unwrap_or(usize::MAX), 0);
+    let dev = crate::device::AnyDevice::select(device, adapter)?;
+    let engine = Engine::for_device(&dev)?;
+    let map = label_map(&set, &spec);
+    let none = Overrides::new();
+    let mut rows = Vec::new();
+    let reference = match reference {
+        Some(r) => {
+            let rm = Checkpoint::open(r)?;
+            let mut rspec = VitSpec::detect(&rm)?;
+            rspec.set_input(resize, crop)?;
+            if (rspec.dim, rspec.depth, rspec.preprocess.crop)
+                != (spec.dim, spec.depth, spec.preprocess.crop)
+            {
+                return Err(crate::error::Error::InvalidOption(format!(
+                    "--reference {} is not the same architecture as {} (width {} depth {} vs {} {})",
+                    r.display(),
+                    model.display(),
+                    rspec.dim,
+                    rspec.depth,
+                    spec.dim,
+                    spec.depth
+                )));
+            }
+            let f = features(&engine, &rspec, &rm, &none, &set, &idx)?;
+            rows.push(EvalRow {
+                model: r.display().to_string(),
+                accuracy: accuracy(&f, &set, &idx, &map),
+                fidelity: None,
+            });
+            Some(f)
+        }
+        None => None,
+    };
+    let f = features(&engine, &spec, &m, &none, &set, &idx)?;
+    rows.push(EvalRow {
+        model: model.display().to_string(),
+        accuracy: accuracy(&f, &set, &idx, &map),
+        fidelity: reference.as_ref().map(|r| fidelity(&f, r)),
+    });
+    Ok(EvalReport {
+        images: images.display().to_string(),
+        count: idx.len(),
+        rows,
+    })
+}

@@ -1,0 +1,273 @@
+//! The forward primitives on the CPU: the reference the GPU kernels are tested against.
+//!
+//! GEMMs go through `matrixmultiply` (cache-blocked, SIMD) on row panels spread over rayon's
+//! threads; attention runs image by image in parallel; the Gram matrix accumulates in f64.
+
+use rayon::prelude::*;
+
+use super::forward::Ops;
+use crate::error::Result;
+use crate::quant::{Gram, GramAccumulator};
+
+/// CPU forward primitives; tensors are host vectors.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuOps;
+
+/// Rows per parallel GEMM panel.
+const PANEL: usize = 64;
+
+/// `c[m, n] = a · b` with arbitrary strides (row stride, column stride) for each operand.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // Every element the kernel touches must be inside the slices.
+    assert!(
+        k == 0 || (m - 1) * rsa + (k - 1) * csa < a.len(),
+        "sgemm: a out of bounds"
+    );
+    assert!(
+        k == 0 || (k - 1) * rsb + (n - 1) * csb < b.len(),
+        "sgemm: b out of bounds"
+    );
+    assert!(
+        (m - 1) * rsc + (n - 1) * csc < c.len(),
+        "sgemm: c out of bounds"
+    );
+    // SAFETY: the asserts above bound every index the kernel reads or writes; `c` is exclusive.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            0.0,
+            c.as_mut_ptr(),
+            rsc as isize,
+            csc as isize,
+        );
+    }
+}
+
+/// Exact GELU, `x · Φ(x)`.
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+impl Ops for CpuOps {
+    type T = Vec<f32>;
+    type G = GramAccumulator;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn download(&self, t: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(t.clone())
+    }
+
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        k: usize,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        n: usize,
+    ) -> Result<Vec<f32>> {
+        let mut y = vec![0.0f32; rows * n];
+        y.par_chunks_mut(PANEL * n)
+            .zip(x.par_chunks(PANEL * k))
+            .for_each(|(yc, xc)| {
+                let r = yc.len() / n;
+                sgemm(r, k, n, xc, (k, 1), w, (1, k), yc, (n, 1));
+                for row in yc.chunks_mut(n) {
+                    for (v, bias) in row.iter_mut().zip(b) {
+                        *v += bias;
+                    }
+                }
+            });
+        Ok(y)
+    }
+
+    fn layernorm(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        d: usize,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        eps: f32,
+    ) -> Result<Vec<f32>> {
+        let mut y = vec![0.0f32; rows * d];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(yr, xr)| {
+                let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (var + eps as f64).sqrt();
+                for j in 0..d {
+                    yr[j] = ((xr[j] as f64 - mean) * inv) as f32 * w[j] + b[j];
+                }
+            });
+        Ok(y)
+    }
+
+    fn gelu(&self, x: &mut Vec<f32>, len: usize) -> Result<()> {
+        x[..len].par_iter_mut().for_each(|v| *v = gelu(*v));
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        qkv: &Vec<f32>,
+        n: usize,
+        t: usize,
+        heads: usize,
+        hd: usize,
+    ) -> Result<Vec<f32>> {
+        let d = heads * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0.0f32; n * t * d];
+        out.par_chunks_mut(t * d)
+            .zip(qkv.par_chunks(t * 3 * d))
+            .for_each(|(o, x)| {
+                let mut s = vec![0.0f32; t * t];
+                for h in 0..heads {
+                    let q = &x[h * hd..];
+                    let k = &x[d + h * hd..];
+                    let v = &x[2 * d + h * hd..];
+                    sgemm(t, hd, t, q, (3 * d, 1), k, (1, 3 * d), &mut s, (t, 1));
+                    for row in s.chunks_mut(t) {
+                        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                        let mut sum = 0.0f32;
+                        for e in row.iter_mut() {
+                            *e = ((*e - mx) * scale).exp();
+                            sum += *e;
+                        }
+                        let inv = 1.0 / sum;
+                        row.iter_mut().for_each(|e| *e *= inv);
+                    }
+                    sgemm(
+                        t,
+                        t,
+                        hd,
+                        &s,
+                        (t, 1),
+                        v,
+                        (3 * d, 1),
+                        &mut o[h * hd..],
+                        (d, 1),
+                    );
+                }
+            });
+        Ok(out)
+    }
+
+    fn add_scaled(
+        &self,
+        h: &mut Vec<f32>,
+        o: &Vec<f32>,
+        gamma: &Vec<f32>,
+        _rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        h.par_chunks_mut(d)
+            .zip(o.par_chunks(d))
+            .for_each(|(hr, or)| {
+                for j in 0..d {
+                    hr[j] += gamma[j] * or[j];
+                }
+            });
+        Ok(())
+    }
+
+    fn patch_embed(
+        &self,
+        px: &Vec<f32>,
+        n: usize,
+        c: usize,
+        side: usize,
+        p: usize,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        d: usize,
+    ) -> Result<Vec<f32>> {
+        let g = side / p;
+        let k = c * p * p;
+        let mut cols = vec![0.0f32; n * g * g * k];
+        cols.par_chunks_mut(g * g * k)
+            .enumerate()
+            .for_each(|(i, img)| {
+                for gy in 0..g {
+                    for gx in 0..g {
+                        let dst = &mut img[(gy * g + gx) * k..(gy * g + gx + 1) * k];
+                        for ch in 0..c {
+                            for ky in 0..p {
+                                let src = ((i * c + ch) * side + gy * p + ky) * side + gx * p;
+                                dst[(ch * p + ky) * p..(ch * p + ky + 1) * p]
+                                    .copy_from_slice(&px[src..src + p]);
+                            }
+                        }
+                    }
+                }
+            });
+        self.linear(&cols, n * g * g, k, w, b, d)
+    }
+
+    fn assemble(
+        &self,
+        patches: &Vec<f32>,
+        prefix: &Vec<f32>,
+        pos: &Vec<f32>,
+        n: usize,
+        prefix_tokens: usize,
+        g: usize,
+        d: usize,
+    ) -> Result<Vec<f32>> {
+        let t = prefix_tokens + g;
+        let mut h = vec![0.0f32; n * t * d];
+        h.par_chunks_mut(t * d).enumerate().for_each(|(i, img)| {
+            img[..prefix_tokens * d].copy_from_slice(&prefix[..prefix_tokens * d]);
+            img[prefix_tokens * d..].copy_from_slice(&patches[i * g * d..(i + 1) * g * d]);
+            for (v, p) in img.iter_mut().zip(pos) {
+                *v += p;
+            }
+        });
+        Ok(h)
+    }
+
+    fn gram_new(&self, n: usize) -> Result<GramAccumulator> {
+        Ok(GramAccumulator::new(n))
+    }
+
+    fn gram_add(&self, g: &mut GramAccumulator, x: &Vec<f32>, rows: usize) -> Result<()> {
+        g.add(&x[..rows * g.n()]);
+        Ok(())
+    }
+
+    fn gram_finish(&self, g: GramAccumulator) -> Result<Gram> {
+        Ok(g.finish())
+    }
+}

@@ -1,0 +1,536 @@
+//! The ViT forward pass, written once over device primitives ([`Ops`]).
+//!
+//! The CPU ([`super::cpu::CpuOps`]) and the GPU (`device::wgpu::forward`) implement the same
+//! primitives in f32; everything model-specific (token layout, LayerScale, heads, which
+//! activations feed which Gram matrix) lives here. A batch is processed block by block: the
+//! caller holds one `[images × tokens, dim]` hidden state and moves it through one block at a
+//! time, so only one block's activations for the batch exist at once.
+
+use crate::error::{Error, Result};
+use crate::io::checkpoint::Checkpoint;
+use crate::quant::Gram;
+
+use super::{BlockNames, Head, Role, Site, VitSpec};
+
+/// The primitives a device runs for the forward pass. All tensors are row-major f32.
+pub trait Ops {
+    /// A tensor resident on the device.
+    type T;
+    /// A Gram accumulator resident on the device.
+    type G;
+    /// Short description of the device.
+    fn describe(&self) -> String;
+    /// Copies host data to the device.
+    fn upload(&self, data: &[f32]) -> Result<Self::T>;
+    /// Copies a tensor back to the host.
+    fn download(&self, t: &Self::T) -> Result<Vec<f32>>;
+    /// `y[rows, n] = x[rows, k] · wᵀ + b` with `w` `[n, k]`.
+    fn linear(
+        &self,
+        x: &Self::T,
+        rows: usize,
+        k: usize,
+        w: &Self::T,
+        b: &Self::T,
+        n: usize,
+    ) -> Result<Self::T>;
+    /// Row-wise LayerNorm of `x[rows, d]`.
+    fn layernorm(
+        &self,
+        x: &Self::T,
+        rows: usize,
+        d: usize,
+        w: &Self::T,
+        b: &Self::T,
+        eps: f32,
+    ) -> Result<Self::T>;
+    /// Exact (erf) GELU in place over `len` elements.
+    fn gelu(&self, x: &mut Self::T, len: usize) -> Result<()>;
+    /// Softmax attention: `qkv[n·t, 3·heads·hd]` (q | k | v, heads inside each) → `[n·t, heads·hd]`.
+    fn attention(
+        &self,
+        qkv: &Self::T,
+        n: usize,
+        t: usize,
+        heads: usize,
+        hd: usize,
+    ) -> Result<Self::T>;
+    /// `h[r, :] += gamma ⊙ o[r, :]` over `rows × d`.
+    fn add_scaled(
+        &self,
+        h: &mut Self::T,
+        o: &Self::T,
+        gamma: &Self::T,
+        rows: usize,
+        d: usize,
+    ) -> Result<()>;
+    /// Non-overlapping `p × p` patch convolution of `px[n, c, s, s]` → `[n · (s/p)², d]`.
+    fn patch_embed(
+        &self,
+        px: &Self::T,
+        n: usize,
+        c: usize,
+        side: usize,
+        p: usize,
+        w: &Self::T,
+        b: &Self::T,
+        d: usize,
+    ) -> Result<Self::T>;
+    /// Builds `[n, prefix + g, d]` tokens: the `prefix` learned tokens, then the patches, plus
+    /// the position embedding `pos[prefix + g, d]`.
+    fn assemble(
+        &self,
+        patches: &Self::T,
+        prefix: &Self::T,
+        pos: &Self::T,
+        n: usize,
+        prefix_tokens: usize,
+        g: usize,
+        d: usize,
+    ) -> Result<Self::T>;
+    /// A zeroed Gram accumulator of width `n`.
+    fn gram_new(&self, n: usize) -> Result<Self::G>;
+    /// `G += xᵀx` for `x[rows, n]`.
+    fn gram_add(&self, g: &mut Self::G, x: &Self::T, rows: usize) -> Result<()>;
+    /// The accumulated Gram (f64 on the host).
+    fn gram_finish(&self, g: Self::G) -> Result<Gram>;
+}
+
+/// Receives each linear layer's input during a block: (site, activations, rows).
+pub type Observer<'a, T> = dyn FnMut(Site, &T, usize) -> Result<()> + 'a;
+
+/// One block's weights on a device. `qkv` is always fused (rows q | k | v).
+pub struct BlockWeights<T> {
+    norm1: (T, T),
+    qkv: (T, T),
+    proj: (T, T),
+    norm2: (T, T),
+    fc1: (T, T),
+    fc2: (T, T),
+    ls: (T, T),
+}
+
+/// Host copy of one block's weights, so quantized layers can be swapped in.
+#[derive(Debug, Clone)]
+pub struct HostBlock {
+    /// LayerNorm 1 weight and bias.
+    pub norm1: (Vec<f32>, Vec<f32>),
+    /// Fused qkv weight `[3d, d]` and bias.
+    pub qkv: (Vec<f32>, Vec<f32>),
+    /// Projection.
+    pub proj: (Vec<f32>, Vec<f32>),
+    /// LayerNorm 2.
+    pub norm2: (Vec<f32>, Vec<f32>),
+    /// MLP fc1.
+    pub fc1: (Vec<f32>, Vec<f32>),
+    /// MLP fc2.
+    pub fc2: (Vec<f32>, Vec<f32>),
+    /// LayerScale gammas (ones when the family has none).
+    pub ls: (Vec<f32>, Vec<f32>),
+}
+
+fn read(model: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {
+    let t = model
+        .get(name)
+        .ok_or_else(|| Error::tensor(model.path(), name, "missing"))?;
+    if t.numel() != len {
+        return Err(Error::tensor(
+            model.path(),
+            name,
+            format!("has {} elements, expected {len}", t.numel()),
+        ));
+    }
+    model.read_f32(t)
+}
+
+fn read_or_zero(model: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {
+    if model.get(name).is_some() {
+        read(model, name, len)
+    } else {
+        Ok(vec![0.0; len])
+    }
+}
+
+impl HostBlock {
+    /// Reads block `b` from the checkpoint.
+    pub fn load(model: &Checkpoint, spec: &VitSpec, b: &BlockNames) -> Result<HostBlock> {
+        let d = spec.dim;
+        let m = spec.mlp;
+        let lin = |prefix: &str, out: usize, inp: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((
+                read(model, &format!("{prefix}.weight"), out * inp)?,
+                read_or_zero(model, &format!("{prefix}.bias"), out)?,
+            ))
+        };
+        let mut qkv = (Vec::with_capacity(3 * d * d), Vec::with_capacity(3 * d));
+        for (role, prefix) in &b.qkv {
+            let rows = if *role == Role::Qkv { 3 * d } else { d };
+            let (w, bias) = lin(prefix, rows, d)?;
+            qkv.0.extend(w);
+            qkv.1.extend(bias);
+        }
+        let ls = match &b.ls {
+            Some((a, c)) => (read(model, a, d)?, read(model, c, d)?),
+            None => (vec![1.0; d], vec![1.0; d]),
+        };
+        Ok(HostBlock {
+            norm1: (read(model, &b.norm1.0, d)?, read(model, &b.norm1.1, d)?),
+            qkv,
+            proj: lin(&b.proj, d, d)?,
+            norm2: (read(model, &b.norm2.0, d)?, read(model, &b.norm2.1, d)?),
+            fc1: lin(&b.fc1, m, d)?,
+            fc2: lin(&b.fc2, d, m)?,
+            ls,
+        })
+    }
+
+    /// Replaces the weight of the layer with `role` by `w` (a dequantized layer).
+    pub fn set_weight(&mut self, role: Role, d: usize, w: &[f32]) {
+        let (dst, off) = match role {
+            Role::Qkv => (&mut self.qkv.0, 0),
+            Role::Query => (&mut self.qkv.0, 0),
+            Role::Key => (&mut self.qkv.0, d * d),
+            Role::Value => (&mut self.qkv.0, 2 * d * d),
+            Role::Proj => (&mut self.proj.0, 0),
+            Role::Fc1 => (&mut self.fc1.0, 0),
+            Role::Fc2 => (&mut self.fc2.0, 0),
+        };
+        dst[off..off + w.len()].copy_from_slice(w);
+    }
+
+    /// Uploads to a device.
+    pub fn upload<O: Ops>(&self, ops: &O) -> Result<BlockWeights<O::T>> {
+        let up = |p: &(Vec<f32>, Vec<f32>)| -> Result<(O::T, O::T)> {
+            Ok((ops.upload(&p.0)?, ops.upload(&p.1)?))
+        };
+        Ok(BlockWeights {
+            norm1: up(&self.norm1)?,
+            qkv: up(&self.qkv)?,
+            proj: up(&self.proj)?,
+            norm2: up(&self.norm2)?,
+            fc1: up(&self.fc1)?,
+            fc2: up(&self.fc2)?,
+            ls: up(&self.ls)?,
+        })
+    }
+}
+
+/// Embedding and head weights on a device.
+pub struct Stem<T> {
+    patch: (T, T),
+    prefix: T,
+    pos: T,
+    norm: (T, T),
+    head: Vec<(T, T)>,
+}
+
+/// Host copy of the embedding and head weights.
+#[derive(Debug, Clone)]
+pub struct HostStem {
+    patch: (Vec<f32>, Vec<f32>),
+    prefix: Vec<f32>,
+    pos: Vec<f32>,
+    norm: (Vec<f32>, Vec<f32>),
+    head: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl HostStem {
+    /// Reads the embeddings (position embedding resized to the input grid) and the head.
+    pub fn load(model: &Checkpoint, spec: &VitSpec) -> Result<HostStem> {
+        let d = spec.dim;
+        let c = spec.preprocess.channels;
+        let p = spec.patch;
+        let mut prefix = Vec::new();
+        for t in &spec.tokens {
+            prefix.extend(read(model, t, d)?);
+        }
+        let g_in = spec.preprocess.crop / p;
+        let pt = spec.prefix_tokens;
+        let pos = match &spec.pos_embed_resized {
+            Some(n) => read(model, n, (pt + g_in * g_in) * d)?,
+            None => {
+                let stored = read(
+                    model,
+                    &spec.pos_embed,
+                    (pt + spec.pos_grid * spec.pos_grid) * d,
+                )?;
+                if g_in == spec.pos_grid {
+                    stored
+                } else {
+                    let mut v = stored[..pt * d].to_vec();
+                    v.extend(bicubic_resize(&stored[pt * d..], spec.pos_grid, g_in, d));
+                    v
+                }
+            }
+        };
+        let lin = |h: &str, inp: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((
+                read(model, &format!("{h}.weight"), spec.num_classes * inp)?,
+                read_or_zero(model, &format!("{h}.bias"), spec.num_classes)?,
+            ))
+        };
+        let head = match &spec.head {
+            Head::None => vec![],
+            Head::Cls(h) => vec![lin(h, d)?],
+            Head::ClsMean(h) => vec![lin(h, 2 * d)?],
+            Head::ClsDist(h, k) => vec![lin(h, d)?, lin(k, d)?],
+        };
+        Ok(HostStem {
+            patch: (
+                read(model, &spec.patch_embed.0, d * c * p * p)?,
+                read_or_zero(model, &spec.patch_embed.1, d)?,
+            ),
+            prefix,
+            pos,
+            norm: (read(model, &spec.norm.0, d)?, read(model, &spec.norm.1, d)?),
+            head,
+        })
+    }
+
+    /// Uploads to a device.
+    pub fn upload<O: Ops>(&self, ops: &O) -> Result<Stem<O::T>> {
+        Ok(Stem {
+            patch: (ops.upload(&self.patch.0)?, ops.upload(&self.patch.1)?),
+            prefix: ops.upload(&self.prefix)?,
+            pos: ops.upload(&self.pos)?,
+            norm: (ops.upload(&self.norm.0)?, ops.upload(&self.norm.1)?),
+            head: self
+                .head
+                .iter()
+                .map(|(w, b)| Ok((ops.upload(w)?, ops.upload(b)?)))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// Bicubic resize (A = −0.75, half-pixel centres, clamped borders: PyTorch's
+/// `interpolate(mode="bicubic", align_corners=False)`) of a `[g, g, d]` grid to `[h, h, d]`.
+pub fn bicubic_resize(src: &[f32], g: usize, h: usize, d: usize) -> Vec<f32> {
+    fn weights(t: f64) -> [f64; 4] {
+        let a = -0.75;
+        let c1 = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+        let c2 = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+        [c2(t + 1.0), c1(t), c1(1.0 - t), c2(2.0 - t)]
+    }
+    let scale = g as f64 / h as f64;
+    let taps: Vec<(isize, [f64; 4])> = (0..h)
+        .map(|o| {
+            let x = (o as f64 + 0.5) * scale - 0.5;
+            let f = x.floor();
+            (f as isize, weights(x - f))
+        })
+        .collect();
+    let clamp = |i: isize| i.clamp(0, g as isize - 1) as usize;
+    let mut out = vec![0.0f32; h * h * d];
+    for (oy, (fy, wy)) in taps.iter().enumerate() {
+        for (ox, (fx, wx)) in taps.iter().enumerate() {
+            let dst = &mut out[(oy * h + ox) * d..(oy * h + ox + 1) * d];
+            let mut acc = vec![0.0f64; d];
+            for (i, wyi) in wy.iter().enumerate() {
+                let sy = clamp(fy - 1 + i as isize);
+                for (j, wxj) in wx.iter().enumerate() {
+                    let sx = clamp(fx - 1 + j as isize);
+                    let w = wyi * wxj;
+                    let s = &src[(sy * g + sx) * d..(sy * g + sx + 1) * d];
+                    for (a, &v) in acc.iter_mut().zip(s) {
+                        *a += w * v as f64;
+                    }
+                }
+            }
+            for (o, a) in dst.iter_mut().zip(acc) {
+                *o = a as f32;
+            }
+        }
+    }
+    out
+}
+
+/// The forward pass of one model on one device.
+pub struct Forward<'a, O: Ops> {
+    ops: &'a O,
+    spec: &'a VitSpec,
+}
+
+impl<'a, O: Ops> Forward<'a, O> {
+    /// Binds a model description to a device.
+    pub fn new(ops: &'a O, spec: &'a VitSpec) -> Self {
+        Forward { ops, spec }
+    }
+
+    /// Pixels `[n, c, s, s]` → tokens `[n · t, d]`.
+    pub fn embed(&self, stem: &Stem<O::T>, pixels: &[f32], n: usize) -> Result<O::T> {
+        let s = self.spec;
+        let (c, side, p, d) = (s.preprocess.channels, s.preprocess.crop, s.patch, s.dim);
+        if pixels.len() != n * c * side * side {
+            return Err(Error::Shape(format!(
+                "{} pixel values for {n} images of {c}x{side}x{side}",
+                pixels.len()
+            )));
+        }
+        let px = self.ops.upload(pixels)?;
+        let patches = self
+            .ops
+            .patch_embed(&px, n, c, side, p, &stem.patch.0, &stem.patch.1, d)?;
+        let g = (side / p) * (side / p);
+        self.ops
+            .assemble(&patches, &stem.prefix, &stem.pos, n, s.prefix_tokens, g, d)
+    }
+
+    /// Moves `h` (`[n · t, d]`) through one block, handing each linear layer's input to
+    /// `observe` (site, activations, rows). With `until`, stops right after observing that site
+    /// (then `h` is left unchanged).
+    pub fn block(
+        &self,
+        w: &BlockWeights<O::T>,
+        h: &mut O::T,
+        n: usize,
+        until: Option<Site>,
+        observe: &mut Observer<'_, O::T>,
+    ) -> Result<()> {
+        let s = self.spec;
+        let (d, m, ops) = (s.dim, s.mlp, self.ops);
+        let t = s.tokens_per_image();
+        let rows = n * t;
+        let x = ops.layernorm(h, rows, d, &w.norm1.0, &w.norm1.1, s.eps)?;
+        observe(Site::AttnIn, &x, rows)?;
+        if until == Some(Site::AttnIn) {
+            return Ok(());
+        }
+        let qkv = ops.linear(&x, rows, d, &w.qkv.0, &w.qkv.1, 3 * d)?;
+        drop(x);
+        let a = ops.attention(&qkv, n, t, s.heads, d / s.heads)?;
+        drop(qkv);
+        observe(Site::ProjIn, &a, rows)?;
+        if until == Some(Site::ProjIn) {
+            return Ok(());
+        }
+        let o = ops.linear(&a, rows, d, &w.proj.0, &w.proj.1, d)?;
+        drop(a);
+        if until == Some(Site::MlpIn) || until == Some(Site::Fc2In) {
+            // Partial forwards work on a copy so `h` stays the block's input.
+            let mut h2 = ops.upload(&ops.download(h)?)?;
+            return self.mlp(w, &mut h2, &o, rows, d, m, until, observe);
+        }
+        self.mlp(w, h, &o, rows, d, m, until, observe)
+    }
+
+    fn mlp(
+        &self,
+        w: &BlockWeights<O::T>,
+        h: &mut O::T,
+        o: &O::T,
+        rows: usize,
+        d: usize,
+        m: usize,
+        until: Option<Site>,
+        observe: &mut Observer<'_, O::T>,
+    ) -> Result<()> {
+        let ops = self.ops;
+        ops.add_scaled(h, o, &w.ls.0, rows, d)?;
+        let x = ops.layernorm(h, rows, d, &w.norm2.0, &w.norm2.1, self.spec.eps)?;
+        observe(Site::MlpIn, &x, rows)?;
+        if until == Some(Site::MlpIn) {
+            return Ok(());
+        }
+        let mut f = ops.linear(&x, rows, d, &w.fc1.0, &w.fc1.1, m)?;
+        drop(x);
+        ops.gelu(&mut f, rows * m)?;
+        observe(Site::Fc2In, &f, rows)?;
+        if until == Some(Site::Fc2In) {
+            return Ok(());
+        }
+        let o2 = ops.linear(&f, rows, m, &w.fc2.0, &w.fc2.1, d)?;
+        ops.add_scaled(h, &o2, &w.ls.1, rows, d)
+    }
+
+    /// Final LayerNorm; returns (features `[n, d]` of the CLS token, logits `[n, classes]` when
+    /// the model has a head).
+    pub fn finish(&self, stem: &Stem<O::T>, h: &O::T, n: usize) -> Result<Output> {
+        let s = self.spec;
+        let (d, t) = (s.dim, s.tokens_per_image());
+        let normed = self
+            .ops
+            .layernorm(h, n * t, d, &stem.norm.0, &stem.norm.1, s.eps)?;
+        let all = self.ops.download(&normed)?;
+        let token = |i: usize, k: usize| &all[(i * t + k) * d..(i * t + k + 1) * d];
+        let cls: Vec<f32> = (0..n).flat_map(|i| token(i, 0).to_vec()).collect();
+        let classes = s.num_classes;
+        let apply = |w: &[f32], b: &[f32], x: &[f32]| -> Vec<f32> {
+            let k = x.len();
+            (0..classes)
+                .map(|c| {
+                    b[c] + w[c * k..(c + 1) * k]
+                        .iter()
+                        .zip(x)
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                })
+                .collect()
+        };
+        let host_head: Vec<(Vec<f32>, Vec<f32>)> = stem
+            .head
+            .iter()
+            .map(|(w, b)| Ok((self.ops.download(w)?, self.ops.download(b)?)))
+            .collect::<Result<_>>()?;
+        let mut logits = Vec::new();
+        for i in 0..n {
+            match (&s.head, host_head.as_slice()) {
+                (Head::Cls(_), [(w, b)]) => logits.extend(apply(w, b, token(i, 0))),
+                (Head::ClsDist(..), [(w, b), (w2, b2)]) => {
+                    let a = apply(w, b, token(i, 0));
+                    let c = apply(w2, b2, token(i, 1));
+                    logits.extend(a.iter().zip(&c).map(|(x, y)| 0.5 * (x + y)));
+                }
+                (Head::ClsMean(_), [(w, b)]) => {
+                    let mut x = token(i, 0).to_vec();
+                    let mut mean = vec![0.0f32; d];
+                    for k in s.prefix_tokens..t {
+                        for (m, v) in mean.iter_mut().zip(token(i, k)) {
+                            *m += v;
+                        }
+                    }
+                    let np = (t - s.prefix_tokens) as f32;
+                    x.extend(mean.iter().map(|m| m / np));
+                    logits.extend(apply(w, b, &x));
+                }
+                _ => {}
+            }
+        }
+        Ok(Output {
+            cls,
+            logits,
+            tokens: all,
+        })
+    }
+}
+
+/// What the forward pass returns for a batch.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// CLS features after the final LayerNorm, `[n, d]`.
+    pub cls: Vec<f32>,
+    /// Logits `[n, classes]` (empty for a backbone).
+    pub logits: Vec<f32>,
+    /// All tokens after the final LayerNorm, `[n, t, d]`.
+    pub tokens: Vec<f32>,
+}
+
+/// A whole-model forward for evaluation: the stem and every block resident at once is not
+/// needed — blocks are uploaded one at a time while the batch's hidden state stays on the device.
+pub fn run_model<O: Ops>(
+    ops: &O,
+    spec: &VitSpec,
+    stem: &HostStem,
+    blocks: &mut dyn FnMut(usize) -> Result<HostBlock>,
+    pixels: &[f32],
+    n: usize,
+) -> Result<Output> {
+    let f = Forward::new(ops, spec);
+    let stem = stem.upload(ops)?;
+    let mut h = f.embed(&stem, pixels, n)?;
+    for b in 0..spec.depth {
+        let w = blocks(b)?.upload(ops)?;
+        f.block(&w, &mut h, n, None, &mut |_, _, _| Ok(()))?;
+    }
+    f.finish(&stem, &h, n)
+}

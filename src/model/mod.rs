@@ -1,0 +1,784 @@
+//! Vision Transformers as real checkpoints name them.
+//!
+//! COMQ needs each linear layer's inputs; users have images. This module recognises the ViT
+//! family of a checkpoint (timm ViT / DeiT, HF transformers ViT / DeiT, HF DINOv2) from its
+//! tensor names and shapes and from a `config.json` beside it, and maps every family onto one
+//! [`VitSpec`]: the same pre-norm block (LayerNorm → attention → optional LayerScale → residual,
+//! LayerNorm → MLP with exact-erf GELU → optional LayerScale → residual) with the family's tensor
+//! names. Separate HF `query` / `key` / `value` layers are fused into timm's `qkv` layout
+//! (rows q | k | v) at load time, so the forward pass ([`forward`]) has one shape of block.
+
+pub mod cpu;
+pub mod forward;
+pub mod synthetic;
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::device::AnyDevice;
+use crate::error::{Error, Result};
+use crate::io::checkpoint::Checkpoint;
+
+/// The device the forward pass runs on: the CPU reference or a wgpu device.
+#[derive(Debug, Clone)]
+pub enum Engine {
+    /// Host threads.
+    Cpu(cpu::CpuOps),
+    /// A wgpu device.
+    Gpu(Box<crate::device::wgpu::forward::GpuOps>),
+}
+
+impl Engine {
+    /// The forward engine for a quantization device (the same GPU, or the CPU).
+    pub fn for_device(d: &AnyDevice) -> Result<Engine> {
+        Ok(match d {
+            AnyDevice::Cpu(_) => Engine::Cpu(cpu::CpuOps),
+            AnyDevice::Wgpu(w) => {
+                Engine::Gpu(Box::new(crate::device::wgpu::forward::GpuOps::new(w)))
+            }
+        })
+    }
+
+    /// Short description.
+    pub fn describe(&self) -> String {
+        use forward::Ops;
+        match self {
+            Engine::Cpu(o) => o.describe(),
+            Engine::Gpu(o) => o.describe(),
+        }
+    }
+}
+
+/// The checkpoint families the forward pass understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// timm `VisionTransformer` (`blocks.N.attn.qkv`, `cls_token`, `pos_embed`).
+    TimmVit,
+    /// timm distilled DeiT (a `dist_token` and a `head_dist`).
+    TimmDeit,
+    /// HF transformers `ViTModel` / `ViTForImageClassification`.
+    HfVit,
+    /// HF transformers `DeiTModel` / `DeiTForImageClassification(WithTeacher)`.
+    HfDeit,
+    /// HF transformers `Dinov2Model` / `Dinov2ForImageClassification` (LayerScale, patch 14).
+    HfDinov2,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::TimmVit => "timm ViT",
+            Family::TimmDeit => "timm DeiT (distilled)",
+            Family::HfVit => "HF ViT",
+            Family::HfDeit => "HF DeiT",
+            Family::HfDinov2 => "HF DINOv2",
+        })
+    }
+}
+
+/// The role of a linear layer inside a block; also the order COMQ visits them in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Role {
+    /// Fused timm `qkv`.
+    Qkv,
+    /// HF `query`.
+    Query,
+    /// HF `key`.
+    Key,
+    /// HF `value`.
+    Value,
+    /// Attention output projection.
+    Proj,
+    /// First MLP layer.
+    Fc1,
+    /// Second MLP layer.
+    Fc2,
+}
+
+/// Where in a block a linear layer takes its input from; layers with the same site share one
+/// Gram matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Site {
+    /// Output of the first LayerNorm (qkv / query / key / value).
+    AttnIn,
+    /// Output of the attention (proj).
+    ProjIn,
+    /// Output of the second LayerNorm (fc1).
+    MlpIn,
+    /// Output of the GELU (fc2).
+    Fc2In,
+}
+
+impl Role {
+    /// The site this role reads.
+    pub fn site(self) -> Site {
+        match self {
+            Role::Qkv | Role::Query | Role::Key | Role::Value => Site::AttnIn,
+            Role::Proj => Site::ProjIn,
+            Role::Fc1 => Site::MlpIn,
+            Role::Fc2 => Site::Fc2In,
+        }
+    }
+}
+
+/// How pixels become the model's input tensor.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Preprocess {
+    /// Input channels (1 = grey, 3 = RGB).
+    pub channels: usize,
+    /// Resize so the shorter side has this many pixels (keeping the aspect ratio)...
+    pub resize: usize,
+    /// ...then take the centre `crop × crop` square.
+    pub crop: usize,
+    /// Bicubic (true) or bilinear resampling.
+    pub bicubic: bool,
+    /// Per-channel mean after scaling pixels to [0, 1].
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation.
+    pub std: Vec<f32>,
+}
+
+/// Tensor names of one block.
+#[derive(Debug, Clone)]
+pub struct BlockNames {
+    /// Block index.
+    pub index: usize,
+    /// LayerNorm 1 weight / bias.
+    pub norm1: (String, String),
+    /// Attention input layers with their roles (one fused `qkv`, or query, key, value).
+    pub qkv: Vec<(Role, String)>,
+    /// Attention output projection.
+    pub proj: String,
+    /// LayerNorm 2.
+    pub norm2: (String, String),
+    /// MLP layers.
+    pub fc1: String,
+    /// MLP layers.
+    pub fc2: String,
+    /// LayerScale after attention / MLP, when the family has it.
+    pub ls: Option<(String, String)>,
+}
+
+impl BlockNames {
+    /// All linear layers of the block, as (role, weight-tensor prefix) in visiting order.
+    pub fn linears(&self) -> Vec<(Role, String)> {
+        let mut v = self.qkv.clone();
+        v.push((Role::Proj, self.proj.clone()));
+        v.push((Role::Fc1, self.fc1.clone()));
+        v.push((Role::Fc2, self.fc2.clone()));
+        v
+    }
+}
+
+/// How the final features become logits.
+#[derive(Debug, Clone)]
+pub enum Head {
+    /// A backbone: no classifier.
+    None,
+    /// `logits = W · cls + b`.
+    Cls(String),
+    /// DeiT with teacher: the mean of the CLS head and the distillation-token head.
+    ClsDist(String, String),
+    /// DINOv2 classifier: `W · [cls, mean(patch tokens)] + b`.
+    ClsMean(String),
+}
+
+/// Everything the forward pass needs to know about a checkpoint.
+#[derive(Debug, Clone)]
+pub struct VitSpec {
+    /// The family recognised.
+    pub family: Family,
+    /// Width.
+    pub dim: usize,
+    /// Number of blocks.
+    pub depth: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// MLP hidden width.
+    pub mlp: usize,
+    /// Patch size.
+    pub patch: usize,
+    /// LayerNorm epsilon.
+    pub eps: f32,
+    /// Prefix tokens before the patches (CLS, and DeiT's distillation token).
+    pub prefix_tokens: usize,
+    /// Side of the stored position-embedding grid.
+    pub pos_grid: usize,
+    /// Patch-embedding conv weight / bias (`[dim, channels, patch, patch]`).
+    pub patch_embed: (String, String),
+    /// CLS token, then the distillation token if any.
+    pub tokens: Vec<String>,
+    /// Position embedding (`[1, prefix + grid², dim]`).
+    pub pos_embed: String,
+    /// A position embedding already resized for the preprocess crop, when the file has one.
+    pub pos_embed_resized: Option<String>,
+    /// The blocks.
+    pub blocks: Vec<BlockNames>,
+    /// Final LayerNorm.
+    pub norm: (String, String),
+    /// Classifier.
+    pub head: Head,
+    /// Number of classes of the head (0 for a backbone).
+    pub num_classes: usize,
+    /// Class names from `config.json`, when given.
+    pub labels: Vec<String>,
+    /// Image preprocessing.
+    pub preprocess: Preprocess,
+}
+
+const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+fn unknown(path: &Path, reason: impl Into<String>) -> Error {
+    Error::UnknownModel {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{}; the forward pass knows timm ViT/DeiT, HF ViT/DeiT and HF DINOv2 layouts — for other models pass --calib with captured activations",
+            reason.into()
+        ),
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::UnknownModel {
+            path: path.to_path_buf(),
+            reason: format!("not valid JSON: {e}"),
+        })
+}
+
+fn num(v: &Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(Value::as_f64)
+}
+
+fn floats(v: Option<&Value>) -> Option<Vec<f32>> {
+    v?.as_array()?
+        .iter()
+        .map(|x| x.as_f64().map(|f| f as f32))
+        .collect()
+}
+
+impl VitSpec {
+    /// Recognises the layout of `model`, reading `config.json` / `preprocessor_config.json`
+    /// from its directory when present.
+    pub fn detect(model: &Checkpoint) -> Result<VitSpec> {
+        let path = model.path();
+        let config = read_json(&model.dir().join("config.json"))?.unwrap_or(Value::Null);
+        let prep = read_json(&model.dir().join("preprocessor_config.json"))?;
+        let has = |n: &str| model.get(n).is_some();
+        let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
+
+        // Family and the prefix its tensors carry.
+        let (family, p) = if has("blocks.0.attn.qkv.weight") || has("blocks.0.attn.proj.weight") {
+            let deit = has("dist_token");
+            (
+                if deit {
+                    Family::TimmDeit
+                } else {
+                    Family::TimmVit
+                },
+                String::new(),
+            )
+        } else {
+            let mut found = None;
+            for p in ["", "vit.", "deit.", "dinov2."] {
+                if has(&format!(
+                    "{p}encoder.layer.0.attention.attention.query.weight"
+                )) {
+                    found = Some(p.to_string());
+                    break;
+                }
+            }
+            let Some(p) = found else {
+                return Err(unknown(
+                    path,
+                    "no ViT block found (looked for 'blocks.0.attn.qkv.weight' and '[vit.|deit.|dinov2.]encoder.layer.0.attention.attention.query.weight')",
+                ));
+            };
+            let family = if has(&format!("{p}encoder.layer.0.layer_scale1.lambda1"))
+                || has(&format!("{p}encoder.layer.0.norm1.weight"))
+            {
+                Family::HfDinov2
+            } else if has(&format!("{p}embeddings.distillation_token")) {
+                Family::HfDeit
+            } else {
+                Family::HfVit
+            };
+            (family, p)
+        };
+        let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
+
+        // Blocks.
+        let mut blocks = Vec::new();
+        loop {
+            let i = blocks.len();
+            let b = if timm {
+                let b = format!("blocks.{i}.");
+                if !has(&format!("{b}attn.proj.weight")) {
+                    break;
+                }
+                BlockNames {
+                    index: i,
+                    norm1: (format!("{b}norm1.weight"), format!("{b}norm1.bias")),
+                    qkv: vec![(Role::Qkv, format!("{b}attn.qkv"))],
+                    proj: format!("{b}attn.proj"),
+                    norm2: (format!("{b}norm2.weight"), format!("{b}norm2.bias")),
+                    fc1: format!("{b}mlp.fc1"),
+                    fc2: format!("{b}mlp.fc2"),
+                    ls: has(&format!("{b}ls1.gamma"))
+                        .then(|| (format!("{b}ls1.gamma"), format!("{b}ls2.gamma"))),
+                }
+            } else {
+                let b = format!("{p}encoder.layer.{i}.");
+                if !has(&format!("{b}attention.output.dense.weight")) {
+                    break;
+                }
+                let a = format!("{b}attention.attention.");
+                let dino = family == Family::HfDinov2;
+                BlockNames {
+                    index: i,
+                    norm1: if dino {
+                        (format!("{b}norm1.weight"), format!("{b}norm1.bias"))
+                    } else {
+                        (
+                            format!("{b}layernorm_before.weight"),
+                            format!("{b}layernorm_before.bias"),
+                        )
+                    },
+                    qkv: vec![
+                        (Role::Query, format!("{a}query")),
+                        (Role::Key, format!("{a}key")),
+                        (Role::Value, format!("{a}value")),
+                    ],
+                    proj: format!("{b}attention.output.dense"),
+                    norm2: if dino {
+                        (format!("{b}norm2.weight"), format!("{b}norm2.bias"))
+                    } else {
+                        (
+                            format!("{b}layernorm_after.weight"),
+                            format!("{b}layernorm_after.bias"),
+                        )
+                    },
+                    fc1: if dino {
+                        format!("{b}mlp.fc1")
+                    } else {
+                        format!("{b}intermediate.dense")
+                    },
+                    fc2: if dino {
+                        format!("{b}mlp.fc2")
+                    } else {
+                        format!("{b}output.dense")
+                    },
+                    ls: (dino && has(&format!("{b}layer_scale1.lambda1"))).then(|| {
+                        (
+                            format!("{b}layer_scale1.lambda1"),
+                            format!("{b}layer_scale2.lambda1"),
+                        )
+                    }),
+                }
+            };
+            blocks.push(b);
+        }
+        let depth = blocks.len();
+
+        // Embeddings.
+        let (patch_embed, tokens, pos_embed, norm) = if timm {
+            let mut tokens = vec!["cls_token".to_string()];
+            if family == Family::TimmDeit {
+                tokens.push("dist_token".into());
+            }
+            let norm = if has("norm.weight") {
+                ("norm.weight".to_string(), "norm.bias".to_string())
+            } else {
+                return Err(unknown(
+                    path,
+                    "no final 'norm.weight' (global average pooling with fc_norm is not supported)",
+                ));
+            };
+            (
+                (
+                    "patch_embed.proj.weight".to_string(),
+                    "patch_embed.proj.bias".to_string(),
+                ),
+                tokens,
+                "pos_embed".to_string(),
+                norm,
+            )
+        } else {
+            let e = format!("{p}embeddings.");
+            let mut tokens = vec![format!("{e}cls_token")];
+            if family == Family::HfDeit {
+                tokens.push(format!("{e}distillation_token"));
+            }
+            (
+                (
+                    format!("{e}patch_embeddings.projection.weight"),
+                    format!("{e}patch_embeddings.projection.bias"),
+                ),
+                tokens,
+                format!("{e}position_embeddings"),
+                (format!("{p}layernorm.weight"), format!("{p}layernorm.bias")),
+            )
+        };
+        let mut required: Vec<String> = vec![
+            patch_embed.0.clone(),
+            pos_embed.clone(),
+            norm.0.clone(),
+            norm.1.clone(),
+        ];
+        required.extend(tokens.iter().cloned());
+        for b in &blocks {
+            for n in [&b.norm1.0, &b.norm1.1, &b.norm2.0, &b.norm2.1] {
+                required.push(n.clone());
+            }
+            for (_, l) in b.linears() {
+                required.push(format!("{l}.weight"));
+            }
+            if let Some((a, c)) = &b.ls {
+                required.push(a.clone());
+                required.push(c.clone());
+            }
+        }
+        if let Some(m) = required.iter().find(|n| !has(n)) {
+            return Err(unknown(
+                path,
+                format!("looks like {family} but has no tensor '{m}'"),
+            ));
+        }
+
+        let pe = shape(&patch_embed.0);
+        if pe.len() != 4 || pe[2] != pe[3] {
+            return Err(unknown(
+                path,
+                format!(
+                    "patch embedding '{}' has shape {pe:?}, expected [dim, channels, p, p]",
+                    patch_embed.0
+                ),
+            ));
+        }
+        let (dim, channels, patch) = (pe[0], pe[1], pe[2]);
+        let prefix_tokens = tokens.len();
+        let pos = shape(&pos_embed);
+        let grid_tokens = pos.iter().product::<usize>() / dim.max(1);
+        let grid_sq = grid_tokens.saturating_sub(prefix_tokens);
+        let pos_grid = (grid_sq as f64).sqrt().round() as usize;
+        if pos.last() != Some(&dim) || pos_grid * pos_grid != grid_sq || pos_grid == 0 {
+            return Err(unknown(
+                path,
+                format!(
+                    "position embedding '{pos_embed}' has shape {pos:?}; expected [1, {prefix_tokens} + g², {dim}]"
+                ),
+            ));
+        }
+        let w = |n: &str| shape(&format!("{n}.weight"));
+        let mlp = w(&blocks[0].fc1)[0];
+        for b in &blocks {
+            for (role, l) in b.linears() {
+                let s = w(&l);
+                let want = match role {
+                    Role::Qkv => [3 * dim, dim],
+                    Role::Query | Role::Key | Role::Value | Role::Proj => [dim, dim],
+                    Role::Fc1 => [mlp, dim],
+                    Role::Fc2 => [dim, mlp],
+                };
+                if s != want {
+                    return Err(unknown(
+                        path,
+                        format!("'{l}.weight' has shape {s:?}, expected {want:?} for width {dim}"),
+                    ));
+                }
+            }
+        }
+
+        // Hyper-parameters from config.json when present, else the family's conventions.
+        let args = config.get("model_args").unwrap_or(&config);
+        let heads = num(args, "num_heads")
+            .or_else(|| num(&config, "num_attention_heads"))
+            .map(|h| h as usize)
+            .unwrap_or_else(|| {
+                let h = match dim {
+                    192 => 3,
+                    384 => 6,
+                    768 => 12,
+                    1024 | 1280 => 16,
+                    d => (d / 64).max(1),
+                };
+                log::warn!(
+                    "{}: no config.json gives the number of attention heads; assuming {h} for width {dim}",
+                    path.display()
+                );
+                h
+            });
+        if heads == 0 || dim % heads != 0 {
+            return Err(unknown(
+                path,
+                format!("{heads} attention heads do not divide width {dim}"),
+            ));
+        }
+        let eps = num(&config, "layer_norm_eps").map(|e| e as f32).unwrap_or(
+            if matches!(family, Family::HfVit | Family::HfDeit) {
+                1e-12
+            } else {
+                1e-6
+            },
+        );
+
+        // Head.
+        let head_name = |n: &str| has(&format!("{n}.weight")).then(|| n.to_string());
+        let head = if timm {
+            match (head_name("head"), head_name("head_dist")) {
+                (Some(h), Some(d)) => Head::ClsDist(h, d),
+                (Some(h), None) => Head::Cls(h),
+                _ => Head::None,
+            }
+        } else if family == Family::HfDeit {
+            match (
+                head_name("cls_classifier"),
+                head_name("distillation_classifier"),
+                head_name("classifier"),
+            ) {
+                (Some(h), Some(d), _) => Head::ClsDist(h, d),
+                (_, _, Some(h)) => Head::Cls(h),
+                _ => Head::None,
+            }
+        } else {
+            match head_name("classifier") {
+                Some(h) if w(&h).get(1) == Some(&(2 * dim)) => Head::ClsMean(h),
+                Some(h) => Head::Cls(h),
+                None => Head::None,
+            }
+        };
+        let num_classes = match &head {
+            Head::None => 0,
+            Head::Cls(h) | Head::ClsDist(h, _) | Head::ClsMean(h) => w(h)[0],
+        };
+        let want_in = if matches!(head, Head::ClsMean(_)) {
+            2 * dim
+        } else {
+            dim
+        };
+        if let Head::Cls(h) | Head::ClsDist(h, _) | Head::ClsMean(h) = &head {
+            if w(h).get(1) != Some(&want_in) {
+                return Err(unknown(
+                    path,
+                    format!("classifier '{h}.weight' has shape {:?}", w(h)),
+                ));
+            }
+        }
+        let labels = label_names(&config, num_classes);
+
+        let preprocess = preprocess(family, channels, pos_grid * patch, &config, prep.as_ref());
+        let crop_grid = preprocess.crop / patch;
+        let pos_embed_resized = [
+            format!("{pos_embed}_{}", preprocess.crop),
+            format!("{pos_embed}_resized"),
+        ]
+        .into_iter()
+        .find(|n| {
+            shape(n).iter().product::<usize>() == (prefix_tokens + crop_grid * crop_grid) * dim
+        });
+        if !preprocess.crop.is_multiple_of(patch) {
+            return Err(Error::InvalidOption(format!(
+                "input size {} is not a multiple of the patch size {patch}",
+                preprocess.crop
+            )));
+        }
+        log::info!(
+            "{}: {family}, width {dim}, depth {depth}, {heads} heads, MLP {mlp}, patch {patch}, {} classes, input {}x{}",
+            path.display(),
+            num_classes,
+            preprocess.crop,
+            preprocess.crop
+        );
+        Ok(VitSpec {
+            family,
+            dim,
+            depth,
+            heads,
+            mlp,
+            patch,
+            eps,
+            prefix_tokens,
+            pos_grid,
+            patch_embed,
+            tokens,
+            pos_embed,
+            pos_embed_resized,
+            blocks,
+            norm,
+            head,
+            num_classes,
+            labels,
+            preprocess,
+        })
+    }
+
+    /// Tokens per image at the preprocess crop.
+    pub fn tokens_per_image(&self) -> usize {
+        let g = self.preprocess.crop / self.patch;
+        self.prefix_tokens + g * g
+    }
+
+    /// Block index and role of the linear layer whose weight prefix is `prefix`.
+    pub fn locate(&self, prefix: &str) -> Option<(usize, Role)> {
+        self.blocks.iter().find_map(|b| {
+            b.linears()
+                .into_iter()
+                .find(|(_, n)| n == prefix)
+                .map(|(r, _)| (b.index, r))
+        })
+    }
+
+    /// Changes the input size (a multiple of the patch); the position embedding is interpolated.
+    pub fn set_input(&mut self, resize: Option<usize>, crop: Option<usize>) -> Result<()> {
+        if let Some(c) = crop {
+            if c == 0 || !c.is_multiple_of(self.patch) {
+                return Err(Error::InvalidOption(format!(
+                    "--crop {c} must be a positive multiple of the patch size {}",
+                    self.patch
+                )));
+            }
+            let ratio = self.preprocess.resize as f64 / self.preprocess.crop as f64;
+            self.preprocess.crop = c;
+            self.preprocess.resize = (c as f64 * ratio).round() as usize;
+            self.pos_embed_resized = None;
+        }
+        if let Some(r) = resize {
+            if r < self.preprocess.crop {
+                return Err(Error::InvalidOption(format!(
+                    "--resize {r} is smaller than the crop {}",
+                    self.preprocess.crop
+                )));
+            }
+            self.preprocess.resize = r;
+        }
+        Ok(())
+    }
+}
+
+fn label_names(config: &Value, classes: usize) -> Vec<String> {
+    if let Some(a) = config.get("label_names").and_then(Value::as_array) {
+        let v: Vec<String> = a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect();
+        if v.len() == classes {
+            return v;
+        }
+    }
+    if let Some(m) = config.get("id2label").and_then(Value::as_object) {
+        let mut v = vec![String::new(); classes];
+        for (k, name) in m {
+            if let (Ok(i), Some(s)) = (k.parse::<usize>(), name.as_str()) {
+                if i < classes {
+                    v[i] = s.to_string();
+                }
+            }
+        }
+        if v.iter().all(|s| !s.is_empty()) {
+            return v;
+        }
+    }
+    Vec::new()
+}
+
+fn preprocess(
+    family: Family,
+    channels: usize,
+    native: usize,
+    config: &Value,
+    prep: Option<&Value>,
+) -> Preprocess {
+    let fill = |v: Vec<f32>| -> Vec<f32> {
+        if v.len() == channels {
+            v
+        } else {
+            vec![v.first().copied().unwrap_or(0.5); channels]
+        }
+    };
+    let (def_mean, def_std): (Vec<f32>, Vec<f32>) = match family {
+        Family::HfVit | Family::TimmVit => (vec![0.5; 3], vec![0.5; 3]),
+        _ => (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec()),
+    };
+    // DINOv2 checkpoints store the 518-px position grid but are run at 224.
+    let native = if family == Family::HfDinov2 && native == 518 {
+        224
+    } else {
+        native
+    };
+    let mut p = Preprocess {
+        channels,
+        resize: match family {
+            Family::HfVit => native,
+            Family::HfDinov2 => native * 8 / 7,
+            _ => (native as f64 / 0.875).floor() as usize,
+        },
+        crop: native,
+        bicubic: !matches!(family, Family::HfVit),
+        mean: fill(def_mean),
+        std: fill(def_std),
+    };
+    if let Some(cfg) = config.get("pretrained_cfg") {
+        // timm hub config.
+        if let Some(s) = cfg.get("input_size").and_then(Value::as_array) {
+            if let Some(h) = s.get(1).and_then(Value::as_u64) {
+                p.crop = h as usize;
+            }
+        }
+        let pct = num(cfg, "crop_pct").unwrap_or(0.875);
+        p.resize = (p.crop as f64 / pct).floor() as usize;
+        if let Some(i) = cfg.get("interpolation").and_then(Value::as_str) {
+            p.bicubic = i == "bicubic";
+        }
+        if let Some(m) = floats(cfg.get("mean")) {
+            p.mean = fill(m);
+        }
+        if let Some(s) = floats(cfg.get("std")) {
+            p.std = fill(s);
+        }
+    }
+    if let Some(pc) = prep {
+        // HF image-processor config.
+        let crop = pc
+            .get("crop_size")
+            .and_then(|c| c.get("height").or(Some(c)))
+            .and_then(Value::as_u64);
+        let size = pc.get("size");
+        let shortest = size
+            .and_then(|s| s.get("shortest_edge"))
+            .and_then(Value::as_u64);
+        let height = size.and_then(|s| s.get("height")).and_then(Value::as_u64);
+        let do_crop = pc
+            .get("do_center_crop")
+            .and_then(Value::as_bool)
+            .unwrap_or(crop.is_some());
+        match (shortest.or(height), do_crop, crop) {
+            (Some(r), true, Some(c)) => {
+                p.resize = r as usize;
+                p.crop = c as usize;
+            }
+            (Some(r), _, _) => {
+                p.resize = r as usize;
+                p.crop = r as usize;
+            }
+            _ => {}
+        }
+        if let Some(r) = pc.get("resample").and_then(Value::as_u64) {
+            p.bicubic = r == 3;
+        }
+        if let Some(m) = floats(pc.get("image_mean")) {
+            p.mean = fill(m);
+        }
+        if let Some(s) = floats(pc.get("image_std")) {
+            p.std = fill(s);
+        }
+    }
+    p
+}

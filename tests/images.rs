@@ -1,0 +1,414 @@
+//! `run --images`, `run --eval` and `eval` end to end, and the bad-input rows of image inputs.
+
+mod common;
+#[path = "common/gpu.rs"]
+mod gpu;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use comq_gpu::model::synthetic::SyntheticVit;
+use comq_gpu::model::Family;
+use serde_json::Value;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_comq-gpu"))
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "failed: {err}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn assert_bad_input(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2, stderr: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr should mention '{needle}': {err}"
+    );
+}
+
+fn synthetic(dir: &Path, family: Family, classes: usize) -> PathBuf {
+    SyntheticVit {
+        family,
+        dim: 32,
+        depth: 2,
+        heads: 2,
+        mlp: 64,
+        patch: 4,
+        img: 16,
+        channels: 3,
+        classes,
+        seed: 5,
+    }
+    .write(dir)
+    .unwrap();
+    dir.join("model.safetensors")
+}
+
+/// `n` random RGB PNGs of odd sizes in two class folders (and one JPEG).
+fn photos(dir: &Path, n: usize) -> PathBuf {
+    let mut r = common::Rng::new(9);
+    for i in 0..n {
+        let class = dir.join(if i % 2 == 0 { "cats" } else { "dogs" });
+        std::fs::create_dir_all(&class).unwrap();
+        let (w, h) = (18 + (i as u32 % 5), 22 + (i as u32 % 3));
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let b = (r.next_u64() % 64) as u8;
+            image::Rgb([b + (x * 5) as u8, b + (y * 4) as u8, b + (i * 20) as u8])
+        });
+        let ext = if i == 0 { "jpg" } else { "png" };
+        img.save(class.join(format!("{i}.{ext}"))).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+fn report(p: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+#[test]
+fn run_from_images_quantizes_every_block_linear_in_block_order_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(&dir.path().join("m"), Family::HfDinov2, 2);
+    let imgs = photos(&dir.path().join("photos"), 6);
+    let rep = dir.path().join("r.json");
+    let out = dir.path().join("q.safetensors");
+    let deq = dir.path().join("dq");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--calib-count",
+        "4",
+        "--eval",
+        s(&imgs),
+        "--device",
+        "cpu",
+        "--out",
+        s(&out),
+        "--dequantized",
+        s(&deq),
+        "--report",
+        s(&rep),
+    ]);
+    let stdout = ok(&o);
+    assert!(
+        stdout.contains("COMQ W4") && stdout.contains("RTN W4") && stdout.contains("FP32"),
+        "{stdout}"
+    );
+    let r = report(&rep);
+    let layers = r["layers"].as_array().unwrap();
+    let names: Vec<&str> = layers.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names.len(),
+        12,
+        "2 blocks x (query, key, value, dense, fc1, fc2): {names:?}"
+    );
+    assert!(names[0].contains("layer.0.attention.attention.query"));
+    assert!(names[11].contains("layer.1.mlp.fc2"));
+    for l in layers {
+        assert_eq!(l["calibration"], "images");
+        assert_eq!(l["samples"], 4 * 17, "4 images x 17 tokens");
+        assert!(l["rel_error"].as_f64().unwrap() <= l["rel_error_rtn"].as_f64().unwrap() * 1.0001);
+    }
+    let rows = r["eval"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(r["eval"]["count"], 6);
+    for row in &rows[1..] {
+        let cos = row["fidelity"]["cls_cosine"].as_f64().unwrap();
+        assert!(cos > 0.5 && cos <= 1.0 + 1e-9, "{cos}");
+        assert!(
+            row["accuracy"]["top1"].as_f64().is_some(),
+            "labels come from the class folders"
+        );
+    }
+    assert!(r["calibration"].as_str().unwrap().contains("4 images"));
+
+    // `eval` of the dequantized output against the original reproduces the COMQ row.
+    let e = run(&[
+        "eval",
+        s(&deq),
+        "--images",
+        s(&imgs),
+        "--reference",
+        s(&model),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let ev: Value = serde_json::from_str(&ok(&e)).unwrap();
+    let cos_eval = ev["rows"][1]["fidelity"]["cls_cosine"].as_f64().unwrap();
+    let cos_run = rows[2]["fidelity"]["cls_cosine"].as_f64().unwrap();
+    assert!((cos_eval - cos_run).abs() < 1e-9, "{cos_eval} vs {cos_run}");
+    // A model against itself: perfect fidelity.
+    let e = run(&[
+        "eval",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--reference",
+        s(&model),
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let ev: Value = serde_json::from_str(&ok(&e)).unwrap();
+    let f = &ev["rows"][1]["fidelity"];
+    assert!((f["cls_cosine"].as_f64().unwrap() - 1.0).abs() < 1e-12);
+    assert_eq!(f["rel_mse"].as_f64().unwrap(), 0.0);
+    assert_eq!(f["nn_agreement"].as_f64().unwrap(), 1.0);
+}
+
+#[test]
+fn sequential_calibration_differs_from_fp_calibration_after_the_first_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(&dir.path().join("m"), Family::TimmVit, 0);
+    let imgs = photos(&dir.path().join("photos"), 4);
+    let mut errs = Vec::new();
+    for mode in ["fp", "quantized"] {
+        let rep = dir.path().join(format!("{mode}.json"));
+        let out = dir.path().join(format!("{mode}.safetensors"));
+        ok(&run(&[
+            "run",
+            s(&model),
+            "--images",
+            s(&imgs),
+            "--calib-mode",
+            mode,
+            "--bits",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            s(&out),
+            "--report",
+            s(&rep),
+        ]));
+        let r = report(&rep);
+        errs.push(
+            r["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["rel_error"].as_f64().unwrap())
+                .collect::<Vec<_>>(),
+        );
+        assert!(r["calibration"]
+            .as_str()
+            .unwrap()
+            .contains(if mode == "fp" {
+                "full-precision"
+            } else {
+                "quantized"
+            }));
+    }
+    // The first layer sees the same inputs either way; later ones see the quantized prefix.
+    assert_eq!(errs[0][0], errs[1][0]);
+    assert!(errs[0][1..].iter().zip(&errs[1][1..]).any(|(a, b)| a != b));
+}
+
+#[test]
+fn gpu_calibration_matches_cpu_calibration() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(&dir.path().join("m"), Family::TimmDeit, 3);
+    let imgs = photos(&dir.path().join("photos"), 4);
+    let mut reps = Vec::new();
+    for dev in ["cpu", "gpu"] {
+        let rep = dir.path().join(format!("{dev}.json"));
+        let out = dir.path().join(format!("{dev}.safetensors"));
+        ok(&run(&[
+            "run",
+            s(&model),
+            "--images",
+            s(&imgs),
+            "--eval",
+            s(&imgs),
+            "--device",
+            dev,
+            "--out",
+            s(&out),
+            "--report",
+            s(&rep),
+        ]));
+        reps.push(report(&rep));
+    }
+    let (c, g) = (&reps[0], &reps[1]);
+    for (a, b) in c["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(g["layers"].as_array().unwrap())
+    {
+        let (x, y) = (
+            a["rel_error"].as_f64().unwrap(),
+            b["rel_error"].as_f64().unwrap(),
+        );
+        assert!(
+            (x - y).abs() <= 1e-3 * x.max(1e-6) + 1e-7,
+            "{}: {x} vs {y}",
+            a["name"]
+        );
+    }
+    let cc = c["eval"]["rows"][2]["fidelity"]["cls_cosine"]
+        .as_f64()
+        .unwrap();
+    let gc = g["eval"]["rows"][2]["fidelity"]["cls_cosine"]
+        .as_f64()
+        .unwrap();
+    assert!((cc - gc).abs() < 1e-3, "{cc} vs {gc}");
+}
+
+#[test]
+fn an_empty_image_folder_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(&dir.path().join("m"), Family::TimmVit, 0);
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("sub")).unwrap();
+    std::fs::write(empty.join("notes.txt"), "not an image").unwrap();
+    let out = dir.path().join("q.safetensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&empty),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    assert_bad_input(&o, "no PNG or JPEG images");
+    assert!(!out.exists());
+}
+
+#[test]
+fn an_unreadable_image_is_a_clear_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(&dir.path().join("m"), Family::TimmVit, 0);
+    let imgs = photos(&dir.path().join("photos"), 3);
+    std::fs::write(imgs.join("cats/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let out = dir.path().join("q.safetensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    assert_bad_input(&o, "broken.png");
+    assert_bad_input(&o, "cannot decode");
+    assert!(!out.exists());
+    let o = run(&["eval", s(&model), "--images", s(&imgs), "--device", "cpu"]);
+    assert_bad_input(&o, "broken.png");
+}
+
+#[test]
+fn images_for_an_unknown_layout_or_a_non_block_layer_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = common::tiny_vit(dir.path(), 8, 1);
+    let imgs = photos(&dir.path().join("photos"), 2);
+    let o = run(&["run", s(&model), "--images", s(&imgs), "--device", "cpu"]);
+    assert_bad_input(&o, "--calib");
+    let model = synthetic(&dir.path().join("m"), Family::TimmVit, 4);
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--device",
+        "cpu",
+        "--skip",
+        "^$",
+    ]);
+    assert_bad_input(&o, "not a linear layer of an encoder block");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--device",
+        "cpu",
+        "--crop",
+        "15",
+    ]);
+    assert_bad_input(&o, "multiple of the patch size");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&dir.path().join("nope")),
+        "--device",
+        "cpu",
+    ]);
+    assert_bad_input(&o, "no such image folder");
+}
+
+#[test]
+fn dinov2_small_quantizes_all_72_encoder_layers_from_real_photos() {
+    let dir = std::env::var_os("COMQ_DINOV2_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/comq-gpu/dinov2"))
+        })
+        .unwrap();
+    if !dir.join("dinov2-small/model.safetensors").is_file() {
+        assert!(
+            std::env::var("COMQ_REQUIRE_DINOV2").map_or(true, |v| v != "1"),
+            "COMQ_REQUIRE_DINOV2=1 but DINOv2-S is not prepared in {}",
+            dir.display()
+        );
+        eprintln!("SKIP: DINOv2-S not prepared (scripts/prepare-dinov2.sh)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let rep = tmp.path().join("r.json");
+    let out = tmp.path().join("q.safetensors");
+    ok(&run(&[
+        "run",
+        s(&dir.join("dinov2-small")),
+        "--images",
+        s(&dir.join("photos")),
+        "--calib-count",
+        "6",
+        "--device",
+        "cpu",
+        "--out",
+        s(&out),
+        "--report",
+        s(&rep),
+    ]));
+    let r = report(&rep);
+    let layers = r["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 72);
+    for suffix in ["query", "key", "value", "output.dense", "fc1", "fc2"] {
+        assert_eq!(
+            layers
+                .iter()
+                .filter(|l| l["name"].as_str().unwrap().contains(suffix))
+                .count(),
+            12,
+            "{suffix}"
+        );
+    }
+    let t = &r["totals"];
+    assert!(
+        t["mean_rel_error"].as_f64().unwrap() < 0.7 * t["mean_rel_error_rtn"].as_f64().unwrap()
+    );
+}

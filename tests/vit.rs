@@ -1,0 +1,366 @@
+//! The ViT forward pass: layout detection for every family, CPU vs GPU parity of the forward and
+//! of the Gram matrices it feeds, and agreement with the reference implementations (PyTorch for
+//! the bundled model, ONNX Runtime for DINOv2-S when it has been prepared).
+
+mod common;
+#[path = "common/gpu.rs"]
+mod gpu;
+
+use std::path::{Path, PathBuf};
+
+use comq_gpu::calibrate::{BlockGrams, CalibMode, Calibrator};
+use comq_gpu::io::images::ImageSet;
+use comq_gpu::io::Checkpoint;
+use comq_gpu::model::cpu::CpuOps;
+use comq_gpu::model::forward::{run_model, HostBlock, HostStem, Ops, Output};
+use comq_gpu::model::synthetic::SyntheticVit;
+use comq_gpu::model::{Family, Role, VitSpec};
+
+/// CPU and GPU forwards sum in different orders; features must agree to this relative error.
+const FORWARD_REL_TOL: f64 = 2e-4;
+/// Gram matrices from CPU (f64) and GPU (f32 partial sums) activations, relative Frobenius.
+const GRAM_REL_TOL: f64 = 1e-4;
+/// Our CPU forward vs ONNX Runtime on DINOv2-S, relative to the largest feature magnitude.
+const ONNX_REL_TOL: f64 = 1e-4;
+
+fn synthetic(dir: &Path, family: Family, classes: usize) -> PathBuf {
+    SyntheticVit {
+        family,
+        dim: 32,
+        depth: 2,
+        heads: 4,
+        mlp: 64,
+        patch: 4,
+        img: 16,
+        channels: 3,
+        classes,
+        seed: 7,
+    }
+    .write(dir)
+    .unwrap();
+    dir.join("model.safetensors")
+}
+
+fn forward<O: Ops>(ops: &O, path: &Path, pixels: &[f32], n: usize) -> (VitSpec, Output) {
+    let model = Checkpoint::open(path).unwrap();
+    let spec = VitSpec::detect(&model).unwrap();
+    let stem = HostStem::load(&model, &spec).unwrap();
+    let out = run_model(
+        ops,
+        &spec,
+        &stem,
+        &mut |b| HostBlock::load(&model, &spec, &spec.blocks[b]),
+        pixels,
+        n,
+    )
+    .unwrap();
+    (spec, out)
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn pixels(n: usize, c: usize, s: usize, seed: u64) -> Vec<f32> {
+    let mut r = common::Rng::new(seed);
+    r.normals(n * c * s * s)
+}
+
+#[test]
+fn every_family_is_recognised_with_its_hyper_parameters() {
+    for (family, classes) in [
+        (Family::TimmVit, 5),
+        (Family::TimmDeit, 5),
+        (Family::HfVit, 5),
+        (Family::HfDeit, 5),
+        (Family::HfDinov2, 0),
+        (Family::HfDinov2, 5),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), family, classes);
+        let m = Checkpoint::open(&path).unwrap();
+        let s = VitSpec::detect(&m).unwrap();
+        assert_eq!(s.family, family);
+        assert_eq!((s.dim, s.depth, s.heads, s.mlp, s.patch), (32, 2, 4, 64, 4));
+        assert_eq!(s.num_classes, classes, "{family}");
+        assert_eq!(
+            s.prefix_tokens,
+            1 + matches!(family, Family::TimmDeit | Family::HfDeit) as usize
+        );
+        let linears: Vec<Role> = s.blocks[1].linears().into_iter().map(|(r, _)| r).collect();
+        let want: &[Role] = if matches!(family, Family::TimmVit | Family::TimmDeit) {
+            &[Role::Qkv, Role::Proj, Role::Fc1, Role::Fc2]
+        } else {
+            &[
+                Role::Query,
+                Role::Key,
+                Role::Value,
+                Role::Proj,
+                Role::Fc1,
+                Role::Fc2,
+            ]
+        };
+        assert_eq!(linears, want);
+        // Every linear is located in its block.
+        for (role, prefix) in s.blocks[1].linears() {
+            assert_eq!(s.locate(&prefix), Some((1, role)));
+        }
+    }
+}
+
+#[test]
+fn an_unknown_layout_is_a_clear_error_suggesting_calib() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = common::tiny_vit(dir.path(), 8, 1);
+    let m = Checkpoint::open(&model).unwrap();
+    let e = VitSpec::detect(&m).unwrap_err().to_string();
+    assert!(e.contains("--calib"), "{e}");
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn bicubic_resize_keeps_constants_and_identity() {
+    use comq_gpu::model::forward::bicubic_resize;
+    let g = 5;
+    let d = 3;
+    let src: Vec<f32> = (0..g * g * d).map(|i| (i % 7) as f32).collect();
+    assert_eq!(
+        bicubic_resize(&src, g, g, d),
+        src,
+        "same size is the identity"
+    );
+    let flat = vec![2.5f32; g * g * d];
+    for h in [3, 8, 11] {
+        for v in bicubic_resize(&flat, g, h, d) {
+            assert!((v - 2.5).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn cpu_and_gpu_forward_agree_for_every_family() {
+    let Some(dev) = gpu::device() else {
+        return;
+    };
+    let gpu = comq_gpu::device::wgpu::forward::GpuOps::new(&dev);
+    for (family, classes) in [
+        (Family::TimmVit, 5),
+        (Family::TimmDeit, 5),
+        (Family::HfVit, 3),
+        (Family::HfDinov2, 4),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), family, classes);
+        let px = pixels(3, 3, 16, 11);
+        let (_, c) = forward(&CpuOps, &path, &px, 3);
+        let (_, g) = forward(&gpu, &path, &px, 3);
+        let (ec, el, et) = (
+            rel(&g.cls, &c.cls),
+            rel(&g.logits, &c.logits),
+            rel(&g.tokens, &c.tokens),
+        );
+        eprintln!("{family}: CLS {ec:.2e} logits {el:.2e} tokens {et:.2e}");
+        assert!(
+            ec < FORWARD_REL_TOL && el < FORWARD_REL_TOL && et < FORWARD_REL_TOL,
+            "{family}"
+        );
+        assert_eq!(c.logits.len(), 3 * classes);
+    }
+}
+
+/// Writes `n` random 20x20 RGB PNGs into `dir/<class>/`.
+fn png_folder(dir: &Path, n: usize) {
+    let mut r = common::Rng::new(3);
+    for i in 0..n {
+        let class = dir.join(format!("class{}", i % 2));
+        std::fs::create_dir_all(&class).unwrap();
+        let img = image::RgbImage::from_fn(20, 24, |_, _| {
+            image::Rgb([
+                (r.next_u64() % 256) as u8,
+                (r.next_u64() % 256) as u8,
+                (r.next_u64() % 256) as u8,
+            ])
+        });
+        img.save(class.join(format!("{i}.png"))).unwrap();
+    }
+}
+
+fn grams_of<O: Ops>(ops: &O, path: &Path, images: &Path, mode: CalibMode) -> Vec<comq_gpu::Gram> {
+    let model = Checkpoint::open(path).unwrap();
+    let spec = VitSpec::detect(&model).unwrap();
+    let set = ImageSet::open(images).unwrap();
+    let idx: Vec<usize> = (0..set.len()).collect();
+    let mut c = Calibrator::new(ops, &spec, &model, &set, &idx, mode).unwrap();
+    let mut out = Vec::new();
+    for b in 0..spec.depth {
+        for (role, _) in spec.blocks[b].linears() {
+            out.push(c.gram(b, role).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn cpu_and_gpu_calibration_grams_agree() {
+    let Some(dev) = gpu::device() else {
+        return;
+    };
+    let gpu = comq_gpu::device::wgpu::forward::GpuOps::new(&dev);
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::TimmVit, 5);
+    let imgs = dir.path().join("images");
+    png_folder(&imgs, 5);
+    let c = grams_of(&CpuOps, &path, &imgs, CalibMode::Fp);
+    let g = grams_of(&gpu, &path, &imgs, CalibMode::Fp);
+    assert_eq!(c.len(), 8);
+    for (a, b) in g.iter().zip(&c) {
+        assert_eq!(a.samples, b.samples);
+        assert_eq!(a.samples, 5 * 17, "5 images of 16 patches + CLS");
+        let num: f64 = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum();
+        let den: f64 = b.data.iter().map(|y| y * y).sum();
+        let e = (num / den).sqrt();
+        assert!(e < GRAM_REL_TOL, "Gram rel error {e:.2e}");
+    }
+}
+
+#[test]
+fn fp_calibration_grams_equal_the_gram_of_the_captured_activations() {
+    // Block 0's AttnIn Gram is XᵀX of LayerNorm-1 of the embedded tokens; recompute it by hand.
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::HfDinov2, 0);
+    let imgs = dir.path().join("images");
+    png_folder(&imgs, 3);
+    let grams = grams_of(&CpuOps, &path, &imgs, CalibMode::Fp);
+    let model = Checkpoint::open(&path).unwrap();
+    let spec = VitSpec::detect(&model).unwrap();
+    let set = ImageSet::open(&imgs).unwrap();
+    let px = comq_gpu::calibrate::load_pixels(&set, &[0, 1, 2], &spec).unwrap();
+    let stem = HostStem::load(&model, &spec)
+        .unwrap()
+        .upload(&CpuOps)
+        .unwrap();
+    let f = comq_gpu::model::forward::Forward::new(&CpuOps, &spec);
+    let mut h = f.embed(&stem, &px, 3).unwrap();
+    let w = HostBlock::load(&model, &spec, &spec.blocks[0])
+        .unwrap()
+        .upload(&CpuOps)
+        .unwrap();
+    let mut x0 = Vec::new();
+    f.block(
+        &w,
+        &mut h,
+        3,
+        Some(comq_gpu::model::Site::AttnIn),
+        &mut |_, x, _| {
+            x0 = x.clone();
+            Ok(())
+        },
+    )
+    .unwrap();
+    let want = common::gram_of(&x0, x0.len() / 32, 32);
+    // query, key and value share one input.
+    for g in &grams[..3] {
+        let e: f64 = g
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(e < 1e-9, "{e}");
+    }
+}
+
+#[test]
+fn quantized_mode_at_8_bits_is_close_to_fp_mode_and_fp_mode_of_block_0_is_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::TimmVit, 0);
+    let imgs = dir.path().join("images");
+    png_folder(&imgs, 3);
+    let fp = grams_of(&CpuOps, &path, &imgs, CalibMode::Fp);
+    // With no layer reported as quantized, the sequential mode sees the FP weights everywhere.
+    let q = grams_of(&CpuOps, &path, &imgs, CalibMode::Quantized);
+    for (a, b) in fp.iter().zip(&q) {
+        let e: f64 = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        let s: f64 = a.data.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        assert!(e <= 1e-9 * s.max(1.0), "{e} vs scale {s}");
+    }
+}
+
+/// The DINOv2-S directory prepared by `scripts/prepare-dinov2.sh`, if any.
+pub fn dinov2_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("COMQ_DINOV2_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/comq-gpu/dinov2"))
+        })?;
+    if dir.join("dinov2-small/model.safetensors").is_file() {
+        Some(dir)
+    } else if std::env::var("COMQ_REQUIRE_DINOV2").is_ok_and(|v| v == "1") {
+        panic!(
+            "COMQ_REQUIRE_DINOV2=1 but {} has no prepared model",
+            dir.display()
+        );
+    } else {
+        eprintln!("SKIP: DINOv2-S not prepared (scripts/prepare-dinov2.sh)");
+        None
+    }
+}
+
+#[test]
+fn dinov2_small_matches_onnx_runtime() {
+    let Some(dir) = dinov2_dir() else {
+        return;
+    };
+    let r = comq_gpu::io::safetensors::Model::open(&dir.join("reference.safetensors")).unwrap();
+    let px = r.read_f32(r.get("pixel_values").unwrap()).unwrap();
+    let want = r.read_f32(r.get("last_hidden_state").unwrap()).unwrap();
+    let n = r.get("pixel_values").unwrap().shape[0];
+    let path = dir.join("dinov2-small/model.safetensors");
+    let (spec, out) = forward(&CpuOps, &path, &px, n);
+    assert_eq!(spec.family, Family::HfDinov2);
+    assert_eq!(
+        (spec.dim, spec.depth, spec.heads, spec.patch),
+        (384, 12, 6, 14)
+    );
+    let scale = want.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    let e = out
+        .tokens
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "DINOv2-S vs ONNX Runtime: max abs {e:.3e}, relative to max |feature| {:.3e}",
+        e / scale
+    );
+    assert!(e / scale < ONNX_REL_TOL);
+    // Our bicubic resize of the 37x37 grid against the one the exported graph computed.
+    let m = Checkpoint::open(&path).unwrap();
+    let stored = m
+        .read_f32(m.get("embeddings.position_embeddings").unwrap())
+        .unwrap();
+    let graph = m
+        .read_f32(m.get("embeddings.position_embeddings_224").unwrap())
+        .unwrap();
+    let ours = comq_gpu::model::forward::bicubic_resize(&stored[384..], 37, 16, 384);
+    let e = rel(&ours, &graph[384..]);
+    eprintln!("bicubic 37->16 vs the exported graph: rel {e:.3e}");
+    assert!(e < 1e-5, "{e}");
+}
