@@ -270,20 +270,22 @@ fn fp_calibration_grams_equal_the_gram_of_the_captured_activations() {
     )
     .unwrap();
     let want = common::gram_of(&x0, x0.len() / 32, 32);
-    // query, key and value share one input.
+    // query, key and value share one input; f32 partials over 256 rows, f64 across them.
+    let scale = want.data.iter().map(|v| v.abs()).fold(0.0, f64::max);
     for g in &grams[..3] {
+        assert_eq!(g.samples, want.samples);
         let e: f64 = g
             .data
             .iter()
             .zip(&want.data)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
-        assert!(e < 1e-9, "{e}");
+        assert!(e < 1e-6 * scale, "{e} (scale {scale})");
     }
 }
 
 #[test]
-fn quantized_mode_at_8_bits_is_close_to_fp_mode_and_fp_mode_of_block_0_is_identical() {
+fn quantized_mode_without_quantized_layers_gives_the_fp_grams() {
     let dir = tempfile::tempdir().unwrap();
     let path = synthetic(dir.path(), Family::TimmVit, 0);
     let imgs = dir.path().join("images");

@@ -1,7 +1,8 @@
 //! The forward primitives on the CPU: the reference the GPU kernels are tested against.
 //!
 //! GEMMs go through `matrixmultiply` (cache-blocked, SIMD) on row panels spread over rayon's
-//! threads; attention runs image by image in parallel; the Gram matrix accumulates in f64.
+//! threads; attention runs image by image in parallel; Gram matrices are f32 GEMM partials over
+//! 256 rows added into an f64 sum (the GPU's contract with a shorter f32 run).
 
 use rayon::prelude::*;
 
@@ -15,6 +16,9 @@ pub struct CpuOps;
 
 /// Rows per parallel GEMM panel.
 const PANEL: usize = 64;
+
+/// Activation rows per f32 Gram partial before it is added to the f64 sum.
+const GRAM_ROWS: usize = 256;
 
 /// `c[m, n] = a · b` with arbitrary strides (row stride, column stride) for each operand.
 #[allow(clippy::too_many_arguments)]
@@ -263,7 +267,21 @@ impl Ops for CpuOps {
     }
 
     fn gram_add(&self, g: &mut GramAccumulator, x: &Vec<f32>, rows: usize) -> Result<()> {
-        g.add(&x[..rows * g.n()]);
+        // f32 GEMM partials over GRAM_ROWS rows, summed in f64: the GPU's contract, at GEMM speed.
+        let n = g.n();
+        let mut part = vec![0.0f32; n * n];
+        for chunk in x[..rows * n].chunks(GRAM_ROWS * n) {
+            let r = chunk.len() / n;
+            part.par_chunks_mut(PANEL * n)
+                .enumerate()
+                .for_each(|(p, out)| {
+                    let i0 = p * PANEL;
+                    let m = out.len() / n;
+                    // out[i, j] = Σ_k chunk[k, i0 + i] · chunk[k, j]
+                    sgemm(m, r, n, &chunk[i0..], (1, n), chunk, (n, 1), out, (n, 1));
+                });
+            g.add_partial(&part, n, r as u64);
+        }
         Ok(())
     }
 
