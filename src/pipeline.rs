@@ -774,6 +774,29 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let mut device_name = device.describe();
     // Refuse before any compute when a layer cannot fit.
     crate::plan::preflight(&jobs, calib.as_ref(), &device, opts.memory_limit, None)?.check()?;
+    if let (Some(v), Some(_)) = (&vision, &opts.images) {
+        // The calibration set's hidden state (one block's input) is the big allocation of an
+        // images run; refuse before any compute when it cannot fit.
+        let bytes = (v.calib_idx.len() * v.spec.tokens_per_image() * v.spec.dim * 4) as u64;
+        let budget = match &device {
+            AnyDevice::Cpu(_) => opts.memory_limit.or_else(crate::plan::host_available_bytes),
+            AnyDevice::Wgpu(_) => opts.memory_limit,
+        };
+        log::info!(
+            "calibration hidden state: {} images x {} tokens x {} = {:.1} MB",
+            v.calib_idx.len(),
+            v.spec.tokens_per_image(),
+            v.spec.dim,
+            bytes as f64 / 1e6
+        );
+        if let Some(b) = budget.filter(|&b| bytes > b) {
+            return Err(Error::InvalidOption(format!(
+                "the hidden state of {} calibration images needs {bytes} bytes but the memory budget is {b}; \
+                 lower --calib-count",
+                v.calib_idx.len()
+            )));
+        }
+    }
     log::info!(
         "quantizing {} layers of {} on {device_name}",
         jobs.len(),

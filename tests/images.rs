@@ -65,7 +65,11 @@ fn photos(dir: &Path, n: usize) -> PathBuf {
         let (w, h) = (18 + (i as u32 % 5), 22 + (i as u32 % 3));
         let img = image::RgbImage::from_fn(w, h, |x, y| {
             let b = (r.next_u64() % 64) as u8;
-            image::Rgb([b + (x * 5) as u8, b + (y * 4) as u8, b + (i * 20) as u8])
+            image::Rgb([
+                b + (x * 5) as u8,
+                b + (y * 4) as u8,
+                b.wrapping_add((i * 20) as u8),
+            ])
         });
         let ext = if i == 0 { "jpg" } else { "png" };
         img.save(class.join(format!("{i}.{ext}"))).unwrap();
@@ -411,4 +415,41 @@ fn dinov2_small_quantizes_all_72_encoder_layers_from_real_photos() {
     assert!(
         t["mean_rel_error"].as_f64().unwrap() < 0.7 * t["mean_rel_error_rtn"].as_f64().unwrap()
     );
+}
+
+#[test]
+fn a_calibration_set_that_cannot_fit_the_memory_budget_is_refused_before_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(&dir.path().join("m"), Family::TimmVit, 0);
+    let imgs = photos(&dir.path().join("photos"), 200);
+    let out = dir.path().join("q.safetensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--device",
+        "cpu",
+        "--memory-limit",
+        "300kB",
+        "--out",
+        s(&out),
+    ]);
+    assert_bad_input(&o, "lower --calib-count");
+    assert!(!out.exists());
+    // The same run with fewer images fits.
+    ok(&run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--calib-count",
+        "20",
+        "--device",
+        "cpu",
+        "--memory-limit",
+        "300kB",
+        "--out",
+        s(&out),
+    ]));
 }
