@@ -365,6 +365,39 @@ fn images_for_an_unknown_layout_or_a_non_block_layer_are_clear_errors() {
 }
 
 #[test]
+fn the_bundled_model_keeps_its_accuracy_at_4_bits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let rep = dir.path().join("r.json");
+    let out = dir.path().join("q.safetensors");
+    ok(&run(&[
+        "run",
+        s(&root.join("assets/fmnist-vit")),
+        "--images",
+        s(&root.join("assets/fmnist-images/calib.safetensors")),
+        "--calib-count",
+        "128",
+        "--eval",
+        s(&root.join("assets/fmnist-images/test.safetensors")),
+        "--eval-count",
+        "600",
+        "--device",
+        "cpu",
+        "--out",
+        s(&out),
+        "--report",
+        s(&rep),
+    ]));
+    let r = report(&rep);
+    let rows = r["eval"]["rows"].as_array().unwrap();
+    let top1 = |i: usize| rows[i]["accuracy"]["top1"].as_f64().unwrap();
+    eprintln!("FP {:.4} RTN {:.4} COMQ {:.4}", top1(0), top1(1), top1(2));
+    assert!(top1(0) > 0.8, "the bundled model is trained");
+    assert!(top1(2) >= top1(0) - 0.03, "COMQ W4 keeps the accuracy");
+    assert_eq!(r["layers"].as_array().unwrap().len(), 16);
+}
+
+#[test]
 fn dinov2_small_quantizes_all_72_encoder_layers_from_real_photos() {
     let dir = std::env::var_os("COMQ_DINOV2_DIR")
         .map(PathBuf::from)

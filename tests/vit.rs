@@ -20,6 +20,8 @@ use comq_gpu::model::{Family, Role, VitSpec};
 const FORWARD_REL_TOL: f64 = 2e-4;
 /// Gram matrices from CPU (f64) and GPU (f32 partial sums) activations, relative Frobenius.
 const GRAM_REL_TOL: f64 = 1e-4;
+/// Our CPU forward vs PyTorch on the bundled model's logits (absolute; logits are O(10)).
+const TORCH_ABS_TOL: f64 = 1e-3;
 /// Our CPU forward vs ONNX Runtime on DINOv2-S, relative to the largest feature magnitude.
 const ONNX_REL_TOL: f64 = 1e-4;
 
@@ -302,6 +304,48 @@ fn quantized_mode_without_quantized_layers_gives_the_fp_grams() {
             .fold(0.0, f64::max);
         let s: f64 = a.data.iter().map(|x| x.abs()).fold(0.0, f64::max);
         assert!(e <= 1e-9 * s.max(1.0), "{e} vs scale {s}");
+    }
+}
+
+#[test]
+fn bundled_model_matches_pytorch_logits() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let reference = root.join("tests/data/fmnist-vit-reference.safetensors");
+    let r = comq_gpu::io::safetensors::Model::open(&reference).unwrap();
+    let px = r.read_f32(r.get("pixel_values").unwrap()).unwrap();
+    let want = r.read_f32(r.get("logits").unwrap()).unwrap();
+    let n = r.get("pixel_values").unwrap().shape[0];
+    let (spec, out) = forward(
+        &CpuOps,
+        &root.join("assets/fmnist-vit/model.safetensors"),
+        &px,
+        n,
+    );
+    assert_eq!(spec.family, Family::TimmVit);
+    let e = out
+        .logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max);
+    eprintln!("max |logit - torch| = {e:.2e}");
+    assert!(e < TORCH_ABS_TOL, "{e}");
+    // And our preprocessing of the stored uint8 images reproduces PyTorch's pixel values.
+    let imgs = r.get("images").unwrap();
+    let (h, w) = (imgs.shape[1], imgs.shape[2]);
+    let raw = r.bytes(imgs);
+    for i in 0..n {
+        let img = image::DynamicImage::ImageLuma8(
+            image::GrayImage::from_raw(
+                w as u32,
+                h as u32,
+                raw[i * h * w..(i + 1) * h * w].to_vec(),
+            )
+            .unwrap(),
+        );
+        let ours = comq_gpu::io::images::preprocess(&img, &spec.preprocess);
+        let e = rel(&ours, &px[i * h * w..(i + 1) * h * w]);
+        assert!(e < 1e-6, "image {i}: {e}");
     }
 }
 
