@@ -12,6 +12,8 @@ mkdir -p fuzz/corpus/safetensors_reader fuzz/corpus/calib_reader fuzz/corpus/rec
 cp -n assets/*.safetensors fuzz/corpus/safetensors_reader/ 2>/dev/null || true
 cp -n assets/tiny-vit.calib.safetensors fuzz/corpus/calib_reader/ 2>/dev/null || true
 cp -n tests/data/fmnist-vit-reference.safetensors fuzz/corpus/image_loader/ 2>/dev/null || true
+# Real photos, when scripts/prepare-dinov2.sh has fetched them.
+cp -n "${COMQ_DINOV2_DIR:-$HOME/.cache/comq-gpu/dinov2}"/photos/{coins.png,grace_hopper.jpg} fuzz/corpus/image_loader/ 2>/dev/null || true
 printf 'bits = 4\nsym = true\nmax_shard_size = "2GB"\n[[layer]]\nmatch = "fc2"\nbits = 8\n' > fuzz/corpus/recipe_parser/seed.toml
 for t in safetensors_reader calib_reader recipe_parser image_loader; do
   log=fuzz/$t.log
