@@ -183,15 +183,17 @@ impl<'a, O: Ops> Calibrator<'a, O> {
 impl<O: Ops> BlockGrams for Calibrator<'_, O> {
     fn gram(&mut self, block: usize, role: Role) -> Result<Gram> {
         let site = role.site();
+        // The hidden state only moves forward: a block behind it (other than the one whose
+        // Grams are held) cannot be served.
+        if self.grams_block != Some(block) && block < self.at {
+            return Err(Error::InvalidOption(format!(
+                "calibration asked for block {block} after block {}",
+                self.at
+            )));
+        }
         match self.mode {
             CalibMode::Fp => {
                 if self.grams_block != Some(block) {
-                    if block < self.at {
-                        return Err(Error::InvalidOption(format!(
-                            "calibration asked for block {block} after block {}",
-                            self.at
-                        )));
-                    }
                     while self.at < block {
                         self.advance(false)?;
                     }
@@ -200,12 +202,6 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
                 Ok(self.grams[&site].clone())
             }
             CalibMode::Quantized => {
-                if block < self.at {
-                    return Err(Error::InvalidOption(format!(
-                        "calibration asked for block {block} after block {}",
-                        self.at
-                    )));
-                }
                 while self.at < block {
                     self.advance(false)?;
                     self.grams.clear();

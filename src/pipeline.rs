@@ -999,17 +999,19 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     }
                     other => other?,
                 };
-                if verify_at.contains(&index) && matches!(device, AnyDevice::Wgpu(_)) {
-                    let cpu = crate::device::CpuDevice::new();
-                    let c = crate::quant::quantize_layer(
-                        &cpu,
+                let on_cpu = |cfg: &QuantConfig| {
+                    crate::quant::quantize_layer(
+                        &crate::device::CpuDevice::new(),
                         &job.meta.name,
                         &w,
                         job.rows,
                         job.cols,
                         &gram,
-                        &job.config,
-                    )?;
+                        cfg,
+                    )
+                };
+                if verify_at.contains(&index) && matches!(device, AnyDevice::Wgpu(_)) {
+                    let c = on_cpu(&job.config)?;
                     let pairs = c.layer.codes.iter().zip(&outcome.layer.codes);
                     let differ = pairs.clone().filter(|(a, b)| a != b).count();
                     verify = Some(VerifyReport {
@@ -1022,18 +1024,10 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     w.save(index, &job.meta.name, &outcome, gram.samples)?;
                 }
                 if opts.eval.is_some() {
-                    let mut c = job.config.clone();
-                    c.method = crate::quant::Method::Rtn;
-                    let cpu = crate::device::CpuDevice::new();
-                    let r = crate::quant::quantize_layer(
-                        &cpu,
-                        &job.meta.name,
-                        &w,
-                        job.rows,
-                        job.cols,
-                        &gram,
-                        &c,
-                    )?;
+                    let r = on_cpu(&QuantConfig {
+                        method: crate::quant::Method::Rtn,
+                        ..job.config.clone()
+                    })?;
                     rtn_weights.insert(job.meta.name.clone(), r.layer.dequantize());
                 }
                 (outcome, gram.samples)
