@@ -46,6 +46,22 @@ pub fn load_pixels(set: &ImageSet, idx: &[usize], spec: &VitSpec) -> Result<Vec<
     Ok(per.concat())
 }
 
+/// Embeds images `idx` of `set` in device batches of [`BATCH`]: `(tokens, images)` per batch.
+pub fn embed_batches<O: Ops>(
+    f: &Forward<'_, O>,
+    stem: &Stem<O::T>,
+    set: &ImageSet,
+    idx: &[usize],
+    spec: &VitSpec,
+) -> Result<Vec<(O::T, usize)>> {
+    idx.chunks(BATCH)
+        .map(|chunk| {
+            let px = load_pixels(set, chunk, spec)?;
+            Ok((f.embed(stem, &px, chunk.len())?, chunk.len()))
+        })
+        .collect()
+}
+
 /// Something that hands out one block's Gram matrices at a time.
 pub trait BlockGrams {
     /// The Gram of the input of layer `role` in block `block` (blocks in increasing order).
@@ -70,7 +86,6 @@ pub struct Calibrator<'a, O: Ops> {
     grams_block: Option<usize>,
     /// Host weights of blocks with quantized layers (quantized mode).
     blocks: HashMap<usize, HostBlock>,
-    _stem: Stem<O::T>,
 }
 
 impl<'a, O: Ops> Calibrator<'a, O> {
@@ -84,12 +99,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         mode: CalibMode,
     ) -> Result<Self> {
         let stem = HostStem::load(model, spec)?.upload(ops)?;
-        let f = Forward::new(ops, spec);
-        let mut hidden = Vec::new();
-        for chunk in idx.chunks(BATCH) {
-            let px = load_pixels(images, chunk, spec)?;
-            hidden.push((f.embed(&stem, &px, chunk.len())?, chunk.len()));
-        }
+        let hidden = embed_batches(&Forward::new(ops, spec), &stem, images, idx, spec)?;
         log::info!(
             "calibration: {} images from {}, {} tokens each, on {}",
             idx.len(),
@@ -107,7 +117,6 @@ impl<'a, O: Ops> Calibrator<'a, O> {
             grams: HashMap::new(),
             grams_block: None,
             blocks: HashMap::new(),
-            _stem: stem,
         })
     }
 

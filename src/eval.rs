@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::calibrate::{load_pixels, BATCH};
+use crate::calibrate::embed_batches;
 use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::images::ImageSet;
@@ -74,11 +74,7 @@ fn features_on<O: Ops>(
         logits: Vec::new(),
     };
     for group in idx.chunks(GROUP) {
-        let mut hidden = Vec::new();
-        for chunk in group.chunks(BATCH) {
-            let px = load_pixels(set, chunk, spec)?;
-            hidden.push((f.embed(&stem, &px, chunk.len())?, chunk.len()));
-        }
+        let mut hidden = embed_batches(&f, &stem, set, group, spec)?;
         for b in 0..spec.depth {
             let w = block_with(model, spec, b, overrides)?.upload(ops)?;
             for (h, n) in hidden.iter_mut() {

@@ -1034,11 +1034,14 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             }
         };
         let q = &outcome.layer;
-        if let (Some(g), Some((b, role))) = (grams.as_mut(), job.block) {
-            g.quantized(b, role, &q.dequantize());
+        // The dequantized weights, computed once for whoever needs them.
+        let deq =
+            (grams.is_some() || opts.eval.is_some() || dequant.is_some()).then(|| q.dequantize());
+        if let (Some(g), Some((b, role)), Some(d)) = (grams.as_mut(), job.block, &deq) {
+            g.quantized(b, role, d);
         }
-        if opts.eval.is_some() {
-            comq_weights.insert(job.meta.name.clone(), q.dequantize());
+        if let (true, Some(d)) = (opts.eval.is_some(), &deq) {
+            comq_weights.insert(job.meta.name.clone(), d.clone());
         }
         progress(Progress::Stage {
             name: &job.meta.name,
@@ -1062,7 +1065,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             }
         }
         if let Some(wr) = dequant.as_mut() {
-            let bytes = dtype::from_f32(job.meta.dtype, &q.dequantize())
+            let bytes = dtype::from_f32(job.meta.dtype, deq.as_deref().expect("computed above"))
                 .expect("selected weights are float");
             wr.write(&job.meta.name, &bytes)?;
         }

@@ -91,6 +91,10 @@ impl Ops for CpuOps {
         Ok(t.clone())
     }
 
+    fn duplicate(&self, t: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(t.clone())
+    }
+
     fn linear(
         &self,
         x: &Vec<f32>,

@@ -24,6 +24,8 @@ pub trait Ops {
     fn upload(&self, data: &[f32]) -> Result<Self::T>;
     /// Copies a tensor back to the host.
     fn download(&self, t: &Self::T) -> Result<Vec<f32>>;
+    /// A copy of a tensor, on the device.
+    fn duplicate(&self, t: &Self::T) -> Result<Self::T>;
     /// `y[rows, n] = x[rows, k] · wᵀ + b` with `w` `[n, k]`.
     fn linear(
         &self,
@@ -215,13 +217,14 @@ impl HostBlock {
     }
 }
 
-/// Embedding and head weights on a device.
+/// Embedding weights on a device; the head, applied on the host to the downloaded features,
+/// stays on the host.
 pub struct Stem<T> {
     patch: (T, T),
     prefix: T,
     pos: T,
     norm: (T, T),
-    head: Vec<(T, T)>,
+    head: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 /// Host copy of the embedding and head weights.
@@ -294,11 +297,7 @@ impl HostStem {
             prefix: ops.upload(&self.prefix)?,
             pos: ops.upload(&self.pos)?,
             norm: (ops.upload(&self.norm.0)?, ops.upload(&self.norm.1)?),
-            head: self
-                .head
-                .iter()
-                .map(|(w, b)| Ok((ops.upload(w)?, ops.upload(b)?)))
-                .collect::<Result<_>>()?,
+            head: self.head.clone(),
         })
     }
 }
@@ -408,7 +407,7 @@ impl<'a, O: Ops> Forward<'a, O> {
         drop(a);
         if until == Some(Site::MlpIn) || until == Some(Site::Fc2In) {
             // Partial forwards work on a copy so `h` stays the block's input.
-            let mut h2 = ops.upload(&ops.download(h)?)?;
+            let mut h2 = ops.duplicate(h)?;
             return self.mlp(w, &mut h2, &o, rows, d, m, until, observe);
         }
         self.mlp(w, h, &o, rows, d, m, until, observe)
@@ -467,14 +466,9 @@ impl<'a, O: Ops> Forward<'a, O> {
                 })
                 .collect()
         };
-        let host_head: Vec<(Vec<f32>, Vec<f32>)> = stem
-            .head
-            .iter()
-            .map(|(w, b)| Ok((self.ops.download(w)?, self.ops.download(b)?)))
-            .collect::<Result<_>>()?;
         let mut logits = Vec::new();
         for i in 0..n {
-            match (&s.head, host_head.as_slice()) {
+            match (&s.head, stem.head.as_slice()) {
                 (Head::Cls(_), [(w, b)]) => logits.extend(apply(w, b, token(i, 0))),
                 (Head::ClsDist(..), [(w, b), (w2, b2)]) => {
                     let a = apply(w, b, token(i, 0));

@@ -209,6 +209,18 @@ impl Ops for GpuOps {
         Ok(t)
     }
 
+    fn duplicate(&self, t: &GpuTensor) -> Result<GpuTensor> {
+        let c = self.alloc(t.len)?;
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("duplicate"),
+            });
+        enc.copy_buffer_to_buffer(&t.buf, 0, &c.buf, 0, (t.len * 4) as u64);
+        self.queue.submit([enc.finish()]);
+        Ok(c)
+    }
+
     fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
         let v = read_f32(&self.device, &self.queue, &t.buf, t.len)?;
         self.check_fault()?;
