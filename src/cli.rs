@@ -8,7 +8,8 @@ use comq_gpu::calibrate::CalibMode;
 use comq_gpu::device::DeviceKind;
 use comq_gpu::io::Checkpoint;
 use comq_gpu::pipeline::{self, Progress, RunOptions, Selection};
-use comq_gpu::quant::{Granularity, Method, OrderKind, QuantConfig};
+use comq_gpu::quant::search::{SearchPlan, AUTO_SCALARS, DEFAULT_DAMP, DEFAULT_HOLDOUT};
+use comq_gpu::quant::{Granularity, Init, Method, OrderKind, QuantConfig};
 use comq_gpu::recipe::{parse_size, Recipe};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -138,6 +139,19 @@ pub enum OrderArg {
     Natural,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PresetArg {
+    Default,
+    Paper,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum InitArg {
+    W,
+    Rtn,
+    Gptq,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum GranularityArg {
     Channel,
@@ -170,12 +184,33 @@ pub struct QuantArgs {
     /// Symmetric grid (zero point 0); needed for transformers-loadable output.
     #[arg(long)]
     pub sym: bool,
-    /// Grid shrink factor c (the reference uses 0.65 at 2 bits) [default: 1.0].
-    #[arg(long)]
-    pub scalar: Option<f32>,
-    /// Coordinate-descent sweeps [default: 1].
+    /// The recipe the other options start from: `default` (GPTQ start, damping, grid-shrink
+    /// search, candidates chosen on held-out images) or `paper` (the official COMQ recipe: one
+    /// sweep from the float weights, fixed min/max grid, no damping, no held-out images).
+    #[arg(long, value_enum)]
+    pub preset: Option<PresetArg>,
+    /// Grid shrink factor c (the reference uses 0.65 at 2 bits), or `auto` to choose it per
+    /// layer from 1.0, 0.95, 0.9, 0.85, 0.8 by error [default: auto; paper: 1.0].
+    #[arg(long, value_name = "C|auto")]
+    pub scalar: Option<String>,
+    /// Coordinate-descent sweeps; 0 ships the start itself (not with --init w) [default: 1].
     #[arg(long)]
     pub sweeps: Option<usize>,
+    /// Where the sweeps start: the float weights, round-to-nearest, or a GPTQ-style start
+    /// [default: gptq; paper: w].
+    #[arg(long, value_enum)]
+    pub init: Option<InitArg>,
+    /// Damping λ: every method minimises over G + λ·mean(diag G)·I
+    /// [default: 0.01; paper: 0].
+    #[arg(long, value_name = "λ")]
+    pub damp: Option<f32>,
+    /// GPTQ visits inputs in index order instead of by G_jj descending (act-order).
+    #[arg(long)]
+    pub no_act_order: bool,
+    /// Share of the calibration images held out to choose, per layer, among the candidates
+    /// (never worse than RTN on them); 0 chooses on the calibration error [default: 0.15].
+    #[arg(long, value_name = "SHARE")]
+    pub holdout: Option<f32>,
     /// Visiting order [default: greedy].
     #[arg(long, value_enum)]
     pub order: Option<OrderArg>,
@@ -215,8 +250,54 @@ impl QuantArgs {
         })
     }
 
+    fn paper(&self) -> bool {
+        self.preset == Some(PresetArg::Paper)
+    }
+
+    /// `Some(c)` for a fixed grid shrink, `None` for `auto`.
+    fn scalar(&self, r: &Recipe) -> Result<Option<f32>> {
+        match self.scalar.as_deref() {
+            Some("auto") => Ok(None),
+            Some(t) => Ok(Some(t.parse::<f32>().map_err(|_| {
+                comq_gpu::Error::InvalidOption(format!(
+                    "--scalar '{t}' is neither a number nor 'auto'"
+                ))
+            })?)),
+            None => Ok(r.scalar.or(self.paper().then_some(1.0))),
+        }
+    }
+
+    /// The search around the configuration and the held-out share (`None`: one plain run).
+    fn search(&self, r: &Recipe, cfg: &QuantConfig) -> Result<(Option<SearchPlan>, f32)> {
+        let holdout = self
+            .holdout
+            .unwrap_or(if self.paper() { 0.0 } else { DEFAULT_HOLDOUT });
+        if !(0.0..0.9).contains(&holdout) {
+            anyhow::bail!(comq_gpu::Error::InvalidOption(format!(
+                "--holdout {holdout} must be in [0, 0.9)"
+            )));
+        }
+        if cfg.method == Method::Rtn {
+            return Ok((None, 0.0));
+        }
+        let plan = match (self.scalar(r)?, self.paper()) {
+            (None, _) => Some(SearchPlan {
+                scalars: AUTO_SCALARS.to_vec(),
+                paper: !self.paper(),
+                rtn_scalars: true,
+            }),
+            (Some(_), true) if holdout == 0.0 => None,
+            (Some(_), paper) => Some(SearchPlan {
+                paper: !paper,
+                ..SearchPlan::single(cfg)
+            }),
+        };
+        Ok((plan, holdout))
+    }
+
     fn config(&self, r: &Recipe) -> Result<QuantConfig> {
         let d = QuantConfig::default();
+        let paper = self.paper();
         let order = self.order.or(parse_enum("order", r.order.as_ref())?);
         let granularity = self
             .granularity
@@ -226,7 +307,16 @@ impl QuantArgs {
             bits: self.bits.or(r.bits).unwrap_or(d.bits),
             sym: self.sym || r.sym.unwrap_or(false),
             group_size: self.group_size.or(r.group_size).filter(|&g| g > 0),
-            scalar: self.scalar.or(r.scalar).unwrap_or(d.scalar),
+            scalar: self.scalar(r)?.unwrap_or(1.0),
+            init: match self.init {
+                Some(InitArg::W) => Init::W,
+                Some(InitArg::Rtn) => Init::Rtn,
+                Some(InitArg::Gptq) => Init::Gptq,
+                None if paper => Init::W,
+                None => Init::Gptq,
+            },
+            damp: self.damp.unwrap_or(if paper { 0.0 } else { DEFAULT_DAMP }),
+            act_order: !self.no_act_order,
             sweeps: self.sweeps.or(r.sweeps).unwrap_or(d.sweeps),
             order: match order {
                 Some(OrderArg::Natural) => OrderKind::Natural,
@@ -315,6 +405,10 @@ pub struct RunArgs {
     /// On a GPU, re-run N layers (spread over the model) on the CPU and report code disagreement.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub verify_cpu: usize,
+    /// Mixed precision: choose 2..=8 bits per layer so the average is at most this many bits per
+    /// weight, minimising the summed per-layer (held-out) error; per-layer recipe bits win.
+    #[arg(long, value_name = "BITS")]
+    pub target_bits: Option<f32>,
     /// Draw the per-layer relative error, COMQ vs RTN, to this PNG.
     #[arg(long, value_name = "PATH.png")]
     pub plot: Option<PathBuf>,
@@ -396,6 +490,7 @@ fn human_bytes(b: usize) -> String {
 fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
     let recipe = a.quant.recipe()?;
     let config = a.quant.config(&recipe)?;
+    let (search, holdout) = a.quant.search(&recipe, &config)?;
     let a_plot = a.plot.clone();
     if let Some(p) = &a_plot {
         if p.extension().is_none_or(|e| e != "png") {
@@ -467,6 +562,9 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
             path,
             count: a.eval_count,
         }),
+        search,
+        holdout,
+        target_bits: a.target_bits,
     };
     let bar = ProgressBar::hidden();
     if !quiet {
@@ -504,18 +602,37 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         }
     }
     if !quiet {
+        // With a search, the held-out errors and the shipped candidate follow.
+        let searched = report.layers.iter().any(|l| l.chosen.is_some());
+        let held = report.layers.iter().any(|l| l.rel_error_holdout.is_some());
+        let extra = match (searched, held) {
+            (true, true) => format!(" {:>12} {:>12}  chosen", "held COMQ", "held RTN"),
+            (true, false) => "  chosen".to_string(),
+            _ => String::new(),
+        };
         println!(
-            "{:<48} {:>13} {:>12} {:>12} {:>8} {:>8}",
+            "{:<48} {:>13} {:>12} {:>12} {:>8} {:>8}{extra}",
             "layer", "shape", "err COMQ", "err RTN", "RTN/COMQ", "seconds"
         );
+        let sci = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4e}"));
         for l in &report.layers {
             let ratio = if l.rel_error > 0.0 {
                 l.rel_error_rtn / l.rel_error
             } else {
                 f64::INFINITY
             };
+            let extra = match (searched, held) {
+                (true, true) => format!(
+                    " {:>12} {:>12}  {}",
+                    sci(l.rel_error_holdout),
+                    sci(l.rel_error_holdout_rtn),
+                    l.chosen.as_deref().unwrap_or("-")
+                ),
+                (true, false) => format!("  {}", l.chosen.as_deref().unwrap_or("-")),
+                _ => String::new(),
+            };
             println!(
-                "{:<48} {:>13} {:>12.4e} {:>12.4e} {:>8.2} {:>8.3}",
+                "{:<48} {:>13} {:>12.4e} {:>12.4e} {:>8.2} {:>8.3}{extra}",
                 l.name,
                 format!("{}x{}", l.shape[0], l.shape[1]),
                 l.rel_error,
@@ -776,6 +893,9 @@ fn plan_cmd(
         verify_cpu: 0,
         images: None,
         eval: None,
+        search: None,
+        holdout: 0.0,
+        target_bits: None,
     };
     let calib = opts
         .calib

@@ -25,7 +25,8 @@ use crate::io::images::ImageSet;
 use crate::io::writer::ShardedWriter;
 use crate::io::{dtype, pack, Calibration, Checkpoint, PlannedTensor, TensorMeta};
 use crate::model::{Engine, Role, VitSpec};
-use crate::quant::{Gram, QuantConfig, QuantizedLayer, ScaleDtype};
+use crate::quant::search::{Choice, SearchPlan, Tried};
+use crate::quant::{Gram, LayerOutcome, Method, QuantConfig, QuantizedLayer, ScaleDtype};
 
 /// Names skipped by default: the classifier head and the patch/token embeddings stay in full
 /// precision, as in the reference (spec a.7).
@@ -205,6 +206,14 @@ pub struct RunOptions {
     pub images: Option<ImageOptions>,
     /// Evaluate FP32 / RTN / COMQ on these images at the end.
     pub eval: Option<EvalOptions>,
+    /// Quantize each layer with several candidates and ship the best (`None`: one run with
+    /// `config`, the paper's way).
+    pub search: Option<SearchPlan>,
+    /// Share of the calibration images held out to score the candidates (images mode, with
+    /// `search`); 0 scores them on the calibration Gram.
+    pub holdout: f32,
+    /// Mixed precision: choose 2–8 bits per layer for this average (per-layer overrides win).
+    pub target_bits: Option<f32>,
 }
 
 /// One layer's line in the report.
@@ -238,6 +247,14 @@ pub struct LayerReport {
     pub resumed: bool,
     /// CPU re-run of this layer (`--verify-cpu`).
     pub verify_cpu: Option<VerifyReport>,
+    /// The candidate shipped (with a search).
+    pub chosen: Option<String>,
+    /// Relative error of the shipped codes on the held-out images.
+    pub rel_error_holdout: Option<f64>,
+    /// Relative error of round-to-nearest on the held-out images.
+    pub rel_error_holdout_rtn: Option<f64>,
+    /// Every candidate tried, with its calibration and held-out errors.
+    pub candidates: Vec<Tried>,
 }
 
 /// A GPU layer re-run on the CPU.
@@ -299,6 +316,8 @@ pub struct RunReport {
     pub peak_rss_bytes: Option<u64>,
     /// FP32 / RTN / COMQ on the evaluation images (`--eval`).
     pub eval: Option<EvalReport>,
+    /// The per-layer widths `--target-bits` chose.
+    pub mixed_precision: Option<MixedPrecision>,
 }
 
 /// Peak resident set size of this process (`VmHWM`), where the OS reports it.
@@ -380,6 +399,8 @@ pub struct Job {
     pub calib: Option<CalibKind>,
     /// Block and role inside a recognised ViT (images mode).
     pub block: Option<(usize, Role)>,
+    /// The bit width comes from a per-layer override (`--target-bits` leaves it alone).
+    pub bits_fixed: bool,
 }
 
 /// The ViT layout and image sets of a run with `--images` or `--eval`.
@@ -387,6 +408,8 @@ struct Vision {
     spec: VitSpec,
     calib: Option<ImageSet>,
     calib_idx: Vec<usize>,
+    /// Calibration images held out to score candidates (empty: none).
+    holdout_idx: Vec<usize>,
     eval: Option<ImageSet>,
 }
 
@@ -429,6 +452,20 @@ impl Vision {
             }
             None => (None, Vec::new()),
         };
+        // The choice of images is seeded and random, so its tail is a random held-out share.
+        let mut calib_idx = calib_idx;
+        let holdout_idx = match (&opts.search, opts.holdout) {
+            (Some(_), f) if f > 0.0 && calib_idx.len() >= 2 => {
+                let k = ((calib_idx.len() as f64 * f as f64).round() as usize)
+                    .clamp(1, calib_idx.len() - 1);
+                calib_idx.split_off(calib_idx.len() - k)
+            }
+            (Some(_), f) if f > 0.0 && !calib_idx.is_empty() => {
+                log::warn!("one calibration image cannot be split; candidates are scored on it");
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
         let eval = opts
             .eval
             .as_ref()
@@ -438,6 +475,7 @@ impl Vision {
             spec,
             calib,
             calib_idx,
+            holdout_idx,
             eval,
         })
     }
@@ -572,6 +610,7 @@ pub fn plan(
         let mut config = opts.config.clone();
         config.scale_dtype = scale_dtype_for(t.dtype).0;
         let mut skip = false;
+        let mut bits_fixed = false;
         for o in opts
             .overrides
             .iter()
@@ -579,6 +618,7 @@ pub fn plan(
         {
             if let Some(b) = o.bits {
                 config.bits = b;
+                bits_fixed = true;
             }
             if let Some(g) = o.group_size {
                 config.group_size = g;
@@ -613,6 +653,7 @@ pub fn plan(
             config,
             calib: calib_kind,
             block: None,
+            bits_fixed,
         });
     }
     if jobs.is_empty() {
@@ -623,6 +664,117 @@ pub fn plan(
         )));
     }
     Ok(jobs)
+}
+
+/// The outcome of `--target-bits`: bits per job and the errors measured to choose them.
+#[derive(Debug, Clone, Serialize)]
+pub struct MixedPrecision {
+    /// The requested average.
+    pub target_bits: f32,
+    /// The average reached (over the quantized layers' weights).
+    pub average_bits: f64,
+    /// Bits per layer, in job order.
+    pub bits: Vec<u32>,
+    /// Per layer, `(bits, relative error)` for every width probed (held-out when available).
+    pub probed: Vec<Vec<(u32, f64)>>,
+}
+
+/// `--target-bits`: quantizes every free layer at each width 2..=8 (the configured candidates
+/// at scalar `config.scalar`, RTN included), scores them on the held-out images (on the
+/// calibration Gram without them), and allocates widths. The probe calibrates in fp mode, since
+/// the quantized prefix depends on the widths being chosen.
+fn allocate_bits(
+    opts: &RunOptions,
+    model: &Checkpoint,
+    calib: Option<&Calibration>,
+    vision: Option<&Vision>,
+    device: &AnyDevice,
+    jobs: &[Job],
+    target: f32,
+) -> Result<MixedPrecision> {
+    use crate::quant::alloc::{allocate, average, LayerCost};
+    if !(2.0..=8.0).contains(&target) {
+        return Err(Error::InvalidOption(format!(
+            "--target-bits {target} must be between 2 and 8"
+        )));
+    }
+    let engine = match vision {
+        Some(_) if opts.images.is_some() => Some(Engine::for_device(device)?),
+        _ => None,
+    };
+    let open = |idx: &[usize]| -> Result<Option<Box<dyn BlockGrams + '_>>> {
+        match (vision, &engine) {
+            (Some(v), Some(e)) if !idx.is_empty() => Ok(Some(crate::calibrate::calibrator(
+                e,
+                &v.spec,
+                model,
+                v.calib.as_ref().expect("opened with --images"),
+                idx,
+                CalibMode::Fp,
+            )?)),
+            _ => Ok(None),
+        }
+    };
+    let mut grams = open(vision.map_or(&[][..], |v| &v.calib_idx))?;
+    let mut holdout = open(vision.map_or(&[][..], |v| &v.holdout_idx))?;
+    let mut costs = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.bits_fixed {
+            costs.push(LayerCost {
+                weights: job.rows * job.cols,
+                errors: Vec::new(),
+                fixed: Some(job.config.bits),
+            });
+            continue;
+        }
+        let w = model.read_f32(&job.meta)?;
+        model.release(&job.meta);
+        let gram = match (calib, job.calib, job.block) {
+            (_, Some(CalibKind::Images), Some((b, role))) => {
+                grams.as_mut().expect("calibrator exists").gram(b, role)?
+            }
+            (Some(c), Some(_), _) => c.gram(&job.prefix, job.cols, device)?,
+            _ => Gram::identity(job.cols),
+        };
+        let held = match (&mut holdout, job.block) {
+            (Some(h), Some((b, role))) => Some(h.gram(b, role)?),
+            _ => None,
+        };
+        let mut errors = Vec::new();
+        for bits in 2..=8u32 {
+            let cfg = QuantConfig {
+                bits,
+                ..job.config.clone()
+            };
+            let plan = SearchPlan::single(&cfg);
+            let c = device.search(
+                &job.meta.name,
+                &w,
+                job.rows,
+                job.cols,
+                &gram,
+                held.as_ref(),
+                &cfg,
+                &plan,
+            )?;
+            errors.push((bits, c.rel_error_holdout.unwrap_or(c.outcome.rel_error)));
+        }
+        log::info!("{}: probed errors {errors:?}", job.meta.name);
+        costs.push(LayerCost {
+            weights: job.rows * job.cols,
+            errors,
+            fixed: None,
+        });
+    }
+    let bits = allocate(&costs, target as f64)?;
+    let average_bits = average(&costs, &bits);
+    log::info!("--target-bits {target}: average {average_bits:.3}, bits {bits:?}");
+    Ok(MixedPrecision {
+        target_bits: target,
+        average_bits,
+        bits,
+        probed: costs.into_iter().map(|c| c.errors).collect(),
+    })
 }
 
 fn output_file(p: &Path) -> PathBuf {
@@ -797,6 +949,26 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             )));
         }
     }
+    let mut mixed = None;
+    if let Some(target) = opts.target_bits {
+        progress(Progress::Stage {
+            name: "mixed precision",
+            stage: "probe",
+        });
+        let a = allocate_bits(
+            opts,
+            &model,
+            calib.as_ref(),
+            vision.as_ref(),
+            &device,
+            &jobs,
+            target,
+        )?;
+        for (j, &b) in jobs.iter_mut().zip(&a.bits) {
+            j.config.bits = b;
+        }
+        mixed = Some(a);
+    }
     log::info!(
         "quantizing {} layers of {} on {device_name}",
         jobs.len(),
@@ -883,6 +1055,9 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 "data_free": opts.data_free,
                 "images": opts.images,
                 "device": opts.device,
+                "search": opts.search,
+                "holdout": opts.holdout,
+                "target_bits": opts.target_bits,
             });
             let fp = crate::resume::fingerprint(&files, &options.to_string())?;
             Some(crate::resume::WorkDir::open(&dir, &fp, opts.resume)?)
@@ -933,6 +1108,21 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         }
         _ => None,
     };
+    // The held-out images walk through the model beside the calibration images.
+    let mut holdout: Option<Box<dyn BlockGrams + '_>> = match (&vision, &engine, &opts.images) {
+        (Some(v), Some(e), Some(io)) if !v.holdout_idx.is_empty() => {
+            let set = v.calib.as_ref().expect("opened with --images");
+            Some(crate::calibrate::calibrator(
+                e,
+                &v.spec,
+                &model,
+                set,
+                &v.holdout_idx,
+                io.mode,
+            )?)
+        }
+        _ => None,
+    };
     let mut comq_weights = Overrides::new();
     let mut rtn_weights = Overrides::new();
     let mut hasher = Sha256::new();
@@ -948,6 +1138,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         };
         let resumed = saved.is_some();
         let mut verify = None;
+        let mut choice: Option<Choice> = None;
         let (outcome, samples) = match saved {
             Some(s) => {
                 log::info!("{}: resumed from the work directory", job.meta.name);
@@ -976,29 +1167,53 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     name: &job.meta.name,
                     stage: "quantize",
                 });
-                let outcome = match device.quantize_layer(
-                    &job.meta.name,
-                    &w,
-                    job.rows,
-                    job.cols,
-                    &gram,
-                    &job.config,
-                ) {
+                let held = match (&mut holdout, job.block) {
+                    (Some(h), Some((b, role))) => Some(h.gram(b, role)?),
+                    _ => None,
+                };
+                // A search needs data: with G = I every candidate is scored on the weights alone.
+                let plan = opts
+                    .search
+                    .as_ref()
+                    .filter(|_| job.calib.is_some() && job.config.method == Method::Comq);
+                let quantize = |device: &AnyDevice| -> Result<(LayerOutcome, Option<Choice>)> {
+                    match plan {
+                        Some(p) => {
+                            let c = device.search(
+                                &job.meta.name,
+                                &w,
+                                job.rows,
+                                job.cols,
+                                &gram,
+                                held.as_ref(),
+                                &job.config,
+                                p,
+                            )?;
+                            Ok((c.outcome.clone(), Some(c)))
+                        }
+                        None => Ok((
+                            device.quantize_layer(
+                                &job.meta.name,
+                                &w,
+                                job.rows,
+                                job.cols,
+                                &gram,
+                                &job.config,
+                            )?,
+                            None,
+                        )),
+                    }
+                };
+                let (outcome, c) = match quantize(&device) {
                     Err(e @ Error::Gpu { .. }) if opts.device == DeviceKind::Auto => {
                         log::warn!("{e}; --device auto continues on the CPU from this layer on");
                         device = AnyDevice::Cpu(crate::device::CpuDevice::new());
                         device_name = device.describe();
-                        device.quantize_layer(
-                            &job.meta.name,
-                            &w,
-                            job.rows,
-                            job.cols,
-                            &gram,
-                            &job.config,
-                        )?
+                        quantize(&device)?
                     }
                     other => other?,
                 };
+                choice = c;
                 let on_cpu = |cfg: &QuantConfig| {
                     crate::quant::quantize_layer(
                         &crate::device::CpuDevice::new(),
@@ -1011,7 +1226,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     )
                 };
                 if verify_at.contains(&index) && matches!(device, AnyDevice::Wgpu(_)) {
-                    let c = on_cpu(&job.config)?;
+                    let c = quantize(&AnyDevice::Cpu(crate::device::CpuDevice::new()))?.0;
                     let pairs = c.layer.codes.iter().zip(&outcome.layer.codes);
                     let differ = pairs.clone().filter(|(a, b)| a != b).count();
                     verify = Some(VerifyReport {
@@ -1038,6 +1253,9 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         let deq =
             (grams.is_some() || opts.eval.is_some() || dequant.is_some()).then(|| q.dequantize());
         if let (Some(g), Some((b, role)), Some(d)) = (grams.as_mut(), job.block, &deq) {
+            g.quantized(b, role, d);
+        }
+        if let (Some(g), Some((b, role)), Some(d)) = (holdout.as_mut(), job.block, &deq) {
             g.quantized(b, role, d);
         }
         if let (true, Some(d)) = (opts.eval.is_some(), &deq) {
@@ -1089,11 +1307,16 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             peak_rss_bytes: peak_rss_bytes(),
             resumed,
             verify_cpu: verify,
+            chosen: choice.as_ref().map(|c| c.chosen.clone()),
+            rel_error_holdout: choice.as_ref().and_then(|c| c.rel_error_holdout),
+            rel_error_holdout_rtn: choice.as_ref().and_then(|c| c.rel_error_holdout_rtn),
+            candidates: choice.map(|c| c.tried).unwrap_or_default(),
         };
         progress(Progress::LayerDone(&report));
         layers.push(report);
     }
     drop(grams);
+    drop(holdout);
     let eval = match (&vision, &engine, &opts.eval) {
         (Some(v), Some(e), Some(eo)) => {
             progress(Progress::Stage {
@@ -1102,7 +1325,10 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             });
             let set = v.eval.as_ref().expect("opened with --eval");
             let idx = set.choose(eo.count.unwrap_or(usize::MAX), 0);
-            let bits = opts.config.bits;
+            let bits = match &mixed {
+                Some(m) => format!("{:.2} mixed", m.average_bits),
+                None => opts.config.bits.to_string(),
+            };
             let mut rows = Vec::new();
             let map = crate::eval::label_map(set, &v.spec);
             let fp = crate::eval::features(e, &v.spec, &model, &Overrides::new(), set, &idx)?;
@@ -1239,6 +1465,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         output_sha256,
         peak_rss_bytes: peak_rss_bytes(),
         eval,
+        mixed_precision: mixed,
     };
     if let Some(path) = &opts.report {
         let json = serde_json::to_vec_pretty(&report).expect("report serialises");

@@ -217,6 +217,7 @@ impl WorkDir {
                 rel_error_rtn: f("rel_error_rtn"),
                 energy: f("energy"),
                 history,
+                rel_error_start: None,
                 seconds: f("seconds"),
             },
             samples: stats["samples"].as_u64().unwrap_or(0),

@@ -23,6 +23,8 @@ pub enum Kernel {
     SweepStorage,
     /// Per-(row, group) closed-form scale steps (`scale.wgsl`).
     ScaleChannel,
+    /// The GPTQ-style start (`gptq.wgsl`).
+    Gptq,
     /// ViT forward: `y = x·Wᵀ + b` (`vit.wgsl`).
     Linear,
     /// ViT forward: row LayerNorm (`vit.wgsl`).
@@ -42,7 +44,8 @@ pub enum Kernel {
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 7] = [
+pub const SOURCES: [(&str, &str); 8] = [
+    ("gptq.wgsl", include_str!("../shaders/gptq.wgsl")),
     ("gram.wgsl", include_str!("../shaders/gram.wgsl")),
     ("residual.wgsl", include_str!("../shaders/residual.wgsl")),
     ("reduce.wgsl", include_str!("../shaders/reduce.wgsl")),
@@ -57,7 +60,8 @@ pub const SWEEP_SHARED_MAX_COLS: usize = 4096;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 17] = [
+        Kernel::Gptq,
         Kernel::Gram,
         Kernel::Residual,
         Kernel::Reduce,
@@ -85,6 +89,7 @@ impl Kernel {
             Kernel::Rtn | Kernel::ApplyScale => "rtn.wgsl",
             Kernel::SweepShared | Kernel::SweepStorage => "sweep.wgsl",
             Kernel::ScaleChannel => "scale.wgsl",
+            Kernel::Gptq => "gptq.wgsl",
             Kernel::Linear
             | Kernel::LayerNorm
             | Kernel::Gelu
@@ -107,6 +112,7 @@ impl Kernel {
             Kernel::SweepShared => "sweep_shared",
             Kernel::SweepStorage => "sweep_storage",
             Kernel::ScaleChannel => "scale_channel",
+            Kernel::Gptq => "gptq",
             Kernel::Linear => "linear",
             Kernel::LayerNorm => "layernorm",
             Kernel::Gelu => "gelu",

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::{Device, LayerProblem};
 use crate::error::Result;
 use crate::quant::comq::scale_step;
+use crate::quant::gptq::{self, GptqFactor, RowGrid};
 use crate::quant::grid::nearest_code;
 use crate::quant::{Granularity, Order, ScaleDtype};
 
@@ -241,6 +242,33 @@ impl Device for CpuDevice {
 
     fn download(&self, l: &mut CpuLayer) -> Result<(Vec<i32>, Vec<f32>)> {
         Ok((l.codes.clone(), l.delta.clone()))
+    }
+
+    fn load_codes(&self, l: &mut CpuLayer, codes: &[i32], delta: &[f32]) -> Result<()> {
+        l.codes.copy_from_slice(codes);
+        l.delta.copy_from_slice(delta);
+        let (n, gs, ng) = (l.cols, l.group_size, l.groups());
+        let delta = &l.delta;
+        l.q.par_chunks_mut(n)
+            .zip(l.codes.par_chunks(n))
+            .enumerate()
+            .for_each(|(i, (q, k))| {
+                for j in 0..n {
+                    q[j] = delta[i * ng + j / gs] * k[j] as f32;
+                }
+            });
+        Ok(())
+    }
+
+    fn gptq(&self, l: &mut CpuLayer, f: &GptqFactor) -> Result<()> {
+        let grid = RowGrid {
+            delta: &l.delta,
+            lo: &l.lo,
+            group_size: l.group_size,
+            levels: l.levels,
+        };
+        gptq::quantize_rows(&l.w, f, grid, &mut l.codes, &mut l.q);
+        Ok(())
     }
 }
 

@@ -71,6 +71,14 @@ pub trait Device {
 
     /// Downloads the integer codes (row-major) and the current steps (`[rows, groups]`).
     fn download(&self, layer: &mut Self::Layer) -> Result<(Vec<i32>, Vec<f32>)>;
+
+    /// Sets the codes and steps (and so `Q̂ = Δ·k`) to values computed elsewhere: a start on the
+    /// host, or a candidate to score against another Gram. Leaves `R` stale.
+    fn load_codes(&self, layer: &mut Self::Layer, codes: &[i32], delta: &[f32]) -> Result<()>;
+
+    /// The GPTQ-style pass ([`crate::quant::gptq`]) from the float weights with the current
+    /// steps: sets every code and `Q̂`. Leaves `R` stale.
+    fn gptq(&self, layer: &mut Self::Layer, factor: &crate::quant::gptq::GptqFactor) -> Result<()>;
 }
 
 /// Which device the user asked for.
@@ -135,6 +143,28 @@ impl AnyDevice {
                 crate::quant::quantize_layer(d.as_ref(), name, w, rows, cols, gram, cfg)
                     .map_err(|e| e.in_layer(name))
             }
+        }
+    }
+
+    /// The validation-guarded choice for one layer on this device (see
+    /// [`crate::quant::search::search`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn search(
+        &self,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &crate::quant::Gram,
+        holdout: Option<&crate::quant::Gram>,
+        cfg: &crate::quant::QuantConfig,
+        plan: &crate::quant::search::SearchPlan,
+    ) -> Result<crate::quant::search::Choice> {
+        use crate::quant::search::search;
+        match self {
+            AnyDevice::Cpu(d) => search(d, name, w, rows, cols, gram, holdout, cfg, plan),
+            AnyDevice::Wgpu(d) => search(d.as_ref(), name, w, rows, cols, gram, holdout, cfg, plan)
+                .map_err(|e| e.in_layer(name)),
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use super::{Gram, Grid, Method, Order, QuantConfig, QuantizedLayer, ScaleDtype};
+use super::{gptq, Gram, Grid, Init, Method, Order, QuantConfig, QuantizedLayer, ScaleDtype};
 use crate::device::{Device, LayerProblem};
 use crate::error::{Error, Result};
 
@@ -23,10 +23,24 @@ pub struct LayerOutcome {
     pub rel_error_rtn: f64,
     /// `‖W·Xᵀ‖² = Σ w_iᵀ G w_i`.
     pub energy: f64,
-    /// The loss after each sweep (and after each scale update when enabled), in order.
+    /// The objective the sweeps minimise (damped when `--damp` > 0) after each sweep (and after
+    /// each scale update when enabled), in order.
     pub history: Vec<f64>,
+    /// The relative error of the start (`--init rtn|gptq`) before any sweep.
+    pub rel_error_start: Option<f64>,
     /// Wall-clock seconds spent on this layer's device work.
     pub seconds: f64,
+}
+
+/// A point the driver passed through: the start, or the state after a sweep.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Sweeps done when it was taken (0 for the start).
+    pub sweeps: usize,
+    /// The codes and grid at that point.
+    pub layer: QuantizedLayer,
+    /// Its relative error on the (undamped) calibration Gram.
+    pub rel_error: f64,
 }
 
 /// Quantizes the row-major `rows × cols` weight `w` against `gram` on `device`.
@@ -39,6 +53,38 @@ pub fn quantize_layer<D: Device>(
     gram: &Gram,
     cfg: &QuantConfig,
 ) -> Result<LayerOutcome> {
+    quantize_layer_stages(device, name, w, rows, cols, gram, cfg, false).map(|(o, _)| o)
+}
+
+/// `‖W − Q̂‖²_F` for codes on `grid` (the term damping adds to the loss, divided by `λ`).
+fn error_sqnorm(w: &[f32], codes: &[i32], grid: &Grid) -> f64 {
+    let cols = grid.cols;
+    w.iter()
+        .zip(codes)
+        .enumerate()
+        .map(|(t, (&x, &k))| {
+            let e = x as f64 - grid.value(grid.slot(t / cols, t % cols), k) as f64;
+            e * e
+        })
+        .sum()
+}
+
+/// [`quantize_layer`], also returning the start and the state after every sweep when `stages`
+/// (each is a candidate for the validation-guarded choice, at the price of one download).
+///
+/// With `--damp λ` the device minimises over `H = G + λ'·I` (`λ' = λ·mean diag G`); every
+/// reported error is on the undamped `G`: `eᵀGe = eᵀHe − λ'·‖e‖²`, with `‖e‖²` from the codes.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_layer_stages<D: Device>(
+    device: &D,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &Gram,
+    cfg: &QuantConfig,
+    stages: bool,
+) -> Result<(LayerOutcome, Vec<Stage>)> {
     let start = Instant::now();
     cfg.validate()?;
     cfg.validate_for(name, rows, cols)?;
@@ -64,8 +110,11 @@ pub fn quantize_layer<D: Device>(
     }
 
     let grid = Grid::build(w, rows, cols, cfg);
-    let order = Order::build(cfg.order, w, rows, cols, &gram.diag());
-    let g32 = gram.to_f32();
+    let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
+    let lam = gram.damping(cfg.damp);
+    let h = damped.as_ref().unwrap_or(gram);
+    let order = Order::build(cfg.order, w, rows, cols, &h.diag());
+    let g32 = h.to_f32();
     let problem = LayerProblem {
         name,
         weights: w,
@@ -76,16 +125,87 @@ pub fn quantize_layer<D: Device>(
         scale_dtype: cfg.scale_dtype,
     };
     let mut st = device.upload(&problem)?;
-    let energy = device.energy(&mut st)?;
+    // The undamped value of a damped quadratic form, for codes on `g` (`None`: the float W).
+    let undamp = |loss: f64, codes: Option<(&[i32], &Grid)>| {
+        if lam == 0.0 {
+            return loss;
+        }
+        let sq = match codes {
+            Some((c, g)) => error_sqnorm(w, c, g),
+            None => w.iter().map(|&x| (x as f64) * (x as f64)).sum(),
+        };
+        (loss - lam * sq).max(0.0)
+    };
+    let energy = if lam == 0.0 {
+        device.energy(&mut st)?
+    } else {
+        // ‖X·Wᵀ‖² is Σ wᵀGw, the damped energy less λ'‖W‖².
+        let e = device.energy(&mut st)?;
+        e - lam * w.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
+    };
+    let rel = |l: f64| if energy > 0.0 { l / energy } else { 0.0 };
     device.round_to_nearest(&mut st)?;
     let loss_rtn = device.refresh(&mut st)?;
+    let loss_rtn = if lam == 0.0 {
+        loss_rtn
+    } else {
+        let codes: Vec<i32> = (0..rows * cols)
+            .map(|t| grid.nearest(grid.slot(t / cols, t % cols), w[t]))
+            .collect();
+        undamp(loss_rtn, Some((&codes, &grid)))
+    };
 
     let mut history = Vec::new();
+    let mut kept = Vec::new();
+    let mut rel_start = None;
+    let mut snapshot = |st: &mut D::Layer, sweeps: usize, loss: f64| -> Result<f64> {
+        let (codes, delta) = device.download(st)?;
+        let layer = QuantizedLayer {
+            rows,
+            cols,
+            bits: cfg.bits,
+            grid: Grid {
+                delta,
+                ..grid.clone()
+            },
+            codes,
+        };
+        let l = undamp(loss, Some((&layer.codes, &layer.grid)));
+        kept.push(Stage {
+            sweeps,
+            layer,
+            rel_error: rel(l),
+        });
+        Ok(l)
+    };
     let loss = if cfg.method == Method::Rtn {
         loss_rtn
     } else {
-        device.reset(&mut st)?;
+        match cfg.init {
+            Init::W => device.reset(&mut st)?,
+            // The RTN state is already there, and the refresh above made R exact.
+            Init::Rtn => {}
+            Init::Gptq => {
+                let f = gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64)?;
+                device.gptq(&mut st, &f)?;
+            }
+        }
         let mut loss = 0.0;
+        if cfg.init != Init::W {
+            let l = device.refresh(&mut st)?;
+            rel_start = Some(rel(if stages || cfg.sweeps == 0 {
+                snapshot(&mut st, 0, l)?
+            } else {
+                // Without snapshots the start's undamped error needs its codes: download once.
+                let (codes, delta) = device.download(&mut st)?;
+                let g = Grid {
+                    delta,
+                    ..grid.clone()
+                };
+                undamp(l, Some((&codes, &g)))
+            }));
+            loss = l;
+        }
         for sweep in 0..cfg.sweeps {
             // Each sweep ends with an exact refresh, so the next one starts from an exact R.
             device.sweep(&mut st)?;
@@ -97,27 +217,44 @@ pub fn quantize_layer<D: Device>(
                 history.push(loss);
             }
             log::debug!("{name}: sweep {} loss {loss:.6e}", sweep + 1);
+            if stages && sweep + 1 < cfg.sweeps {
+                snapshot(&mut st, sweep + 1, loss)?;
+            }
         }
         loss
     };
     let (codes, delta) = device.download(&mut st)?;
     let mut final_grid = grid;
     final_grid.delta = delta;
-    let rel = |l: f64| if energy > 0.0 { l / energy } else { 0.0 };
-    Ok(LayerOutcome {
-        layer: QuantizedLayer {
-            rows,
-            cols,
-            bits: cfg.bits,
-            codes,
-            grid: final_grid,
-        },
+    let loss = if cfg.method == Method::Rtn {
+        loss
+    } else {
+        undamp(loss, Some((&codes, &final_grid)))
+    };
+    let layer = QuantizedLayer {
+        rows,
+        cols,
+        bits: cfg.bits,
+        codes,
+        grid: final_grid,
+    };
+    if stages && cfg.method != Method::Rtn && cfg.sweeps > 0 {
+        kept.push(Stage {
+            sweeps: cfg.sweeps,
+            layer: layer.clone(),
+            rel_error: rel(loss),
+        });
+    }
+    let outcome = LayerOutcome {
+        layer,
         rel_error: rel(loss),
         rel_error_rtn: rel(loss_rtn),
         energy,
         history,
+        rel_error_start: rel_start,
         seconds: start.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((outcome, kept))
 }
 
 /// The closed-form scale step (spec a.4/a.5) shared by every device: with `num = k̃ᵀR` and

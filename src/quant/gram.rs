@@ -62,6 +62,21 @@ impl Gram {
         self.data.iter().map(|&v| v as f32).collect()
     }
 
+    /// `λ·mean(diag G)`, the absolute damping `--damp λ` adds to the diagonal.
+    pub fn damping(&self, lambda: f32) -> f64 {
+        lambda as f64 * self.diag().iter().sum::<f64>() / self.n.max(1) as f64
+    }
+
+    /// `G + λ·mean(diag G)·I`.
+    pub fn damped(&self, lambda: f32) -> Gram {
+        let add = self.damping(lambda);
+        let mut g = self.clone();
+        for i in 0..self.n {
+            g.data[i * self.n + i] += add;
+        }
+        g
+    }
+
     /// The dead-input threshold: `G_jj` at or below it counts as an input that is always 0
     /// (spec a.8). Relative to the mean diagonal so it is scale-free.
     pub fn dead_threshold(&self) -> f32 {

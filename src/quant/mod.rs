@@ -11,10 +11,14 @@
 //! updates and loss evaluations ([`comq`]). A [`crate::device::Device`] only runs the
 //! data-parallel primitives the driver asks for.
 
+pub mod alloc;
 pub mod comq;
+pub mod gptq;
 pub mod gram;
 pub mod grid;
+pub mod linalg;
 pub mod order;
+pub mod search;
 
 pub use comq::{quantize_layer, LayerOutcome};
 
@@ -45,6 +49,20 @@ pub enum Method {
     Comq,
     /// Round to nearest on the same grid: the baseline every report compares against.
     Rtn,
+}
+
+/// Where the coordinate sweeps start from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// `Q̂ = W`, `R = 0`: the reference's start (spec a.3).
+    #[default]
+    W,
+    /// Every weight rounded to its nearest grid value.
+    Rtn,
+    /// GPTQ-style sequential rounding with error compensation through the upper Cholesky
+    /// factor of the damped inverse of `G` ([`gptq`]).
+    Gptq,
 }
 
 /// The order in which each row's coordinates are visited.
@@ -105,6 +123,13 @@ pub struct QuantConfig {
     pub method: Method,
     /// Storage dtype of the scales.
     pub scale_dtype: ScaleDtype,
+    /// Where the sweeps start.
+    pub init: Init,
+    /// Damping `λ`: the quantizer minimises over `G + λ·mean(diag G)·I` (every method, sweeps
+    /// included); errors are still reported on the undamped `G`. 0 reproduces the reference.
+    pub damp: f32,
+    /// GPTQ visits the inputs by `G_jj` descending (act-order) instead of `0..n`.
+    pub act_order: bool,
 }
 
 impl Default for QuantConfig {
@@ -121,6 +146,9 @@ impl Default for QuantConfig {
             granularity: Granularity::Channel,
             method: Method::Comq,
             scale_dtype: ScaleDtype::F32,
+            init: Init::W,
+            damp: 0.0,
+            act_order: true,
         }
     }
 }
@@ -140,8 +168,17 @@ impl QuantConfig {
                 self.scalar
             )));
         }
-        if self.sweeps == 0 {
-            return Err(Error::InvalidOption("--sweeps must be at least 1".into()));
+        if self.sweeps == 0 && self.init == Init::W && self.method == Method::Comq {
+            return Err(Error::InvalidOption(
+                "--sweeps must be at least 1 when starting from the float weights (--init w)"
+                    .into(),
+            ));
+        }
+        if !(self.damp >= 0.0 && self.damp.is_finite()) {
+            return Err(Error::InvalidOption(format!(
+                "--damp {} must be a finite number ≥ 0",
+                self.damp
+            )));
         }
         if self.group_size == Some(0) {
             return Err(Error::InvalidOption(

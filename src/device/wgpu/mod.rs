@@ -15,10 +15,13 @@ pub mod pipelines;
 use std::sync::{Arc, Mutex};
 
 use buffers::{gpu_err, read_f32, read_i32, BufferPool};
-use pipelines::{GramParams, GridParams, ModeParams, Pipelines, ScaleParams, SweepParams};
+use pipelines::{
+    GptqParams, GramParams, GridParams, ModeParams, Pipelines, ScaleParams, SweepParams,
+};
 
 use super::{Device, LayerProblem};
 use crate::error::{Error, Result};
+use crate::quant::gptq::GptqFactor;
 use crate::quant::{comq::scale_step, Gram, GramAccumulator, Granularity, Order, ScaleDtype};
 use crate::shaders::{Kernel, SWEEP_SHARED_MAX_COLS};
 
@@ -408,8 +411,10 @@ struct Tile {
     q: usize,
     r: usize,
     codes: usize,
+    s: usize,
     delta: usize,
     delta0: usize,
+    lo: usize,
     out: usize,
     residual: [wgpu::BindGroup; 3],
     reduce: [wgpu::BindGroup; 4],
@@ -429,6 +434,8 @@ impl Tile {
 pub struct WgpuLayer {
     cols: usize,
     groups: usize,
+    group_size: usize,
+    levels: i32,
     g: Option<wgpu::Buffer>,
     tiles: Vec<Tile>,
     pool: BufferPool,
@@ -615,8 +622,10 @@ impl WgpuDevice {
             q: 1,
             r: 2,
             codes: 3,
+            s: 4,
             delta: 5,
             delta0: 6,
+            lo: 7,
             out: 9,
             residual,
             reduce,
@@ -699,6 +708,8 @@ impl Device for WgpuDevice {
         let layer = WgpuLayer {
             cols: n,
             groups: p.grid.groups(),
+            group_size: p.grid.group_size,
+            levels: p.grid.levels(),
             g: Some(g),
             tiles,
             pool: self.pool.clone(),
@@ -812,5 +823,74 @@ impl Device for WgpuDevice {
         }
         self.check_fault()?;
         Ok((codes, delta))
+    }
+
+    fn load_codes(&self, l: &mut WgpuLayer, codes: &[i32], delta: &[f32]) -> Result<()> {
+        let mut enc = self.encoder("load-codes");
+        let (mut row0, n, ng) = (0, l.cols, l.groups);
+        for t in &l.tiles {
+            self.queue.write_buffer(
+                t.buf(t.codes),
+                0,
+                bytemuck::cast_slice(&codes[row0 * n..(row0 + t.rows) * n]),
+            );
+            self.queue.write_buffer(
+                t.buf(t.delta),
+                0,
+                bytemuck::cast_slice(&delta[row0 * ng..(row0 + t.rows) * ng]),
+            );
+            self.dispatch(
+                &mut enc,
+                Kernel::ApplyScale,
+                &t.apply,
+                per_element(t.rows * n),
+            );
+            row0 += t.rows;
+        }
+        self.submit(enc)?;
+        l.layer_delta = delta.first().copied().unwrap_or(l.layer_delta);
+        Ok(())
+    }
+
+    fn gptq(&self, l: &mut WgpuLayer, f: &GptqFactor) -> Result<()> {
+        let n = l.cols;
+        let take = |label: &str, size: u64| l.pool.take(&self.device, label, size);
+        let u = take("gptq-u", (n * n * 4) as u64);
+        let perm = take("gptq-perm", (n * 4) as u64);
+        self.queue.write_buffer(&u, 0, bytemuck::cast_slice(&f.u));
+        self.queue
+            .write_buffer(&perm, 0, bytemuck::cast_slice(&f.perm));
+        let mut enc = self.encoder("gptq");
+        for t in &l.tiles {
+            let params = self.uniform(
+                "gptq-params",
+                &GptqParams {
+                    rows: t.rows as u32,
+                    n: n as u32,
+                    group_size: l.group_size as u32,
+                    levels: l.levels,
+                    groups: l.groups as u32,
+                    pad: [0; 3],
+                },
+            );
+            let bind = self.bind(
+                Kernel::Gptq,
+                &[
+                    (0, t.buf(t.w)),
+                    (1, t.buf(t.q)),
+                    (2, t.buf(t.codes)),
+                    (3, &u),
+                    (4, &perm),
+                    (5, t.buf(t.delta)),
+                    (6, t.buf(t.lo)),
+                    (7, t.buf(t.s)),
+                    (8, &params),
+                ],
+            );
+            self.dispatch(&mut enc, Kernel::Gptq, &bind, per_row(t.rows));
+        }
+        let result = self.submit(enc);
+        l.pool.give(vec![u, perm]);
+        result
     }
 }

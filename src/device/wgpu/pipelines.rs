@@ -71,6 +71,24 @@ pub struct SweepParams {
     pub pad: u32,
 }
 
+/// `GptqParams` in `gptq.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct GptqParams {
+    /// Rows of the tile.
+    pub rows: u32,
+    /// Columns.
+    pub n: u32,
+    /// Inputs per group.
+    pub group_size: u32,
+    /// Codes per range.
+    pub levels: i32,
+    /// Groups per row.
+    pub groups: u32,
+    /// Padding to 32 bytes.
+    pub pad: [u32; 3],
+}
+
 /// `ScaleParams` in `scale.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]

@@ -1,0 +1,209 @@
+//! The GPTQ-style start (`--init gptq`): sequential rounding with error compensation.
+//!
+//! GPTQ (Frantar et al., 2023) quantizes the inputs of a row one at a time, in a shared order,
+//! and after each one moves the not-yet-quantized weights of the row to absorb its error
+//! optimally for the quadratic loss `eᵀHe` (`H` the damped Gram). With `U` the upper Cholesky
+//! factor of `H⁻¹` (in visiting order), the step for input `t` is
+//!
+//! ```text
+//! q_t = nearest(x_t);   e = (x_t − q_t) / U_tt;   x_t' −= e · U_tt'   for every t' > t
+//! ```
+//!
+//! on the same grid COMQ uses. The result is a point on the grid from which the COMQ sweeps can
+//! only go down. `H = G + λ·mean(diag G)·I` is the damped Gram the caller hands in; inputs whose
+//! `G_jj` is at the dead threshold are decoupled (`H_jj = 1`, no off-diagonal terms), so they are
+//! rounded to nearest like everywhere else (spec a.8).
+//!
+//! The factor is computed on the host in f64 ([`super::linalg`]); the per-row pass is a device
+//! primitive ([`crate::device::Device::gptq`]). Its CPU twin here processes the inputs in blocks
+//! of [`BLOCK`]: inside a block every row is updated column by column, and the rest of the row
+//! receives the block's errors at once as one GEMM (GPTQ's "lazy batch" update).
+
+use rayon::prelude::*;
+
+use super::grid::nearest_code;
+use super::linalg::{inverse_upper_factor, sgemm_acc};
+use super::Gram;
+use crate::error::{Error, Result};
+
+/// Inputs per lazy block on the CPU.
+pub const BLOCK: usize = 128;
+
+/// Rows per parallel panel of the CPU pass.
+const PANEL: usize = 32;
+
+/// Extra relative damping tried, in order, when the damped Gram is still not positive definite
+/// in f64 (an undamped, rank-deficient Gram).
+const FALLBACK_DAMP: [f64; 4] = [1e-6, 1e-4, 1e-2, 1e-1];
+
+/// The shared part of a GPTQ pass: visiting order and compensation factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptqFactor {
+    /// Width `n`.
+    pub n: usize,
+    /// `perm[t]` is the input visited at step `t`.
+    pub perm: Vec<u32>,
+    /// Row-major `n × n` upper-triangular factor of `H⁻¹` in visiting order (`U[t, t']`).
+    pub u: Vec<f32>,
+}
+
+/// Builds the factor from the (already damped) Gram `h`; `act_order` visits inputs by `H_jj`
+/// descending, and `dead` is the dead-input threshold of the undamped Gram.
+pub fn factor(h: &Gram, act_order: bool, dead: f64) -> Result<GptqFactor> {
+    let n = h.n;
+    let diag = h.diag();
+    let mut perm: Vec<u32> = (0..n as u32).collect();
+    if act_order {
+        // Stable: equal diagonals keep ascending index order.
+        perm.sort_by(|&a, &b| diag[b as usize].total_cmp(&diag[a as usize]));
+    }
+    let is_dead: Vec<bool> = diag.iter().map(|&d| d <= dead).collect();
+    let mut hp = vec![0.0f64; n * n];
+    for (t, &j) in perm.iter().enumerate() {
+        let j = j as usize;
+        for (s, &k) in perm.iter().enumerate() {
+            let k = k as usize;
+            hp[t * n + s] = if is_dead[j] || is_dead[k] {
+                if t == s {
+                    1.0
+                } else {
+                    0.0
+                }
+            } else {
+                h.data[j * n + k]
+            };
+        }
+    }
+    let mean = diag.iter().sum::<f64>() / n.max(1) as f64;
+    let mut extra = 0.0;
+    let mut tries = FALLBACK_DAMP.iter();
+    loop {
+        if let Some(u) = inverse_upper_factor(&hp, n) {
+            if extra > 0.0 {
+                log::warn!(
+                    "GPTQ start: the Gram matrix is not positive definite; added {extra:.0e} of its \
+                     mean diagonal (use --damp to set the damping)"
+                );
+            }
+            return Ok(GptqFactor {
+                n,
+                perm,
+                u: u.iter().map(|&v| v as f32).collect(),
+            });
+        }
+        let Some(&next) = tries.next() else {
+            return Err(Error::InvalidOption(format!(
+                "the GPTQ start needs a positive-definite Gram matrix ({n} × {n}); even with \
+                 {extra:.0e} extra damping it is not (try a larger --damp or --init w)"
+            )));
+        };
+        let add = (next - extra) * mean.max(f64::MIN_POSITIVE);
+        for t in 0..n {
+            hp[t * n + t] += add;
+        }
+        extra = next;
+    }
+}
+
+/// The grid of the rows being quantized, as the pass needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct RowGrid<'a> {
+    /// Steps, `[rows, groups]`.
+    pub delta: &'a [f32],
+    /// Lowest codes, `[rows, groups]`.
+    pub lo: &'a [i32],
+    /// Inputs per group.
+    pub group_size: usize,
+    /// Codes per range.
+    pub levels: i32,
+}
+
+/// The CPU pass: quantizes the row-major `rows × n` weights `w` with `f`, writing codes and grid
+/// values (in input order, not visiting order) to `codes` and `q`.
+pub fn quantize_rows(
+    w: &[f32],
+    f: &GptqFactor,
+    grid: RowGrid<'_>,
+    codes: &mut [i32],
+    q: &mut [f32],
+) {
+    let n = f.n;
+    let groups = n / grid.group_size;
+    w.par_chunks(PANEL * n)
+        .zip(codes.par_chunks_mut(PANEL * n))
+        .zip(q.par_chunks_mut(PANEL * n))
+        .enumerate()
+        .for_each(|(p, ((wp, cp), qp))| {
+            let rows = wp.len() / n;
+            let row0 = p * PANEL;
+            // x: the panel's weights in visiting order, updated as inputs are fixed.
+            let mut x = vec![0.0f32; rows * n];
+            for i in 0..rows {
+                for (t, &j) in f.perm.iter().enumerate() {
+                    x[i * n + t] = wp[i * n + j as usize];
+                }
+            }
+            let mut err = vec![0.0f32; rows * BLOCK];
+            for b0 in (0..n).step_by(BLOCK) {
+                let b1 = (b0 + BLOCK).min(n);
+                let bw = b1 - b0;
+                for i in 0..rows {
+                    let xi = &mut x[i * n..(i + 1) * n];
+                    for t in b0..b1 {
+                        let j = f.perm[t] as usize;
+                        let slot = (row0 + i) * groups + j / grid.group_size;
+                        let k = nearest_code(xi[t], grid.delta[slot], grid.lo[slot], grid.levels);
+                        let qv = grid.delta[slot] * k as f32;
+                        cp[i * n + j] = k;
+                        qp[i * n + j] = qv;
+                        let e = (xi[t] - qv) / f.u[t * n + t];
+                        err[i * BLOCK + (t - b0)] = e;
+                        if e != 0.0 {
+                            let urow = &f.u[t * n + t + 1..t * n + b1];
+                            for (xv, &uv) in xi[t + 1..b1].iter_mut().zip(urow) {
+                                *xv -= e * uv;
+                            }
+                        }
+                    }
+                }
+                // The rest of every row absorbs the block's errors at once.
+                if b1 < n {
+                    sgemm_acc(
+                        rows,
+                        bw,
+                        n - b1,
+                        -1.0,
+                        &err,
+                        BLOCK,
+                        &f.u[b0 * n + b1..],
+                        n,
+                        &mut x[b1..],
+                        n,
+                    );
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn act_order_visits_the_largest_diagonal_first() {
+        let g = Gram::from_matrix(3, vec![1.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 2.0]);
+        let f = factor(&g, true, 0.0).unwrap();
+        assert_eq!(f.perm, vec![1, 2, 0]);
+        // Diagonal G: H⁻¹ is diagonal, U_tt = 1/√H_tt, no compensation.
+        assert!((f.u[0] - 1.0 / 3f32.sqrt()).abs() < 1e-7);
+        assert_eq!(f.u[1], 0.0);
+    }
+
+    #[test]
+    fn a_singular_gram_falls_back_to_extra_damping() {
+        // Rank one: x = (1, 1) always.
+        let g = Gram::from_matrix(2, vec![1.0, 1.0, 1.0, 1.0]);
+        let f = factor(&g, false, 0.0).unwrap();
+        assert!(f.u.iter().all(|v| v.is_finite()));
+    }
+}

@@ -1,0 +1,223 @@
+//! Dense symmetric linear algebra in f64 for the GPTQ-style start: Cholesky factorisation and
+//! triangular inversion, with rows (or columns) in parallel.
+//!
+//! The matrices are at most a layer's input width (a few thousand), so plain row-major loops
+//! with vectorisable dot products are fast enough next to the `O(rows·n²)` quantization; what
+//! matters is that they run in f64 — GPTQ's factor of `H⁻¹` loses digits quickly in f32 when the
+//! Gram matrix is ill-conditioned.
+
+use rayon::prelude::*;
+
+/// Lower Cholesky factor `L` of a symmetric positive-definite row-major `n × n` matrix
+/// (`A = L·Lᵀ`), or `None` when a pivot is not positive (the matrix is not positive definite
+/// in f64).
+///
+/// Column-by-column (Crout): for column `j`, `L_jj = √(A_jj − ‖L_j,<j‖²)` and every row below
+/// it, independently, `L_ij = (A_ij − L_i,<j · L_j,<j) / L_jj`.
+pub fn cholesky(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    assert_eq!(a.len(), n * n, "matrix must be n × n");
+    let mut l = vec![0.0f64; n * n];
+    for j in 0..n {
+        let (_, rest) = l.split_at_mut(j * n);
+        let (row_j, below) = rest.split_at_mut(n);
+        let d = a[j * n + j] - dot(&row_j[..j], &row_j[..j]);
+        if !(d > 0.0 && d.is_finite()) {
+            return None;
+        }
+        let ljj = d.sqrt();
+        row_j[j] = ljj;
+        let row_j = &row_j[..j];
+        below.par_chunks_mut(n).enumerate().for_each(|(k, row_i)| {
+            let i = j + 1 + k;
+            row_i[j] = (a[i * n + j] - dot(&row_i[..j], row_j)) / ljj;
+        });
+    }
+    Some(l)
+}
+
+/// The inverse of a lower-triangular row-major `n × n` matrix with a non-zero diagonal, itself
+/// lower triangular. Columns are independent forward substitutions.
+pub fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
+    assert_eq!(l.len(), n * n, "matrix must be n × n");
+    // Column c of the inverse solves L·x = e_c; x_i = 0 for i < c.
+    let cols: Vec<Vec<f64>> = (0..n)
+        .into_par_iter()
+        .map(|c| {
+            let mut x = vec![0.0f64; n - c];
+            for i in c..n {
+                let row = &l[i * n + c..i * n + i];
+                let s = if i == c { 1.0 } else { 0.0 } - dot(row, &x[..i - c]);
+                x[i - c] = s / l[i * n + i];
+            }
+            x
+        })
+        .collect();
+    let mut inv = vec![0.0f64; n * n];
+    for (c, x) in cols.iter().enumerate() {
+        for (k, &v) in x.iter().enumerate() {
+            inv[(c + k) * n + c] = v;
+        }
+    }
+    inv
+}
+
+/// The upper-triangular `U` with a positive diagonal and `A⁻¹ = Uᵀ·U` — the factor GPTQ
+/// compensates with — or `None` when `A` is not positive definite.
+///
+/// With `J` the reversal permutation and `J·A·J = M·Mᵀ`, `A = V·Vᵀ` for the upper-triangular
+/// `V = J·M·J`, so `A⁻¹ = V⁻ᵀ·V⁻¹` and `U = V⁻¹ = J·M⁻¹·J`: one Cholesky and one triangular
+/// inverse, instead of inverting `A` and factoring the inverse.
+pub fn inverse_upper_factor(a: &[f64], n: usize) -> Option<Vec<f64>> {
+    let rev = |i: usize| n - 1 - i;
+    let mut ja = vec![0.0f64; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            ja[i * n + j] = a[rev(i) * n + rev(j)];
+        }
+    }
+    let m = cholesky(&ja, n)?;
+    let mi = invert_lower(&m, n);
+    let mut u = vec![0.0f64; n * n];
+    for i in 0..n {
+        for j in i..n {
+            u[i * n + j] = mi[rev(i) * n + rev(j)];
+        }
+    }
+    Some(u)
+}
+
+/// `c[m, n] += alpha · a[m, k] · b[k, n]`, every operand row-major with the given row stride.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_acc(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    rsa: usize,
+    b: &[f32],
+    rsb: usize,
+    c: &mut [f32],
+    rsc: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // Every element the kernel touches must be inside the slices.
+    assert!((m - 1) * rsa + k <= a.len(), "sgemm_acc: a out of bounds");
+    assert!((k - 1) * rsb + n <= b.len(), "sgemm_acc: b out of bounds");
+    assert!((m - 1) * rsc + n <= c.len(), "sgemm_acc: c out of bounds");
+    // SAFETY: the asserts above bound every index the kernel reads or writes; `c` is exclusive.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            1,
+            b.as_ptr(),
+            rsb as isize,
+            1,
+            1.0,
+            c.as_mut_ptr(),
+            rsc as isize,
+            1,
+        );
+    }
+}
+
+/// Dot product with four independent partial sums (vectorises without reassociation flags).
+#[inline]
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let chunks = a.len() / 4;
+    for k in 0..chunks {
+        for l in 0..4 {
+            acc[l] += a[4 * k + l] * b[4 * k + l];
+        }
+    }
+    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for k in chunks * 4..a.len() {
+        s += a[k] * b[k];
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A random SPD matrix `BᵀB + I` from a fixed pseudo-random `B`.
+    fn spd(n: usize) -> Vec<f64> {
+        let b: Vec<f64> = (0..n * n)
+            .map(|i| (((i * 7919 + 13) % 1009) as f64 / 1009.0) - 0.5)
+            .collect();
+        let mut a = vec![0.0; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                a[i * n + j] = (0..n).map(|k| b[k * n + i] * b[k * n + j]).sum::<f64>()
+                    + if i == j { 1.0 } else { 0.0 };
+            }
+        }
+        a
+    }
+
+    fn matmul(a: &[f64], b: &[f64], n: usize) -> Vec<f64> {
+        let mut c = vec![0.0; n * n];
+        for i in 0..n {
+            for k in 0..n {
+                for j in 0..n {
+                    c[i * n + j] += a[i * n + k] * b[k * n + j];
+                }
+            }
+        }
+        c
+    }
+
+    fn transpose(a: &[f64], n: usize) -> Vec<f64> {
+        (0..n * n).map(|t| a[(t % n) * n + t / n]).collect()
+    }
+
+    #[test]
+    fn cholesky_reconstructs_the_matrix() {
+        let n = 23;
+        let a = spd(n);
+        let l = cholesky(&a, n).expect("SPD");
+        let back = matmul(&l, &transpose(&l, n), n);
+        for (x, y) in a.iter().zip(&back) {
+            assert!((x - y).abs() < 1e-10, "{x} vs {y}");
+        }
+        for i in 0..n {
+            for j in i + 1..n {
+                assert_eq!(l[i * n + j], 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_matrix_that_is_not_positive_definite_is_refused() {
+        let a = [1.0, 2.0, 2.0, 1.0];
+        assert!(cholesky(&a, 2).is_none());
+    }
+
+    #[test]
+    fn the_inverse_factor_satisfies_ut_u_times_a_is_identity() {
+        let n = 17;
+        let a = spd(n);
+        let u = inverse_upper_factor(&a, n).expect("SPD");
+        let inv = matmul(&transpose(&u, n), &u, n);
+        let eye = matmul(&inv, &a, n);
+        for i in 0..n {
+            for j in 0..n {
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((eye[i * n + j] - want).abs() < 1e-9);
+                if j < i {
+                    assert_eq!(u[i * n + j], 0.0);
+                }
+            }
+            assert!(u[i * n + i] > 0.0);
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The validation-guarded choice: several quantizations of one layer, the one with the lowest
+//! held-out error shipped.
+//!
+//! Minimising the calibration loss harder (more sweeps, no damping, a finer scale search) keeps
+//! lowering the calibration error but can raise the error on inputs the quantizer never saw —
+//! coordinate descent overfits a Gram built from few images. So every candidate is scored on a
+//! second Gram, built from held-out calibration images, and the best one there is shipped.
+//! Round-to-nearest is always a candidate, so no layer ships with a held-out error above RTN's.
+//!
+//! The candidates are cheap to enumerate: the start of a run (`--init rtn|gptq`) and the state
+//! after every sweep are candidates of their own ([`super::comq::Stage`]), so one run with
+//! `--sweeps 1` scores both "GPTQ" and "GPTQ + one COMQ sweep". Per grid shrink (`--scalar
+//! auto`), one such run; plus RTN, and the paper's one-sweep COMQ from the float weights.
+
+use serde::Serialize;
+
+use super::comq::{quantize_layer_stages, LayerOutcome};
+use super::{Gram, Init, Method, Order, OrderKind, QuantConfig};
+use crate::device::{Device, LayerProblem};
+use crate::error::Result;
+
+/// The default damping `λ` (a share of the mean of diag G) outside the paper preset.
+pub const DEFAULT_DAMP: f32 = 0.01;
+
+/// The default share of calibration images held out to score candidates.
+pub const DEFAULT_HOLDOUT: f32 = 0.15;
+
+/// Grid shrinks `--scalar auto` tries, largest first.
+pub const AUTO_SCALARS: [f32; 5] = [1.0, 0.95, 0.9, 0.85, 0.8];
+
+/// What the search may vary beyond the user's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchPlan {
+    /// Grid shrinks to try with the configured method (one value: no scale search).
+    pub scalars: Vec<f32>,
+    /// Also try the paper's recipe (one sweep from `W`, undamped, scalar 1).
+    pub paper: bool,
+    /// Also try round-to-nearest at every scalar (RTN at scalar 1 is always tried).
+    pub rtn_scalars: bool,
+}
+
+impl SearchPlan {
+    /// Only the configured method at its own scalar (plus the RTN guard).
+    pub fn single(cfg: &QuantConfig) -> SearchPlan {
+        SearchPlan {
+            scalars: vec![cfg.scalar],
+            paper: false,
+            rtn_scalars: false,
+        }
+    }
+}
+
+/// One candidate's scores.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tried {
+    /// What it was, e.g. `gptq+1 s0.90` (start, sweeps, grid shrink).
+    pub label: String,
+    /// Relative error on the calibration Gram.
+    pub rel_error: f64,
+    /// Relative error on the held-out Gram (`None` without one).
+    pub rel_error_holdout: Option<f64>,
+}
+
+/// The shipped candidate and the scores of all of them.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    /// The shipped quantization; its `rel_error_rtn` is RTN at scalar 1 on the calibration Gram.
+    pub outcome: LayerOutcome,
+    /// Its label.
+    pub chosen: String,
+    /// Every candidate, in the order tried.
+    pub tried: Vec<Tried>,
+    /// The shipped candidate's held-out error.
+    pub rel_error_holdout: Option<f64>,
+    /// RTN's (scalar 1) held-out error.
+    pub rel_error_holdout_rtn: Option<f64>,
+}
+
+fn label(cfg: &QuantConfig, sweeps: usize) -> String {
+    let start = match (cfg.method, cfg.init) {
+        (Method::Rtn, _) => return format!("rtn s{:.2}", cfg.scalar),
+        (_, Init::W) => "comq",
+        (_, Init::Rtn) => "rtn",
+        (_, Init::Gptq) => "gptq",
+    };
+    let damp = if cfg.damp > 0.0 {
+        format!(" d{}", cfg.damp)
+    } else {
+        String::new()
+    };
+    if sweeps == 0 {
+        format!("{start} s{:.2}{damp}", cfg.scalar)
+    } else {
+        format!("{start}+{sweeps} s{:.2}{damp}", cfg.scalar)
+    }
+}
+
+/// Scores a candidate on another Gram: an uploaded state whose codes are replaced.
+struct Scorer<D: Device> {
+    state: D::Layer,
+    energy: f64,
+}
+
+impl<D: Device> Scorer<D> {
+    fn new(
+        device: &D,
+        name: &str,
+        w: &[f32],
+        gram: &Gram,
+        grid: &super::Grid,
+    ) -> Result<Scorer<D>> {
+        let g32 = gram.to_f32();
+        let order = Order::Natural { cols: grid.cols };
+        let problem = LayerProblem {
+            name,
+            weights: w,
+            gram: &g32,
+            grid,
+            order: &order,
+            dead_threshold: gram.dead_threshold(),
+            scale_dtype: super::ScaleDtype::F32,
+        };
+        let mut state = device.upload(&problem)?;
+        let energy = device.energy(&mut state)?;
+        Ok(Scorer { state, energy })
+    }
+
+    fn rel(&mut self, device: &D, layer: &super::QuantizedLayer) -> Result<f64> {
+        device.load_codes(&mut self.state, &layer.codes, &layer.grid.delta)?;
+        let loss = device.refresh(&mut self.state)?;
+        Ok(if self.energy > 0.0 {
+            loss / self.energy
+        } else {
+            0.0
+        })
+    }
+}
+
+/// Quantizes one layer with every candidate of `plan` around `cfg` and ships the one with the
+/// lowest error on `holdout` (on `gram` when there is no held-out Gram).
+#[allow(clippy::too_many_arguments)]
+pub fn search<D: Device>(
+    device: &D,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &Gram,
+    holdout: Option<&Gram>,
+    cfg: &QuantConfig,
+    plan: &SearchPlan,
+) -> Result<Choice> {
+    let start = std::time::Instant::now();
+    let mut configs: Vec<QuantConfig> = Vec::new();
+    let rtn = |scalar: f32| QuantConfig {
+        method: Method::Rtn,
+        scalar,
+        ..cfg.clone()
+    };
+    configs.push(rtn(1.0));
+    if plan.paper {
+        configs.push(QuantConfig {
+            method: Method::Comq,
+            init: Init::W,
+            damp: 0.0,
+            scalar: 1.0,
+            sweeps: 1,
+            order: OrderKind::Greedy,
+            ..cfg.clone()
+        });
+    }
+    for &s in &plan.scalars {
+        if plan.rtn_scalars && s != 1.0 {
+            configs.push(rtn(s));
+        }
+        if cfg.method == Method::Comq {
+            configs.push(QuantConfig {
+                scalar: s,
+                ..cfg.clone()
+            });
+        }
+    }
+    let mut scorer: Option<Scorer<D>> = None;
+    let mut tried = Vec::new();
+    let mut best: Option<(f64, usize, LayerOutcome)> = None;
+    let mut rtn_outcome: Option<(LayerOutcome, Option<f64>)> = None;
+    for c in &configs {
+        let (outcome, stages) = quantize_layer_stages(device, name, w, rows, cols, gram, c, true)?;
+        // Candidates of this run: its stages, or the outcome itself (RTN).
+        let mut points: Vec<(String, LayerOutcome)> = Vec::new();
+        if stages.is_empty() {
+            points.push((label(c, c.sweeps), outcome.clone()));
+        }
+        for st in stages {
+            let mut o = outcome.clone();
+            o.rel_error = st.rel_error;
+            o.layer = st.layer;
+            points.push((label(c, st.sweeps), o));
+        }
+        for (lbl, o) in points {
+            let held = match holdout {
+                Some(h) => {
+                    if scorer.is_none() {
+                        scorer = Some(Scorer::new(device, name, w, h, &o.layer.grid)?);
+                    }
+                    Some(scorer.as_mut().expect("set above").rel(device, &o.layer)?)
+                }
+                None => None,
+            };
+            let score = held.unwrap_or(o.rel_error);
+            log::debug!(
+                "{name}: {lbl}: calibration {:.4e}, held-out {held:?}",
+                o.rel_error
+            );
+            tried.push(Tried {
+                label: lbl,
+                rel_error: o.rel_error,
+                rel_error_holdout: held,
+            });
+            if rtn_outcome.is_none() {
+                rtn_outcome = Some((o.clone(), held));
+            }
+            if best.as_ref().is_none_or(|(b, _, _)| score < *b) {
+                best = Some((score, tried.len() - 1, o));
+            }
+        }
+    }
+    let (_, index, mut outcome) = best.expect("RTN is always a candidate");
+    let (rtn_o, rtn_held) = rtn_outcome.expect("RTN is always a candidate");
+    outcome.rel_error_rtn = rtn_o.rel_error;
+    outcome.seconds = start.elapsed().as_secs_f64();
+    Ok(Choice {
+        chosen: tried[index].label.clone(),
+        rel_error_holdout: tried[index].rel_error_holdout,
+        rel_error_holdout_rtn: rtn_held,
+        outcome,
+        tried,
+    })
+}

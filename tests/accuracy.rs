@@ -1,0 +1,385 @@
+//! The accuracy options: GPTQ-style start, damping, the validation-guarded search, and their
+//! GPU kernels against the CPU twins.
+
+mod common;
+
+use common::{correlated_x, gram_of, Rng};
+use comq_gpu::device::{AnyDevice, CpuDevice};
+use comq_gpu::quant::comq::quantize_layer_stages;
+use comq_gpu::quant::gptq;
+use comq_gpu::quant::search::{search, SearchPlan, AUTO_SCALARS};
+use comq_gpu::quant::{quantize_layer, Gram, Init, QuantConfig, QuantizedLayer};
+
+#[path = "common/gpu.rs"]
+mod gpu;
+
+/// GPU vs CPU GPTQ pass: share of codes that may differ (f32 sums in another order flip codes
+/// that sit on a rounding boundary).
+const GPTQ_CODE_DISAGREEMENT_MAX: f64 = 5e-3;
+/// GPU vs CPU: relative difference of the final calibration error.
+const ERROR_REL_TOL: f64 = 2e-3;
+/// The damping correction `eᵀHe − λ'‖e‖²` vs `eᵀGe` computed directly.
+const UNDAMP_REL_TOL: f64 = 1e-6;
+
+fn layer(seed: u64, rows: usize, cols: usize, samples: usize) -> (Vec<f32>, Gram) {
+    let mut rng = Rng::new(seed);
+    let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
+    let x = correlated_x(&mut rng, samples, cols);
+    (w, gram_of(&x, samples, cols))
+}
+
+/// `Σ_i e_iᵀ G e_i / Σ_i w_iᵀ G w_i` in f64, straight from the definition.
+fn rel_error(w: &[f32], q: &QuantizedLayer, g: &Gram) -> f64 {
+    let (n, deq) = (g.n, q.dequantize());
+    let quad = |v: &dyn Fn(usize) -> f64| -> f64 {
+        let mut s = 0.0;
+        for r in 0..q.rows {
+            for a in 0..n {
+                let va = v(r * n + a);
+                if va == 0.0 {
+                    continue;
+                }
+                for b in 0..n {
+                    s += va * g.data[a * n + b] * v(r * n + b);
+                }
+            }
+        }
+        s
+    };
+    quad(&|t| w[t] as f64 - deq[t] as f64) / quad(&|t| w[t] as f64)
+}
+
+/// GPTQ as first written (OBQ): after each input is fixed, the remaining weights move by
+/// `−e·H⁻¹[t, rest]/H⁻¹[t, t]` and `t` is eliminated from `H⁻¹` — in f64, with no Cholesky.
+fn obq_codes(w: &[f32], rows: usize, n: usize, h: &Gram, grid: &comq_gpu::quant::Grid) -> Vec<i32> {
+    // Invert H by Gauss-Jordan.
+    let mut a = h.data.clone();
+    let mut inv: Vec<f64> = (0..n * n)
+        .map(|t| if t / n == t % n { 1.0 } else { 0.0 })
+        .collect();
+    for c in 0..n {
+        let p = a[c * n + c];
+        for k in 0..n {
+            a[c * n + k] /= p;
+            inv[c * n + k] /= p;
+        }
+        for r in 0..n {
+            if r != c {
+                let f = a[r * n + c];
+                for k in 0..n {
+                    a[r * n + k] -= f * a[c * n + k];
+                    inv[r * n + k] -= f * inv[c * n + k];
+                }
+            }
+        }
+    }
+    let mut codes = vec![0i32; rows * n];
+    for r in 0..rows {
+        let mut x: Vec<f64> = w[r * n..(r + 1) * n].iter().map(|&v| v as f64).collect();
+        let mut hi = inv.clone();
+        for t in 0..n {
+            let slot = grid.slot(r, t);
+            let k = grid.nearest(slot, x[t] as f32);
+            codes[r * n + t] = k;
+            let e = (x[t] - grid.value(slot, k) as f64) / hi[t * n + t];
+            for s in t + 1..n {
+                x[s] -= e * hi[t * n + s];
+            }
+            // Eliminate t: H⁻¹ ← H⁻¹ − H⁻¹[:, t]·H⁻¹[t, :] / H⁻¹[t, t].
+            let d = hi[t * n + t];
+            let col: Vec<f64> = (0..n).map(|i| hi[i * n + t]).collect();
+            for i in 0..n {
+                for j in 0..n {
+                    hi[i * n + j] -= col[i] * col[j] / d;
+                }
+            }
+        }
+    }
+    codes
+}
+
+#[test]
+fn the_gptq_pass_matches_the_original_obq_updates() {
+    for (seed, rows, cols, group) in [(1u64, 6usize, 40usize, None), (2, 5, 64, Some(16))] {
+        let (w, g) = layer(seed, rows, cols, 4 * cols);
+        let cfg = QuantConfig {
+            bits: 3,
+            group_size: group,
+            init: Init::Gptq,
+            sweeps: 0,
+            damp: 0.01,
+            act_order: false,
+            ..QuantConfig::default()
+        };
+        let h = g.damped(cfg.damp);
+        let grid = comq_gpu::quant::Grid::build(&w, rows, cols, &cfg);
+        let want = obq_codes(&w, rows, cols, &h, &grid);
+        let got = quantize_layer(&CpuDevice::new(), "t", &w, rows, cols, &g, &cfg).unwrap();
+        let differ = want
+            .iter()
+            .zip(&got.layer.codes)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            differ as f64 <= 0.01 * want.len() as f64,
+            "{differ} of {} codes differ from the OBQ reference",
+            want.len()
+        );
+    }
+}
+
+#[test]
+fn without_correlations_gptq_is_round_to_nearest() {
+    let (rows, cols) = (7, 33);
+    let mut rng = Rng::new(5);
+    let w: Vec<f32> = rng.normals(rows * cols);
+    let diag: Vec<f64> = (0..cols).map(|j| 1.0 + j as f64).collect();
+    let mut data = vec![0.0; cols * cols];
+    for j in 0..cols {
+        data[j * cols + j] = diag[j];
+    }
+    let g = Gram::from_matrix(cols, data);
+    for act_order in [false, true] {
+        let cfg = |init, method| QuantConfig {
+            init,
+            method,
+            sweeps: 0,
+            act_order,
+            ..QuantConfig::default()
+        };
+        let dev = CpuDevice::new();
+        let a = quantize_layer(
+            &dev,
+            "t",
+            &w,
+            rows,
+            cols,
+            &g,
+            &cfg(Init::Gptq, comq_gpu::quant::Method::Comq),
+        )
+        .unwrap();
+        let b = quantize_layer(
+            &dev,
+            "t",
+            &w,
+            rows,
+            cols,
+            &g,
+            &cfg(Init::W, comq_gpu::quant::Method::Rtn),
+        )
+        .unwrap();
+        assert_eq!(a.layer.codes, b.layer.codes);
+    }
+}
+
+#[test]
+fn starts_beat_rtn_and_sweeps_never_raise_the_damped_objective() {
+    let (rows, cols) = (24, 96);
+    let (w, g) = layer(11, rows, cols, 300);
+    for init in [Init::Rtn, Init::Gptq] {
+        for damp in [0.0f32, 0.01, 0.1] {
+            let cfg = QuantConfig {
+                bits: 3,
+                init,
+                damp,
+                sweeps: 3,
+                ..QuantConfig::default()
+            };
+            let (o, stages) =
+                quantize_layer_stages(&CpuDevice::new(), "t", &w, rows, cols, &g, &cfg, true)
+                    .unwrap();
+            assert_eq!(stages.len(), 4, "start and three sweeps");
+            let start = o.rel_error_start.expect("a start");
+            assert_eq!(start, stages[0].rel_error);
+            if init == Init::Gptq {
+                assert!(
+                    start < o.rel_error_rtn,
+                    "GPTQ start {start} vs RTN {} (damp {damp})",
+                    o.rel_error_rtn
+                );
+            }
+            for pair in o.history.windows(2) {
+                assert!(
+                    pair[1] <= pair[0] * (1.0 + 1e-6),
+                    "{init:?} d{damp}: {pair:?}"
+                );
+            }
+            for st in &stages {
+                assert!(st.layer.codes.iter().enumerate().all(|(t, &k)| {
+                    let s = st.layer.grid.slot(t / cols, t % cols);
+                    k >= st.layer.grid.lo[s] && k < st.layer.grid.lo[s] + st.layer.grid.levels()
+                }));
+            }
+            // Every reported error is on the undamped Gram, whatever the damping.
+            let direct = rel_error(&w, &o.layer, &g);
+            assert!(
+                (o.rel_error - direct).abs() <= UNDAMP_REL_TOL * direct,
+                "{init:?} d{damp}: reported {} vs direct {direct}",
+                o.rel_error
+            );
+            assert_eq!(stages.last().unwrap().layer.codes, o.layer.codes);
+        }
+    }
+}
+
+#[test]
+fn damping_zero_reproduces_the_reference_recipe() {
+    let (rows, cols) = (16, 48);
+    let (w, g) = layer(3, rows, cols, 200);
+    let dev = CpuDevice::new();
+    let base = QuantConfig::default();
+    let a = quantize_layer(&dev, "t", &w, rows, cols, &g, &base).unwrap();
+    let b = quantize_layer(
+        &dev,
+        "t",
+        &w,
+        rows,
+        cols,
+        &g,
+        &QuantConfig {
+            act_order: false,
+            init: Init::W,
+            damp: 0.0,
+            ..base.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(a.layer.codes, b.layer.codes);
+    assert_eq!(a.rel_error, b.rel_error);
+    assert_eq!(a.history, b.history);
+}
+
+#[test]
+fn the_search_ships_the_best_held_out_candidate_and_never_loses_to_rtn() {
+    let (rows, cols) = (20, 64);
+    let mut rng = Rng::new(21);
+    let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
+    // Few calibration rows: the regime where undamped descent overfits.
+    let x = correlated_x(&mut rng, 80, cols);
+    let cal = gram_of(&x[..50 * cols], 50, cols);
+    let held = gram_of(&x[50 * cols..], 30, cols);
+    let cfg = QuantConfig {
+        bits: 3,
+        init: Init::Gptq,
+        damp: 0.01,
+        ..QuantConfig::default()
+    };
+    let plan = SearchPlan {
+        scalars: AUTO_SCALARS.to_vec(),
+        paper: true,
+        rtn_scalars: true,
+    };
+    let dev = CpuDevice::new();
+    let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
+    // RTN at 1.0, paper, then per scalar: RTN (not at 1.0), GPTQ start, GPTQ + 1 sweep.
+    assert_eq!(c.tried.len(), 2 + 4 + 2 * AUTO_SCALARS.len());
+    let best = c
+        .tried
+        .iter()
+        .map(|t| t.rel_error_holdout.unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(c.rel_error_holdout, Some(best));
+    assert!(best <= c.rel_error_holdout_rtn.unwrap());
+    // The shipped codes really have the held-out error reported for them.
+    let direct = rel_error(&w, &c.outcome.layer, &held);
+    assert!((direct - best).abs() <= 1e-4 * best, "{direct} vs {best}");
+    let direct_cal = rel_error(&w, &c.outcome.layer, &cal);
+    assert!((direct_cal - c.outcome.rel_error).abs() <= 1e-4 * direct_cal);
+    // Without a held-out Gram the calibration error decides.
+    let c2 = search(&dev, "t", &w, rows, cols, &cal, None, &cfg, &plan).unwrap();
+    let best_cal = c2
+        .tried
+        .iter()
+        .map(|t| t.rel_error)
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(c2.outcome.rel_error, best_cal);
+}
+
+#[test]
+fn a_singular_gram_still_gets_a_gptq_start() {
+    // Rank-deficient: 10 samples for 32 inputs, and one dead input.
+    let (rows, cols) = (4, 32);
+    let mut rng = Rng::new(8);
+    let w: Vec<f32> = rng.normals(rows * cols);
+    let mut x = correlated_x(&mut rng, 10, cols);
+    for r in 0..10 {
+        x[r * cols + 5] = 0.0;
+    }
+    let g = gram_of(&x, 10, cols);
+    let cfg = QuantConfig {
+        init: Init::Gptq,
+        damp: 0.0,
+        sweeps: 1,
+        ..QuantConfig::default()
+    };
+    let o = quantize_layer(&CpuDevice::new(), "t", &w, rows, cols, &g, &cfg).unwrap();
+    assert!(o.rel_error.is_finite() && o.rel_error <= o.rel_error_rtn);
+    let f = gptq::factor(&g, true, g.dead_threshold() as f64).unwrap();
+    assert!(f.u.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn gpu_gptq_and_search_match_the_cpu() {
+    let Some(gpu) = gpu::device() else { return };
+    let gpu = AnyDevice::Wgpu(Box::new(gpu));
+    let cpu = AnyDevice::Cpu(CpuDevice::new());
+    for (seed, rows, cols, group, act_order) in [
+        (31u64, 17usize, 72usize, None, true),
+        (32, 40, 128, Some(32), false),
+        (33, 9, 300, None, true),
+    ] {
+        let (w, g) = layer(seed, rows, cols, 2 * cols);
+        let cfg = QuantConfig {
+            bits: 4,
+            group_size: group,
+            init: Init::Gptq,
+            damp: 0.01,
+            act_order,
+            sweeps: 0,
+            ..QuantConfig::default()
+        };
+        let a = cpu.quantize_layer("t", &w, rows, cols, &g, &cfg).unwrap();
+        let b = gpu.quantize_layer("t", &w, rows, cols, &g, &cfg).unwrap();
+        let differ = a
+            .layer
+            .codes
+            .iter()
+            .zip(&b.layer.codes)
+            .filter(|(x, y)| x != y)
+            .count();
+        assert!(
+            differ as f64 <= GPTQ_CODE_DISAGREEMENT_MAX * a.layer.codes.len() as f64,
+            "{rows}x{cols}: {differ} codes differ"
+        );
+        assert!(
+            (a.rel_error - b.rel_error).abs() <= ERROR_REL_TOL * a.rel_error,
+            "{rows}x{cols}: CPU {} vs GPU {}",
+            a.rel_error,
+            b.rel_error
+        );
+        // The whole search, held-out scoring through load_codes included.
+        let held = layer(seed + 100, rows, cols, cols).1;
+        let plan = SearchPlan {
+            scalars: vec![1.0, 0.9],
+            paper: true,
+            rtn_scalars: true,
+        };
+        let cfg = QuantConfig { sweeps: 1, ..cfg };
+        let ca = cpu
+            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan)
+            .unwrap();
+        let cb = gpu
+            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan)
+            .unwrap();
+        assert_eq!(ca.tried.len(), cb.tried.len());
+        for (x, y) in ca.tried.iter().zip(&cb.tried) {
+            assert_eq!(x.label, y.label);
+            let (hx, hy) = (x.rel_error_holdout.unwrap(), y.rel_error_holdout.unwrap());
+            assert!(
+                (hx - hy).abs() <= ERROR_REL_TOL * hx,
+                "{}: held-out CPU {hx} vs GPU {hy}",
+                x.label
+            );
+        }
+    }
+}
