@@ -889,10 +889,15 @@ fn provenance(opts: &RunOptions, model: &Checkpoint, device: &str) -> BTreeMap<S
 fn calib_label(opts: &RunOptions) -> String {
     if let Some(i) = &opts.images {
         return format!(
-            "{} images of {} (seed {}, inputs from the {} model)",
+            "{} images of {} (seed {}{}, inputs from the {} model)",
             i.count,
             i.path.display(),
             i.seed,
+            match (&opts.search, opts.holdout) {
+                (Some(_), h) if h > 0.0 =>
+                    format!(", {:.0}% held out to choose per layer", h * 100.0),
+                _ => String::new(),
+            },
             match i.mode {
                 CalibMode::Fp => "full-precision",
                 CalibMode::Quantized => "quantized",

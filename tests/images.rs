@@ -124,8 +124,13 @@ fn run_from_images_quantizes_every_block_linear_in_block_order_and_evaluates() {
     assert!(names[11].contains("layer.1.mlp.fc2"));
     for l in layers {
         assert_eq!(l["calibration"], "images");
-        assert_eq!(l["samples"], 4 * 17, "4 images x 17 tokens");
+        // One of the four images is held out to choose among the candidates.
+        assert_eq!(l["samples"], 3 * 17, "3 images x 17 tokens");
         assert!(l["rel_error"].as_f64().unwrap() <= l["rel_error_rtn"].as_f64().unwrap() * 1.0001);
+        let held = l["rel_error_holdout"].as_f64().unwrap();
+        assert!(held <= l["rel_error_holdout_rtn"].as_f64().unwrap());
+        assert!(l["candidates"].as_array().unwrap().len() > 2);
+        assert!(l["chosen"].is_string());
     }
     let rows = r["eval"]["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 3);
@@ -424,6 +429,8 @@ fn dinov2_small_quantizes_all_72_encoder_layers_from_real_photos() {
         s(&dir.join("photos")),
         "--calib-count",
         "6",
+        "--preset",
+        "paper",
         "--device",
         "cpu",
         "--out",
@@ -485,4 +492,140 @@ fn a_calibration_set_that_cannot_fit_the_memory_budget_is_refused_before_compute
         "--out",
         s(&out),
     ]));
+}
+
+/// `--preset paper` reproduces the core implementation bit for bit: the SHA-256 over every
+/// layer's name and codes, as the core implementation wrote it for these runs (CPU).
+#[test]
+fn the_paper_preset_reproduces_the_core_codes_exactly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "assets/tiny-vit.safetensors",
+                "--calib",
+                "assets/tiny-vit.calib.safetensors",
+            ],
+            "bcb953c78a834ec13753052736c4c37a259095b8f94d7f3ce6251a20d9a5f070",
+        ),
+        (
+            &[
+                "assets/tiny-vit.safetensors",
+                "--calib",
+                "assets/tiny-vit.calib.safetensors",
+                "--bits",
+                "3",
+                "--sweeps",
+                "2",
+                "--scale-update",
+            ],
+            "8e1bb61e1ec0c32f3278ea88bf500e55aef38a66a48d78e725e72bff4d367421",
+        ),
+        (
+            &[
+                "assets/fmnist-vit",
+                "--images",
+                "assets/fmnist-images/calib.safetensors",
+            ],
+            "c53bd5a3227f421f7d571beab45917287df2ec3fcbd94a4c02141a17e65f3ea6",
+        ),
+    ];
+    for (i, (args, sha)) in cases.iter().enumerate() {
+        let rep = tmp.path().join(format!("r{i}.json"));
+        let out = tmp.path().join(format!("q{i}.safetensors"));
+        let mut a = vec!["run"];
+        let abs: Vec<String> = args
+            .iter()
+            .map(|x| {
+                if x.starts_with("assets/") {
+                    root.join(x).to_str().unwrap().to_string()
+                } else {
+                    x.to_string()
+                }
+            })
+            .collect();
+        a.extend(abs.iter().map(|x| x.as_str()));
+        a.extend([
+            "--preset",
+            "paper",
+            "--device",
+            "cpu",
+            "--out",
+            s(&out),
+            "--report",
+            s(&rep),
+        ]);
+        ok(&run(&a));
+        assert_eq!(report(&rep)["codes_sha256"], *sha, "case {i}: {args:?}");
+    }
+}
+
+/// The default recipe on the bundled model: every layer chose on held-out images and is no
+/// worse than RTN there; `--target-bits` meets its budget with mixed widths.
+#[test]
+fn the_default_recipe_guards_every_layer_and_target_bits_mixes_widths() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let model = root.join("assets/fmnist-vit");
+    let calib = root.join("assets/fmnist-images/calib.safetensors");
+    let rep = tmp.path().join("r.json");
+    let out = tmp.path().join("q.safetensors");
+    let common = [
+        "run",
+        s(&model),
+        "--images",
+        s(&calib),
+        "--calib-count",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        s(&out),
+        "--report",
+        s(&rep),
+    ];
+    let stdout = ok(&run(&common));
+    assert!(stdout.contains("held COMQ"), "{stdout}");
+    let r = report(&rep);
+    assert!(r["calibration"].as_str().unwrap().contains("held out"));
+    for l in r["layers"].as_array().unwrap() {
+        // 64 images: 54 calibrate, 10 are held out (50 tokens each).
+        assert_eq!(l["samples"], 54 * 50);
+        let held = l["rel_error_holdout"].as_f64().unwrap();
+        let held_rtn = l["rel_error_holdout_rtn"].as_f64().unwrap();
+        assert!(held <= held_rtn, "{}: {held} vs RTN {held_rtn}", l["name"]);
+        let best = l["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["rel_error_holdout"].as_f64().unwrap())
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(held, best);
+    }
+    let mut a = common.to_vec();
+    a.extend(["--target-bits", "3"]);
+    ok(&run(&a));
+    let r = report(&rep);
+    let m = &r["mixed_precision"];
+    assert!(m["average_bits"].as_f64().unwrap() <= 3.0 + 1e-9);
+    let bits: Vec<u64> = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["bits"].as_u64().unwrap())
+        .collect();
+    assert!(bits.iter().any(|&b| b != 3), "{bits:?}");
+    assert!(bits.iter().all(|&b| (2..=8).contains(&b)));
+    // Bad values are exit 2 with the option named.
+    for (flag, value) in [
+        ("--target-bits", "9"),
+        ("--holdout", "1.5"),
+        ("--scalar", "big"),
+        ("--damp", "nan"),
+    ] {
+        let mut a = common.to_vec();
+        a.extend([flag, value]);
+        assert_bad_input(&run(&a), flag);
+    }
 }

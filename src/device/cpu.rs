@@ -115,6 +115,29 @@ fn row_times_gram(a: &[f64], g: &[f32], n: usize, out: &mut [f64]) {
     }
 }
 
+/// Rows per panel of [`rows_times_gram`]: one pass over `G` serves this many rows.
+const GRAM_PANEL: usize = 16;
+
+/// `out = A·G` for a panel of rows of `A` (row-major `p × n`), in f64. Each output element
+/// accumulates over `j` in the same order as [`row_times_gram`] (bit-identical results), but every
+/// row of `G` is read once per panel instead of once per row — `G` rarely fits in cache, so this
+/// divides the memory traffic of the exact refresh by the panel height.
+fn rows_times_gram(a: &[f64], g: &[f32], n: usize, out: &mut [f64]) {
+    out.iter_mut().for_each(|v| *v = 0.0);
+    let p = a.len() / n.max(1);
+    for j in 0..n {
+        let grow = &g[j * n..(j + 1) * n];
+        for r in 0..p {
+            let aj = a[r * n + j];
+            if aj != 0.0 {
+                for (o, &gv) in out[r * n..(r + 1) * n].iter_mut().zip(grow) {
+                    *o += aj * gv as f64;
+                }
+            }
+        }
+    }
+}
+
 fn dot64(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -149,12 +172,15 @@ impl Device for CpuDevice {
     fn energy(&self, l: &mut CpuLayer) -> Result<f64> {
         let n = l.cols;
         Ok(l.w
-            .par_chunks(n)
+            .par_chunks(GRAM_PANEL * n)
             .map(|w| {
                 let a: Vec<f64> = w.iter().map(|&x| x as f64).collect();
-                let mut out = vec![0.0; n];
-                row_times_gram(&a, &l.g, n, &mut out);
-                dot64(&a, &out)
+                let mut out = vec![0.0; a.len()];
+                rows_times_gram(&a, &l.g, n, &mut out);
+                a.chunks(n)
+                    .zip(out.chunks(n))
+                    .map(|(a, o)| dot64(a, o))
+                    .sum::<f64>()
             })
             .sum())
     }
@@ -213,21 +239,24 @@ impl Device for CpuDevice {
         let n = l.cols;
         let g = &l.g;
         Ok(l.r
-            .par_chunks_mut(n)
-            .zip(l.w.par_chunks(n))
-            .zip(l.q.par_chunks(n))
+            .par_chunks_mut(GRAM_PANEL * n)
+            .zip(l.w.par_chunks(GRAM_PANEL * n))
+            .zip(l.q.par_chunks(GRAM_PANEL * n))
             .map(|((r, w), q)| {
                 let e: Vec<f64> = w
                     .iter()
                     .zip(q)
                     .map(|(&a, &b)| a as f64 - b as f64)
                     .collect();
-                let mut out = vec![0.0; n];
-                row_times_gram(&e, g, n, &mut out);
+                let mut out = vec![0.0; e.len()];
+                rows_times_gram(&e, g, n, &mut out);
                 for (rv, &o) in r.iter_mut().zip(&out) {
                     *rv = o as f32;
                 }
-                dot64(&e, &out)
+                e.chunks(n)
+                    .zip(out.chunks(n))
+                    .map(|(a, o)| dot64(a, o))
+                    .sum::<f64>()
             })
             .sum())
     }

@@ -53,7 +53,7 @@ pub fn quantize_layer<D: Device>(
     gram: &Gram,
     cfg: &QuantConfig,
 ) -> Result<LayerOutcome> {
-    quantize_layer_stages(device, name, w, rows, cols, gram, cfg, false).map(|(o, _)| o)
+    run(device, name, w, rows, cols, gram, cfg, false, true, None).map(|(o, _)| o)
 }
 
 /// `‖W − Q̂‖²_F` for codes on `grid` (the term damping adds to the loss, divided by `λ`).
@@ -84,6 +84,24 @@ pub fn quantize_layer_stages<D: Device>(
     gram: &Gram,
     cfg: &QuantConfig,
     stages: bool,
+) -> Result<(LayerOutcome, Vec<Stage>)> {
+    run(device, name, w, rows, cols, gram, cfg, stages, true, None)
+}
+
+/// The driver. Without `measure_rtn` the RTN baseline is not computed (when the start does not
+/// need it) and `rel_error_rtn` is NaN: a search scores RTN as a candidate of its own.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run<D: Device>(
+    device: &D,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &Gram,
+    cfg: &QuantConfig,
+    stages: bool,
+    measure_rtn: bool,
+    factor: Option<&gptq::GptqFactor>,
 ) -> Result<(LayerOutcome, Vec<Stage>)> {
     let start = Instant::now();
     cfg.validate()?;
@@ -144,9 +162,14 @@ pub fn quantize_layer_stages<D: Device>(
         e - lam * w.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
     };
     let rel = |l: f64| if energy > 0.0 { l / energy } else { 0.0 };
-    device.round_to_nearest(&mut st)?;
-    let loss_rtn = device.refresh(&mut st)?;
-    let loss_rtn = if lam == 0.0 {
+    let need_rtn = measure_rtn || cfg.method == Method::Rtn || cfg.init == Init::Rtn;
+    let loss_rtn = if need_rtn {
+        device.round_to_nearest(&mut st)?;
+        device.refresh(&mut st)?
+    } else {
+        f64::NAN
+    };
+    let loss_rtn = if lam == 0.0 || !need_rtn {
         loss_rtn
     } else {
         let codes: Vec<i32> = (0..rows * cols)
@@ -186,8 +209,16 @@ pub fn quantize_layer_stages<D: Device>(
             // The RTN state is already there, and the refresh above made R exact.
             Init::Rtn => {}
             Init::Gptq => {
-                let f = gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64)?;
-                device.gptq(&mut st, &f)?;
+                // The factor depends on G, the damping and the order only: a search shares it.
+                let own;
+                let f = match factor {
+                    Some(f) => f,
+                    None => {
+                        own = gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64)?;
+                        &own
+                    }
+                };
+                device.gptq(&mut st, f)?;
             }
         }
         let mut loss = 0.0;

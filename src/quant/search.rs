@@ -14,7 +14,7 @@
 
 use serde::Serialize;
 
-use super::comq::{quantize_layer_stages, LayerOutcome};
+use super::comq::{run, LayerOutcome};
 use super::{Gram, Init, Method, Order, OrderKind, QuantConfig};
 use crate::device::{Device, LayerProblem};
 use crate::error::Result;
@@ -180,12 +180,25 @@ pub fn search<D: Device>(
             });
         }
     }
+    let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
+        let h = gram.damped(cfg.damp);
+        Some(super::gptq::factor(
+            &h,
+            cfg.act_order,
+            gram.dead_threshold() as f64,
+        )?)
+    } else {
+        None
+    };
     let mut scorer: Option<Scorer<D>> = None;
     let mut tried = Vec::new();
     let mut best: Option<(f64, usize, LayerOutcome)> = None;
     let mut rtn_outcome: Option<(LayerOutcome, Option<f64>)> = None;
     for c in &configs {
-        let (outcome, stages) = quantize_layer_stages(device, name, w, rows, cols, gram, c, true)?;
+        let shared = factor
+            .as_ref()
+            .filter(|_| c.init == Init::Gptq && c.damp == cfg.damp);
+        let (outcome, stages) = run(device, name, w, rows, cols, gram, c, true, false, shared)?;
         // Candidates of this run: its stages, or the outcome itself (RTN).
         let mut points: Vec<(String, LayerOutcome)> = Vec::new();
         if stages.is_empty() {
