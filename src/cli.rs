@@ -8,7 +8,9 @@ use comq_gpu::calibrate::CalibMode;
 use comq_gpu::device::DeviceKind;
 use comq_gpu::io::Checkpoint;
 use comq_gpu::pipeline::{self, Progress, RunOptions, Selection};
-use comq_gpu::quant::search::{SearchPlan, AUTO_SCALARS, DEFAULT_DAMP, DEFAULT_HOLDOUT};
+use comq_gpu::quant::search::{
+    SearchPlan, AUTO_DAMPS, AUTO_SCALARS, DEFAULT_DAMP, DEFAULT_HOLDOUT,
+};
 use comq_gpu::quant::{Granularity, Init, Method, OrderKind, QuantConfig};
 use comq_gpu::recipe::{parse_size, Recipe};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -280,15 +282,23 @@ impl QuantArgs {
         if cfg.method == Method::Rtn {
             return Ok((None, 0.0));
         }
+        // Without an explicit --damp, the default recipe also tries the other dampings.
+        let damps = if self.damp.is_none() && !self.paper() {
+            AUTO_DAMPS.to_vec()
+        } else {
+            Vec::new()
+        };
         let plan = match (self.scalar(r)?, self.paper()) {
             (None, _) => Some(SearchPlan {
                 scalars: AUTO_SCALARS.to_vec(),
                 paper: !self.paper(),
                 rtn_scalars: true,
+                damps,
             }),
             (Some(_), true) if holdout == 0.0 => None,
             (Some(_), paper) => Some(SearchPlan {
                 paper: !paper,
+                damps,
                 ..SearchPlan::single(cfg)
             }),
         };
@@ -409,6 +419,10 @@ pub struct RunArgs {
     /// weight, minimising the summed per-layer (held-out) error; per-layer recipe bits win.
     #[arg(long, value_name = "BITS")]
     pub target_bits: Option<f32>,
+    /// Activation-aware equalisation: per-input scales for the layers fed by a LayerNorm (qkv,
+    /// fc1), folded into that LayerNorm so the output is still a plain model (needs --images).
+    #[arg(long)]
+    pub equalize: bool,
     /// Draw the per-layer relative error, COMQ vs RTN, to this PNG.
     #[arg(long, value_name = "PATH.png")]
     pub plot: Option<PathBuf>,
@@ -565,6 +579,7 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         search,
         holdout,
         target_bits: a.target_bits,
+        equalize: a.equalize,
     };
     let bar = ProgressBar::hidden();
     if !quiet {
@@ -896,6 +911,7 @@ fn plan_cmd(
         search: None,
         holdout: 0.0,
         target_bits: None,
+        equalize: false,
     };
     let calib = opts
         .calib

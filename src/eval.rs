@@ -53,6 +53,17 @@ fn block_with(
             h.set_weight(role, spec.dim, w);
         }
     }
+    // LayerNorms rescaled by --equalize.
+    for (norm, name) in [
+        (&mut h.norm1.0, &names.norm1.0),
+        (&mut h.norm1.1, &names.norm1.1),
+        (&mut h.norm2.0, &names.norm2.0),
+        (&mut h.norm2.1, &names.norm2.1),
+    ] {
+        if let Some(v) = overrides.get(name) {
+            norm.clone_from(v);
+        }
+    }
     Ok(h)
 }
 

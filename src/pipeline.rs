@@ -6,7 +6,7 @@
 //! map), Gram (from the calibration file), quantize (on the chosen device), write (at the planned
 //! offsets). Peak memory is one layer's weights, Gram and outputs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -214,6 +214,8 @@ pub struct RunOptions {
     pub holdout: f32,
     /// Mixed precision: choose 2–8 bits per layer for this average (per-layer overrides win).
     pub target_bits: Option<f32>,
+    /// Fold activation-aware input scales of the layers fed by a LayerNorm into that LayerNorm.
+    pub equalize: bool,
 }
 
 /// One layer's line in the report.
@@ -666,6 +668,91 @@ pub fn plan(
     Ok(jobs)
 }
 
+/// A LayerNorm whose output layers `--equalize` rescales.
+#[derive(Debug, Clone)]
+struct EqSite {
+    /// LayerNorm weight and bias tensor names.
+    norm: (String, String),
+    /// Weight tensor names of every layer it feeds.
+    layers: Vec<String>,
+}
+
+/// The equalised sites by layer prefix: LN 1 → qkv (fused or q, k, v) and LN 2 → fc1 of every
+/// block whose fed layers are all being quantized.
+fn equalize_sites(
+    opts: &RunOptions,
+    vision: Option<&Vision>,
+    jobs: &[Job],
+) -> Result<HashMap<String, EqSite>> {
+    let mut out = HashMap::new();
+    if !opts.equalize {
+        return Ok(out);
+    }
+    let v = match (vision, &opts.images) {
+        (Some(v), Some(io)) => {
+            if io.mode == CalibMode::Quantized {
+                return Err(Error::InvalidOption(
+                    "--equalize works with --calib-mode fp only (the sequential mode would need the                      folded LayerNorms inside its forward pass)"
+                        .into(),
+                ));
+            }
+            v
+        }
+        _ => return Err(Error::InvalidOption(
+            "--equalize needs --images: it folds scales into the LayerNorms of a recognised ViT"
+                .into(),
+        )),
+    };
+    if opts.resume {
+        return Err(Error::InvalidOption(
+            "--equalize cannot be combined with --resume (resumed layers would miss their              LayerNorm scales)"
+                .into(),
+        ));
+    }
+    for b in &v.spec.blocks {
+        let qkv: Vec<String> = b.qkv.iter().map(|(_, p)| p.clone()).collect();
+        for (norm, prefixes) in [(&b.norm1, qkv), (&b.norm2, vec![b.fc1.clone()])] {
+            if !prefixes.iter().all(|p| jobs.iter().any(|j| &j.prefix == p)) {
+                continue;
+            }
+            let site = EqSite {
+                norm: norm.clone(),
+                layers: prefixes.iter().map(|p| format!("{p}.weight")).collect(),
+            };
+            for p in prefixes {
+                out.insert(p, site.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The scales of one site from its Gram and the weights of every layer it feeds.
+fn site_scales(
+    model: &Checkpoint,
+    site: &EqSite,
+    gram: &Gram,
+    current: &str,
+    w: &[f32],
+) -> Result<Vec<f32>> {
+    let mut others = Vec::new();
+    for name in site.layers.iter().filter(|n| n.as_str() != current) {
+        let meta = model
+            .tensors()
+            .iter()
+            .find(|t| &t.name == name)
+            .ok_or_else(|| Error::InvalidOption(format!("--equalize: '{name}' is missing")))?;
+        others.push(model.read_f32(meta)?);
+    }
+    let mut all: Vec<&[f32]> = vec![w];
+    all.extend(others.iter().map(|v| v.as_slice()));
+    Ok(crate::quant::equalize::scales(
+        gram,
+        &all,
+        crate::quant::equalize::ALPHA,
+    ))
+}
+
 /// The outcome of `--target-bits`: bits per job and the errors measured to choose them.
 #[derive(Debug, Clone, Serialize)]
 pub struct MixedPrecision {
@@ -1032,9 +1119,17 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         }
         None => None,
     };
+    // --equalize: the LayerNorms feeding fully selected qkv / fc1 layers are written once their
+    // scales are known, not passed through.
+    let eq_sites = equalize_sites(opts, vision.as_ref(), &jobs)?;
+    let deferred: BTreeSet<String> = eq_sites
+        .values()
+        .flat_map(|site| [site.norm.0.clone(), site.norm.1.clone()])
+        .collect();
+    let mut eq_scales: HashMap<String, Vec<f32>> = HashMap::new();
     // Pass-through tensors go straight from the input map to the outputs.
     for t in model.tensors() {
-        if jobs.iter().any(|j| j.meta.name == t.name) {
+        if jobs.iter().any(|j| j.meta.name == t.name) || deferred.contains(&t.name) {
             continue;
         }
         for w in [packed.as_mut(), dequant.as_mut()].into_iter().flatten() {
@@ -1176,6 +1271,59 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     (Some(h), Some((b, role))) => Some(h.gram(b, role)?),
                     _ => None,
                 };
+                // RTN of the layer as it is in the input, for --eval's baseline row.
+                if opts.eval.is_some() {
+                    let r = crate::quant::quantize_layer(
+                        &crate::device::CpuDevice::new(),
+                        &job.meta.name,
+                        &w,
+                        job.rows,
+                        job.cols,
+                        &gram,
+                        &QuantConfig {
+                            method: Method::Rtn,
+                            ..job.config.clone()
+                        },
+                    )?;
+                    rtn_weights.insert(job.meta.name.clone(), r.layer.dequantize());
+                }
+                let (w, gram, held) = match eq_sites.get(&job.prefix) {
+                    Some(site) => {
+                        let key = site.norm.0.clone();
+                        if !eq_scales.contains_key(&key) {
+                            let s = site_scales(&model, site, &gram, &job.meta.name, &w)?;
+                            for (name, meta) in
+                                [&site.norm.0, &site.norm.1].into_iter().filter_map(|n| {
+                                    model
+                                        .tensors()
+                                        .iter()
+                                        .find(|t| &t.name == n)
+                                        .map(|t| (n, t))
+                                })
+                            {
+                                let v = crate::quant::equalize::divide(&model.read_f32(meta)?, &s);
+                                let bytes = dtype::from_f32(meta.dtype, &v).ok_or_else(|| {
+                                    Error::InvalidOption(format!(
+                                        "--equalize: LayerNorm tensor '{name}' is not a float tensor"
+                                    ))
+                                })?;
+                                for wr in [packed.as_mut(), dequant.as_mut()].into_iter().flatten()
+                                {
+                                    wr.write(name, &bytes)?;
+                                }
+                                comq_weights.insert(name.clone(), v);
+                            }
+                            eq_scales.insert(key.clone(), s);
+                        }
+                        let s = &eq_scales[&key];
+                        (
+                            crate::quant::equalize::scale_columns(&w, s),
+                            crate::quant::equalize::scale_gram(&gram, s),
+                            held.map(|h| crate::quant::equalize::scale_gram(&h, s)),
+                        )
+                    }
+                    None => (w, gram, held),
+                };
                 // A search needs data: with G = I every candidate is scored on the weights alone.
                 let plan = opts
                     .search
@@ -1219,17 +1367,6 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     other => other?,
                 };
                 choice = c;
-                let on_cpu = |cfg: &QuantConfig| {
-                    crate::quant::quantize_layer(
-                        &crate::device::CpuDevice::new(),
-                        &job.meta.name,
-                        &w,
-                        job.rows,
-                        job.cols,
-                        &gram,
-                        cfg,
-                    )
-                };
                 if verify_at.contains(&index) && matches!(device, AnyDevice::Wgpu(_)) {
                     let c = quantize(&AnyDevice::Cpu(crate::device::CpuDevice::new()))?.0;
                     let pairs = c.layer.codes.iter().zip(&outcome.layer.codes);
@@ -1242,13 +1379,6 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 }
                 if let Some(w) = &work {
                     w.save(index, &job.meta.name, &outcome, gram.samples)?;
-                }
-                if opts.eval.is_some() {
-                    let r = on_cpu(&QuantConfig {
-                        method: crate::quant::Method::Rtn,
-                        ..job.config.clone()
-                    })?;
-                    rtn_weights.insert(job.meta.name.clone(), r.layer.dequantize());
                 }
                 (outcome, gram.samples)
             }

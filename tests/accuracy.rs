@@ -268,11 +268,26 @@ fn the_search_ships_the_best_held_out_candidate_and_never_loses_to_rtn() {
         scalars: AUTO_SCALARS.to_vec(),
         paper: true,
         rtn_scalars: true,
+        damps: vec![0.1],
     };
     let dev = CpuDevice::new();
     let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
-    // RTN at 1.0, paper, then per scalar: RTN (not at 1.0), GPTQ start, GPTQ + 1 sweep.
-    assert_eq!(c.tried.len(), 2 + 4 + 2 * AUTO_SCALARS.len());
+    // RTN at 1.0, paper, then per scalar: RTN (not at 1.0), GPTQ start, GPTQ + 1 sweep; then
+    // the other damping's start and sweep at the best scalar.
+    assert_eq!(c.tried.len(), 2 + 4 + 2 * AUTO_SCALARS.len() + 2);
+    let last = &c.tried[c.tried.len() - 1].label;
+    assert!(last.ends_with("d0.1"), "{last}");
+    let best_scalar = c.tried[2..c.tried.len() - 2]
+        .iter()
+        .filter(|t| t.label.starts_with("gptq"))
+        .min_by(|a, b| {
+            a.rel_error_holdout
+                .unwrap()
+                .total_cmp(&b.rel_error_holdout.unwrap())
+        })
+        .map(|t| t.label.split(' ').nth(1).unwrap().to_string())
+        .unwrap();
+    assert!(last.contains(&best_scalar), "{last} vs {best_scalar}");
     let best = c
         .tried
         .iter()
@@ -363,6 +378,7 @@ fn gpu_gptq_and_search_match_the_cpu() {
             scalars: vec![1.0, 0.9],
             paper: true,
             rtn_scalars: true,
+            damps: vec![0.1],
         };
         let cfg = QuantConfig { sweeps: 1, ..cfg };
         let ca = cpu

@@ -629,3 +629,104 @@ fn the_default_recipe_guards_every_layer_and_target_bits_mixes_widths() {
         assert_bad_input(&run(&a), flag);
     }
 }
+
+/// `--equalize` folds its scales into the LayerNorms: the dequantized output, loaded as a plain
+/// model, scores exactly what the run measured, and its LayerNorms differ from the input's.
+#[test]
+fn equalize_folds_into_the_layernorms_and_the_output_is_a_plain_model() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let model = root.join("assets/fmnist-vit");
+    let calib = root.join("assets/fmnist-images/calib.safetensors");
+    let test = root.join("assets/fmnist-images/test.safetensors");
+    let deq = tmp.path().join("dq");
+    let rep = tmp.path().join("r.json");
+    ok(&run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&calib),
+        "--calib-count",
+        "64",
+        "--equalize",
+        "--bits",
+        "3",
+        "--eval",
+        s(&test),
+        "--eval-count",
+        "100",
+        "--device",
+        "cpu",
+        "--dequantized",
+        s(&deq),
+        "--report",
+        s(&rep),
+    ]));
+    let r = report(&rep);
+    let comq = &r["eval"]["rows"][2];
+    let stdout = ok(&run(&[
+        "eval",
+        s(&deq),
+        "--images",
+        s(&test),
+        "--count",
+        "100",
+        "--reference",
+        s(&model),
+        "--device",
+        "cpu",
+        "--json",
+    ]));
+    let e: Value = serde_json::from_str(&stdout).unwrap();
+    let got = e["rows"][1]["fidelity"]["cls_cosine"].as_f64().unwrap();
+    let want = comq["fidelity"]["cls_cosine"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() < 1e-6,
+        "standalone {got} vs in-run {want}"
+    );
+    assert!(want > 0.99, "{want}");
+    let a = comq_gpu::io::Checkpoint::open(&model).unwrap();
+    let b = comq_gpu::io::Checkpoint::open(&deq).unwrap();
+    let norm = |c: &comq_gpu::io::Checkpoint, n: &str| {
+        let t = c.tensors().iter().find(|t| t.name == n).unwrap().clone();
+        c.read_f32(&t).unwrap()
+    };
+    assert_ne!(
+        norm(&a, "blocks.0.norm1.weight"),
+        norm(&b, "blocks.0.norm1.weight")
+    );
+    assert_ne!(
+        norm(&a, "blocks.2.norm2.bias"),
+        norm(&b, "blocks.2.norm2.bias")
+    );
+    // Without images there is no LayerNorm to fold into; the sequential mode is refused.
+    let tiny = root.join("assets/tiny-vit.safetensors");
+    let tcal = root.join("assets/tiny-vit.calib.safetensors");
+    let out = tmp.path().join("q.safetensors");
+    assert_bad_input(
+        &run(&[
+            "run",
+            s(&tiny),
+            "--calib",
+            s(&tcal),
+            "--equalize",
+            "--out",
+            s(&out),
+        ]),
+        "--equalize needs --images",
+    );
+    assert_bad_input(
+        &run(&[
+            "run",
+            s(&model),
+            "--images",
+            s(&calib),
+            "--equalize",
+            "--calib-mode",
+            "quantized",
+            "--out",
+            s(&out),
+        ]),
+        "--calib-mode fp",
+    );
+}

@@ -13,6 +13,7 @@
 
 pub mod alloc;
 pub mod comq;
+pub mod equalize;
 pub mod gptq;
 pub mod gram;
 pub mod grid;

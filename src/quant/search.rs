@@ -25,6 +25,10 @@ pub const DEFAULT_DAMP: f32 = 0.01;
 /// The default share of calibration images held out to score candidates.
 pub const DEFAULT_HOLDOUT: f32 = 0.15;
 
+/// Dampings the default search tries besides `--damp`, at the best grid shrink: strong damping
+/// wins with few calibration images, light damping with many.
+pub const AUTO_DAMPS: [f32; 1] = [0.1];
+
 /// Grid shrinks `--scalar auto` tries, largest first.
 pub const AUTO_SCALARS: [f32; 5] = [1.0, 0.95, 0.9, 0.85, 0.8];
 
@@ -37,6 +41,9 @@ pub struct SearchPlan {
     pub paper: bool,
     /// Also try round-to-nearest at every scalar (RTN at scalar 1 is always tried).
     pub rtn_scalars: bool,
+    /// Other dampings to try with the configured method, at the grid shrink that scored best
+    /// (a coordinate search: one more run per value, not one per scalar).
+    pub damps: Vec<f32>,
 }
 
 impl SearchPlan {
@@ -46,6 +53,7 @@ impl SearchPlan {
             scalars: vec![cfg.scalar],
             paper: false,
             rtn_scalars: false,
+            damps: Vec::new(),
         }
     }
 }
@@ -194,21 +202,41 @@ pub fn search<D: Device>(
     let mut tried = Vec::new();
     let mut best: Option<(f64, usize, LayerOutcome)> = None;
     let mut rtn_outcome: Option<(LayerOutcome, Option<f64>)> = None;
-    for c in &configs {
+    // The best score of the configured method per grid shrink, for the damping stage.
+    let mut by_scalar: Vec<(f32, f64)> = Vec::new();
+    let mut queue: std::collections::VecDeque<QuantConfig> = configs.into();
+    let mut damps_done = plan.damps.is_empty() || cfg.method != Method::Comq;
+    loop {
+        let Some(c) = queue.pop_front() else {
+            if damps_done {
+                break;
+            }
+            damps_done = true;
+            if let Some(&(s, _)) = by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+                for &d in plan.damps.iter().filter(|&&d| d != cfg.damp) {
+                    queue.push_back(QuantConfig {
+                        scalar: s,
+                        damp: d,
+                        ..cfg.clone()
+                    });
+                }
+            }
+            continue;
+        };
         let shared = factor
             .as_ref()
             .filter(|_| c.init == Init::Gptq && c.damp == cfg.damp);
-        let (outcome, stages) = run(device, name, w, rows, cols, gram, c, true, false, shared)?;
+        let (outcome, stages) = run(device, name, w, rows, cols, gram, &c, true, false, shared)?;
         // Candidates of this run: its stages, or the outcome itself (RTN).
         let mut points: Vec<(String, LayerOutcome)> = Vec::new();
         if stages.is_empty() {
-            points.push((label(c, c.sweeps), outcome.clone()));
+            points.push((label(&c, c.sweeps), outcome.clone()));
         }
         for st in stages {
             let mut o = outcome.clone();
             o.rel_error = st.rel_error;
             o.layer = st.layer;
-            points.push((label(c, st.sweeps), o));
+            points.push((label(&c, st.sweeps), o));
         }
         for (lbl, o) in points {
             let held = match holdout {
@@ -232,6 +260,16 @@ pub fn search<D: Device>(
             });
             if rtn_outcome.is_none() {
                 rtn_outcome = Some((o.clone(), held));
+            }
+            let configured = c.method == cfg.method
+                && c.init == cfg.init
+                && c.damp == cfg.damp
+                && plan.scalars.contains(&c.scalar);
+            if configured {
+                match by_scalar.iter_mut().find(|(s, _)| *s == c.scalar) {
+                    Some(e) => e.1 = e.1.min(score),
+                    None => by_scalar.push((c.scalar, score)),
+                }
             }
             if best.as_ref().is_none_or(|(b, _, _)| score < *b) {
                 best = Some((score, tried.len() - 1, o));
