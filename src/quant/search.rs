@@ -29,6 +29,13 @@ pub const DEFAULT_HOLDOUT: f32 = 0.15;
 /// wins with few calibration images, light damping with many.
 pub const AUTO_DAMPS: [f32; 1] = [0.1];
 
+/// When the smallest shrink of `--scalar auto` scores best, the search goes on down in steps
+/// of this much…
+pub const SCALAR_STEP: f32 = 0.05;
+
+/// …but not below this.
+pub const MIN_SCALAR: f32 = 0.5;
+
 /// Grid shrinks `--scalar auto` tries, largest first.
 pub const AUTO_SCALARS: [f32; 5] = [1.0, 0.95, 0.9, 0.85, 0.8];
 
@@ -206,12 +213,32 @@ pub fn search<D: Device>(
     let mut by_scalar: Vec<(f32, f64)> = Vec::new();
     let mut queue: std::collections::VecDeque<QuantConfig> = configs.into();
     let mut damps_done = plan.damps.is_empty() || cfg.method != Method::Comq;
+    let mut extended: Vec<f32> = Vec::new();
+    let mut damp_stage = false;
     loop {
         let Some(c) = queue.pop_front() else {
+            // Line search downwards: while the smallest shrink tried is the best, try the next.
+            if plan.scalars.len() > 1 && !damp_stage {
+                let best_s = by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map(|e| e.0);
+                let lowest = by_scalar.iter().map(|e| e.0).fold(f32::INFINITY, f32::min);
+                if best_s == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
+                    let next = ((lowest - SCALAR_STEP) * 100.0).round() / 100.0;
+                    if plan.rtn_scalars {
+                        queue.push_back(rtn(next));
+                    }
+                    queue.push_back(QuantConfig {
+                        scalar: next,
+                        ..cfg.clone()
+                    });
+                    extended.push(next);
+                    continue;
+                }
+            }
             if damps_done {
                 break;
             }
             damps_done = true;
+            damp_stage = true;
             if let Some(&(s, _)) = by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
                 for &d in plan.damps.iter().filter(|&&d| d != cfg.damp) {
                     queue.push_back(QuantConfig {
@@ -264,7 +291,7 @@ pub fn search<D: Device>(
             let configured = c.method == cfg.method
                 && c.init == cfg.init
                 && c.damp == cfg.damp
-                && plan.scalars.contains(&c.scalar);
+                && (plan.scalars.contains(&c.scalar) || extended.contains(&c.scalar));
             if configured {
                 match by_scalar.iter_mut().find(|(s, _)| *s == c.scalar) {
                     Some(e) => e.1 = e.1.min(score),
