@@ -294,7 +294,12 @@ fn the_search_ships_the_best_held_out_candidate_and_never_loses_to_rtn() {
     };
     if scalars > 1 {
         // The line search stopped at a shrink that is not the smallest tried, or at the floor.
-        let lowest = c.tried[c.tried.len() - 5].label.split(' ').nth(1).unwrap().to_string();
+        let lowest = c.tried[c.tried.len() - 5]
+            .label
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .to_string();
         assert!(gptq_best(2, c.tried.len() - 2) != lowest || lowest == "s0.50");
     }
     let last = &c.tried[c.tried.len() - 1].label;

@@ -219,7 +219,10 @@ pub fn search<D: Device>(
         let Some(c) = queue.pop_front() else {
             // Line search downwards: while the smallest shrink tried is the best, try the next.
             if plan.scalars.len() > 1 && !damp_stage {
-                let best_s = by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map(|e| e.0);
+                let best_s = by_scalar
+                    .iter()
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|e| e.0);
                 let lowest = by_scalar.iter().map(|e| e.0).fold(f32::INFINITY, f32::min);
                 if best_s == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
                     let next = ((lowest - SCALAR_STEP) * 100.0).round() / 100.0;
