@@ -141,7 +141,7 @@ impl GramAccumulator {
                 let ci = &block[i * b..(i + 1) * b];
                 for j in i..n {
                     let cj = &block[j * b..(j + 1) * b];
-                    out[j] += dot_f64(ci, cj);
+                    out[j] += super::linalg::dot(ci, cj);
                 }
             });
         }
@@ -190,23 +190,6 @@ impl GramAccumulator {
             samples: self.samples,
         }
     }
-}
-
-#[inline]
-fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
-    // Four independent partial sums let the compiler vectorise without reassociating.
-    let mut acc = [0.0f64; 4];
-    let chunks = a.len() / 4;
-    for k in 0..chunks {
-        for l in 0..4 {
-            acc[l] += a[4 * k + l] * b[4 * k + l];
-        }
-    }
-    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for k in chunks * 4..a.len() {
-        s += a[k] * b[k];
-    }
-    s
 }
 
 #[cfg(test)]
