@@ -320,6 +320,10 @@ pub struct RunReport {
     pub eval: Option<EvalReport>,
     /// The per-layer widths `--target-bits` chose.
     pub mixed_precision: Option<MixedPrecision>,
+    /// The candidates searched per layer (`null`: one run with `options`, the paper's way).
+    pub search: Option<SearchPlan>,
+    /// Share of the calibration images held out to choose among them.
+    pub holdout: f32,
 }
 
 /// Peak resident set size of this process (`VmHWM`), where the OS reports it.
@@ -1014,6 +1018,9 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     } else {
         None
     };
+    if opts.search.is_some() && opts.holdout > 0.0 && opts.images.is_none() {
+        log::info!("--holdout needs --images; candidates are chosen on the calibration error");
+    }
     let mut device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
     let mut device_name = device.describe();
     // Refuse before any compute when a layer cannot fit.
@@ -1601,6 +1608,12 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         peak_rss_bytes: peak_rss_bytes(),
         eval,
         mixed_precision: mixed,
+        search: opts.search.clone(),
+        holdout: if vision.as_ref().is_some_and(|v| !v.holdout_idx.is_empty()) {
+            opts.holdout
+        } else {
+            0.0
+        },
     };
     if let Some(path) = &opts.report {
         let json = serde_json::to_vec_pretty(&report).expect("report serialises");

@@ -10,7 +10,10 @@
 //! The candidates are cheap to enumerate: the start of a run (`--init rtn|gptq`) and the state
 //! after every sweep are candidates of their own ([`super::comq::Stage`]), so one run with
 //! `--sweeps 1` scores both "GPTQ" and "GPTQ + one COMQ sweep". Per grid shrink (`--scalar
-//! auto`), one such run; plus RTN, and the paper's one-sweep COMQ from the float weights.
+//! auto`), one such run and RTN; plus RTN at scale 1 and the paper's one-sweep COMQ from the
+//! float weights. Two coordinate steps follow: while the smallest shrink scores best, the next
+//! one down is tried (a line search, to [`MIN_SCALAR`]); then, at the best shrink, the other
+//! dampings of the plan (one run each).
 
 use serde::Serialize;
 
