@@ -409,6 +409,9 @@ pub struct Job {
     pub bits_fixed: bool,
 }
 
+/// Mixed into `--seed` for the held-out draw, so it is independent of the calibration draw.
+const HOLDOUT_SEED: u64 = 0x5eed_401d_0u64;
+
 /// The ViT layout and image sets of a run with `--images` or `--eval`.
 struct Vision {
     spec: VitSpec,
@@ -458,13 +461,24 @@ impl Vision {
             }
             None => (None, Vec::new()),
         };
-        // The choice of images is seeded and random, so its tail is a random held-out share.
+        // The held-out share is a seeded random subset: the chosen indices are sorted, and a
+        // folder with class sub-folders lists one class after another.
         let mut calib_idx = calib_idx;
         let holdout_idx = match (&opts.search, opts.holdout) {
             (Some(_), f) if f > 0.0 && calib_idx.len() >= 2 => {
                 let k = ((calib_idx.len() as f64 * f as f64).round() as usize)
                     .clamp(1, calib_idx.len() - 1);
-                calib_idx.split_off(calib_idx.len() - k)
+                let seed = opts.images.as_ref().map_or(0, |i| i.seed);
+                let mut rng = crate::bench::SplitMix::new(seed ^ HOLDOUT_SEED);
+                let n = calib_idx.len();
+                for i in 0..k {
+                    let j = i + (rng.next_u64() % (n - i) as u64) as usize;
+                    calib_idx.swap(i, j);
+                }
+                let mut held = calib_idx.drain(..k).collect::<Vec<_>>();
+                held.sort_unstable();
+                calib_idx.sort_unstable();
+                held
             }
             (Some(_), f) if f > 0.0 && !calib_idx.is_empty() => {
                 log::warn!("one calibration image cannot be split; candidates are scored on it");
