@@ -192,7 +192,8 @@ pub struct QuantArgs {
     #[arg(long, value_enum)]
     pub preset: Option<PresetArg>,
     /// Grid shrink factor c (the reference uses 0.65 at 2 bits), or `auto` to choose it per
-    /// layer from 1.0, 0.95, 0.9, 0.85, 0.8 by error [default: auto; paper: 1.0].
+    /// layer by error from 1.0, 0.95, 0.9, 0.85, 0.8 — and lower in 0.05 steps, to 0.5, while
+    /// the smallest wins [default: auto; paper: 1.0].
     #[arg(long, value_name = "C|auto")]
     pub scalar: Option<String>,
     /// Coordinate-descent sweeps; 0 ships the start itself (not with --init w) [default: 1].

@@ -226,6 +226,8 @@ pub(crate) fn run<D: Device>(
             let l = device.refresh(&mut st)?;
             rel_start = Some(rel(if stages || cfg.sweeps == 0 {
                 snapshot(&mut st, 0, l)?
+            } else if lam == 0.0 {
+                l
             } else {
                 // Without snapshots the start's undamped error needs its codes: download once.
                 let (codes, delta) = device.download(&mut st)?;
