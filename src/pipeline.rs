@@ -410,7 +410,7 @@ pub struct Job {
 }
 
 /// Mixed into `--seed` for the held-out draw, so it is independent of the calibration draw.
-const HOLDOUT_SEED: u64 = 0x5eed_401d_0u64;
+const HOLDOUT_SEED: u64 = 0x0005_eed4_01d0_u64;
 
 /// The ViT layout and image sets of a run with `--images` or `--eval`.
 struct Vision {
