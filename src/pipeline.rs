@@ -686,6 +686,30 @@ pub fn plan(
     Ok(jobs)
 }
 
+/// A job's calibration Gram (from images, the calibration file, or `G = I`) and, with held-out
+/// images, its held-out Gram.
+fn job_grams(
+    job: &Job,
+    calib: Option<&Calibration>,
+    device: &AnyDevice,
+    grams: &mut Option<Box<dyn BlockGrams + '_>>,
+    holdout: &mut Option<Box<dyn BlockGrams + '_>>,
+) -> Result<(Gram, Option<Gram>)> {
+    let gram = match (calib, job.calib) {
+        (_, Some(CalibKind::Images)) => {
+            let (b, role) = job.block.expect("image jobs are located");
+            grams.as_mut().expect("calibrator exists").gram(b, role)?
+        }
+        (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, device)?,
+        _ => Gram::identity(job.cols),
+    };
+    let held = match (holdout, job.block) {
+        (Some(h), Some((b, role))) => Some(h.gram(b, role)?),
+        _ => None,
+    };
+    Ok((gram, held))
+}
+
 /// A LayerNorm whose output layers `--equalize` rescales.
 #[derive(Debug, Clone)]
 struct EqSite {
@@ -834,17 +858,7 @@ fn allocate_bits(
         }
         let w = model.read_f32(&job.meta)?;
         model.release(&job.meta);
-        let gram = match (calib, job.calib, job.block) {
-            (_, Some(CalibKind::Images), Some((b, role))) => {
-                grams.as_mut().expect("calibrator exists").gram(b, role)?
-            }
-            (Some(c), Some(_), _) => c.gram(&job.prefix, job.cols, device)?,
-            _ => Gram::identity(job.cols),
-        };
-        let held = match (&mut holdout, job.block) {
-            (Some(h), Some((b, role))) => Some(h.gram(b, role)?),
-            _ => None,
-        };
+        let (gram, held) = job_grams(job, calib, device, &mut grams, &mut holdout)?;
         let mut errors = Vec::new();
         for bits in 2..=8u32 {
             let cfg = QuantConfig {
@@ -1276,22 +1290,12 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     name: &job.meta.name,
                     stage: "calibration",
                 });
-                let gram = match (&calib, job.calib) {
-                    (_, Some(CalibKind::Images)) => {
-                        let (b, role) = job.block.expect("image jobs are located");
-                        grams.as_mut().expect("calibrator exists").gram(b, role)?
-                    }
-                    (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, &device)?,
-                    _ => Gram::identity(job.cols),
-                };
+                let (gram, held) =
+                    job_grams(job, calib.as_ref(), &device, &mut grams, &mut holdout)?;
                 progress(Progress::Stage {
                     name: &job.meta.name,
                     stage: "quantize",
                 });
-                let held = match (&mut holdout, job.block) {
-                    (Some(h), Some((b, role))) => Some(h.gram(b, role)?),
-                    _ => None,
-                };
                 // RTN of the layer as it is in the input, for --eval's baseline row.
                 if opts.eval.is_some() {
                     let r = crate::quant::quantize_layer(
