@@ -105,10 +105,11 @@ fn human(b: u64) -> String {
 pub fn device_bytes(rows: usize, cols: usize, cfg: &QuantConfig) -> u64 {
     let (m, n) = (rows as u64, cols as u64);
     let groups = (cols / cfg.group_size.unwrap_or(cols)) as u64;
-    let order = if cfg.order == OrderKind::Greedy {
-        4 * m * n
-    } else {
-        0
+    let order = match cfg.order {
+        OrderKind::Greedy => 4 * m * n,
+        // The permutation and the block's changes D.
+        OrderKind::Shared => 4 * n + 4 * m * crate::quant::order::SHARED_BLOCK as u64,
+        OrderKind::Natural => 0,
     };
     20 * m * n + order + 12 * m * groups + 4 * m + 4 * n * n
 }

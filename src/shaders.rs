@@ -21,6 +21,10 @@ pub enum Kernel {
     SweepShared,
     /// One sweep with the row's residual in storage (`sweep.wgsl`).
     SweepStorage,
+    /// Shared-order sweep: the steps of one block of columns (`block.wgsl`).
+    BlockSteps,
+    /// Shared-order sweep: `R −= D·G[block, :]` (`block.wgsl`).
+    BlockUpdate,
     /// Per-(row, group) closed-form scale steps (`scale.wgsl`).
     ScaleChannel,
     /// The GPTQ-style start (`gptq.wgsl`).
@@ -44,7 +48,8 @@ pub enum Kernel {
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 8] = [
+pub const SOURCES: [(&str, &str); 9] = [
+    ("block.wgsl", include_str!("../shaders/block.wgsl")),
     ("gptq.wgsl", include_str!("../shaders/gptq.wgsl")),
     ("gram.wgsl", include_str!("../shaders/gram.wgsl")),
     ("residual.wgsl", include_str!("../shaders/residual.wgsl")),
@@ -60,7 +65,9 @@ pub const SWEEP_SHARED_MAX_COLS: usize = 4096;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 17] = [
+    pub const ALL: [Kernel; 19] = [
+        Kernel::BlockSteps,
+        Kernel::BlockUpdate,
         Kernel::Gptq,
         Kernel::Gram,
         Kernel::Residual,
@@ -89,6 +96,7 @@ impl Kernel {
             Kernel::Rtn | Kernel::ApplyScale => "rtn.wgsl",
             Kernel::SweepShared | Kernel::SweepStorage => "sweep.wgsl",
             Kernel::ScaleChannel => "scale.wgsl",
+            Kernel::BlockSteps | Kernel::BlockUpdate => "block.wgsl",
             Kernel::Gptq => "gptq.wgsl",
             Kernel::Linear
             | Kernel::LayerNorm
@@ -112,6 +120,8 @@ impl Kernel {
             Kernel::SweepShared => "sweep_shared",
             Kernel::SweepStorage => "sweep_storage",
             Kernel::ScaleChannel => "scale_channel",
+            Kernel::BlockSteps => "block_steps",
+            Kernel::BlockUpdate => "block_update",
             Kernel::Gptq => "gptq",
             Kernel::Linear => "linear",
             Kernel::LayerNorm => "layernorm",

@@ -215,6 +215,34 @@ fn end_to_end_codes_and_losses_match_the_cpu() {
 }
 
 #[test]
+fn shared_order_blocked_sweep_matches_the_cpu() {
+    // block_steps + block_update against the CPU's blocked sweep: several blocks (257 columns),
+    // a partial last block, several workgroups of rows (130), grouped grids, two sweeps.
+    let Some(gpu) = gpu::device() else { return };
+    let base = QuantConfig {
+        order: OrderKind::Shared,
+        ..QuantConfig::default()
+    };
+    end_to_end(
+        &gpu,
+        &[
+            base.clone(),
+            QuantConfig {
+                bits: 3,
+                sweeps: 2,
+                group_size: Some(16),
+                ..base.clone()
+            },
+            QuantConfig {
+                scale_update: true,
+                sweeps: 2,
+                ..base.clone()
+            },
+        ],
+    );
+}
+
+#[test]
 fn end_to_end_with_scale_updates_matches_the_cpu() {
     let Some(gpu) = gpu::device() else { return };
     let base = QuantConfig {
@@ -255,6 +283,10 @@ fn layers_larger_than_a_binding_are_tiled_by_rows() {
         QuantConfig {
             granularity: Granularity::Layer,
             scale_update: true,
+            ..QuantConfig::default()
+        },
+        QuantConfig {
+            order: OrderKind::Shared,
             ..QuantConfig::default()
         },
     ] {

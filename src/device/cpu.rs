@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::quant::comq::scale_step;
 use crate::quant::gptq::{self, GptqFactor, RowGrid};
 use crate::quant::grid::nearest_code;
+use crate::quant::order::SHARED_BLOCK;
 use crate::quant::{Granularity, Order, ScaleDtype};
 
 /// The CPU device.
@@ -34,6 +35,8 @@ pub struct CpuLayer {
     levels: i32,
     w: Vec<f32>,
     g: Vec<f32>,
+    /// `G` widened to f64, for the exact products (energy, refresh).
+    g64: Vec<f64>,
     q: Vec<f32>,
     r: Vec<f32>,
     codes: Vec<i32>,
@@ -115,27 +118,13 @@ fn row_times_gram(a: &[f64], g: &[f32], n: usize, out: &mut [f64]) {
     }
 }
 
-/// Rows per panel of [`rows_times_gram`]: one pass over `G` serves this many rows.
-const GRAM_PANEL: usize = 16;
+/// Rows per panel of [`rows_times_gram`]: one matrix product per panel (and rayon task).
+const GRAM_PANEL: usize = 64;
 
-/// `out = A·G` for a panel of rows of `A` (row-major `p × n`), in f64. Each output element
-/// accumulates over `j` in the same order as [`row_times_gram`] (bit-identical results), but every
-/// row of `G` is read once per panel instead of once per row — `G` rarely fits in cache, so this
-/// divides the memory traffic of the exact refresh by the panel height.
-fn rows_times_gram(a: &[f64], g: &[f32], n: usize, out: &mut [f64]) {
-    out.iter_mut().for_each(|v| *v = 0.0);
-    let p = a.len() / n.max(1);
-    for j in 0..n {
-        let grow = &g[j * n..(j + 1) * n];
-        for r in 0..p {
-            let aj = a[r * n + j];
-            if aj != 0.0 {
-                for (o, &gv) in out[r * n..(r + 1) * n].iter_mut().zip(grow) {
-                    *o += aj * gv as f64;
-                }
-            }
-        }
-    }
+/// `out = A·G` for a panel of rows of `A` (row-major `p × n`), in f64: one cache-blocked SIMD
+/// matrix product with `G` widened to f64 (exactly the f32 values the sweep uses).
+fn rows_times_gram(a: &[f64], g64: &[f64], n: usize, out: &mut [f64]) {
+    crate::quant::linalg::dgemm(a.len() / n.max(1), n, n, a, g64, out);
 }
 
 fn dot64(a: &[f64], b: &[f64]) -> f64 {
@@ -157,6 +146,7 @@ impl Device for CpuDevice {
             levels: p.grid.levels(),
             w: p.weights.to_vec(),
             g: p.gram.to_vec(),
+            g64: p.gram.iter().map(|&v| v as f64).collect(),
             q: p.weights.to_vec(),
             r: vec![0.0; rows * cols],
             codes: vec![0; rows * cols],
@@ -176,7 +166,7 @@ impl Device for CpuDevice {
             .map(|w| {
                 let a: Vec<f64> = w.iter().map(|&x| x as f64).collect();
                 let mut out = vec![0.0; a.len()];
-                rows_times_gram(&a, &l.g, n, &mut out);
+                rows_times_gram(&a, &l.g64, n, &mut out);
                 a.chunks(n)
                     .zip(out.chunks(n))
                     .map(|(a, o)| dot64(a, o))
@@ -212,6 +202,11 @@ impl Device for CpuDevice {
     }
 
     fn sweep(&self, l: &mut CpuLayer) -> Result<()> {
+        if let Order::Shared { perm, .. } = &l.order {
+            let perm = perm.clone();
+            sweep_shared(l, &perm);
+            return Ok(());
+        }
         let (n, gs, ng, levels, dead) = (l.cols, l.group_size, l.groups(), l.levels, l.dead);
         let (g, order, delta, lo) = (&l.g, &l.order, &l.delta, &l.lo);
         l.q.par_chunks_mut(n)
@@ -237,7 +232,7 @@ impl Device for CpuDevice {
 
     fn refresh(&self, l: &mut CpuLayer) -> Result<f64> {
         let n = l.cols;
-        let g = &l.g;
+        let g = &l.g64;
         Ok(l.r
             .par_chunks_mut(GRAM_PANEL * n)
             .zip(l.w.par_chunks(GRAM_PANEL * n))
@@ -298,6 +293,78 @@ impl Device for CpuDevice {
         };
         gptq::quantize_rows(&l.w, f, grid, &mut l.codes, &mut l.q);
         Ok(())
+    }
+}
+
+/// Rows per rayon task of the blocked sweep: one task's trailing update is one GEMM of this
+/// many rows (and its `D` panel stays in L1).
+const SWEEP_PANEL: usize = 32;
+
+/// One sweep in a shared order, blocked (see [`crate::quant::order`]).
+///
+/// For each block `J` of [`SHARED_BLOCK`] consecutive steps, every row walks the block's columns
+/// with a private copy of `R_i[J]`, updated by the block's `G[J, J]` corner only (the steps inside
+/// the block need nothing else); the changes `D_i[J]` are kept. The whole residual then takes the
+/// block's effect at once, `R −= D·G[J, :]`, one matrix product per panel of rows. The result is
+/// the plain coordinate sweep in the same order; only the f32 rounding of `R` differs.
+fn sweep_shared(l: &mut CpuLayer, perm: &[u32]) {
+    let (n, gs, ng, levels, dead) = (l.cols, l.group_size, l.groups(), l.levels, l.dead);
+    let (g, delta, lo) = (&l.g, &l.delta, &l.lo);
+    let mut gj = Vec::new();
+    let mut gjj = Vec::new();
+    for block in perm.chunks(SHARED_BLOCK) {
+        let b = block.len();
+        // G[J, :] (rows of G, contiguous) and its corner G[J, J].
+        gj.clear();
+        for &j in block {
+            gj.extend_from_slice(&g[j as usize * n..(j as usize + 1) * n]);
+        }
+        gjj.clear();
+        for t in 0..b {
+            gjj.extend(block.iter().map(|&c| gj[t * n + c as usize]));
+        }
+        let (gj, gjj) = (&gj, &gjj);
+        l.q.par_chunks_mut(SWEEP_PANEL * n)
+            .zip(l.r.par_chunks_mut(SWEEP_PANEL * n))
+            .zip(l.codes.par_chunks_mut(SWEEP_PANEL * n))
+            .zip(l.w.par_chunks(SWEEP_PANEL * n))
+            .enumerate()
+            .for_each(|(p, (((q, r), codes), w))| {
+                let rows = w.len() / n;
+                let mut d = vec![0.0f32; rows * b];
+                let mut rj = vec![0.0f32; b];
+                for i in 0..rows {
+                    let row = p * SWEEP_PANEL + i;
+                    let (q, codes, w) = (&mut q[i * n..], &mut codes[i * n..], &w[i * n..]);
+                    for (v, &c) in rj.iter_mut().zip(block) {
+                        *v = r[i * n + c as usize];
+                    }
+                    for t in 0..b {
+                        let j = block[t] as usize;
+                        let gjj_t = gjj[t * b + t];
+                        let slot = row * ng + j / gs;
+                        let target = if gjj_t > dead {
+                            q[j] + rj[t] / gjj_t
+                        } else {
+                            w[j]
+                        };
+                        let k = nearest_code(target, delta[slot], lo[slot], levels);
+                        let qn = delta[slot] * k as f32;
+                        let dv = qn - q[j];
+                        if dv != 0.0 {
+                            for (v, &gv) in
+                                rj[t + 1..].iter_mut().zip(&gjj[t * b + t + 1..(t + 1) * b])
+                            {
+                                *v -= dv * gv;
+                            }
+                        }
+                        q[j] = qn;
+                        codes[j] = k;
+                        d[i * b + t] = dv;
+                    }
+                }
+                crate::quant::linalg::sgemm_acc(rows, b, n, -1.0, &d, b, gj, n, r, n);
+            });
     }
 }
 

@@ -128,6 +128,37 @@ pub fn sgemm_acc(
     }
 }
 
+/// `c[m, n] = a[m, k] · b[k, n]` in f64, every operand row-major and contiguous
+/// (`matrixmultiply`'s cache-blocked SIMD kernel).
+pub fn dgemm(m: usize, k: usize, n: usize, a: &[f64], b: &[f64], c: &mut [f64]) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "dgemm: operand sizes"
+    );
+    // SAFETY: the assert above bounds every index the kernel reads or writes; `c` is exclusive.
+    unsafe {
+        matrixmultiply::dgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            n as isize,
+            1,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
 /// Dot product with four independent partial sums (vectorises without reassociation flags).
 #[inline]
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {

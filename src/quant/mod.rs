@@ -75,6 +75,9 @@ pub enum OrderKind {
     Greedy,
     /// `0, 1, …, n−1` for every row.
     Natural,
+    /// One order for all rows, by `sqrt(G_jj)·Σ_i |W_ij|` descending, swept in blocks whose
+    /// residual updates are matrix products (much faster; usually a little less accurate).
+    Shared,
 }
 
 /// How many scales a tensor has.

@@ -4,8 +4,18 @@
 //! that contribute most to the output are fixed first and the many small ones absorb their
 //! error. It is computed once from the float weights and reused in every sweep. Ties are broken
 //! by index (a stable sort) so a run is reproducible — the reference's `torch.argsort` is not.
+//!
+//! The shared order visits the same column in every row at the same step (by the column's total
+//! contribution `‖x_j‖·Σ_i |W_ij|`). It gives up the per-row choice, and in exchange the sweep can
+//! be blocked: the steps inside a block of [`SHARED_BLOCK`] columns touch only a small corner of
+//! `G`, and the residual update of the whole layer for that block is one matrix product
+//! (`R −= D·G[block, :]`), the form GPTQ's lazy batches use. See `ARCHITECTURE.md`.
 
 use super::OrderKind;
+
+/// Columns per block of the shared-order sweep, on every device (the GPU keeps the block's
+/// `G` corner, `64 × 64` f32 = 16 KiB, in workgroup memory).
+pub const SHARED_BLOCK: usize = 64;
 
 /// The per-row permutation of column indices that a sweep walks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +24,13 @@ pub enum Order {
     Natural {
         /// Columns.
         cols: usize,
+    },
+    /// Every row visits `perm` (one permutation for the whole layer); swept in blocks.
+    Shared {
+        /// Columns.
+        cols: usize,
+        /// The permutation.
+        perm: Vec<u32>,
     },
     /// Row `i` visits `perm[i*cols .. (i+1)*cols]`.
     PerRow {
@@ -47,6 +64,20 @@ impl Order {
                 }
                 Order::PerRow { cols, perm }
             }
+            OrderKind::Shared => {
+                let mut score = vec![0.0f64; cols];
+                for row in w.chunks(cols.max(1)).take(rows) {
+                    for (s, &v) in score.iter_mut().zip(row) {
+                        *s += (v as f64).abs();
+                    }
+                }
+                for (s, &g) in score.iter_mut().zip(diag) {
+                    *s *= g.max(0.0).sqrt();
+                }
+                let mut perm: Vec<u32> = (0..cols as u32).collect();
+                perm.sort_by(|&a, &b| score[b as usize].total_cmp(&score[a as usize]));
+                Order::Shared { cols, perm }
+            }
         }
     }
 
@@ -55,6 +86,7 @@ impl Order {
     pub fn at(&self, row: usize, t: usize) -> usize {
         match self {
             Order::Natural { .. } => t,
+            Order::Shared { perm, .. } => perm[t] as usize,
             Order::PerRow { cols, perm } => perm[row * cols + t] as usize,
         }
     }
@@ -63,6 +95,7 @@ impl Order {
     pub fn table(&self, rows: usize) -> Vec<u32> {
         match self {
             Order::Natural { cols } => (0..rows).flat_map(|_| 0..*cols as u32).collect(),
+            Order::Shared { perm, .. } => (0..rows).flat_map(|_| perm.iter().copied()).collect(),
             Order::PerRow { perm, .. } => perm.clone(),
         }
     }
@@ -85,5 +118,22 @@ mod tests {
                 perm: vec![1, 3, 0, 2]
             }
         );
+    }
+
+    #[test]
+    fn shared_order_ranks_columns_by_total_contribution() {
+        // rows [1, -3, 2] and [1, 1, -2]; column sums 2, 4, 4; norms 1, 1, 2 -> 2, 4, 8
+        let w = [1.0f32, -3.0, 2.0, 1.0, 1.0, -2.0];
+        let diag = [1.0, 1.0, 4.0];
+        let o = Order::build(OrderKind::Shared, &w, 2, 3, &diag);
+        assert_eq!(
+            o,
+            Order::Shared {
+                cols: 3,
+                perm: vec![2, 1, 0]
+            }
+        );
+        assert_eq!(o.at(1, 0), 2);
+        assert_eq!(o.table(2), vec![2, 1, 0, 2, 1, 0]);
     }
 }

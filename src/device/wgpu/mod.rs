@@ -16,12 +16,14 @@ use std::sync::{Arc, Mutex};
 
 use buffers::{gpu_err, read_f32, read_i32, BufferPool};
 use pipelines::{
-    GptqParams, GramParams, GridParams, ModeParams, Pipelines, ScaleParams, SweepParams,
+    BlockParams, GptqParams, GramParams, GridParams, ModeParams, Pipelines, ScaleParams,
+    SweepParams,
 };
 
 use super::{Device, LayerProblem};
 use crate::error::{Error, Result};
 use crate::quant::gptq::GptqFactor;
+use crate::quant::order::SHARED_BLOCK;
 use crate::quant::{comq::scale_step, Gram, GramAccumulator, Granularity, Order, ScaleDtype};
 use crate::shaders::{Kernel, SWEEP_SHARED_MAX_COLS};
 
@@ -422,6 +424,8 @@ struct Tile {
     apply: wgpu::BindGroup,
     sweep: wgpu::BindGroup,
     scale: wgpu::BindGroup,
+    /// Shared order: per block of columns, the bind groups of `block_steps` and `block_update`.
+    blocks: Vec<(wgpu::BindGroup, wgpu::BindGroup)>,
 }
 
 impl Tile {
@@ -461,7 +465,8 @@ impl WgpuDevice {
         let mn = (rows * n * 4) as u64;
         let mg = (rows * groups * 4) as u64;
         let take = |label: &str, size: u64| self.pool.take(&self.device, label, size);
-        // Order of `bufs`: w q r codes s delta delta0 lo order out.
+        let shared = matches!(p.order, Order::Shared { .. });
+        // Order of `bufs`: w q r codes s delta delta0 lo order out [d].
         let bufs = vec![
             take("w", mn),
             take("q", mn),
@@ -473,14 +478,18 @@ impl WgpuDevice {
             take("lo", mg),
             take(
                 "order",
-                if matches!(p.order, Order::Natural { .. }) {
-                    16
-                } else {
-                    mn
+                match p.order {
+                    Order::Natural { .. } => 16,
+                    Order::Shared { .. } => (n * 4) as u64,
+                    Order::PerRow { .. } => mn,
                 },
             ),
             take("out", (rows * 4) as u64),
         ];
+        let mut bufs = bufs;
+        if shared {
+            bufs.push(take("block-d", (rows * SHARED_BLOCK * 4) as u64));
+        }
         let (w, q, r, codes, s, delta, delta0, lo, order, out) = (
             &bufs[0], &bufs[1], &bufs[2], &bufs[3], &bufs[4], &bufs[5], &bufs[6], &bufs[7],
             &bufs[8], &bufs[9],
@@ -497,13 +506,59 @@ impl WgpuDevice {
             0,
             bytemuck::cast_slice(&p.grid.lo[row0 * groups..(row0 + rows) * groups]),
         );
-        if let Order::PerRow { perm, .. } = p.order {
-            self.queue.write_buffer(
+        match p.order {
+            Order::PerRow { perm, .. } => self.queue.write_buffer(
                 order,
                 0,
                 bytemuck::cast_slice(&perm[row0 * n..(row0 + rows) * n]),
-            );
+            ),
+            Order::Shared { perm, .. } => {
+                self.queue
+                    .write_buffer(order, 0, bytemuck::cast_slice(perm))
+            }
+            Order::Natural { .. } => {}
         }
+        let blocks = match bufs.get(10) {
+            Some(dbuf) => (0..n)
+                .step_by(SHARED_BLOCK)
+                .map(|t0| {
+                    let bp = self.uniform(
+                        "block-params",
+                        &BlockParams {
+                            rows: rows as u32,
+                            n: n as u32,
+                            group_size: p.grid.group_size as u32,
+                            levels: p.grid.levels(),
+                            dead: p.dead_threshold,
+                            groups: groups as u32,
+                            t0: t0 as u32,
+                            b: SHARED_BLOCK.min(n - t0) as u32,
+                        },
+                    );
+                    let steps = self.bind(
+                        Kernel::BlockSteps,
+                        &[
+                            (0, w),
+                            (1, q),
+                            (2, r),
+                            (3, codes),
+                            (4, g),
+                            (5, delta),
+                            (6, lo),
+                            (7, order),
+                            (8, dbuf),
+                            (9, &bp),
+                        ],
+                    );
+                    let update = self.bind(
+                        Kernel::BlockUpdate,
+                        &[(2, r), (4, g), (7, order), (8, dbuf), (9, &bp)],
+                    );
+                    (steps, update)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let (r32, n32) = (rows as u32, n as u32);
         let mode = |m: u32| {
             self.uniform(
@@ -633,6 +688,7 @@ impl WgpuDevice {
             apply,
             sweep,
             scale,
+            blocks,
             bufs,
         }
     }
@@ -761,7 +817,21 @@ impl Device for WgpuDevice {
         let kernel = self.sweep_kernel(l.cols);
         let mut enc = self.encoder("sweep");
         for t in &l.tiles {
-            self.dispatch(&mut enc, kernel, &t.sweep, per_row(t.rows));
+            if t.blocks.is_empty() {
+                self.dispatch(&mut enc, kernel, &t.sweep, per_row(t.rows));
+                continue;
+            }
+            // Shared order: per block, the steps of every row, then one matrix product.
+            let groups = t.rows.div_ceil(SHARED_BLOCK) as u32;
+            for (steps, update) in &t.blocks {
+                self.dispatch(&mut enc, Kernel::BlockSteps, steps, (groups, 1));
+                self.dispatch(
+                    &mut enc,
+                    Kernel::BlockUpdate,
+                    update,
+                    (l.cols.div_ceil(64) as u32, groups),
+                );
+            }
         }
         self.submit(enc)
     }

@@ -71,6 +71,28 @@ pub struct SweepParams {
     pub pad: u32,
 }
 
+/// `BlockParams` in `block.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockParams {
+    /// Rows of the tile.
+    pub rows: u32,
+    /// Columns.
+    pub n: u32,
+    /// Inputs per group.
+    pub group_size: u32,
+    /// Codes per range.
+    pub levels: i32,
+    /// Dead-input threshold on `G_jj`.
+    pub dead: f32,
+    /// Groups per row.
+    pub groups: u32,
+    /// First step of the block.
+    pub t0: u32,
+    /// Columns in the block (≤ 64).
+    pub b: u32,
+}
+
 /// `GptqParams` in `gptq.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -181,6 +203,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<ModeParams>(), 16);
         assert_eq!(std::mem::size_of::<GridParams>(), 16);
         assert_eq!(std::mem::size_of::<SweepParams>(), 32);
+        assert_eq!(std::mem::size_of::<BlockParams>(), 32);
         assert_eq!(std::mem::size_of::<ScaleParams>(), 16);
         assert_eq!(std::mem::size_of::<VitParams>(), 32);
     }
