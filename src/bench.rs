@@ -4,6 +4,7 @@
 //! uneven feature scales; a low-rank-plus-diagonal Gram reproduces that without the cost of
 //! forming `XᵀX` from millions of rows, so benchmark set-up stays cheap at ViT-L sizes.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -216,12 +217,29 @@ pub struct ForwardRow {
 }
 
 /// Named synthetic ViT shapes for the forward benchmark: (name, width, depth, heads, MLP, patch, input).
-pub const FORWARD_SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 4] = [
+pub const FORWARD_SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 6] = [
     ("tiny", 64, 2, 4, 256, 4, 32),
     ("vit-s14", 384, 12, 6, 1536, 14, 224),
     ("vit-b16", 768, 12, 12, 3072, 16, 224),
     ("vit-l16", 1024, 24, 16, 4096, 16, 224),
+    ("vit-h14", 1280, 32, 16, 5120, 14, 224),
+    // A 6-billion-parameter ViT shape (ViT-6B-like: 48 blocks of width 3200, head dim 128).
+    ("vit-6b", 3200, 48, 25, 12800, 14, 224),
 ];
+
+/// The [`FORWARD_SHAPES`] row named `shape`.
+fn shape_row(shape: &str) -> Result<(&'static str, usize, usize, usize, usize, usize, usize)> {
+    FORWARD_SHAPES
+        .iter()
+        .find(|s| s.0 == shape)
+        .copied()
+        .ok_or_else(|| {
+            Error::InvalidOption(format!(
+                "unknown model shape '{shape}'; one of {}",
+                FORWARD_SHAPES.map(|s| s.0).join(", ")
+            ))
+        })
+}
 
 fn time_forward<O: crate::model::forward::Ops>(
     ops: &O,
@@ -253,15 +271,7 @@ pub fn run_forward_bench(
     gpu: Option<&crate::device::WgpuDevice>,
     cpu: bool,
 ) -> Result<ForwardRow> {
-    let &(name, dim, depth, heads, mlp, patch, img) = FORWARD_SHAPES
-        .iter()
-        .find(|s| s.0 == shape)
-        .ok_or_else(|| {
-            Error::InvalidOption(format!(
-                "unknown forward shape '{shape}'; one of {}",
-                FORWARD_SHAPES.map(|s| s.0).join(", ")
-            ))
-        })?;
+    let (name, dim, depth, heads, mlp, patch, img) = shape_row(shape)?;
     let dir = std::env::temp_dir().join(format!("comq-forward-bench-{}", std::process::id()));
     crate::model::synthetic::SyntheticVit {
         family: crate::model::Family::TimmVit,
@@ -322,4 +332,160 @@ pub fn run_forward_bench(
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// One end-to-end run of `comq-gpu bench --model`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct E2eRow {
+    /// Shape name.
+    pub model: String,
+    /// Blocks run (the shape's depth unless cut down).
+    pub blocks: usize,
+    /// Parameters of the linear layers quantized.
+    pub linear_params: usize,
+    /// Calibration images.
+    pub images: usize,
+    /// `cpu` or `gpu`.
+    pub device: String,
+    /// The device as the run described it.
+    pub device_name: String,
+    /// Seconds of the whole run.
+    pub wall_seconds: f64,
+    /// The run with I/O excluded (see [`crate::profile::ProfileReport`]).
+    pub wall_seconds_without_io: f64,
+    /// Peak resident memory of the run's process.
+    pub peak_rss_bytes: Option<u64>,
+    /// Mean relative layer error.
+    pub mean_rel_error: f64,
+    /// Per stage.
+    pub stages: Vec<crate::profile::StageTime>,
+}
+
+/// Options of an end-to-end benchmark run.
+#[derive(Debug, Clone)]
+pub struct E2eOptions {
+    /// A [`FORWARD_SHAPES`] name.
+    pub shape: String,
+    /// Run only the first this many blocks (memory checks of a deep shape on a small machine).
+    pub blocks: Option<usize>,
+    /// Calibration images (224 px, random pixels).
+    pub images: usize,
+    /// Weight dtype of the synthetic model.
+    pub dtype: safetensors::Dtype,
+    /// Where the model, the image pack and the outputs go (kept between runs: the model and
+    /// the pack are reused when present).
+    pub work_dir: PathBuf,
+    /// Extra `run` arguments (bits, order, sweeps, ...).
+    pub run_args: Vec<String>,
+}
+
+/// Writes (or reuses) the synthetic model and the image pack of `o`; returns their paths and the
+/// number of linear parameters.
+pub fn e2e_inputs(o: &E2eOptions) -> Result<(PathBuf, PathBuf, usize, usize)> {
+    let (name, dim, depth, heads, mlp, patch, img) = shape_row(&o.shape)?;
+    let depth = o.blocks.unwrap_or(depth).clamp(1, depth);
+    let tag = format!("{name}-{depth}b-{:?}", o.dtype).to_lowercase();
+    let dir = o.work_dir.join(&tag);
+    if !dir.join("model.safetensors").exists() || !dir.join("config.json").exists() {
+        log::info!("writing the synthetic {tag} model to {}", dir.display());
+        crate::model::synthetic::SyntheticVit {
+            family: crate::model::Family::TimmVit,
+            dim,
+            depth,
+            heads,
+            mlp,
+            patch,
+            img,
+            channels: 3,
+            classes: 0,
+            seed: 1,
+        }
+        .write_as(&dir, o.dtype)?;
+    }
+    let pack = o
+        .work_dir
+        .join(format!("images-{}-{img}px.safetensors", o.images));
+    if !pack.exists() {
+        write_image_pack(&pack, o.images, img, 3)?;
+    }
+    let linear = depth * (4 * dim * dim + 2 * dim * mlp);
+    Ok((dir, pack, linear, depth))
+}
+
+/// An image pack of `n` smooth random `side × side` images (`u8 [n, side, side, c]`).
+pub fn write_image_pack(path: &Path, n: usize, side: usize, c: usize) -> Result<()> {
+    let mut rng = SplitMix::new(7);
+    let mut px = Vec::with_capacity(n * side * side * c);
+    for _ in 0..n {
+        // A few random gradients and a little noise: not constant, not white noise.
+        let coef: Vec<f64> = (0..3 * c).map(|_| rng.uniform()).collect();
+        for y in 0..side {
+            for x in 0..side {
+                for ch in 0..c {
+                    let (a, b, k) = (coef[3 * ch], coef[3 * ch + 1], coef[3 * ch + 2]);
+                    let v = 128.0
+                        + 100.0 * (a * x as f64 / side as f64 * 6.0 + b * y as f64 / 9.0).sin() * k
+                        + 20.0 * (rng.uniform() - 0.5);
+                    px.push(v.clamp(0.0, 255.0) as u8);
+                }
+            }
+        }
+    }
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![n, side, side, c], &px)
+            .map_err(|e| Error::InvalidOption(e.to_string()))?;
+    let data = safetensors::serialize([("images", view)], None)
+        .map_err(|e| Error::InvalidOption(e.to_string()))?;
+    crate::io::writer::write_atomic(path, &data)
+}
+
+/// Runs `comq-gpu run` (this executable, a child process so each run's peak memory is its own)
+/// on the synthetic model of `o` with `device` (`cpu` or `gpu`), with `--profile`, and reads
+/// its report.
+pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
+    let (model, pack, linear, blocks) = e2e_inputs(o)?;
+    let out = o.work_dir.join(format!("out-{device}"));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let report = out.join("report.json");
+    let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--quiet")
+        .arg("run")
+        .arg(&model)
+        .arg("--images")
+        .arg(&pack)
+        .args(["--calib-count", &o.images.to_string()])
+        .args(["--device", device])
+        .arg("--out")
+        .arg(out.join("packed"))
+        .arg("--report")
+        .arg(&report)
+        .arg("--profile")
+        .args(&o.run_args);
+    let status = cmd.status().map_err(|e| Error::io("comq-gpu run", e))?;
+    if !status.success() {
+        return Err(Error::InvalidOption(format!(
+            "the benchmark run on {device} failed ({status})"
+        )));
+    }
+    let text = std::fs::read_to_string(&report).map_err(|e| Error::io(&report, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::InvalidOption(e.to_string()))?;
+    let profile: crate::profile::ProfileReport = serde_json::from_value(v["profile"].clone())
+        .map_err(|e| Error::InvalidOption(format!("report profile: {e}")))?;
+    let _ = std::fs::remove_dir_all(&out);
+    Ok(E2eRow {
+        model: o.shape.clone(),
+        blocks,
+        linear_params: linear,
+        images: o.images,
+        device: device.to_string(),
+        device_name: v["device"].as_str().unwrap_or("").to_string(),
+        wall_seconds: profile.wall_seconds,
+        wall_seconds_without_io: profile.wall_seconds_without_io,
+        peak_rss_bytes: v["peak_rss_bytes"].as_u64(),
+        mean_rel_error: v["totals"]["mean_rel_error"].as_f64().unwrap_or(f64::NAN),
+        stages: profile.stages,
+    })
 }

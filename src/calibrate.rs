@@ -13,6 +13,9 @@
 //! before it were quantized.
 
 use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -21,6 +24,7 @@ use crate::io::checkpoint::Checkpoint;
 use crate::io::images::ImageSet;
 use crate::model::forward::{Forward, HostBlock, HostStem, Ops, Stem};
 use crate::model::{Engine, Role, Site, VitSpec};
+use crate::profile::Profile;
 use crate::quant::Gram;
 
 /// Where calibration inputs come from.
@@ -70,6 +74,9 @@ pub trait BlockGrams {
     fn quantized(&mut self, block: usize, role: Role, w: &[f32]);
     /// Device description.
     fn describe(&self) -> String;
+    /// Every site's Gram of block `block`, handed over (full-precision mode; blocks in
+    /// increasing order). What [`Ahead`] computes on its own thread.
+    fn take_block(&mut self, block: usize) -> Result<HashMap<Site, Gram>>;
 }
 
 /// The block-by-block calibrator over one device.
@@ -86,6 +93,7 @@ pub struct Calibrator<'a, O: Ops> {
     grams_block: Option<usize>,
     /// Host weights of blocks with quantized layers (quantized mode).
     blocks: HashMap<usize, HostBlock>,
+    profile: Arc<Profile>,
 }
 
 impl<'a, O: Ops> Calibrator<'a, O> {
@@ -97,9 +105,15 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         images: &ImageSet,
         idx: &[usize],
         mode: CalibMode,
+        profile: Arc<Profile>,
     ) -> Result<Self> {
+        let t = Instant::now();
         let stem = HostStem::load(model, spec)?.upload(ops)?;
         let hidden = embed_batches(&Forward::new(ops, spec), &stem, images, idx, spec)?;
+        if profile.exact() {
+            ops.sync()?;
+        }
+        profile.add("embed", t.elapsed().as_secs_f64());
         log::info!(
             "calibration: {} images from {}, {} tokens each, on {}",
             idx.len(),
@@ -117,6 +131,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
             grams: HashMap::new(),
             grams_block: None,
             blocks: HashMap::new(),
+            profile,
         })
     }
 
@@ -129,6 +144,9 @@ impl<'a, O: Ops> Calibrator<'a, O> {
 
     /// Moves the hidden state through block `self.at` (accumulating its Grams when `collect`).
     fn advance(&mut self, collect: bool) -> Result<()> {
+        let started = Instant::now();
+        let mut in_gram = 0.0;
+        let exact = self.profile.exact();
         let b = self.at;
         let w = self.host_block(b)?.upload(self.ops)?;
         let f = Forward::new(self.ops, self.spec);
@@ -148,18 +166,36 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         for (h, n) in self.hidden.iter_mut() {
             f.block(&w, h, *n, None, &mut |site, x, rows| {
                 if let Some(g) = acc.get_mut(&site) {
+                    // With an exact profile the forward work before this point is waited for
+                    // (and counted as forward), then the Gram's own.
+                    if exact {
+                        ops.sync()?;
+                    }
+                    let t = Instant::now();
                     ops.gram_add(g, x, rows)?;
+                    if exact {
+                        ops.sync()?;
+                    }
+                    in_gram += t.elapsed().as_secs_f64();
                 }
                 Ok(())
             })?;
         }
         if collect {
             self.grams.clear();
+            let t = Instant::now();
             for (s, g) in acc {
                 self.grams.insert(s, ops.gram_finish(g)?);
             }
+            in_gram += t.elapsed().as_secs_f64();
             self.grams_block = Some(b);
         }
+        if exact {
+            ops.sync()?;
+        }
+        self.profile.add("gram", in_gram);
+        self.profile
+            .add("forward", started.elapsed().as_secs_f64() - in_gram);
         self.at += 1;
         Ok(())
     }
@@ -256,6 +292,97 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
     fn describe(&self) -> String {
         self.ops.describe()
     }
+
+    fn take_block(&mut self, block: usize) -> Result<HashMap<Site, Gram>> {
+        if self.mode != CalibMode::Fp || block < self.at {
+            return Err(Error::InvalidOption(format!(
+                "calibration cannot hand over block {block} (mode {:?}, at block {})",
+                self.mode, self.at
+            )));
+        }
+        while self.at < block {
+            self.advance(false)?;
+        }
+        self.advance(true)?;
+        self.grams_block = None;
+        Ok(std::mem::take(&mut self.grams))
+    }
+}
+
+/// A full-precision calibrator run on its own thread, one block ahead of the quantization: while
+/// the layers of block `b` are quantized, the forward pass and the Grams of the next block needed
+/// are computed. The channel is a rendezvous, so at most two blocks' Grams exist at once (the
+/// one being quantized and the one waiting to be handed over).
+pub struct Ahead {
+    rx: Receiver<Result<(usize, HashMap<Site, Gram>)>>,
+    held: Option<(usize, HashMap<Site, Gram>)>,
+    describe: String,
+}
+
+impl Ahead {
+    /// Starts `inner` on a thread of `scope`, producing the Grams of `blocks` (increasing).
+    pub fn spawn<'scope, 'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        mut inner: Box<dyn BlockGrams + Send + 'env>,
+        blocks: Vec<usize>,
+    ) -> Ahead {
+        let describe = inner.describe();
+        let (tx, rx) = sync_channel(0);
+        scope.spawn(move || {
+            for b in blocks {
+                let item = inner.take_block(b).map(|m| (b, m));
+                let failed = item.is_err();
+                // The receiver is gone when the run stopped early: nothing more to do.
+                if tx.send(item).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ahead {
+            rx,
+            held: None,
+            describe,
+        }
+    }
+}
+
+impl BlockGrams for Ahead {
+    fn gram(&mut self, block: usize, role: Role) -> Result<Gram> {
+        loop {
+            if let Some((b, m)) = &self.held {
+                if *b == block {
+                    return m.get(&role.site()).cloned().ok_or_else(|| {
+                        Error::InvalidOption(format!("no Gram for {role:?} of block {block}"))
+                    });
+                }
+                if *b > block {
+                    return Err(Error::InvalidOption(format!(
+                        "calibration asked for block {block} after block {b}"
+                    )));
+                }
+            }
+            self.held = None;
+            match self.rx.recv() {
+                Ok(item) => self.held = Some(item?),
+                Err(_) => {
+                    return Err(Error::InvalidOption(format!(
+                        "calibration ended before block {block}"
+                    )))
+                }
+            }
+        }
+    }
+
+    fn quantized(&mut self, _block: usize, _role: Role, _w: &[f32]) {}
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn take_block(&mut self, block: usize) -> Result<HashMap<Site, Gram>> {
+        self.gram(block, Role::Fc1)?;
+        Ok(self.held.take().map(|(_, m)| m).unwrap_or_default())
+    }
 }
 
 /// A calibrator on the engine's device.
@@ -266,9 +393,18 @@ pub fn calibrator<'a>(
     images: &ImageSet,
     idx: &[usize],
     mode: CalibMode,
-) -> Result<Box<dyn BlockGrams + 'a>> {
+    profile: Arc<Profile>,
+) -> Result<Box<dyn BlockGrams + Send + 'a>> {
     Ok(match engine {
-        Engine::Cpu(o) => Box::new(Calibrator::new(o, spec, model, images, idx, mode)?),
-        Engine::Gpu(o) => Box::new(Calibrator::new(o.as_ref(), spec, model, images, idx, mode)?),
+        Engine::Cpu(o) => Box::new(Calibrator::new(o, spec, model, images, idx, mode, profile)?),
+        Engine::Gpu(o) => Box::new(Calibrator::new(
+            o.as_ref(),
+            spec,
+            model,
+            images,
+            idx,
+            mode,
+            profile,
+        )?),
     })
 }

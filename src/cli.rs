@@ -133,9 +133,25 @@ pub struct BenchArgs {
     /// random model of this shape: tiny, vit-s14, vit-b16 or vit-l16.
     #[arg(long, value_name = "SHAPE")]
     pub forward: Option<String>,
-    /// Images per timed forward pass.
+    /// Images per timed forward pass (with --model: calibration images).
     #[arg(long, default_value_t = 32)]
     pub images: usize,
+    /// Time a whole `run` instead (calibration forward, Grams, quantization, writing), on a
+    /// random model of this shape (tiny, vit-s14, vit-b16, vit-l16, vit-h14, vit-6b) and random
+    /// 224-px images, on the GPU and the CPU (each in its own process), with the per-stage
+    /// profile and peak memory.
+    #[arg(long, value_name = "SHAPE")]
+    pub model: Option<String>,
+    /// With --model: only the first this many blocks.
+    #[arg(long, value_name = "K")]
+    pub blocks: Option<usize>,
+    /// With --model: weight dtype of the synthetic model (f32 or bf16).
+    #[arg(long, default_value = "f32", value_name = "DTYPE")]
+    pub dtype: String,
+    /// With --model: where the synthetic model and images are written and kept for the next run
+    /// [default: the system's temporary folder].
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -431,6 +447,11 @@ pub struct RunArgs {
     /// fc1), folded into that LayerNorm so the output is still a plain model (needs --images).
     #[arg(long)]
     pub equalize: bool,
+    /// Print where the time went per stage (read, embed, forward, gram, quantize, write, ...);
+    /// GPU stages wait for the device at their ends so the split is exact (costs a little
+    /// overlap). The report always holds the profile.
+    #[arg(long)]
+    pub profile: bool,
     /// Draw the per-layer relative error, COMQ vs RTN, to this PNG.
     #[arg(long, value_name = "PATH.png")]
     pub plot: Option<PathBuf>,
@@ -507,6 +528,30 @@ fn human_bytes(b: usize) -> String {
     } else {
         format!("{b} B")
     }
+}
+
+/// The per-stage table of `--profile`.
+fn print_profile(p: &comq_gpu::profile::ProfileReport) {
+    println!(
+        "{:<18} {:>10} {:>8} {:>7}",
+        "stage", "seconds", "calls", "% wall"
+    );
+    for s in &p.stages {
+        println!(
+            "{:<18} {:>10.3} {:>8} {:>6.1}%",
+            s.stage,
+            s.seconds,
+            s.calls,
+            100.0 * s.seconds / p.wall_seconds.max(1e-9)
+        );
+    }
+    println!(
+        "wall {:.3} s, {:.3} s without I/O (the main thread's waits on reading and writing and the \
+         output finish taken off); stages on other threads overlap, so they can sum to more{}",
+        p.wall_seconds,
+        p.wall_seconds_without_io,
+        if p.exact { "" } else { " (GPU stages not synchronised)" }
+    );
 }
 
 fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
@@ -588,6 +633,7 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         holdout,
         target_bits: a.target_bits,
         equalize: a.equalize,
+        profile: a.profile,
     };
     let bar = ProgressBar::hidden();
     if !quiet {
@@ -689,6 +735,9 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
                 v.rel_error_cpu,
                 l.rel_error
             );
+        }
+        if a.profile {
+            print_profile(&report.profile);
         }
         let resumed = report.layers.iter().filter(|l| l.resumed).count();
         if resumed > 0 {
@@ -814,6 +863,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if let Some(shape) = &a.forward {
         return forward_bench_cmd(&a, shape);
     }
+    if let Some(shape) = &a.model {
+        return e2e_bench_cmd(&a, shape);
+    }
     use comq_gpu::bench::{run_bench, VIT_B16_SHAPES, VIT_L16_SHAPES};
     let shapes: Vec<(usize, usize)> = if !a.shapes.is_empty() {
         a.shapes
@@ -889,6 +941,91 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn e2e_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
+    use comq_gpu::bench::{run_e2e, E2eOptions};
+    let dtype = match a.dtype.to_ascii_lowercase().as_str() {
+        "f32" => safetensors::Dtype::F32,
+        "bf16" => safetensors::Dtype::BF16,
+        other => {
+            return Err(comq_gpu::Error::InvalidOption(format!(
+                "--dtype {other}: one of f32, bf16"
+            ))
+            .into())
+        }
+    };
+    let order = match a.order {
+        OrderArg::Greedy => "greedy",
+        OrderArg::Natural => "natural",
+        OrderArg::Shared => "shared",
+    };
+    let o = E2eOptions {
+        shape: shape.to_string(),
+        blocks: a.blocks,
+        images: a.images,
+        dtype,
+        work_dir: a
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("comq-e2e-bench")),
+        run_args: [
+            "--preset",
+            "paper",
+            "--bits",
+            &a.bits.to_string(),
+            "--sweeps",
+            &a.sweeps.to_string(),
+            "--order",
+            order,
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    std::fs::create_dir_all(&o.work_dir).map_err(|e| comq_gpu::Error::io(&o.work_dir, e))?;
+    let devices: Vec<&str> = [(!a.no_gpu).then_some("gpu"), (!a.no_cpu).then_some("cpu")]
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut rows = Vec::new();
+    for d in devices {
+        let r = run_e2e(&o, d)?;
+        println!(
+            "{} ({} blocks, {:.0} M linear weights), {} images, W{} {} order, on {}:",
+            r.model,
+            r.blocks,
+            r.linear_params as f64 / 1e6,
+            r.images,
+            a.bits,
+            order,
+            r.device_name
+        );
+        for s in &r.stages {
+            println!(
+                "  {:<18} {:>10.3} s {:>8} calls",
+                s.stage, s.seconds, s.calls
+            );
+        }
+        println!(
+            "  wall {:.3} s, without I/O {:.3} s, peak memory {}, mean layer error {:.4e}",
+            r.wall_seconds,
+            r.wall_seconds_without_io,
+            r.peak_rss_bytes
+                .map_or("unknown".into(), |b| human_bytes(b as usize)),
+            r.mean_rel_error
+        );
+        rows.push(r);
+    }
+    if let [g, c] = &rows[..] {
+        println!(
+            "GPU vs CPU (I/O excluded): {:.1}x",
+            c.wall_seconds_without_io / g.wall_seconds_without_io.max(1e-9)
+        );
+    }
+    if let Some(path) = &a.json {
+        comq_gpu::io::writer::write_atomic(path, &serde_json::to_vec_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
 fn plan_cmd(
     a: &InspectArgs,
     model: Checkpoint,
@@ -925,6 +1062,7 @@ fn plan_cmd(
         holdout: 0.0,
         target_bits: None,
         equalize: false,
+        profile: false,
     };
     let calib = opts
         .calib

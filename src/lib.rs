@@ -11,6 +11,7 @@ pub mod model;
 pub mod pipeline;
 pub mod plan;
 pub mod plot;
+pub mod profile;
 pub mod quant;
 pub mod recipe;
 pub mod resume;

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use regex::Regex;
@@ -15,7 +16,7 @@ use safetensors::Dtype;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::calibrate::{BlockGrams, CalibMode};
+use crate::calibrate::{Ahead, BlockGrams, CalibMode};
 use crate::device::{AnyDevice, DeviceKind};
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, EvalRow, Overrides};
@@ -25,6 +26,7 @@ use crate::io::images::ImageSet;
 use crate::io::writer::ShardedWriter;
 use crate::io::{dtype, pack, Calibration, Checkpoint, PlannedTensor, TensorMeta};
 use crate::model::{Engine, Role, VitSpec};
+use crate::profile::{Profile, ProfileReport};
 use crate::quant::search::{Choice, SearchPlan, Tried};
 use crate::quant::{Gram, LayerOutcome, Method, QuantConfig, QuantizedLayer, ScaleDtype};
 
@@ -216,6 +218,8 @@ pub struct RunOptions {
     pub target_bits: Option<f32>,
     /// Fold activation-aware input scales of the layers fed by a LayerNorm into that LayerNorm.
     pub equalize: bool,
+    /// Synchronise GPU stages at their boundaries so the profile attributes time exactly.
+    pub profile: bool,
 }
 
 /// One layer's line in the report.
@@ -324,6 +328,8 @@ pub struct RunReport {
     pub search: Option<SearchPlan>,
     /// Share of the calibration images held out to choose among them.
     pub holdout: f32,
+    /// Where the time went, per stage.
+    pub profile: ProfileReport,
 }
 
 /// Peak resident set size of this process (`VmHWM`), where the OS reports it.
@@ -358,6 +364,79 @@ pub fn resolve_output(path: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
     Ok(path.join("model.safetensors"))
+}
+
+/// `g` on its own thread one block ahead when `fp` (see [`Ahead`]), else `g` itself.
+fn ahead_of<'scope, 'env>(
+    sc: &'scope std::thread::Scope<'scope, 'env>,
+    g: Box<dyn BlockGrams + Send + 'env>,
+    fp: bool,
+    blocks: &[usize],
+) -> Box<dyn BlockGrams + 'env> {
+    if fp {
+        Box::new(Ahead::spawn(sc, g, blocks.to_vec()))
+    } else {
+        g
+    }
+}
+
+/// A message to the output writer thread.
+enum Out {
+    /// A tensor for both outputs, already encoded.
+    Both(String, Vec<u8>),
+    /// A quantized layer, packed by the writer.
+    Packed {
+        prefix: String,
+        layer: QuantizedLayer,
+        scale: Dtype,
+        sym: bool,
+    },
+    /// A dequantized layer, encoded by the writer.
+    Dequant {
+        name: String,
+        dtype: Dtype,
+        values: Vec<f32>,
+    },
+}
+
+impl Out {
+    fn write(
+        self,
+        packed: Option<&mut ShardedWriter>,
+        dequant: Option<&mut ShardedWriter>,
+    ) -> Result<()> {
+        match self {
+            Out::Both(name, bytes) => {
+                for w in [packed, dequant].into_iter().flatten() {
+                    w.write(&name, &bytes)?;
+                }
+            }
+            Out::Packed {
+                prefix,
+                layer,
+                scale,
+                sym,
+            } => {
+                if let Some(w) = packed {
+                    for (name, bytes) in packed_tensors(&prefix, &layer, scale, sym)? {
+                        w.write(&name, &bytes)?;
+                    }
+                }
+            }
+            Out::Dequant {
+                name,
+                dtype,
+                values,
+            } => {
+                if let Some(w) = dequant {
+                    let bytes =
+                        dtype::from_f32(dtype, &values).expect("selected weights are float");
+                    w.write(&name, &bytes)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Progress events for a front end.
@@ -840,6 +919,7 @@ fn allocate_bits(
                 v.calib.as_ref().expect("opened with --images"),
                 idx,
                 CalibMode::Fp,
+                Arc::new(Profile::new(false)),
             )?)),
             _ => Ok(None),
         }
@@ -1033,6 +1113,7 @@ fn calib_label(opts: &RunOptions) -> String {
 /// Runs the whole job; `progress` receives events for a front end.
 pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RunReport> {
     let started = Instant::now();
+    let profile = Arc::new(Profile::new(opts.profile));
     opts.config.validate()?;
     let model = Checkpoint::open(&opts.model)?;
     check_outputs(opts, &model.files())?;
@@ -1082,6 +1163,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             name: "mixed precision",
             stage: "probe",
         });
+        let t_probe = Instant::now();
         let a = allocate_bits(
             opts,
             &model,
@@ -1094,6 +1176,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         for (j, &b) in jobs.iter_mut().zip(&a.bits) {
             j.config.bits = b;
         }
+        profile.add("probe", t_probe.elapsed().as_secs_f64());
         mixed = Some(a);
     }
     log::info!(
@@ -1163,6 +1246,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         .collect();
     let mut eq_scales: HashMap<String, Vec<f32>> = HashMap::new();
     // Pass-through tensors go straight from the input map to the outputs.
+    let t_pass = Instant::now();
     for t in model.tensors() {
         if jobs.iter().any(|j| j.meta.name == t.name) || deferred.contains(&t.name) {
             continue;
@@ -1172,6 +1256,9 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         }
         model.release(t);
     }
+    let pass = t_pass.elapsed().as_secs_f64();
+    profile.add("write", pass);
+    profile.add("write wait", pass);
 
     let work = match opts.out.as_ref().or(opts.dequantized.as_ref()) {
         Some(first) => {
@@ -1225,7 +1312,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         Some(_) => Some(Engine::for_device(&device)?),
         None => None,
     };
-    let mut grams: Option<Box<dyn BlockGrams + '_>> = match (&vision, &engine, &opts.images) {
+    let grams_raw = match (&vision, &engine, &opts.images) {
         (Some(v), Some(e), Some(io)) => {
             progress(Progress::Stage {
                 name: "calibration images",
@@ -1239,12 +1326,13 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 set,
                 &v.calib_idx,
                 io.mode,
+                profile.clone(),
             )?)
         }
         _ => None,
     };
     // The held-out images walk through the model beside the calibration images.
-    let mut holdout: Option<Box<dyn BlockGrams + '_>> = match (&vision, &engine, &opts.images) {
+    let holdout_raw = match (&vision, &engine, &opts.images) {
         (Some(v), Some(e), Some(io)) if !v.holdout_idx.is_empty() => {
             let set = v.calib.as_ref().expect("opened with --images");
             Some(crate::calibrate::calibrator(
@@ -1254,6 +1342,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 set,
                 &v.holdout_idx,
                 io.mode,
+                profile.clone(),
             )?)
         }
         _ => None,
@@ -1262,221 +1351,320 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let mut rtn_weights = Overrides::new();
     let mut hasher = Sha256::new();
     let mut layers = Vec::with_capacity(jobs.len());
-    for (index, job) in jobs.iter().enumerate() {
-        progress(Progress::LayerStart {
-            name: &job.meta.name,
-        });
-        let t0 = Instant::now();
-        let saved = match (&work, opts.resume) {
-            (Some(w), true) => w.load(index, &job.meta.name, job.rows, job.cols)?,
-            _ => None,
-        };
-        let resumed = saved.is_some();
-        let mut verify = None;
-        let mut choice: Option<Choice> = None;
-        let (outcome, samples) = match saved {
-            Some(s) => {
-                log::info!("{}: resumed from the work directory", job.meta.name);
-                (s.outcome, s.samples)
+    // Full-precision calibration runs one block ahead on its own thread; the quantized mode
+    // needs each block's quantized weights first, so it stays in step.
+    let fp_mode = opts
+        .images
+        .as_ref()
+        .is_some_and(|io| io.mode == CalibMode::Fp);
+    let blocks_needed: Vec<usize> = jobs
+        .iter()
+        .filter_map(|j| j.block.map(|(b, _)| b))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let (has_packed, has_dequant) = (packed.is_some(), dequant.is_some());
+    let (packed, dequant) = std::thread::scope(
+        |sc| -> Result<(Option<ShardedWriter>, Option<ShardedWriter>)> {
+            let mut grams = grams_raw.map(|g| ahead_of(sc, g, fp_mode, &blocks_needed));
+            let mut holdout = holdout_raw.map(|g| ahead_of(sc, g, fp_mode, &blocks_needed));
+            // The reader decodes the next layer's weights while this one is quantized (one ahead).
+            let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Result<Vec<f32>>>(1);
+            {
+                let (jobs, model, profile) = (&jobs, &model, profile.clone());
+                sc.spawn(move || {
+                    for job in jobs {
+                        let w = profile.time("read", || {
+                            let w = model.read_f32(&job.meta);
+                            model.release(&job.meta);
+                            w
+                        });
+                        if read_tx.send(w).is_err() {
+                            break;
+                        }
+                    }
+                });
             }
-            None => {
-                progress(Progress::Stage {
-                    name: &job.meta.name,
-                    stage: "read",
-                });
-                let w = model.read_f32(&job.meta)?;
-                model.release(&job.meta);
-                progress(Progress::Stage {
-                    name: &job.meta.name,
-                    stage: "calibration",
-                });
-                let (gram, held) =
-                    job_grams(job, calib.as_ref(), &device, &mut grams, &mut holdout)?;
-                progress(Progress::Stage {
-                    name: &job.meta.name,
-                    stage: "quantize",
-                });
-                // RTN of the layer as it is in the input, for --eval's baseline row.
-                if opts.eval.is_some() {
-                    let r = crate::quant::quantize_layer(
-                        &crate::device::CpuDevice::new(),
-                        &job.meta.name,
-                        &w,
-                        job.rows,
-                        job.cols,
-                        &gram,
-                        &QuantConfig {
-                            method: Method::Rtn,
-                            ..job.config.clone()
-                        },
-                    )?;
-                    rtn_weights.insert(job.meta.name.clone(), r.layer.dequantize());
-                }
-                let (w, gram, held) = match eq_sites.get(&job.prefix) {
-                    Some(site) => {
-                        let key = site.norm.0.clone();
-                        if !eq_scales.contains_key(&key) {
-                            let s = site_scales(&model, site, &gram, &job.meta.name, &w)?;
-                            for (name, meta) in
-                                [&site.norm.0, &site.norm.1].into_iter().filter_map(|n| {
-                                    model
-                                        .tensors()
-                                        .iter()
-                                        .find(|t| &t.name == n)
-                                        .map(|t| (n, t))
-                                })
-                            {
-                                let v = crate::quant::equalize::divide(&model.read_f32(meta)?, &s);
-                                let bytes = dtype::from_f32(meta.dtype, &v).ok_or_else(|| {
+            // The writer encodes and writes behind the quantization (two messages of slack).
+            let (out_tx, out_rx) = std::sync::mpsc::sync_channel::<Out>(2);
+            let writer = {
+                let profile = profile.clone();
+                let (mut packed, mut dequant) = (packed, dequant);
+                sc.spawn(
+                    move || -> Result<(Option<ShardedWriter>, Option<ShardedWriter>)> {
+                        for msg in out_rx {
+                            let t = Instant::now();
+                            msg.write(packed.as_mut(), dequant.as_mut())?;
+                            profile.add("write", t.elapsed().as_secs_f64());
+                        }
+                        Ok((packed, dequant))
+                    },
+                )
+            };
+            let send = |o: Out| -> Result<()> {
+                let t = Instant::now();
+                let sent = out_tx.send(o);
+                profile.add("write wait", t.elapsed().as_secs_f64());
+                sent.map_err(|_| Error::InvalidOption("the output writer stopped".into()))
+            };
+            let looped = (|| -> Result<()> {
+                for (index, job) in jobs.iter().enumerate() {
+                    progress(Progress::LayerStart {
+                        name: &job.meta.name,
+                    });
+                    let fetched = {
+                        let t = Instant::now();
+                        let r = read_rx.recv();
+                        profile.add("read wait", t.elapsed().as_secs_f64());
+                        r.map_err(|_| Error::InvalidOption("the weight reader stopped".into()))?
+                    };
+                    let t0 = Instant::now();
+                    let saved = match (&work, opts.resume) {
+                        (Some(w), true) => w.load(index, &job.meta.name, job.rows, job.cols)?,
+                        _ => None,
+                    };
+                    let resumed = saved.is_some();
+                    let mut verify = None;
+                    let mut choice: Option<Choice> = None;
+                    let (outcome, samples) = match saved {
+                        Some(s) => {
+                            log::info!("{}: resumed from the work directory", job.meta.name);
+                            (s.outcome, s.samples)
+                        }
+                        None => {
+                            progress(Progress::Stage {
+                                name: &job.meta.name,
+                                stage: "read",
+                            });
+                            let w = fetched?;
+                            progress(Progress::Stage {
+                                name: &job.meta.name,
+                                stage: "calibration",
+                            });
+                            let t = Instant::now();
+                            let (gram, held) =
+                                job_grams(job, calib.as_ref(), &device, &mut grams, &mut holdout)?;
+                            let secs = t.elapsed().as_secs_f64();
+                            match job.calib {
+                                // In step, the calibrator's own forward and gram stages hold this time.
+                                Some(CalibKind::Images) if fp_mode => {
+                                    profile.add("calibration wait", secs)
+                                }
+                                Some(CalibKind::Images) | None => {}
+                                Some(_) => profile.add("gram", secs),
+                            }
+                            let t_quantize = Instant::now();
+                            progress(Progress::Stage {
+                                name: &job.meta.name,
+                                stage: "quantize",
+                            });
+                            // RTN of the layer as it is in the input, for --eval's baseline row.
+                            if opts.eval.is_some() {
+                                let r = crate::quant::quantize_layer(
+                                    &crate::device::CpuDevice::new(),
+                                    &job.meta.name,
+                                    &w,
+                                    job.rows,
+                                    job.cols,
+                                    &gram,
+                                    &QuantConfig {
+                                        method: Method::Rtn,
+                                        ..job.config.clone()
+                                    },
+                                )?;
+                                rtn_weights.insert(job.meta.name.clone(), r.layer.dequantize());
+                            }
+                            let (w, gram, held) = match eq_sites.get(&job.prefix) {
+                                Some(site) => {
+                                    let key = site.norm.0.clone();
+                                    if !eq_scales.contains_key(&key) {
+                                        let s =
+                                            site_scales(&model, site, &gram, &job.meta.name, &w)?;
+                                        for (name, meta) in [&site.norm.0, &site.norm.1]
+                                            .into_iter()
+                                            .filter_map(|n| {
+                                                model
+                                                    .tensors()
+                                                    .iter()
+                                                    .find(|t| &t.name == n)
+                                                    .map(|t| (n, t))
+                                            })
+                                        {
+                                            let v = crate::quant::equalize::divide(
+                                                &model.read_f32(meta)?,
+                                                &s,
+                                            );
+                                            let bytes = dtype::from_f32(meta.dtype, &v).ok_or_else(|| {
                                     Error::InvalidOption(format!(
                                         "--equalize: LayerNorm tensor '{name}' is not a float tensor"
                                     ))
                                 })?;
-                                for wr in [packed.as_mut(), dequant.as_mut()].into_iter().flatten()
-                                {
-                                    wr.write(name, &bytes)?;
+                                            send(Out::Both(name.clone(), bytes))?;
+                                            comq_weights.insert(name.clone(), v);
+                                        }
+                                        eq_scales.insert(key.clone(), s);
+                                    }
+                                    let s = &eq_scales[&key];
+                                    (
+                                        crate::quant::equalize::scale_columns(&w, s),
+                                        crate::quant::equalize::scale_gram(&gram, s),
+                                        held.map(|h| crate::quant::equalize::scale_gram(&h, s)),
+                                    )
                                 }
-                                comq_weights.insert(name.clone(), v);
+                                None => (w, gram, held),
+                            };
+                            // A search needs data: with G = I every candidate is scored on the weights alone.
+                            let plan = opts.search.as_ref().filter(|_| {
+                                job.calib.is_some() && job.config.method == Method::Comq
+                            });
+                            let quantize =
+                                |device: &AnyDevice| -> Result<(LayerOutcome, Option<Choice>)> {
+                                    match plan {
+                                        Some(p) => {
+                                            let c = device.search(
+                                                &job.meta.name,
+                                                &w,
+                                                job.rows,
+                                                job.cols,
+                                                &gram,
+                                                held.as_ref(),
+                                                &job.config,
+                                                p,
+                                            )?;
+                                            Ok((c.outcome.clone(), Some(c)))
+                                        }
+                                        None => Ok((
+                                            device.quantize_layer(
+                                                &job.meta.name,
+                                                &w,
+                                                job.rows,
+                                                job.cols,
+                                                &gram,
+                                                &job.config,
+                                            )?,
+                                            None,
+                                        )),
+                                    }
+                                };
+                            let (outcome, c) = match quantize(&device) {
+                                Err(e @ Error::Gpu { .. }) if opts.device == DeviceKind::Auto => {
+                                    log::warn!("{e}; --device auto continues on the CPU from this layer on");
+                                    device = AnyDevice::Cpu(crate::device::CpuDevice::new());
+                                    device_name = device.describe();
+                                    quantize(&device)?
+                                }
+                                other => other?,
+                            };
+                            choice = c;
+                            if verify_at.contains(&index) && matches!(device, AnyDevice::Wgpu(_)) {
+                                let c =
+                                    quantize(&AnyDevice::Cpu(crate::device::CpuDevice::new()))?.0;
+                                let pairs = c.layer.codes.iter().zip(&outcome.layer.codes);
+                                let differ = pairs.clone().filter(|(a, b)| a != b).count();
+                                verify = Some(VerifyReport {
+                                    code_disagreement: differ as f64
+                                        / c.layer.codes.len().max(1) as f64,
+                                    max_code_diff: pairs
+                                        .map(|(a, b)| (a - b).abs())
+                                        .max()
+                                        .unwrap_or(0),
+                                    rel_error_cpu: c.rel_error,
+                                });
                             }
-                            eq_scales.insert(key.clone(), s);
+                            profile.add("quantize", t_quantize.elapsed().as_secs_f64());
+                            if let Some(w) = &work {
+                                w.save(index, &job.meta.name, &outcome, gram.samples)?;
+                            }
+                            (outcome, gram.samples)
                         }
-                        let s = &eq_scales[&key];
-                        (
-                            crate::quant::equalize::scale_columns(&w, s),
-                            crate::quant::equalize::scale_gram(&gram, s),
-                            held.map(|h| crate::quant::equalize::scale_gram(&h, s)),
-                        )
+                    };
+                    let q = &outcome.layer;
+                    // The dequantized weights, computed once for whoever needs them.
+                    let mut deq =
+                        ((grams.is_some() && !fp_mode) || opts.eval.is_some() || has_dequant)
+                            .then(|| q.dequantize());
+                    if let (Some(g), Some((b, role)), Some(d)) = (grams.as_mut(), job.block, &deq) {
+                        g.quantized(b, role, d);
                     }
-                    None => (w, gram, held),
-                };
-                // A search needs data: with G = I every candidate is scored on the weights alone.
-                let plan = opts
-                    .search
-                    .as_ref()
-                    .filter(|_| job.calib.is_some() && job.config.method == Method::Comq);
-                let quantize = |device: &AnyDevice| -> Result<(LayerOutcome, Option<Choice>)> {
-                    match plan {
-                        Some(p) => {
-                            let c = device.search(
-                                &job.meta.name,
-                                &w,
-                                job.rows,
-                                job.cols,
-                                &gram,
-                                held.as_ref(),
-                                &job.config,
-                                p,
-                            )?;
-                            Ok((c.outcome.clone(), Some(c)))
-                        }
-                        None => Ok((
-                            device.quantize_layer(
-                                &job.meta.name,
-                                &w,
-                                job.rows,
-                                job.cols,
-                                &gram,
-                                &job.config,
-                            )?,
-                            None,
-                        )),
+                    if let (Some(g), Some((b, role)), Some(d)) = (holdout.as_mut(), job.block, &deq)
+                    {
+                        g.quantized(b, role, d);
                     }
-                };
-                let (outcome, c) = match quantize(&device) {
-                    Err(e @ Error::Gpu { .. }) if opts.device == DeviceKind::Auto => {
-                        log::warn!("{e}; --device auto continues on the CPU from this layer on");
-                        device = AnyDevice::Cpu(crate::device::CpuDevice::new());
-                        device_name = device.describe();
-                        quantize(&device)?
+                    if let (true, Some(d)) = (opts.eval.is_some(), &deq) {
+                        comq_weights.insert(job.meta.name.clone(), d.clone());
                     }
-                    other => other?,
-                };
-                choice = c;
-                if verify_at.contains(&index) && matches!(device, AnyDevice::Wgpu(_)) {
-                    let c = quantize(&AnyDevice::Cpu(crate::device::CpuDevice::new()))?.0;
-                    let pairs = c.layer.codes.iter().zip(&outcome.layer.codes);
-                    let differ = pairs.clone().filter(|(a, b)| a != b).count();
-                    verify = Some(VerifyReport {
-                        code_disagreement: differ as f64 / c.layer.codes.len().max(1) as f64,
-                        max_code_diff: pairs.map(|(a, b)| (a - b).abs()).max().unwrap_or(0),
-                        rel_error_cpu: c.rel_error,
+                    progress(Progress::Stage {
+                        name: &job.meta.name,
+                        stage: "write",
                     });
+                    hasher.update(job.meta.name.as_bytes());
+                    hasher.update(
+                        q.unsigned_codes()
+                            .iter()
+                            .map(|&c| c as u8)
+                            .collect::<Vec<u8>>(),
+                    );
+                    if has_packed {
+                        send(Out::Packed {
+                            prefix: job.prefix.clone(),
+                            layer: q.clone(),
+                            scale: scale_dtype_for(job.meta.dtype).1,
+                            sym: job.config.sym,
+                        })?;
+                    }
+                    if has_dequant {
+                        send(Out::Dequant {
+                            name: job.meta.name.clone(),
+                            dtype: job.meta.dtype,
+                            values: deq.take().expect("computed above"),
+                        })?;
+                    }
+                    let report = LayerReport {
+                        name: job.meta.name.clone(),
+                        shape: [job.rows, job.cols],
+                        bits: job.config.bits,
+                        group_size: job.config.group_size,
+                        rel_error: outcome.rel_error,
+                        rel_error_rtn: outcome.rel_error_rtn,
+                        loss_history: outcome.history.clone(),
+                        seconds: t0.elapsed().as_secs_f64(),
+                        device: device_name.clone(),
+                        calibration: match job.calib {
+                            Some(CalibKind::Input) => "input",
+                            Some(CalibKind::Gram) => "gram",
+                            Some(CalibKind::Images) => "images",
+                            None => "identity",
+                        },
+                        samples,
+                        peak_rss_bytes: peak_rss_bytes(),
+                        resumed,
+                        verify_cpu: verify,
+                        chosen: choice.as_ref().map(|c| c.chosen.clone()),
+                        rel_error_holdout: choice.as_ref().and_then(|c| c.rel_error_holdout),
+                        rel_error_holdout_rtn: choice
+                            .as_ref()
+                            .and_then(|c| c.rel_error_holdout_rtn),
+                        candidates: choice.map(|c| c.tried).unwrap_or_default(),
+                    };
+                    progress(Progress::LayerDone(&report));
+                    layers.push(report);
                 }
-                if let Some(w) = &work {
-                    w.save(index, &job.meta.name, &outcome, gram.samples)?;
-                }
-                (outcome, gram.samples)
-            }
-        };
-        let q = &outcome.layer;
-        // The dequantized weights, computed once for whoever needs them.
-        let deq =
-            (grams.is_some() || opts.eval.is_some() || dequant.is_some()).then(|| q.dequantize());
-        if let (Some(g), Some((b, role)), Some(d)) = (grams.as_mut(), job.block, &deq) {
-            g.quantized(b, role, d);
-        }
-        if let (Some(g), Some((b, role)), Some(d)) = (holdout.as_mut(), job.block, &deq) {
-            g.quantized(b, role, d);
-        }
-        if let (true, Some(d)) = (opts.eval.is_some(), &deq) {
-            comq_weights.insert(job.meta.name.clone(), d.clone());
-        }
-        progress(Progress::Stage {
-            name: &job.meta.name,
-            stage: "write",
-        });
-        hasher.update(job.meta.name.as_bytes());
-        hasher.update(
-            q.unsigned_codes()
-                .iter()
-                .map(|&c| c as u8)
-                .collect::<Vec<u8>>(),
-        );
-        if let Some(wr) = packed.as_mut() {
-            for (name, bytes) in packed_tensors(
-                &job.prefix,
-                q,
-                scale_dtype_for(job.meta.dtype).1,
-                job.config.sym,
-            )? {
-                wr.write(&name, &bytes)?;
-            }
-        }
-        if let Some(wr) = dequant.as_mut() {
-            let bytes = dtype::from_f32(job.meta.dtype, deq.as_deref().expect("computed above"))
-                .expect("selected weights are float");
-            wr.write(&job.meta.name, &bytes)?;
-        }
-        let report = LayerReport {
-            name: job.meta.name.clone(),
-            shape: [job.rows, job.cols],
-            bits: job.config.bits,
-            group_size: job.config.group_size,
-            rel_error: outcome.rel_error,
-            rel_error_rtn: outcome.rel_error_rtn,
-            loss_history: outcome.history.clone(),
-            seconds: t0.elapsed().as_secs_f64(),
-            device: device_name.clone(),
-            calibration: match job.calib {
-                Some(CalibKind::Input) => "input",
-                Some(CalibKind::Gram) => "gram",
-                Some(CalibKind::Images) => "images",
-                None => "identity",
-            },
-            samples,
-            peak_rss_bytes: peak_rss_bytes(),
-            resumed,
-            verify_cpu: verify,
-            chosen: choice.as_ref().map(|c| c.chosen.clone()),
-            rel_error_holdout: choice.as_ref().and_then(|c| c.rel_error_holdout),
-            rel_error_holdout_rtn: choice.as_ref().and_then(|c| c.rel_error_holdout_rtn),
-            candidates: choice.map(|c| c.tried).unwrap_or_default(),
-        };
-        progress(Progress::LayerDone(&report));
-        layers.push(report);
-    }
-    drop(grams);
-    drop(holdout);
+                Ok(())
+            })();
+            // Close the queues (the reader and the calibration threads stop at their next send), then
+            // let the writer drain; its own error, if any, is the cause of a failed send.
+            drop(out_tx);
+            drop(read_rx);
+            drop(grams);
+            drop(holdout);
+            let written = writer
+                .join()
+                .map_err(|_| Error::InvalidOption("the output writer panicked".into()))??;
+            looped?;
+            Ok(written)
+        },
+    )?;
+    let t_eval = Instant::now();
     let eval = match (&vision, &engine, &opts.eval) {
         (Some(v), Some(e), Some(eo)) => {
             progress(Progress::Stage {
@@ -1517,6 +1705,9 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         }
         _ => None,
     };
+    if eval.is_some() {
+        profile.add("evaluate", t_eval.elapsed().as_secs_f64());
+    }
     let codes_sha256: String = hasher
         .finalize()
         .iter()
@@ -1524,6 +1715,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         .collect();
     meta.insert("comq.codes_sha256".into(), codes_sha256.clone());
     progress(Progress::Writing);
+    let t_finish = Instant::now();
     let mut outputs = BTreeMap::new();
     let mut written: Vec<PathBuf> = Vec::new();
     let input_config = model.dir().join("config.json");
@@ -1602,6 +1794,8 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     for f in &written {
         output_sha256.insert(f.display().to_string(), sha256_file(f)?);
     }
+    profile.add("finish", t_finish.elapsed().as_secs_f64());
+    let wall = started.elapsed().as_secs_f64();
     let n = layers.len() as f64;
     let report = RunReport {
         tool: "comq-gpu",
@@ -1616,7 +1810,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             weights: layers.iter().map(|l| l.shape[0] * l.shape[1]).sum(),
             mean_rel_error: layers.iter().map(|l| l.rel_error).sum::<f64>() / n,
             mean_rel_error_rtn: layers.iter().map(|l| l.rel_error_rtn).sum::<f64>() / n,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: wall,
         },
         layers,
         codes_sha256,
@@ -1632,6 +1826,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         } else {
             0.0
         },
+        profile: profile.report(wall),
     };
     if let Some(path) = &opts.report {
         let json = serde_json::to_vec_pretty(&report).expect("report serialises");

@@ -8,13 +8,14 @@ mod gpu;
 
 use std::path::{Path, PathBuf};
 
-use comq_gpu::calibrate::{BlockGrams, CalibMode, Calibrator};
+use comq_gpu::calibrate::{Ahead, BlockGrams, CalibMode, Calibrator};
 use comq_gpu::io::images::ImageSet;
 use comq_gpu::io::Checkpoint;
 use comq_gpu::model::cpu::CpuOps;
 use comq_gpu::model::forward::{run_model, HostBlock, HostStem, Ops, Output};
 use comq_gpu::model::synthetic::SyntheticVit;
 use comq_gpu::model::{Family, Role, VitSpec};
+use comq_gpu::profile::Profile;
 
 /// CPU and GPU forwards sum in different orders; features must agree to this relative error.
 const FORWARD_REL_TOL: f64 = 2e-4;
@@ -199,7 +200,8 @@ fn grams_of<O: Ops>(ops: &O, path: &Path, images: &Path, mode: CalibMode) -> Vec
     let spec = VitSpec::detect(&model).unwrap();
     let set = ImageSet::open(images).unwrap();
     let idx: Vec<usize> = (0..set.len()).collect();
-    let mut c = Calibrator::new(ops, &spec, &model, &set, &idx, mode).unwrap();
+    let profile = std::sync::Arc::new(Profile::new(false));
+    let mut c = Calibrator::new(ops, &spec, &model, &set, &idx, mode, profile).unwrap();
     let mut out = Vec::new();
     for b in 0..spec.depth {
         for (role, _) in spec.blocks[b].linears() {
@@ -283,6 +285,52 @@ fn fp_calibration_grams_equal_the_gram_of_the_captured_activations() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max);
         assert!(e < 1e-6 * scale, "{e} (scale {scale})");
+    }
+}
+
+#[test]
+fn calibrating_one_block_ahead_on_a_thread_hands_over_the_same_grams() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::TimmVit, 0);
+    let imgs = dir.path().join("images");
+    png_folder(&imgs, 3);
+    let in_step = grams_of(&CpuOps, &path, &imgs, CalibMode::Fp);
+    let model = Checkpoint::open(&path).unwrap();
+    let spec = VitSpec::detect(&model).unwrap();
+    let set = ImageSet::open(&imgs).unwrap();
+    let idx: Vec<usize> = (0..set.len()).collect();
+    let profile = std::sync::Arc::new(Profile::new(true));
+    let ahead = std::thread::scope(|sc| {
+        let c = Calibrator::new(
+            &CpuOps,
+            &spec,
+            &model,
+            &set,
+            &idx,
+            CalibMode::Fp,
+            profile.clone(),
+        )
+        .unwrap();
+        let blocks: Vec<usize> = (0..spec.depth).collect();
+        let mut a = Ahead::spawn(sc, Box::new(c), blocks);
+        let mut out = Vec::new();
+        for b in 0..spec.depth {
+            for (role, _) in spec.blocks[b].linears() {
+                out.push(a.gram(b, role).unwrap());
+            }
+        }
+        // A block behind the one handed over is refused, not recomputed.
+        assert!(a.gram(0, Role::Fc1).is_err());
+        out
+    });
+    assert_eq!(ahead.len(), in_step.len());
+    for (a, b) in ahead.iter().zip(&in_step) {
+        assert_eq!(a.data, b.data);
+        assert_eq!(a.samples, b.samples);
+    }
+    // The calibration thread recorded its stages.
+    for stage in ["embed", "forward", "gram"] {
+        assert!(profile.seconds(stage) > 0.0, "{stage}");
     }
 }
 

@@ -281,8 +281,20 @@ impl Ops for CpuOps {
                 .for_each(|(p, out)| {
                     let i0 = p * PANEL;
                     let m = out.len() / n;
-                    // out[i, j] = Σ_k chunk[k, i0 + i] · chunk[k, j]
-                    sgemm(m, r, n, &chunk[i0..], (1, n), chunk, (n, 1), out, (n, 1));
+                    // out[i, j] = Σ_k chunk[k, i0 + i] · chunk[k, j], for j ≥ i0 only: the
+                    // accumulator reads the upper triangle, so the panels left of the diagonal
+                    // block are never computed (half the multiply-adds).
+                    sgemm(
+                        m,
+                        r,
+                        n - i0,
+                        &chunk[i0..],
+                        (1, n),
+                        &chunk[i0..],
+                        (n, 1),
+                        &mut out[i0..],
+                        (n, 1),
+                    );
                 });
             g.add_partial(&part, n, r as u64);
         }

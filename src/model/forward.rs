@@ -96,6 +96,10 @@ pub trait Ops {
     fn gram_add(&self, g: &mut Self::G, x: &Self::T, rows: usize) -> Result<()>;
     /// The accumulated Gram (f64 on the host).
     fn gram_finish(&self, g: Self::G) -> Result<Gram>;
+    /// Waits until the work recorded so far has run (for stage timings; a no-op on the CPU).
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Receives each linear layer's input during a block: (site, activations, rows).

@@ -1,7 +1,7 @@
 //! Random ViTs in each family's real tensor layout, for tests and benchmarks (random weights
 //! are fine for speed and for CPU/GPU parity; accuracy needs the trained models).
 
-use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 
 use crate::bench::SplitMix;
@@ -35,17 +35,32 @@ pub struct SyntheticVit {
 }
 
 impl SyntheticVit {
-    /// Writes `model.safetensors` and `config.json` into `dir`.
+    /// Writes `model.safetensors` (f32) and `config.json` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
+        self.write_as(dir, safetensors::Dtype::F32)
+    }
+
+    /// Writes `model.safetensors` in `dtype` (F32 or BF16) and `config.json` into `dir`,
+    /// streaming: one tensor is in memory at a time, so a model larger than the host's memory can
+    /// be written (the 6-billion-parameter benchmark shape is 24 GB in f32).
+    pub fn write_as(&self, dir: &Path, dtype: safetensors::Dtype) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut rng = SplitMix::new(self.seed);
-        let mut t: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+        let elem = match dtype {
+            safetensors::Dtype::F32 => 4,
+            safetensors::Dtype::BF16 => 2,
+            other => {
+                return Err(Error::InvalidOption(format!(
+                    "synthetic models are written in F32 or BF16, not {other:?}"
+                )))
+            }
+        };
+        // Every tensor in call order: (name, shape, scale, offset). Values are drawn in this
+        // order from one generator, so a model does not depend on how it is written.
+        let mut t: Vec<(String, Vec<usize>, f32, f32)> = Vec::new();
         let (d, m, p, c) = (self.dim, self.mlp, self.patch, self.channels);
         let g = self.img / p;
         let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-            let n: usize = shape.iter().product();
-            let v = (0..n).map(|_| offset + scale * rng.normal()).collect();
-            t.insert(name, (shape, v));
+            t.push((name, shape, scale, offset));
         };
         let lin = |k: usize| 1.0 / (k as f32).sqrt();
         let timm = matches!(self.family, Family::TimmVit | Family::TimmDeit);
@@ -158,24 +173,49 @@ impl SyntheticVit {
                 }
             }
         }
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = t
-            .into_iter()
-            .map(|(n, (s, v))| (n, s, bytemuck::cast_slice(&v).to_vec()))
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-            .iter()
-            .map(|(n, s, b)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                        .expect("sizes match"),
-                )
-            })
-            .collect();
-        let data =
-            safetensors::serialize(views, None).map_err(|e| Error::InvalidOption(e.to_string()))?;
+        let mut header = serde_json::Map::new();
+        let mut at = 0usize;
+        for (name, shape, _, _) in &t {
+            let bytes = shape.iter().product::<usize>() * elem;
+            header.insert(
+                name.clone(),
+                serde_json::json!({
+                    "dtype": format!("{dtype:?}"),
+                    "shape": shape,
+                    "data_offsets": [at, at + bytes],
+                }),
+            );
+            at += bytes;
+        }
+        let mut head = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+        head.resize(head.len().div_ceil(8) * 8, b' ');
         let file = dir.join("model.safetensors");
-        crate::io::writer::write_atomic(&file, &data)?;
+        let tmp = dir.join(".model.safetensors.tmp");
+        let io = |e| Error::io(&tmp, e);
+        let mut out =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
+        out.write_all(&(head.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        out.write_all(&head).map_err(io)?;
+        let mut rng = SplitMix::new(self.seed);
+        let mut buf: Vec<u8> = Vec::new();
+        for (_, shape, scale, offset) in &t {
+            let n: usize = shape.iter().product();
+            buf.clear();
+            for _ in 0..n {
+                let v = offset + scale * rng.normal();
+                match elem {
+                    4 => buf.extend_from_slice(&v.to_le_bytes()),
+                    _ => buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                }
+            }
+            out.write_all(&buf).map_err(io)?;
+        }
+        out.into_inner()
+            .map_err(|e| io(e.into_error()))?
+            .sync_all()
+            .map_err(io)?;
+        std::fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))?;
         let config = if timm {
             serde_json::json!({
                 "architecture": "synthetic",

@@ -485,4 +485,11 @@ impl Ops for GpuOps {
         self.flush(&mut g)?;
         Ok(g.acc.finish())
     }
+
+    fn sync(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| gpu_err(format!("wait for the device: {e}")))?;
+        self.check_fault()
+    }
 }

@@ -1,0 +1,153 @@
+//! Where a run's time goes, per stage.
+//!
+//! Stages run on several threads at once (reading ahead, calibrating one block ahead, writing
+//! behind), so their busy times add up to more than the wall clock; the difference is the
+//! overlap. The main thread's waits on the reader and the writer are stages too (`read wait`,
+//! `write wait`): the wall clock less those waits and the serial output finish is the run's time
+//! with I/O excluded.
+//!
+//! GPU work is asynchronous: without [`Profile::exact`], a GPU stage's time is the host's time to
+//! record and submit it, and the wait lands in whatever stage reads results next. `--profile`
+//! makes the calibration wait for the device at each stage boundary, which attributes the time
+//! correctly at a small cost in overlap.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Stage names, in the order a report lists them.
+pub const STAGES: [&str; 12] = [
+    "probe",
+    "read",
+    "read wait",
+    "embed",
+    "forward",
+    "gram",
+    "calibration wait",
+    "quantize",
+    "write",
+    "write wait",
+    "evaluate",
+    "finish",
+];
+
+/// Busy time per stage, shared by the threads of a run.
+#[derive(Debug, Default)]
+pub struct Profile {
+    exact: bool,
+    stages: Mutex<BTreeMap<&'static str, (f64, u64)>>,
+}
+
+/// One stage's total.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StageTime {
+    /// The stage.
+    pub stage: String,
+    /// Busy seconds, summed over calls (and threads).
+    pub seconds: f64,
+    /// Calls.
+    pub calls: u64,
+}
+
+/// The profile of a run, as reported.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ProfileReport {
+    /// Wall-clock seconds of the whole run.
+    pub wall_seconds: f64,
+    /// Wall clock less the main thread's waits on reading and writing and the serial finish of
+    /// the outputs (shard renames, hashes): the run with I/O excluded.
+    pub wall_seconds_without_io: f64,
+    /// Whether GPU stages were synchronised at their boundaries (`--profile`).
+    pub exact: bool,
+    /// Per stage, in pipeline order.
+    pub stages: Vec<StageTime>,
+}
+
+impl Profile {
+    /// An empty profile; `exact` asks GPU stages to wait for the device at their ends.
+    pub fn new(exact: bool) -> Profile {
+        Profile {
+            exact,
+            stages: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Whether GPU stages should be synchronised.
+    pub fn exact(&self) -> bool {
+        self.exact
+    }
+
+    /// Adds `seconds` to `stage`.
+    pub fn add(&self, stage: &'static str, seconds: f64) {
+        let mut m = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(stage).or_insert((0.0, 0));
+        e.0 += seconds;
+        e.1 += 1;
+    }
+
+    /// Runs `f`, adding its time to `stage`.
+    pub fn time<T>(&self, stage: &'static str, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        self.add(stage, t.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Seconds of `stage` so far.
+    pub fn seconds(&self, stage: &str) -> f64 {
+        let m = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(stage).map_or(0.0, |e| e.0)
+    }
+
+    /// The report for a run of `wall_seconds`.
+    pub fn report(&self, wall_seconds: f64) -> ProfileReport {
+        let m = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        let stages: Vec<StageTime> = STAGES
+            .iter()
+            .filter_map(|s| {
+                m.get(s).map(|e| StageTime {
+                    stage: s.to_string(),
+                    seconds: e.0,
+                    calls: e.1,
+                })
+            })
+            .collect();
+        let waits: f64 = ["read wait", "write wait", "finish"]
+            .iter()
+            .filter_map(|s| m.get(s).map(|e| e.0))
+            .sum();
+        ProfileReport {
+            wall_seconds,
+            wall_seconds_without_io: (wall_seconds - waits).max(0.0),
+            exact: self.exact,
+            stages,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_sum_per_name_and_waits_leave_the_io_free_wall_clock() {
+        let p = Profile::new(false);
+        p.add("gram", 1.0);
+        p.add("gram", 0.5);
+        p.add("read wait", 0.25);
+        p.add("write wait", 0.25);
+        p.add("finish", 1.0);
+        p.add("read", 3.0);
+        let r = p.report(10.0);
+        assert_eq!(r.stages[0].stage, "read");
+        assert!(STAGES
+            .iter()
+            .all(|s| STAGES.iter().filter(|t| *t == s).count() == 1));
+        let g = r.stages.iter().find(|s| s.stage == "gram").unwrap();
+        assert_eq!((g.seconds, g.calls), (1.5, 2));
+        // Reading on the reader thread overlaps; only the main thread's waits come off.
+        assert_eq!(r.wall_seconds_without_io, 8.5);
+        assert_eq!(p.time("quantize", || 7), 7);
+        assert_eq!(p.report(1.0).stages.len(), 6);
+    }
+}
