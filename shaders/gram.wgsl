@@ -3,6 +3,10 @@
 // @group(0) @binding(0) x      : array<vec4<f32>>, read        — chunk, row-major [rows_p, n_p]
 // @group(0) @binding(1) g      : array<vec4<f32>>, read_write  — accumulator, row-major [n_p, n_p]
 // @group(0) @binding(2) params : uniform GramParams
+// Only the upper triangle is accumulated (tiles left of the diagonal return at once; the host
+// reads j ≥ i). A chunk's sums are f32 in registers, added into the f32 accumulator, which is read
+// back once at the end (ARCHITECTURE.md, numeric contract: within 2e-6 relative of f64 after 625
+// chunks of a stream with mean 3, tests/parity.rs).
 // Workgroup (16, 16); each invocation owns a 4×4 block of G held in four named vec4
 // accumulators (private arrays spill to local memory on NVIDIA), a workgroup owns a 64×64 tile.
 // The host pads n to a multiple of 64 and rows to a multiple of 16 with zeros.
@@ -24,6 +28,9 @@ var<workgroup> sb: array<vec4<f32>, 256>;
 
 @compute @workgroup_size(16, 16, 1)
 fn gram(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (wid.x < wid.y) {
+        return;
+    }
     var c0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);

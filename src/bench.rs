@@ -355,6 +355,8 @@ pub struct E2eRow {
     pub wall_seconds_without_io: f64,
     /// Peak resident memory of the run's process.
     pub peak_rss_bytes: Option<u64>,
+    /// The calibration's planned memory on the device (GPU runs) and the host.
+    pub calibration_memory: Option<crate::plan::CalibMemory>,
     /// Mean relative layer error.
     pub mean_rel_error: f64,
     /// Per stage.
@@ -485,6 +487,7 @@ pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
         wall_seconds: profile.wall_seconds,
         wall_seconds_without_io: profile.wall_seconds_without_io,
         peak_rss_bytes: v["peak_rss_bytes"].as_u64(),
+        calibration_memory: serde_json::from_value(v["calibration_memory"].clone()).ok(),
         mean_rel_error: v["totals"]["mean_rel_error"].as_f64().unwrap_or(f64::NAN),
         stages: profile.stages,
     })

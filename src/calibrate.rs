@@ -38,8 +38,21 @@ pub enum CalibMode {
     Quantized,
 }
 
-/// Images per device batch during calibration and evaluation.
+/// Images per device batch during calibration and evaluation, at most.
 pub const BATCH: usize = 32;
+
+/// Bytes of activations one batch may hold in flight; wide models get smaller batches so the
+/// calibration of the 6-billion-parameter shape fits 8 GB of GPU memory (ARCHITECTURE.md).
+pub const BATCH_ACTIVATION_BYTES: usize = 256 << 20;
+
+/// Images per batch for a ViT of width `dim`, MLP width `mlp` and `tokens` tokens per image:
+/// [`BATCH`], or fewer when a batch's activations (qkv, attention output, MLP hidden and
+/// LayerNorm output, `tokens·(6·dim + mlp)` floats per image) would pass
+/// [`BATCH_ACTIVATION_BYTES`]. Up to ViT-L/16 this is [`BATCH`].
+pub fn batch_for(dim: usize, mlp: usize, tokens: usize) -> usize {
+    let per_image = tokens * (6 * dim + mlp) * 4;
+    (BATCH_ACTIVATION_BYTES / per_image.max(1)).clamp(1, BATCH)
+}
 
 /// Decodes and preprocesses images `idx` of `set` into one `[n, c, s, s]` buffer.
 pub fn load_pixels(set: &ImageSet, idx: &[usize], spec: &VitSpec) -> Result<Vec<f32>> {
@@ -58,7 +71,7 @@ pub fn embed_batches<O: Ops>(
     idx: &[usize],
     spec: &VitSpec,
 ) -> Result<Vec<(O::T, usize)>> {
-    idx.chunks(BATCH)
+    idx.chunks(batch_for(spec.dim, spec.mlp, spec.tokens_per_image()))
         .map(|chunk| {
             let px = load_pixels(set, chunk, spec)?;
             Ok((f.embed(stem, &px, chunk.len())?, chunk.len()))

@@ -1012,6 +1012,13 @@ fn e2e_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
                 .map_or("unknown".into(), |b| human_bytes(b as usize)),
             r.mean_rel_error
         );
+        if let Some(c) = &r.calibration_memory {
+            println!(
+                "  planned calibration memory: {} on the device, {} on the host",
+                human_bytes(c.device_bytes as usize),
+                human_bytes(c.host_bytes as usize)
+            );
+        }
         rows.push(r);
     }
     if let [g, c] = &rows[..] {

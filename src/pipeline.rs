@@ -330,6 +330,8 @@ pub struct RunReport {
     pub holdout: f32,
     /// Where the time went, per stage.
     pub profile: ProfileReport,
+    /// The planned memory of the calibration (images runs).
+    pub calibration_memory: Option<crate::plan::CalibMemory>,
 }
 
 /// Peak resident set size of this process (`VmHWM`), where the OS reports it.
@@ -1134,28 +1136,52 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let mut device_name = device.describe();
     // Refuse before any compute when a layer cannot fit.
     crate::plan::preflight(&jobs, calib.as_ref(), &device, opts.memory_limit, None)?.check()?;
+    let mut calib_memory = None;
     if let (Some(v), Some(_)) = (&vision, &opts.images) {
-        // The calibration set's hidden state (one block's input) is the big allocation of an
-        // images run; refuse before any compute when it cannot fit.
-        let bytes = (v.calib_idx.len() * v.spec.tokens_per_image() * v.spec.dim * 4) as u64;
+        // The calibration (above all the hidden state of every image, one block's input) is
+        // the big allocation of an images run; refuse before any compute when it cannot fit
+        // beside the largest layer.
+        let images = v.calib_idx.len() + v.holdout_idx.len();
+        let gpu = matches!(device, AnyDevice::Wgpu(_));
+        let c = crate::plan::calibration_bytes(
+            v.spec.dim,
+            v.spec.mlp,
+            v.spec.tokens_per_image(),
+            images,
+            gpu,
+        );
+        let largest = jobs
+            .iter()
+            .map(|j| {
+                if gpu {
+                    crate::plan::device_bytes(j.rows, j.cols, &j.config)
+                } else {
+                    crate::plan::host_bytes(j.rows, j.cols, true, &j.config)
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        let bytes = if gpu { c.device_bytes } else { c.host_bytes } + largest;
         let budget = match &device {
             AnyDevice::Cpu(_) => opts.memory_limit.or_else(crate::plan::host_available_bytes),
             AnyDevice::Wgpu(_) => opts.memory_limit,
         };
         log::info!(
-            "calibration hidden state: {} images x {} tokens x {} = {:.1} MB",
-            v.calib_idx.len(),
+            "calibration of {images} images x {} tokens x {}: {:.1} MB on the device, {:.1} MB on the host; with the largest layer {:.1} MB on the {}",
             v.spec.tokens_per_image(),
             v.spec.dim,
-            bytes as f64 / 1e6
+            c.device_bytes as f64 / 1e6,
+            c.host_bytes as f64 / 1e6,
+            bytes as f64 / 1e6,
+            if gpu { "device" } else { "host" }
         );
         if let Some(b) = budget.filter(|&b| bytes > b) {
             return Err(Error::InvalidOption(format!(
-                "the hidden state of {} calibration images needs {bytes} bytes but the memory budget is {b}; \
-                 lower --calib-count",
-                v.calib_idx.len()
+                "the calibration of {images} images and the largest layer need {bytes} bytes but the memory budget is {b}; \
+                 lower --calib-count"
             )));
         }
+        calib_memory = Some(c);
     }
     let mut mixed = None;
     if let Some(target) = opts.target_bits {
@@ -1827,6 +1853,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             0.0
         },
         profile: profile.report(wall),
+        calibration_memory: calib_memory,
     };
     if let Some(path) = &opts.report {
         let json = serde_json::to_vec_pretty(&report).expect("report serialises");

@@ -83,6 +83,58 @@ impl Preflight {
     }
 }
 
+/// Memory of the calibration of an images run, beside the layer being quantized.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CalibMemory {
+    /// On the device that runs the forward pass (the GPU; 0 on the CPU).
+    pub device_bytes: u64,
+    /// On the host.
+    pub host_bytes: u64,
+}
+
+/// What the calibration of `images` images (calibration and held-out together) of a ViT of width
+/// `dim`, MLP width `mlp` and `tokens` tokens per image holds at its peak, on a GPU (`gpu`) or the
+/// CPU:
+/// - the hidden state of every image (one block's input), resident where the forward runs;
+/// - one batch's activations in flight (qkv, attention output, MLP hidden, LayerNorm output);
+/// - one block's weights;
+/// - the block's four Gram accumulators (f32, padded to 64, on a GPU; plus the GPU's staging
+///   chunk), and on the host the f64 Grams of two blocks: the one being quantized and the one
+///   calibrated ahead of it.
+pub fn calibration_bytes(
+    dim: usize,
+    mlp: usize,
+    tokens: usize,
+    images: usize,
+    gpu: bool,
+) -> CalibMemory {
+    let (d, m, t) = (dim as u64, mlp as u64, tokens as u64);
+    let hidden = images as u64 * t * d * 4;
+    let batch = crate::calibrate::batch_for(dim, mlp, tokens).min(images.max(1)) as u64
+        * t
+        * (6 * d + m)
+        * 4;
+    let weights = (4 * d * d + 2 * d * m + 10 * d) * 4;
+    let pad = |n: u64| n.div_ceil(64) * 64;
+    let grams_f64 = (3 * d * d + m * m) * 8;
+    if gpu {
+        let chunk = 4096 * pad(m) * 4;
+        CalibMemory {
+            device_bytes: hidden
+                + batch
+                + weights
+                + (3 * pad(d) * pad(d) + pad(m) * pad(m)) * 4
+                + chunk,
+            host_bytes: 2 * grams_f64,
+        }
+    } else {
+        CalibMemory {
+            device_bytes: 0,
+            host_bytes: hidden + batch + weights + m * m * 4 + 2 * grams_f64,
+        }
+    }
+}
+
 /// Host memory available to new allocations (`MemAvailable`), where the OS reports it.
 pub fn host_available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -258,4 +310,31 @@ fn measure_rates(
     let _ = device.gram(n, chunks)?;
     let gsecs = t.elapsed().as_secs_f64().max(1e-6);
     Ok((work / secs, (rows * n * n) as f64 / gsecs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_6b_shape_calibrates_with_1024_images_in_8_gb_of_gpu_and_16_gb_of_host_memory() {
+        // Width 3200, MLP 12800, 224 px at patch 14 (257 tokens); fc2 is the largest layer, and
+        // the buffer pool may hold up to its cap beside it.
+        let c = calibration_bytes(3200, 12800, 257, 1024, true);
+        let cfg = QuantConfig::default();
+        let layer = device_bytes(3200, 12800, &cfg);
+        let total = c.device_bytes + layer + crate::device::wgpu::buffers::POOL_CAP_BYTES;
+        assert!(total < 8_000_000_000, "{total} bytes");
+        // The hidden state alone is 1024 × 257 × 3200 × 4 bytes.
+        assert!(c.device_bytes > 1024 * 257 * 3200 * 4);
+        let host = c.host_bytes + host_bytes(3200, 12800, false, &cfg);
+        assert!(host < 16_000_000_000, "{host} bytes");
+        // Batches shrink for the wide shape only.
+        assert_eq!(crate::calibrate::batch_for(1024, 4096, 197), 32);
+        assert_eq!(crate::calibrate::batch_for(3200, 12800, 257), 8);
+        // On the CPU the hidden state moves to the host.
+        let cpu = calibration_bytes(3200, 12800, 257, 1024, false);
+        assert_eq!(cpu.device_bytes, 0);
+        assert!(cpu.host_bytes > c.host_bytes + 1024 * 257 * 3200 * 4);
+    }
 }

@@ -65,6 +65,34 @@ fn gram_matches_the_f64_cpu_gram() {
     }
 }
 
+/// Many chunks with a large mean (the hard case for f32 sums): the device's f32 accumulation
+/// across chunks, read back once, stays this close to the f64 CPU Gram.
+const GRAM_LONG_REL_TOL: f64 = 2e-6;
+
+#[test]
+fn a_long_stream_of_chunks_keeps_the_gram_precise() {
+    let Some(mut gpu) = gpu::device() else { return };
+    let (rows, cols) = (40_000usize, 60usize);
+    // A binding that just holds the padded 64 × 64 Gram makes the device chunk 64 rows: 625
+    // chunks, each added into the running sum.
+    gpu.cap_binding_bytes(64 * 64 * 4);
+    let cpu = AnyDevice::Cpu(CpuDevice::new());
+    let gpu = AnyDevice::Wgpu(Box::new(gpu));
+    let mut rng = Rng::new(77);
+    let x: Vec<f32> = rng.normals(rows * cols).iter().map(|v| 3.0 + v).collect();
+    let chunks = |x: &[f32]| {
+        x.chunks(5_000 * cols)
+            .map(|c| Ok(c.to_vec()))
+            .collect::<Vec<_>>()
+    };
+    let g_cpu = cpu.gram(cols, chunks(&x)).unwrap();
+    let g_gpu = gpu.gram(cols, chunks(&x)).unwrap();
+    assert_eq!(g_gpu.samples, rows as u64);
+    let e = frob_rel(&g_gpu.data, &g_cpu.data);
+    eprintln!("{rows} rows: relative Frobenius error {e:.2e}");
+    assert!(e <= GRAM_LONG_REL_TOL, "{e:.2e} > {GRAM_LONG_REL_TOL:.0e}");
+}
+
 fn both_states(
     gpu: &WgpuDevice,
     w: &[f32],

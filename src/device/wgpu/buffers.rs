@@ -14,6 +14,12 @@ const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST)
     .union(wgpu::BufferUsages::COPY_SRC);
 
+/// Bytes of free buffers a pool keeps; beyond this the oldest are released. Without a cap the
+/// pool would end up holding one state of every layer shape of a block at once (qkv, proj,
+/// fc1/fc2 and both Gram sizes: 2.7 GB for the 6-billion-parameter shape), on top of the
+/// calibration's resident hidden state.
+pub const POOL_CAP_BYTES: u64 = 512 << 20;
+
 /// A pool of storage buffers, shared by the layers of one device.
 #[derive(Debug, Default, Clone)]
 pub struct BufferPool {
@@ -32,7 +38,7 @@ impl BufferPool {
             .min_by_key(|(_, b)| b.size())
             .map(|(i, _)| i);
         match best {
-            Some(i) => free.swap_remove(i),
+            Some(i) => free.remove(i),
             None => device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size,
@@ -42,9 +48,27 @@ impl BufferPool {
         }
     }
 
-    /// Returns buffers to the pool.
+    /// Returns buffers to the pool (releasing the oldest beyond [`POOL_CAP_BYTES`]).
     pub fn give(&self, buffers: impl IntoIterator<Item = wgpu::Buffer>) {
-        self.free.lock().expect("pool lock").extend(buffers);
+        let mut free = self.free.lock().expect("pool lock");
+        free.extend(buffers);
+        let mut total: u64 = free.iter().map(|b| b.size()).sum();
+        let mut drop_front = 0;
+        while total > POOL_CAP_BYTES && drop_front < free.len() {
+            total -= free[drop_front].size();
+            drop_front += 1;
+        }
+        free.drain(..drop_front);
+    }
+
+    /// Bytes held by free buffers.
+    pub fn free_bytes(&self) -> u64 {
+        self.free
+            .lock()
+            .expect("pool lock")
+            .iter()
+            .map(|b| b.size())
+            .sum()
     }
 
     /// Frees every pooled buffer.

@@ -1,16 +1,17 @@
 //! The ViT forward primitives on a wgpu device (`shaders/vit.wgsl`), with the Gram matrices of
 //! layer inputs accumulated where the activations already are.
 //!
-//! Work is submitted without waiting: wgpu runs submissions in order, so only a download (or a
-//! Gram flush) blocks. Activations never leave the device during calibration; the Gram kernel
-//! (`gram.wgsl`) reads a zero-padded copy of a row chunk made on the device (`pad_rows`), sums in
-//! f32 for at most [`GRAM_FLUSH_ROWS`] rows and the host adds those partial sums in f64.
+//! Work is submitted without waiting: wgpu runs submissions in order, so only a download blocks.
+//! Activations never leave the device during calibration; the Gram kernel (`gram.wgsl`) reads a
+//! zero-padded copy of a row chunk made on the device (`pad_rows`), sums the chunk in f32 and
+//! adds it into an f32 accumulator on the device, read back once, when the block's Gram is
+//! finished.
 
 use std::sync::{Arc, Mutex};
 
 use super::buffers::{gpu_err, read_f32};
 use super::pipelines::{GramParams, Pipelines, VitParams};
-use super::{WgpuDevice, GRAM_FLUSH_ROWS, MAX_GROUPS};
+use super::{WgpuDevice, MAX_GROUPS};
 use crate::error::Result;
 use crate::model::forward::Ops;
 use crate::quant::{Gram, GramAccumulator};
@@ -35,11 +36,11 @@ pub struct GpuTensor {
 /// A Gram accumulator in device memory.
 #[derive(Debug)]
 pub struct GpuGram {
+    /// The f32 sums (upper triangle).
     g: wgpu::Buffer,
     n: usize,
     np: usize,
-    pending: usize,
-    acc: GramAccumulator,
+    samples: u64,
 }
 
 /// Forward primitives on one wgpu device. Holds its own handles (cheap clones), so it outlives
@@ -171,24 +172,6 @@ impl GpuOps {
         let (gx, gy) = grid(count);
         p.gx = gx;
         self.run(kernel, bufs, p, (gx, gy, 1));
-    }
-
-    fn flush(&self, g: &mut GpuGram) -> Result<()> {
-        if g.pending == 0 {
-            return Ok(());
-        }
-        let part = read_f32(&self.device, &self.queue, &g.g, g.np * g.np)?;
-        self.check_fault()?;
-        g.acc.add_partial(&part, g.np, g.pending as u64);
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("gram-clear"),
-            });
-        enc.clear_buffer(&g.g, 0, None);
-        self.queue.submit([enc.finish()]);
-        g.pending = 0;
-        Ok(())
     }
 }
 
@@ -416,12 +399,15 @@ impl Ops for GpuOps {
                 "a {n}×{n} Gram matrix ({bytes} bytes) exceeds the adapter's storage-binding limit; use --device cpu"
             )));
         }
-        let g = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("gram"),
-            size: bytes,
-            usage: STORAGE,
-            mapped_at_creation: false,
-        });
+        let make = |label: &str| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let g = make("gram");
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -433,8 +419,7 @@ impl Ops for GpuOps {
             g,
             n,
             np,
-            pending: 0,
-            acc: GramAccumulator::new(n),
+            samples: 0,
         })
     }
 
@@ -473,17 +458,18 @@ impl Ops for GpuOps {
                 2,
                 ((np / 64) as u32, (np / 64) as u32, 1),
             );
-            g.pending += r;
-            if g.pending >= GRAM_FLUSH_ROWS {
-                self.flush(g)?;
-            }
+            g.samples += r as u64;
         }
         Ok(())
     }
 
-    fn gram_finish(&self, mut g: GpuGram) -> Result<Gram> {
-        self.flush(&mut g)?;
-        Ok(g.acc.finish())
+    fn gram_finish(&self, g: GpuGram) -> Result<Gram> {
+        // The only readback.
+        let sums = read_f32(&self.device, &self.queue, &g.g, g.np * g.np)?;
+        self.check_fault()?;
+        let mut acc = GramAccumulator::new(g.n);
+        acc.add_partial(&sums, g.np, g.samples);
+        Ok(acc.finish())
     }
 
     fn sync(&self) -> Result<()> {
