@@ -492,3 +492,146 @@ pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
         stages: profile.stages,
     })
 }
+
+/// One layer shape of `comq-gpu bench --kernels`: the Gram kernel and one sweep, alone, with the
+/// work they must do (the floor is that work at the card's peak rate, which wgpu cannot report).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelRow {
+    /// `cpu` or `gpu`.
+    pub device: String,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// Activation rows of the Gram.
+    pub gram_rows: usize,
+    /// Seconds of the Gram accumulation (activations resident on the device, no readback).
+    pub gram_seconds: f64,
+    /// Multiply-adds × 2 actually executed by the Gram (upper-triangle tiles only).
+    pub gram_flops: f64,
+    /// Seconds of one per-row greedy sweep.
+    pub sweep_greedy_seconds: f64,
+    /// Bytes of `G` rows one greedy sweep must read (`4·m·n²`: one row of `G` per visited
+    /// coordinate): its memory floor.
+    pub sweep_greedy_bytes: f64,
+    /// Seconds of one shared-order blocked sweep.
+    pub sweep_shared_seconds: f64,
+    /// FLOPs of the blocked sweep (`2·m·n²` in the trailing products, `m·n·64` in the blocks).
+    pub sweep_shared_flops: f64,
+}
+
+/// Times the Gram accumulation and the two sweep forms for each shape on the CPU and/or the GPU.
+pub fn run_kernel_bench(
+    shapes: &[(usize, usize)],
+    rows: usize,
+    gpu: Option<&crate::device::WgpuDevice>,
+    cpu: bool,
+    mut on_row: impl FnMut(&KernelRow),
+) -> Result<Vec<KernelRow>> {
+    use crate::model::forward::Ops;
+    fn gram_time<O: Ops>(ops: &O, x: &[f32], rows: usize, n: usize) -> Result<f64> {
+        let t = ops.upload(x)?;
+        let once = || -> Result<f64> {
+            let mut g = ops.gram_new(n)?;
+            ops.sync()?;
+            let s = Instant::now();
+            ops.gram_add(&mut g, &t, rows)?;
+            ops.sync()?;
+            let secs = s.elapsed().as_secs_f64();
+            ops.gram_finish(g)?;
+            Ok(secs)
+        };
+        once()?;
+        once()
+    }
+    fn sweep_time<D: crate::device::Device>(
+        dev: &D,
+        w: &[f32],
+        m: usize,
+        n: usize,
+        g: &Gram,
+        order: crate::quant::OrderKind,
+    ) -> Result<f64> {
+        let cfg = crate::quant::QuantConfig {
+            order,
+            ..Default::default()
+        };
+        let grid = crate::quant::Grid::build(w, m, n, &cfg);
+        let ord = crate::quant::Order::build(order, w, m, n, &g.diag());
+        let g32 = g.to_f32();
+        let p = crate::device::LayerProblem {
+            name: "bench",
+            weights: w,
+            gram: &g32,
+            grid: &grid,
+            order: &ord,
+            dead_threshold: g.dead_threshold(),
+            scale_dtype: cfg.scale_dtype,
+        };
+        let mut st = dev.upload(&p)?;
+        // (reset, sweep, refresh) less (reset, refresh): the refresh's readback waits for the
+        // sweep, so the difference is the sweep.
+        let mut run = |sweep: bool| -> Result<f64> {
+            let s = Instant::now();
+            dev.reset(&mut st)?;
+            if sweep {
+                dev.sweep(&mut st)?;
+            }
+            dev.refresh(&mut st)?;
+            Ok(s.elapsed().as_secs_f64())
+        };
+        run(true)?;
+        let with = run(true)?;
+        let without = run(false)?;
+        Ok((with - without).max(0.0))
+    }
+    let mut out = Vec::new();
+    let mut devices: Vec<&str> = Vec::new();
+    if gpu.is_some() {
+        devices.push("gpu");
+    }
+    if cpu {
+        devices.push("cpu");
+    }
+    for (i, &(m, n)) in shapes.iter().enumerate() {
+        let x = weights(rows, n, 50 + i as u64);
+        let w = weights(m, n, 1 + i as u64);
+        let g = correlated_gram(n, 100 + i as u64);
+        let np = n.div_ceil(64) * 64;
+        let tiles = (np / 64) * (np / 64 + 1) / 2;
+        for &d in &devices {
+            use crate::quant::OrderKind;
+            let (gram_seconds, greedy, shared) = match (d, gpu) {
+                ("gpu", Some(dev)) => {
+                    let ops = crate::device::wgpu::forward::GpuOps::new(dev);
+                    (
+                        gram_time(&ops, &x, rows, n)?,
+                        sweep_time(dev, &w, m, n, &g, OrderKind::Greedy)?,
+                        sweep_time(dev, &w, m, n, &g, OrderKind::Shared)?,
+                    )
+                }
+                _ => {
+                    let dev = crate::device::CpuDevice::new();
+                    (
+                        gram_time(&crate::model::cpu::CpuOps, &x, rows, n)?,
+                        sweep_time(&dev, &w, m, n, &g, OrderKind::Greedy)?,
+                        sweep_time(&dev, &w, m, n, &g, OrderKind::Shared)?,
+                    )
+                }
+            };
+            let row = KernelRow {
+                device: d.to_string(),
+                shape: [m, n],
+                gram_rows: rows,
+                gram_seconds,
+                gram_flops: 2.0 * (tiles * 64 * 64) as f64 * rows.div_ceil(16) as f64 * 16.0,
+                sweep_greedy_seconds: greedy,
+                sweep_greedy_bytes: 4.0 * (m * n) as f64 * n as f64,
+                sweep_shared_seconds: shared,
+                sweep_shared_flops: 2.0 * (m * n) as f64 * n as f64
+                    + (m * n * crate::quant::order::SHARED_BLOCK) as f64,
+            };
+            on_row(&row);
+            out.push(row);
+        }
+    }
+    Ok(out)
+}

@@ -142,6 +142,14 @@ pub struct BenchArgs {
     /// profile and peak memory.
     #[arg(long, value_name = "SHAPE")]
     pub model: Option<String>,
+    /// Time the kernels alone instead, per layer shape: the Gram accumulation over --gram-rows
+    /// resident activation rows, one per-row greedy sweep and one shared-order blocked sweep,
+    /// with the work each must do (bytes or FLOPs) and the rate reached.
+    #[arg(long)]
+    pub kernels: bool,
+    /// With --kernels: activation rows of the Gram.
+    #[arg(long, default_value_t = 16384)]
+    pub gram_rows: usize,
     /// With --model: only the first this many blocks.
     #[arg(long, value_name = "K")]
     pub blocks: Option<usize>,
@@ -866,6 +874,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if let Some(shape) = &a.model {
         return e2e_bench_cmd(&a, shape);
     }
+    if a.kernels {
+        return kernel_bench_cmd(&a);
+    }
     use comq_gpu::bench::{run_bench, VIT_B16_SHAPES, VIT_L16_SHAPES};
     let shapes: Vec<(usize, usize)> = if !a.shapes.is_empty() {
         a.shapes
@@ -937,6 +948,62 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     })?;
     if let Some(path) = a.json {
         comq_gpu::io::writer::write_atomic(&path, &serde_json::to_vec_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+fn kernel_bench_cmd(a: &BenchArgs) -> Result<()> {
+    use comq_gpu::bench::{run_kernel_bench, VIT_L16_SHAPES};
+    let shapes: Vec<(usize, usize)> = if !a.shapes.is_empty() {
+        a.shapes
+            .iter()
+            .map(|s| parse_shape(s))
+            .collect::<Result<_>>()?
+    } else if a.quick {
+        vec![(64, 64), (96, 128)]
+    } else {
+        VIT_L16_SHAPES.to_vec()
+    };
+    let gpu = if a.no_gpu {
+        None
+    } else {
+        Some(comq_gpu::device::WgpuDevice::open(
+            a.adapter.as_deref(),
+            true,
+        )?)
+    };
+    if let Some(g) = &gpu {
+        use comq_gpu::Device;
+        println!("GPU: {}", g.describe());
+        if g.is_software() {
+            println!("note: this is a software adapter; its times are not GPU performance");
+        }
+    }
+    println!("CPU: {} threads", rayon::current_num_threads());
+    println!(
+        "{:>4} {:>11} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10}",
+        "dev", "shape", "Gram s", "GFLOP/s", "greedy s", "G GB", "GB/s", "shared s", "GFLOP/s"
+    );
+    let rows = run_kernel_bench(&shapes, a.gram_rows, gpu.as_ref(), !a.no_cpu, |r| {
+        println!(
+            "{:>4} {:>11} {:>10.4} {:>10.1} {:>12.4} {:>10.2} {:>10.1} {:>12.4} {:>10.1}",
+            r.device,
+            format!("{}x{}", r.shape[0], r.shape[1]),
+            r.gram_seconds,
+            r.gram_flops / r.gram_seconds.max(1e-12) / 1e9,
+            r.sweep_greedy_seconds,
+            r.sweep_greedy_bytes / 1e9,
+            r.sweep_greedy_bytes / r.sweep_greedy_seconds.max(1e-12) / 1e9,
+            r.sweep_shared_seconds,
+            r.sweep_shared_flops / r.sweep_shared_seconds.max(1e-12) / 1e9
+        );
+    })?;
+    println!(
+        "floors: the Gram and the shared sweep at the card's FP32 peak FLOP rate, the greedy sweep's \
+         G bytes at its memory bandwidth (compare the rates above with the card's datasheet)"
+    );
+    if let Some(path) = &a.json {
+        comq_gpu::io::writer::write_atomic(path, &serde_json::to_vec_pretty(&rows)?)?;
     }
     Ok(())
 }
