@@ -3,7 +3,8 @@
 //! Memory is counted from the device's own layout (ARCHITECTURE.md, memory plan): on the GPU
 //! `W`, `Q̂`, `R`, codes and a scratch row block (f32/i32), the order table (greedy only), steps
 //! and code ranges, and `G` in f32; on the host the f32 weights, the f64 Gram, its f32 copy and
-//! the downloaded codes and dequantized values. Time is estimated from a quick measured run of a
+//! the downloaded codes and dequantized values (on the CPU also the device state and `G` in f64
+//! for the exact products). Time is estimated from a quick measured run of a
 //! small synthetic layer on the same device, scaled by `rows·cols²` (the work of a sweep and of a
 //! residual refresh), plus Gram accumulation scaled by `N·cols²`.
 //!
@@ -172,7 +173,8 @@ pub fn host_bytes(rows: usize, cols: usize, cpu: bool, cfg: &QuantConfig) -> u64
     // f32 weights, codes and dequantized values out, f64 Gram + f32 copy.
     let base = 4 * m * n * 3 + 12 * n * n;
     if cpu {
-        base + device_bytes(rows, cols, cfg)
+        // The CPU state also keeps G widened to f64 for the exact products.
+        base + device_bytes(rows, cols, cfg) + 8 * n * n
     } else {
         base + 4 * m * n // the greedy order is built on the host before upload
     }

@@ -64,6 +64,7 @@ fn run_writes_packed_and_dequantized_checkpoints_and_a_report() {
         s(&deq),
         "--report",
         s(&rep),
+        "--profile",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
@@ -73,8 +74,21 @@ fn run_writes_packed_and_dequantized_checkpoints_and_a_report() {
     );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("blocks.1.mlp.fc2.weight"), "{stdout}");
+    assert!(stdout.contains("without I/O"), "{stdout}");
 
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    // The profile: reading and writing happen on their own threads, quantization on this one.
+    let stages = report["profile"]["stages"].as_array().unwrap();
+    for (stage, calls) in [("read", 8), ("quantize", 8), ("gram", 8)] {
+        let st = stages.iter().find(|s| s["stage"] == stage).unwrap();
+        assert_eq!(st["calls"], calls, "{stage}");
+    }
+    assert!(
+        report["profile"]["wall_seconds_without_io"]
+            .as_f64()
+            .unwrap()
+            <= report["profile"]["wall_seconds"].as_f64().unwrap()
+    );
     let layers = report["layers"].as_array().unwrap();
     assert_eq!(
         layers.len(),
@@ -513,6 +527,83 @@ fn bench_quick_compares_cpu_and_gpu() {
         assert!(r["code_disagreement"].as_f64().unwrap() <= 1e-3, "{r}");
     }
     assert!(String::from_utf8_lossy(&o.stdout).contains("speed-up"));
+}
+
+#[test]
+fn bench_kernels_times_the_gram_and_both_sweeps_with_their_work() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("kernels.json");
+    let o = run(&[
+        "bench",
+        "--kernels",
+        "--quick",
+        "--gram-rows",
+        "256",
+        "--json",
+        s(&json),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    // Two shapes on the GPU and on the CPU.
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        let [m, n] = [
+            r["shape"][0].as_f64().unwrap(),
+            r["shape"][1].as_f64().unwrap(),
+        ];
+        assert_eq!(r["sweep_greedy_bytes"].as_f64().unwrap(), 4.0 * m * n * n);
+        assert!(r["gram_seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["sweep_shared_flops"].as_f64().unwrap() >= 2.0 * m * n * n);
+    }
+}
+
+#[test]
+fn bench_model_runs_the_whole_pipeline_in_a_child_with_its_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("e2e.json");
+    let o = run(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--images",
+        "6",
+        "--no-gpu",
+        "--order",
+        "shared",
+        "--work-dir",
+        s(dir.path()),
+        "--json",
+        s(&json),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let r = &rows.as_array().unwrap()[0];
+    assert_eq!(r["device"], "cpu");
+    assert_eq!(r["images"], 6);
+    assert_eq!(r["linear_params"], 2 * (4 * 64 * 64 + 2 * 64 * 256));
+    let stages: Vec<&str> = r["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    for stage in [
+        "read", "embed", "forward", "gram", "quantize", "write", "finish",
+    ] {
+        assert!(stages.contains(&stage), "{stage} missing from {stages:?}");
+    }
+    let wall = r["wall_seconds"].as_f64().unwrap();
+    let without = r["wall_seconds_without_io"].as_f64().unwrap();
+    assert!(without > 0.0 && without <= wall, "{without} vs {wall}");
+    assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
+    // The synthetic model and the image pack stay for the next run; the outputs do not.
+    assert!(dir.path().join("tiny-2b-f32/model.safetensors").exists());
+    assert!(dir.path().join("images-6-32px.safetensors").exists());
+    assert!(!dir.path().join("out-cpu").exists());
 }
 
 #[test]

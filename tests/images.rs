@@ -471,7 +471,7 @@ fn a_calibration_set_that_cannot_fit_the_memory_budget_is_refused_before_compute
         "--device",
         "cpu",
         "--memory-limit",
-        "300kB",
+        "1MB",
         "--out",
         s(&out),
     ]);
@@ -488,7 +488,7 @@ fn a_calibration_set_that_cannot_fit_the_memory_budget_is_refused_before_compute
         "--device",
         "cpu",
         "--memory-limit",
-        "300kB",
+        "1MB",
         "--out",
         s(&out),
     ]));
