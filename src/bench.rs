@@ -227,6 +227,25 @@ pub const FORWARD_SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 6] 
     ("vit-6b", 3200, 48, 25, 12800, 14, 224),
 ];
 
+/// A random timm-layout backbone of a [`FORWARD_SHAPES`] row, cut to `depth` blocks.
+fn synthetic_vit(
+    (_, dim, _, heads, mlp, patch, img): (&str, usize, usize, usize, usize, usize, usize),
+    depth: usize,
+) -> crate::model::synthetic::SyntheticVit {
+    crate::model::synthetic::SyntheticVit {
+        family: crate::model::Family::TimmVit,
+        dim,
+        depth,
+        heads,
+        mlp,
+        patch,
+        img,
+        channels: 3,
+        classes: 0,
+        seed: 1,
+    }
+}
+
 /// The [`FORWARD_SHAPES`] row named `shape`.
 fn shape_row(shape: &str) -> Result<(&'static str, usize, usize, usize, usize, usize, usize)> {
     FORWARD_SHAPES
@@ -271,21 +290,10 @@ pub fn run_forward_bench(
     gpu: Option<&crate::device::WgpuDevice>,
     cpu: bool,
 ) -> Result<ForwardRow> {
-    let (name, dim, depth, heads, mlp, patch, img) = shape_row(shape)?;
+    let row = shape_row(shape)?;
+    let (name, img) = (row.0, row.6);
     let dir = std::env::temp_dir().join(format!("comq-forward-bench-{}", std::process::id()));
-    crate::model::synthetic::SyntheticVit {
-        family: crate::model::Family::TimmVit,
-        dim,
-        depth,
-        heads,
-        mlp,
-        patch,
-        img,
-        channels: 3,
-        classes: 0,
-        seed: 1,
-    }
-    .write(&dir)?;
+    synthetic_vit(row, row.2).write(&dir)?;
     let result = (|| {
         let model = crate::io::Checkpoint::open(&dir.join("model.safetensors"))?;
         let spec = crate::model::VitSpec::detect(&model)?;
@@ -384,25 +392,14 @@ pub struct E2eOptions {
 /// Writes (or reuses) the synthetic model and the image pack of `o`; returns their paths and the
 /// number of linear parameters.
 pub fn e2e_inputs(o: &E2eOptions) -> Result<(PathBuf, PathBuf, usize, usize)> {
-    let (name, dim, depth, heads, mlp, patch, img) = shape_row(&o.shape)?;
-    let depth = o.blocks.unwrap_or(depth).clamp(1, depth);
+    let row = shape_row(&o.shape)?;
+    let (name, dim, mlp, img) = (row.0, row.1, row.4, row.6);
+    let depth = o.blocks.unwrap_or(row.2).clamp(1, row.2);
     let tag = format!("{name}-{depth}b-{:?}", o.dtype).to_lowercase();
     let dir = o.work_dir.join(&tag);
     if !dir.join("model.safetensors").exists() || !dir.join("config.json").exists() {
         log::info!("writing the synthetic {tag} model to {}", dir.display());
-        crate::model::synthetic::SyntheticVit {
-            family: crate::model::Family::TimmVit,
-            dim,
-            depth,
-            heads,
-            mlp,
-            patch,
-            img,
-            channels: 3,
-            classes: 0,
-            seed: 1,
-        }
-        .write_as(&dir, o.dtype)?;
+        synthetic_vit(row, depth).write_as(&dir, o.dtype)?;
     }
     let pack = o
         .work_dir

@@ -903,30 +903,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         ..QuantConfig::default()
     };
     cfg.validate()?;
-    let gpu = if a.no_gpu {
-        None
-    } else {
-        Some(comq_gpu::device::WgpuDevice::open(
-            a.adapter.as_deref(),
-            true,
-        )?)
-    };
-    let cpu_threads = rayon::current_num_threads();
-    match &gpu {
-        Some(g) => {
-            use comq_gpu::Device;
-            println!("GPU: {}", g.describe());
-            if g.is_software() {
-                println!("note: this is a software adapter; its times are not GPU performance");
-            }
-        }
-        None => println!("GPU: not run"),
-    }
-    println!(
-        "CPU: {} threads{}",
-        cpu_threads,
-        if a.no_cpu { " (not run)" } else { "" }
-    );
+    let gpu = bench_devices(&a)?;
     println!(
         "{:>11} {:>10} {:>10} {:>9} {:>12} {:>8} {:>11} {:>11}",
         "shape", "CPU s", "GPU s", "speed-up", "codes diff", "max |dk|", "err", "err RTN"
@@ -952,6 +929,34 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Opens the GPU of a benchmark (unless `--no-gpu`) and says which devices will run.
+fn bench_devices(a: &BenchArgs) -> Result<Option<comq_gpu::device::WgpuDevice>> {
+    let gpu = if a.no_gpu {
+        None
+    } else {
+        Some(comq_gpu::device::WgpuDevice::open(
+            a.adapter.as_deref(),
+            true,
+        )?)
+    };
+    match &gpu {
+        Some(g) => {
+            use comq_gpu::Device;
+            println!("GPU: {}", g.describe());
+            if g.is_software() {
+                println!("note: this is a software adapter; its times are not GPU performance");
+            }
+        }
+        None => println!("GPU: not run"),
+    }
+    println!(
+        "CPU: {} threads{}",
+        rayon::current_num_threads(),
+        if a.no_cpu { " (not run)" } else { "" }
+    );
+    Ok(gpu)
+}
+
 fn kernel_bench_cmd(a: &BenchArgs) -> Result<()> {
     use comq_gpu::bench::{run_kernel_bench, VIT_L16_SHAPES};
     let shapes: Vec<(usize, usize)> = if !a.shapes.is_empty() {
@@ -964,22 +969,7 @@ fn kernel_bench_cmd(a: &BenchArgs) -> Result<()> {
     } else {
         VIT_L16_SHAPES.to_vec()
     };
-    let gpu = if a.no_gpu {
-        None
-    } else {
-        Some(comq_gpu::device::WgpuDevice::open(
-            a.adapter.as_deref(),
-            true,
-        )?)
-    };
-    if let Some(g) = &gpu {
-        use comq_gpu::Device;
-        println!("GPU: {}", g.describe());
-        if g.is_software() {
-            println!("note: this is a software adapter; its times are not GPU performance");
-        }
-    }
-    println!("CPU: {} threads", rayon::current_num_threads());
+    let gpu = bench_devices(a)?;
     println!(
         "{:>4} {:>11} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10}",
         "dev", "shape", "Gram s", "GFLOP/s", "greedy s", "G GB", "GB/s", "shared s", "GFLOP/s"
@@ -1193,22 +1183,7 @@ fn plan_cmd(
 }
 
 fn forward_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
-    let gpu = if a.no_gpu {
-        None
-    } else {
-        Some(comq_gpu::device::WgpuDevice::open(
-            a.adapter.as_deref(),
-            true,
-        )?)
-    };
-    if let Some(g) = &gpu {
-        use comq_gpu::Device;
-        println!("GPU: {}", g.describe());
-        if g.is_software() {
-            println!("note: this is a software adapter; its times are not GPU performance");
-        }
-    }
-    println!("CPU: {} threads", rayon::current_num_threads());
+    let gpu = bench_devices(a)?;
     let r = comq_gpu::bench::run_forward_bench(shape, a.images, gpu.as_ref(), !a.no_cpu)?;
     let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     println!(
