@@ -1046,7 +1046,7 @@ fn e2e_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
     for d in devices {
         let r = run_e2e(&o, d)?;
         println!(
-            "{} ({} blocks, {:.0} M linear weights), {} images, W{} {} order, on {}:",
+            "{} ({} blocks, {:.1} M linear weights), {} images, W{} {} order, on {}:",
             r.model,
             r.blocks,
             r.linear_params as f64 / 1e6,

@@ -604,6 +604,36 @@ fn bench_model_runs_the_whole_pipeline_in_a_child_with_its_profile() {
     assert!(dir.path().join("tiny-2b-f32/model.safetensors").exists());
     assert!(dir.path().join("images-6-32px.safetensors").exists());
     assert!(!dir.path().join("out-cpu").exists());
+
+    // The same run on the GPU (the calibration thread and the quantization share the device)
+    // reaches the CPU's errors.
+    if gpu::device().is_none() {
+        return;
+    }
+    let o = run(&[
+        "bench",
+        "--model",
+        "tiny",
+        "--images",
+        "6",
+        "--no-cpu",
+        "--order",
+        "shared",
+        "--work-dir",
+        s(dir.path()),
+        "--json",
+        s(&json),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let g = &g.as_array().unwrap()[0];
+    assert_eq!(g["device"], "gpu");
+    assert!(g["calibration_memory"]["device_bytes"].as_u64().unwrap() > 0);
+    let (ec, eg) = (
+        r["mean_rel_error"].as_f64().unwrap(),
+        g["mean_rel_error"].as_f64().unwrap(),
+    );
+    assert!((ec - eg).abs() <= 1e-3 * ec, "CPU {ec} vs GPU {eg}");
 }
 
 #[test]
