@@ -359,20 +359,18 @@ impl Ahead {
     }
 }
 
-impl BlockGrams for Ahead {
-    fn gram(&mut self, block: usize, role: Role) -> Result<Gram> {
+impl Ahead {
+    /// Receives until block `block`'s Grams are held (blocks only move forward).
+    fn reach(&mut self, block: usize) -> Result<&mut HashMap<Site, Gram>> {
         loop {
-            if let Some((b, m)) = &self.held {
-                if *b == block {
-                    return m.get(&role.site()).cloned().ok_or_else(|| {
-                        Error::InvalidOption(format!("no Gram for {role:?} of block {block}"))
-                    });
-                }
-                if *b > block {
+            match &self.held {
+                Some((b, _)) if *b == block => break,
+                Some((b, _)) if *b > block => {
                     return Err(Error::InvalidOption(format!(
                         "calibration asked for block {block} after block {b}"
-                    )));
+                    )))
                 }
+                _ => {}
             }
             self.held = None;
             match self.rx.recv() {
@@ -384,6 +382,16 @@ impl BlockGrams for Ahead {
                 }
             }
         }
+        Ok(&mut self.held.as_mut().expect("reached").1)
+    }
+}
+
+impl BlockGrams for Ahead {
+    fn gram(&mut self, block: usize, role: Role) -> Result<Gram> {
+        self.reach(block)?
+            .get(&role.site())
+            .cloned()
+            .ok_or_else(|| Error::InvalidOption(format!("no Gram for {role:?} of block {block}")))
     }
 
     fn quantized(&mut self, _block: usize, _role: Role, _w: &[f32]) {}
@@ -393,8 +401,7 @@ impl BlockGrams for Ahead {
     }
 
     fn take_block(&mut self, block: usize) -> Result<HashMap<Site, Gram>> {
-        self.gram(block, Role::Fc1)?;
-        Ok(self.held.take().map(|(_, m)| m).unwrap_or_default())
+        Ok(std::mem::take(self.reach(block)?))
     }
 }
 

@@ -878,20 +878,11 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         return kernel_bench_cmd(&a);
     }
     use comq_gpu::bench::{run_bench, VIT_B16_SHAPES, VIT_L16_SHAPES};
-    let shapes: Vec<(usize, usize)> = if !a.shapes.is_empty() {
-        a.shapes
-            .iter()
-            .map(|s| parse_shape(s))
-            .collect::<Result<_>>()?
-    } else if a.quick {
-        vec![(64, 64), (96, 128), (128, 96)]
-    } else {
-        VIT_B16_SHAPES
-            .iter()
-            .chain(VIT_L16_SHAPES.iter())
-            .copied()
-            .collect()
-    };
+    let shapes = bench_shapes(
+        &a,
+        &[(64, 64), (96, 128), (128, 96)],
+        &[&VIT_B16_SHAPES[..], &VIT_L16_SHAPES[..]].concat(),
+    )?;
     let cfg = QuantConfig {
         bits: a.bits,
         sweeps: a.sweeps,
@@ -929,6 +920,21 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The layer shapes of a benchmark: `--shapes`, else `quick` with `--quick`, else `full`.
+fn bench_shapes(
+    a: &BenchArgs,
+    quick: &[(usize, usize)],
+    full: &[(usize, usize)],
+) -> Result<Vec<(usize, usize)>> {
+    if !a.shapes.is_empty() {
+        a.shapes.iter().map(|s| parse_shape(s)).collect()
+    } else if a.quick {
+        Ok(quick.to_vec())
+    } else {
+        Ok(full.to_vec())
+    }
+}
+
 /// Opens the GPU of a benchmark (unless `--no-gpu`) and says which devices will run.
 fn bench_devices(a: &BenchArgs) -> Result<Option<comq_gpu::device::WgpuDevice>> {
     let gpu = if a.no_gpu {
@@ -959,16 +965,7 @@ fn bench_devices(a: &BenchArgs) -> Result<Option<comq_gpu::device::WgpuDevice>> 
 
 fn kernel_bench_cmd(a: &BenchArgs) -> Result<()> {
     use comq_gpu::bench::{run_kernel_bench, VIT_L16_SHAPES};
-    let shapes: Vec<(usize, usize)> = if !a.shapes.is_empty() {
-        a.shapes
-            .iter()
-            .map(|s| parse_shape(s))
-            .collect::<Result<_>>()?
-    } else if a.quick {
-        vec![(64, 64), (96, 128)]
-    } else {
-        VIT_L16_SHAPES.to_vec()
-    };
+    let shapes = bench_shapes(a, &[(64, 64), (96, 128)], &VIT_L16_SHAPES)?;
     let gpu = bench_devices(a)?;
     println!(
         "{:>4} {:>11} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10}",

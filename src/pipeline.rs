@@ -1633,7 +1633,8 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                     if has_packed {
                         send(Out::Packed {
                             prefix: job.prefix.clone(),
-                            layer: q.clone(),
+                            // The report needs only the errors: the codes move.
+                            layer: outcome.layer,
                             scale: scale_dtype_for(job.meta.dtype).1,
                             sym: job.config.sym,
                         })?;

@@ -565,23 +565,28 @@ fn bench_kernels_times_the_gram_and_both_sweeps_with_their_work() {
 fn bench_model_runs_the_whole_pipeline_in_a_child_with_its_profile() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("e2e.json");
-    let o = run(&[
-        "bench",
-        "--model",
-        "tiny",
-        "--images",
-        "6",
-        "--no-gpu",
-        "--order",
-        "shared",
-        "--work-dir",
-        s(dir.path()),
-        "--json",
-        s(&json),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let r = &rows.as_array().unwrap()[0];
+    // One device's run of the tiny shape (`skip`: the other device's flag); its JSON row.
+    let bench_model = |skip: &str| -> serde_json::Value {
+        let o = run(&[
+            "bench",
+            "--model",
+            "tiny",
+            "--images",
+            "6",
+            skip,
+            "--order",
+            "shared",
+            "--work-dir",
+            s(dir.path()),
+            "--json",
+            s(&json),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let rows: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        rows.as_array().unwrap()[0].clone()
+    };
+    let r = &bench_model("--no-gpu");
     assert_eq!(r["device"], "cpu");
     assert_eq!(r["images"], 6);
     assert_eq!(r["linear_params"], 2 * (4 * 64 * 64 + 2 * 64 * 256));
@@ -610,23 +615,7 @@ fn bench_model_runs_the_whole_pipeline_in_a_child_with_its_profile() {
     if gpu::device().is_none() {
         return;
     }
-    let o = run(&[
-        "bench",
-        "--model",
-        "tiny",
-        "--images",
-        "6",
-        "--no-cpu",
-        "--order",
-        "shared",
-        "--work-dir",
-        s(dir.path()),
-        "--json",
-        s(&json),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let g = &g.as_array().unwrap()[0];
+    let g = &bench_model("--no-cpu");
     assert_eq!(g["device"], "gpu");
     assert!(g["calibration_memory"]["device_bytes"].as_u64().unwrap() > 0);
     let (ec, eg) = (

@@ -61,16 +61,6 @@ impl BufferPool {
         free.drain(..drop_front);
     }
 
-    /// Bytes held by free buffers.
-    pub fn free_bytes(&self) -> u64 {
-        self.free
-            .lock()
-            .expect("pool lock")
-            .iter()
-            .map(|b| b.size())
-            .sum()
-    }
-
     /// Frees every pooled buffer.
     pub fn clear(&self) {
         self.free.lock().expect("pool lock").clear();
