@@ -443,9 +443,11 @@ pub fn write_image_pack(path: &Path, n: usize, side: usize, c: usize) -> Result<
 /// its report.
 pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
     let (model, pack, linear, blocks) = e2e_inputs(o)?;
-    let out = o.work_dir.join(format!("out-{device}"));
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    // A folder of this process's own: only what the benchmark itself made is ever removed.
+    let out = o
+        .work_dir
+        .join(format!("out-{device}-{}", std::process::id()));
+    std::fs::create_dir(&out).map_err(|e| Error::io(&out, e))?;
     let report = out.join("report.json");
     let exe = std::env::current_exe().map_err(|e| Error::io("current executable", e))?;
     let mut cmd = std::process::Command::new(exe);
@@ -462,18 +464,20 @@ pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
         .arg(&report)
         .arg("--profile")
         .args(&o.run_args);
-    let status = cmd.status().map_err(|e| Error::io("comq-gpu run", e))?;
+    let status = cmd.status();
+    let text = std::fs::read_to_string(&report);
+    let _ = std::fs::remove_dir_all(&out);
+    let status = status.map_err(|e| Error::io("comq-gpu run", e))?;
     if !status.success() {
         return Err(Error::InvalidOption(format!(
             "the benchmark run on {device} failed ({status})"
         )));
     }
-    let text = std::fs::read_to_string(&report).map_err(|e| Error::io(&report, e))?;
+    let text = text.map_err(|e| Error::io(&report, e))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::InvalidOption(e.to_string()))?;
     let profile: crate::profile::ProfileReport = serde_json::from_value(v["profile"].clone())
         .map_err(|e| Error::InvalidOption(format!("report profile: {e}")))?;
-    let _ = std::fs::remove_dir_all(&out);
     Ok(E2eRow {
         model: o.shape.clone(),
         blocks,

@@ -81,7 +81,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "MODEL")]
     pub reference: Option<PathBuf>,
     /// Use at most this many images.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = at_least_one())]
     pub count: Option<usize>,
     /// Where to run [default: auto].
     #[arg(long, value_enum)]
@@ -153,6 +153,10 @@ pub struct BenchArgs {
     /// With --model: only the first this many blocks.
     #[arg(long, value_name = "K")]
     pub blocks: Option<usize>,
+    /// With --model: the recipe of the timed run (`paper`: one sweep from the float weights;
+    /// `default`: GPTQ start, damping, grid-shrink search, held-out choice).
+    #[arg(long, value_enum, default_value = "paper")]
+    pub preset: PresetArg,
     /// With --model: weight dtype of the synthetic model (f32 or bf16).
     #[arg(long, default_value = "f32", value_name = "DTYPE")]
     pub dtype: String,
@@ -265,6 +269,11 @@ pub struct QuantArgs {
     /// A TOML recipe with the same keys as these flags and per-layer [[layer]] overrides.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// A count that must be at least 1 (zero images would score or calibrate nothing).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 fn parse_enum<T: ValueEnum>(key: &str, v: Option<&String>) -> Result<Option<T>> {
@@ -400,7 +409,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR|PACK", conflicts_with = "calib")]
     pub images: Option<PathBuf>,
     /// Calibration images to use (a seeded choice from --images).
-    #[arg(long, value_name = "N", default_value_t = pipeline::DEFAULT_CALIB_COUNT)]
+    #[arg(long, value_name = "N", value_parser = at_least_one(), default_value_t = pipeline::DEFAULT_CALIB_COUNT)]
     pub calib_count: usize,
     /// Seed of the calibration-image choice.
     #[arg(long, default_value_t = 0)]
@@ -414,7 +423,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR|PACK")]
     pub eval: Option<PathBuf>,
     /// Use at most this many evaluation images.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = at_least_one())]
     pub eval_count: Option<usize>,
     #[command(flatten)]
     pub quant: QuantArgs,
@@ -610,6 +619,8 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         out,
         dequantized: a.dequantized,
         report: a.report,
+        plot: a.plot.clone(),
+        recipe: a.quant.config.clone(),
         device: match device {
             Some(DeviceArg::Cpu) => DeviceKind::Cpu,
             Some(DeviceArg::Gpu) => DeviceKind::Gpu,
@@ -1023,7 +1034,10 @@ fn e2e_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
             .unwrap_or_else(|| std::env::temp_dir().join("comq-e2e-bench")),
         run_args: [
             "--preset",
-            "paper",
+            match a.preset {
+                PresetArg::Paper => "paper",
+                PresetArg::Default => "default",
+            },
             "--bits",
             &a.bits.to_string(),
             "--sweeps",
@@ -1043,13 +1057,14 @@ fn e2e_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
     for d in devices {
         let r = run_e2e(&o, d)?;
         println!(
-            "{} ({} blocks, {:.1} M linear weights), {} images, W{} {} order, on {}:",
+            "{} ({} blocks, {:.1} M linear weights), {} images, W{} {} order, {} recipe, on {}:",
             r.model,
             r.blocks,
             r.linear_params as f64 / 1e6,
             r.images,
             a.bits,
             order,
+            o.run_args[1],
             r.device_name
         );
         for s in &r.stages {
@@ -1109,6 +1124,8 @@ fn plan_cmd(
         out: None,
         dequantized: None,
         report: None,
+        plot: None,
+        recipe: a.quant.config.clone(),
         device,
         adapter: a.adapter.clone().or(recipe.adapter.clone()),
         max_shard_size: pipeline::DEFAULT_MAX_SHARD_BYTES,

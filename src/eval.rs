@@ -110,10 +110,36 @@ pub fn features(
     set: &ImageSet,
     idx: &[usize],
 ) -> Result<Features> {
-    match engine {
+    let f = match engine {
         Engine::Cpu(o) => features_on(o, spec, model, overrides, set, idx),
         Engine::Gpu(o) => features_on(o.as_ref(), spec, model, overrides, set, idx),
+    }?;
+    // A NaN logit would otherwise score as a hit or a miss by accident; a score of such
+    // features is no score.
+    let bad = f.cls.iter().chain(&f.logits).position(|v| !v.is_finite());
+    if let Some(at) = bad {
+        let (what, k) = if at < f.cls.len() {
+            ("CLS features", at)
+        } else {
+            ("logits", at - f.cls.len())
+        };
+        return Err(crate::error::Error::InvalidOption(format!(
+            "{}{}: non-finite {what} ({} at index {k}): a weight or a LayerNorm parameter of the \
+             model is not finite or overflows",
+            model.path().display(),
+            if overrides.is_empty() {
+                ""
+            } else {
+                " with the quantized layers"
+            },
+            if at < f.cls.len() {
+                f.cls[k]
+            } else {
+                f.logits[k]
+            },
+        )));
     }
+    Ok(f)
 }
 
 /// Classification accuracy.
@@ -127,14 +153,44 @@ pub struct Accuracy {
     pub top5: f64,
 }
 
-/// Maps the image set's classes onto the head's: by name when the model's label names cover
-/// the set's class names, else by position.
-pub fn label_map(set: &ImageSet, spec: &VitSpec) -> Vec<Option<usize>> {
+/// Maps the image set's classes onto the head's: by name when the model has label names and
+/// every class name of the set is one of them; by position (with a warning) when none is; a
+/// mix of both is refused, naming the classes that are not labels of the model.
+pub fn label_map(set: &ImageSet, spec: &VitSpec) -> crate::error::Result<Vec<Option<usize>>> {
     let classes = set.classes();
-    let by_name = !spec.labels.is_empty()
-        && !classes.is_empty()
-        && classes.iter().all(|c| spec.labels.contains(c));
-    (0..classes.len().max(spec.num_classes))
+    let named: Vec<&String> = classes
+        .iter()
+        .filter(|c| spec.labels.contains(*c))
+        .collect();
+    let by_name = !spec.labels.is_empty() && !classes.is_empty() && named.len() == classes.len();
+    if !spec.labels.is_empty() && !named.is_empty() && !by_name {
+        let others: Vec<&String> = classes
+            .iter()
+            .filter(|c| !spec.labels.contains(*c))
+            .take(5)
+            .collect();
+        return Err(crate::error::Error::InvalidOption(format!(
+            "{} of the {} class folders are label names of the model and the others \
+             ({others:?}{}) are not: rename them to the model's labels (config.json id2label) \
+             or use folders that all follow the head's order",
+            named.len(),
+            classes.len(),
+            if classes.len() - named.len() > 5 {
+                ", …"
+            } else {
+                ""
+            }
+        )));
+    }
+    if !spec.labels.is_empty() && !classes.is_empty() && named.is_empty() {
+        log::warn!(
+            "no class folder is named like a label of the model (e.g. '{}'): folders are \
+             matched to the head's classes by sorted position, which is only right if they \
+             follow the head's order",
+            spec.labels[0]
+        );
+    }
+    Ok((0..classes.len().max(spec.num_classes))
         .map(|i| {
             if by_name {
                 classes
@@ -144,7 +200,7 @@ pub fn label_map(set: &ImageSet, spec: &VitSpec) -> Vec<Option<usize>> {
                 (i < spec.num_classes).then_some(i)
             }
         })
-        .collect()
+        .collect())
 }
 
 /// Top-1 / top-5 of `f` on the labelled images of `idx` (`None` without a head or labels).
@@ -164,10 +220,16 @@ pub fn accuracy(
         };
         let row = &f.logits[k * f.classes..(k + 1) * f.classes];
         let mine = row[label];
-        let above = row.iter().filter(|&&v| v > mine).count();
+        // A tie is not a hit, and neither is a row with a non-finite logit.
+        let rivals = row
+            .iter()
+            .enumerate()
+            .filter(|&(j, &v)| j != label && v >= mine)
+            .count();
+        let finite = row.iter().all(|v| v.is_finite());
         n += 1;
-        t1 += (above == 0) as usize;
-        t5 += (above < 5) as usize;
+        t1 += (finite && rivals == 0) as usize;
+        t5 += (finite && rivals < 5) as usize;
     }
     (n > 0).then(|| Accuracy {
         images: n,
@@ -354,7 +416,7 @@ pub fn evaluate(
     let idx = set.choose(count.unwrap_or(usize::MAX), 0);
     let dev = crate::device::AnyDevice::select(device, adapter)?;
     let engine = Engine::for_device(&dev)?;
-    let map = label_map(&set, &spec);
+    let map = label_map(&set, &spec)?;
     let none = Overrides::new();
     let mut rows = Vec::new();
     let reference = match reference {

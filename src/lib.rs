@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod interrupt;
 pub mod io;
 pub mod model;
 pub mod pipeline;

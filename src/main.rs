@@ -5,6 +5,9 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // SIGINT/SIGTERM/SIGHUP remove unfinished files and keep the work directory; first, before
+    // any thread exists, so every thread inherits the blocked signals.
+    comq_gpu::interrupt::install();
     // A file-size limit (RLIMIT_FSIZE) must turn into a write error that names the file, not a
     // kill by SIGXFSZ that leaves a temporary file behind.
     #[cfg(unix)]
@@ -17,7 +20,17 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The message, then each cause that adds something (an I/O error's text is already
+            // in the message that names its file).
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("error: {msg}");
             // Every failure is reported as bad input or an unusable device: exit code 2.
             ExitCode::from(2)
         }

@@ -21,6 +21,7 @@ use crate::device::{AnyDevice, DeviceKind};
 use crate::error::{Error, Result};
 use crate::eval::{EvalReport, EvalRow, Overrides};
 use crate::io::calib::CalibKind;
+use crate::io::guard;
 use crate::io::hfconfig::{self, ModuleScheme};
 use crate::io::images::ImageSet;
 use crate::io::writer::ShardedWriter;
@@ -186,6 +187,11 @@ pub struct RunOptions {
     pub dequantized: Option<PathBuf>,
     /// JSON report.
     pub report: Option<PathBuf>,
+    /// A plot the caller writes from the report after the run: checked against the inputs and
+    /// locked with the other outputs before any compute.
+    pub plot: Option<PathBuf>,
+    /// The recipe file the options came from (an input: never written over).
+    pub recipe: Option<PathBuf>,
     /// Device choice.
     pub device: DeviceKind,
     /// Adapter name filter for GPU devices.
@@ -572,6 +578,10 @@ impl Vision {
             .as_ref()
             .map(|e| ImageSet::open(&e.path))
             .transpose()?;
+        if let Some(set) = &eval {
+            // Class folders that cannot be matched to the head fail now, not after the run.
+            crate::eval::label_map(set, &spec)?;
+        }
         Ok(Vision {
             spec,
             calib,
@@ -579,23 +589,6 @@ impl Vision {
             holdout_idx,
             eval,
         })
-    }
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    let canon = |p: &Path| -> Option<PathBuf> {
-        if let Ok(c) = p.canonicalize() {
-            return Some(c);
-        }
-        let parent = p
-            .parent()
-            .filter(|x| !x.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        Some(parent.canonicalize().ok()?.join(p.file_name()?))
-    };
-    match (canon(a), canon(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => a == b,
     }
 }
 
@@ -986,55 +979,108 @@ fn output_file(p: &Path) -> PathBuf {
     }
 }
 
-fn check_outputs(opts: &RunOptions, inputs: &[&Path]) -> Result<()> {
-    let outs: Vec<(&str, &PathBuf)> = [
-        ("--out", opts.out.as_ref()),
-        ("--dequantized", opts.dequantized.as_ref()),
-        ("--report", opts.report.as_ref()),
-    ]
-    .into_iter()
-    .filter_map(|(f, p)| p.map(|p| (f, p)))
-    .collect();
-    for (i, (flag, p)) in outs.iter().enumerate() {
-        let target = if *flag == "--report" {
-            p.to_path_buf()
-        } else {
-            output_file(p)
-        };
-        for input in inputs
-            .iter()
-            .copied()
-            .chain(opts.calib.as_deref())
-            .chain([opts.model.as_path()])
-        {
-            if same_file(p, input) || same_file(&target, input) {
-                return Err(Error::InvalidOption(format!(
-                    "{flag} {} is an input file; comq-gpu never overwrites its inputs",
-                    p.display()
-                )));
-            }
-        }
-        for (flag2, p2) in &outs[..i] {
-            if same_file(p, p2) {
-                return Err(Error::InvalidOption(format!(
-                    "{flag} and {flag2} name the same file {}",
-                    p.display()
-                )));
-            }
-        }
-        let parent = p
-            .parent()
-            .filter(|x| !x.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !parent.is_dir() {
-            return Err(Error::InvalidOption(format!(
-                "{flag} {}: the directory {} does not exist",
-                p.display(),
-                parent.display()
-            )));
+/// The options that decide a layer's codes, as one string for the resume fingerprint: every
+/// field of [`RunOptions`] except those that only say where files go or what is reported, so
+/// an option added later is covered unless it is listed here as harmless.
+fn resume_identity(opts: &RunOptions) -> String {
+    let mut o = opts.clone();
+    // The inputs' paths and bytes are fingerprinted as files.
+    o.model = PathBuf::new();
+    o.calib = None;
+    // Where outputs go, how they are split, what is reported and checked afterwards.
+    o.out = None;
+    o.dequantized = None;
+    o.report = None;
+    o.plot = None;
+    o.recipe = None;
+    o.max_shard_size = 0;
+    o.resume = false;
+    o.work_dir = None;
+    o.verify_cpu = 0;
+    o.eval = None;
+    o.profile = false;
+    // A smaller budget after an out-of-memory stop must still resume.
+    o.memory_limit = None;
+    format!("{o:?}")
+}
+
+/// The work directory of a run with outputs: `--work-dir`, or `<first output>.work`.
+fn work_dir_of(opts: &RunOptions) -> Option<PathBuf> {
+    let first = opts.out.as_ref().or(opts.dequantized.as_ref())?;
+    Some(opts.work_dir.clone().unwrap_or_else(|| {
+        let mut d = first.as_os_str().to_owned();
+        d.push(".work");
+        PathBuf::from(d)
+    }))
+}
+
+/// Every input of the run, for [`guard::check`]: the model's files and side files, the
+/// calibration, the image sets, the recipe.
+fn run_inputs(opts: &RunOptions, model: &Checkpoint) -> Vec<guard::Input> {
+    let mut v: Vec<guard::Input> = model
+        .files()
+        .into_iter()
+        .map(|f| guard::Input::new("the model file", f))
+        .collect();
+    if opts.model.is_file() {
+        v.push(guard::Input::new("the model", &opts.model));
+    }
+    for side in [
+        "model.safetensors.index.json",
+        "config.json",
+        "preprocessor_config.json",
+    ] {
+        let p = model.dir().join(side);
+        if p.is_file() {
+            v.push(guard::Input::new("the model's", &p));
         }
     }
-    Ok(())
+    let named = [
+        ("--calib", opts.calib.as_deref()),
+        ("--images", opts.images.as_ref().map(|i| i.path.as_path())),
+        ("--eval", opts.eval.as_ref().map(|e| e.path.as_path())),
+        ("--config", opts.recipe.as_deref()),
+    ];
+    for (flag, p) in named {
+        if let Some(p) = p {
+            v.push(guard::Input::new(flag, p));
+        }
+    }
+    v
+}
+
+/// Every output of the run, work directory included.
+fn run_outputs(opts: &RunOptions) -> Vec<guard::Output> {
+    use guard::{Output, OutputKind};
+    let mut v = Vec::new();
+    if let Some(p) = &opts.out {
+        v.push(Output::new("--out", p, OutputKind::Checkpoint));
+    }
+    if let Some(p) = &opts.dequantized {
+        v.push(Output::new("--dequantized", p, OutputKind::Checkpoint));
+    }
+    if let Some(p) = &opts.report {
+        v.push(Output::new("--report", p, OutputKind::File));
+    }
+    if let Some(p) = &opts.plot {
+        v.push(Output::new("--plot", p, OutputKind::File));
+    }
+    if let Some(w) = work_dir_of(opts) {
+        v.push(Output::new("--work-dir", &w, OutputKind::WorkDir));
+    }
+    v
+}
+
+/// Checks every output against every input, the work directory against its contract, and
+/// locks every output for the run — all before any compute.
+fn claim_outputs(opts: &RunOptions, model: &Checkpoint) -> Result<Vec<guard::Lock>> {
+    let inputs = run_inputs(opts, model);
+    let outputs = run_outputs(opts);
+    guard::check(&inputs, &outputs)?;
+    if let Some(w) = work_dir_of(opts) {
+        crate::resume::check_work_dir(&w)?;
+    }
+    outputs.iter().map(guard::Lock::acquire).collect()
 }
 
 fn provenance(opts: &RunOptions, model: &Checkpoint, device: &str) -> BTreeMap<String, String> {
@@ -1118,7 +1164,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let profile = Arc::new(Profile::new(opts.profile));
     opts.config.validate()?;
     let model = Checkpoint::open(&opts.model)?;
-    check_outputs(opts, &model.files())?;
+    let _locks = claim_outputs(opts, &model)?;
     let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;
     let mut jobs = plan(&model, opts, calib.as_ref())?;
     // Images: the model's own forward pass produces the Gram matrices, block by block; the
@@ -1286,28 +1332,17 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     profile.add("write", pass);
     profile.add("write wait", pass);
 
-    let work = match opts.out.as_ref().or(opts.dequantized.as_ref()) {
-        Some(first) => {
-            let dir = opts.work_dir.clone().unwrap_or_else(|| {
-                let mut d = first.as_os_str().to_owned();
-                d.push(".work");
-                PathBuf::from(d)
-            });
+    let work = match work_dir_of(opts) {
+        Some(dir) => {
             let mut files: Vec<&Path> = model.files();
             files.extend(opts.calib.as_deref());
-            let options = serde_json::json!({
-                "config": opts.config,
-                "only": opts.selection.only.as_ref().map(|r| r.as_str()),
-                "skip": opts.selection.skip.as_ref().map(|r| r.as_str()),
-                "overrides": opts.overrides.iter().map(|o| (o.pattern.as_str(), o.bits, o.group_size, o.skip)).collect::<Vec<_>>(),
-                "data_free": opts.data_free,
-                "images": opts.images,
-                "device": opts.device,
-                "search": opts.search,
-                "holdout": opts.holdout,
-                "target_bits": opts.target_bits,
-            });
-            let fp = crate::resume::fingerprint(&files, &options.to_string())?;
+            files.extend(
+                opts.images
+                    .as_ref()
+                    .map(|i| i.path.as_path())
+                    .filter(|p| p.is_file()),
+            );
+            let fp = crate::resume::fingerprint(&files, &resume_identity(opts))?;
             Some(crate::resume::WorkDir::open(&dir, &fp, opts.resume)?)
         }
         None => None,
@@ -1445,8 +1480,17 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                         r.map_err(|_| Error::InvalidOption("the weight reader stopped".into()))?
                     };
                     let t0 = Instant::now();
-                    let saved = match (&work, opts.resume) {
-                        (Some(w), true) => w.load(index, &job.meta.name, job.rows, job.cols)?,
+                    // What a saved layer was computed from: a resume reuses it only for the
+                    // same weight bytes (a same-size edit with the time stamp restored passes
+                    // the file fingerprint, not this).
+                    let weights_sha = match (&work, &fetched) {
+                        (Some(_), Ok(w)) => Some(crate::resume::weights_digest(w)),
+                        _ => None,
+                    };
+                    let saved = match (&work, opts.resume, &weights_sha) {
+                        (Some(w), true, Some(h)) => {
+                            w.load(index, &job.meta.name, job.rows, job.cols, h)?
+                        }
                         _ => None,
                     };
                     let resumed = saved.is_some();
@@ -1599,7 +1643,13 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                             }
                             profile.add("quantize", t_quantize.elapsed().as_secs_f64());
                             if let Some(w) = &work {
-                                w.save(index, &job.meta.name, &outcome, gram.samples)?;
+                                w.save(
+                                    index,
+                                    &job.meta.name,
+                                    &outcome,
+                                    gram.samples,
+                                    weights_sha.as_deref().unwrap_or_default(),
+                                )?;
                             }
                             (outcome, gram.samples)
                         }
@@ -1705,7 +1755,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 None => opts.config.bits.to_string(),
             };
             let mut rows = Vec::new();
-            let map = crate::eval::label_map(set, &v.spec);
+            let map = crate::eval::label_map(set, &v.spec)?;
             let fp = crate::eval::features(e, &v.spec, &model, &Overrides::new(), set, &idx)?;
             rows.push(EvalRow {
                 model: "FP32".into(),
@@ -1905,7 +1955,7 @@ fn write_side_files(
         );
         return Ok(());
     }
-    if same_file(out_dir, input_dir) {
+    if guard::same_file(out_dir, input_dir) {
         log::warn!(
             "{} is in the input's directory, so no config.json is written beside it; \
              pass an output directory (--out DIR) for a checkpoint transformers can load",
@@ -1989,4 +2039,131 @@ pub fn inspect(
         });
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RunOptions {
+        RunOptions {
+            model: "m.safetensors".into(),
+            calib: None,
+            data_free: false,
+            config: QuantConfig::default(),
+            selection: Selection {
+                only: None,
+                skip: None,
+            },
+            out: Some("q.safetensors".into()),
+            dequantized: None,
+            report: None,
+            plot: None,
+            recipe: None,
+            device: DeviceKind::Cpu,
+            adapter: None,
+            max_shard_size: DEFAULT_MAX_SHARD_BYTES,
+            overrides: Vec::new(),
+            resume: false,
+            work_dir: None,
+            verify_cpu: 0,
+            memory_limit: None,
+            images: Some(ImageOptions {
+                path: "imgs".into(),
+                count: 16,
+                seed: 0,
+                mode: CalibMode::Fp,
+                resize: None,
+                crop: None,
+            }),
+            eval: None,
+            search: None,
+            holdout: 0.0,
+            target_bits: None,
+            equalize: false,
+            profile: false,
+        }
+    }
+
+    #[test]
+    fn every_option_that_changes_the_codes_changes_the_resume_identity() {
+        let b = resume_identity(&base());
+        type Change = fn(&mut RunOptions);
+        let changes: Vec<(&str, Change)> = vec![
+            ("data_free", |o| o.data_free = true),
+            ("bits", |o| o.config.bits = 3),
+            ("sym", |o| o.config.sym = true),
+            ("group_size", |o| o.config.group_size = Some(32)),
+            ("scalar", |o| o.config.scalar = 0.9),
+            ("sweeps", |o| o.config.sweeps = 2),
+            ("order", |o| {
+                o.config.order = crate::quant::OrderKind::Natural
+            }),
+            ("scale_update", |o| o.config.scale_update = true),
+            ("method", |o| o.config.method = Method::Rtn),
+            ("damp", |o| o.config.damp = 0.5),
+            ("act_order", |o| o.config.act_order = !o.config.act_order),
+            ("only", |o| {
+                o.selection.only = Some(Regex::new("qkv").unwrap())
+            }),
+            ("skip", |o| {
+                o.selection.skip = Some(Regex::new("head").unwrap())
+            }),
+            ("device", |o| o.device = DeviceKind::Gpu),
+            ("adapter", |o| o.adapter = Some("nvidia".into())),
+            ("overrides", |o| {
+                o.overrides.push(LayerOverride {
+                    pattern: Regex::new("fc2").unwrap(),
+                    bits: Some(8),
+                    group_size: None,
+                    skip: false,
+                })
+            }),
+            ("images", |o| o.images = None),
+            ("calib_count", |o| o.images.as_mut().unwrap().count = 8),
+            ("seed", |o| o.images.as_mut().unwrap().seed = 1),
+            ("calib_mode", |o| {
+                o.images.as_mut().unwrap().mode = CalibMode::Quantized
+            }),
+            ("resize", |o| o.images.as_mut().unwrap().resize = Some(256)),
+            ("crop", |o| o.images.as_mut().unwrap().crop = Some(224)),
+            ("search", |o| {
+                o.search = Some(SearchPlan::single(&QuantConfig::default()))
+            }),
+            ("holdout", |o| o.holdout = 0.15),
+            ("target_bits", |o| o.target_bits = Some(3.0)),
+            ("equalize", |o| o.equalize = true),
+        ];
+        for (name, change) in changes {
+            let mut o = base();
+            change(&mut o);
+            assert_ne!(resume_identity(&o), b, "{name} must change the fingerprint");
+        }
+        let harmless: Vec<(&str, Change)> = vec![
+            ("out", |o| o.out = Some("elsewhere".into())),
+            ("report", |o| o.report = Some("r.json".into())),
+            ("plot", |o| o.plot = Some("p.png".into())),
+            ("max_shard_size", |o| o.max_shard_size = 1 << 20),
+            ("resume", |o| o.resume = true),
+            ("work_dir", |o| o.work_dir = Some("w".into())),
+            ("verify_cpu", |o| o.verify_cpu = 2),
+            ("memory_limit", |o| o.memory_limit = Some(1 << 30)),
+            ("profile", |o| o.profile = true),
+            ("eval", |o| {
+                o.eval = Some(EvalOptions {
+                    path: "e".into(),
+                    count: None,
+                })
+            }),
+        ];
+        for (name, change) in harmless {
+            let mut o = base();
+            change(&mut o);
+            assert_eq!(
+                resume_identity(&o),
+                b,
+                "{name} must not change the fingerprint"
+            );
+        }
+    }
 }

@@ -36,14 +36,58 @@ pub struct WorkDir {
     /// leaves no work directory behind.
     saved: std::cell::Cell<usize>,
     done: bool,
+    /// Whether this tool created the directory (then it removes it once its own files are gone).
+    created: bool,
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
         if !self.done && self.saved.get() == 0 {
-            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = self.clean();
         }
     }
+}
+
+/// The file that marks a directory as a comq-gpu work directory. Its content says whether the
+/// tool created the directory itself (then it may remove the directory once empty).
+pub const MARKER: &str = "comq-gpu-work.json";
+
+/// Whether `name` is a file comq-gpu writes into a work directory (the marker, the fingerprint,
+/// the saved layers and their temporaries). Nothing else there is ever removed.
+fn is_own_file(name: &str) -> bool {
+    let base = name
+        .strip_suffix(".tmp")
+        .map(|b| b.rsplit_once('.').map_or(b, |(head, _pid)| head))
+        .unwrap_or(name);
+    base == MARKER
+        || base == "fingerprint"
+        || base
+            .strip_prefix("layer-")
+            .and_then(|r| r.strip_suffix(".safetensors"))
+            .is_some_and(|d| d.len() == 5 && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Refuses, before any compute, a work directory the tool may not use: a file, or a directory
+/// that holds anything without the marker of a comq-gpu work directory.
+pub fn check_work_dir(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if !dir.is_dir() {
+        return Err(Error::InvalidOption(format!(
+            "--work-dir {} is a file, not a directory",
+            dir.display()
+        )));
+    }
+    let mut entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    if entries.next().is_some() && !dir.join(MARKER).is_file() {
+        return Err(Error::InvalidOption(format!(
+            "work directory {} already holds files that comq-gpu did not create (no {MARKER}); \
+             name a new or empty directory with --work-dir",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// SHA-256 of the identifying facts of the inputs and options: for every input file its path,
@@ -75,11 +119,32 @@ pub fn fingerprint(files: &[&Path], options_json: &str) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// SHA-256 of a layer's weights as the run read them (f32), the bytes its codes were computed
+/// from.
+pub fn weights_digest(w: &[f32]) -> String {
+    let h = Sha256::digest(bytemuck::cast_slice::<f32, u8>(w));
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl WorkDir {
     /// Opens the work directory: with `resume`, an existing one must carry `fingerprint`;
     /// without, any previous content is discarded.
+    ///
+    /// A directory that holds anything but a comq-gpu work directory's files is refused
+    /// ([`check_work_dir`]); only the tool's own files are ever removed from it.
     pub fn open(dir: &Path, fingerprint: &str, resume: bool) -> Result<WorkDir> {
+        check_work_dir(dir)?;
         let fp_file = dir.join("fingerprint");
+        let marker = dir.join(MARKER);
+        let created = if marker.is_file() {
+            std::fs::read_to_string(&marker)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["created_dir"].as_bool())
+                .unwrap_or(false)
+        } else {
+            !dir.exists()
+        };
         if resume {
             match std::fs::read_to_string(&fp_file) {
                 Ok(old) if old.trim() == fingerprint => {}
@@ -96,9 +161,15 @@ impl WorkDir {
                 ),
             }
         } else if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            remove_own_files(dir)?;
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let note = serde_json::json!({
+            "tool": "comq-gpu",
+            "what": "per-layer checkpoints of a run, for --resume",
+            "created_dir": created,
+        });
+        crate::io::writer::write_atomic(&marker, note.to_string().as_bytes())?;
         crate::io::writer::write_atomic(&fp_file, fingerprint.as_bytes())?;
         let previous = std::fs::read_dir(dir)
             .map(|d| {
@@ -107,11 +178,13 @@ impl WorkDir {
                     .count()
             })
             .unwrap_or(0);
+        crate::interrupt::track_work_dir(dir);
         Ok(WorkDir {
             dir: dir.into(),
             fingerprint: fingerprint.into(),
             saved: std::cell::Cell::new(previous),
             done: false,
+            created,
         })
     }
 
@@ -119,8 +192,16 @@ impl WorkDir {
         self.dir.join(format!("layer-{index:05}.safetensors"))
     }
 
-    /// Saves layer `index` atomically.
-    pub fn save(&self, index: usize, name: &str, out: &LayerOutcome, samples: u64) -> Result<()> {
+    /// Saves layer `index` atomically, with the digest of the weights it was computed from
+    /// ([`weights_digest`]).
+    pub fn save(
+        &self,
+        index: usize,
+        name: &str,
+        out: &LayerOutcome,
+        samples: u64,
+        weights_sha256: &str,
+    ) -> Result<()> {
         let q = &out.layer;
         let slots = q.grid.delta.len();
         let plan = vec![
@@ -143,6 +224,7 @@ impl WorkDir {
         let mut meta = BTreeMap::new();
         meta.insert("name".to_string(), name.to_string());
         meta.insert("fingerprint".to_string(), self.fingerprint.clone());
+        meta.insert("weights_sha256".to_string(), weights_sha256.to_string());
         let stats = serde_json::json!({
             "bits": q.bits, "group_size": q.grid.group_size, "rel_error": out.rel_error,
             "rel_error_rtn": out.rel_error_rtn, "energy": out.energy, "history": out.history,
@@ -158,13 +240,16 @@ impl WorkDir {
         Ok(())
     }
 
-    /// Loads layer `index` if it was saved for `name` with this fingerprint.
+    /// Loads layer `index` if it was saved for `name` with this fingerprint. A layer saved
+    /// from other weights than `weights_sha256` (the model changed in place since the
+    /// interrupted run) refuses the resume.
     pub fn load(
         &self,
         index: usize,
         name: &str,
         rows: usize,
         cols: usize,
+        weights_sha256: &str,
     ) -> Result<Option<SavedLayer>> {
         let path = self.layer_path(index);
         if !path.is_file() {
@@ -176,6 +261,14 @@ impl WorkDir {
             || md.get("fingerprint") != Some(&self.fingerprint)
         {
             return Ok(None);
+        }
+        if md.get("weights_sha256").map(String::as_str) != Some(weights_sha256) {
+            return Err(Error::InvalidOption(format!(
+                "refusing to resume: layer '{name}' in {} was computed from other weights than \
+                 the model holds now (the model changed since the interrupted run); run without \
+                 --resume",
+                self.dir.display()
+            )));
         }
         let stats: serde_json::Value =
             serde_json::from_str(md.get("stats").map_or("{}", String::as_str))
@@ -224,9 +317,56 @@ impl WorkDir {
         }))
     }
 
-    /// Removes the work directory (after a complete run).
+    /// Removes the work directory's own files (after a complete run), and the directory itself
+    /// when this tool created it and nothing else is left in it.
     pub fn remove(mut self) -> Result<()> {
         self.done = true;
-        std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))
+        self.clean()
     }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn clean(&self) -> Result<()> {
+        crate::interrupt::untrack_work_dir(&self.dir);
+        remove_own_files(&self.dir)?;
+        if self.created {
+            if let Err(e) = std::fs::remove_dir(&self.dir) {
+                log::info!(
+                    "work directory {} kept: {e} (it holds files comq-gpu did not write)",
+                    self.dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes the files comq-gpu writes into a work directory, and nothing else.
+fn remove_own_files(dir: &Path) -> Result<()> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    // The marker goes last, so an interrupted clean-up leaves a directory still known as ours.
+    let mut marker = None;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if !is_file || !is_own_file(&name) {
+            continue;
+        }
+        if name == MARKER {
+            marker = Some(e.path());
+            continue;
+        }
+        std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+    }
+    if let Some(m) = marker {
+        std::fs::remove_file(&m).map_err(|e| Error::io(&m, e))?;
+    }
+    Ok(())
 }

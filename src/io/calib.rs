@@ -128,6 +128,11 @@ impl Calibration {
                         index: i,
                     });
                 }
+                crate::quant::gram::check_gram_matrix(
+                    cols,
+                    &data,
+                    &format!("calibration tensor '{name}' in {}", path.display()),
+                )?;
                 Ok(Gram::from_matrix(cols, data))
             }
             CalibKind::Input => {
@@ -150,7 +155,12 @@ impl Calibration {
                     }
                     Ok(chunk)
                 });
-                device.gram(cols, chunks)
+                let g = device.gram(cols, chunks)?;
+                g.check(&format!(
+                    "the Gram of calibration tensor '{name}' in {}",
+                    path.display()
+                ))?;
+                Ok(g)
             }
         }
     }

@@ -30,12 +30,19 @@ fn bad(path: &Path, reason: impl Into<String>) -> Error {
 
 impl Checkpoint {
     /// Opens `path`: a `.safetensors` file, a `*.safetensors.index.json`, or a directory with
-    /// `model.safetensors.index.json`, `model.safetensors` or exactly one `*.safetensors`.
+    /// `model.safetensors.index.json`, `model.safetensors` or exactly one `*.safetensors`. A
+    /// directory with both an index and `model.safetensors` is refused as ambiguous.
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let file = if path.is_dir() {
             let index = path.join("model.safetensors.index.json");
             let single = path.join("model.safetensors");
-            if index.is_file() {
+            if index.is_file() && single.is_file() {
+                return Err(bad(
+                    path,
+                    "the directory holds both model.safetensors and model.safetensors.index.json, \
+                     so which one is the model is ambiguous; pass the file you mean",
+                ));
+            } else if index.is_file() {
                 index
             } else if single.is_file() {
                 single

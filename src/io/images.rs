@@ -42,17 +42,84 @@ fn is_image(p: &Path) -> bool {
         .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
 }
 
+/// Largest image, in pixels, decoded or after the resize of the preprocessing (8192 × 8192).
+pub const MAX_PIXELS: u64 = 8192 * 8192;
+/// Largest ratio of an image's long side to its short side (a resize of the short side to the
+/// model's input would otherwise blow the long side up without bound).
+pub const MAX_ASPECT: u64 = 32;
+
+/// Refuses an image of `w × h` pixels beyond [`MAX_PIXELS`] or [`MAX_ASPECT`].
+fn check_size(path: &Path, w: u64, h: u64, stage: &str) -> Result<()> {
+    if w == 0 || h == 0 {
+        return Err(bad(path, "the image is empty"));
+    }
+    if w.saturating_mul(h) > MAX_PIXELS {
+        return Err(bad(
+            path,
+            format!("{w} × {h} pixels {stage} is more than the limit of {MAX_PIXELS} pixels"),
+        ));
+    }
+    let (long, short) = (w.max(h), w.min(h));
+    if long > MAX_ASPECT * short {
+        return Err(bad(
+            path,
+            format!(
+                "{w} × {h} pixels: an aspect ratio beyond {MAX_ASPECT}:1 is refused (it is no \
+                 photo, and resizing its short side would make the long side huge)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The size of an image of `w × h` after the resize of `p` (short side to `p.resize`, at least
+/// the crop on each side).
+fn resized(w: usize, h: usize, p: &Preprocess) -> (usize, usize) {
+    let short = w.min(h).max(1);
+    let (nw, nh) = if short == p.resize {
+        (w, h)
+    } else {
+        (
+            ((w as f64 * p.resize as f64) / short as f64)
+                .round()
+                .max(1.0) as usize,
+            ((h as f64 * p.resize as f64) / short as f64)
+                .round()
+                .max(1.0) as usize,
+        )
+    };
+    (nw.max(p.crop), nh.max(p.crop))
+}
+
+/// Image files under `dir`, sorted. Only regular files are listed (a FIFO or a device named
+/// like an image would block or never end), and symbolic links to folders are not followed (a
+/// link loop would never end); a symbolic link to a regular file is.
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut entries: Vec<PathBuf> = rd
-        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
+    let mut entries: Vec<(PathBuf, std::fs::FileType)> = rd
+        .map(|e| {
+            e.and_then(|e| Ok((e.path(), e.file_type()?)))
+                .map_err(|e| Error::io(dir, e))
+        })
         .collect::<Result<_>>()?;
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (p, t) in entries {
+        if t.is_dir() {
             walk(&p, out)?;
-        } else if is_image(&p) {
+        } else if !is_image(&p) {
+            continue;
+        } else if t.is_file() {
             out.push(p);
+        } else if t.is_symlink() {
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_file() => out.push(p),
+                _ => log::warn!(
+                    "{}: skipped (a link to something that is not a regular file)",
+                    p.display()
+                ),
+            }
+        } else {
+            log::warn!("{}: skipped (not a regular file)", p.display());
         }
     }
     Ok(())
@@ -253,13 +320,34 @@ impl ImageSet {
     /// Image `i` decoded and preprocessed to `[channels, crop, crop]`.
     pub fn pixels(&self, i: usize, p: &Preprocess) -> Result<Vec<f32>> {
         let img = self.decode(i)?;
+        let (nw, nh) = resized(img.width() as usize, img.height() as usize, p);
+        let path = match &self.items[i].0 {
+            Source::File(f) => f.clone(),
+            Source::Pack(k) => self.path.join(format!("#{k}")),
+        };
+        check_size(&path, nw as u64, nh as u64, "after the resize")?;
         Ok(preprocess(&img, p))
     }
 }
 
 /// Decodes PNG or JPEG bytes; the error says why not.
 pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
-    let img = image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
+    // The size from the header, before any pixel is decoded: a few bytes can claim gigapixels.
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read the image: {e}"))
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| format!("cannot decode image: {e}"))?;
+    check_size(Path::new(""), w as u64, h as u64, "as stored").map_err(|e| match e {
+        Error::Image { reason, .. } => reason,
+        other => other.to_string(),
+    })?;
+    let img = reader()?
+        .decode()
+        .map_err(|e| format!("cannot decode image: {e}"))?;
     if img.width() == 0 || img.height() == 0 {
         return Err("the image is empty".into());
     }
@@ -269,17 +357,7 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
 /// Resize the shorter side, centre-crop, scale to [0, 1] and normalise.
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let short = w.min(h);
-    let (nw, nh) = if short == p.resize {
-        (w, h)
-    } else {
-        (
-            ((w * p.resize) as f64 / short as f64).round().max(1.0) as usize,
-            ((h * p.resize) as f64 / short as f64).round().max(1.0) as usize,
-        )
-    };
-    let nw = nw.max(p.crop);
-    let nh = nh.max(p.crop);
+    let (nw, nh) = resized(w, h, p);
     let filter = if p.bicubic {
         FilterType::CatmullRom
     } else {

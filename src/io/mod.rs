@@ -9,6 +9,7 @@
 pub mod calib;
 pub mod checkpoint;
 pub mod dtype;
+pub mod guard;
 pub mod hfconfig;
 pub mod images;
 pub mod pack;

@@ -4,7 +4,7 @@
 //! give every tensor its offset. Tensors are laid out by descending element size and then by
 //! name (as the `safetensors` crate does), so every tensor is aligned to its element size for
 //! readers that cast in place. Data is written at its offset as soon as it is ready, so at most
-//! one layer's output is ever in memory. The file is `<out>.tmp` until [`SafetensorsWriter::finish`]
+//! one layer's output is ever in memory. The file is `<out>.<pid>.tmp` until [`SafetensorsWriter::finish`]
 //! rewrites the header with the final metadata (room for it is reserved), syncs and renames it
 //! into place; dropping an unfinished writer removes the temporary file.
 
@@ -54,7 +54,7 @@ pub struct SafetensorsWriter {
 }
 
 impl SafetensorsWriter {
-    /// Creates `<dest>.tmp` sized for `tensors`, with `metadata` as a first header.
+    /// Creates `<dest>.<pid>.tmp` sized for `tensors`, with `metadata` as a first header.
     pub fn create(
         dest: &Path,
         mut tensors: Vec<PlannedTensor>,
@@ -82,9 +82,8 @@ impl SafetensorsWriter {
         let data_len = at;
         let first = header_json(&tensors, &offsets, metadata);
         let header_capacity = (first.len() + HEADER_RESERVE_BYTES).next_multiple_of(8);
-        let mut tmp = dest.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = tmp_path(dest);
+        crate::interrupt::track(&tmp);
         let file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -161,6 +160,7 @@ impl SafetensorsWriter {
         file.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
+        crate::interrupt::untrack(&self.tmp);
         Ok(())
     }
 }
@@ -169,6 +169,7 @@ impl Drop for SafetensorsWriter {
     fn drop(&mut self) {
         if self.file.take().is_some() {
             let _ = std::fs::remove_file(&self.tmp);
+            crate::interrupt::untrack(&self.tmp);
         }
     }
 }
@@ -199,11 +200,18 @@ fn header_json(
     serde_json::Value::Object(map).to_string()
 }
 
+/// The temporary name of `dest` while it is written: `<dest>.<pid>.tmp`, unique per process so
+/// two runs never write into one temporary file.
+pub fn tmp_path(dest: &Path) -> PathBuf {
+    let mut tmp = dest.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    PathBuf::from(tmp)
+}
+
 /// Writes `bytes` to `dest` atomically (temp file, sync, rename).
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = dest.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = tmp_path(dest);
+    crate::interrupt::track(&tmp);
     let res = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -211,12 +219,65 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
+        crate::interrupt::untrack(&tmp);
         return Err(Error::io(dest, e));
     }
-    std::fs::rename(&tmp, dest).map_err(|e| {
+    let renamed = std::fs::rename(&tmp, dest).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(dest, e)
-    })
+    });
+    crate::interrupt::untrack(&tmp);
+    renamed
+}
+
+/// Removes, beside a finished output (`kept`: the files it consists of), the files that an
+/// earlier output of the same stem left and this one replaces: a single `stem.safetensors`, the
+/// `stem.safetensors.index.json` and `stem-NNNNN-of-NNNNN.safetensors` shards. Only those names,
+/// which the output format defines, are ever removed, so a reader never finds a stale index or
+/// stale shards beside a new output.
+pub fn remove_replaced(kept: &[PathBuf]) -> Result<()> {
+    let Some(first) = kept.first() else {
+        return Ok(());
+    };
+    let dir = first
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = first.file_name().map(|f| f.to_string_lossy().into_owned());
+    let Some(name) = name else { return Ok(()) };
+    // The stem: `stem.safetensors`, `stem-00001-of-0000N.safetensors` or an index.
+    let stem = match name.strip_suffix(".safetensors.index.json") {
+        Some(s) => s.to_string(),
+        None => {
+            let base = name.trim_end_matches(".safetensors");
+            base.rsplit_once("-of-")
+                .and_then(|(head, _)| head.rsplit_once('-'))
+                .map(|(s, _)| s)
+                .filter(|s| crate::io::guard::shard_of(&name, s).is_some())
+                .unwrap_or(base)
+                .to_string()
+        }
+    };
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(_) => return Ok(()),
+    };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let ours = n == format!("{stem}.safetensors")
+            || n == format!("{stem}.safetensors.index.json")
+            || crate::io::guard::shard_of(&n, &stem).is_some();
+        if ours
+            && e.file_type().is_ok_and(|t| t.is_file())
+            && !kept
+                .iter()
+                .any(|k| k.file_name() == Some(e.file_name().as_os_str()))
+        {
+            log::info!("removing {} of an earlier output this one replaces", n);
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -252,7 +313,7 @@ mod tests {
         assert_eq!(st.tensor("a").unwrap().data(), &[7u8; 16]);
         let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(m.metadata().as_ref().unwrap()["hash"], "x".repeat(64));
-        assert!(!dir.path().join("o.safetensors.tmp").exists());
+        assert!(!tmp_path(&dir.path().join("o.safetensors")).exists());
     }
 
     #[test]
@@ -364,11 +425,19 @@ impl ShardedWriter {
         self.writers.len()
     }
 
-    /// Finishes every shard (final metadata, sync, rename), then writes the index.
+    /// Finishes every shard (final metadata, sync, rename), then writes the index, then removes
+    /// the files of an earlier output of the same name that this one replaces (see
+    /// [`remove_replaced`]).
     pub fn finish(self, metadata: &BTreeMap<String, String>) -> Result<()> {
+        let written: Vec<PathBuf> = self
+            .writers
+            .iter()
+            .map(|w| w.dest().to_path_buf())
+            .collect();
         for w in self.writers {
             w.finish(metadata)?;
         }
+        let mut kept = written;
         if let Some((path, weight_map, total)) = self.index {
             let json = serde_json::json!({
                 "metadata": { "total_size": total },
@@ -380,7 +449,8 @@ impl ShardedWriter {
                     .expect("json")
                     .as_bytes(),
             )?;
+            kept.push(path);
         }
-        Ok(())
+        remove_replaced(&kept)
     }
 }

@@ -5,10 +5,61 @@
 //! sum would lose about three digits — while each chunk's products are formed from the f32 inputs
 //! converted exactly to f64, so the only rounding is f64's (relative error ~1e-16·√N).
 
+use crate::error::{Error, Result};
 use rayon::prelude::*;
 
 /// Rows of a chunk processed together: a transposed block of this many rows fits in L2 cache.
 const BLOCK_ROWS: usize = 64;
+
+/// Refuses an `n × n` matrix that cannot be the Gram `XᵀX` of finite activations: a
+/// non-finite entry (an f32 overflow of huge activations included), a negative diagonal, an
+/// asymmetry or an off-diagonal entry beyond `sqrt(G_ii·G_jj)` (both impossible for `XᵀX`,
+/// beyond rounding), or an all-zero matrix (no signal: every quantization would score an error
+/// of 0). `what` names the layer and file in the message.
+pub fn check_gram_matrix(n: usize, data: &[f64], what: &str) -> Result<()> {
+    let bad = |reason: String| {
+        Err(Error::InvalidOption(format!(
+            "{what}: not a valid Gram matrix: {reason}"
+        )))
+    };
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        return bad(format!(
+            "{} at ({}, {}) (activations too large for the accumulation?)",
+            data[i],
+            i / n,
+            i % n
+        ));
+    }
+    let diag: Vec<f64> = (0..n).map(|i| data[i * n + i]).collect();
+    if let Some(i) = diag.iter().position(|&d| d < 0.0) {
+        return bad(format!("negative diagonal G[{i},{i}] = {}", diag[i]));
+    }
+    let scale = diag.iter().fold(0.0f64, |a, &d| a.max(d));
+    if scale == 0.0 && data.iter().all(|&v| v == 0.0) {
+        return bad("all zero (the activations carry no signal; use --data-free for G = I)".into());
+    }
+    // Relative to the largest diagonal: f32 accumulation and storage round at about 1e-7.
+    let tol = 1e-4 * scale;
+    for i in 0..n {
+        for j in i + 1..n {
+            let (a, b) = (data[i * n + j], data[j * n + i]);
+            if (a - b).abs() > tol + 1e-5 * a.abs().max(b.abs()) {
+                return bad(format!(
+                    "not symmetric: G[{i},{j}] = {a} but G[{j},{i}] = {b}"
+                ));
+            }
+            if a.abs() > (diag[i] * diag[j]).sqrt() + tol {
+                return bad(format!(
+                    "|G[{i},{j}]| = {} exceeds sqrt(G[{i},{i}]·G[{j},{j}]) = {}, so it is not \
+                     positive semi-definite",
+                    a.abs(),
+                    (diag[i] * diag[j]).sqrt()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// A finished, symmetric Gram matrix in f64.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +101,11 @@ impl Gram {
             data,
             samples: 0,
         }
+    }
+
+    /// Refuses a Gram matrix that cannot be `XᵀX` of real activations ([`check_gram_matrix`]).
+    pub fn check(&self, what: &str) -> Result<()> {
+        check_gram_matrix(self.n, &self.data, what)
     }
 
     /// The diagonal `G_jj = ‖x_j‖²`.
