@@ -6,10 +6,19 @@
 //! code, not a signal handler): on one it removes the registered files, keeps the work
 //! directories that hold saved layers (so `--resume` continues) and says so, and exits with
 //! 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+//!
+//! Inputs are memory-mapped, so an input truncated by another process while a run reads it
+//! raises SIGBUS in the reading thread. Its handler only marks the fault, sends the process a
+//! SIGTERM and waits: the signal thread then cleans up as above, says which failure it was and
+//! exits with code 2, like any bad input.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+/// Set when a memory-mapped input faulted (SIGBUS: the file shrank while mapped).
+static BUS_ERROR: AtomicBool = AtomicBool::new(false);
 
 static LIVE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 static WORK_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
@@ -107,6 +116,15 @@ pub fn install() {
             if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                 continue;
             }
+            if BUS_ERROR.load(Ordering::SeqCst) {
+                eprintln!(
+                    "error: an input file (model, calibration or image pack) was truncated or \
+                     replaced while it was being read (SIGBUS on its memory map); no output was \
+                     written; {}",
+                    clean_up()
+                );
+                std::process::exit(2);
+            }
             let name = match sig {
                 libc::SIGINT => "SIGINT",
                 libc::SIGTERM => "SIGTERM",
@@ -115,11 +133,34 @@ pub fn install() {
             eprintln!("\ninterrupted ({name}): {}", clean_up());
             std::process::exit(128 + sig);
         });
+    if spawned.is_ok() {
+        // SAFETY: installs an async-signal-safe handler (an atomic store, kill, pause).
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_sigbus as *const () as usize;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut());
+        }
+    }
     if spawned.is_err() {
         // Without the waiting thread the signals would stay blocked: restore them.
         // SAFETY: as above.
         unsafe {
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    }
+}
+
+/// SIGBUS in a thread that touched a truncated memory map: hand the clean-up to the signal
+/// thread and wait for it to end the process (returning would fault again at once).
+#[cfg(unix)]
+extern "C" fn on_sigbus(_sig: libc::c_int) {
+    BUS_ERROR.store(true, Ordering::SeqCst);
+    // SAFETY: kill, getpid and pause are async-signal-safe.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGTERM);
+        loop {
+            libc::pause();
         }
     }
 }

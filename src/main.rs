@@ -5,6 +5,12 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan drivers print "XDG_RUNTIME_DIR is invalid or not set" twice at start-up when
+    // the variable is unset (a headless session): point it at the temporary folder, where the
+    // window-system probe fails quietly. Before any thread exists, so setting it is sound.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     // SIGINT/SIGTERM/SIGHUP remove unfinished files and keep the work directory; first, before
     // any thread exists, so every thread inherits the blocked signals.
     comq_gpu::interrupt::install();

@@ -1173,3 +1173,33 @@ fn a_byte_length_that_does_not_match_dtype_and_shape_is_a_clear_error() {
     assert_bad_input(&o, "tensor 'a.weight' (BF16 [2, 3]) needs 12 bytes");
     b.assert_nothing_written();
 }
+
+#[test]
+fn the_report_and_plot_folders_are_checked_before_compute() {
+    let b = bad();
+    let file = b.dir.path().join("in-file");
+    std::fs::write(&file, b"x").unwrap();
+    for (flag, target) in [
+        ("--report", b.dir.path().join("missing/r.json")),
+        ("--plot", b.dir.path().join("missing/p.png")),
+        ("--report", file.join("r.json")),
+        ("--plot", file.join("p.png")),
+    ] {
+        let t = std::time::Instant::now();
+        let o = run(&[
+            "run",
+            s(&b.model),
+            "--data-free",
+            "--device",
+            "cpu",
+            "--out",
+            s(&b.out()),
+            flag,
+            s(&target),
+        ]);
+        assert_bad_input(&o, "does not exist");
+        assert_bad_input(&o, flag);
+        b.assert_nothing_written();
+        assert!(t.elapsed().as_secs() < 10);
+    }
+}

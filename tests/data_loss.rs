@@ -505,3 +505,34 @@ fn a_resume_after_the_weights_changed_in_place_is_refused() {
     assert_refused(&o, "other weights");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_model_truncated_while_it_is_read_is_a_clear_error_that_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = slow_model(dir.path(), 24, 384, 192);
+    let out = dir.path().join("out.safetensors");
+    let child = started_run(&model, &out, 2);
+    // Another process cuts the model short under the running job.
+    let len = std::fs::metadata(&model).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&model)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+    assert!(!out.exists());
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.ends_with(".tmp") || n.ends_with(".lock")),
+        "{names:?}"
+    );
+}

@@ -146,7 +146,17 @@ fn read(model: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {
             format!("has {} elements, expected {len}", t.numel()),
         ));
     }
-    model.read_f32(t)
+    let v = model.read_f32(t)?;
+    // A NaN or Inf in a weight, bias, LayerNorm or embedding would surface as a bad Gram or
+    // NaN features far from its cause: name the tensor here.
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(Error::tensor(
+            model.path(),
+            name,
+            format!("holds a non-finite value ({} at index {i})", v[i]),
+        ));
+    }
+    Ok(v)
 }
 
 fn read_or_zero(model: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {

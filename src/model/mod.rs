@@ -502,20 +502,34 @@ impl VitSpec {
         let heads = num(args, "num_heads")
             .or_else(|| num(&config, "num_attention_heads"))
             .map(|h| h as usize)
+            .map(Ok)
             .unwrap_or_else(|| {
+                // The widths of the published ViTs, else heads of 64 channels (the convention of
+                // every ViT family); a width that is no multiple of 64 gives no safe guess.
                 let h = match dim {
                     192 => 3,
                     384 => 6,
                     768 => 12,
-                    1024 | 1280 => 16,
-                    d => (d / 64).max(1),
+                    1024 | 1280 | 1408 | 1664 => 16,
+                    1536 => 24,
+                    d if d.is_multiple_of(64) => d / 64,
+                    _ => {
+                        return Err(unknown(
+                            path,
+                            format!(
+                                "no config.json gives the number of attention heads \
+                                 ('num_heads' or 'num_attention_heads') and width {dim} is no \
+                                 multiple of 64: add the key to config.json beside the model"
+                            ),
+                        ))
+                    }
                 };
                 log::warn!(
                     "{}: no config.json gives the number of attention heads; assuming {h} for width {dim}",
                     path.display()
                 );
-                h
-            });
+                Ok(h)
+            })?;
         if heads == 0 || dim % heads != 0 {
             return Err(unknown(
                 path,
@@ -574,7 +588,20 @@ impl VitSpec {
         }
         let labels = label_names(&config, num_classes);
 
-        let preprocess = preprocess(family, channels, pos_grid * patch, &config, prep.as_ref());
+        let preprocess = preprocess(family, channels, pos_grid * patch, &config, prep.as_ref())
+            .and_then(|p| p.validate())
+            .map_err(|reason| {
+                Error::InvalidOption(format!(
+                    "{}: {reason} (from config.json / preprocessor_config.json beside the model)",
+                    path.display()
+                ))
+            })?;
+        if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+            return Err(Error::InvalidOption(format!(
+                "{}: config.json 'layer_norm_eps' = {eps} is not in (0, 1)",
+                path.display()
+            )));
+        }
         let crop_grid = preprocess.crop / patch;
         let pos_embed_resized = [
             format!("{pos_embed}_{}", preprocess.crop),
@@ -689,18 +716,56 @@ fn label_names(config: &Value, classes: usize) -> Vec<String> {
     Vec::new()
 }
 
+/// Largest input side a side file may ask for (a crop of 0 or a `crop_pct` of 0 would
+/// otherwise ask for nothing or for an unbounded resize).
+pub const MAX_INPUT_SIDE: usize = 4096;
+
+impl Preprocess {
+    /// Checks values read from side files: sides in `1..=MAX_INPUT_SIDE` with the resize at
+    /// least the crop, one finite mean and one finite, positive std per channel.
+    fn validate(self) -> std::result::Result<Preprocess, String> {
+        if self.crop == 0 || self.crop > MAX_INPUT_SIDE {
+            return Err(format!(
+                "input size (crop) {} is not in 1..={MAX_INPUT_SIDE}",
+                self.crop
+            ));
+        }
+        if self.resize < self.crop || self.resize > MAX_INPUT_SIDE {
+            return Err(format!(
+                "resize {} is not in {}..={MAX_INPUT_SIDE} (crop {}; check crop_pct or size)",
+                self.resize, self.crop, self.crop
+            ));
+        }
+        if self.mean.len() != self.channels || self.mean.iter().any(|m| !m.is_finite()) {
+            return Err(format!(
+                "mean {:?} is not {} finite values",
+                self.mean, self.channels
+            ));
+        }
+        if self.std.len() != self.channels || self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(format!(
+                "std {:?} is not {} finite positive values",
+                self.std, self.channels
+            ));
+        }
+        Ok(self)
+    }
+}
+
 fn preprocess(
     family: Family,
     channels: usize,
     native: usize,
     config: &Value,
     prep: Option<&Value>,
-) -> Preprocess {
-    let fill = |v: Vec<f32>| -> Vec<f32> {
-        if v.len() == channels {
-            v
-        } else {
-            vec![v.first().copied().unwrap_or(0.5); channels]
+) -> std::result::Result<Preprocess, String> {
+    // One value per channel, or one for all; an empty list or another length is an error.
+    let fill = |key: &str, v: Vec<f32>| -> std::result::Result<Vec<f32>, String> {
+        match v.len() {
+            n if n == channels => Ok(v),
+            1 => Ok(vec![v[0]; channels]),
+            n => Err(format!("'{key}' has {n} values for {channels} channels")),
         }
     };
     let (def_mean, def_std): (Vec<f32>, Vec<f32>) = match family {
@@ -722,8 +787,16 @@ fn preprocess(
         },
         crop: native,
         bicubic: !matches!(family, Family::HfVit),
-        mean: fill(def_mean),
-        std: fill(def_std),
+        mean: if def_mean.len() == channels {
+            def_mean
+        } else {
+            vec![def_mean[0]; channels]
+        },
+        std: if def_std.len() == channels {
+            def_std
+        } else {
+            vec![def_std[0]; channels]
+        },
     };
     if let Some(cfg) = config.get("pretrained_cfg") {
         // timm hub config.
@@ -733,15 +806,18 @@ fn preprocess(
             }
         }
         let pct = num(cfg, "crop_pct").unwrap_or(0.875);
+        if !(pct > 0.05 && pct <= 2.0) {
+            return Err(format!("'crop_pct' = {pct} is not in (0.05, 2]"));
+        }
         p.resize = (p.crop as f64 / pct).floor() as usize;
         if let Some(i) = cfg.get("interpolation").and_then(Value::as_str) {
             p.bicubic = i == "bicubic";
         }
         if let Some(m) = floats(cfg.get("mean")) {
-            p.mean = fill(m);
+            p.mean = fill("mean", m)?;
         }
         if let Some(s) = floats(cfg.get("std")) {
-            p.std = fill(s);
+            p.std = fill("std", s)?;
         }
     }
     if let Some(pc) = prep {
@@ -774,11 +850,11 @@ fn preprocess(
             p.bicubic = r == 3;
         }
         if let Some(m) = floats(pc.get("image_mean")) {
-            p.mean = fill(m);
+            p.mean = fill("image_mean", m)?;
         }
         if let Some(s) = floats(pc.get("image_std")) {
-            p.std = fill(s);
+            p.std = fill("image_std", s)?;
         }
     }
-    p
+    Ok(p)
 }

@@ -30,6 +30,17 @@ pub fn check_gram_matrix(n: usize, data: &[f64], what: &str) -> Result<()> {
             i % n
         ));
     }
+    // The sweeps run on f32 copies of G and sum up to n products of its entries.
+    let limit = f32::MAX as f64 / (16.0 * n.max(1) as f64);
+    if let Some(i) = data.iter().position(|v| v.abs() > limit) {
+        return bad(format!(
+            "{:e} at ({}, {}) is beyond what the f32 sweeps can hold (|G| ≤ {limit:.1e}): \
+             scale the activations down",
+            data[i],
+            i / n,
+            i % n
+        ));
+    }
     let diag: Vec<f64> = (0..n).map(|i| data[i * n + i]).collect();
     if let Some(i) = diag.iter().position(|&d| d < 0.0) {
         return bad(format!("negative diagonal G[{i},{i}] = {}", diag[i]));
