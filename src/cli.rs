@@ -1155,6 +1155,9 @@ fn plan_cmd(
         &dev,
         opts.memory_limit,
         Some((128, 256)),
+        opts.search
+            .as_ref()
+            .map(|_| opts.holdout > 0.0 && opts.images.is_some()),
     )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);

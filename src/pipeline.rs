@@ -1004,6 +1004,13 @@ fn resume_identity(opts: &RunOptions) -> String {
     format!("{o:?}")
 }
 
+/// `Some(held-out images?)` when every layer runs a candidate search (for the memory plan).
+fn search_state(opts: &RunOptions) -> Option<bool> {
+    opts.search
+        .as_ref()
+        .map(|_| opts.holdout > 0.0 && opts.images.is_some())
+}
+
 /// The work directory of a run with outputs: `--work-dir`, or `<first output>.work`.
 fn work_dir_of(opts: &RunOptions) -> Option<PathBuf> {
     let first = opts.out.as_ref().or(opts.dequantized.as_ref())?;
@@ -1181,7 +1188,15 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let mut device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
     let mut device_name = device.describe();
     // Refuse before any compute when a layer cannot fit.
-    crate::plan::preflight(&jobs, calib.as_ref(), &device, opts.memory_limit, None)?.check()?;
+    crate::plan::preflight(
+        &jobs,
+        calib.as_ref(),
+        &device,
+        opts.memory_limit,
+        None,
+        search_state(opts),
+    )?
+    .check()?;
     let mut calib_memory = None;
     if let (Some(v), Some(_)) = (&vision, &opts.images) {
         // The calibration (above all the hidden state of every image, one block's input) is
@@ -1199,10 +1214,13 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         let largest = jobs
             .iter()
             .map(|j| {
+                let (sd, sh) = search_state(opts).map_or((0, 0), |held| {
+                    crate::plan::search_bytes(j.rows, j.cols, held, &j.config)
+                });
                 if gpu {
-                    crate::plan::device_bytes(j.rows, j.cols, &j.config)
+                    crate::plan::device_bytes(j.rows, j.cols, &j.config) + sd
                 } else {
-                    crate::plan::host_bytes(j.rows, j.cols, true, &j.config)
+                    crate::plan::host_bytes(j.rows, j.cols, true, &j.config) + sd + sh
                 }
             })
             .max()

@@ -180,14 +180,35 @@ pub fn host_bytes(rows: usize, cols: usize, cpu: bool, cfg: &QuantConfig) -> u64
     }
 }
 
+/// What a candidate search adds to one layer's state, `(device, host)` bytes: on the host the
+/// best candidate so far, the stage being scored and the outcome it is built into (codes of
+/// `m·n` each; one stage at a time, whatever `--sweeps`); with held-out images the held-out
+/// Gram (f64 and its f32 upload copy) on the host and its scoring state on the device.
+pub fn search_bytes(rows: usize, cols: usize, holdout: bool, cfg: &QuantConfig) -> (u64, u64) {
+    let (m, n) = (rows as u64, cols as u64);
+    let host = 12 * m * n + if holdout { 12 * n * n } else { 0 };
+    let natural = QuantConfig {
+        order: OrderKind::Natural,
+        ..cfg.clone()
+    };
+    let device = if holdout {
+        device_bytes(rows, cols, &natural)
+    } else {
+        0
+    };
+    (device, host)
+}
+
 /// Plans `jobs` for `device`. With `measure`, a small synthetic layer of that shape is run on the
-/// device first to estimate times.
+/// device first to estimate times. `search` is `Some(holdout)` when each layer runs a candidate
+/// search (with held-out images or not): its state counts too.
 pub fn preflight(
     jobs: &[Job],
     calib: Option<&Calibration>,
     device: &AnyDevice,
     memory_limit: Option<u64>,
     measure: Option<(usize, usize)>,
+    search: Option<bool>,
 ) -> Result<Preflight> {
     let cpu = matches!(device, AnyDevice::Cpu(_));
     let binding_limit = match device {
@@ -212,8 +233,9 @@ pub fn preflight(
     for j in jobs {
         let (m, n) = (j.rows, j.cols);
         let cfg = &j.config;
-        let dev = device_bytes(m, n, cfg);
-        let host = host_bytes(m, n, cpu, cfg);
+        let (search_dev, search_host) = search.map_or((0, 0), |held| search_bytes(m, n, held, cfg));
+        let dev = device_bytes(m, n, cfg) + search_dev;
+        let host = host_bytes(m, n, cpu, cfg) + search_host + if cpu { search_dev } else { 0 };
         let calib_rows = calib.map_or(0, |c| c.rows(&j.prefix, n));
         let g_bytes = (4 * n * n) as u64;
         let work = (m * n * n) as f64
@@ -338,5 +360,26 @@ mod tests {
         let cpu = calibration_bytes(3200, 12800, 257, 1024, false);
         assert_eq!(cpu.device_bytes, 0);
         assert!(cpu.host_bytes > c.host_bytes + 1024 * 257 * 3200 * 4);
+    }
+}
+
+#[cfg(test)]
+mod search_tests {
+    use super::*;
+
+    #[test]
+    fn a_search_holds_one_stage_whatever_the_sweeps() {
+        let one = QuantConfig::default();
+        let many = QuantConfig {
+            sweeps: 50,
+            ..QuantConfig::default()
+        };
+        assert_eq!(
+            search_bytes(768, 3072, true, &one),
+            search_bytes(768, 3072, true, &many)
+        );
+        let (dev, host) = search_bytes(768, 3072, true, &one);
+        let (dev0, host0) = search_bytes(768, 3072, false, &one);
+        assert!(dev > 0 && dev0 == 0 && host > host0);
     }
 }

@@ -53,7 +53,7 @@ pub fn quantize_layer<D: Device>(
     gram: &Gram,
     cfg: &QuantConfig,
 ) -> Result<LayerOutcome> {
-    run(device, name, w, rows, cols, gram, cfg, false, true, None).map(|(o, _)| o)
+    run(device, name, w, rows, cols, gram, cfg, None, true, None)
 }
 
 /// `‖W − Q̂‖²_F` for codes on `grid` (the term damping adds to the loss, divided by `λ`).
@@ -85,11 +85,22 @@ pub fn quantize_layer_stages<D: Device>(
     cfg: &QuantConfig,
     stages: bool,
 ) -> Result<(LayerOutcome, Vec<Stage>)> {
-    run(device, name, w, rows, cols, gram, cfg, stages, true, None)
+    let mut kept = Vec::new();
+    let mut keep = |s: Stage| -> Result<()> {
+        kept.push(s);
+        Ok(())
+    };
+    let sink: Option<&mut dyn FnMut(Stage) -> Result<()>> =
+        if stages { Some(&mut keep) } else { None };
+    let o = run(device, name, w, rows, cols, gram, cfg, sink, true, None)?;
+    Ok((o, kept))
 }
 
 /// The driver. Without `measure_rtn` the RTN baseline is not computed (when the start does not
 /// need it) and `rel_error_rtn` is NaN: a search scores RTN as a candidate of its own.
+///
+/// With `stages`, every stage (the start and the state after every sweep) is handed to it as it
+/// is taken, so a caller that keeps only the best holds one stage at a time, not one per sweep.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<D: Device>(
     device: &D,
@@ -99,10 +110,10 @@ pub(crate) fn run<D: Device>(
     cols: usize,
     gram: &Gram,
     cfg: &QuantConfig,
-    stages: bool,
+    mut stages: Option<&mut dyn FnMut(Stage) -> Result<()>>,
     measure_rtn: bool,
     factor: Option<&gptq::GptqFactor>,
-) -> Result<(LayerOutcome, Vec<Stage>)> {
+) -> Result<LayerOutcome> {
     let start = Instant::now();
     cfg.validate()?;
     cfg.validate_for(name, rows, cols)?;
@@ -179,8 +190,8 @@ pub(crate) fn run<D: Device>(
     };
 
     let mut history = Vec::new();
-    let mut kept = Vec::new();
     let mut rel_start = None;
+    let staged = stages.is_some();
     let mut snapshot = |st: &mut D::Layer, sweeps: usize, loss: f64| -> Result<f64> {
         let (codes, delta) = device.download(st)?;
         let layer = QuantizedLayer {
@@ -194,11 +205,13 @@ pub(crate) fn run<D: Device>(
             codes,
         };
         let l = undamp(loss, Some((&layer.codes, &layer.grid)));
-        kept.push(Stage {
-            sweeps,
-            layer,
-            rel_error: rel(l),
-        });
+        if let Some(sink) = stages.as_mut() {
+            sink(Stage {
+                sweeps,
+                layer,
+                rel_error: rel(l),
+            })?;
+        }
         Ok(l)
     };
     let loss = if cfg.method == Method::Rtn {
@@ -224,7 +237,7 @@ pub(crate) fn run<D: Device>(
         let mut loss = 0.0;
         if cfg.init != Init::W {
             let l = device.refresh(&mut st)?;
-            rel_start = Some(rel(if stages || cfg.sweeps == 0 {
+            rel_start = Some(rel(if staged || cfg.sweeps == 0 {
                 snapshot(&mut st, 0, l)?
             } else if lam == 0.0 {
                 l
@@ -250,7 +263,7 @@ pub(crate) fn run<D: Device>(
                 history.push(loss);
             }
             log::debug!("{name}: sweep {} loss {loss:.6e}", sweep + 1);
-            if stages && sweep + 1 < cfg.sweeps {
+            if staged && sweep + 1 < cfg.sweeps {
                 snapshot(&mut st, sweep + 1, loss)?;
             }
         }
@@ -271,12 +284,12 @@ pub(crate) fn run<D: Device>(
         codes,
         grid: final_grid,
     };
-    if stages && cfg.method != Method::Rtn && cfg.sweeps > 0 {
-        kept.push(Stage {
+    if let (Some(sink), true) = (stages.as_mut(), cfg.method != Method::Rtn && cfg.sweeps > 0) {
+        sink(Stage {
             sweeps: cfg.sweeps,
             layer: layer.clone(),
             rel_error: rel(loss),
-        });
+        })?;
     }
     let outcome = LayerOutcome {
         layer,
@@ -287,7 +300,7 @@ pub(crate) fn run<D: Device>(
         rel_error_start: rel_start,
         seconds: start.elapsed().as_secs_f64(),
     };
-    Ok((outcome, kept))
+    Ok(outcome)
 }
 
 /// The closed-form scale step (spec a.4/a.5) shared by every device: with `num = k̃ᵀR` and

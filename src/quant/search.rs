@@ -17,8 +17,8 @@
 
 use serde::Serialize;
 
-use super::comq::{run, LayerOutcome};
-use super::{Gram, Init, Method, Order, OrderKind, QuantConfig};
+use super::comq::{run, LayerOutcome, Stage};
+use super::{Gram, Init, Method, Order, OrderKind, QuantConfig, QuantizedLayer};
 use crate::device::{Device, LayerProblem};
 use crate::error::Result;
 
@@ -211,7 +211,8 @@ pub fn search<D: Device>(
     let mut scorer: Option<Scorer<D>> = None;
     let mut tried = Vec::new();
     let mut best: Option<(f64, usize, LayerOutcome)> = None;
-    let mut rtn_outcome: Option<(LayerOutcome, Option<f64>)> = None;
+    // The first candidate, round-to-nearest at the full grid: its errors go in the report.
+    let mut rtn_outcome: Option<(f64, Option<f64>)> = None;
     // The best score of the configured method per grid shrink, for the damping stage.
     let mut by_scalar: Vec<(f32, f64)> = Vec::new();
     let mut queue: std::collections::VecDeque<QuantConfig> = configs.into();
@@ -259,59 +260,107 @@ pub fn search<D: Device>(
         let shared = factor
             .as_ref()
             .filter(|_| c.init == Init::Gptq && c.damp == cfg.damp);
-        let (outcome, stages) = run(device, name, w, rows, cols, gram, &c, true, false, shared)?;
-        // Candidates of this run: its stages, or the outcome itself (RTN).
-        let mut points: Vec<(String, LayerOutcome)> = Vec::new();
-        if stages.is_empty() {
-            points.push((label(&c, c.sweeps), outcome.clone()));
-        }
-        for st in stages {
-            let mut o = outcome.clone();
-            o.rel_error = st.rel_error;
-            o.layer = st.layer;
-            points.push((label(&c, st.sweeps), o));
-        }
-        for (lbl, o) in points {
+        let configured = c.method == cfg.method
+            && c.init == cfg.init
+            && c.damp == cfg.damp
+            && (plan.scalars.contains(&c.scalar) || extended.contains(&c.scalar));
+        // Scores one candidate: on the held-out Gram when there is one, else on the
+        // calibration error; books it in `tried` and the per-shrink scores.
+        let book = |lbl: String,
+                    layer: &QuantizedLayer,
+                    rel_error: f64,
+                    scorer: &mut Option<Scorer<D>>,
+                    tried: &mut Vec<Tried>,
+                    by_scalar: &mut Vec<(f32, f64)>|
+         -> Result<(f64, Option<f64>)> {
             let held = match holdout {
                 Some(h) => {
                     if scorer.is_none() {
-                        scorer = Some(Scorer::new(device, name, w, h, &o.layer.grid)?);
+                        *scorer = Some(Scorer::new(device, name, w, h, &layer.grid)?);
                     }
-                    Some(scorer.as_mut().expect("set above").rel(device, &o.layer)?)
+                    Some(scorer.as_mut().expect("set above").rel(device, layer)?)
                 }
                 None => None,
             };
-            let score = held.unwrap_or(o.rel_error);
-            log::debug!(
-                "{name}: {lbl}: calibration {:.4e}, held-out {held:?}",
-                o.rel_error
-            );
+            let score = held.unwrap_or(rel_error);
+            log::debug!("{name}: {lbl}: calibration {rel_error:.4e}, held-out {held:?}");
             tried.push(Tried {
                 label: lbl,
-                rel_error: o.rel_error,
+                rel_error,
                 rel_error_holdout: held,
             });
-            if rtn_outcome.is_none() {
-                rtn_outcome = Some((o.clone(), held));
-            }
-            let configured = c.method == cfg.method
-                && c.init == cfg.init
-                && c.damp == cfg.damp
-                && (plan.scalars.contains(&c.scalar) || extended.contains(&c.scalar));
             if configured {
                 match by_scalar.iter_mut().find(|(s, _)| *s == c.scalar) {
                     Some(e) => e.1 = e.1.min(score),
                     None => by_scalar.push((c.scalar, score)),
                 }
             }
+            Ok((score, held))
+        };
+        // The stages of this run (its start and every sweep) are scored as they are taken, and
+        // only the best of them is held: memory does not grow with --sweeps.
+        let mut run_best: Option<(f64, usize, Stage)> = None;
+        let mut staged = false;
+        let outcome = {
+            let mut sink = |st: Stage| -> Result<()> {
+                staged = true;
+                let (score, _) = book(
+                    label(&c, st.sweeps),
+                    &st.layer,
+                    st.rel_error,
+                    &mut scorer,
+                    &mut tried,
+                    &mut by_scalar,
+                )?;
+                if run_best.as_ref().is_none_or(|(b, _, _)| score < *b) {
+                    run_best = Some((score, tried.len() - 1, st));
+                }
+                Ok(())
+            };
+            run(
+                device,
+                name,
+                w,
+                rows,
+                cols,
+                gram,
+                &c,
+                Some(&mut sink),
+                false,
+                shared,
+            )?
+        };
+        // A run without stages (RTN) is a candidate itself.
+        let candidate = if staged {
+            run_best.map(|(score, index, st)| {
+                let mut o = outcome.clone();
+                o.rel_error = st.rel_error;
+                o.layer = st.layer;
+                (score, index, o)
+            })
+        } else {
+            let (score, held) = book(
+                label(&c, c.sweeps),
+                &outcome.layer,
+                outcome.rel_error,
+                &mut scorer,
+                &mut tried,
+                &mut by_scalar,
+            )?;
+            if rtn_outcome.is_none() {
+                rtn_outcome = Some((outcome.rel_error, held));
+            }
+            Some((score, tried.len() - 1, outcome))
+        };
+        if let Some((score, index, o)) = candidate {
             if best.as_ref().is_none_or(|(b, _, _)| score < *b) {
-                best = Some((score, tried.len() - 1, o));
+                best = Some((score, index, o));
             }
         }
     }
     let (_, index, mut outcome) = best.expect("RTN is always a candidate");
-    let (rtn_o, rtn_held) = rtn_outcome.expect("RTN is always a candidate");
-    outcome.rel_error_rtn = rtn_o.rel_error;
+    let (rtn_rel, rtn_held) = rtn_outcome.expect("RTN is always a candidate");
+    outcome.rel_error_rtn = rtn_rel;
     outcome.seconds = start.elapsed().as_secs_f64();
     Ok(Choice {
         chosen: tried[index].label.clone(),
