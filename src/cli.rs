@@ -297,7 +297,7 @@ impl QuantArgs {
     }
 
     /// `Some(c)` for a fixed grid shrink, `None` for `auto`.
-    fn scalar(&self, r: &Recipe) -> Result<Option<f32>> {
+    fn scalar(&self) -> Result<Option<f32>> {
         match self.scalar.as_deref() {
             Some("auto") => Ok(None),
             Some(t) => Ok(Some(t.parse::<f32>().map_err(|_| {
@@ -305,12 +305,13 @@ impl QuantArgs {
                     "--scalar '{t}' is neither a number nor 'auto'"
                 ))
             })?)),
-            None => Ok(r.scalar.or(self.paper().then_some(1.0))),
+            // A recipe's `scalar` arrives as the flag (`parse_with_recipe`).
+            None => Ok(self.paper().then_some(1.0)),
         }
     }
 
     /// The search around the configuration and the held-out share (`None`: one plain run).
-    fn search(&self, r: &Recipe, cfg: &QuantConfig) -> Result<(Option<SearchPlan>, f32)> {
+    fn search(&self, cfg: &QuantConfig) -> Result<(Option<SearchPlan>, f32)> {
         let holdout = self
             .holdout
             .unwrap_or(if self.paper() { 0.0 } else { DEFAULT_HOLDOUT });
@@ -328,7 +329,7 @@ impl QuantArgs {
         } else {
             Vec::new()
         };
-        let plan = match (self.scalar(r)?, self.paper()) {
+        let plan = match (self.scalar()?, self.paper()) {
             (None, _) => Some(SearchPlan {
                 scalars: AUTO_SCALARS.to_vec(),
                 paper: !self.paper(),
@@ -357,7 +358,7 @@ impl QuantArgs {
             bits: self.bits.or(r.bits).unwrap_or(d.bits),
             sym: self.sym || r.sym.unwrap_or(false),
             group_size: self.group_size.or(r.group_size).filter(|&g| g > 0),
-            scalar: self.scalar(r)?.unwrap_or(1.0),
+            scalar: self.scalar()?.unwrap_or(1.0),
             init: match self.init {
                 Some(InitArg::W) => Init::W,
                 Some(InitArg::Rtn) => Init::Rtn,
@@ -523,6 +524,93 @@ pub fn init_logging(cli: &Cli) {
         .init();
 }
 
+/// Parses the command line, then fills in what a `--config` recipe gives: every top-level key
+/// of the recipe is the long name of a flag of the subcommand (`_` or `-`), applied as if it
+/// were given unless the command line gives that flag itself. A key that is no flag is an error
+/// that names the key and its line. `[[layer]]` rules are read by the subcommand.
+pub fn parse_with_recipe(argv: Vec<std::ffi::OsString>) -> Result<Cli> {
+    use clap::{parser::ValueSource, CommandFactory, FromArgMatches};
+    let cmd = Cli::command();
+    let m = cmd.clone().get_matches_from(argv.clone());
+    let cli = Cli::from_arg_matches(&m)?;
+    let Some((sub, sm)) = m.subcommand() else {
+        return Ok(cli);
+    };
+    let Some(path) = sm.try_get_one::<PathBuf>("config").ok().flatten().cloned() else {
+        return Ok(cli);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| comq_gpu::Error::io(&path, e))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        comq_gpu::Error::InvalidOption(format!("{}: not a valid recipe: {e}", path.display()))
+    })?;
+    let subcmd = cmd
+        .find_subcommand(sub)
+        .expect("the parsed subcommand exists");
+    let mut extra: Vec<std::ffi::OsString> = Vec::new();
+    for (key, value) in &table {
+        if key == "layer" {
+            continue;
+        }
+        let line = Recipe::line_of(&text, key);
+        let long = key.replace('_', "-");
+        let Some(arg) = subcmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()))
+        else {
+            anyhow::bail!(comq_gpu::Error::InvalidOption(format!(
+                "{} line {line}: '{key}' is not a flag of `comq-gpu {sub}` (see --help; \
+                 per-layer settings go in [[layer]] tables)",
+                path.display()
+            )));
+        };
+        if sm.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine) {
+            continue;
+        }
+        let flag = format!("--{long}");
+        let takes_value = arg.get_action().takes_values();
+        match value {
+            toml::Value::Boolean(b) if !takes_value => {
+                if *b {
+                    extra.push(flag.into());
+                }
+            }
+            toml::Value::String(t) => extra.extend([flag.into(), t.into()]),
+            toml::Value::Integer(i) => extra.extend([flag.into(), i.to_string().into()]),
+            toml::Value::Float(f) => extra.extend([flag.into(), f.to_string().into()]),
+            toml::Value::Array(a) => {
+                let parts: Vec<String> = a
+                    .iter()
+                    .map(|v| match v {
+                        toml::Value::String(t) => t.clone(),
+                        toml::Value::Integer(i) => i.to_string(),
+                        toml::Value::Float(f) => f.to_string(),
+                        toml::Value::Boolean(b) => b.to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect();
+                extra.extend([flag.into(), parts.join(",").into()]);
+            }
+            other => anyhow::bail!(comq_gpu::Error::InvalidOption(format!(
+                "{} line {line}: '{key} = {other:?}' is not a value --{long} takes",
+                path.display()
+            ))),
+        }
+    }
+    if extra.is_empty() {
+        return Ok(cli);
+    }
+    let mut all = argv;
+    all.extend(extra);
+    let m = cmd.try_get_matches_from(all).map_err(|e| {
+        comq_gpu::Error::InvalidOption(format!(
+            "{}: {}",
+            path.display(),
+            e.to_string().trim_start_matches("error: ").trim_end()
+        ))
+    })?;
+    Ok(Cli::from_arg_matches(&m)?)
+}
+
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -574,7 +662,7 @@ fn print_profile(p: &comq_gpu::profile::ProfileReport) {
 fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
     let recipe = a.quant.recipe()?;
     let config = a.quant.config(&recipe)?;
-    let (search, holdout) = a.quant.search(&recipe, &config)?;
+    let (search, holdout) = a.quant.search(&config)?;
     let a_plot = a.plot.clone();
     if let Some(p) = &a_plot {
         if p.extension().is_none_or(|e| e != "png") {

@@ -21,7 +21,13 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let args = <cli::Cli as clap::Parser>::parse();
+    let args = match cli::parse_with_recipe(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     cli::init_logging(&args);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,

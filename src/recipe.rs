@@ -25,9 +25,10 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::pipeline::LayerOverride;
 
-/// A recipe file's contents. Every field is optional.
+/// A recipe file's contents. Every field is optional. The command line reads every other
+/// top-level key as the flag of the same name (`cli::parse_with_recipe`), so the keys here are
+/// only those the library itself reads.
 #[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Recipe {
     /// `--bits`.
     pub bits: Option<u32>,
@@ -35,8 +36,6 @@ pub struct Recipe {
     pub group_size: Option<usize>,
     /// `--sym`.
     pub sym: Option<bool>,
-    /// `--scalar`.
-    pub scalar: Option<f32>,
     /// `--sweeps`.
     pub sweeps: Option<usize>,
     /// `--order` (`greedy` or `natural`).
@@ -151,17 +150,33 @@ impl Recipe {
         toml::from_str(text).map_err(|e| Error::InvalidOption(format!("not a valid recipe: {e}")))
     }
 
-    /// The per-layer overrides, with their regexes compiled.
+    /// The 1-based line of `text` where top-level `key` is set (0 when not found).
+    pub fn line_of(text: &str, key: &str) -> usize {
+        text.lines()
+            .take_while(|l| !l.trim_start().starts_with('['))
+            .position(|l| {
+                let t = l.trim_start();
+                t.strip_prefix(key)
+                    .is_some_and(|r| r.trim_start().starts_with('='))
+            })
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The per-layer overrides, with their regexes compiled and their values checked (a bad
+    /// value names its `[[layer]]` rule, not a flag).
     pub fn overrides(&self) -> Result<Vec<LayerOverride>> {
         self.layer
             .iter()
-            .map(|r| {
-                let pattern = Regex::new(&r.pattern).map_err(|e| {
-                    Error::InvalidOption(format!(
-                        "[[layer]] match '{}' is not a valid regex: {e}",
-                        r.pattern
-                    ))
-                })?;
+            .enumerate()
+            .map(|(i, r)| {
+                let rule = format!("recipe [[layer]] #{} (match '{}')", i + 1, r.pattern);
+                let pattern = Regex::new(&r.pattern)
+                    .map_err(|e| Error::InvalidOption(format!("{rule}: not a valid regex: {e}")))?;
+                if let Some(b) = r.bits.filter(|b| !(2..=8).contains(b)) {
+                    return Err(Error::InvalidOption(format!(
+                        "{rule}: bits = {b} is not in 2..=8"
+                    )));
+                }
                 Ok(LayerOverride {
                     pattern,
                     bits: r.bits,
@@ -194,8 +209,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_and_bad_sizes_are_errors() {
-        assert!(Recipe::parse("bitz = 3").is_err());
+    fn bad_values_and_sizes_are_errors() {
+        // Unknown keys are checked against the subcommand's flags by the command line.
+        assert!(Recipe::parse("bits = 'three'").is_err());
+        let r = Recipe::parse("[[layer]]\nmatch = 'fc2'\nbits = 99\n").unwrap();
+        let e = r.overrides().unwrap_err().to_string();
+        assert!(e.contains("[[layer]] #1") && e.contains("99"), "{e}");
+        assert_eq!(Recipe::line_of("bits = 3\n\n sweeps=2\n", "sweeps"), 3);
         assert!(parse_size("5 parsecs").is_err());
         assert_eq!(parse_size("1.5MiB").unwrap(), 1_572_864);
     }

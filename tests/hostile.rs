@@ -426,3 +426,101 @@ fn the_vulkan_loader_stays_quiet_without_xdg_runtime_dir() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
 }
+
+/// A safetensors file from a raw header JSON and data.
+fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend(header.as_bytes());
+    b.extend(data);
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn safetensors_messages_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    // A header length beyond the format's limit.
+    let big = dir.path().join("big.safetensors");
+    let mut b = (200_000_000u64).to_le_bytes().to_vec();
+    b.extend(b"{}");
+    std::fs::write(&big, b).unwrap();
+    assert_refused(&run(&["inspect", s(&big)]), "100 MB limit");
+    // The same name twice.
+    let dup = dir.path().join("dup.safetensors");
+    raw_safetensors(
+        &dup,
+        r#"{"a.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a.weight":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
+        &[0u8; 16],
+    );
+    assert_refused(&run(&["inspect", s(&dup)]), "twice");
+    // An F8 weight: a float format not read yet, said so.
+    let f8 = dir.path().join("f8.safetensors");
+    raw_safetensors(
+        &f8,
+        r#"{"lin.weight":{"dtype":"F8_E4M3","shape":[8,8],"data_offsets":[0,64]}}"#,
+        &[0x38u8; 64],
+    );
+    let o = run(&[
+        "run",
+        s(&f8),
+        "--data-free",
+        "--device",
+        "cpu",
+        "--out",
+        s(&dir.path().join("q.safetensors")),
+    ]);
+    assert_refused(&o, "does not read yet");
+}
+
+#[test]
+fn a_recipe_takes_every_flag_and_names_its_own_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 16, 13);
+    let rep = dir.path().join("r.json");
+    let out = dir.path().join("o.safetensors");
+    let go = |recipe: &str| {
+        let r = dir.path().join("r.toml");
+        std::fs::write(&r, recipe).unwrap();
+        run(&[
+            "run",
+            s(&model),
+            "--calib",
+            s(&calib),
+            "--config",
+            s(&r),
+            "--device",
+            "cpu",
+            "--out",
+            s(&out),
+            "--report",
+            s(&rep),
+        ])
+    };
+    // Keys that used to be refused: damp, holdout, memory_limit, preset, scalar, no_act_order.
+    let o = go(
+        "damp = 0.05\nholdout = 0.0\nmemory_limit = \"8GB\"\npreset = \"paper\"\nscalar = \"1.0\"\nno_act_order = true\nverify_cpu = 0\n",
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    assert_eq!(
+        r["options"]["damp"].as_f64().unwrap() as f32,
+        0.05,
+        "{}",
+        r["options"]
+    );
+    // A key that is no flag: named with its line.
+    let o = go("bits = 3\n\nbitz = 3\n");
+    assert_refused(&o, "line 3");
+    assert_refused(&o, "bitz");
+    // A bad per-layer value names the rule, not a flag.
+    let o = go("[[layer]]\nmatch = 'fc2'\nbits = 99\n");
+    assert_refused(&o, "[[layer]] #1 (match 'fc2')");
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("--bits"));
+    // A rule that matches nothing is said.
+    let o = go("[[layer]]\nmatch = 'no_such_layer'\nbits = 8\n");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("matches no tensor"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -89,7 +89,7 @@ impl Calibration {
             return Err(Error::tensor(
                 path,
                 &name,
-                format!("dtype {} is not a float type", super::dtype::name(t.dtype)),
+                super::dtype::unsupported(t.dtype),
             ));
         }
         match kind {

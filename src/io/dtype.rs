@@ -31,6 +31,20 @@ pub fn name(dtype: Dtype) -> String {
         .unwrap_or_else(|| format!("{dtype:?}"))
 }
 
+/// Why a tensor of `dtype` cannot be read as weights: the low-precision float formats (F8, F6,
+/// F4) are floats this tool does not decode yet; the rest are not floats at all.
+pub fn unsupported(dtype: Dtype) -> String {
+    let n = name(dtype);
+    if n.starts_with("F8") || n.starts_with("F6") || n.starts_with("F4") {
+        format!(
+            "dtype {n} is a low-precision float format that comq-gpu does not read yet; \
+             convert the model to BF16, F16 or F32"
+        )
+    } else {
+        format!("dtype {n} is not a float type (F32, F16, BF16, F64)")
+    }
+}
+
 /// Decodes float bytes to f32; `None` if `dtype` is not a float type.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     let v = match dtype {

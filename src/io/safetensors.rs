@@ -199,16 +199,8 @@ impl Model {
 
     /// A float tensor converted to f32.
     pub fn read_f32(&self, t: &TensorMeta) -> Result<Vec<f32>> {
-        dtype::to_f32(t.dtype, self.bytes(t)).ok_or_else(|| {
-            Error::tensor(
-                &self.path,
-                &t.name,
-                format!(
-                    "dtype {} is not a float type (F32, F16, BF16, F64)",
-                    dtype::name(t.dtype)
-                ),
-            )
-        })
+        dtype::to_f32(t.dtype, self.bytes(t))
+            .ok_or_else(|| Error::tensor(&self.path, &t.name, dtype::unsupported(t.dtype)))
     }
 
     /// Rows `rows` of a tensor viewed as `[numel / width, width]`, converted to f32.
@@ -221,27 +213,14 @@ impl Model {
         let es = dtype::size_of(t.dtype).unwrap_or(0);
         let bytes = self.bytes(t);
         let slice = &bytes[rows.start * width * es..rows.end * width * es];
-        dtype::to_f32(t.dtype, slice).ok_or_else(|| {
-            Error::tensor(
-                &self.path,
-                &t.name,
-                format!(
-                    "dtype {} is not a float type (F32, F16, BF16, F64)",
-                    dtype::name(t.dtype)
-                ),
-            )
-        })
+        dtype::to_f32(t.dtype, slice)
+            .ok_or_else(|| Error::tensor(&self.path, &t.name, dtype::unsupported(t.dtype)))
     }
 
     /// A float tensor converted to f64.
     pub fn read_f64(&self, t: &TensorMeta) -> Result<Vec<f64>> {
-        dtype::to_f64(t.dtype, self.bytes(t)).ok_or_else(|| {
-            Error::tensor(
-                &self.path,
-                &t.name,
-                format!("dtype {} is not a float type", dtype::name(t.dtype)),
-            )
-        })
+        dtype::to_f64(t.dtype, self.bytes(t))
+            .ok_or_else(|| Error::tensor(&self.path, &t.name, dtype::unsupported(t.dtype)))
     }
 }
 
@@ -252,15 +231,22 @@ fn describe_error(e: &safetensors::SafeTensorError, map: &[u8]) -> String {
         .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
         .unwrap_or(0);
     match e {
-        E::InvalidHeaderLength | E::HeaderTooLarge => format!(
+        E::HeaderTooLarge => format!(
+            "the header length field says {declared} bytes, over the 100 MB limit of the \
+             safetensors format"
+        ),
+        E::InvalidHeaderLength => format!(
             "the header length field says {declared} bytes but the file has {} (truncated or not safetensors)",
             map.len()
         ),
         E::InvalidHeader(_) => "the header is not valid UTF-8".into(),
         E::InvalidHeaderDeserialization(err) => format!("the header is not valid safetensors JSON: {err}"),
-        E::InvalidOffset(name) => format!(
-            "tensor '{name}' has data offsets that overlap another tensor, leave a gap or run past the data"
-        ),
+        E::InvalidOffset(name) => match duplicate_name(map) {
+            Some(dup) => format!("the header names tensor '{dup}' twice"),
+            None => format!(
+                "tensor '{name}' has data offsets that overlap another tensor, leave a gap or run past the data"
+            ),
+        },
         E::TensorInvalidInfo | E::MetadataIncompleteBuffer => match culprit(map) {
             Some(why) => why,
             None => format!(
@@ -270,6 +256,37 @@ fn describe_error(e: &safetensors::SafeTensorError, map: &[u8]) -> String {
         },
         other => other.to_string(),
     }
+}
+
+/// The first name the header's JSON object holds twice (a JSON map would keep only one).
+fn duplicate_name(map: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = a.next_key::<String>()? {
+                a.next_value::<IgnoredAny>()?;
+                if !seen.insert(k.clone()) {
+                    return Ok(Some(k));
+                }
+            }
+            Ok(None)
+        }
+    }
+    let n = u64::from_le_bytes(map.get(..8)?.try_into().ok()?) as usize;
+    let header = map.get(8..8usize.checked_add(n)?)?;
+    serde_json::Deserializer::from_slice(header)
+        .deserialize_map(Keys)
+        .ok()
+        .flatten()
 }
 
 /// Finds the tensor whose byte range is inconsistent (wrong length or past the end of the data),
