@@ -284,8 +284,43 @@ impl WorkDir {
             return Ok(None);
         }
         let f = |k: &str| stats[k].as_f64().unwrap_or(0.0);
-        let bits = stats["bits"].as_u64().unwrap_or(4) as u32;
+        let bits = stats["bits"].as_u64().unwrap_or(0).min(64) as u32;
         let group_size = stats["group_size"].as_u64().unwrap_or(cols as u64) as usize;
+        // A saved layer is untrusted like any file: one that does not describe a valid grid
+        // and codes on it is recomputed, not shipped.
+        let corrupt = |why: String| -> Result<Option<SavedLayer>> {
+            log::warn!(
+                "{}: saved layer '{name}' is not usable ({why}); computing it again",
+                path.display()
+            );
+            Ok(None)
+        };
+        if !(2..=8).contains(&bits) {
+            return corrupt(format!("bits {bits}"));
+        }
+        if group_size == 0 || !cols.is_multiple_of(group_size) {
+            return corrupt(format!("group size {group_size} for {cols} columns"));
+        }
+        let slots = rows * (cols / group_size);
+        if delta.len() != slots || lo.len() != slots {
+            return corrupt(format!(
+                "{} steps and {} zero points for {slots} groups",
+                delta.len(),
+                lo.len()
+            ));
+        }
+        if let Some(d) = delta.iter().find(|d| !(d.is_finite() && **d >= 0.0)) {
+            return corrupt(format!("step {d}"));
+        }
+        let levels = 1i64 << bits;
+        let off_grid = codes.iter().enumerate().position(|(t, &k)| {
+            let slot = (t / cols) * (cols / group_size) + (t % cols) / group_size;
+            let rel = k as i64 - lo[slot] as i64;
+            !(0..levels).contains(&rel)
+        });
+        if let Some(t) = off_grid {
+            return corrupt(format!("code {} at {t} is off its grid", codes[t]));
+        }
         let history = stats["history"]
             .as_array()
             .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())

@@ -241,17 +241,34 @@ fn unknown(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// Largest side file (`config.json`, `preprocessor_config.json`) read: real ones are a few kB.
+pub const MAX_SIDE_FILE_BYTES: u64 = 16 << 20;
+
 fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::UnknownModel {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len > MAX_SIDE_FILE_BYTES {
+        return Err(Error::UnknownModel {
             path: path.to_path_buf(),
-            reason: format!("not valid JSON: {e}"),
-        })
+            reason: format!(
+                "{len} bytes, over the {MAX_SIDE_FILE_BYTES}-byte limit of a side file"
+            ),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_side_file(path, &bytes).map(Some)
+}
+
+/// Parses a side file's bytes as JSON (an object or anything else; the reader checks keys).
+pub fn parse_side_file(path: &Path, bytes: &[u8]) -> Result<Value> {
+    serde_json::from_slice(bytes).map_err(|e| Error::UnknownModel {
+        path: path.to_path_buf(),
+        reason: format!("not valid JSON: {e}"),
+    })
 }
 
 fn num(v: &Value, key: &str) -> Option<f64> {
@@ -269,9 +286,15 @@ impl VitSpec {
     /// Recognises the layout of `model`, reading `config.json` / `preprocessor_config.json`
     /// from its directory when present.
     pub fn detect(model: &Checkpoint) -> Result<VitSpec> {
-        let path = model.path();
         let config = read_json(&model.dir().join("config.json"))?.unwrap_or(Value::Null);
         let prep = read_json(&model.dir().join("preprocessor_config.json"))?;
+        VitSpec::detect_with(model, config, prep)
+    }
+
+    /// [`VitSpec::detect`] with the side files' contents given (`Value::Null` / `None` for
+    /// absent ones): every value read from them is checked here.
+    pub fn detect_with(model: &Checkpoint, config: Value, prep: Option<Value>) -> Result<VitSpec> {
+        let path = model.path();
         let has = |n: &str| model.get(n).is_some();
         let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
 
