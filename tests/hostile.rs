@@ -524,3 +524,34 @@ fn a_recipe_takes_every_flag_and_names_its_own_lines() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn input_sizes_from_flags_and_packs_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = vit(dir.path(), |_, _| {});
+    let pack = labelled_pack(dir.path(), 2);
+    for (flag, v, needle) in [
+        ("--crop", "8192", "at most 4096"),
+        ("--resize", "100000", "over the limit"),
+    ] {
+        let o = run(&[
+            "eval",
+            s(&model),
+            "--images",
+            s(&pack),
+            "--device",
+            "cpu",
+            flag,
+            v,
+        ]);
+        assert_refused(&o, needle);
+    }
+    // A pack of 1 × 64 images: an aspect ratio no photo has.
+    let thin = dir.path().join("thin.safetensors");
+    let px = vec![128u8; 2 * 64 * 3];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![2, 1, 64, 3], &px)
+        .unwrap();
+    safetensors::serialize_to_file([("images", view)], None, &thin).unwrap();
+    let o = run(&["eval", s(&model), "--images", s(&thin), "--device", "cpu"]);
+    assert_refused(&o, "aspect ratio");
+}

@@ -195,6 +195,7 @@ impl ImageSet {
         if n == 0 {
             return Err(bad(&path, "the image pack holds no images"));
         }
+        check_size(&path, s[2] as u64, s[1] as u64, "in the pack")?;
         let classes: Vec<String> = match m.metadata().get("classes") {
             Some(c) => serde_json::from_str(c)
                 .map_err(|e| bad(&path, format!("metadata 'classes' is not a JSON list: {e}")))?,

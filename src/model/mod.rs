@@ -689,9 +689,10 @@ impl VitSpec {
     /// Changes the input size (a multiple of the patch); the position embedding is interpolated.
     pub fn set_input(&mut self, resize: Option<usize>, crop: Option<usize>) -> Result<()> {
         if let Some(c) = crop {
-            if c == 0 || !c.is_multiple_of(self.patch) {
+            if c == 0 || !c.is_multiple_of(self.patch) || c > MAX_INPUT_SIDE {
                 return Err(Error::InvalidOption(format!(
-                    "--crop {c} must be a positive multiple of the patch size {}",
+                    "--crop {c} must be a positive multiple of the patch size {} and at most \
+                     {MAX_INPUT_SIDE}",
                     self.patch
                 )));
             }
@@ -701,6 +702,11 @@ impl VitSpec {
             self.pos_embed_resized = None;
         }
         if let Some(r) = resize {
+            if r > MAX_INPUT_SIDE {
+                return Err(Error::InvalidOption(format!(
+                    "--resize {r} is over the limit of {MAX_INPUT_SIDE} pixels"
+                )));
+            }
             if r < self.preprocess.crop {
                 return Err(Error::InvalidOption(format!(
                     "--resize {r} is smaller than the crop {}",
