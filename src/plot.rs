@@ -14,7 +14,10 @@ static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
 fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::InvalidOption(format!("--plot {}: drawing failed: {e}", path.display()))
+    Error::InvalidOption(format!(
+        "--plot {}: the chart could not be drawn: {e}",
+        path.display()
+    ))
 }
 
 /// Draws the chart to `path` (PNG), atomically.
@@ -30,7 +33,10 @@ pub fn plot_errors(path: &Path, title: &str, layers: &[LayerReport]) -> Result<(
             log::error!("the embedded plot font did not load");
         }
     });
-    let tmp = path.with_extension("tmp.png");
+    const SIZE: (u32, u32) = (1200, 600);
+    // Drawn in memory, then encoded and written atomically: a drawing error is about the chart,
+    // a write error names the file, and a failed write leaves nothing behind.
+    let mut pixels = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
     let n = layers.len().max(1);
     let vals = layers
         .iter()
@@ -43,7 +49,7 @@ pub fn plot_errors(path: &Path, title: &str, layers: &[LayerReport]) -> Result<(
         (1e-6, 1.0)
     };
     {
-        let root = BitMapBackend::new(&tmp, (1200, 600)).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 24))
@@ -93,8 +99,10 @@ pub fn plot_errors(path: &Path, title: &str, layers: &[LayerReport]) -> Result<(
             .map_err(|e| plot_err(path, e))?;
         root.present().map_err(|e| plot_err(path, e))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    let img =
+        image::RgbImage::from_raw(SIZE.0, SIZE.1, pixels).expect("buffer of the chart's size");
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| plot_err(path, format!("encoding the PNG failed: {e}")))?;
+    crate::io::writer::write_atomic(path, png.get_ref())
 }

@@ -555,3 +555,30 @@ fn input_sizes_from_flags_and_packs_are_bounded() {
     let o = run(&["eval", s(&model), "--images", s(&thin), "--device", "cpu"]);
     assert_refused(&o, "aspect ratio");
 }
+
+#[path = "common/gpu.rs"]
+mod gpu;
+
+#[test]
+fn a_gpu_wait_past_its_limit_is_an_error_not_a_hang() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let t = std::time::Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_comq-gpu"))
+        .env("RUST_LOG", "warn")
+        .env("COMQ_GPU_TIMEOUT", "0")
+        .args([
+            "bench",
+            "--kernels",
+            "--no-cpu",
+            "--shapes",
+            "512x512",
+            "--gram-rows",
+            "8192",
+        ])
+        .output()
+        .unwrap();
+    assert_refused(&o, "COMQ_GPU_TIMEOUT");
+    assert!(t.elapsed().as_secs() < 120);
+}

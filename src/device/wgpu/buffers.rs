@@ -92,9 +92,7 @@ pub fn read_bytes(
     staging.map_async(wgpu::MapMode::Read, .., move |r| {
         let _ = tx.send(r);
     });
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| gpu_err(format!("waiting for the GPU failed: {e}")))?;
+    wait(device)?;
     rx.recv()
         .map_err(|_| gpu_err("the readback was never completed (device lost?)".into()))?
         .map_err(|e| gpu_err(format!("mapping a readback buffer failed: {e}")))?;
@@ -134,5 +132,37 @@ pub(crate) fn gpu_err(message: String) -> Error {
     Error::Gpu {
         layer: None,
         message,
+    }
+}
+
+/// Default of `COMQ_GPU_TIMEOUT`: the longest the host waits for the GPU to finish submitted
+/// work (one submit of the planned size runs well under a second on a desktop card).
+pub const DEFAULT_WAIT_SECONDS: f64 = 300.0;
+
+/// How long [`wait`] waits: `COMQ_GPU_TIMEOUT` seconds, else [`DEFAULT_WAIT_SECONDS`].
+pub fn wait_limit() -> std::time::Duration {
+    let secs = std::env::var("COMQ_GPU_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .unwrap_or(DEFAULT_WAIT_SECONDS);
+    std::time::Duration::from_secs_f64(secs)
+}
+
+/// Waits for the device to finish the work submitted so far, at most [`wait_limit`]: a GPU that
+/// hangs (or a driver that never signals) becomes an error naming the limit, not a hung run.
+pub fn wait(device: &wgpu::Device) -> Result<()> {
+    let limit = wait_limit();
+    match device.poll(wgpu::PollType::Wait {
+        submission_index: None,
+        timeout: Some(limit),
+    }) {
+        Ok(_) => Ok(()),
+        Err(wgpu::PollError::Timeout) => Err(gpu_err(format!(
+            "the GPU did not finish its work within {:.3} s (COMQ_GPU_TIMEOUT); the device may be \
+             hung or far slower than planned: try --device cpu",
+            limit.as_secs_f64()
+        ))),
+        Err(e) => Err(gpu_err(format!("waiting for the GPU failed: {e}"))),
     }
 }

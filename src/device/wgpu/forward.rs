@@ -473,9 +473,7 @@ impl Ops for GpuOps {
     }
 
     fn sync(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| gpu_err(format!("wait for the device: {e}")))?;
+        super::buffers::wait(&self.device)?;
         self.check_fault()
     }
 }

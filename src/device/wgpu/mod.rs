@@ -223,9 +223,7 @@ impl WgpuDevice {
 
     fn submit(&self, enc: wgpu::CommandEncoder) -> Result<()> {
         self.queue.submit([enc.finish()]);
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| gpu_err(format!("waiting for the GPU failed: {e}")))?;
+        buffers::wait(&self.device)?;
         self.check_fault()
     }
 
