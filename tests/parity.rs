@@ -343,3 +343,41 @@ fn a_gram_larger_than_a_binding_is_a_clear_error() {
     let err = quantize_layer(&gpu, "big", &w, 4, 32, &gram, &QuantConfig::default()).unwrap_err();
     assert!(err.to_string().contains("storage-binding limit"), "{err}");
 }
+
+/// A validation error caused on one thread is reported to that thread at its next check, and
+/// never to another thread sharing the device (which would otherwise fail the wrong work, or let
+/// the faulty one go on).
+#[test]
+fn a_gpu_fault_is_seen_by_the_thread_that_caused_it() {
+    let Some(dev) = gpu::device() else {
+        return;
+    };
+    let dev = std::sync::Arc::new(dev);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let (d1, b1) = (dev.clone(), barrier.clone());
+    let faulty = std::thread::spawn(move || {
+        d1.provoke_validation_error();
+        b1.wait(); // the other thread checks now
+        b1.wait();
+        d1.sync()
+    });
+    let (d2, b2) = (dev.clone(), barrier.clone());
+    let other = std::thread::spawn(move || {
+        b2.wait();
+        let r = d2.sync();
+        b2.wait();
+        r
+    });
+    let other = other.join().unwrap();
+    assert!(
+        other.is_ok(),
+        "another thread's fault was reported here: {other:?}"
+    );
+    let e = faulty
+        .join()
+        .unwrap()
+        .expect_err("the fault must reach its thread");
+    assert!(e.to_string().contains("invalid on purpose"), "{e}");
+    // Reported once: the next check of that thread is clean.
+    assert!(dev.sync().is_ok());
+}

@@ -166,3 +166,41 @@ pub fn wait(device: &wgpu::Device) -> Result<()> {
         Err(e) => Err(gpu_err(format!("waiting for the GPU failed: {e}"))),
     }
 }
+
+/// GPU faults, kept per thread. wgpu reports a validation or out-of-memory error through the
+/// uncaptured-error handler on the thread whose call caused it, so each thread finds its own
+/// fault at its next check and never another thread's (a calibration thread's out-of-memory must
+/// not be taken by the quantization thread, which would then go on with a wrong Gram). A lost
+/// device concerns every thread: it stays set and every later check reports it.
+#[derive(Debug, Default)]
+pub struct Faults {
+    by_thread: Mutex<std::collections::HashMap<std::thread::ThreadId, String>>,
+    lost: Mutex<Option<String>>,
+}
+
+impl Faults {
+    /// Records `msg` for the calling thread (the first fault of a thread wins until checked).
+    pub fn record(&self, msg: String) {
+        if let Ok(mut m) = self.by_thread.lock() {
+            m.entry(std::thread::current().id()).or_insert(msg);
+        }
+    }
+
+    /// Records that the device was lost.
+    pub fn lost(&self, msg: String) {
+        if let Ok(mut l) = self.lost.lock() {
+            l.get_or_insert(msg);
+        }
+    }
+
+    /// The calling thread's fault since its last check, or the device loss.
+    pub fn take(&self) -> Option<String> {
+        if let Some(l) = self.lost.lock().ok().and_then(|l| l.clone()) {
+            return Some(l);
+        }
+        self.by_thread
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(&std::thread::current().id()))
+    }
+}

@@ -7,7 +7,7 @@
 //! adds it into an f32 accumulator on the device, read back once, when the block's Gram is
 //! finished.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::buffers::{gpu_err, read_f32};
 use super::pipelines::{GramParams, Pipelines, VitParams};
@@ -51,7 +51,7 @@ pub struct GpuOps {
     device: wgpu::Device,
     queue: wgpu::Queue,
     pipelines: Pipelines,
-    fault: Arc<Mutex<Option<String>>>,
+    fault: Arc<super::buffers::Faults>,
     max_binding: u64,
 }
 
@@ -74,7 +74,7 @@ impl GpuOps {
     }
 
     fn check_fault(&self) -> Result<()> {
-        match self.fault.lock().expect("fault lock").take() {
+        match self.fault.take() {
             None => Ok(()),
             Some(msg) => Err(gpu_err(format!(
                 "{msg} (the forward pass can run on the CPU with --device cpu)"

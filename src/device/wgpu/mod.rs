@@ -12,7 +12,7 @@ pub mod buffers;
 pub mod forward;
 pub mod pipelines;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use buffers::{gpu_err, read_f32, read_i32, BufferPool};
 use pipelines::{
@@ -115,7 +115,7 @@ pub struct WgpuDevice {
     limits: wgpu::Limits,
     pipelines: Pipelines,
     pool: BufferPool,
-    fault: Arc<Mutex<Option<String>>>,
+    fault: Arc<buffers::Faults>,
     binding_cap: Option<u64>,
 }
 
@@ -169,17 +169,15 @@ impl WgpuDevice {
             ..Default::default()
         }))
         .map_err(|e| Error::NoAdapter(format!("adapter '{}' refused a device: {e}", info.name)))?;
-        let fault = Arc::new(Mutex::new(None::<String>));
+        let fault = Arc::new(buffers::Faults::default());
         let f1 = fault.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             log::error!("GPU error: {e}");
-            let mut g = f1.lock().expect("fault lock");
-            g.get_or_insert_with(|| e.to_string());
+            f1.record(e.to_string());
         }));
         let f2 = fault.clone();
         device.set_device_lost_callback(move |reason, msg| {
-            let mut g = f2.lock().expect("fault lock");
-            g.get_or_insert_with(|| format!("the GPU device was lost ({reason:?}): {msg}"));
+            f2.lost(format!("the GPU device was lost ({reason:?}): {msg}"));
         });
         let pipelines = Pipelines::build(&device)?;
         log::info!(
@@ -213,12 +211,30 @@ impl WgpuDevice {
     }
 
     fn check_fault(&self) -> Result<()> {
-        match self.fault.lock().expect("fault lock").take() {
+        match self.fault.take() {
             None => Ok(()),
             Some(msg) => Err(gpu_err(format!(
                 "{msg} (for large layers try a smaller model shard or --device cpu)"
             ))),
         }
+    }
+
+    /// Causes a validation error on the calling thread (a buffer both mappable for reading and
+    /// a storage binding), for tests of fault reporting.
+    #[doc(hidden)]
+    pub fn provoke_validation_error(&self) {
+        let _ = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("invalid on purpose"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+    }
+
+    /// Waits for the device and reports the calling thread's fault since its last check.
+    pub fn sync(&self) -> Result<()> {
+        buffers::wait(&self.device)?;
+        self.check_fault()
     }
 
     fn submit(&self, enc: wgpu::CommandEncoder) -> Result<()> {
