@@ -1,8 +1,5 @@
-//! Synthetic layers for benchmarks: weights and a correlated Gram matrix of a given shape.
-//!
-//! Real layer inputs are strongly correlated (a few directions carry most of the energy) with
-//! uneven feature scales; a low-rank-plus-diagonal Gram reproduces that without the cost of
-//! forming `XᵀX` from millions of rows, so benchmark set-up stays cheap at ViT-L sizes.
+//! The benchmark drivers of `comq-gpu bench`: whole layers, kernels alone, the forward pass and
+//! whole runs, on synthetic data (`quant::synth`, `model::synthetic`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,76 +14,8 @@ pub const VIT_B16_SHAPES: [(usize, usize); 4] = [(2304, 768), (768, 768), (3072,
 pub const VIT_L16_SHAPES: [(usize, usize); 4] =
     [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)];
 
-/// A small seeded generator (SplitMix64) so benchmark inputs are identical across runs.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    /// Seeded generator.
-    pub fn new(seed: u64) -> Self {
-        SplitMix(seed)
-    }
-
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
-
-    /// `n` standard normals.
-    pub fn normals(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.normal()).collect()
-    }
-}
-
-/// Gaussian weights with std `1/√in` for an `[out, in]` layer.
-pub fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut r = SplitMix::new(seed);
-    let s = (1.0 / cols as f32).sqrt();
-    (0..rows * cols).map(|_| s * r.normal()).collect()
-}
-
-/// A correlated Gram matrix `G = D·(AᵀA/k + 0.05·I)·D` with `k = 32` factors and feature scales
-/// `D` spread over a decade.
-pub fn correlated_gram(n: usize, seed: u64) -> Gram {
-    let k = 32usize;
-    let mut r = SplitMix::new(seed ^ 0xA5A5);
-    let a: Vec<f64> = (0..k * n).map(|_| r.normal() as f64).collect();
-    let d: Vec<f64> = (0..n).map(|_| 10f64.powf(r.uniform() - 0.5)).collect();
-    let mut g = vec![0.0f64; n * n];
-    for t in 0..k {
-        let row = &a[t * n..(t + 1) * n];
-        for i in 0..n {
-            let ai = row[i] / k as f64;
-            let gi = &mut g[i * n..(i + 1) * n];
-            for (gv, &aj) in gi.iter_mut().zip(row) {
-                *gv += ai * aj;
-            }
-        }
-    }
-    for i in 0..n {
-        g[i * n + i] += 0.05;
-        for j in 0..n {
-            g[i * n + j] *= d[i] * d[j];
-        }
-    }
-    Gram::from_matrix(n, g)
-}
+pub use crate::quant::synth::{correlated_gram, weights};
+pub use crate::util::rng::SplitMix;
 
 /// One line of `comq-gpu bench`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -364,7 +293,7 @@ pub struct E2eRow {
     /// Peak resident memory of the run's process.
     pub peak_rss_bytes: Option<u64>,
     /// The calibration's planned memory on the device (GPU runs) and the host.
-    pub calibration_memory: Option<crate::plan::CalibMemory>,
+    pub calibration_memory: Option<crate::pipeline::preflight::CalibMemory>,
     /// Mean relative layer error.
     pub mean_rel_error: f64,
     /// Per stage.

@@ -10,9 +10,9 @@ use image::{DynamicImage, GrayImage, RgbImage};
 use safetensors::Dtype;
 
 use super::safetensors::Model;
-use crate::bench::SplitMix;
 use crate::error::{Error, Result};
 use crate::model::Preprocess;
+use crate::util::rng::SplitMix;
 
 /// Where one image comes from.
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::bench::SplitMix;
 use crate::error::{Error, Result};
+use crate::util::rng::SplitMix;
 
 use super::Family;
 

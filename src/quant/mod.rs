@@ -20,6 +20,7 @@ pub mod grid;
 pub mod linalg;
 pub mod order;
 pub mod search;
+pub mod synth;
 
 pub use comq::{quantize_layer, LayerOutcome};
 

@@ -6,6 +6,11 @@
 //! map), Gram (from the calibration file), quantize (on the chosen device), write (at the planned
 //! offsets). Peak memory is one layer's weights, Gram and outputs.
 
+pub mod jobs;
+pub mod preflight;
+
+pub use jobs::Job;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,7 +31,7 @@ use crate::io::hfconfig::{self, ModuleScheme};
 use crate::io::images::ImageSet;
 use crate::io::writer::ShardedWriter;
 use crate::io::{dtype, pack, Calibration, Checkpoint, PlannedTensor, TensorMeta};
-use crate::model::{Engine, Role, VitSpec};
+use crate::model::{Engine, VitSpec};
 use crate::profile::{Profile, ProfileReport};
 use crate::quant::search::{Choice, SearchPlan, Tried};
 use crate::quant::{Gram, LayerOutcome, Method, QuantConfig, QuantizedLayer, ScaleDtype};
@@ -338,7 +343,7 @@ pub struct RunReport {
     /// Where the time went, per stage.
     pub profile: ProfileReport,
     /// The planned memory of the calibration (images runs).
-    pub calibration_memory: Option<crate::plan::CalibMemory>,
+    pub calibration_memory: Option<self::preflight::CalibMemory>,
 }
 
 /// Peak resident set size of this process (`VmHWM`), where the OS reports it.
@@ -476,27 +481,6 @@ pub enum Progress<'a> {
     Writing,
 }
 
-/// A planned layer: what will be quantized, with which options and calibration.
-#[derive(Debug, Clone)]
-pub struct Job {
-    /// The weight tensor.
-    pub meta: TensorMeta,
-    /// Its name without `.weight`.
-    pub prefix: String,
-    /// Output channels.
-    pub rows: usize,
-    /// Inputs.
-    pub cols: usize,
-    /// Options after per-layer overrides.
-    pub config: QuantConfig,
-    /// Its calibration (`None` = data-free).
-    pub calib: Option<CalibKind>,
-    /// Block and role inside a recognised ViT (images mode).
-    pub block: Option<(usize, Role)>,
-    /// The bit width comes from a per-layer override (`--target-bits` leaves it alone).
-    pub bits_fixed: bool,
-}
-
 /// Mixed into `--seed` for the held-out draw, so it is independent of the calibration draw.
 const HOLDOUT_SEED: u64 = 0x0005_eed4_01d0_u64;
 
@@ -557,7 +541,7 @@ impl Vision {
                 let k = ((calib_idx.len() as f64 * f as f64).round() as usize)
                     .clamp(1, calib_idx.len() - 1);
                 let seed = opts.images.as_ref().map_or(0, |i| i.seed);
-                let mut rng = crate::bench::SplitMix::new(seed ^ HOLDOUT_SEED);
+                let mut rng = crate::util::rng::SplitMix::new(seed ^ HOLDOUT_SEED);
                 let n = calib_idx.len();
                 for i in 0..k {
                     let j = i + (rng.next_u64() % (n - i) as u64) as usize;
@@ -1198,7 +1182,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let mut device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
     let mut device_name = device.describe();
     // Refuse before any compute when a layer cannot fit.
-    crate::plan::preflight(
+    self::preflight::preflight(
         &jobs,
         calib.as_ref(),
         &device,
@@ -1214,7 +1198,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         // beside the largest layer.
         let images = v.calib_idx.len() + v.holdout_idx.len();
         let gpu = matches!(device, AnyDevice::Wgpu(_));
-        let c = crate::plan::calibration_bytes(
+        let c = self::preflight::calibration_bytes(
             v.spec.dim,
             v.spec.mlp,
             v.spec.tokens_per_image(),
@@ -1225,19 +1209,21 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             .iter()
             .map(|j| {
                 let (sd, sh) = search_state(opts).map_or((0, 0), |held| {
-                    crate::plan::search_bytes(j.rows, j.cols, held, &j.config)
+                    self::preflight::search_bytes(j.rows, j.cols, held, &j.config)
                 });
                 if gpu {
-                    crate::plan::device_bytes(j.rows, j.cols, &j.config) + sd
+                    self::preflight::device_bytes(j.rows, j.cols, &j.config) + sd
                 } else {
-                    crate::plan::host_bytes(j.rows, j.cols, true, &j.config) + sd + sh
+                    self::preflight::host_bytes(j.rows, j.cols, true, &j.config) + sd + sh
                 }
             })
             .max()
             .unwrap_or(0);
         let bytes = if gpu { c.device_bytes } else { c.host_bytes } + largest;
         let budget = match &device {
-            AnyDevice::Cpu(_) => opts.memory_limit.or_else(crate::plan::host_available_bytes),
+            AnyDevice::Cpu(_) => opts
+                .memory_limit
+                .or_else(self::preflight::host_available_bytes),
             AnyDevice::Wgpu(_) => opts.memory_limit,
         };
         log::info!(

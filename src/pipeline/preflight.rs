@@ -16,10 +16,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::jobs::Job;
 use crate::device::AnyDevice;
 use crate::error::{Error, Result};
 use crate::io::Calibration;
-use crate::pipeline::Job;
 use crate::quant::{quantize_layer_any, OrderKind, QuantConfig};
 
 /// One layer's needs.
@@ -319,8 +319,8 @@ fn measure_rates(
         group_size: None,
         ..cfg.cloned().unwrap_or_default()
     };
-    let w = crate::bench::weights(m, n, 7);
-    let g = crate::bench::correlated_gram(n, 8);
+    let w = crate::quant::synth::weights(m, n, 7);
+    let g = crate::quant::synth::correlated_gram(n, 8);
     quantize_layer_any(device, "preflight", &w, m, n, &g, &cfg)?;
     let t = Instant::now();
     quantize_layer_any(device, "preflight", &w, m, n, &g, &cfg)?;
@@ -328,7 +328,7 @@ fn measure_rates(
     let work =
         (m * n * n) as f64 * (cfg.sweeps as f64 * if cfg.scale_update { 3.0 } else { 2.0 } + 3.0);
     let rows = 1024;
-    let x = crate::bench::weights(rows, n, 9);
+    let x = crate::quant::synth::weights(rows, n, 9);
     let t = Instant::now();
     let chunks = std::iter::once(Ok(x));
     let _ = device.gram(n, chunks)?;
