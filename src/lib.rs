@@ -9,6 +9,7 @@ pub mod eval;
 pub mod interrupt;
 pub mod io;
 pub mod model;
+pub mod numeric;
 pub mod pipeline;
 /// The preflight (memory and time per layer, refusal with the fix) under its former name.
 pub use pipeline::preflight as plan;

@@ -10,11 +10,12 @@ use rayon::prelude::*;
 
 use super::{Device, LayerProblem};
 use crate::error::Result;
-use crate::quant::comq::scale_step;
-use crate::quant::gptq::{self, GptqFactor, RowGrid};
-use crate::quant::grid::nearest_code;
-use crate::quant::order::SHARED_BLOCK;
-use crate::quant::{Granularity, Order, ScaleDtype};
+use crate::numeric::gptq::{self, GptqFactor, RowGrid};
+use crate::numeric::grid::nearest_code;
+use crate::numeric::grid::scale_step;
+use crate::numeric::grid::{Granularity, ScaleDtype};
+use crate::numeric::order::Order;
+use crate::numeric::order::SHARED_BLOCK;
 
 /// The CPU device.
 #[derive(Debug, Default, Clone)]
@@ -124,7 +125,7 @@ const GRAM_PANEL: usize = 64;
 /// `out = A·G` for a panel of rows of `A` (row-major `p × n`), in f64: one cache-blocked SIMD
 /// matrix product with `G` widened to f64 (exactly the f32 values the sweep uses).
 fn rows_times_gram(a: &[f64], g64: &[f64], n: usize, out: &mut [f64]) {
-    crate::quant::linalg::dgemm(a.len() / n.max(1), n, n, a, g64, out);
+    crate::numeric::linalg::dgemm(a.len() / n.max(1), n, n, a, g64, out);
 }
 
 fn dot64(a: &[f64], b: &[f64]) -> f64 {
@@ -300,7 +301,7 @@ impl Device for CpuDevice {
 /// many rows (and its `D` panel stays in L1).
 const SWEEP_PANEL: usize = 32;
 
-/// One sweep in a shared order, blocked (see [`crate::quant::order`]).
+/// One sweep in a shared order, blocked (see [`crate::numeric::order`]).
 ///
 /// For each block `J` of [`SHARED_BLOCK`] consecutive steps, every row walks the block's columns
 /// with a private copy of `R_i[J]`, updated by the block's `G[J, J]` corner only (the steps inside
@@ -363,7 +364,7 @@ fn sweep_shared(l: &mut CpuLayer, perm: &[u32]) {
                         d[i * b + t] = dv;
                     }
                 }
-                crate::quant::linalg::sgemm_acc(rows, b, n, -1.0, &d, b, gj, n, r, n);
+                crate::numeric::linalg::sgemm_acc(rows, b, n, -1.0, &d, b, gj, n, r, n);
             });
     }
 }

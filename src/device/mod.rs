@@ -14,7 +14,8 @@ pub use cpu::CpuDevice;
 pub use wgpu::WgpuDevice;
 
 use crate::error::{Error, Result};
-use crate::quant::{Granularity, Grid, Order, ScaleDtype};
+use crate::numeric::grid::{Granularity, Grid, ScaleDtype};
+use crate::numeric::order::Order;
 
 /// Everything a device needs to start on one layer.
 #[derive(Debug, Clone, Copy)]
@@ -76,9 +77,13 @@ pub trait Device {
     /// host, or a candidate to score against another Gram. Leaves `R` stale.
     fn load_codes(&self, layer: &mut Self::Layer, codes: &[i32], delta: &[f32]) -> Result<()>;
 
-    /// The GPTQ-style pass ([`crate::quant::gptq`]) from the float weights with the current
+    /// The GPTQ-style pass ([`crate::numeric::gptq`]) from the float weights with the current
     /// steps: sets every code and `Q̂`. Leaves `R` stale.
-    fn gptq(&self, layer: &mut Self::Layer, factor: &crate::quant::gptq::GptqFactor) -> Result<()>;
+    fn gptq(
+        &self,
+        layer: &mut Self::Layer,
+        factor: &crate::numeric::gptq::GptqFactor,
+    ) -> Result<()>;
 }
 
 /// Which device the user asked for.
@@ -127,55 +132,14 @@ impl AnyDevice {
         }
     }
 
-    /// Quantizes one layer on this device (see [`crate::quant::quantize_layer`]).
-    pub fn quantize_layer(
-        &self,
-        name: &str,
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        gram: &crate::quant::Gram,
-        cfg: &crate::quant::QuantConfig,
-    ) -> Result<crate::quant::LayerOutcome> {
-        match self {
-            AnyDevice::Cpu(d) => crate::quant::quantize_layer(d, name, w, rows, cols, gram, cfg),
-            AnyDevice::Wgpu(d) => {
-                crate::quant::quantize_layer(d.as_ref(), name, w, rows, cols, gram, cfg)
-                    .map_err(|e| e.in_layer(name))
-            }
-        }
-    }
-
-    /// The validation-guarded choice for one layer on this device (see
-    /// [`crate::quant::search::search`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn search(
-        &self,
-        name: &str,
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        gram: &crate::quant::Gram,
-        holdout: Option<&crate::quant::Gram>,
-        cfg: &crate::quant::QuantConfig,
-        plan: &crate::quant::search::SearchPlan,
-    ) -> Result<crate::quant::search::Choice> {
-        use crate::quant::search::search;
-        match self {
-            AnyDevice::Cpu(d) => search(d, name, w, rows, cols, gram, holdout, cfg, plan),
-            AnyDevice::Wgpu(d) => search(d.as_ref(), name, w, rows, cols, gram, holdout, cfg, plan)
-                .map_err(|e| e.in_layer(name)),
-        }
-    }
-
     /// The Gram matrix of `n`-wide activations streamed as row-major chunks, on this device.
-    pub fn gram<I>(&self, n: usize, chunks: I) -> Result<crate::quant::Gram>
+    pub fn gram<I>(&self, n: usize, chunks: I) -> Result<crate::numeric::gram::Gram>
     where
         I: IntoIterator<Item = Result<Vec<f32>>>,
     {
         match self {
             AnyDevice::Cpu(_) => {
-                let mut acc = crate::quant::GramAccumulator::new(n);
+                let mut acc = crate::numeric::gram::GramAccumulator::new(n);
                 for chunk in chunks {
                     acc.add(&chunk?);
                 }

@@ -935,7 +935,8 @@ fn allocate_bits(
                 ..job.config.clone()
             };
             let plan = SearchPlan::single(&cfg);
-            let c = device.search(
+            let c = crate::quant::search::search_any(
+                device,
                 &job.meta.name,
                 &w,
                 job.rows,
@@ -1605,7 +1606,8 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                                 |device: &AnyDevice| -> Result<(LayerOutcome, Option<Choice>)> {
                                     match plan {
                                         Some(p) => {
-                                            let c = device.search(
+                                            let c = crate::quant::search::search_any(
+                                                device,
                                                 &job.meta.name,
                                                 &w,
                                                 job.rows,
@@ -1618,7 +1620,8 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                                             Ok((c.outcome.clone(), Some(c)))
                                         }
                                         None => Ok((
-                                            device.quantize_layer(
+                                            crate::quant::quantize_layer_any(
+                                                device,
                                                 &job.meta.name,
                                                 &w,
                                                 job.rows,

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use super::{gptq, Gram, Grid, Init, Method, Order, QuantConfig, QuantizedLayer, ScaleDtype};
+use super::{gptq, Gram, Grid, Init, Method, Order, QuantConfig, QuantizedLayer};
 use crate::device::{Device, LayerProblem};
 use crate::error::{Error, Result};
 
@@ -303,15 +303,4 @@ pub(crate) fn run<D: Device>(
     Ok(outcome)
 }
 
-/// The closed-form scale step (spec a.4/a.5) shared by every device: with `num = k̃ᵀR` and
-/// `den = k̃ᵀGk̃`, the new step is `Δ + num/den` rounded to the storage dtype. It is taken only if
-/// it stays positive and finite and the exact change of the loss, `−2·s·num + s²·den` for
-/// `s = Δ' − Δ`, is not positive (rounding to bf16 can move it off the optimum).
-pub fn scale_step(old: f32, num: f64, den: f64, dtype: ScaleDtype) -> Option<f32> {
-    if den.is_nan() || den <= 0.0 {
-        return None;
-    }
-    let new = dtype.round((old as f64 + num / den) as f32);
-    let s = new as f64 - old as f64;
-    (new > 0.0 && new.is_finite() && s != 0.0 && -2.0 * s * num + s * s * den <= 0.0).then_some(new)
-}
+pub use crate::numeric::grid::scale_step;

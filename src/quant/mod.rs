@@ -12,15 +12,18 @@
 //! data-parallel primitives the driver asks for.
 
 pub mod alloc;
+mod any;
 pub mod comq;
 pub mod equalize;
-pub mod gptq;
-pub mod gram;
-pub mod grid;
-pub mod linalg;
-pub mod order;
+mod grid_build;
 pub mod search;
 pub mod synth;
+
+// The numeric data and kernels the algorithm shares with the devices live one layer down
+// (`crate::numeric`); they stay reachable under their former paths.
+pub use crate::numeric::grid::{Granularity, ScaleDtype};
+pub use crate::numeric::order::OrderKind;
+pub use crate::numeric::{gptq, gram, grid, linalg, order};
 
 pub use comq::{quantize_layer, LayerOutcome};
 
@@ -34,7 +37,12 @@ pub fn quantize_layer_any(
     gram: &Gram,
     cfg: &QuantConfig,
 ) -> crate::error::Result<LayerOutcome> {
-    device.quantize_layer(name, w, rows, cols, gram, cfg)
+    match device {
+        crate::device::AnyDevice::Cpu(d) => quantize_layer(d, name, w, rows, cols, gram, cfg),
+        crate::device::AnyDevice::Wgpu(d) => {
+            quantize_layer(d.as_ref(), name, w, rows, cols, gram, cfg)
+        }
+    }
 }
 pub use gram::{Gram, GramAccumulator};
 pub use grid::Grid;
@@ -65,44 +73,6 @@ pub enum Init {
     /// GPTQ-style sequential rounding with error compensation through the upper Cholesky
     /// factor of the damped inverse of `G` ([`gptq`]).
     Gptq,
-}
-
-/// The order in which each row's coordinates are visited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OrderKind {
-    /// Per row, by `|W_ij|·sqrt(G_jj)` descending (spec a.6); what the paper's results use.
-    #[default]
-    Greedy,
-    /// `0, 1, …, n−1` for every row.
-    Natural,
-    /// One order for all rows, by `sqrt(G_jj)·Σ_i |W_ij|` descending, swept in blocks whose
-    /// residual updates are matrix products (much faster; usually a little less accurate).
-    Shared,
-}
-
-/// How many scales a tensor has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Granularity {
-    /// One scale per output row (per group with `group_size`).
-    #[default]
-    Channel,
-    /// One scale for the whole tensor (spec a.5).
-    Layer,
-}
-
-/// The dtype scales are stored in; steps are rounded to it before optimisation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScaleDtype {
-    /// 32-bit float (no rounding).
-    #[default]
-    F32,
-    /// IEEE half.
-    F16,
-    /// bfloat16.
-    Bf16,
 }
 
 /// Every option that changes the numbers a quantization produces.

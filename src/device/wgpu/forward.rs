@@ -14,7 +14,7 @@ use super::pipelines::{GramParams, Pipelines, VitParams};
 use super::{WgpuDevice, MAX_GROUPS};
 use crate::error::Result;
 use crate::model::forward::Ops;
-use crate::quant::{Gram, GramAccumulator};
+use crate::numeric::gram::{Gram, GramAccumulator};
 use crate::shaders::Kernel;
 
 const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE

@@ -22,9 +22,11 @@ use pipelines::{
 
 use super::{Device, LayerProblem};
 use crate::error::{Error, Result};
-use crate::quant::gptq::GptqFactor;
-use crate::quant::order::SHARED_BLOCK;
-use crate::quant::{comq::scale_step, Gram, GramAccumulator, Granularity, Order, ScaleDtype};
+use crate::numeric::gptq::GptqFactor;
+use crate::numeric::gram::{Gram, GramAccumulator};
+use crate::numeric::grid::{scale_step, Granularity, ScaleDtype};
+use crate::numeric::order::Order;
+use crate::numeric::order::SHARED_BLOCK;
 use crate::shaders::{Kernel, SWEEP_SHARED_MAX_COLS};
 
 /// Largest workgroup count per dispatch dimension.

@@ -21,9 +21,9 @@
 
 use rayon::prelude::*;
 
+use super::gram::Gram;
 use super::grid::nearest_code;
 use super::linalg::{inverse_upper_factor, sgemm_acc};
-use super::Gram;
 use crate::error::{Error, Result};
 
 /// Inputs per lazy block on the CPU.

@@ -11,7 +11,19 @@
 //! `G`, and the residual update of the whole layer for that block is one matrix product
 //! (`R −= D·G[block, :]`), the form GPTQ's lazy batches use. See `ARCHITECTURE.md`.
 
-use super::OrderKind;
+/// The order in which each row's coordinates are visited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderKind {
+    /// Per row, by `|W_ij|·sqrt(G_jj)` descending (spec a.6); what the paper's results use.
+    #[default]
+    Greedy,
+    /// `0, 1, …, n−1` for every row.
+    Natural,
+    /// One order for all rows, by `sqrt(G_jj)·Σ_i |W_ij|` descending, swept in blocks whose
+    /// residual updates are matrix products (much faster; usually a little less accurate).
+    Shared,
+}
 
 /// Columns per block of the shared-order sweep, on every device (the GPU keeps the block's
 /// `G` corner, `64 × 64` f32 = 16 KiB, in workgroup memory).

@@ -1,34 +1,7 @@
-//! Quantization grids: where each weight may land.
-//!
-//! A grid gives every (row, group) of a weight matrix a step `Δ` and an integer code range
-//! `[lo, lo + 2^b − 1]`; a weight on the grid is `Δ·k`. COMQ's reference grid (spec a.2) is
-//! per row, asymmetric and min/max: `δ = (max − min)/(2^b − 1)`, `lo = round_half_even(min/δ)`,
-//! `Δ = c·δ` with the user's `--scalar c` applied *after* `lo` is fixed. The symmetric grid is the
-//! one compressed-tensors' min/max observer produces: `Δ = c·absmax / ((2^b − 1)/2)`,
-//! codes `[−2^(b−1), 2^(b−1) − 1]`, so its files load in transformers.
-//!
-//! The one rounding rule used by every device: `k = clamp(ceil(t/Δ − ½), lo, hi)`. It is the
-//! grid point nearest to `t`, with exact ties going to the lower code as the reference code's
-//! `argmin` does.
+//! `Grid::build`: the grid of a layer under a configuration (the data type and its arithmetic
+//! live in `crate::numeric::grid`).
 
-use super::{Granularity, QuantConfig, ScaleDtype};
-
-/// Per-(row, group) steps and code ranges of one weight matrix.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Grid {
-    /// Bit width `b`; every range holds `2^b` codes.
-    pub bits: u32,
-    /// Rows of the weight matrix (output channels).
-    pub rows: usize,
-    /// Columns (input features).
-    pub cols: usize,
-    /// Inputs per group; equals `cols` for one grid per row.
-    pub group_size: usize,
-    /// Step `Δ` per (row, group), row-major `[rows, groups]`.
-    pub delta: Vec<f32>,
-    /// Lowest code per (row, group), row-major `[rows, groups]`.
-    pub lo: Vec<i32>,
-}
+use super::{Granularity, Grid, QuantConfig};
 
 impl Grid {
     /// Builds the grid for a row-major `rows × cols` weight matrix under `cfg`.
@@ -66,48 +39,6 @@ impl Grid {
             lo,
         }
     }
-
-    /// Number of groups per row.
-    pub fn groups(&self) -> usize {
-        self.cols / self.group_size
-    }
-
-    /// Number of codes in every range, `2^b`.
-    pub fn levels(&self) -> i32 {
-        1 << self.bits
-    }
-
-    /// Index into `delta`/`lo` for weight `(row, col)`.
-    #[inline]
-    pub fn slot(&self, row: usize, col: usize) -> usize {
-        row * self.groups() + col / self.group_size
-    }
-
-    /// The code nearest to `target` in slot `slot` (see the module doc for the rule).
-    #[inline]
-    pub fn nearest(&self, slot: usize, target: f32) -> i32 {
-        nearest_code(target, self.delta[slot], self.lo[slot], self.levels())
-    }
-
-    /// The value of code `k` in slot `slot`.
-    #[inline]
-    pub fn value(&self, slot: usize, k: i32) -> f32 {
-        self.delta[slot] * k as f32
-    }
-}
-
-/// `clamp(ceil(t/Δ − ½), lo, lo + levels − 1)`, in f32 exactly as the GPU kernels compute it.
-#[inline]
-pub fn nearest_code(target: f32, delta: f32, lo: i32, levels: i32) -> i32 {
-    let hi = lo + levels - 1;
-    let k = (target / delta - 0.5).ceil();
-    // Clamp in float first so a huge target cannot overflow the integer cast.
-    let k = k.max(lo as f32).min(hi as f32);
-    if k.is_nan() {
-        lo
-    } else {
-        k as i32
-    }
 }
 
 fn min_max(v: &[f32]) -> (f32, f32) {
@@ -144,21 +75,10 @@ fn sym_range(mn: f32, mx: f32, bits: u32, levels_m1: f32, scalar: f32) -> (f32, 
     }
 }
 
-impl ScaleDtype {
-    /// Rounds a step to what the output file can store, so codes are optimised against the
-    /// scale a runtime will actually multiply by.
-    pub fn round(self, x: f32) -> f32 {
-        match self {
-            ScaleDtype::F32 => x,
-            ScaleDtype::F16 => half::f16::from_f32(x).to_f32(),
-            ScaleDtype::Bf16 => half::bf16::from_f32(x).to_f32(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::numeric::grid::*;
 
     fn cfg(bits: u32, sym: bool) -> QuantConfig {
         QuantConfig {

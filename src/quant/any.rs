@@ -1,0 +1,39 @@
+//! The algorithm on a device chosen at run time. These are inherent methods of
+//! [`AnyDevice`] written here, in the algorithm's layer, so the devices never import it.
+
+use super::search::{search_any, Choice, SearchPlan};
+use super::{quantize_layer_any, Gram, LayerOutcome, QuantConfig};
+use crate::device::AnyDevice;
+use crate::error::Result;
+
+impl AnyDevice {
+    /// Quantizes one layer on this device (see [`super::quantize_layer`]).
+    pub fn quantize_layer(
+        &self,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &Gram,
+        cfg: &QuantConfig,
+    ) -> Result<LayerOutcome> {
+        quantize_layer_any(self, name, w, rows, cols, gram, cfg)
+    }
+
+    /// Searches the candidates of `plan` for one layer on this device (see
+    /// [`super::search::search`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn search(
+        &self,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &Gram,
+        holdout: Option<&Gram>,
+        cfg: &QuantConfig,
+        plan: &SearchPlan,
+    ) -> Result<Choice> {
+        search_any(self, name, w, rows, cols, gram, holdout, cfg, plan)
+    }
+}
