@@ -1,0 +1,212 @@
+//! What a run is asked to do: the options, the layer selection and the per-layer overrides.
+
+use crate::calibrate::CalibMode;
+use crate::device::DeviceKind;
+use crate::error::Error;
+use crate::error::Result;
+use crate::io::dtype;
+use crate::io::TensorMeta;
+use crate::quant::search::SearchPlan;
+use crate::quant::QuantConfig;
+use regex::Regex;
+use serde::Serialize;
+use std::path::Path;
+use std::path::PathBuf;
+
+/// Names skipped by default: the classifier head and the patch/token embeddings stay in full
+/// precision, as in the reference (spec a.7).
+pub const DEFAULT_SKIP: &str = r"(^|\.)(head|heads|head_dist|classifier|cls_classifier|distillation_classifier|fc_norm|patch_embed|patch_embeddings|embeddings|pooler|lm_head)(\.|$)";
+
+/// Which tensors are quantized.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Only `.weight` tensors matching this are considered (all when `None`).
+    pub only: Option<Regex>,
+    /// Tensors matching this are skipped.
+    pub skip: Option<Regex>,
+}
+
+impl Selection {
+    /// `--skip` replaces the default skip pattern; `--only` alone disables it.
+    pub fn new(only: Option<&str>, skip: Option<&str>) -> Result<Selection> {
+        let re = |s: &str, flag: &str| {
+            Regex::new(s).map_err(|e| {
+                Error::InvalidOption(format!("{flag} '{s}' is not a valid regex: {e}"))
+            })
+        };
+        let only = only.map(|s| re(s, "--only")).transpose()?;
+        let skip = match (skip, &only) {
+            (Some(s), _) => Some(re(s, "--skip")?),
+            (None, None) => Some(Regex::new(DEFAULT_SKIP).expect("default skip pattern is valid")),
+            (None, Some(_)) => None,
+        };
+        Ok(Selection { only, skip })
+    }
+
+    /// Whether `t` is quantized, or why not. A tensor named by `--only` that cannot be quantized
+    /// is an error, not a silent skip.
+    pub fn decide(&self, path: &Path, t: &TensorMeta) -> Result<Decision> {
+        if !t.name.ends_with(".weight") {
+            return Ok(Decision::Skip("not a .weight tensor"));
+        }
+        if let Some(only) = &self.only {
+            if !only.is_match(&t.name) {
+                return Ok(Decision::Skip("not matched by --only"));
+            }
+        }
+        if self.skip.as_ref().is_some_and(|s| s.is_match(&t.name)) {
+            return Ok(Decision::Skip("matched by the skip pattern"));
+        }
+        let explicit = self.only.is_some();
+        if t.shape.len() != 2 {
+            return if explicit {
+                Err(Error::tensor(
+                    path,
+                    &t.name,
+                    format!(
+                        "is {}-D {:?}; only 2-D linear weights [out, in] can be quantized",
+                        t.shape.len(),
+                        t.shape
+                    ),
+                ))
+            } else {
+                Ok(Decision::Skip("not 2-D"))
+            };
+        }
+        if !dtype::is_float(t.dtype) {
+            // A 2-D weight in an F8/F6/F4 format is a weight this tool cannot read yet: say so
+            // rather than pass it through as if it were not a weight.
+            let low_float = ["F8", "F6", "F4"]
+                .iter()
+                .any(|p| dtype::name(t.dtype).starts_with(p));
+            return if explicit || low_float {
+                Err(Error::tensor(path, &t.name, dtype::unsupported(t.dtype)))
+            } else {
+                Ok(Decision::Skip("not a float tensor"))
+            };
+        }
+        if t.numel() == 0 {
+            return Err(Error::tensor(
+                path,
+                &t.name,
+                format!("is empty {:?}", t.shape),
+            ));
+        }
+        Ok(Decision::Quantize)
+    }
+}
+
+/// Whether a tensor is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Quantized.
+    Quantize,
+    /// Passed through, with the reason.
+    Skip(&'static str),
+}
+
+/// A per-layer override from a recipe: every layer whose weight name matches `pattern` gets
+/// these settings (later overrides win over earlier ones).
+#[derive(Debug, Clone)]
+pub struct LayerOverride {
+    /// Matched against the weight tensor's name.
+    pub pattern: Regex,
+    /// Bits for matching layers.
+    pub bits: Option<u32>,
+    /// Group size for matching layers (`Some(None)` = one grid per row).
+    pub group_size: Option<Option<usize>>,
+    /// Leave matching layers unquantized.
+    pub skip: bool,
+}
+
+/// Default `--max-shard-size`: 5 GB, as transformers writes.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// Calibration from images (`--images`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageOptions {
+    /// A folder of PNG/JPEG files or an image pack.
+    pub path: PathBuf,
+    /// How many images to use (a seeded choice when the set is larger).
+    pub count: usize,
+    /// Seed of the choice.
+    pub seed: u64,
+    /// Inputs from the full-precision model or from the quantized prefix.
+    pub mode: CalibMode,
+    /// Override of the resize (shorter side) of the model's preprocessing.
+    pub resize: Option<usize>,
+    /// Override of the centre crop (the model's input size).
+    pub crop: Option<usize>,
+}
+
+/// Default `--calib-count`: 1024 images, as in the paper.
+pub const DEFAULT_CALIB_COUNT: usize = 1024;
+
+/// Evaluation after quantization (`--eval`).
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// A folder of PNG/JPEG files (class sub-folders for labels) or an image pack.
+    pub path: PathBuf,
+    /// Use at most this many images (seeded choice).
+    pub count: Option<usize>,
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The input safetensors model.
+    pub model: PathBuf,
+    /// The calibration file (`P.input` / `P.gram` per layer).
+    pub calib: Option<PathBuf>,
+    /// Use `G = I` for layers without calibration.
+    pub data_free: bool,
+    /// Quantization options.
+    pub config: QuantConfig,
+    /// Layer selection.
+    pub selection: Selection,
+    /// Packed compressed-tensors output.
+    pub out: Option<PathBuf>,
+    /// Dequantized output (same names, shapes, dtypes as the input).
+    pub dequantized: Option<PathBuf>,
+    /// JSON report.
+    pub report: Option<PathBuf>,
+    /// A plot the caller writes from the report after the run: checked against the inputs and
+    /// locked with the other outputs before any compute.
+    pub plot: Option<PathBuf>,
+    /// The recipe file the options came from (an input: never written over).
+    pub recipe: Option<PathBuf>,
+    /// Device choice.
+    pub device: DeviceKind,
+    /// Adapter name filter for GPU devices.
+    pub adapter: Option<String>,
+    /// Outputs larger than this are split into shards with an index.
+    pub max_shard_size: u64,
+    /// Per-layer overrides (bits, group size, skip), applied in order.
+    pub overrides: Vec<LayerOverride>,
+    /// Continue from the per-layer checkpoints of an interrupted run with the same fingerprint.
+    pub resume: bool,
+    /// Where per-layer checkpoints go (default: `<first output>.work`).
+    pub work_dir: Option<PathBuf>,
+    /// Re-run this many layers (spread over the model) on the CPU when quantizing on a GPU, and
+    /// report the code disagreement.
+    pub verify_cpu: usize,
+    /// Memory budget of the device in bytes (host memory for the CPU; default: the host's
+    /// available memory for the CPU, none for a GPU, whose memory wgpu cannot query).
+    pub memory_limit: Option<u64>,
+    /// Calibrate from images through the built-in ViT forward pass.
+    pub images: Option<ImageOptions>,
+    /// Evaluate FP32 / RTN / COMQ on these images at the end.
+    pub eval: Option<EvalOptions>,
+    /// Quantize each layer with several candidates and ship the best (`None`: one run with
+    /// `config`, the paper's way).
+    pub search: Option<SearchPlan>,
+    /// Share of the calibration images held out to score the candidates (images mode, with
+    /// `search`); 0 scores them on the calibration Gram.
+    pub holdout: f32,
+    /// Mixed precision: choose 2–8 bits per layer for this average (per-layer overrides win).
+    pub target_bits: Option<f32>,
+    /// Fold activation-aware input scales of the layers fed by a LayerNorm into that LayerNorm.
+    pub equalize: bool,
+    /// Synchronise GPU stages at their boundaries so the profile attributes time exactly.
+    pub profile: bool,
+}

@@ -1,0 +1,180 @@
+//! Where a run writes: its inputs and outputs for the guard, the work directory, output paths
+//! and the side files written beside a checkpoint directory.
+
+use super::options::RunOptions;
+use crate::error::Error;
+use crate::error::Result;
+use crate::io::guard;
+use crate::io::hfconfig;
+use crate::io::Checkpoint;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::path::PathBuf;
+
+/// Where a `--out`/`--dequantized` path puts its tensors: a path ending in `.safetensors` is the
+/// file itself; anything else is a directory (created) holding `model.safetensors`.
+pub fn resolve_output(path: &Path) -> Result<PathBuf> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        return Ok(path.to_path_buf());
+    }
+    std::fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+    Ok(path.join("model.safetensors"))
+}
+
+pub(super) fn output_file(p: &Path) -> PathBuf {
+    if p.extension().is_some_and(|e| e == "safetensors") {
+        p.to_path_buf()
+    } else {
+        p.join("model.safetensors")
+    }
+}
+
+/// The work directory of a run with outputs: `--work-dir`, or `<first output>.work`.
+pub(super) fn work_dir_of(opts: &RunOptions) -> Option<PathBuf> {
+    let first = opts.out.as_ref().or(opts.dequantized.as_ref())?;
+    Some(opts.work_dir.clone().unwrap_or_else(|| {
+        let mut d = first.as_os_str().to_owned();
+        d.push(".work");
+        PathBuf::from(d)
+    }))
+}
+
+/// Every input of the run, for [`guard::check`]: the model's files and side files, the
+/// calibration, the image sets, the recipe.
+pub(super) fn run_inputs(opts: &RunOptions, model: &Checkpoint) -> Vec<guard::Input> {
+    let mut v: Vec<guard::Input> = model
+        .files()
+        .into_iter()
+        .map(|f| guard::Input::new("the model file", f))
+        .collect();
+    if opts.model.is_file() {
+        v.push(guard::Input::new("the model", &opts.model));
+    }
+    for side in [
+        "model.safetensors.index.json",
+        "config.json",
+        "preprocessor_config.json",
+    ] {
+        let p = model.dir().join(side);
+        if p.is_file() {
+            v.push(guard::Input::new("the model's", &p));
+        }
+    }
+    let named = [
+        ("--calib", opts.calib.as_deref()),
+        ("--images", opts.images.as_ref().map(|i| i.path.as_path())),
+        ("--eval", opts.eval.as_ref().map(|e| e.path.as_path())),
+        ("--config", opts.recipe.as_deref()),
+    ];
+    for (flag, p) in named {
+        if let Some(p) = p {
+            v.push(guard::Input::new(flag, p));
+        }
+    }
+    v
+}
+
+/// Every output of the run, work directory included.
+pub(super) fn run_outputs(opts: &RunOptions) -> Vec<guard::Output> {
+    use guard::{Output, OutputKind};
+    let mut v = Vec::new();
+    if let Some(p) = &opts.out {
+        v.push(Output::new("--out", p, OutputKind::Checkpoint));
+    }
+    if let Some(p) = &opts.dequantized {
+        v.push(Output::new("--dequantized", p, OutputKind::Checkpoint));
+    }
+    if let Some(p) = &opts.report {
+        v.push(Output::new("--report", p, OutputKind::File));
+    }
+    if let Some(p) = &opts.plot {
+        v.push(Output::new("--plot", p, OutputKind::File));
+    }
+    if let Some(w) = work_dir_of(opts) {
+        v.push(Output::new("--work-dir", &w, OutputKind::WorkDir));
+    }
+    v
+}
+
+/// Checks every output against every input, the work directory against its contract, and
+/// locks every output for the run — all before any compute.
+pub(super) fn claim_outputs(opts: &RunOptions, model: &Checkpoint) -> Result<Vec<guard::Lock>> {
+    let inputs = run_inputs(opts, model);
+    let outputs = run_outputs(opts);
+    guard::check(&inputs, &outputs)?;
+    if let Some(w) = work_dir_of(opts) {
+        crate::resume::check_work_dir(&w)?;
+    }
+    outputs.iter().map(guard::Lock::acquire).collect()
+}
+
+/// The tensor files behind an output's destination (the file itself, or the shards of an index).
+pub(super) fn shard_files(dest: &Path, shards: usize) -> Vec<PathBuf> {
+    if shards <= 1 || !dest.to_string_lossy().ends_with(".index.json") {
+        return vec![dest.to_path_buf()];
+    }
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let stem = dest
+        .file_name()
+        .map(|f| {
+            f.to_string_lossy()
+                .trim_end_matches(".safetensors.index.json")
+                .to_string()
+        })
+        .unwrap_or_default();
+    (1..=shards)
+        .map(|i| dir.join(format!("{stem}-{i:05}-of-{shards:05}.safetensors")))
+        .collect()
+}
+
+/// Writes `config.json` (with `quantization_config` when given) and copies the input's
+/// `preprocessor_config.json` beside an output — unless the output sits in the input's own
+/// directory, whose files are never touched.
+pub(super) fn write_side_files(
+    dir_mode: bool,
+    dest: &Path,
+    input_dir: &Path,
+    input_config: &Path,
+    qc: Option<serde_json::Value>,
+    outputs: &mut BTreeMap<String, String>,
+) -> Result<()> {
+    let out_dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir_mode {
+        log::info!(
+            "{} is a single file, so no config.json is written beside it; pass a directory \
+             (--out DIR) for a checkpoint transformers can load",
+            dest.display()
+        );
+        return Ok(());
+    }
+    if guard::same_file(out_dir, input_dir) {
+        log::warn!(
+            "{} is in the input's directory, so no config.json is written beside it; \
+             pass an output directory (--out DIR) for a checkpoint transformers can load",
+            dest.display()
+        );
+        return Ok(());
+    }
+    let has_input_config = input_config.is_file();
+    match qc {
+        Some(qc) => hfconfig::write_config(out_dir, Some(input_config), qc)?,
+        None if has_input_config => {
+            let bytes = std::fs::read(input_config).map_err(|e| Error::io(input_config, e))?;
+            crate::io::writer::write_atomic(&out_dir.join("config.json"), &bytes)?;
+        }
+        None => return Ok(()),
+    }
+    outputs.insert(
+        format!("config:{}", dest.display()),
+        out_dir.join("config.json").display().to_string(),
+    );
+    let pre = input_dir.join("preprocessor_config.json");
+    if pre.is_file() {
+        let bytes = std::fs::read(&pre).map_err(|e| Error::io(&pre, e))?;
+        crate::io::writer::write_atomic(&out_dir.join("preprocessor_config.json"), &bytes)?;
+    }
+    Ok(())
+}

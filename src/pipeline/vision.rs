@@ -1,0 +1,137 @@
+//! The images of a run: the ViT layout, the calibration and held-out draw, the evaluation set,
+//! and the Gram matrices a job gets from them or from the calibration file.
+
+use super::jobs::Job;
+use super::options::{RunOptions, DEFAULT_CALIB_COUNT};
+use crate::calibrate::BlockGrams;
+use crate::device::AnyDevice;
+use crate::error::{Error, Result};
+use crate::io::calib::CalibKind;
+use crate::io::images::ImageSet;
+use crate::io::{Calibration, Checkpoint};
+use crate::model::VitSpec;
+use crate::quant::Gram;
+
+/// Mixed into `--seed` for the held-out draw, so it is independent of the calibration draw.
+pub(super) const HOLDOUT_SEED: u64 = 0x0005_eed4_01d0_u64;
+
+/// The ViT layout and image sets of a run with `--images` or `--eval`.
+pub(super) struct Vision {
+    pub(super) spec: VitSpec,
+    pub(super) calib: Option<ImageSet>,
+    pub(super) calib_idx: Vec<usize>,
+    /// Calibration images held out to score candidates (empty: none).
+    pub(super) holdout_idx: Vec<usize>,
+    pub(super) eval: Option<ImageSet>,
+}
+
+impl Vision {
+    pub(super) fn prepare(
+        model: &Checkpoint,
+        opts: &RunOptions,
+        jobs: &mut [Job],
+    ) -> Result<Vision> {
+        let mut spec = VitSpec::detect(model)?;
+        let (resize, crop) = opts
+            .images
+            .as_ref()
+            .map_or((None, None), |i| (i.resize, i.crop));
+        spec.set_input(resize, crop)?;
+        let (calib, calib_idx) = match &opts.images {
+            Some(io) => {
+                if io.count == 0 {
+                    return Err(Error::InvalidOption(
+                        "--calib-count must be at least 1".into(),
+                    ));
+                }
+                let set = ImageSet::open(&io.path)?;
+                let idx = set.choose(io.count, io.seed);
+                if idx.len() < io.count && io.count != DEFAULT_CALIB_COUNT {
+                    log::warn!(
+                        "--calib-count {} but {} holds {} images; using all of them",
+                        io.count,
+                        io.path.display(),
+                        idx.len()
+                    );
+                }
+                for j in jobs.iter_mut() {
+                    j.block = Some(spec.locate(&j.prefix).ok_or_else(|| {
+                        Error::InvalidOption(format!(
+                            "'{}' is not a linear layer of an encoder block, so --images cannot calibrate it; \
+                             leave it out with --skip, or pass --calib with its activations",
+                            j.meta.name
+                        ))
+                    })?);
+                }
+                jobs.sort_by_key(|j| j.block);
+                (Some(set), idx)
+            }
+            None => (None, Vec::new()),
+        };
+        // The held-out share is a seeded random subset: the chosen indices are sorted, and a
+        // folder with class sub-folders lists one class after another.
+        let mut calib_idx = calib_idx;
+        let holdout_idx = match (&opts.search, opts.holdout) {
+            (Some(_), f) if f > 0.0 && calib_idx.len() >= 2 => {
+                let k = ((calib_idx.len() as f64 * f as f64).round() as usize)
+                    .clamp(1, calib_idx.len() - 1);
+                let seed = opts.images.as_ref().map_or(0, |i| i.seed);
+                let mut rng = crate::util::rng::SplitMix::new(seed ^ HOLDOUT_SEED);
+                let n = calib_idx.len();
+                for i in 0..k {
+                    let j = i + (rng.next_u64() % (n - i) as u64) as usize;
+                    calib_idx.swap(i, j);
+                }
+                let mut held = calib_idx.drain(..k).collect::<Vec<_>>();
+                held.sort_unstable();
+                calib_idx.sort_unstable();
+                held
+            }
+            (Some(_), f) if f > 0.0 && !calib_idx.is_empty() => {
+                log::warn!("one calibration image cannot be split; candidates are scored on it");
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        let eval = opts
+            .eval
+            .as_ref()
+            .map(|e| ImageSet::open(&e.path))
+            .transpose()?;
+        if let Some(set) = &eval {
+            // Class folders that cannot be matched to the head fail now, not after the run.
+            crate::eval::label_map(set, &spec)?;
+        }
+        Ok(Vision {
+            spec,
+            calib,
+            calib_idx,
+            holdout_idx,
+            eval,
+        })
+    }
+}
+
+/// A job's calibration Gram (from images, the calibration file, or `G = I`) and, with held-out
+/// images, its held-out Gram.
+pub(super) fn job_grams(
+    job: &Job,
+    calib: Option<&Calibration>,
+    device: &AnyDevice,
+    grams: &mut Option<Box<dyn BlockGrams + '_>>,
+    holdout: &mut Option<Box<dyn BlockGrams + '_>>,
+) -> Result<(Gram, Option<Gram>)> {
+    let gram = match (calib, job.calib) {
+        (_, Some(CalibKind::Images)) => {
+            let (b, role) = job.block.expect("image jobs are located");
+            grams.as_mut().expect("calibrator exists").gram(b, role)?
+        }
+        (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, device)?,
+        _ => Gram::identity(job.cols),
+    };
+    let held = match (holdout, job.block) {
+        (Some(h), Some((b, role))) => Some(h.gram(b, role)?),
+        _ => None,
+    };
+    Ok((gram, held))
+}
