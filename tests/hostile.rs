@@ -582,3 +582,32 @@ fn a_gpu_wait_past_its_limit_is_an_error_not_a_hang() {
     assert_refused(&o, "COMQ_GPU_TIMEOUT");
     assert!(t.elapsed().as_secs() < 120);
 }
+
+#[test]
+fn equalize_refusals_read_as_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = vit(dir.path(), |_, _| {});
+    let pack = labelled_pack(dir.path(), 4);
+    let out = dir.path().join("q.safetensors");
+    for (extra, needle) in [
+        (vec!["--resume"], "cannot be combined with --resume"),
+        (vec!["--calib-mode", "quantized"], "--calib-mode fp only"),
+    ] {
+        let mut args = vec![
+            "run",
+            s(&model),
+            "--images",
+            s(&pack),
+            "--device",
+            "cpu",
+            "--equalize",
+            "--out",
+            s(&out),
+        ];
+        args.extend(extra);
+        let o = run(&args);
+        assert_refused(&o, needle);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("  "), "a run of spaces in: {err}");
+    }
+}

@@ -34,7 +34,7 @@ pub(super) fn equalize_sites(
         (Some(v), Some(io)) => {
             if io.mode == CalibMode::Quantized {
                 return Err(Error::InvalidOption(
-                    "--equalize works with --calib-mode fp only (the sequential mode would need the                      folded LayerNorms inside its forward pass)"
+                    "--equalize works with --calib-mode fp only (the sequential mode would need the folded LayerNorms inside its forward pass)"
                         .into(),
                 ));
             }
@@ -47,7 +47,7 @@ pub(super) fn equalize_sites(
     };
     if opts.resume {
         return Err(Error::InvalidOption(
-            "--equalize cannot be combined with --resume (resumed layers would miss their              LayerNorm scales)"
+            "--equalize cannot be combined with --resume (resumed layers would miss their LayerNorm scales)"
                 .into(),
         ));
     }
