@@ -520,52 +520,7 @@ impl VitSpec {
             }
         }
 
-        // Hyper-parameters from config.json when present, else the family's conventions.
-        let args = config.get("model_args").unwrap_or(&config);
-        let heads = num(args, "num_heads")
-            .or_else(|| num(&config, "num_attention_heads"))
-            .map(|h| h as usize)
-            .map(Ok)
-            .unwrap_or_else(|| {
-                // The widths of the published ViTs, else heads of 64 channels (the convention of
-                // every ViT family); a width that is no multiple of 64 gives no safe guess.
-                let h = match dim {
-                    192 => 3,
-                    384 => 6,
-                    768 => 12,
-                    1024 | 1280 | 1408 | 1664 => 16,
-                    1536 => 24,
-                    d if d.is_multiple_of(64) => d / 64,
-                    _ => {
-                        return Err(unknown(
-                            path,
-                            format!(
-                                "no config.json gives the number of attention heads \
-                                 ('num_heads' or 'num_attention_heads') and width {dim} is no \
-                                 multiple of 64: add the key to config.json beside the model"
-                            ),
-                        ))
-                    }
-                };
-                log::warn!(
-                    "{}: no config.json gives the number of attention heads; assuming {h} for width {dim}",
-                    path.display()
-                );
-                Ok(h)
-            })?;
-        if heads == 0 || dim % heads != 0 {
-            return Err(unknown(
-                path,
-                format!("{heads} attention heads do not divide width {dim}"),
-            ));
-        }
-        let eps = num(&config, "layer_norm_eps").map(|e| e as f32).unwrap_or(
-            if matches!(family, Family::HfVit | Family::HfDeit) {
-                1e-12
-            } else {
-                1e-6
-            },
-        );
+        let (heads, eps) = hyper_params(path, &config, family, dim)?;
 
         // Head.
         let head_name = |n: &str| has(&format!("{n}.weight")).then(|| n.to_string());
@@ -717,6 +672,58 @@ impl VitSpec {
         }
         Ok(())
     }
+}
+
+/// The head count and the LayerNorm epsilon, from `config.json` when present, else the family's
+/// conventions; a head count that cannot be inferred safely is an error naming the key.
+fn hyper_params(path: &Path, config: &Value, family: Family, dim: usize) -> Result<(usize, f32)> {
+    // Hyper-parameters from config.json when present, else the family's conventions.
+    let args = config.get("model_args").unwrap_or(config);
+    let heads = num(args, "num_heads")
+        .or_else(|| num(config, "num_attention_heads"))
+        .map(|h| h as usize)
+        .map(Ok)
+        .unwrap_or_else(|| {
+            // The widths of the published ViTs, else heads of 64 channels (the convention of
+            // every ViT family); a width that is no multiple of 64 gives no safe guess.
+            let h = match dim {
+                192 => 3,
+                384 => 6,
+                768 => 12,
+                1024 | 1280 | 1408 | 1664 => 16,
+                1536 => 24,
+                d if d.is_multiple_of(64) => d / 64,
+                _ => {
+                    return Err(unknown(
+                        path,
+                        format!(
+                            "no config.json gives the number of attention heads \
+                             ('num_heads' or 'num_attention_heads') and width {dim} is no \
+                             multiple of 64: add the key to config.json beside the model"
+                        ),
+                    ))
+                }
+            };
+            log::warn!(
+                "{}: no config.json gives the number of attention heads; assuming {h} for width {dim}",
+                path.display()
+            );
+            Ok(h)
+        })?;
+    if heads == 0 || !dim.is_multiple_of(heads) {
+        return Err(unknown(
+            path,
+            format!("{heads} attention heads do not divide width {dim}"),
+        ));
+    }
+    let eps = num(config, "layer_norm_eps").map(|e| e as f32).unwrap_or(
+        if matches!(family, Family::HfVit | Family::HfDeit) {
+            1e-12
+        } else {
+            1e-6
+        },
+    );
+    Ok((heads, eps))
 }
 
 fn label_names(config: &Value, classes: usize) -> Vec<String> {

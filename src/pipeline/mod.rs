@@ -8,6 +8,7 @@
 
 mod encode;
 mod equalize;
+mod evaluate;
 pub mod jobs;
 mod mixed;
 pub mod options;
@@ -19,11 +20,13 @@ mod vision;
 pub use encode::scale_dtype_for;
 use encode::{packed_plan, packed_tensors};
 use equalize::{equalize_sites, site_scales};
+use evaluate::evaluate;
 pub use jobs::Job;
 use mixed::allocate_bits;
+use options::search_state;
 pub use options::*;
 pub use outputs::resolve_output;
-use outputs::{claim_outputs, output_file, shard_files, work_dir_of, write_side_files};
+use outputs::{claim_outputs, finish_writers, open_writers, work_dir_of};
 pub use report::*;
 use report::{calib_label, provenance};
 use vision::{job_grams, Vision};
@@ -40,11 +43,10 @@ use sha2::{Digest, Sha256};
 use crate::calibrate::{Ahead, BlockGrams, CalibMode};
 use crate::device::{AnyDevice, DeviceKind};
 use crate::error::{Error, Result};
-use crate::eval::{EvalReport, EvalRow, Overrides};
+use crate::eval::Overrides;
 use crate::io::calib::CalibKind;
-use crate::io::hfconfig::{self, ModuleScheme};
 use crate::io::writer::ShardedWriter;
-use crate::io::{dtype, Calibration, Checkpoint, PlannedTensor};
+use crate::io::{dtype, Calibration, Checkpoint};
 use crate::model::Engine;
 use crate::profile::Profile;
 use crate::quant::search::Choice;
@@ -256,13 +258,6 @@ fn resume_identity(opts: &RunOptions) -> String {
     format!("{o:?}")
 }
 
-/// `Some(held-out images?)` when every layer runs a candidate search (for the memory plan).
-fn search_state(opts: &RunOptions) -> Option<bool> {
-    opts.search
-        .as_ref()
-        .map(|_| opts.holdout > 0.0 && opts.images.is_some())
-}
-
 /// Runs the whole job; `progress` receives events for a front end.
 pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RunReport> {
     let started = Instant::now();
@@ -295,58 +290,10 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         search_state(opts),
     )?
     .check()?;
-    let mut calib_memory = None;
-    if let (Some(v), Some(_)) = (&vision, &opts.images) {
-        // The calibration (above all the hidden state of every image, one block's input) is
-        // the big allocation of an images run; refuse before any compute when it cannot fit
-        // beside the largest layer.
-        let images = v.calib_idx.len() + v.holdout_idx.len();
-        let gpu = matches!(device, AnyDevice::Wgpu(_));
-        let c = self::preflight::calibration_bytes(
-            v.spec.dim,
-            v.spec.mlp,
-            v.spec.tokens_per_image(),
-            images,
-            gpu,
-        );
-        let largest = jobs
-            .iter()
-            .map(|j| {
-                let (sd, sh) = search_state(opts).map_or((0, 0), |held| {
-                    self::preflight::search_bytes(j.rows, j.cols, held, &j.config)
-                });
-                if gpu {
-                    self::preflight::device_bytes(j.rows, j.cols, &j.config) + sd
-                } else {
-                    self::preflight::host_bytes(j.rows, j.cols, true, &j.config) + sd + sh
-                }
-            })
-            .max()
-            .unwrap_or(0);
-        let bytes = if gpu { c.device_bytes } else { c.host_bytes } + largest;
-        let budget = match &device {
-            AnyDevice::Cpu(_) => opts
-                .memory_limit
-                .or_else(self::preflight::host_available_bytes),
-            AnyDevice::Wgpu(_) => opts.memory_limit,
-        };
-        log::info!(
-            "calibration of {images} images x {} tokens x {}: {:.1} MB on the device, {:.1} MB on the host; with the largest layer {:.1} MB on the {}",
-            v.spec.tokens_per_image(),
-            v.spec.dim,
-            c.device_bytes as f64 / 1e6,
-            c.host_bytes as f64 / 1e6,
-            bytes as f64 / 1e6,
-            if gpu { "device" } else { "host" }
-        );
-        if let Some(b) = budget.filter(|&b| bytes > b) {
-            return Err(Error::InvalidOption(format!(
-                "the calibration of {images} images and the largest layer need {bytes} bytes but the memory budget is {b}; \
-                 lower --calib-count"
-            )));
-        }
-        calib_memory = Some(c);
-    }
+    let calib_memory = match (&vision, &opts.images) {
+        (Some(v), Some(_)) => Some(self::preflight::check_calibration(opts, v, &jobs, &device)?),
+        _ => None,
+    };
     let mut mixed = None;
     if let Some(target) = opts.target_bits {
         progress(Progress::Stage {
@@ -377,56 +324,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
 
     let mut meta = provenance(opts, &model, &device_name);
     meta.insert("comq.codes_sha256".into(), "0".repeat(64));
-    let mut packed = match &opts.out {
-        Some(path) => {
-            let mut planned = Vec::new();
-            for t in model.tensors() {
-                match jobs.iter().find(|j| j.meta.name == t.name) {
-                    Some(j) => planned.extend(packed_plan(
-                        &j.prefix,
-                        j.rows,
-                        j.cols,
-                        &j.config,
-                        scale_dtype_for(t.dtype).1,
-                    )),
-                    None => planned.push(PlannedTensor {
-                        name: t.name.clone(),
-                        dtype: t.dtype,
-                        shape: t.shape.clone(),
-                    }),
-                }
-            }
-            let file = resolve_output(path)?;
-            Some(ShardedWriter::create(
-                &file,
-                planned,
-                opts.max_shard_size,
-                &meta,
-            )?)
-        }
-        None => None,
-    };
-    let mut dequant = match &opts.dequantized {
-        Some(path) => {
-            let planned = model
-                .tensors()
-                .iter()
-                .map(|t| PlannedTensor {
-                    name: t.name.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                })
-                .collect();
-            let file = resolve_output(path)?;
-            Some(ShardedWriter::create(
-                &file,
-                planned,
-                opts.max_shard_size,
-                &meta,
-            )?)
-        }
-        None => None,
-    };
+    let (mut packed, mut dequant) = open_writers(opts, &model, &jobs, &meta)?;
     // --equalize: the LayerNorms feeding fully selected qkv / fc1 layers are written once their
     // scales are known, not passed through.
     let eq_sites = equalize_sites(opts, vision.as_ref(), &jobs)?;
@@ -868,37 +766,19 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                 name: "evaluation images",
                 stage: "evaluate",
             });
-            let set = v.eval.as_ref().expect("opened with --eval");
-            let idx = set.choose(eo.count.unwrap_or(usize::MAX), 0);
             let bits = match &mixed {
                 Some(m) => format!("{:.2} mixed", m.average_bits),
                 None => opts.config.bits.to_string(),
             };
-            let mut rows = Vec::new();
-            let map = crate::eval::label_map(set, &v.spec)?;
-            let fp = crate::eval::features(e, &v.spec, &model, &Overrides::new(), set, &idx)?;
-            rows.push(EvalRow {
-                model: "FP32".into(),
-                accuracy: crate::eval::accuracy(&fp, set, &idx, &map),
-                fidelity: None,
-            });
-            // Layers resumed from a checkpoint have no RTN twin; their RTN row is then partial.
-            for (label, weights) in [
-                (format!("RTN W{bits}"), &rtn_weights),
-                (format!("COMQ W{bits}"), &comq_weights),
-            ] {
-                let f = crate::eval::features(e, &v.spec, &model, weights, set, &idx)?;
-                rows.push(EvalRow {
-                    model: label,
-                    accuracy: crate::eval::accuracy(&f, set, &idx, &map),
-                    fidelity: Some(crate::eval::fidelity(&f, &fp)),
-                });
-            }
-            Some(EvalReport {
-                images: set.path().display().to_string(),
-                count: idx.len(),
-                rows,
-            })
+            Some(evaluate(
+                v,
+                e,
+                eo,
+                &model,
+                &bits,
+                &rtn_weights,
+                &comq_weights,
+            )?)
         }
         _ => None,
     };
@@ -913,73 +793,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     meta.insert("comq.codes_sha256".into(), codes_sha256.clone());
     progress(Progress::Writing);
     let t_finish = Instant::now();
-    let mut outputs = BTreeMap::new();
-    let mut written: Vec<PathBuf> = Vec::new();
-    let input_config = model.dir().join("config.json");
-    if let Some(w) = packed {
-        let dest = w.dest().to_path_buf();
-        let shards = w.shards();
-        w.finish(&meta)?;
-        outputs.insert("packed".into(), dest.display().to_string());
-        written.extend(shard_files(&dest, shards));
-        let modules: BTreeMap<String, ModuleScheme> = jobs
-            .iter()
-            .map(|j| {
-                let s = ModuleScheme {
-                    bits: j.config.bits,
-                    group_size: j.config.group_size,
-                    sym: j.config.sym,
-                };
-                (j.prefix.clone(), s)
-            })
-            .collect();
-        let quantized: BTreeSet<&str> = jobs.iter().map(|j| j.meta.name.as_str()).collect();
-        let ignore: Vec<String> = model
-            .tensors()
-            .iter()
-            .filter(|t| {
-                t.name.ends_with(".weight")
-                    && t.shape.len() == 2
-                    && !quantized.contains(t.name.as_str())
-            })
-            .map(|t| t.name.trim_end_matches(".weight").to_string())
-            .collect();
-        let qc = hfconfig::quantization_config(&modules, &ignore);
-        let dir_mode = opts.out.as_deref().is_some_and(|p| output_file(p) != p);
-        write_side_files(
-            dir_mode,
-            &dest,
-            model.dir(),
-            &input_config,
-            Some(qc),
-            &mut outputs,
-        )?;
-        if !opts.config.sym && dir_mode {
-            log::warn!(
-                "asymmetric pack-quantized output loads in vLLM and llm-compressor, but transformers' \
-                 from_pretrained does not load it yet; pass --sym for a transformers-loadable checkpoint"
-            );
-        }
-    }
-    if let Some(w) = dequant {
-        let dest = w.dest().to_path_buf();
-        let shards = w.shards();
-        w.finish(&meta)?;
-        outputs.insert("dequantized".into(), dest.display().to_string());
-        written.extend(shard_files(&dest, shards));
-        let dir_mode = opts
-            .dequantized
-            .as_deref()
-            .is_some_and(|p| output_file(p) != p);
-        write_side_files(
-            dir_mode,
-            &dest,
-            model.dir(),
-            &input_config,
-            None,
-            &mut outputs,
-        )?;
-    }
+    let (outputs, written) = finish_writers(opts, &model, &jobs, packed, dequant, &meta)?;
     if let Some(w) = work {
         w.remove()?;
     }

@@ -210,3 +210,10 @@ pub struct RunOptions {
     /// Synchronise GPU stages at their boundaries so the profile attributes time exactly.
     pub profile: bool,
 }
+
+/// `Some(held-out images?)` when every layer runs a candidate search (for the memory plan).
+pub(super) fn search_state(opts: &RunOptions) -> Option<bool> {
+    opts.search
+        .as_ref()
+        .map(|_| opts.holdout > 0.0 && opts.images.is_some())
+}

@@ -1,13 +1,17 @@
 //! Where a run writes: its inputs and outputs for the guard, the work directory, output paths
 //! and the side files written beside a checkpoint directory.
 
+use super::encode::{packed_plan, scale_dtype_for};
+use super::jobs::Job;
 use super::options::RunOptions;
 use crate::error::Error;
 use crate::error::Result;
 use crate::io::guard;
-use crate::io::hfconfig;
+use crate::io::hfconfig::{self, ModuleScheme};
+use crate::io::writer::ShardedWriter;
 use crate::io::Checkpoint;
-use std::collections::BTreeMap;
+use crate::io::{PlannedTensor, TensorMeta};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::path::PathBuf;
 
@@ -177,4 +181,127 @@ pub(super) fn write_side_files(
         crate::io::writer::write_atomic(&out_dir.join("preprocessor_config.json"), &bytes)?;
     }
     Ok(())
+}
+
+/// Opens the packed (`--out`) and dequantized (`--dequantized`) writers with every tensor
+/// planned: the packed one lays each job's weight out as compressed-tensors tensors, the
+/// dequantized one keeps the input's names, shapes and dtypes.
+pub(super) fn open_writers(
+    opts: &RunOptions,
+    model: &Checkpoint,
+    jobs: &[Job],
+    meta: &BTreeMap<String, String>,
+) -> Result<(Option<ShardedWriter>, Option<ShardedWriter>)> {
+    let same = |t: &TensorMeta| PlannedTensor {
+        name: t.name.clone(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+    };
+    let open = |path: &Path, planned: Vec<PlannedTensor>| -> Result<ShardedWriter> {
+        ShardedWriter::create(&resolve_output(path)?, planned, opts.max_shard_size, meta)
+    };
+    let packed = match &opts.out {
+        Some(path) => {
+            let mut planned = Vec::new();
+            for t in model.tensors() {
+                match jobs.iter().find(|j| j.meta.name == t.name) {
+                    Some(j) => planned.extend(packed_plan(
+                        &j.prefix,
+                        j.rows,
+                        j.cols,
+                        &j.config,
+                        scale_dtype_for(t.dtype).1,
+                    )),
+                    None => planned.push(same(t)),
+                }
+            }
+            Some(open(path, planned)?)
+        }
+        None => None,
+    };
+    let dequant = match &opts.dequantized {
+        Some(path) => Some(open(path, model.tensors().iter().map(same).collect())?),
+        None => None,
+    };
+    Ok((packed, dequant))
+}
+
+/// Finishes both writers (final metadata, sync, rename, index), writes the side files of a
+/// checkpoint directory, and returns the outputs by kind and every file written.
+pub(super) fn finish_writers(
+    opts: &RunOptions,
+    model: &Checkpoint,
+    jobs: &[Job],
+    packed: Option<ShardedWriter>,
+    dequant: Option<ShardedWriter>,
+    meta: &BTreeMap<String, String>,
+) -> Result<(BTreeMap<String, String>, Vec<PathBuf>)> {
+    let mut outputs = BTreeMap::new();
+    let mut written: Vec<PathBuf> = Vec::new();
+    let input_config = model.dir().join("config.json");
+    if let Some(w) = packed {
+        let dest = w.dest().to_path_buf();
+        let shards = w.shards();
+        w.finish(meta)?;
+        outputs.insert("packed".into(), dest.display().to_string());
+        written.extend(shard_files(&dest, shards));
+        let modules: BTreeMap<String, ModuleScheme> = jobs
+            .iter()
+            .map(|j| {
+                let s = ModuleScheme {
+                    bits: j.config.bits,
+                    group_size: j.config.group_size,
+                    sym: j.config.sym,
+                };
+                (j.prefix.clone(), s)
+            })
+            .collect();
+        let quantized: BTreeSet<&str> = jobs.iter().map(|j| j.meta.name.as_str()).collect();
+        let ignore: Vec<String> = model
+            .tensors()
+            .iter()
+            .filter(|t| {
+                t.name.ends_with(".weight")
+                    && t.shape.len() == 2
+                    && !quantized.contains(t.name.as_str())
+            })
+            .map(|t| t.name.trim_end_matches(".weight").to_string())
+            .collect();
+        let qc = hfconfig::quantization_config(&modules, &ignore);
+        let dir_mode = opts.out.as_deref().is_some_and(|p| output_file(p) != p);
+        write_side_files(
+            dir_mode,
+            &dest,
+            model.dir(),
+            &input_config,
+            Some(qc),
+            &mut outputs,
+        )?;
+        if !opts.config.sym && dir_mode {
+            log::warn!(
+                "asymmetric pack-quantized output loads in vLLM and llm-compressor, but transformers' \
+                 from_pretrained does not load it yet; pass --sym for a transformers-loadable checkpoint"
+            );
+        }
+    }
+    if let Some(w) = dequant {
+        let dest = w.dest().to_path_buf();
+        let shards = w.shards();
+        w.finish(meta)?;
+        outputs.insert("dequantized".into(), dest.display().to_string());
+        written.extend(shard_files(&dest, shards));
+        let dir_mode = opts
+            .dequantized
+            .as_deref()
+            .is_some_and(|p| output_file(p) != p);
+        write_side_files(
+            dir_mode,
+            &dest,
+            model.dir(),
+            &input_config,
+            None,
+            &mut outputs,
+        )?;
+    }
+    Ok((outputs, written))
 }

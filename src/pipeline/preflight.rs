@@ -17,6 +17,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::jobs::Job;
+use super::options::search_state;
+use super::options::RunOptions;
+use super::vision::Vision;
 use crate::device::AnyDevice;
 use crate::error::{Error, Result};
 use crate::io::Calibration;
@@ -334,6 +337,62 @@ fn measure_rates(
     let _ = device.gram(n, chunks)?;
     let gsecs = t.elapsed().as_secs_f64().max(1e-6);
     Ok((work / secs, (rows * n * n) as f64 / gsecs))
+}
+
+/// Refuses, before any compute, an images run whose calibration (above all the hidden state of
+/// every image, one block's input) cannot fit beside the largest layer; returns its plan.
+pub(super) fn check_calibration(
+    opts: &RunOptions,
+    v: &Vision,
+    jobs: &[Job],
+    device: &AnyDevice,
+) -> Result<CalibMemory> {
+    // The calibration (above all the hidden state of every image, one block's input) is
+    // the big allocation of an images run; refuse before any compute when it cannot fit
+    // beside the largest layer.
+    let images = v.calib_idx.len() + v.holdout_idx.len();
+    let gpu = matches!(device, AnyDevice::Wgpu(_));
+    let c = calibration_bytes(
+        v.spec.dim,
+        v.spec.mlp,
+        v.spec.tokens_per_image(),
+        images,
+        gpu,
+    );
+    let largest = jobs
+        .iter()
+        .map(|j| {
+            let (sd, sh) = search_state(opts)
+                .map_or((0, 0), |held| search_bytes(j.rows, j.cols, held, &j.config));
+            if gpu {
+                device_bytes(j.rows, j.cols, &j.config) + sd
+            } else {
+                host_bytes(j.rows, j.cols, true, &j.config) + sd + sh
+            }
+        })
+        .max()
+        .unwrap_or(0);
+    let bytes = if gpu { c.device_bytes } else { c.host_bytes } + largest;
+    let budget = match &device {
+        AnyDevice::Cpu(_) => opts.memory_limit.or_else(host_available_bytes),
+        AnyDevice::Wgpu(_) => opts.memory_limit,
+    };
+    log::info!(
+        "calibration of {images} images x {} tokens x {}: {:.1} MB on the device, {:.1} MB on the host; with the largest layer {:.1} MB on the {}",
+        v.spec.tokens_per_image(),
+        v.spec.dim,
+        c.device_bytes as f64 / 1e6,
+        c.host_bytes as f64 / 1e6,
+        bytes as f64 / 1e6,
+        if gpu { "device" } else { "host" }
+    );
+    if let Some(b) = budget.filter(|&b| bytes > b) {
+        return Err(Error::InvalidOption(format!(
+            "the calibration of {images} images and the largest layer need {bytes} bytes but the memory budget is {b}; \
+             lower --calib-count"
+        )));
+    }
+    Ok(c)
 }
 
 #[cfg(test)]

@@ -169,35 +169,12 @@ pub fn search<D: Device>(
     plan: &SearchPlan,
 ) -> Result<Choice> {
     let start = std::time::Instant::now();
-    let mut configs: Vec<QuantConfig> = Vec::new();
+    let configs = first_candidates(cfg, plan);
     let rtn = |scalar: f32| QuantConfig {
         method: Method::Rtn,
         scalar,
         ..cfg.clone()
     };
-    configs.push(rtn(1.0));
-    if plan.paper {
-        configs.push(QuantConfig {
-            method: Method::Comq,
-            init: Init::W,
-            damp: 0.0,
-            scalar: 1.0,
-            sweeps: 1,
-            order: OrderKind::Greedy,
-            ..cfg.clone()
-        });
-    }
-    for &s in &plan.scalars {
-        if plan.rtn_scalars && s != 1.0 {
-            configs.push(rtn(s));
-        }
-        if cfg.method == Method::Comq {
-            configs.push(QuantConfig {
-                scalar: s,
-                ..cfg.clone()
-            });
-        }
-    }
     let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
         let h = gram.damped(cfg.damp);
         Some(super::gptq::factor(
@@ -369,6 +346,42 @@ pub fn search<D: Device>(
         outcome,
         tried,
     })
+}
+
+/// The candidates tried first, in order: round-to-nearest at the full grid (always first, its
+/// errors go in the report), the paper's recipe when the plan asks for it, then per grid shrink
+/// of the plan round-to-nearest (when asked) and the configured method.
+fn first_candidates(cfg: &QuantConfig, plan: &SearchPlan) -> Vec<QuantConfig> {
+    let mut configs: Vec<QuantConfig> = Vec::new();
+    let rtn = |scalar: f32| QuantConfig {
+        method: Method::Rtn,
+        scalar,
+        ..cfg.clone()
+    };
+    configs.push(rtn(1.0));
+    if plan.paper {
+        configs.push(QuantConfig {
+            method: Method::Comq,
+            init: Init::W,
+            damp: 0.0,
+            scalar: 1.0,
+            sweeps: 1,
+            order: OrderKind::Greedy,
+            ..cfg.clone()
+        });
+    }
+    for &s in &plan.scalars {
+        if plan.rtn_scalars && s != 1.0 {
+            configs.push(rtn(s));
+        }
+        if cfg.method == Method::Comq {
+            configs.push(QuantConfig {
+                scalar: s,
+                ..cfg.clone()
+            });
+        }
+    }
+    configs
 }
 
 /// [`search`] on a run-time chosen device.

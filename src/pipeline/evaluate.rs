@@ -1,0 +1,49 @@
+//! `--eval`: FP32, RTN and COMQ side by side on the evaluation images, with the fidelity of
+//! each quantized model's features to the full-precision ones.
+
+use super::options::EvalOptions;
+use super::vision::Vision;
+use crate::error::Result;
+use crate::eval::{accuracy, features, fidelity, label_map, EvalReport, EvalRow, Overrides};
+use crate::io::Checkpoint;
+use crate::model::Engine;
+
+/// The evaluation rows: the model as given, then with the RTN and the COMQ weights (`bits` is
+/// the width label of the rows).
+pub(super) fn evaluate(
+    v: &Vision,
+    e: &Engine,
+    eo: &EvalOptions,
+    model: &Checkpoint,
+    bits: &str,
+    rtn_weights: &Overrides,
+    comq_weights: &Overrides,
+) -> Result<EvalReport> {
+    let set = v.eval.as_ref().expect("opened with --eval");
+    let idx = set.choose(eo.count.unwrap_or(usize::MAX), 0);
+    let mut rows = Vec::new();
+    let map = label_map(set, &v.spec)?;
+    let fp = features(e, &v.spec, model, &Overrides::new(), set, &idx)?;
+    rows.push(EvalRow {
+        model: "FP32".into(),
+        accuracy: accuracy(&fp, set, &idx, &map),
+        fidelity: None,
+    });
+    // Layers resumed from a checkpoint have no RTN twin; their RTN row is then partial.
+    for (label, weights) in [
+        (format!("RTN W{bits}"), rtn_weights),
+        (format!("COMQ W{bits}"), comq_weights),
+    ] {
+        let f = features(e, &v.spec, model, weights, set, &idx)?;
+        rows.push(EvalRow {
+            model: label,
+            accuracy: accuracy(&f, set, &idx, &map),
+            fidelity: Some(fidelity(&f, &fp)),
+        });
+    }
+    Ok(EvalReport {
+        images: set.path().display().to_string(),
+        count: idx.len(),
+        rows,
+    })
+}
