@@ -389,40 +389,16 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         Some(_) => Some(Engine::for_device(&device)?),
         None => None,
     };
-    let grams_raw = match (&vision, &engine, &opts.images) {
+    let (grams_raw, holdout_raw) = match (&vision, &engine, &opts.images) {
         (Some(v), Some(e), Some(io)) => {
             progress(Progress::Stage {
                 name: "calibration images",
                 stage: "embed",
             });
-            let set = v.calib.as_ref().expect("opened with --images");
-            Some(crate::calibrate::calibrator(
-                e,
-                &v.spec,
-                &model,
-                set,
-                &v.calib_idx,
-                io.mode,
-                profile.clone(),
-            )?)
+            let (g, h) = v.calibrators(e, &model, io.mode, &profile)?;
+            (Some(g), h)
         }
-        _ => None,
-    };
-    // The held-out images walk through the model beside the calibration images.
-    let holdout_raw = match (&vision, &engine, &opts.images) {
-        (Some(v), Some(e), Some(io)) if !v.holdout_idx.is_empty() => {
-            let set = v.calib.as_ref().expect("opened with --images");
-            Some(crate::calibrate::calibrator(
-                e,
-                &v.spec,
-                &model,
-                set,
-                &v.holdout_idx,
-                io.mode,
-                profile.clone(),
-            )?)
-        }
-        _ => None,
+        _ => (None, None),
     };
     let mut comq_weights = Overrides::new();
     let mut rtn_weights = Overrides::new();

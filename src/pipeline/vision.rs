@@ -3,13 +3,17 @@
 
 use super::jobs::Job;
 use super::options::{RunOptions, DEFAULT_CALIB_COUNT};
-use crate::calibrate::BlockGrams;
+use std::sync::Arc;
+
+use crate::calibrate::{BlockGrams, CalibMode};
 use crate::device::AnyDevice;
 use crate::error::{Error, Result};
 use crate::io::calib::CalibKind;
 use crate::io::images::ImageSet;
 use crate::io::{Calibration, Checkpoint};
+use crate::model::Engine;
 use crate::model::VitSpec;
+use crate::profile::Profile;
 use crate::quant::Gram;
 
 /// Mixed into `--seed` for the held-out draw, so it is independent of the calibration draw.
@@ -26,6 +30,32 @@ pub(super) struct Vision {
 }
 
 impl Vision {
+    /// The calibrators of an images run: the calibration images and, when some are held out,
+    /// the held-out ones, which walk through the model beside them.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn calibrators<'a>(
+        &'a self,
+        e: &'a Engine,
+        model: &'a Checkpoint,
+        mode: CalibMode,
+        profile: &Arc<Profile>,
+    ) -> Result<(
+        Box<dyn BlockGrams + Send + 'a>,
+        Option<Box<dyn BlockGrams + Send + 'a>>,
+    )> {
+        let set = self.calib.as_ref().expect("opened with --images");
+        let one = |idx: &[usize]| {
+            crate::calibrate::calibrator(e, &self.spec, model, set, idx, mode, profile.clone())
+        };
+        let calib = one(&self.calib_idx)?;
+        let held = if self.holdout_idx.is_empty() {
+            None
+        } else {
+            Some(one(&self.holdout_idx)?)
+        };
+        Ok((calib, held))
+    }
+
     pub(super) fn prepare(
         model: &Checkpoint,
         opts: &RunOptions,
