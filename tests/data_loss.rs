@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{assert_refused, run, s};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,32 +14,11 @@ use comq_gpu::io::guard::{Lock, Output as GuardOutput, OutputKind};
 use comq_gpu::model::synthetic::SyntheticVit;
 use comq_gpu::model::Family;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_comq-gpu"))
-        .env("RUST_LOG", "warn")
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn ok(o: &Output) {
     assert!(
         o.status.success(),
         "failed: {}",
         String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn assert_refused(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr: {err}");
-    assert!(
-        err.contains(needle),
-        "stderr should mention '{needle}': {err}"
     );
 }
 

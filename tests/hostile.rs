@@ -3,32 +3,13 @@
 
 mod common;
 
+use common::{assert_refused, run, s};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use comq_gpu::model::synthetic::SyntheticVit;
 use comq_gpu::model::Family;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_comq-gpu"))
-        .env("RUST_LOG", "warn")
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn assert_refused(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr: {err}");
-    assert!(
-        err.contains(needle),
-        "stderr should mention '{needle}': {err}"
-    );
-}
 
 /// A 2-class timm ViT on 16-px images in `dir/vit/`, with `edit` applied to its tensors.
 fn vit(dir: &Path, edit: impl Fn(&str, &mut Vec<f32>)) -> PathBuf {

@@ -90,8 +90,7 @@ pub(super) fn allocate_bits(
                 ..job.config.clone()
             };
             let plan = SearchPlan::single(&cfg);
-            let c = crate::quant::search::search_any(
-                device,
+            let c = device.search(
                 &job.meta.name,
                 &w,
                 job.rows,

@@ -583,8 +583,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
                                 |device: &AnyDevice| -> Result<(LayerOutcome, Option<Choice>)> {
                                     match plan {
                                         Some(p) => {
-                                            let c = crate::quant::search::search_any(
-                                                device,
+                                            let c = device.search(
                                                 &job.meta.name,
                                                 &w,
                                                 job.rows,

@@ -1,7 +1,7 @@
 //! The algorithm on a device chosen at run time. These are inherent methods of
 //! [`AnyDevice`] written here, in the algorithm's layer, so the devices never import it.
 
-use super::search::{search_any, Choice, SearchPlan};
+use super::search::{search, Choice, SearchPlan};
 use super::{quantize_layer_any, Gram, LayerOutcome, QuantConfig};
 use crate::device::AnyDevice;
 use crate::error::Result;
@@ -34,6 +34,9 @@ impl AnyDevice {
         cfg: &QuantConfig,
         plan: &SearchPlan,
     ) -> Result<Choice> {
-        search_any(self, name, w, rows, cols, gram, holdout, cfg, plan)
+        match self {
+            AnyDevice::Cpu(d) => search(d, name, w, rows, cols, gram, holdout, cfg, plan),
+            AnyDevice::Wgpu(d) => search(d.as_ref(), name, w, rows, cols, gram, holdout, cfg, plan),
+        }
     }
 }

@@ -383,26 +383,3 @@ fn first_candidates(cfg: &QuantConfig, plan: &SearchPlan) -> Vec<QuantConfig> {
     }
     configs
 }
-
-/// [`search`] on a run-time chosen device.
-#[allow(clippy::too_many_arguments)]
-pub fn search_any(
-    device: &crate::device::AnyDevice,
-    name: &str,
-    w: &[f32],
-    rows: usize,
-    cols: usize,
-    gram: &Gram,
-    holdout: Option<&Gram>,
-    cfg: &QuantConfig,
-    plan: &SearchPlan,
-) -> Result<Choice> {
-    match device {
-        crate::device::AnyDevice::Cpu(d) => {
-            search(d, name, w, rows, cols, gram, holdout, cfg, plan)
-        }
-        crate::device::AnyDevice::Wgpu(d) => {
-            search(d.as_ref(), name, w, rows, cols, gram, holdout, cfg, plan)
-        }
-    }
-}

@@ -136,3 +136,27 @@ pub fn tiny_vit(dir: &Path, d: usize, seed: u64) -> (std::path::PathBuf, std::pa
     write_safetensors(&cp, &calib);
     (mp, cp)
 }
+
+/// Runs the `comq-gpu` binary with warnings logged.
+pub fn run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_comq-gpu"))
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+/// A path as the `&str` an argument list takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test path")
+}
+
+/// Asserts exit code 2 and a message that mentions `needle`.
+pub fn assert_refused(o: &std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr should mention '{needle}': {err}"
+    );
+}
