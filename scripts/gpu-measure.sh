@@ -9,12 +9,17 @@
 #           limit and never more than what is left, so the script ends inside BUDGET and the
 #           steps that did not fit are listed as such in the table.
 #   WORK    scratch folder for the synthetic models and image packs [default: /tmp/comq-gpu-measure]
+#   STEPS   the steps to run, space-separated names or shell patterns (`size-*`) [default: all];
+#           `devices` always runs. A step left out is listed as not chosen.
 #
 # Steps, most important first: devices; bench --quick (GPU/CPU parity); bench --kernels
 # (ViT-L shapes, Gram over 16384 rows); bench on the ViT-B and ViT-L layer shapes (GPU vs CPU,
 # code disagreement); bench --forward vit-b16; bench --model vit-l16 --images 1024 with
 # --preset paper (greedy and shared order); the default recipe on the same model; the
-# calibration-count table (256..4096 images) on ViT-L. Then scripts/gpu-table.py turns the
+# calibration-count table (256..4096 images) on ViT-L; the model-size table (ViT-S/14 to the 6B
+# shape, `--memory-limit 8GB`, the 6B shape in bf16 on its first 4 of 48 blocks, which is what
+# its per-block memory plan needs); the default recipe on the whole ViT-L/16. With nvidia-smi,
+# each step's peak GPU memory (the whole card, sampled every 100 ms) goes into steps.tsv. Then scripts/gpu-table.py turns the
 # JSON into gpu-measure.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +39,23 @@ export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
 : >"$out/steps.tsv"
 
 # step NAME LIMIT CMD...: runs CMD with at most min(LIMIT, time left) seconds, its output in
-# NAME.txt, and records the outcome in steps.tsv (name, status, seconds).
+# NAME.txt, and records the outcome in steps.tsv (name, status, seconds, peak GPU MiB).
+chosen() {
+  [ -z "${STEPS:-}" ] && return 0
+  local p
+  for p in $STEPS devices; do
+    # shellcheck disable=SC2053
+    [[ $1 == $p ]] && return 0
+  done
+  return 1
+}
 step() {
   local name=$1 limit=$2
   shift 2
+  if ! chosen "$name"; then
+    printf '%s\tnot chosen\t0\t\n' "$name" >>"$out/steps.tsv"
+    return
+  fi
   local left=$((budget - ($(date +%s) - start)))
   if [ "$left" -lt 15 ]; then
     printf '%s\tskipped (budget)\t0\n' "$name" >>"$out/steps.tsv"
@@ -46,16 +64,27 @@ step() {
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit} s): $*"
-  local t0 rc
+  local t0 rc smi=
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 \
+      >"$out/$name.gpumem" 2>/dev/null &
+    smi=$!
+  fi
   t0=$(date +%s.%N)
   timeout -k 5 "$limit" "$@" >"$out/$name.txt" 2>&1
   rc=$?
+  local gpumem=
+  if [ -n "$smi" ]; then
+    kill "$smi" 2>/dev/null
+    wait "$smi" 2>/dev/null
+    gpumem=$(sort -n "$out/$name.gpumem" | tail -1)
+  fi
   local dt
   dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
   cat "$out/$name.txt"
   local status=ok
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="timed out"; elif [ $rc -ne 0 ]; then status="failed ($rc)"; fi
-  printf '%s\t%s\t%s\n' "$name" "$status" "$dt" >>"$out/steps.tsv"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$dt" "$gpumem" >>"$out/steps.tsv"
 }
 
 {
@@ -90,6 +119,17 @@ for n in 256 512 2048 4096; do
   step "calib-$n" 150 "$bin" bench --model vit-l16 --images "$n" --no-cpu \
     --work-dir "$work" --json "$out/calib-$n.json"
 done
+
+# The model-size table: the same recipe and image count on every shape, within 8 GB of device
+# memory. The 6B shape (12 GB in bf16) runs its first 4 blocks: memory is planned per block.
+for m in vit-s14 vit-b16 vit-l16 vit-h14; do
+  step "size-$m" 200 "$bin" bench --model "$m" --images 1024 --no-cpu --memory-limit 8GB \
+    --work-dir "$work" --json "$out/size-$m.json"
+done
+step size-vit-6b 200 "$bin" bench --model vit-6b --dtype bf16 --blocks 4 --images 1024 --no-cpu \
+  --memory-limit 8GB --work-dir "$work" --json "$out/size-vit-6b.json"
+step e2e-default 400 "$bin" bench --model vit-l16 --images 1024 --no-cpu --preset default \
+  --work-dir "$work" --json "$out/e2e-default.json"
 
 if command -v python3 >/dev/null; then
   python3 scripts/gpu-table.py "$out" >"$out/gpu-measure.md" && cat "$out/gpu-measure.md"

@@ -62,10 +62,13 @@ def main():
     tsv = os.path.join(d, "steps.tsv")
     if os.path.exists(tsv):
         steps = [line.rstrip("\n").split("\t") for line in open(tsv) if line.strip()]
-    print("| step | status | seconds |\n|---|---|---|")
+    print("| step | status | seconds | peak GPU memory (whole card) |\n|---|---|---|---|")
     for s in steps:
+        s = (s + ["", "", "", ""])[:4]
+        s[3] = f"{int(s[3]) / 1024:.2f} GiB" if s[3].strip().isdigit() else "-"
         print("| " + " | ".join(s) + " |")
     print()
+    gpu_mib = {s[0]: int(s[3]) for s in steps if len(s) > 3 and s[3].strip().isdigit()}
 
     k = load(d, "kernels.json")
     if k:
@@ -114,6 +117,8 @@ def main():
         v = load(d, name + ".json")
         for r in v or []:
             rows.append((label, r["images"], r))
+    for r in load(d, "e2e-default.json") or []:
+        rows.append(("default, greedy", r["images"], r))
     for r in load(d, "e2e-default-4b.json") or []:
         rows.append((f"default, greedy, first {r['blocks']} blocks", r["images"], r))
     for n in (256, 512, 2048, 4096):
@@ -133,6 +138,29 @@ def main():
         print()
         print("Stage seconds are busy time per thread (the calibration runs one block ahead on its own "
               "thread), so they can add up to more than the wall clock.\n")
+
+    size = []
+    for m in ("vit-s14", "vit-b16", "vit-l16", "vit-h14", "vit-6b"):
+        for r in load(d, f"size-{m}.json") or []:
+            size.append((m, r))
+    if size:
+        print("## Model sizes (`bench --model SHAPE --images 1024 --no-cpu --memory-limit 8GB`, "
+              "paper recipe W4, one greedy sweep)\n")
+        print("| shape | blocks | linear weights | forward | Gram | quantize | wall | wall without I/O "
+              "| weights/s | planned device / host | peak GPU (card) | peak host |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for m, r in size:
+            c = r.get("calibration_memory") or {}
+            plan = (f"{c['device_bytes'] / 1e9:.2f} / {c['host_bytes'] / 1e9:.2f} GB"
+                    if "device_bytes" in c and "host_bytes" in c else "-")
+            gpu = gpu_mib.get(f"size-{m}")
+            rss = r.get("peak_rss_bytes")
+            print(f"| {m} | {r['blocks']} | {r['linear_params'] / 1e6:.1f} M | {stage(r, 'forward'):.2f} s "
+                  f"| {stage(r, 'gram'):.2f} s | {stage(r, 'quantize'):.2f} s | {r['wall_seconds']:.2f} s "
+                  f"| {r['wall_seconds_without_io']:.2f} s | {r['linear_params'] / r['wall_seconds'] / 1e6:.2f} M "
+                  f"| {plan} | {'-' if gpu is None else '%.2f GiB' % (gpu / 1024)} "
+                  f"| {'-' if rss is None else '%.2f GB' % (rss / 1e9)} |")
+        print()
 
 
 if __name__ == "__main__":

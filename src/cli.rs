@@ -164,6 +164,9 @@ pub struct BenchArgs {
     /// [default: the system's temporary folder].
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// With --model: the timed run's device memory budget (`run --memory-limit`), e.g. 8GB.
+    #[arg(long, value_name = "SIZE")]
+    pub memory_limit: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -1111,6 +1114,9 @@ fn e2e_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
         OrderArg::Natural => "natural",
         OrderArg::Shared => "shared",
     };
+    if let Some(m) = &a.memory_limit {
+        parse_size(m)?; // refused here, before any model is written
+    }
     let o = E2eOptions {
         shape: shape.to_string(),
         blocks: a.blocks,
@@ -1134,7 +1140,13 @@ fn e2e_bench_cmd(a: &BenchArgs, shape: &str) -> Result<()> {
             order,
         ]
         .map(String::from)
-        .to_vec(),
+        .into_iter()
+        .chain(
+            a.memory_limit
+                .iter()
+                .flat_map(|m| ["--memory-limit".to_string(), m.clone()]),
+        )
+        .collect(),
     };
     std::fs::create_dir_all(&o.work_dir).map_err(|e| comq_gpu::Error::io(&o.work_dir, e))?;
     let devices: Vec<&str> = [(!a.no_gpu).then_some("gpu"), (!a.no_cpu).then_some("cpu")]
