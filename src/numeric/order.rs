@@ -59,21 +59,25 @@ impl Order {
         match kind {
             OrderKind::Natural => Order::Natural { cols },
             OrderKind::Greedy => {
+                use rayon::prelude::*;
                 let norms: Vec<f64> = diag.iter().map(|&g| g.max(0.0).sqrt()).collect();
-                let mut perm = Vec::with_capacity(rows * cols);
-                let mut idx: Vec<u32> = Vec::with_capacity(cols);
-                let mut score = vec![0.0f64; cols];
-                for r in 0..rows {
-                    let row = &w[r * cols..(r + 1) * cols];
-                    for j in 0..cols {
-                        score[j] = (row[j] as f64).abs() * norms[j];
-                    }
-                    idx.clear();
-                    idx.extend(0..cols as u32);
-                    // Stable: equal scores keep ascending index order.
-                    idx.sort_by(|&a, &b| score[b as usize].total_cmp(&score[a as usize]));
-                    perm.extend_from_slice(&idx);
-                }
+                let mut perm = vec![0u32; rows * cols];
+                // Rows are independent sorts: in parallel, each writing its own slice.
+                perm.par_chunks_mut(cols.max(1))
+                    .zip(w.par_chunks(cols.max(1)))
+                    .for_each_init(
+                        || vec![0.0f64; cols],
+                        |score, (idx, row)| {
+                            for (s, (&v, &g)) in score.iter_mut().zip(row.iter().zip(&norms)) {
+                                *s = (v as f64).abs() * g;
+                            }
+                            for (j, x) in idx.iter_mut().enumerate() {
+                                *x = j as u32;
+                            }
+                            // Stable: equal scores keep ascending index order.
+                            idx.sort_by(|&a, &b| score[b as usize].total_cmp(&score[a as usize]));
+                        },
+                    );
                 Order::PerRow { cols, perm }
             }
             OrderKind::Shared => {

@@ -32,6 +32,60 @@ pub struct LayerOutcome {
     pub seconds: f64,
 }
 
+/// What every run on one layer with the same damping and order kind shares: the damped Gram in
+/// f32 (what the device is handed), the visiting order and, for the GPTQ start, its factor.
+///
+/// A search builds one for its configured damping and hands it to each of its 12–24 runs, so
+/// the `n²` copies of `G`, the per-row sorts of the order and the `O(n³)` factor are made once
+/// per layer instead of once per candidate. The damped f64 Gram is only needed to build these
+/// and is not kept.
+pub(crate) struct Prepared {
+    damp: f32,
+    order_kind: super::OrderKind,
+    act_order: bool,
+    order: Order,
+    g32: Vec<f32>,
+    factor: Option<gptq::GptqFactor>,
+}
+
+impl Prepared {
+    /// Prepares `w`'s runs at `cfg`'s damping and order kind; the GPTQ factor is built when
+    /// `cfg` starts from it.
+    pub(crate) fn new(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &Gram,
+        cfg: &QuantConfig,
+    ) -> Result<Prepared> {
+        let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
+        let h = damped.as_ref().unwrap_or(gram);
+        let order = Order::build(cfg.order, w, rows, cols, &h.diag());
+        let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
+            Some(gptq::factor(
+                h,
+                cfg.act_order,
+                gram.dead_threshold() as f64,
+            )?)
+        } else {
+            None
+        };
+        Ok(Prepared {
+            damp: cfg.damp,
+            order_kind: cfg.order,
+            act_order: cfg.act_order,
+            order,
+            g32: h.to_f32(),
+            factor,
+        })
+    }
+
+    /// Whether a run of `cfg` can use this.
+    fn fits(&self, cfg: &QuantConfig) -> bool {
+        self.damp == cfg.damp && self.order_kind == cfg.order && self.act_order == cfg.act_order
+    }
+}
+
 /// A point the driver passed through: the start, or the state after a sweep.
 #[derive(Debug, Clone)]
 pub struct Stage {
@@ -112,7 +166,7 @@ pub(crate) fn run<D: Device>(
     cfg: &QuantConfig,
     mut stages: Option<&mut dyn FnMut(Stage) -> Result<()>>,
     measure_rtn: bool,
-    factor: Option<&gptq::GptqFactor>,
+    prepared: Option<&Prepared>,
 ) -> Result<LayerOutcome> {
     let start = Instant::now();
     cfg.validate()?;
@@ -139,17 +193,22 @@ pub(crate) fn run<D: Device>(
     }
 
     let grid = Grid::build(w, rows, cols, cfg);
-    let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
     let lam = gram.damping(cfg.damp);
-    let h = damped.as_ref().unwrap_or(gram);
-    let order = Order::build(cfg.order, w, rows, cols, &h.diag());
-    let g32 = h.to_f32();
+    let own;
+    let prep = match prepared.filter(|p| p.fits(cfg)) {
+        Some(p) => p,
+        None => {
+            own = Prepared::new(w, rows, cols, gram, cfg)?;
+            &own
+        }
+    };
+    let (order, g32) = (&prep.order, &prep.g32);
     let problem = LayerProblem {
         name,
         weights: w,
-        gram: &g32,
+        gram: g32,
         grid: &grid,
-        order: &order,
+        order,
         dead_threshold: gram.dead_threshold(),
         scale_dtype: cfg.scale_dtype,
     };
@@ -224,10 +283,11 @@ pub(crate) fn run<D: Device>(
             Init::Gptq => {
                 // The factor depends on G, the damping and the order only: a search shares it.
                 let own;
-                let f = match factor {
+                let f = match &prep.factor {
                     Some(f) => f,
                     None => {
-                        own = gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64)?;
+                        let h = gram.damped(cfg.damp);
+                        own = gptq::factor(&h, cfg.act_order, gram.dead_threshold() as f64)?;
                         &own
                     }
                 };

@@ -175,16 +175,9 @@ pub fn search<D: Device>(
         scalar,
         ..cfg.clone()
     };
-    let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
-        let h = gram.damped(cfg.damp);
-        Some(super::gptq::factor(
-            &h,
-            cfg.act_order,
-            gram.dead_threshold() as f64,
-        )?)
-    } else {
-        None
-    };
+    // The damped Gram, the order and the GPTQ factor of the configured damping, made once for
+    // every candidate that runs at it.
+    let prepared = super::comq::Prepared::new(w, rows, cols, gram, cfg)?;
     let mut scorer: Option<Scorer<D>> = None;
     let mut tried = Vec::new();
     let mut best: Option<(f64, usize, LayerOutcome)> = None;
@@ -234,9 +227,6 @@ pub fn search<D: Device>(
             }
             continue;
         };
-        let shared = factor
-            .as_ref()
-            .filter(|_| c.init == Init::Gptq && c.damp == cfg.damp);
         let configured = c.method == cfg.method
             && c.init == cfg.init
             && c.damp == cfg.damp
@@ -304,7 +294,7 @@ pub fn search<D: Device>(
                 &c,
                 Some(&mut sink),
                 false,
-                shared,
+                Some(&prepared),
             )?
         };
         // A run without stages (RTN) is a candidate itself.
