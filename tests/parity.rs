@@ -381,3 +381,48 @@ fn a_gpu_fault_is_seen_by_the_thread_that_caused_it() {
     // Reported once: the next check of that thread is clean.
     assert!(dev.sync().is_ok());
 }
+
+/// Uploads and readbacks in staging chunks (bounded device memory for the largest layers) move
+/// every byte: a round trip through chunks that do not divide the data is exact.
+#[test]
+fn chunked_transfers_move_every_value() {
+    let Some(mut gpu) = gpu::device() else { return };
+    let mut rng = Rng::new(41);
+    let data: Vec<f32> = rng.normals(2501);
+    gpu.cap_staging_bytes(1000);
+    assert_eq!(gpu.roundtrip(&data).unwrap(), data);
+    // A chunk that is not a multiple of 4 bytes is rounded down to one that is.
+    gpu.cap_staging_bytes(7);
+    assert_eq!(gpu.roundtrip(&data[..13]).unwrap(), &data[..13]);
+}
+
+/// The whole layer path (uploads of W, G, the grid and the order; the GPTQ factor; the Gram's
+/// readback; the codes' download) gives bit-identical results in small staging chunks.
+#[test]
+fn a_layer_in_small_staging_chunks_matches_one_in_whole_copies() {
+    let Some(whole) = gpu::device() else { return };
+    let Some(mut chunked) = gpu::device() else {
+        return;
+    };
+    chunked.cap_staging_bytes(256);
+    let (rows, cols) = (24, 40);
+    let mut rng = Rng::new(43);
+    let x = correlated_x(&mut rng, 96, cols);
+    let chunks = |x: &[f32]| -> Vec<comq_gpu::Result<Vec<f32>>> {
+        x.chunks(32 * cols).map(|c| Ok(c.to_vec())).collect()
+    };
+    let g_whole = whole.gram(cols, chunks(&x)).unwrap();
+    let g_chunked = chunked.gram(cols, chunks(&x)).unwrap();
+    assert_eq!(g_whole.data, g_chunked.data);
+    let (w, gram) = layer(44, rows, cols);
+    let cfg = QuantConfig {
+        init: comq_gpu::quant::Init::Gptq,
+        damp: 0.01,
+        ..QuantConfig::default()
+    };
+    let a = quantize_layer(&whole, "l", &w, rows, cols, &gram, &cfg).unwrap();
+    let b = quantize_layer(&chunked, "l", &w, rows, cols, &gram, &cfg).unwrap();
+    assert_eq!(a.layer.codes, b.layer.codes);
+    assert_eq!(a.layer.grid.delta, b.layer.grid.delta);
+    assert_eq!(a.rel_error, b.rel_error);
+}

@@ -372,7 +372,16 @@ pub(super) fn check_calibration(
         })
         .max()
         .unwrap_or(0);
-    let bytes = if gpu { c.device_bytes } else { c.host_bytes } + largest;
+    // On a GPU also the buffer pool's cap and the transfers' staging copies, which wgpu
+    // allocates beside the state.
+    let bytes = if gpu {
+        c.device_bytes
+            + largest
+            + crate::device::wgpu::buffers::POOL_CAP_BYTES
+            + crate::device::wgpu::buffers::STAGING_BYTES
+    } else {
+        c.host_bytes + largest
+    };
     let budget = match &device {
         AnyDevice::Cpu(_) => opts.memory_limit.or_else(host_available_bytes),
         AnyDevice::Wgpu(_) => opts.memory_limit,
@@ -402,11 +411,14 @@ mod tests {
     #[test]
     fn the_6b_shape_calibrates_with_1024_images_in_8_gb_of_gpu_and_16_gb_of_host_memory() {
         // Width 3200, MLP 12800, 224 px at patch 14 (257 tokens); fc2 is the largest layer, and
-        // the buffer pool may hold up to its cap beside it.
+        // the buffer pool may hold up to its cap and the transfers their staging beside it.
         let c = calibration_bytes(3200, 12800, 257, 1024, true);
         let cfg = QuantConfig::default();
         let layer = device_bytes(3200, 12800, &cfg);
-        let total = c.device_bytes + layer + crate::device::wgpu::buffers::POOL_CAP_BYTES;
+        let total = c.device_bytes
+            + layer
+            + crate::device::wgpu::buffers::POOL_CAP_BYTES
+            + crate::device::wgpu::buffers::STAGING_BYTES;
         assert!(total < 8_000_000_000, "{total} bytes");
         // The hidden state alone is 1024 × 257 × 3200 × 4 bytes.
         assert!(c.device_bytes > 1024 * 257 * 3200 * 4);

@@ -5,6 +5,14 @@
 //! copy → map → poll → unmap dance, documented once here: copy into a `MAP_READ` staging
 //! buffer, submit, `map_async`, block on `device.poll(wait_indefinitely)` (which also drives the
 //! map callback), copy the mapped bytes out, unmap.
+//!
+//! Both directions move at most [`STAGING_CHUNK`] bytes at a time. A transfer's staging copy is
+//! device-visible memory of its own size, held until the copy completes: one whole-size copy of
+//! the 6B shape's fc2 Gram (655 MB) each way came on top of the planned state and took a run
+//! planned at 7.3 GB past its 8 GB budget. In chunks the staging is bounded by
+//! [`STAGING_BYTES`], which the memory plans count. The chunk is large enough that the transfers
+//! of ViT-H and smaller shapes (and the Gram's activation chunks of every shape) stay single
+//! copies, with no extra waits.
 
 use std::sync::{Arc, Mutex};
 
@@ -67,42 +75,93 @@ impl BufferPool {
     }
 }
 
-/// Reads `size` bytes at the start of `src` back to the host.
+/// Largest single staging copy of an upload or a readback (a multiple of 4, wgpu's copy
+/// alignment).
+pub const STAGING_CHUNK: u64 = 256 << 20;
+
+/// Staging memory the transfers of one device may hold at once: one upload chunk and one
+/// readback chunk.
+pub const STAGING_BYTES: u64 = 2 * STAGING_CHUNK;
+
+/// Writes `data` into `dst` at `offset` (both multiples of 4 bytes). Up to [`STAGING_CHUNK`] it
+/// is one `write_buffer`, staged until the next submit like any other; a larger write goes in
+/// chunks, each submitted and waited for before the next is staged, so it never holds more than
+/// one chunk of staging memory. The data lands in the same order relative to other work either
+/// way: before anything submitted after this call.
+pub fn write(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    dst: &wgpu::Buffer,
+    offset: u64,
+    data: &[u8],
+    chunk: u64,
+) -> Result<()> {
+    let chunk = staging_chunk(chunk);
+    if data.len() as u64 <= chunk {
+        if !data.is_empty() {
+            queue.write_buffer(dst, offset, data);
+        }
+        return Ok(());
+    }
+    for (i, part) in data.chunks(chunk as usize).enumerate() {
+        queue.write_buffer(dst, offset + i as u64 * chunk, part);
+        queue.submit([]);
+        wait(device)?;
+    }
+    Ok(())
+}
+
+/// A staging chunk of at most `bytes`, a positive multiple of wgpu's copy alignment.
+fn staging_chunk(bytes: u64) -> u64 {
+    (bytes / wgpu::COPY_BUFFER_ALIGNMENT * wgpu::COPY_BUFFER_ALIGNMENT)
+        .max(wgpu::COPY_BUFFER_ALIGNMENT)
+}
+
+/// Reads `size` bytes at the start of `src` back to the host, through one staging buffer of at
+/// most `chunk` bytes ([`STAGING_CHUNK`] on a device as opened).
 pub fn read_bytes(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     src: &wgpu::Buffer,
     size: u64,
+    chunk: u64,
 ) -> Result<Vec<u8>> {
     if size == 0 {
         return Ok(Vec::new());
     }
+    let chunk = size.min(staging_chunk(chunk));
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
-        size,
+        size: chunk,
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-        label: Some("readback"),
-    });
-    enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
-    queue.submit([enc.finish()]);
-    let (tx, rx) = std::sync::mpsc::channel();
-    staging.map_async(wgpu::MapMode::Read, .., move |r| {
-        let _ = tx.send(r);
-    });
-    wait(device)?;
-    rx.recv()
-        .map_err(|_| gpu_err("the readback was never completed (device lost?)".into()))?
-        .map_err(|e| gpu_err(format!("mapping a readback buffer failed: {e}")))?;
-    let out = {
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| gpu_err(format!("reading a mapped buffer failed: {e}")))?;
-        view.to_vec()
-    };
-    staging.unmap();
+    let mut out = Vec::with_capacity(size as usize);
+    let mut at = 0u64;
+    while at < size {
+        let len = (size - at).min(chunk);
+        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("readback"),
+        });
+        enc.copy_buffer_to_buffer(src, at, &staging, 0, len);
+        queue.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, ..len, move |r| {
+            let _ = tx.send(r);
+        });
+        wait(device)?;
+        rx.recv()
+            .map_err(|_| gpu_err("the readback was never completed (device lost?)".into()))?
+            .map_err(|e| gpu_err(format!("mapping a readback buffer failed: {e}")))?;
+        {
+            let view = staging
+                .get_mapped_range(..len)
+                .map_err(|e| gpu_err(format!("reading a mapped buffer failed: {e}")))?;
+            out.extend_from_slice(&view);
+        }
+        staging.unmap();
+        at += len;
+    }
     Ok(out)
 }
 
@@ -112,8 +171,9 @@ pub fn read_f32(
     queue: &wgpu::Queue,
     src: &wgpu::Buffer,
     count: usize,
+    chunk: u64,
 ) -> Result<Vec<f32>> {
-    let bytes = read_bytes(device, queue, src, (count * 4) as u64)?;
+    let bytes = read_bytes(device, queue, src, (count * 4) as u64, chunk)?;
     Ok(bytemuck::pod_collect_to_vec(&bytes))
 }
 
@@ -123,8 +183,9 @@ pub fn read_i32(
     queue: &wgpu::Queue,
     src: &wgpu::Buffer,
     count: usize,
+    chunk: u64,
 ) -> Result<Vec<i32>> {
-    let bytes = read_bytes(device, queue, src, (count * 4) as u64)?;
+    let bytes = read_bytes(device, queue, src, (count * 4) as u64, chunk)?;
     Ok(bytemuck::pod_collect_to_vec(&bytes))
 }
 

@@ -14,7 +14,7 @@ pub mod pipelines;
 
 use std::sync::Arc;
 
-use buffers::{gpu_err, read_f32, read_i32, BufferPool};
+use buffers::{gpu_err, BufferPool};
 use pipelines::{
     BlockParams, GptqParams, GramParams, GridParams, ModeParams, Pipelines, ScaleParams,
     SweepParams,
@@ -119,6 +119,8 @@ pub struct WgpuDevice {
     pool: BufferPool,
     fault: Arc<buffers::Faults>,
     binding_cap: Option<u64>,
+    /// Largest staging copy of one transfer ([`buffers::STAGING_CHUNK`] unless capped).
+    staging_chunk: u64,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -199,6 +201,7 @@ impl WgpuDevice {
             pool: BufferPool::default(),
             fault,
             binding_cap: None,
+            staging_chunk: buffers::STAGING_CHUNK,
         })
     }
 
@@ -310,6 +313,45 @@ impl WgpuDevice {
         self.binding_cap = Some(bytes.max(16));
     }
 
+    /// Caps the staging copy of one transfer below [`buffers::STAGING_CHUNK`], so chunked
+    /// uploads and readbacks can be exercised (and tested) on small layers.
+    pub fn cap_staging_bytes(&mut self, bytes: u64) {
+        self.staging_chunk = bytes;
+    }
+
+    /// Writes `data` to `dst` at `offset` in staging chunks ([`buffers::write`]).
+    fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
+        buffers::write(
+            &self.device,
+            &self.queue,
+            dst,
+            offset,
+            data,
+            self.staging_chunk,
+        )
+    }
+
+    fn read_f32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
+        buffers::read_f32(&self.device, &self.queue, src, count, self.staging_chunk)
+    }
+
+    fn read_i32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<i32>> {
+        buffers::read_i32(&self.device, &self.queue, src, count, self.staging_chunk)
+    }
+
+    /// Writes `data` to a new device buffer and reads it back, both through the staging chunks.
+    #[doc(hidden)]
+    pub fn roundtrip(&self, data: &[f32]) -> Result<Vec<f32>> {
+        let buf = self
+            .pool
+            .take(&self.device, "roundtrip", (data.len() * 4) as u64);
+        self.write(&buf, 0, bytemuck::cast_slice(data))?;
+        let back = self.read_f32(&buf, data.len());
+        self.pool.give([buf]);
+        self.check_fault()?;
+        back
+    }
+
     /// The Gram matrix of `n`-wide activations streamed as row-major chunks, accumulated on the
     /// device in f32 (`gram.wgsl`) and read back once.
     pub fn gram<I>(&self, n: usize, chunks: I) -> Result<Gram>
@@ -353,8 +395,7 @@ impl WgpuDevice {
                     for (t, r) in (start..end).enumerate() {
                         padded[t * np..t * np + n].copy_from_slice(&chunk[r * n..(r + 1) * n]);
                     }
-                    self.queue
-                        .write_buffer(&x, 0, bytemuck::cast_slice(&padded));
+                    self.write(&x, 0, bytemuck::cast_slice(&padded))?;
                     let params = self.uniform(
                         "gram-params",
                         &GramParams {
@@ -375,7 +416,7 @@ impl WgpuDevice {
                     samples += (end - start) as u64;
                 }
             }
-            let sums = read_f32(&self.device, &self.queue, &g, np * np)?;
+            let sums = self.read_f32(&g, np * np)?;
             self.check_fault()?;
             let mut acc = GramAccumulator::new(n);
             acc.add_partial(&sums, np, samples);
@@ -452,7 +493,13 @@ impl Drop for WgpuLayer {
 }
 
 impl WgpuDevice {
-    fn make_tile(&self, p: &LayerProblem<'_>, g: &wgpu::Buffer, row0: usize, rows: usize) -> Tile {
+    fn make_tile(
+        &self,
+        p: &LayerProblem<'_>,
+        g: &wgpu::Buffer,
+        row0: usize,
+        rows: usize,
+    ) -> Result<Tile> {
         let n = p.grid.cols;
         let groups = p.grid.groups();
         let mn = (rows * n * 4) as u64;
@@ -488,27 +535,24 @@ impl WgpuDevice {
             &bufs[8], &bufs[9],
         );
         let wr = &p.weights[row0 * n..(row0 + rows) * n];
-        self.queue.write_buffer(w, 0, bytemuck::cast_slice(wr));
-        self.queue.write_buffer(
+        self.write(w, 0, bytemuck::cast_slice(wr))?;
+        self.write(
             delta0,
             0,
             bytemuck::cast_slice(&p.grid.delta[row0 * groups..(row0 + rows) * groups]),
-        );
-        self.queue.write_buffer(
+        )?;
+        self.write(
             lo,
             0,
             bytemuck::cast_slice(&p.grid.lo[row0 * groups..(row0 + rows) * groups]),
-        );
+        )?;
         match p.order {
-            Order::PerRow { perm, .. } => self.queue.write_buffer(
+            Order::PerRow { perm, .. } => self.write(
                 order,
                 0,
                 bytemuck::cast_slice(&perm[row0 * n..(row0 + rows) * n]),
-            ),
-            Order::Shared { perm, .. } => {
-                self.queue
-                    .write_buffer(order, 0, bytemuck::cast_slice(perm))
-            }
+            )?,
+            Order::Shared { perm, .. } => self.write(order, 0, bytemuck::cast_slice(perm))?,
             Order::Natural { .. } => {}
         }
         let blocks = match bufs.get(10) {
@@ -664,7 +708,7 @@ impl WgpuDevice {
                 (6, &scp),
             ],
         );
-        Tile {
+        Ok(Tile {
             rows,
             w: 0,
             q: 1,
@@ -683,7 +727,7 @@ impl WgpuDevice {
             scale,
             blocks,
             bufs,
-        }
+        })
     }
 
     fn sweep_kernel(&self, n: usize) -> Kernel {
@@ -711,7 +755,7 @@ impl WgpuDevice {
             }
             self.dispatch(&mut enc, Kernel::Reduce, &t.reduce[red], per_row(t.rows));
             self.submit(enc)?;
-            let part = read_f32(&self.device, &self.queue, t.buf(t.out), t.rows)?;
+            let part = self.read_f32(t.buf(t.out), t.rows)?;
             total += part.iter().map(|&v| v as f64).sum::<f64>();
         }
         self.check_fault()?;
@@ -748,10 +792,10 @@ impl Device for WgpuDevice {
         let tile_rows = ((max / (n as u64 * 4)) as usize).clamp(1, 16 * MAX_GROUPS as usize);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let g = self.pool.take(&self.device, "gram", g_bytes);
-        self.queue.write_buffer(&g, 0, bytemuck::cast_slice(p.gram));
+        self.write(&g, 0, bytemuck::cast_slice(p.gram))?;
         let mut tiles = Vec::new();
         for row0 in (0..rows).step_by(tile_rows) {
-            tiles.push(self.make_tile(p, &g, row0, tile_rows.min(rows - row0)));
+            tiles.push(self.make_tile(p, &g, row0, tile_rows.min(rows - row0))?);
         }
         let oom = pollster::block_on(scope.pop());
         let layer = WgpuLayer {
@@ -850,8 +894,7 @@ impl Device for WgpuDevice {
                     let mut enc = self.encoder("apply-scale");
                     for t in &l.tiles {
                         let v = vec![new; t.rows * l.groups];
-                        self.queue
-                            .write_buffer(t.buf(t.delta), 0, bytemuck::cast_slice(&v));
+                        self.write(t.buf(t.delta), 0, bytemuck::cast_slice(&v))?;
                         self.dispatch(
                             &mut enc,
                             Kernel::ApplyScale,
@@ -871,18 +914,8 @@ impl Device for WgpuDevice {
         let mut codes = Vec::new();
         let mut delta = Vec::new();
         for t in &l.tiles {
-            codes.extend(read_i32(
-                &self.device,
-                &self.queue,
-                t.buf(t.codes),
-                t.rows * l.cols,
-            )?);
-            delta.extend(read_f32(
-                &self.device,
-                &self.queue,
-                t.buf(t.delta),
-                t.rows * l.groups,
-            )?);
+            codes.extend(self.read_i32(t.buf(t.codes), t.rows * l.cols)?);
+            delta.extend(self.read_f32(t.buf(t.delta), t.rows * l.groups)?);
         }
         self.check_fault()?;
         Ok((codes, delta))
@@ -892,16 +925,16 @@ impl Device for WgpuDevice {
         let mut enc = self.encoder("load-codes");
         let (mut row0, n, ng) = (0, l.cols, l.groups);
         for t in &l.tiles {
-            self.queue.write_buffer(
+            self.write(
                 t.buf(t.codes),
                 0,
                 bytemuck::cast_slice(&codes[row0 * n..(row0 + t.rows) * n]),
-            );
-            self.queue.write_buffer(
+            )?;
+            self.write(
                 t.buf(t.delta),
                 0,
                 bytemuck::cast_slice(&delta[row0 * ng..(row0 + t.rows) * ng]),
-            );
+            )?;
             self.dispatch(
                 &mut enc,
                 Kernel::ApplyScale,
@@ -920,9 +953,8 @@ impl Device for WgpuDevice {
         let take = |label: &str, size: u64| l.pool.take(&self.device, label, size);
         let u = take("gptq-u", (n * n * 4) as u64);
         let perm = take("gptq-perm", (n * 4) as u64);
-        self.queue.write_buffer(&u, 0, bytemuck::cast_slice(&f.u));
-        self.queue
-            .write_buffer(&perm, 0, bytemuck::cast_slice(&f.perm));
+        self.write(&u, 0, bytemuck::cast_slice(&f.u))?;
+        self.write(&perm, 0, bytemuck::cast_slice(&f.perm))?;
         let mut enc = self.encoder("gptq");
         for t in &l.tiles {
             let params = self.uniform(
