@@ -88,7 +88,12 @@ step() {
 }
 
 {
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  # The binary's own commit where gpu-prepare.sh recorded it (a copied tree's git may be stale).
+  if [ -f "$(dirname "$bin")/commit.txt" ]; then
+    echo "commit $(cat "$(dirname "$bin")/commit.txt") (binary)"
+  else
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  fi
   echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "host $(uname -srm), $(nproc) cores"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
