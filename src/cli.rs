@@ -662,6 +662,64 @@ fn print_profile(p: &comq_gpu::profile::ProfileReport) {
     );
 }
 
+/// With no output named, the packed checkpoint goes to the working directory as
+/// `<model stem>.<comq|rtn>-w<bits>.safetensors`.
+fn default_out(model: &std::path::Path, config: &QuantConfig) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let suffix = if config.method == Method::Rtn {
+        "rtn"
+    } else {
+        "comq"
+    };
+    PathBuf::from(format!("{stem}.{suffix}-w{}.safetensors", config.bits))
+}
+
+/// The per-layer table of a run (with a search, the held-out errors and the shipped candidate).
+fn print_layer_table(report: &pipeline::RunReport) {
+    // With a search, the held-out errors and the shipped candidate follow.
+    let searched = report.layers.iter().any(|l| l.chosen.is_some());
+    let held = report.layers.iter().any(|l| l.rel_error_holdout.is_some());
+    let extra = match (searched, held) {
+        (true, true) => format!(" {:>12} {:>12}  chosen", "held COMQ", "held RTN"),
+        (true, false) => "  chosen".to_string(),
+        _ => String::new(),
+    };
+    println!(
+        "{:<48} {:>13} {:>12} {:>12} {:>8} {:>8}{extra}",
+        "layer", "shape", "err COMQ", "err RTN", "RTN/COMQ", "seconds"
+    );
+    let sci = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4e}"));
+    for l in &report.layers {
+        let ratio = if l.rel_error > 0.0 {
+            l.rel_error_rtn / l.rel_error
+        } else {
+            f64::INFINITY
+        };
+        let extra = match (searched, held) {
+            (true, true) => format!(
+                " {:>12} {:>12}  {}",
+                sci(l.rel_error_holdout),
+                sci(l.rel_error_holdout_rtn),
+                l.chosen.as_deref().unwrap_or("-")
+            ),
+            (true, false) => format!("  {}", l.chosen.as_deref().unwrap_or("-")),
+            _ => String::new(),
+        };
+        println!(
+            "{:<48} {:>13} {:>12.4e} {:>12.4e} {:>8.2} {:>8.3}{extra}",
+            l.name,
+            format!("{}x{}", l.shape[0], l.shape[1]),
+            l.rel_error,
+            l.rel_error_rtn,
+            ratio,
+            l.seconds
+        );
+    }
+}
+
 fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
     let recipe = a.quant.recipe()?;
     let config = a.quant.config(&recipe)?;
@@ -675,24 +733,8 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
             )));
         }
     }
-    // With no output named, write the packed checkpoint to the working directory.
     let out = match (&a.out, &a.dequantized) {
-        (None, None) => {
-            let stem = a
-                .model
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into());
-            let suffix = if config.method == Method::Rtn {
-                "rtn"
-            } else {
-                "comq"
-            };
-            Some(PathBuf::from(format!(
-                "{stem}.{suffix}-w{}.safetensors",
-                config.bits
-            )))
-        }
+        (None, None) => Some(default_out(&a.model, &config)),
         _ => a.out.clone(),
     };
     let device = a.device.or(parse_enum("device", recipe.device.as_ref())?);
@@ -781,45 +823,7 @@ fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
         }
     }
     if !quiet {
-        // With a search, the held-out errors and the shipped candidate follow.
-        let searched = report.layers.iter().any(|l| l.chosen.is_some());
-        let held = report.layers.iter().any(|l| l.rel_error_holdout.is_some());
-        let extra = match (searched, held) {
-            (true, true) => format!(" {:>12} {:>12}  chosen", "held COMQ", "held RTN"),
-            (true, false) => "  chosen".to_string(),
-            _ => String::new(),
-        };
-        println!(
-            "{:<48} {:>13} {:>12} {:>12} {:>8} {:>8}{extra}",
-            "layer", "shape", "err COMQ", "err RTN", "RTN/COMQ", "seconds"
-        );
-        let sci = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4e}"));
-        for l in &report.layers {
-            let ratio = if l.rel_error > 0.0 {
-                l.rel_error_rtn / l.rel_error
-            } else {
-                f64::INFINITY
-            };
-            let extra = match (searched, held) {
-                (true, true) => format!(
-                    " {:>12} {:>12}  {}",
-                    sci(l.rel_error_holdout),
-                    sci(l.rel_error_holdout_rtn),
-                    l.chosen.as_deref().unwrap_or("-")
-                ),
-                (true, false) => format!("  {}", l.chosen.as_deref().unwrap_or("-")),
-                _ => String::new(),
-            };
-            println!(
-                "{:<48} {:>13} {:>12.4e} {:>12.4e} {:>8.2} {:>8.3}{extra}",
-                l.name,
-                format!("{}x{}", l.shape[0], l.shape[1]),
-                l.rel_error,
-                l.rel_error_rtn,
-                ratio,
-                l.seconds
-            );
-        }
+        print_layer_table(&report);
         let t = &report.totals;
         println!(
             "{} layers, {} weights, mean relative error {:.4e} (RTN {:.4e}) in {:.2} s on {}{}",

@@ -83,110 +83,109 @@ pub const STAGING_CHUNK: u64 = 256 << 20;
 /// readback chunk.
 pub const STAGING_BYTES: u64 = 2 * STAGING_CHUNK;
 
-/// Writes `data` into `dst` at `offset` (both multiples of 4 bytes). Up to [`STAGING_CHUNK`] it
-/// is one `write_buffer`, staged until the next submit like any other; a larger write goes in
-/// chunks, each submitted and waited for before the next is staged, so it never holds more than
-/// one chunk of staging memory. The data lands in the same order relative to other work either
-/// way: before anything submitted after this call.
-pub fn write(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    dst: &wgpu::Buffer,
-    offset: u64,
-    data: &[u8],
+/// The host↔device transfers of one device, in staging chunks of at most `chunk` bytes
+/// ([`STAGING_CHUNK`] on a device as opened). Cloned into every user of the device (the
+/// quantization primitives and the forward pass), so both move data the same way.
+#[derive(Debug, Clone)]
+pub struct Transfers {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
     chunk: u64,
-) -> Result<()> {
-    let chunk = staging_chunk(chunk);
-    if data.len() as u64 <= chunk {
-        if !data.is_empty() {
-            queue.write_buffer(dst, offset, data);
+}
+
+impl Transfers {
+    /// Transfers on `device` through `queue`, in chunks of at most [`STAGING_CHUNK`].
+    pub fn new(device: wgpu::Device, queue: wgpu::Queue) -> Transfers {
+        Transfers {
+            device,
+            queue,
+            chunk: STAGING_CHUNK,
         }
-        return Ok(());
     }
-    for (i, part) in data.chunks(chunk as usize).enumerate() {
-        queue.write_buffer(dst, offset + i as u64 * chunk, part);
-        queue.submit([]);
-        wait(device)?;
-    }
-    Ok(())
-}
 
-/// A staging chunk of at most `bytes`, a positive multiple of wgpu's copy alignment.
-fn staging_chunk(bytes: u64) -> u64 {
-    (bytes / wgpu::COPY_BUFFER_ALIGNMENT * wgpu::COPY_BUFFER_ALIGNMENT)
-        .max(wgpu::COPY_BUFFER_ALIGNMENT)
-}
-
-/// Reads `size` bytes at the start of `src` back to the host, through one staging buffer of at
-/// most `chunk` bytes ([`STAGING_CHUNK`] on a device as opened).
-pub fn read_bytes(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    src: &wgpu::Buffer,
-    size: u64,
-    chunk: u64,
-) -> Result<Vec<u8>> {
-    if size == 0 {
-        return Ok(Vec::new());
+    /// Caps the staging chunk at `bytes`, rounded down to a positive multiple of wgpu's copy
+    /// alignment.
+    pub fn cap_chunk(&mut self, bytes: u64) {
+        self.chunk = (bytes / wgpu::COPY_BUFFER_ALIGNMENT * wgpu::COPY_BUFFER_ALIGNMENT)
+            .max(wgpu::COPY_BUFFER_ALIGNMENT);
     }
-    let chunk = size.min(staging_chunk(chunk));
-    let staging = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("readback"),
-        size: chunk,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut out = Vec::with_capacity(size as usize);
-    let mut at = 0u64;
-    while at < size {
-        let len = (size - at).min(chunk);
-        let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+
+    /// Writes `data` into `dst` at `offset` (both multiples of 4 bytes). Up to the chunk it is
+    /// one `write_buffer`, staged until the next submit like any other; a larger write goes in
+    /// chunks, each submitted and waited for before the next is staged, so it never holds more
+    /// than one chunk of staging memory. The data lands in the same order relative to other work
+    /// either way: before anything submitted after this call.
+    pub fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
+        let chunk = self.chunk;
+        if data.len() as u64 <= chunk {
+            if !data.is_empty() {
+                self.queue.write_buffer(dst, offset, data);
+            }
+            return Ok(());
+        }
+        for (i, part) in data.chunks(chunk as usize).enumerate() {
+            self.queue
+                .write_buffer(dst, offset + i as u64 * chunk, part);
+            self.queue.submit([]);
+            wait(&self.device)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `size` bytes at the start of `src` back to the host, through one staging buffer of
+    /// at most the chunk.
+    pub fn read_bytes(&self, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let (device, queue) = (&self.device, &self.queue);
+        let chunk = size.min(self.chunk);
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
+            size: chunk,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
         });
-        enc.copy_buffer_to_buffer(src, at, &staging, 0, len);
-        queue.submit([enc.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, ..len, move |r| {
-            let _ = tx.send(r);
-        });
-        wait(device)?;
-        rx.recv()
-            .map_err(|_| gpu_err("the readback was never completed (device lost?)".into()))?
-            .map_err(|e| gpu_err(format!("mapping a readback buffer failed: {e}")))?;
-        {
-            let view = staging
-                .get_mapped_range(..len)
-                .map_err(|e| gpu_err(format!("reading a mapped buffer failed: {e}")))?;
-            out.extend_from_slice(&view);
+        let mut out = Vec::with_capacity(size as usize);
+        let mut at = 0u64;
+        while at < size {
+            let len = (size - at).min(chunk);
+            let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
+            enc.copy_buffer_to_buffer(src, at, &staging, 0, len);
+            queue.submit([enc.finish()]);
+            let (tx, rx) = std::sync::mpsc::channel();
+            staging.map_async(wgpu::MapMode::Read, ..len, move |r| {
+                let _ = tx.send(r);
+            });
+            wait(device)?;
+            rx.recv()
+                .map_err(|_| gpu_err("the readback was never completed (device lost?)".into()))?
+                .map_err(|e| gpu_err(format!("mapping a readback buffer failed: {e}")))?;
+            {
+                let view = staging
+                    .get_mapped_range(..len)
+                    .map_err(|e| gpu_err(format!("reading a mapped buffer failed: {e}")))?;
+                out.extend_from_slice(&view);
+            }
+            staging.unmap();
+            at += len;
         }
-        staging.unmap();
-        at += len;
+        Ok(out)
     }
-    Ok(out)
-}
 
-/// Reads `count` f32 values.
-pub fn read_f32(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    src: &wgpu::Buffer,
-    count: usize,
-    chunk: u64,
-) -> Result<Vec<f32>> {
-    let bytes = read_bytes(device, queue, src, (count * 4) as u64, chunk)?;
-    Ok(bytemuck::pod_collect_to_vec(&bytes))
-}
+    /// Reads `count` f32 values.
+    pub fn read_f32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(src, (count * 4) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
 
-/// Reads `count` i32 values.
-pub fn read_i32(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    src: &wgpu::Buffer,
-    count: usize,
-    chunk: u64,
-) -> Result<Vec<i32>> {
-    let bytes = read_bytes(device, queue, src, (count * 4) as u64, chunk)?;
-    Ok(bytemuck::pod_collect_to_vec(&bytes))
+    /// Reads `count` i32 values.
+    pub fn read_i32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<i32>> {
+        let bytes = self.read_bytes(src, (count * 4) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
 }
 
 pub(crate) fn gpu_err(message: String) -> Error {

@@ -53,7 +53,7 @@ pub struct GpuOps {
     pipelines: Pipelines,
     fault: Arc<super::buffers::Faults>,
     max_binding: u64,
-    staging_chunk: u64,
+    io: super::buffers::Transfers,
 }
 
 fn grid(count: usize) -> (u32, u32) {
@@ -71,23 +71,8 @@ impl GpuOps {
             pipelines: d.pipelines.clone(),
             fault: d.fault.clone(),
             max_binding: d.max_binding(),
-            staging_chunk: d.staging_chunk,
+            io: d.io.clone(),
         }
-    }
-
-    fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
-        super::buffers::write(
-            &self.device,
-            &self.queue,
-            dst,
-            offset,
-            data,
-            self.staging_chunk,
-        )
-    }
-
-    fn read_f32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
-        super::buffers::read_f32(&self.device, &self.queue, src, count, self.staging_chunk)
     }
 
     fn check_fault(&self) -> Result<()> {
@@ -203,7 +188,7 @@ impl Ops for GpuOps {
     fn upload(&self, data: &[f32]) -> Result<GpuTensor> {
         let t = self.alloc(data.len())?;
         if !data.is_empty() {
-            self.write(&t.buf, 0, bytemuck::cast_slice(data))?;
+            self.io.write(&t.buf, 0, bytemuck::cast_slice(data))?;
         }
         Ok(t)
     }
@@ -221,7 +206,7 @@ impl Ops for GpuOps {
     }
 
     fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
-        let v = self.read_f32(&t.buf, t.len)?;
+        let v = self.io.read_f32(&t.buf, t.len)?;
         self.check_fault()?;
         Ok(v)
     }
@@ -481,7 +466,7 @@ impl Ops for GpuOps {
 
     fn gram_finish(&self, g: GpuGram) -> Result<Gram> {
         // The only readback.
-        let sums = self.read_f32(&g.g, g.np * g.np)?;
+        let sums = self.io.read_f32(&g.g, g.np * g.np)?;
         self.check_fault()?;
         let mut acc = GramAccumulator::new(g.n);
         acc.add_partial(&sums, g.np, g.samples);

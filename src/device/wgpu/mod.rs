@@ -119,8 +119,8 @@ pub struct WgpuDevice {
     pool: BufferPool,
     fault: Arc<buffers::Faults>,
     binding_cap: Option<u64>,
-    /// Largest staging copy of one transfer ([`buffers::STAGING_CHUNK`] unless capped).
-    staging_chunk: u64,
+    /// Uploads and readbacks, in staging chunks.
+    io: buffers::Transfers,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -192,6 +192,7 @@ impl WgpuDevice {
             info.driver,
             info.driver_info
         );
+        let io = buffers::Transfers::new(device.clone(), queue.clone());
         Ok(WgpuDevice {
             info,
             device,
@@ -201,7 +202,7 @@ impl WgpuDevice {
             pool: BufferPool::default(),
             fault,
             binding_cap: None,
-            staging_chunk: buffers::STAGING_CHUNK,
+            io,
         })
     }
 
@@ -316,27 +317,7 @@ impl WgpuDevice {
     /// Caps the staging copy of one transfer below [`buffers::STAGING_CHUNK`], so chunked
     /// uploads and readbacks can be exercised (and tested) on small layers.
     pub fn cap_staging_bytes(&mut self, bytes: u64) {
-        self.staging_chunk = bytes;
-    }
-
-    /// Writes `data` to `dst` at `offset` in staging chunks ([`buffers::write`]).
-    fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
-        buffers::write(
-            &self.device,
-            &self.queue,
-            dst,
-            offset,
-            data,
-            self.staging_chunk,
-        )
-    }
-
-    fn read_f32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
-        buffers::read_f32(&self.device, &self.queue, src, count, self.staging_chunk)
-    }
-
-    fn read_i32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<i32>> {
-        buffers::read_i32(&self.device, &self.queue, src, count, self.staging_chunk)
+        self.io.cap_chunk(bytes);
     }
 
     /// Writes `data` to a new device buffer and reads it back, both through the staging chunks.
@@ -345,8 +326,8 @@ impl WgpuDevice {
         let buf = self
             .pool
             .take(&self.device, "roundtrip", (data.len() * 4) as u64);
-        self.write(&buf, 0, bytemuck::cast_slice(data))?;
-        let back = self.read_f32(&buf, data.len());
+        self.io.write(&buf, 0, bytemuck::cast_slice(data))?;
+        let back = self.io.read_f32(&buf, data.len());
         self.pool.give([buf]);
         self.check_fault()?;
         back
@@ -395,7 +376,7 @@ impl WgpuDevice {
                     for (t, r) in (start..end).enumerate() {
                         padded[t * np..t * np + n].copy_from_slice(&chunk[r * n..(r + 1) * n]);
                     }
-                    self.write(&x, 0, bytemuck::cast_slice(&padded))?;
+                    self.io.write(&x, 0, bytemuck::cast_slice(&padded))?;
                     let params = self.uniform(
                         "gram-params",
                         &GramParams {
@@ -416,7 +397,7 @@ impl WgpuDevice {
                     samples += (end - start) as u64;
                 }
             }
-            let sums = self.read_f32(&g, np * np)?;
+            let sums = self.io.read_f32(&g, np * np)?;
             self.check_fault()?;
             let mut acc = GramAccumulator::new(n);
             acc.add_partial(&sums, np, samples);
@@ -535,24 +516,24 @@ impl WgpuDevice {
             &bufs[8], &bufs[9],
         );
         let wr = &p.weights[row0 * n..(row0 + rows) * n];
-        self.write(w, 0, bytemuck::cast_slice(wr))?;
-        self.write(
+        self.io.write(w, 0, bytemuck::cast_slice(wr))?;
+        self.io.write(
             delta0,
             0,
             bytemuck::cast_slice(&p.grid.delta[row0 * groups..(row0 + rows) * groups]),
         )?;
-        self.write(
+        self.io.write(
             lo,
             0,
             bytemuck::cast_slice(&p.grid.lo[row0 * groups..(row0 + rows) * groups]),
         )?;
         match p.order {
-            Order::PerRow { perm, .. } => self.write(
+            Order::PerRow { perm, .. } => self.io.write(
                 order,
                 0,
                 bytemuck::cast_slice(&perm[row0 * n..(row0 + rows) * n]),
             )?,
-            Order::Shared { perm, .. } => self.write(order, 0, bytemuck::cast_slice(perm))?,
+            Order::Shared { perm, .. } => self.io.write(order, 0, bytemuck::cast_slice(perm))?,
             Order::Natural { .. } => {}
         }
         let blocks = match bufs.get(10) {
@@ -755,7 +736,7 @@ impl WgpuDevice {
             }
             self.dispatch(&mut enc, Kernel::Reduce, &t.reduce[red], per_row(t.rows));
             self.submit(enc)?;
-            let part = self.read_f32(t.buf(t.out), t.rows)?;
+            let part = self.io.read_f32(t.buf(t.out), t.rows)?;
             total += part.iter().map(|&v| v as f64).sum::<f64>();
         }
         self.check_fault()?;
@@ -792,7 +773,7 @@ impl Device for WgpuDevice {
         let tile_rows = ((max / (n as u64 * 4)) as usize).clamp(1, 16 * MAX_GROUPS as usize);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let g = self.pool.take(&self.device, "gram", g_bytes);
-        self.write(&g, 0, bytemuck::cast_slice(p.gram))?;
+        self.io.write(&g, 0, bytemuck::cast_slice(p.gram))?;
         let mut tiles = Vec::new();
         for row0 in (0..rows).step_by(tile_rows) {
             tiles.push(self.make_tile(p, &g, row0, tile_rows.min(rows - row0))?);
@@ -894,7 +875,7 @@ impl Device for WgpuDevice {
                     let mut enc = self.encoder("apply-scale");
                     for t in &l.tiles {
                         let v = vec![new; t.rows * l.groups];
-                        self.write(t.buf(t.delta), 0, bytemuck::cast_slice(&v))?;
+                        self.io.write(t.buf(t.delta), 0, bytemuck::cast_slice(&v))?;
                         self.dispatch(
                             &mut enc,
                             Kernel::ApplyScale,
@@ -914,8 +895,8 @@ impl Device for WgpuDevice {
         let mut codes = Vec::new();
         let mut delta = Vec::new();
         for t in &l.tiles {
-            codes.extend(self.read_i32(t.buf(t.codes), t.rows * l.cols)?);
-            delta.extend(self.read_f32(t.buf(t.delta), t.rows * l.groups)?);
+            codes.extend(self.io.read_i32(t.buf(t.codes), t.rows * l.cols)?);
+            delta.extend(self.io.read_f32(t.buf(t.delta), t.rows * l.groups)?);
         }
         self.check_fault()?;
         Ok((codes, delta))
@@ -925,12 +906,12 @@ impl Device for WgpuDevice {
         let mut enc = self.encoder("load-codes");
         let (mut row0, n, ng) = (0, l.cols, l.groups);
         for t in &l.tiles {
-            self.write(
+            self.io.write(
                 t.buf(t.codes),
                 0,
                 bytemuck::cast_slice(&codes[row0 * n..(row0 + t.rows) * n]),
             )?;
-            self.write(
+            self.io.write(
                 t.buf(t.delta),
                 0,
                 bytemuck::cast_slice(&delta[row0 * ng..(row0 + t.rows) * ng]),
@@ -953,8 +934,8 @@ impl Device for WgpuDevice {
         let take = |label: &str, size: u64| l.pool.take(&self.device, label, size);
         let u = take("gptq-u", (n * n * 4) as u64);
         let perm = take("gptq-perm", (n * 4) as u64);
-        self.write(&u, 0, bytemuck::cast_slice(&f.u))?;
-        self.write(&perm, 0, bytemuck::cast_slice(&f.perm))?;
+        self.io.write(&u, 0, bytemuck::cast_slice(&f.u))?;
+        self.io.write(&perm, 0, bytemuck::cast_slice(&f.perm))?;
         let mut enc = self.encoder("gptq");
         for t in &l.tiles {
             let params = self.uniform(
