@@ -49,15 +49,17 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    /// Prepares `w`'s runs at `cfg`'s damping and order kind; the GPTQ factor is built when
-    /// `cfg` starts from it.
+    /// Prepares the runs of layer `name` at `cfg`'s damping and order kind (after the same
+    /// input checks as a run); the GPTQ factor is built when `cfg` starts from it.
     pub(crate) fn new(
+        name: &str,
         w: &[f32],
         rows: usize,
         cols: usize,
         gram: &Gram,
         cfg: &QuantConfig,
     ) -> Result<Prepared> {
+        check_inputs(name, w, rows, cols, gram, cfg)?;
         let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
         let h = damped.as_ref().unwrap_or(gram);
         let order = Order::build(cfg.order, w, rows, cols, &h.diag());
@@ -84,6 +86,40 @@ impl Prepared {
     fn fits(&self, cfg: &QuantConfig) -> bool {
         self.damp == cfg.damp && self.order_kind == cfg.order && self.act_order == cfg.act_order
     }
+}
+
+/// Refuses a layer whose options, weight or Gram matrix cannot be quantized, naming it.
+fn check_inputs(
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &Gram,
+    cfg: &QuantConfig,
+) -> Result<()> {
+    cfg.validate()?;
+    cfg.validate_for(name, rows, cols)?;
+    if w.len() != rows * cols {
+        return Err(Error::Shape(format!(
+            "layer '{name}': weight has {} values, expected {rows} × {cols}",
+            w.len()
+        )));
+    }
+    if gram.n != cols {
+        return Err(Error::Shape(format!(
+            "layer '{name}' has {cols} inputs but its Gram matrix is {0} × {0}",
+            gram.n
+        )));
+    }
+    crate::device::check_finite(&format!("weight '{name}'"), w)?;
+    if let Some(index) = gram.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            what: format!("Gram matrix of '{name}'"),
+            value: gram.data[index],
+            index,
+        });
+    }
+    Ok(())
 }
 
 /// A point the driver passed through: the start, or the state after a sweep.
@@ -169,28 +205,7 @@ pub(crate) fn run<D: Device>(
     prepared: Option<&Prepared>,
 ) -> Result<LayerOutcome> {
     let start = Instant::now();
-    cfg.validate()?;
-    cfg.validate_for(name, rows, cols)?;
-    if w.len() != rows * cols {
-        return Err(Error::Shape(format!(
-            "layer '{name}': weight has {} values, expected {rows} × {cols}",
-            w.len()
-        )));
-    }
-    if gram.n != cols {
-        return Err(Error::Shape(format!(
-            "layer '{name}' has {cols} inputs but its Gram matrix is {0} × {0}",
-            gram.n
-        )));
-    }
-    crate::device::check_finite(&format!("weight '{name}'"), w)?;
-    if let Some(index) = gram.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::NonFinite {
-            what: format!("Gram matrix of '{name}'"),
-            value: gram.data[index],
-            index,
-        });
-    }
+    check_inputs(name, w, rows, cols, gram, cfg)?;
 
     let grid = Grid::build(w, rows, cols, cfg);
     let lam = gram.damping(cfg.damp);
@@ -198,7 +213,7 @@ pub(crate) fn run<D: Device>(
     let prep = match prepared.filter(|p| p.fits(cfg)) {
         Some(p) => p,
         None => {
-            own = Prepared::new(w, rows, cols, gram, cfg)?;
+            own = Prepared::new(name, w, rows, cols, gram, cfg)?;
             &own
         }
     };

@@ -177,7 +177,7 @@ pub fn search<D: Device>(
     };
     // The damped Gram, the order and the GPTQ factor of the configured damping, made once for
     // every candidate that runs at it.
-    let prepared = super::comq::Prepared::new(w, rows, cols, gram, cfg)?;
+    let prepared = super::comq::Prepared::new(name, w, rows, cols, gram, cfg)?;
     let mut scorer: Option<Scorer<D>> = None;
     let mut tried = Vec::new();
     let mut best: Option<(f64, usize, LayerOutcome)> = None;
