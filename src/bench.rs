@@ -361,9 +361,9 @@ pub fn write_image_pack(path: &Path, n: usize, side: usize, c: usize) -> Result<
     }
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![n, side, side, c], &px)
-            .map_err(|e| Error::InvalidOption(e.to_string()))?;
+            .map_err(|e| Error::Internal(format!("synthetic image pack: {e}")))?;
     let data = safetensors::serialize([("images", view)], None)
-        .map_err(|e| Error::InvalidOption(e.to_string()))?;
+        .map_err(|e| Error::Internal(format!("synthetic image pack: {e}")))?;
     crate::io::writer::write_atomic(path, &data)
 }
 
@@ -398,15 +398,15 @@ pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
     let _ = std::fs::remove_dir_all(&out);
     let status = status.map_err(|e| Error::io("comq-gpu run", e))?;
     if !status.success() {
-        return Err(Error::InvalidOption(format!(
+        return Err(Error::Bench(format!(
             "the benchmark run on {device} failed ({status})"
         )));
     }
     let text = text.map_err(|e| Error::io(&report, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::InvalidOption(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Bench(format!("report {}: {e}", report.display())))?;
     let profile: crate::profile::ProfileReport = serde_json::from_value(v["profile"].clone())
-        .map_err(|e| Error::InvalidOption(format!("report profile: {e}")))?;
+        .map_err(|e| Error::Bench(format!("report {}: profile: {e}", report.display())))?;
     Ok(E2eRow {
         model: o.shape.clone(),
         blocks,

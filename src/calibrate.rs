@@ -38,6 +38,11 @@ pub enum CalibMode {
     Quantized,
 }
 
+crate::util::value_enum!(CalibMode {
+    Fp = "fp": "Inputs from the full-precision model (the paper's setting)",
+    Quantized = "quantized": "Inputs from the already-quantized prefix (sequential)",
+});
+
 /// Images per device batch during calibration and evaluation, at most.
 pub const BATCH: usize = 32;
 

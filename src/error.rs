@@ -79,6 +79,23 @@ pub enum Error {
     #[error("invalid option: {0}")]
     InvalidOption(String),
 
+    /// A thread of the run's pipeline (the weight reader, the output writer) stopped before its
+    /// work was done; the error that stopped it, if any, is reported in its place.
+    #[error("internal error: the {0} stopped early")]
+    WorkerStopped(&'static str),
+
+    /// A thread of the run's pipeline panicked (a bug: please report it with the log).
+    #[error("internal error: the {0} panicked; please report this with the log (RUST_LOG=debug)")]
+    WorkerPanicked(&'static str),
+
+    /// A broken invariant of comq-gpu itself, never the user's input (a bug: please report it).
+    #[error("internal error: {0}; please report this")]
+    Internal(String),
+
+    /// A benchmark's child run failed or wrote a report that cannot be read.
+    #[error("benchmark: {0}")]
+    Bench(String),
+
     /// A shape that the operation cannot handle (dimension mismatch, empty tensor…).
     #[error("shape error: {0}")]
     Shape(String),

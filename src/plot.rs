@@ -20,14 +20,20 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     ))
 }
 
-/// Draws the chart to `path` (PNG), atomically.
-pub fn plot_errors(path: &Path, title: &str, layers: &[LayerReport]) -> Result<()> {
+/// Refuses a `--plot` path the chart cannot be written to (before a run, not after it).
+pub fn check_path(path: &Path) -> Result<()> {
     if path.extension().is_none_or(|e| e != "png") {
         return Err(Error::InvalidOption(format!(
             "--plot {} must end in .png",
             path.display()
         )));
     }
+    Ok(())
+}
+
+/// Draws the chart to `path` (PNG), atomically.
+pub fn plot_errors(path: &Path, title: &str, layers: &[LayerReport]) -> Result<()> {
+    check_path(path)?;
     REGISTER.call_once(|| {
         if plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
             log::error!("the embedded plot font did not load");

@@ -22,12 +22,15 @@ use std::path::{Path, PathBuf};
 use regex::Regex;
 use serde::Deserialize;
 
+use crate::device::DeviceKind;
 use crate::error::{Error, Result};
 use crate::pipeline::LayerOverride;
+use crate::quant::{Choices, Granularity, Method, OrderKind};
 
-/// A recipe file's contents. Every field is optional. The command line reads every other
-/// top-level key as the flag of the same name (`cli::parse_with_recipe`), so the keys here are
-/// only those the library itself reads.
+/// A recipe file's contents, typed. Every field is optional. The command line applies every
+/// top-level key as the flag of the same name (so a key that is no flag is refused with its
+/// line); a library user reads the quantization keys with [`Recipe::choices`] and the
+/// per-layer rules with [`Recipe::overrides`].
 #[derive(Debug, Default, Clone, Deserialize)]
 pub struct Recipe {
     /// `--bits`.
@@ -38,14 +41,14 @@ pub struct Recipe {
     pub sym: Option<bool>,
     /// `--sweeps`.
     pub sweeps: Option<usize>,
-    /// `--order` (`greedy` or `natural`).
-    pub order: Option<String>,
+    /// `--order` (`greedy`, `natural` or `shared`).
+    pub order: Option<OrderKind>,
     /// `--scale-update`.
     pub scale_update: Option<bool>,
     /// `--granularity` (`channel` or `layer`).
-    pub granularity: Option<String>,
+    pub granularity: Option<Granularity>,
     /// `--method` (`comq` or `rtn`).
-    pub method: Option<String>,
+    pub method: Option<Method>,
     /// `--skip`.
     pub skip: Option<String>,
     /// `--only`.
@@ -55,7 +58,7 @@ pub struct Recipe {
     /// `--data-free`.
     pub data_free: Option<bool>,
     /// `--device` (`auto`, `cpu` or `gpu`).
-    pub device: Option<String>,
+    pub device: Option<DeviceKind>,
     /// `--adapter`.
     pub adapter: Option<String>,
     /// `--max-shard-size` (bytes, or a string such as "5GB", "500MB", "2GiB").
@@ -162,6 +165,21 @@ impl Recipe {
             .map_or(0, |i| i + 1)
     }
 
+    /// The quantization choices this recipe makes (for [`crate::quant::Preset::resolve`]).
+    pub fn choices(&self) -> Choices {
+        Choices {
+            bits: self.bits,
+            sym: self.sym.unwrap_or(false),
+            group_size: self.group_size,
+            sweeps: self.sweeps,
+            order: self.order,
+            scale_update: self.scale_update.unwrap_or(false),
+            granularity: self.granularity,
+            method: self.method,
+            ..Choices::default()
+        }
+    }
+
     /// The per-layer overrides, with their regexes compiled and their values checked (a bad
     /// value names its `[[layer]]` rule, not a flag).
     pub fn overrides(&self) -> Result<Vec<LayerOverride>> {
@@ -206,6 +224,22 @@ mod tests {
         let o = r.overrides().unwrap();
         assert_eq!(o[0].bits, Some(8));
         assert_eq!(o[0].group_size, Some(None));
+    }
+
+    #[test]
+    fn a_recipe_parses_into_typed_choices() {
+        let r = Recipe::parse(
+            "bits = 3\nsym = true\norder = 'shared'\ngranularity = 'layer'\nmethod = 'rtn'\ndevice = 'cpu'\n",
+        )
+        .unwrap();
+        let c = r.choices();
+        assert_eq!((c.bits, c.sym), (Some(3), true));
+        assert_eq!(c.order, Some(OrderKind::Shared));
+        assert_eq!(c.granularity, Some(Granularity::Layer));
+        assert_eq!(c.method, Some(Method::Rtn));
+        assert_eq!(r.device, Some(DeviceKind::Cpu));
+        // A value that is not one of the enum's names is refused when read.
+        assert!(Recipe::parse("order = 'sideways'").is_err());
     }
 
     #[test]

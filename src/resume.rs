@@ -116,14 +116,14 @@ pub fn fingerprint(files: &[&Path], options_json: &str) -> Result<String> {
             h.update(&header);
         }
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::util::hex(&h.finalize()))
 }
 
 /// SHA-256 of a layer's weights as the run read them (f32), the bytes its codes were computed
 /// from.
 pub fn weights_digest(w: &[f32]) -> String {
     let h = Sha256::digest(bytemuck::cast_slice::<f32, u8>(w));
-    h.iter().map(|b| format!("{b:02x}")).collect()
+    crate::util::hex(&h)
 }
 
 impl WorkDir {

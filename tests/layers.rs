@@ -1,7 +1,6 @@
 //! The house stays as built: every `crate::…` reference under `src/` points to the same module or
-//! to a lower layer, so no import circle can come back. The layers, lowest first, and the two
-//! known arrows that run up (without a circle) are written out here; moving a module means
-//! moving it in this table, on purpose.
+//! to a lower layer, so no import circle can come back. The layers, lowest first, are written
+//! out here; moving a module means moving it in this table, on purpose. No arrow runs up.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -28,13 +27,9 @@ const LAYERS: &[(&str, u32)] = &[
     ("bench", 10),
 ];
 
-/// Arrows that run up without closing a circle: (file, the module it uses).
-const ALLOWED_UP: &[(&str, &str)] = &[
-    // The wgpu forward primitives implement the forward pass's `Ops` trait.
-    ("src/device/wgpu/forward.rs", "model"),
-    // Image preprocessing follows the model's `Preprocess`.
-    ("src/io/images.rs", "model"),
-];
+/// Arrows that may run up: (file, the module it uses). None: an arrow up between two top-level
+/// modules is half of a circle, since the lower one is used by the upper one's layer.
+const ALLOWED_UP: &[(&str, &str)] = &[];
 
 fn rs_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {

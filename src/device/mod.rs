@@ -8,6 +8,7 @@
 //! because the trait has an associated state type).
 
 pub mod cpu;
+pub mod ops;
 pub mod wgpu;
 
 pub use cpu::CpuDevice;
@@ -87,7 +88,7 @@ pub trait Device {
 }
 
 /// Which device the user asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
     /// A hardware GPU if there is one, else the CPU.
@@ -98,6 +99,12 @@ pub enum DeviceKind {
     /// wgpu on the best adapter there is (a software one included).
     Gpu,
 }
+
+crate::util::value_enum!(DeviceKind {
+    Auto = "auto",
+    Cpu = "cpu",
+    Gpu = "gpu",
+});
 
 /// A device chosen at run time.
 pub enum AnyDevice {

@@ -11,8 +11,24 @@ use safetensors::Dtype;
 
 use super::safetensors::Model;
 use crate::error::{Error, Result};
-use crate::model::Preprocess;
 use crate::util::rng::SplitMix;
+
+/// How pixels become the model's input tensor.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Preprocess {
+    /// Input channels (1 = grey, 3 = RGB).
+    pub channels: usize,
+    /// Resize so the shorter side has this many pixels (keeping the aspect ratio)...
+    pub resize: usize,
+    /// ...then take the centre `crop × crop` square.
+    pub crop: usize,
+    /// Bicubic (true) or bilinear resampling.
+    pub bicubic: bool,
+    /// Per-channel mean after scaling pixels to [0, 1].
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation.
+    pub std: Vec<f32>,
+}
 
 /// Where one image comes from.
 #[derive(Debug, Clone)]

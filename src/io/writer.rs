@@ -113,7 +113,7 @@ impl SafetensorsWriter {
     fn write_header(&self, metadata: &BTreeMap<String, String>) -> Result<()> {
         let mut json = header_json(&self.tensors, &self.offsets, metadata).into_bytes();
         if json.len() > self.header_capacity {
-            return Err(Error::InvalidOption(format!(
+            return Err(Error::Internal(format!(
                 "metadata for {} exceeds the reserved header space ({} > {} bytes)",
                 self.dest.display(),
                 json.len(),
@@ -131,7 +131,7 @@ impl SafetensorsWriter {
     /// Writes the data of tensor `name` (exactly its planned byte length).
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let &(s, e) = self.offsets.get(name).ok_or_else(|| {
-            Error::InvalidOption(format!("tensor '{name}' is not in the planned output"))
+            Error::Internal(format!("tensor '{name}' is not in the planned output"))
         })?;
         assert_eq!(bytes.len(), e - s, "tensor '{name}' must be written whole");
         self.file()
@@ -149,7 +149,7 @@ impl SafetensorsWriter {
     /// Rewrites the header with `metadata`, syncs and renames the file into place.
     pub fn finish(mut self, metadata: &BTreeMap<String, String>) -> Result<()> {
         if let Some((name, _)) = self.written.iter().find(|(_, &w)| !w) {
-            return Err(Error::InvalidOption(format!(
+            return Err(Error::Internal(format!(
                 "output {} is incomplete: tensor '{name}' was never written",
                 self.dest.display()
             )));
@@ -410,7 +410,7 @@ impl ShardedWriter {
     /// Writes tensor `name`'s bytes into its shard.
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let i = *self.route.get(name).ok_or_else(|| {
-            Error::InvalidOption(format!("tensor '{name}' is not in the planned output"))
+            Error::Internal(format!("tensor '{name}' is not in the planned output"))
         })?;
         self.writers[i].write(name, bytes)
     }

@@ -123,22 +123,8 @@ impl Role {
     }
 }
 
-/// How pixels become the model's input tensor.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Preprocess {
-    /// Input channels (1 = grey, 3 = RGB).
-    pub channels: usize,
-    /// Resize so the shorter side has this many pixels (keeping the aspect ratio)...
-    pub resize: usize,
-    /// ...then take the centre `crop × crop` square.
-    pub crop: usize,
-    /// Bicubic (true) or bilinear resampling.
-    pub bicubic: bool,
-    /// Per-channel mean after scaling pixels to [0, 1].
-    pub mean: Vec<f32>,
-    /// Per-channel standard deviation.
-    pub std: Vec<f32>,
-}
+// How pixels become the input tensor is image data: it lives with the images.
+pub use crate::io::images::Preprocess;
 
 /// Tensor names of one block.
 #[derive(Debug, Clone)]
@@ -295,275 +281,24 @@ impl VitSpec {
     /// absent ones): every value read from them is checked here.
     pub fn detect_with(model: &Checkpoint, config: Value, prep: Option<Value>) -> Result<VitSpec> {
         let path = model.path();
-        let has = |n: &str| model.get(n).is_some();
         let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
-
-        // Family and the prefix its tensors carry.
-        let (family, p) = if has("blocks.0.attn.qkv.weight") || has("blocks.0.attn.proj.weight") {
-            let deit = has("dist_token");
-            (
-                if deit {
-                    Family::TimmDeit
-                } else {
-                    Family::TimmVit
-                },
-                String::new(),
-            )
-        } else {
-            let mut found = None;
-            for p in ["", "vit.", "deit.", "dinov2."] {
-                if has(&format!(
-                    "{p}encoder.layer.0.attention.attention.query.weight"
-                )) {
-                    found = Some(p.to_string());
-                    break;
-                }
-            }
-            let Some(p) = found else {
-                return Err(unknown(
-                    path,
-                    "no ViT block found (looked for 'blocks.0.attn.qkv.weight' and '[vit.|deit.|dinov2.]encoder.layer.0.attention.attention.query.weight')",
-                ));
-            };
-            let family = if has(&format!("{p}encoder.layer.0.layer_scale1.lambda1"))
-                || has(&format!("{p}encoder.layer.0.norm1.weight"))
-            {
-                Family::HfDinov2
-            } else if has(&format!("{p}embeddings.distillation_token")) {
-                Family::HfDeit
-            } else {
-                Family::HfVit
-            };
-            (family, p)
-        };
-        let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
-
-        // Blocks.
-        let mut blocks = Vec::new();
-        loop {
-            let i = blocks.len();
-            let b = if timm {
-                let b = format!("blocks.{i}.");
-                if !has(&format!("{b}attn.proj.weight")) {
-                    break;
-                }
-                BlockNames {
-                    index: i,
-                    norm1: (format!("{b}norm1.weight"), format!("{b}norm1.bias")),
-                    qkv: vec![(Role::Qkv, format!("{b}attn.qkv"))],
-                    proj: format!("{b}attn.proj"),
-                    norm2: (format!("{b}norm2.weight"), format!("{b}norm2.bias")),
-                    fc1: format!("{b}mlp.fc1"),
-                    fc2: format!("{b}mlp.fc2"),
-                    ls: has(&format!("{b}ls1.gamma"))
-                        .then(|| (format!("{b}ls1.gamma"), format!("{b}ls2.gamma"))),
-                }
-            } else {
-                let b = format!("{p}encoder.layer.{i}.");
-                if !has(&format!("{b}attention.output.dense.weight")) {
-                    break;
-                }
-                let a = format!("{b}attention.attention.");
-                let dino = family == Family::HfDinov2;
-                BlockNames {
-                    index: i,
-                    norm1: if dino {
-                        (format!("{b}norm1.weight"), format!("{b}norm1.bias"))
-                    } else {
-                        (
-                            format!("{b}layernorm_before.weight"),
-                            format!("{b}layernorm_before.bias"),
-                        )
-                    },
-                    qkv: vec![
-                        (Role::Query, format!("{a}query")),
-                        (Role::Key, format!("{a}key")),
-                        (Role::Value, format!("{a}value")),
-                    ],
-                    proj: format!("{b}attention.output.dense"),
-                    norm2: if dino {
-                        (format!("{b}norm2.weight"), format!("{b}norm2.bias"))
-                    } else {
-                        (
-                            format!("{b}layernorm_after.weight"),
-                            format!("{b}layernorm_after.bias"),
-                        )
-                    },
-                    fc1: if dino {
-                        format!("{b}mlp.fc1")
-                    } else {
-                        format!("{b}intermediate.dense")
-                    },
-                    fc2: if dino {
-                        format!("{b}mlp.fc2")
-                    } else {
-                        format!("{b}output.dense")
-                    },
-                    ls: (dino && has(&format!("{b}layer_scale1.lambda1"))).then(|| {
-                        (
-                            format!("{b}layer_scale1.lambda1"),
-                            format!("{b}layer_scale2.lambda1"),
-                        )
-                    }),
-                }
-            };
-            blocks.push(b);
-        }
+        let (family, p) = family_of(model)?;
+        let blocks = block_names(model, family, &p);
         let depth = blocks.len();
-
-        // Embeddings.
-        let (patch_embed, tokens, pos_embed, norm) = if timm {
-            let mut tokens = vec!["cls_token".to_string()];
-            if family == Family::TimmDeit {
-                tokens.push("dist_token".into());
-            }
-            let norm = if has("norm.weight") {
-                ("norm.weight".to_string(), "norm.bias".to_string())
-            } else {
-                return Err(unknown(
-                    path,
-                    "no final 'norm.weight' (global average pooling with fc_norm is not supported)",
-                ));
-            };
-            (
-                (
-                    "patch_embed.proj.weight".to_string(),
-                    "patch_embed.proj.bias".to_string(),
-                ),
-                tokens,
-                "pos_embed".to_string(),
-                norm,
-            )
-        } else {
-            let e = format!("{p}embeddings.");
-            let mut tokens = vec![format!("{e}cls_token")];
-            if family == Family::HfDeit {
-                tokens.push(format!("{e}distillation_token"));
-            }
-            (
-                (
-                    format!("{e}patch_embeddings.projection.weight"),
-                    format!("{e}patch_embeddings.projection.bias"),
-                ),
-                tokens,
-                format!("{e}position_embeddings"),
-                (format!("{p}layernorm.weight"), format!("{p}layernorm.bias")),
-            )
-        };
-        let mut required: Vec<String> = vec![
-            patch_embed.0.clone(),
-            pos_embed.clone(),
-            norm.0.clone(),
-            norm.1.clone(),
-        ];
-        required.extend(tokens.iter().cloned());
-        for b in &blocks {
-            for n in [&b.norm1.0, &b.norm1.1, &b.norm2.0, &b.norm2.1] {
-                required.push(n.clone());
-            }
-            for (_, l) in b.linears() {
-                required.push(format!("{l}.weight"));
-            }
-            if let Some((a, c)) = &b.ls {
-                required.push(a.clone());
-                required.push(c.clone());
-            }
-        }
-        if let Some(m) = required.iter().find(|n| !has(n)) {
-            return Err(unknown(
-                path,
-                format!("looks like {family} but has no tensor '{m}'"),
-            ));
-        }
-
-        let pe = shape(&patch_embed.0);
-        if pe.len() != 4 || pe[2] != pe[3] {
-            return Err(unknown(
-                path,
-                format!(
-                    "patch embedding '{}' has shape {pe:?}, expected [dim, channels, p, p]",
-                    patch_embed.0
-                ),
-            ));
-        }
-        let (dim, channels, patch) = (pe[0], pe[1], pe[2]);
+        let (patch_embed, tokens, pos_embed, norm) = embeddings(model, family, &p)?;
+        check_present(
+            model,
+            family,
+            &[&patch_embed.0, &pos_embed, &norm.0, &norm.1],
+            &tokens,
+            &blocks,
+        )?;
+        let (dim, channels, patch, pos_grid) =
+            geometry(model, &patch_embed.0, &pos_embed, tokens.len())?;
         let prefix_tokens = tokens.len();
-        let pos = shape(&pos_embed);
-        let grid_tokens = pos.iter().product::<usize>() / dim.max(1);
-        let grid_sq = grid_tokens.saturating_sub(prefix_tokens);
-        let pos_grid = (grid_sq as f64).sqrt().round() as usize;
-        if pos.last() != Some(&dim) || pos_grid * pos_grid != grid_sq || pos_grid == 0 {
-            return Err(unknown(
-                path,
-                format!(
-                    "position embedding '{pos_embed}' has shape {pos:?}; expected [1, {prefix_tokens} + g², {dim}]"
-                ),
-            ));
-        }
-        let w = |n: &str| shape(&format!("{n}.weight"));
-        let mlp = w(&blocks[0].fc1)[0];
-        for b in &blocks {
-            for (role, l) in b.linears() {
-                let s = w(&l);
-                let want = match role {
-                    Role::Qkv => [3 * dim, dim],
-                    Role::Query | Role::Key | Role::Value | Role::Proj => [dim, dim],
-                    Role::Fc1 => [mlp, dim],
-                    Role::Fc2 => [dim, mlp],
-                };
-                if s != want {
-                    return Err(unknown(
-                        path,
-                        format!("'{l}.weight' has shape {s:?}, expected {want:?} for width {dim}"),
-                    ));
-                }
-            }
-        }
-
+        let mlp = linear_widths(model, &blocks, dim)?;
         let (heads, eps) = hyper_params(path, &config, family, dim)?;
-
-        // Head.
-        let head_name = |n: &str| has(&format!("{n}.weight")).then(|| n.to_string());
-        let head = if timm {
-            match (head_name("head"), head_name("head_dist")) {
-                (Some(h), Some(d)) => Head::ClsDist(h, d),
-                (Some(h), None) => Head::Cls(h),
-                _ => Head::None,
-            }
-        } else if family == Family::HfDeit {
-            match (
-                head_name("cls_classifier"),
-                head_name("distillation_classifier"),
-                head_name("classifier"),
-            ) {
-                (Some(h), Some(d), _) => Head::ClsDist(h, d),
-                (_, _, Some(h)) => Head::Cls(h),
-                _ => Head::None,
-            }
-        } else {
-            match head_name("classifier") {
-                Some(h) if w(&h).get(1) == Some(&(2 * dim)) => Head::ClsMean(h),
-                Some(h) => Head::Cls(h),
-                None => Head::None,
-            }
-        };
-        let num_classes = match &head {
-            Head::None => 0,
-            Head::Cls(h) | Head::ClsDist(h, _) | Head::ClsMean(h) => w(h)[0],
-        };
-        let want_in = if matches!(head, Head::ClsMean(_)) {
-            2 * dim
-        } else {
-            dim
-        };
-        if let Head::Cls(h) | Head::ClsDist(h, _) | Head::ClsMean(h) = &head {
-            if w(h).get(1) != Some(&want_in) {
-                return Err(unknown(
-                    path,
-                    format!("classifier '{h}.weight' has shape {:?}", w(h)),
-                ));
-            }
-        }
+        let (head, num_classes) = head_of(model, family, dim)?;
         let labels = label_names(&config, num_classes);
 
         let preprocess = preprocess(family, channels, pos_grid * patch, &config, prep.as_ref())
@@ -676,6 +411,332 @@ impl VitSpec {
 
 /// The head count and the LayerNorm epsilon, from `config.json` when present, else the family's
 /// conventions; a head count that cannot be inferred safely is an error naming the key.
+/// The family of `model` and the prefix its tensors carry (`vit.`, `dinov2.`…).
+fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
+    let path = model.path();
+    let has = |n: &str| model.get(n).is_some();
+    let (family, p) = if has("blocks.0.attn.qkv.weight") || has("blocks.0.attn.proj.weight") {
+        let deit = has("dist_token");
+        (
+            if deit {
+                Family::TimmDeit
+            } else {
+                Family::TimmVit
+            },
+            String::new(),
+        )
+    } else {
+        let mut found = None;
+        for p in ["", "vit.", "deit.", "dinov2."] {
+            if has(&format!(
+                "{p}encoder.layer.0.attention.attention.query.weight"
+            )) {
+                found = Some(p.to_string());
+                break;
+            }
+        }
+        let Some(p) = found else {
+            return Err(unknown(
+                path,
+                "no ViT block found (looked for 'blocks.0.attn.qkv.weight' and '[vit.|deit.|dinov2.]encoder.layer.0.attention.attention.query.weight')",
+            ));
+        };
+        let family = if has(&format!("{p}encoder.layer.0.layer_scale1.lambda1"))
+            || has(&format!("{p}encoder.layer.0.norm1.weight"))
+        {
+            Family::HfDinov2
+        } else if has(&format!("{p}embeddings.distillation_token")) {
+            Family::HfDeit
+        } else {
+            Family::HfVit
+        };
+        (family, p)
+    };
+    Ok((family, p))
+}
+
+/// The tensor names of every block, from block 0 until one is missing.
+fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
+    let has = |n: &str| model.get(n).is_some();
+    let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
+    let mut blocks = Vec::new();
+    loop {
+        let i = blocks.len();
+        let b = if timm {
+            let b = format!("blocks.{i}.");
+            if !has(&format!("{b}attn.proj.weight")) {
+                break;
+            }
+            BlockNames {
+                index: i,
+                norm1: (format!("{b}norm1.weight"), format!("{b}norm1.bias")),
+                qkv: vec![(Role::Qkv, format!("{b}attn.qkv"))],
+                proj: format!("{b}attn.proj"),
+                norm2: (format!("{b}norm2.weight"), format!("{b}norm2.bias")),
+                fc1: format!("{b}mlp.fc1"),
+                fc2: format!("{b}mlp.fc2"),
+                ls: has(&format!("{b}ls1.gamma"))
+                    .then(|| (format!("{b}ls1.gamma"), format!("{b}ls2.gamma"))),
+            }
+        } else {
+            let b = format!("{p}encoder.layer.{i}.");
+            if !has(&format!("{b}attention.output.dense.weight")) {
+                break;
+            }
+            let a = format!("{b}attention.attention.");
+            let dino = family == Family::HfDinov2;
+            BlockNames {
+                index: i,
+                norm1: if dino {
+                    (format!("{b}norm1.weight"), format!("{b}norm1.bias"))
+                } else {
+                    (
+                        format!("{b}layernorm_before.weight"),
+                        format!("{b}layernorm_before.bias"),
+                    )
+                },
+                qkv: vec![
+                    (Role::Query, format!("{a}query")),
+                    (Role::Key, format!("{a}key")),
+                    (Role::Value, format!("{a}value")),
+                ],
+                proj: format!("{b}attention.output.dense"),
+                norm2: if dino {
+                    (format!("{b}norm2.weight"), format!("{b}norm2.bias"))
+                } else {
+                    (
+                        format!("{b}layernorm_after.weight"),
+                        format!("{b}layernorm_after.bias"),
+                    )
+                },
+                fc1: if dino {
+                    format!("{b}mlp.fc1")
+                } else {
+                    format!("{b}intermediate.dense")
+                },
+                fc2: if dino {
+                    format!("{b}mlp.fc2")
+                } else {
+                    format!("{b}output.dense")
+                },
+                ls: (dino && has(&format!("{b}layer_scale1.lambda1"))).then(|| {
+                    (
+                        format!("{b}layer_scale1.lambda1"),
+                        format!("{b}layer_scale2.lambda1"),
+                    )
+                }),
+            }
+        };
+        blocks.push(b);
+    }
+    blocks
+}
+
+/// The patch embedding (weight, bias), the prefix tokens, the position embedding and the final
+/// LayerNorm (weight, bias) of `family`.
+#[allow(clippy::type_complexity)]
+fn embeddings(
+    model: &Checkpoint,
+    family: Family,
+    p: &str,
+) -> Result<((String, String), Vec<String>, String, (String, String))> {
+    let path = model.path();
+    let has = |n: &str| model.get(n).is_some();
+    let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
+    Ok(if timm {
+        let mut tokens = vec!["cls_token".to_string()];
+        if family == Family::TimmDeit {
+            tokens.push("dist_token".into());
+        }
+        let norm = if has("norm.weight") {
+            ("norm.weight".to_string(), "norm.bias".to_string())
+        } else {
+            return Err(unknown(
+                path,
+                "no final 'norm.weight' (global average pooling with fc_norm is not supported)",
+            ));
+        };
+        (
+            (
+                "patch_embed.proj.weight".to_string(),
+                "patch_embed.proj.bias".to_string(),
+            ),
+            tokens,
+            "pos_embed".to_string(),
+            norm,
+        )
+    } else {
+        let e = format!("{p}embeddings.");
+        let mut tokens = vec![format!("{e}cls_token")];
+        if family == Family::HfDeit {
+            tokens.push(format!("{e}distillation_token"));
+        }
+        (
+            (
+                format!("{e}patch_embeddings.projection.weight"),
+                format!("{e}patch_embeddings.projection.bias"),
+            ),
+            tokens,
+            format!("{e}position_embeddings"),
+            (format!("{p}layernorm.weight"), format!("{p}layernorm.bias")),
+        )
+    })
+}
+
+/// Refuses a model of `family` that lacks one of the tensors the forward pass reads.
+fn check_present(
+    model: &Checkpoint,
+    family: Family,
+    named: &[&String],
+    tokens: &[String],
+    blocks: &[BlockNames],
+) -> Result<()> {
+    let path = model.path();
+    let has = |n: &str| model.get(n).is_some();
+    let mut required: Vec<String> = named.iter().map(|n| n.to_string()).collect();
+    required.extend(tokens.iter().cloned());
+    for b in blocks {
+        for n in [&b.norm1.0, &b.norm1.1, &b.norm2.0, &b.norm2.1] {
+            required.push(n.clone());
+        }
+        for (_, l) in b.linears() {
+            required.push(format!("{l}.weight"));
+        }
+        if let Some((a, c)) = &b.ls {
+            required.push(a.clone());
+            required.push(c.clone());
+        }
+    }
+    if let Some(m) = required.iter().find(|n| !has(n)) {
+        return Err(unknown(
+            path,
+            format!("looks like {family} but has no tensor '{m}'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Width, channels and patch size from the patch embedding, and the side of the position
+/// embedding's grid (with `prefix_tokens` tokens before it).
+fn geometry(
+    model: &Checkpoint,
+    patch_embed: &str,
+    pos_embed: &str,
+    prefix_tokens: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let path = model.path();
+    let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
+    let pe = shape(patch_embed);
+    if pe.len() != 4 || pe[2] != pe[3] {
+        return Err(unknown(
+            path,
+            format!(
+                "patch embedding '{}' has shape {pe:?}, expected [dim, channels, p, p]",
+                patch_embed
+            ),
+        ));
+    }
+    let (dim, channels, patch) = (pe[0], pe[1], pe[2]);
+    let pos = shape(pos_embed);
+    let grid_tokens = pos.iter().product::<usize>() / dim.max(1);
+    let grid_sq = grid_tokens.saturating_sub(prefix_tokens);
+    let pos_grid = (grid_sq as f64).sqrt().round() as usize;
+    if pos.last() != Some(&dim) || pos_grid * pos_grid != grid_sq || pos_grid == 0 {
+        return Err(unknown(
+            path,
+            format!(
+                "position embedding '{pos_embed}' has shape {pos:?}; expected [1, {prefix_tokens} + g², {dim}]"
+            ),
+        ));
+    }
+    Ok((dim, channels, patch, pos_grid))
+}
+
+/// Refuses a block linear whose shape does not fit width `dim`; returns the MLP width.
+fn linear_widths(model: &Checkpoint, blocks: &[BlockNames], dim: usize) -> Result<usize> {
+    let path = model.path();
+    let w = |n: &str| {
+        model
+            .get(&format!("{n}.weight"))
+            .map(|t| t.shape.clone())
+            .unwrap_or_default()
+    };
+    let mlp = w(&blocks[0].fc1)[0];
+    for b in blocks {
+        for (role, l) in b.linears() {
+            let s = w(&l);
+            let want = match role {
+                Role::Qkv => [3 * dim, dim],
+                Role::Query | Role::Key | Role::Value | Role::Proj => [dim, dim],
+                Role::Fc1 => [mlp, dim],
+                Role::Fc2 => [dim, mlp],
+            };
+            if s != want {
+                return Err(unknown(
+                    path,
+                    format!("'{l}.weight' has shape {s:?}, expected {want:?} for width {dim}"),
+                ));
+            }
+        }
+    }
+    Ok(mlp)
+}
+
+/// The classifier head of `family` and its number of classes (0 without one).
+fn head_of(model: &Checkpoint, family: Family, dim: usize) -> Result<(Head, usize)> {
+    let path = model.path();
+    let has = |n: &str| model.get(n).is_some();
+    let w = |n: &str| {
+        model
+            .get(&format!("{n}.weight"))
+            .map(|t| t.shape.clone())
+            .unwrap_or_default()
+    };
+    let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
+    let head_name = |n: &str| has(&format!("{n}.weight")).then(|| n.to_string());
+    let head = if timm {
+        match (head_name("head"), head_name("head_dist")) {
+            (Some(h), Some(d)) => Head::ClsDist(h, d),
+            (Some(h), None) => Head::Cls(h),
+            _ => Head::None,
+        }
+    } else if family == Family::HfDeit {
+        match (
+            head_name("cls_classifier"),
+            head_name("distillation_classifier"),
+            head_name("classifier"),
+        ) {
+            (Some(h), Some(d), _) => Head::ClsDist(h, d),
+            (_, _, Some(h)) => Head::Cls(h),
+            _ => Head::None,
+        }
+    } else {
+        match head_name("classifier") {
+            Some(h) if w(&h).get(1) == Some(&(2 * dim)) => Head::ClsMean(h),
+            Some(h) => Head::Cls(h),
+            None => Head::None,
+        }
+    };
+    let num_classes = match &head {
+        Head::None => 0,
+        Head::Cls(h) | Head::ClsDist(h, _) | Head::ClsMean(h) => w(h)[0],
+    };
+    let want_in = if matches!(head, Head::ClsMean(_)) {
+        2 * dim
+    } else {
+        dim
+    };
+    if let Head::Cls(h) | Head::ClsDist(h, _) | Head::ClsMean(h) = &head {
+        if w(h).get(1) != Some(&want_in) {
+            return Err(unknown(
+                path,
+                format!("classifier '{h}.weight' has shape {:?}", w(h)),
+            ));
+        }
+    }
+    Ok((head, num_classes))
+}
+
 fn hyper_params(path: &Path, config: &Value, family: Family, dim: usize) -> Result<(usize, f32)> {
     // Hyper-parameters from config.json when present, else the family's conventions.
     let args = config.get("model_args").unwrap_or(config);

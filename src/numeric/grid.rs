@@ -85,7 +85,7 @@ impl ScaleDtype {
 }
 
 /// How many scales a tensor has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
     /// One scale per output row (per group with `group_size`).
@@ -94,6 +94,11 @@ pub enum Granularity {
     /// One scale for the whole tensor (spec a.5).
     Layer,
 }
+
+crate::util::value_enum!(Granularity {
+    Channel = "channel",
+    Layer = "layer",
+});
 
 /// The dtype scales are stored in; steps are rounded to it before optimisation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]

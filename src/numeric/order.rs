@@ -12,7 +12,7 @@
 //! (`R −= D·G[block, :]`), the form GPTQ's lazy batches use. See `ARCHITECTURE.md`.
 
 /// The order in which each row's coordinates are visited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OrderKind {
     /// Per row, by `|W_ij|·sqrt(G_jj)` descending (spec a.6); what the paper's results use.
@@ -24,6 +24,12 @@ pub enum OrderKind {
     /// residual updates are matrix products (much faster; usually a little less accurate).
     Shared,
 }
+
+crate::util::value_enum!(OrderKind {
+    Greedy = "greedy",
+    Natural = "natural",
+    Shared = "shared",
+});
 
 /// Columns per block of the shared-order sweep, on every device (the GPU keeps the block's
 /// `G` corner, `64 × 64` f32 = 16 KiB, in workgroup memory).

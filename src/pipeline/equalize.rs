@@ -6,7 +6,7 @@ use super::vision::Vision;
 use crate::calibrate::CalibMode;
 use crate::error::Error;
 use crate::error::Result;
-use crate::io::Checkpoint;
+use crate::io::{dtype, Checkpoint};
 use crate::quant::Gram;
 use std::collections::HashMap;
 
@@ -93,4 +93,71 @@ pub(super) fn site_scales(
         &all,
         crate::quant::equalize::ALPHA,
     ))
+}
+
+/// A LayerNorm tensor divided by its site's scales, for both outputs and the evaluation.
+pub(super) struct Folded {
+    /// The tensor's name.
+    pub(super) name: String,
+    /// Its bytes in the input's dtype.
+    pub(super) bytes: Vec<u8>,
+    /// Its values.
+    pub(super) values: Vec<f32>,
+}
+
+/// The layer `current` of `site` with the site's scales applied: its weights' columns and its
+/// Gram matrices scaled. The first layer of a site to arrive computes the scales (into
+/// `scales`, by LayerNorm weight name) and returns the divided LayerNorm tensors to write;
+/// later layers of the site reuse them and return none.
+#[allow(clippy::type_complexity)]
+pub(super) fn fold(
+    model: &Checkpoint,
+    site: &EqSite,
+    scales: &mut HashMap<String, Vec<f32>>,
+    current: &str,
+    w: Vec<f32>,
+    gram: Gram,
+    held: Option<Gram>,
+) -> Result<(Vec<f32>, Gram, Option<Gram>, Vec<Folded>)> {
+    use crate::quant::equalize::{divide, scale_columns, scale_gram};
+    let key = site.norm.0.clone();
+    let mut folded = Vec::new();
+    if !scales.contains_key(&key) {
+        let s = site_scales(model, site, &gram, current, &w)?;
+        for name in [&site.norm.0, &site.norm.1] {
+            let Some(meta) = model.tensors().iter().find(|t| &t.name == name) else {
+                continue;
+            };
+            let values = divide(&model.read_f32(meta)?, &s);
+            let bytes = dtype::from_f32(meta.dtype, &values).ok_or_else(|| {
+                Error::InvalidOption(format!(
+                    "--equalize: LayerNorm tensor '{name}' is not a float tensor"
+                ))
+            })?;
+            folded.push(Folded {
+                name: name.clone(),
+                bytes,
+                values,
+            });
+        }
+        scales.insert(key.clone(), s);
+    }
+    let s = &scales[&key];
+    Ok((
+        scale_columns(&w, s),
+        scale_gram(&gram, s),
+        held.map(|h| scale_gram(&h, s)),
+        folded,
+    ))
+}
+
+/// The LayerNorm tensors of `sites`, held back from the pass-through until their scales are
+/// known.
+pub(super) fn deferred_norms(
+    sites: &HashMap<String, EqSite>,
+) -> std::collections::BTreeSet<String> {
+    sites
+        .values()
+        .flat_map(|site| [site.norm.0.clone(), site.norm.1.clone()])
+        .collect()
 }

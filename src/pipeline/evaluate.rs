@@ -47,3 +47,33 @@ pub(super) fn evaluate(
         rows,
     })
 }
+
+/// The evaluation stage of a run: the rows of [`evaluate`] with `--eval`, else none.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn evaluate_run(
+    opts: &super::RunOptions,
+    vision: Option<&Vision>,
+    engine: Option<&Engine>,
+    model: &Checkpoint,
+    mixed: Option<&super::mixed::MixedPrecision>,
+    rtn_weights: &Overrides,
+    comq_weights: &Overrides,
+    profile: &crate::profile::Profile,
+    progress: &mut dyn FnMut(super::Progress<'_>),
+) -> Result<Option<EvalReport>> {
+    let (Some(v), Some(e), Some(eo)) = (vision, engine, &opts.eval) else {
+        return Ok(None);
+    };
+    let t = std::time::Instant::now();
+    progress(super::Progress::Stage {
+        name: "evaluation images",
+        stage: "evaluate",
+    });
+    let bits = match mixed {
+        Some(m) => format!("{:.2} mixed", m.average_bits),
+        None => opts.config.bits.to_string(),
+    };
+    let report = evaluate(v, e, eo, model, &bits, rtn_weights, comq_weights)?;
+    profile.add("evaluate", t.elapsed().as_secs_f64());
+    Ok(Some(report))
+}

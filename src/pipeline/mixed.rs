@@ -119,3 +119,36 @@ pub(super) fn allocate_bits(
         probed: costs.into_iter().map(|c| c.errors).collect(),
     })
 }
+
+/// `--target-bits`: probes every job and sets each one's width to the allocation's (none
+/// without the option).
+pub(super) fn probe(
+    opts: &RunOptions,
+    inputs: &mut super::inputs::Inputs,
+    device: &AnyDevice,
+    profile: &crate::profile::Profile,
+    progress: &mut dyn FnMut(super::Progress<'_>),
+) -> Result<Option<MixedPrecision>> {
+    let Some(target) = opts.target_bits else {
+        return Ok(None);
+    };
+    progress(super::Progress::Stage {
+        name: "mixed precision",
+        stage: "probe",
+    });
+    let t = std::time::Instant::now();
+    let a = allocate_bits(
+        opts,
+        &inputs.model,
+        inputs.calib.as_ref(),
+        inputs.vision.as_ref(),
+        device,
+        &inputs.jobs,
+        target,
+    )?;
+    for (j, &b) in inputs.jobs.iter_mut().zip(&a.bits) {
+        j.config.bits = b;
+    }
+    profile.add("probe", t.elapsed().as_secs_f64());
+    Ok(Some(a))
+}

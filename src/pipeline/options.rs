@@ -211,6 +211,51 @@ pub struct RunOptions {
     pub profile: bool,
 }
 
+impl Default for Selection {
+    /// Every 2-D float `.weight` tensor but the default skip pattern's.
+    fn default() -> Selection {
+        Selection {
+            only: None,
+            skip: Some(Regex::new(DEFAULT_SKIP).expect("default skip pattern is valid")),
+        }
+    }
+}
+
+impl RunOptions {
+    /// A run of `model` with a preset's resolved options and every other option at its
+    /// default: no calibration file, the default selection, no outputs named, the device
+    /// chosen automatically, nothing resumed, verified, evaluated or profiled.
+    pub fn new(model: PathBuf, resolved: crate::quant::Resolved) -> RunOptions {
+        RunOptions {
+            model,
+            calib: None,
+            data_free: false,
+            config: resolved.config,
+            selection: Selection::default(),
+            out: None,
+            dequantized: None,
+            report: None,
+            plot: None,
+            recipe: None,
+            device: DeviceKind::Auto,
+            adapter: None,
+            max_shard_size: DEFAULT_MAX_SHARD_BYTES,
+            overrides: Vec::new(),
+            resume: false,
+            work_dir: None,
+            verify_cpu: 0,
+            memory_limit: None,
+            images: None,
+            eval: None,
+            search: resolved.search,
+            holdout: resolved.holdout,
+            target_bits: None,
+            equalize: false,
+            profile: false,
+        }
+    }
+}
+
 /// `Some(held-out images?)` when every layer runs a candidate search (for the memory plan).
 pub(super) fn search_state(opts: &RunOptions) -> Option<bool> {
     opts.search

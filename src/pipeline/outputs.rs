@@ -183,6 +183,20 @@ pub(super) fn write_side_files(
     Ok(())
 }
 
+/// With no output named, the packed checkpoint goes to the working directory as
+/// `<model stem>.<comq|rtn>-w<bits>.safetensors`.
+pub fn default_out(model: &Path, config: &crate::quant::QuantConfig) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let suffix = match config.method {
+        crate::quant::Method::Rtn => "rtn",
+        crate::quant::Method::Comq => "comq",
+    };
+    PathBuf::from(format!("{stem}.{suffix}-w{}.safetensors", config.bits))
+}
+
 /// Opens the packed (`--out`) and dequantized (`--dequantized`) writers with every tensor
 /// planned: the packed one lays each job's weight out as compressed-tensors tensors, the
 /// dequantized one keeps the input's names, shapes and dtypes.
@@ -304,4 +318,32 @@ pub(super) fn finish_writers(
         )?;
     }
     Ok((outputs, written))
+}
+
+/// Opens both outputs (see [`open_writers`]) and writes every pass-through tensor straight
+/// from the input map: all but the jobs' weights and the LayerNorms that `--equalize` folds
+/// (`deferred`), which are written once their scales are known.
+pub(super) fn open_outputs(
+    opts: &RunOptions,
+    model: &Checkpoint,
+    jobs: &[Job],
+    deferred: &std::collections::BTreeSet<String>,
+    meta: &BTreeMap<String, String>,
+    profile: &crate::profile::Profile,
+) -> Result<(Option<ShardedWriter>, Option<ShardedWriter>)> {
+    let (mut packed, mut dequant) = open_writers(opts, model, jobs, meta)?;
+    let t = std::time::Instant::now();
+    for t in model.tensors() {
+        if jobs.iter().any(|j| j.meta.name == t.name) || deferred.contains(&t.name) {
+            continue;
+        }
+        for w in [packed.as_mut(), dequant.as_mut()].into_iter().flatten() {
+            w.write(&t.name, model.bytes(t))?;
+        }
+        model.release(t);
+    }
+    let pass = t.elapsed().as_secs_f64();
+    profile.add("write", pass);
+    profile.add("write wait", pass);
+    Ok((packed, dequant))
 }

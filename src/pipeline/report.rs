@@ -150,7 +150,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::util::hex(&h.finalize()))
 }
 
 pub(super) fn provenance(

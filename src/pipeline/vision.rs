@@ -165,3 +165,23 @@ pub(super) fn job_grams(
     };
     Ok((gram, held))
 }
+
+/// The calibrators of an images run, started (none without `--images`).
+pub(super) fn open_calibrators<'a>(
+    opts: &RunOptions,
+    vision: Option<&'a Vision>,
+    engine: Option<&'a Engine>,
+    model: &'a Checkpoint,
+    profile: &Arc<Profile>,
+    progress: &mut dyn FnMut(super::Progress<'_>),
+) -> Result<super::stream::RawCalibrators<'a>> {
+    let (Some(v), Some(e), Some(io)) = (vision, engine, &opts.images) else {
+        return Ok((None, None));
+    };
+    progress(super::Progress::Stage {
+        name: "calibration images",
+        stage: "embed",
+    });
+    let (g, h) = v.calibrators(e, model, io.mode, profile)?;
+    Ok((Some(g), h))
+}

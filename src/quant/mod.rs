@@ -16,6 +16,7 @@ mod any;
 pub mod comq;
 pub mod equalize;
 mod grid_build;
+pub mod preset;
 pub mod search;
 pub mod synth;
 
@@ -26,6 +27,7 @@ pub use crate::numeric::order::OrderKind;
 pub use crate::numeric::{gptq, gram, grid, linalg, order};
 
 pub use comq::{quantize_layer, LayerOutcome};
+pub use preset::{Choices, Preset, Resolved, Scalar};
 
 /// [`quantize_layer`] on a run-time chosen device.
 pub fn quantize_layer_any(
@@ -51,7 +53,7 @@ pub use order::Order;
 use crate::error::{Error, Result};
 
 /// Which algorithm produces the codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Coordinate-descent COMQ (the default).
@@ -60,6 +62,11 @@ pub enum Method {
     /// Round to nearest on the same grid: the baseline every report compares against.
     Rtn,
 }
+
+crate::util::value_enum!(Method {
+    Comq = "comq",
+    Rtn = "rtn",
+});
 
 /// Where the coordinate sweeps start from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -74,6 +81,12 @@ pub enum Init {
     /// factor of the damped inverse of `G` ([`gptq`]).
     Gptq,
 }
+
+crate::util::value_enum!(Init {
+    W = "w",
+    Rtn = "rtn",
+    Gptq = "gptq",
+});
 
 /// Every option that changes the numbers a quantization produces.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -108,7 +121,8 @@ pub struct QuantConfig {
 }
 
 impl Default for QuantConfig {
-    /// The official code's defaults: 4 bits, per-channel asymmetric, scalar 1, one greedy sweep.
+    /// The official code's defaults (what [`Preset::Paper`] resolves to with no choices; the
+    /// tool's own recipe is [`Preset::Default`]): 4 bits, per-channel asymmetric, scalar 1, one greedy sweep.
     fn default() -> Self {
         QuantConfig {
             bits: 4,

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use super::buffers::gpu_err;
 use super::pipelines::{GramParams, Pipelines, VitParams};
 use super::{WgpuDevice, MAX_GROUPS};
+use crate::device::ops::Ops;
 use crate::error::Result;
-use crate::model::forward::Ops;
 use crate::numeric::gram::{Gram, GramAccumulator};
 use crate::shaders::Kernel;
 

@@ -1,0 +1,72 @@
+//! The first stage of a run: open and check everything before any compute — the model, the
+//! outputs against the inputs (and lock them), the calibration file, the job list, the image
+//! sets, the device, and whether the largest layer and the calibration fit in memory.
+
+use super::jobs::{plan, Job};
+use super::options::{search_state, RunOptions};
+use super::preflight::{check_calibration, preflight, CalibMemory};
+use super::vision::Vision;
+use crate::device::AnyDevice;
+use crate::error::Result;
+use crate::io::guard::Lock;
+use crate::io::{Calibration, Checkpoint};
+
+/// A run's inputs, opened and checked.
+pub(super) struct Inputs {
+    pub(super) model: Checkpoint,
+    /// The outputs' locks, held until the run ends.
+    pub(super) _locks: Vec<Lock>,
+    pub(super) calib: Option<Calibration>,
+    pub(super) jobs: Vec<Job>,
+    /// The ViT layout and image sets (`--images`, `--eval`).
+    pub(super) vision: Option<Vision>,
+    /// The planned memory of an images run's calibration.
+    pub(super) calib_memory: Option<CalibMemory>,
+}
+
+impl Inputs {
+    /// Opens and checks the inputs of `opts`, and the device they were checked against; a
+    /// mistake fails here, in seconds.
+    pub(super) fn open(opts: &RunOptions) -> Result<(Inputs, AnyDevice)> {
+        opts.config.validate()?;
+        let model = Checkpoint::open(&opts.model)?;
+        let locks = super::outputs::claim_outputs(opts, &model)?;
+        let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;
+        let mut jobs = plan(&model, opts, calib.as_ref())?;
+        // Images: the model's own forward pass produces the Gram matrices, block by block; the
+        // layers are visited in block order. Image sets are opened before any compute so a bad
+        // folder fails fast.
+        let vision = if opts.images.is_some() || opts.eval.is_some() {
+            Some(Vision::prepare(&model, opts, &mut jobs)?)
+        } else {
+            None
+        };
+        if opts.search.is_some() && opts.holdout > 0.0 && opts.images.is_none() {
+            log::info!("--holdout needs --images; candidates are chosen on the calibration error");
+        }
+        let device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
+        // Refuse before any compute when a layer cannot fit.
+        preflight(
+            &jobs,
+            calib.as_ref(),
+            &device,
+            opts.memory_limit,
+            None,
+            search_state(opts),
+        )?
+        .check()?;
+        let calib_memory = match (&vision, &opts.images) {
+            (Some(v), Some(_)) => Some(check_calibration(opts, v, &jobs, &device)?),
+            _ => None,
+        };
+        let inputs = Inputs {
+            model,
+            _locks: locks,
+            calib,
+            jobs,
+            vision,
+            calib_memory,
+        };
+        Ok((inputs, device))
+    }
+}

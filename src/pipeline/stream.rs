@@ -1,0 +1,265 @@
+//! The streaming stage: every job through [`super::layer::quantize_job`] inside one thread
+//! scope, with the weights read one layer ahead, full-precision calibration one block ahead,
+//! and the outputs encoded and written behind, each on its own thread over a bounded queue.
+
+use std::collections::BTreeSet;
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::Instant;
+
+use safetensors::Dtype;
+use sha2::{Digest, Sha256};
+
+use super::encode::{packed_tensors, scale_dtype_for};
+use super::jobs::Job;
+use super::layer::{layer_report, quantize_job, Calibrators, LayerEnv, LayerState};
+use super::report::LayerReport;
+use super::Progress;
+use crate::calibrate::{Ahead, BlockGrams};
+use crate::error::{Error, Result};
+use crate::eval::Overrides;
+use crate::io::writer::ShardedWriter;
+use crate::io::{dtype, Checkpoint};
+use crate::profile::Profile;
+use crate::quant::QuantizedLayer;
+
+/// The two outputs of a run: packed (`--out`) and dequantized (`--dequantized`).
+pub(super) type Writers = (Option<ShardedWriter>, Option<ShardedWriter>);
+
+/// What the streaming stage gives back.
+pub(super) struct Streamed {
+    /// The writers, every tensor written, not yet finished.
+    pub(super) writers: Writers,
+    /// One line per job, in job order.
+    pub(super) layers: Vec<LayerReport>,
+    /// SHA-256 over every layer's name and unsigned codes, in job order.
+    pub(super) codes_sha256: String,
+    /// The COMQ weights (dequantized, and folded LayerNorms) for `--eval`.
+    pub(super) comq_weights: Overrides,
+}
+
+/// A message to the output writer thread.
+enum Out {
+    /// A tensor for both outputs, already encoded.
+    Both(String, Vec<u8>),
+    /// A quantized layer, packed by the writer.
+    Packed {
+        prefix: String,
+        layer: QuantizedLayer,
+        scale: Dtype,
+        sym: bool,
+    },
+    /// A dequantized layer, encoded by the writer.
+    Dequant {
+        name: String,
+        dtype: Dtype,
+        values: Vec<f32>,
+    },
+}
+
+impl Out {
+    fn write(self, (packed, dequant): &mut Writers) -> Result<()> {
+        match self {
+            Out::Both(name, bytes) => {
+                for w in [packed.as_mut(), dequant.as_mut()].into_iter().flatten() {
+                    w.write(&name, &bytes)?;
+                }
+            }
+            Out::Packed {
+                prefix,
+                layer,
+                scale,
+                sym,
+            } => {
+                if let Some(w) = packed {
+                    for (name, bytes) in packed_tensors(&prefix, &layer, scale, sym)? {
+                        w.write(&name, &bytes)?;
+                    }
+                }
+            }
+            Out::Dequant {
+                name,
+                dtype,
+                values,
+            } => {
+                if let Some(w) = dequant {
+                    let bytes = dtype::from_f32(dtype, &values).ok_or_else(|| {
+                        Error::Internal(format!(
+                            "layer '{name}' was planned with a non-float dtype"
+                        ))
+                    })?;
+                    w.write(&name, &bytes)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `g` on its own thread one block ahead when `fp` (see [`Ahead`]), else `g` itself.
+fn ahead_of<'scope, 'env>(
+    sc: &'scope std::thread::Scope<'scope, 'env>,
+    g: Box<dyn BlockGrams + Send + 'env>,
+    fp: bool,
+    blocks: &[usize],
+) -> Box<dyn BlockGrams + 'env> {
+    if fp {
+        Box::new(Ahead::spawn(sc, g, blocks.to_vec()))
+    } else {
+        g
+    }
+}
+
+/// The calibrators of an images run before they start: calibration and held-out.
+pub(super) type RawCalibrators<'c> = (
+    Option<Box<dyn BlockGrams + Send + 'c>>,
+    Option<Box<dyn BlockGrams + Send + 'c>>,
+);
+
+/// Quantizes every job in order and writes its codes behind, returning the writers with every
+/// tensor in place. The full-precision calibrators (`env.fp_mode`) run one block ahead on their
+/// own threads; the sequential mode needs each block's quantized weights first, so it stays in
+/// step.
+pub(super) fn quantize_all<'c>(
+    env: &LayerEnv<'_>,
+    state: &mut LayerState,
+    jobs: &[Job],
+    model: &Checkpoint,
+    profile: &Arc<Profile>,
+    raw: RawCalibrators<'c>,
+    writers: Writers,
+    progress: &mut dyn FnMut(Progress<'_>),
+) -> Result<Streamed> {
+    let blocks: Vec<usize> = jobs
+        .iter()
+        .filter_map(|j| j.block.map(|(b, _)| b))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let (has_packed, has_dequant) = (writers.0.is_some(), writers.1.is_some());
+    let mut hasher = Sha256::new();
+    let mut layers = Vec::with_capacity(jobs.len());
+    let mut comq_weights = Overrides::new();
+    let writers = std::thread::scope(|sc| -> Result<Writers> {
+        let mut cal = Calibrators {
+            grams: raw.0.map(|g| ahead_of(sc, g, env.fp_mode, &blocks)),
+            holdout: raw.1.map(|g| ahead_of(sc, g, env.fp_mode, &blocks)),
+        };
+        // The reader decodes the next layer's weights while this one is quantized (one ahead).
+        let (read_tx, read_rx) = sync_channel::<Result<Vec<f32>>>(1);
+        {
+            let profile = profile.clone();
+            sc.spawn(move || {
+                for job in jobs {
+                    let w = profile.time("read", || {
+                        let w = model.read_f32(&job.meta);
+                        model.release(&job.meta);
+                        w
+                    });
+                    if read_tx.send(w).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        // The writer encodes and writes behind the quantization (two messages of slack).
+        let (out_tx, out_rx) = sync_channel::<Out>(2);
+        let writer = {
+            let profile = profile.clone();
+            let mut writers = writers;
+            sc.spawn(move || -> Result<Writers> {
+                for msg in out_rx {
+                    let t = Instant::now();
+                    msg.write(&mut writers)?;
+                    profile.add("write", t.elapsed().as_secs_f64());
+                }
+                Ok(writers)
+            })
+        };
+        let send = |o: Out| -> Result<()> {
+            let t = Instant::now();
+            let sent = out_tx.send(o);
+            profile.add("write wait", t.elapsed().as_secs_f64());
+            sent.map_err(|_| Error::WorkerStopped("output writer"))
+        };
+        let looped = (|| -> Result<()> {
+            for (index, job) in jobs.iter().enumerate() {
+                progress(Progress::LayerStart {
+                    name: &job.meta.name,
+                });
+                let fetched = {
+                    let t = Instant::now();
+                    let r = read_rx.recv();
+                    profile.add("read wait", t.elapsed().as_secs_f64());
+                    r.map_err(|_| Error::WorkerStopped("weight reader"))?
+                };
+                let t0 = Instant::now();
+                let done = quantize_job(env, state, &mut cal, index, job, fetched, progress)?;
+                for f in &done.folded {
+                    send(Out::Both(f.name.clone(), f.bytes.clone()))?;
+                    comq_weights.insert(f.name.clone(), f.values.clone());
+                }
+                let q = &done.outcome.layer;
+                // The dequantized weights, computed once for whoever needs them.
+                let needs_deq =
+                    (cal.grams.is_some() && !env.fp_mode) || env.opts.eval.is_some() || has_dequant;
+                let mut deq = needs_deq.then(|| q.dequantize());
+                if let Some(d) = &deq {
+                    cal.quantized(job, d);
+                    if env.opts.eval.is_some() {
+                        comq_weights.insert(job.meta.name.clone(), d.clone());
+                    }
+                }
+                progress(Progress::Stage {
+                    name: &job.meta.name,
+                    stage: "write",
+                });
+                hasher.update(job.meta.name.as_bytes());
+                hasher.update(
+                    q.unsigned_codes()
+                        .iter()
+                        .map(|&c| c as u8)
+                        .collect::<Vec<u8>>(),
+                );
+                // Seconds are set once the layer is handed to the writer.
+                let mut report = layer_report(job, &done, 0.0, &state.device_name);
+                if has_packed {
+                    send(Out::Packed {
+                        prefix: job.prefix.clone(),
+                        // The report has what it needs: the codes move.
+                        layer: done.outcome.layer,
+                        scale: scale_dtype_for(job.meta.dtype).1,
+                        sym: job.config.sym,
+                    })?;
+                }
+                if let (true, Some(values)) = (has_dequant, deq.take()) {
+                    send(Out::Dequant {
+                        name: job.meta.name.clone(),
+                        dtype: job.meta.dtype,
+                        values,
+                    })?;
+                }
+                report.seconds = t0.elapsed().as_secs_f64();
+                progress(Progress::LayerDone(&report));
+                layers.push(report);
+            }
+            Ok(())
+        })();
+        // Close the queues (the reader and the calibration threads stop at their next send),
+        // then let the writer drain; its own error, if any, is the cause of a failed send.
+        drop(out_tx);
+        drop(read_rx);
+        drop(cal);
+        let written = writer
+            .join()
+            .map_err(|_| Error::WorkerPanicked("output writer"))??;
+        looped?;
+        Ok(written)
+    })?;
+    Ok(Streamed {
+        writers,
+        layers,
+        codes_sha256: crate::util::hex(&hasher.finalize()),
+        comq_weights,
+    })
+}
