@@ -229,7 +229,7 @@ pub fn run_forward_bench(
         let pixels = SplitMix::new(2).normals(images * 3 * img * img);
         let c = if cpu {
             Some(time_forward(
-                &crate::model::cpu::CpuOps,
+                &crate::device::cpu_ops::CpuOps,
                 &spec,
                 &model,
                 &pixels,
@@ -541,7 +541,7 @@ pub fn run_kernel_bench(
                 _ => {
                     let dev = crate::device::CpuDevice::new();
                     (
-                        gram_time(&crate::model::cpu::CpuOps, &x, rows, n)?,
+                        gram_time(&crate::device::cpu_ops::CpuOps, &x, rows, n)?,
                         sweep_time(&dev, &w, m, n, &g, OrderKind::Greedy)?,
                         sweep_time(&dev, &w, m, n, &g, OrderKind::Shared)?,
                     )

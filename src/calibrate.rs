@@ -19,11 +19,12 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+use crate::device::ops::AnyOps;
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::images::ImageSet;
 use crate::model::forward::{Forward, HostBlock, HostStem, Ops, Stem};
-use crate::model::{Engine, Role, Site, VitSpec};
+use crate::model::{Role, Site, VitSpec};
 use crate::profile::Profile;
 use crate::quant::Gram;
 
@@ -412,7 +413,7 @@ impl BlockGrams for Ahead {
 
 /// A calibrator on the engine's device.
 pub fn calibrator<'a>(
-    engine: &'a Engine,
+    engine: &'a AnyOps,
     spec: &'a VitSpec,
     model: &'a Checkpoint,
     images: &ImageSet,
@@ -421,8 +422,8 @@ pub fn calibrator<'a>(
     profile: Arc<Profile>,
 ) -> Result<Box<dyn BlockGrams + Send + 'a>> {
     Ok(match engine {
-        Engine::Cpu(o) => Box::new(Calibrator::new(o, spec, model, images, idx, mode, profile)?),
-        Engine::Gpu(o) => Box::new(Calibrator::new(
+        AnyOps::Cpu(o) => Box::new(Calibrator::new(o, spec, model, images, idx, mode, profile)?),
+        AnyOps::Gpu(o) => Box::new(Calibrator::new(
             o.as_ref(),
             spec,
             model,

@@ -13,11 +13,12 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::calibrate::embed_batches;
+use crate::device::ops::AnyOps;
 use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::images::ImageSet;
 use crate::model::forward::{Forward, HostBlock, HostStem, Ops};
-use crate::model::{Engine, VitSpec};
+use crate::model::VitSpec;
 
 /// Images processed block by block together (bounds the hidden state held at once).
 const GROUP: usize = 512;
@@ -38,13 +39,13 @@ pub struct Features {
 }
 
 /// Replacement weights (dequantized layers) by tensor name.
-pub type Overrides = HashMap<String, Vec<f32>>;
+pub type SwappedWeights = HashMap<String, Vec<f32>>;
 
 fn block_with(
     model: &Checkpoint,
     spec: &VitSpec,
     b: usize,
-    overrides: &Overrides,
+    overrides: &SwappedWeights,
 ) -> Result<HostBlock> {
     let names = &spec.blocks[b];
     let mut h = HostBlock::load(model, spec, names)?;
@@ -71,7 +72,7 @@ fn features_on<O: Ops>(
     ops: &O,
     spec: &VitSpec,
     model: &Checkpoint,
-    overrides: &Overrides,
+    overrides: &SwappedWeights,
     set: &ImageSet,
     idx: &[usize],
 ) -> Result<Features> {
@@ -103,16 +104,16 @@ fn features_on<O: Ops>(
 
 /// Runs the model (with `overrides` swapped in) over images `idx` of `set`.
 pub fn features(
-    engine: &Engine,
+    engine: &AnyOps,
     spec: &VitSpec,
     model: &Checkpoint,
-    overrides: &Overrides,
+    overrides: &SwappedWeights,
     set: &ImageSet,
     idx: &[usize],
 ) -> Result<Features> {
     let f = match engine {
-        Engine::Cpu(o) => features_on(o, spec, model, overrides, set, idx),
-        Engine::Gpu(o) => features_on(o.as_ref(), spec, model, overrides, set, idx),
+        AnyOps::Cpu(o) => features_on(o, spec, model, overrides, set, idx),
+        AnyOps::Gpu(o) => features_on(o.as_ref(), spec, model, overrides, set, idx),
     }?;
     // A NaN logit would otherwise score as a hit or a miss by accident; a score of such
     // features is no score.
@@ -415,9 +416,9 @@ pub fn evaluate(
     let set = ImageSet::open(images)?;
     let idx = set.choose(count.unwrap_or(usize::MAX), 0);
     let dev = crate::device::AnyDevice::select(device, adapter)?;
-    let engine = Engine::for_device(&dev)?;
+    let engine = AnyOps::for_device(&dev)?;
     let map = label_map(&set, &spec)?;
-    let none = Overrides::new();
+    let none = SwappedWeights::new();
     let mut rows = Vec::new();
     let reference = match reference {
         Some(r) => {

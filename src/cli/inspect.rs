@@ -55,7 +55,7 @@ fn plan_cmd(
         .as_deref()
         .map(comq_gpu::io::Calibration::open)
         .transpose()?;
-    let jobs = pipeline::plan(&model, &opts, calib.as_ref())?;
+    let jobs = pipeline::job_list(&model, &opts, calib.as_ref())?;
     let dev = comq_gpu::AnyDevice::select(opts.device, opts.adapter.as_deref())?;
     let plan = comq_gpu::plan::preflight(
         &jobs,

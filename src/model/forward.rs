@@ -1,6 +1,6 @@
 //! The ViT forward pass, written once over device primitives ([`Ops`]).
 //!
-//! The CPU ([`super::cpu::CpuOps`]) and the GPU (`device::wgpu::forward`) implement the same
+//! The CPU ([`crate::device::cpu_ops::CpuOps`]) and the GPU (`device::wgpu::forward`) implement the same
 //! primitives in f32; everything model-specific (token layout, LayerScale, heads, which
 //! activations feed which Gram matrix) lives here. A batch is processed block by block: the
 //! caller holds one `[images × tokens, dim]` hidden state and moves it through one block at a

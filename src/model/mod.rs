@@ -8,7 +8,8 @@
 //! names. Separate HF `query` / `key` / `value` layers are fused into timm's `qkv` layout
 //! (rows q | k | v) at load time, so the forward pass ([`forward`]) has one shape of block.
 
-pub mod cpu;
+// The CPU forward primitives live with the devices; reachable here under their former path.
+pub use crate::device::cpu_ops as cpu;
 pub mod forward;
 pub mod synthetic;
 
@@ -16,39 +17,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::device::AnyDevice;
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
-
-/// The device the forward pass runs on: the CPU reference or a wgpu device.
-#[derive(Debug, Clone)]
-pub enum Engine {
-    /// Host threads.
-    Cpu(cpu::CpuOps),
-    /// A wgpu device.
-    Gpu(Box<crate::device::wgpu::forward::GpuOps>),
-}
-
-impl Engine {
-    /// The forward engine for a quantization device (the same GPU, or the CPU).
-    pub fn for_device(d: &AnyDevice) -> Result<Engine> {
-        Ok(match d {
-            AnyDevice::Cpu(_) => Engine::Cpu(cpu::CpuOps),
-            AnyDevice::Wgpu(w) => {
-                Engine::Gpu(Box::new(crate::device::wgpu::forward::GpuOps::new(w)))
-            }
-        })
-    }
-
-    /// Short description.
-    pub fn describe(&self) -> String {
-        use forward::Ops;
-        match self {
-            Engine::Cpu(o) => o.describe(),
-            Engine::Gpu(o) => o.describe(),
-        }
-    }
-}
 
 /// The checkpoint families the forward pass understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

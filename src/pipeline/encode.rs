@@ -21,7 +21,7 @@ pub fn scale_dtype_for(d: Dtype) -> (ScaleDtype, Dtype) {
 }
 
 /// The compressed-tensors tensors that replace `P.weight`.
-pub fn packed_plan(
+pub fn packed_layout(
     prefix: &str,
     rows: usize,
     cols: usize,
@@ -56,7 +56,7 @@ pub fn packed_plan(
     v
 }
 
-/// Encodes a quantized layer as its compressed-tensors tensors (name, bytes), in `packed_plan` order.
+/// Encodes a quantized layer as its compressed-tensors tensors (name, bytes), in `packed_layout` order.
 pub fn packed_tensors(
     prefix: &str,
     q: &QuantizedLayer,

@@ -3,27 +3,27 @@
 
 use super::options::EvalOptions;
 use super::vision::Vision;
+use crate::device::ops::AnyOps;
 use crate::error::Result;
-use crate::eval::{accuracy, features, fidelity, label_map, EvalReport, EvalRow, Overrides};
+use crate::eval::{accuracy, features, fidelity, label_map, EvalReport, EvalRow, SwappedWeights};
 use crate::io::Checkpoint;
-use crate::model::Engine;
 
 /// The evaluation rows: the model as given, then with the RTN and the COMQ weights (`bits` is
 /// the width label of the rows).
 pub(super) fn evaluate(
     v: &Vision,
-    e: &Engine,
+    e: &AnyOps,
     eo: &EvalOptions,
     model: &Checkpoint,
     bits: &str,
-    rtn_weights: &Overrides,
-    comq_weights: &Overrides,
+    rtn_weights: &SwappedWeights,
+    comq_weights: &SwappedWeights,
 ) -> Result<EvalReport> {
     let set = v.eval.as_ref().expect("opened with --eval");
     let idx = set.choose(eo.count.unwrap_or(usize::MAX), 0);
     let mut rows = Vec::new();
     let map = label_map(set, &v.spec)?;
-    let fp = features(e, &v.spec, model, &Overrides::new(), set, &idx)?;
+    let fp = features(e, &v.spec, model, &SwappedWeights::new(), set, &idx)?;
     rows.push(EvalRow {
         model: "FP32".into(),
         accuracy: accuracy(&fp, set, &idx, &map),
@@ -53,11 +53,11 @@ pub(super) fn evaluate(
 pub(super) fn evaluate_run(
     opts: &super::RunOptions,
     vision: Option<&Vision>,
-    engine: Option<&Engine>,
+    engine: Option<&AnyOps>,
     model: &Checkpoint,
     mixed: Option<&super::mixed::MixedPrecision>,
-    rtn_weights: &Overrides,
-    comq_weights: &Overrides,
+    rtn_weights: &SwappedWeights,
+    comq_weights: &SwappedWeights,
     profile: &crate::profile::Profile,
     progress: &mut dyn FnMut(super::Progress<'_>),
 ) -> Result<Option<EvalReport>> {

@@ -2,7 +2,7 @@
 //! outputs against the inputs (and lock them), the calibration file, the job list, the image
 //! sets, the device, and whether the largest layer and the calibration fit in memory.
 
-use super::jobs::{plan, Job};
+use super::jobs::{job_list, Job};
 use super::options::{search_state, RunOptions};
 use super::preflight::{check_calibration, preflight, CalibMemory};
 use super::vision::Vision;
@@ -32,7 +32,7 @@ impl Inputs {
         let model = Checkpoint::open(&opts.model)?;
         let locks = super::outputs::claim_outputs(opts, &model)?;
         let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;
-        let mut jobs = plan(&model, opts, calib.as_ref())?;
+        let mut jobs = job_list(&model, opts, calib.as_ref())?;
         // Images: the model's own forward pass produces the Gram matrices, block by block; the
         // layers are visited in block order. Image sets are opened before any compute so a bad
         // folder fails fast.

@@ -31,7 +31,7 @@ pub struct Job {
 }
 
 /// Plans the layers to quantize, checking everything that can be checked without compute.
-pub fn plan(
+pub fn job_list(
     model: &Checkpoint,
     opts: &RunOptions,
     calib: Option<&Calibration>,

@@ -16,7 +16,7 @@ use super::Progress;
 use crate::calibrate::BlockGrams;
 use crate::device::{AnyDevice, CpuDevice, DeviceKind};
 use crate::error::{Error, Result};
-use crate::eval::Overrides;
+use crate::eval::SwappedWeights;
 use crate::io::calib::CalibKind;
 use crate::io::{Calibration, Checkpoint};
 use crate::profile::Profile;
@@ -48,7 +48,7 @@ pub(super) struct LayerState {
     /// The scales of the `--equalize` sites met so far, by LayerNorm weight name.
     pub(super) eq_scales: HashMap<String, Vec<f32>>,
     /// Round-to-nearest of every layer as it is in the input, for `--eval`'s baseline row.
-    pub(super) rtn_weights: Overrides,
+    pub(super) rtn_weights: SwappedWeights,
 }
 
 impl LayerState {
@@ -58,7 +58,7 @@ impl LayerState {
             device_name: device.describe(),
             device,
             eq_scales: HashMap::new(),
-            rtn_weights: Overrides::new(),
+            rtn_weights: SwappedWeights::new(),
         }
     }
 }

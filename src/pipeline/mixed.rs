@@ -6,12 +6,12 @@ use super::vision::job_grams;
 use super::vision::Vision;
 use crate::calibrate::BlockGrams;
 use crate::calibrate::CalibMode;
+use crate::device::ops::AnyOps;
 use crate::device::AnyDevice;
 use crate::error::Error;
 use crate::error::Result;
 use crate::io::Calibration;
 use crate::io::Checkpoint;
-use crate::model::Engine;
 use crate::profile::Profile;
 use crate::quant::search::SearchPlan;
 use crate::quant::QuantConfig;
@@ -51,7 +51,7 @@ pub(super) fn allocate_bits(
         )));
     }
     let engine = match vision {
-        Some(_) if opts.images.is_some() => Some(Engine::for_device(device)?),
+        Some(_) if opts.images.is_some() => Some(AnyOps::for_device(device)?),
         _ => None,
     };
     let open = |idx: &[usize]| -> Result<Option<Box<dyn BlockGrams + '_>>> {

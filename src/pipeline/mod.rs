@@ -35,13 +35,13 @@ mod stream;
 mod vision;
 mod work;
 
-use encode::packed_plan;
+use encode::packed_layout;
 pub use encode::scale_dtype_for;
 use equalize::{deferred_norms, equalize_sites};
 use evaluate::evaluate_run;
 use finish::{finish, Finished};
 use inputs::Inputs;
-pub use jobs::{plan, Job};
+pub use jobs::{job_list, Job};
 use layer::{verify_indices, LayerEnv, LayerState};
 pub use options::*;
 use outputs::open_outputs;
@@ -57,9 +57,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::calibrate::CalibMode;
+use crate::device::ops::AnyOps;
 use crate::error::Result;
 use crate::io::{dtype, Checkpoint};
-use crate::model::Engine;
 use crate::profile::Profile;
 use crate::quant::QuantConfig;
 
@@ -122,7 +122,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         layers: jobs.len(),
         device: &device_name,
     });
-    let engine = vision.map(|_| Engine::for_device(&device)).transpose()?;
+    let engine = vision.map(|_| AnyOps::for_device(&device)).transpose()?;
     let calibrators = open_calibrators(opts, vision, engine.as_ref(), model, &profile, progress)?;
     let env = LayerEnv {
         opts,
@@ -207,7 +207,7 @@ pub fn inspect(
                 if lc.group_size.is_some_and(|g| c % g != 0) {
                     lc.group_size = None;
                 }
-                let after = packed_plan("x", r, c, &lc, scale_dtype_for(t.dtype).1)
+                let after = packed_layout("x", r, c, &lc, scale_dtype_for(t.dtype).1)
                     .iter()
                     .map(|p| p.nbytes())
                     .sum();

@@ -1,7 +1,7 @@
 //! Where a run writes: its inputs and outputs for the guard, the work directory, output paths
 //! and the side files written beside a checkpoint directory.
 
-use super::encode::{packed_plan, scale_dtype_for};
+use super::encode::{packed_layout, scale_dtype_for};
 use super::jobs::Job;
 use super::options::RunOptions;
 use crate::error::Error;
@@ -219,7 +219,7 @@ pub(super) fn open_writers(
             let mut planned = Vec::new();
             for t in model.tensors() {
                 match jobs.iter().find(|j| j.meta.name == t.name) {
-                    Some(j) => planned.extend(packed_plan(
+                    Some(j) => planned.extend(packed_layout(
                         &j.prefix,
                         j.rows,
                         j.cols,

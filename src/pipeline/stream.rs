@@ -17,7 +17,7 @@ use super::report::LayerReport;
 use super::Progress;
 use crate::calibrate::{Ahead, BlockGrams};
 use crate::error::{Error, Result};
-use crate::eval::Overrides;
+use crate::eval::SwappedWeights;
 use crate::io::writer::ShardedWriter;
 use crate::io::{dtype, Checkpoint};
 use crate::profile::Profile;
@@ -35,7 +35,7 @@ pub(super) struct Streamed {
     /// SHA-256 over every layer's name and unsigned codes, in job order.
     pub(super) codes_sha256: String,
     /// The COMQ weights (dequantized, and folded LayerNorms) for `--eval`.
-    pub(super) comq_weights: Overrides,
+    pub(super) comq_weights: SwappedWeights,
 }
 
 /// A message to the output writer thread.
@@ -139,7 +139,7 @@ pub(super) fn quantize_all<'c>(
     let (has_packed, has_dequant) = (writers.0.is_some(), writers.1.is_some());
     let mut hasher = Sha256::new();
     let mut layers = Vec::with_capacity(jobs.len());
-    let mut comq_weights = Overrides::new();
+    let mut comq_weights = SwappedWeights::new();
     let writers = std::thread::scope(|sc| -> Result<Writers> {
         let mut cal = Calibrators {
             grams: raw.0.map(|g| ahead_of(sc, g, env.fp_mode, &blocks)),

@@ -6,12 +6,12 @@ use super::options::{RunOptions, DEFAULT_CALIB_COUNT};
 use std::sync::Arc;
 
 use crate::calibrate::{BlockGrams, CalibMode};
+use crate::device::ops::AnyOps;
 use crate::device::AnyDevice;
 use crate::error::{Error, Result};
 use crate::io::calib::CalibKind;
 use crate::io::images::ImageSet;
 use crate::io::{Calibration, Checkpoint};
-use crate::model::Engine;
 use crate::model::VitSpec;
 use crate::profile::Profile;
 use crate::quant::Gram;
@@ -35,7 +35,7 @@ impl Vision {
     #[allow(clippy::type_complexity)]
     pub(super) fn calibrators<'a>(
         &'a self,
-        e: &'a Engine,
+        e: &'a AnyOps,
         model: &'a Checkpoint,
         mode: CalibMode,
         profile: &Arc<Profile>,
@@ -170,7 +170,7 @@ pub(super) fn job_grams(
 pub(super) fn open_calibrators<'a>(
     opts: &RunOptions,
     vision: Option<&'a Vision>,
-    engine: Option<&'a Engine>,
+    engine: Option<&'a AnyOps>,
     model: &'a Checkpoint,
     profile: &Arc<Profile>,
     progress: &mut dyn FnMut(super::Progress<'_>),

@@ -7,10 +7,9 @@
 //! adds it into an f32 accumulator on the device, read back once, when the block's Gram is
 //! finished.
 
-use std::sync::Arc;
-
 use super::buffers::gpu_err;
-use super::pipelines::{GramParams, Pipelines, VitParams};
+use super::context::GpuContext;
+use super::pipelines::{GramParams, VitParams};
 use super::{WgpuDevice, MAX_GROUPS};
 use crate::device::ops::Ops;
 use crate::error::Result;
@@ -48,12 +47,9 @@ pub struct GpuGram {
 #[derive(Debug, Clone)]
 pub struct GpuOps {
     name: String,
-    device: wgpu::Device,
-    queue: wgpu::Queue,
-    pipelines: Pipelines,
-    fault: Arc<super::buffers::Faults>,
+    /// The quantization device's context: same queue, kernels, fault slot and transfers.
+    ctx: GpuContext,
     max_binding: u64,
-    io: super::buffers::Transfers,
 }
 
 fn grid(count: usize) -> (u32, u32) {
@@ -66,22 +62,14 @@ impl GpuOps {
     pub fn new(d: &WgpuDevice) -> GpuOps {
         GpuOps {
             name: format!("{} ({:?})", d.info.name, d.info.backend),
-            device: d.device.clone(),
-            queue: d.queue.clone(),
-            pipelines: d.pipelines.clone(),
-            fault: d.fault.clone(),
+            ctx: d.ctx.clone(),
             max_binding: d.max_binding(),
-            io: d.io.clone(),
         }
     }
 
     fn check_fault(&self) -> Result<()> {
-        match self.fault.take() {
-            None => Ok(()),
-            Some(msg) => Err(gpu_err(format!(
-                "{msg} (the forward pass can run on the CPU with --device cpu)"
-            ))),
-        }
+        self.ctx
+            .check_fault("the forward pass can run on the CPU with --device cpu")
     }
 
     fn alloc(&self, len: usize) -> Result<GpuTensor> {
@@ -93,7 +81,7 @@ impl GpuOps {
             )));
         }
         Ok(GpuTensor {
-            buf: self.device.create_buffer(&wgpu::BufferDescriptor {
+            buf: self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("vit"),
                 size: bytes.next_multiple_of(16),
                 usage: STORAGE,
@@ -103,7 +91,7 @@ impl GpuOps {
         })
     }
 
-    /// Encodes and submits one dispatch of `kernel` (no wait).
+    /// Encodes and submits one dispatch of `kernel` with `params` at binding 4 (no wait).
     fn run(
         &self,
         kernel: Kernel,
@@ -111,17 +99,12 @@ impl GpuOps {
         params: VitParams,
         groups: (u32, u32, u32),
     ) {
-        let ubuf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("vit-params"),
-            size: std::mem::size_of::<VitParams>() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.queue
-            .write_buffer(&ubuf, 0, bytemuck::bytes_of(&params));
+        let ubuf = self.ctx.uniform("vit-params", &params);
         self.dispatch(kernel, bufs, &ubuf, 4, groups);
     }
 
+    /// Encodes and submits one dispatch of `kernel` over `bufs` and the uniform `ubuf` at
+    /// binding `ubinding` (no wait).
     fn dispatch(
         &self,
         kernel: Kernel,
@@ -130,38 +113,12 @@ impl GpuOps {
         ubinding: u32,
         groups: (u32, u32, u32),
     ) {
-        let pipeline = self.pipelines.get(kernel);
-        let mut entries: Vec<wgpu::BindGroupEntry> = bufs
-            .iter()
-            .map(|(b, buf)| wgpu::BindGroupEntry {
-                binding: *b,
-                resource: buf.as_entire_binding(),
-            })
-            .collect();
-        entries.push(wgpu::BindGroupEntry {
-            binding: ubinding,
-            resource: ubuf.as_entire_binding(),
-        });
-        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.entry()),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some(kernel.entry()),
-            });
-        {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(kernel.entry()),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(pipeline);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(groups.0, groups.1, groups.2);
-        }
-        self.queue.submit([enc.finish()]);
+        let mut entries = bufs.to_vec();
+        entries.push((ubinding, ubuf));
+        let bg = self.ctx.bind(kernel, &entries);
+        let mut enc = self.ctx.encoder(kernel.entry());
+        self.ctx.pass(&mut enc, kernel, &bg, groups);
+        self.ctx.queue.submit([enc.finish()]);
     }
 
     fn elementwise(
@@ -188,7 +145,7 @@ impl Ops for GpuOps {
     fn upload(&self, data: &[f32]) -> Result<GpuTensor> {
         let t = self.alloc(data.len())?;
         if !data.is_empty() {
-            self.io.write(&t.buf, 0, bytemuck::cast_slice(data))?;
+            self.ctx.io.write(&t.buf, 0, bytemuck::cast_slice(data))?;
         }
         Ok(t)
     }
@@ -196,17 +153,18 @@ impl Ops for GpuOps {
     fn duplicate(&self, t: &GpuTensor) -> Result<GpuTensor> {
         let c = self.alloc(t.len)?;
         let mut enc = self
+            .ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("duplicate"),
             });
         enc.copy_buffer_to_buffer(&t.buf, 0, &c.buf, 0, (t.len * 4) as u64);
-        self.queue.submit([enc.finish()]);
+        self.ctx.queue.submit([enc.finish()]);
         Ok(c)
     }
 
     fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
-        let v = self.io.read_f32(&t.buf, t.len)?;
+        let v = self.ctx.io.read_f32(&t.buf, t.len)?;
         self.check_fault()?;
         Ok(v)
     }
@@ -401,7 +359,7 @@ impl Ops for GpuOps {
             )));
         }
         let make = |label: &str| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
+            self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size: bytes,
                 usage: STORAGE,
@@ -410,12 +368,13 @@ impl Ops for GpuOps {
         };
         let g = make("gram");
         let mut enc = self
+            .ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("gram-clear"),
             });
         enc.clear_buffer(&g, 0, None);
-        self.queue.submit([enc.finish()]);
+        self.ctx.queue.submit([enc.finish()]);
         Ok(GpuGram {
             g,
             n,
@@ -445,13 +404,15 @@ impl Ops for GpuOps {
                 n4: (np / 4) as u32,
                 pad: [0; 2],
             };
-            let ubuf = self.device.create_buffer(&wgpu::BufferDescriptor {
+            let ubuf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("gram-params"),
                 size: std::mem::size_of::<GramParams>() as u64,
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
-            self.queue.write_buffer(&ubuf, 0, bytemuck::bytes_of(&gp));
+            self.ctx
+                .queue
+                .write_buffer(&ubuf, 0, bytemuck::bytes_of(&gp));
             self.dispatch(
                 Kernel::Gram,
                 &[(0, &chunk.buf), (1, &g.g)],
@@ -466,7 +427,7 @@ impl Ops for GpuOps {
 
     fn gram_finish(&self, g: GpuGram) -> Result<Gram> {
         // The only readback.
-        let sums = self.io.read_f32(&g.g, g.np * g.np)?;
+        let sums = self.ctx.io.read_f32(&g.g, g.np * g.np)?;
         self.check_fault()?;
         let mut acc = GramAccumulator::new(g.n);
         acc.add_partial(&sums, g.np, g.samples);
@@ -474,7 +435,7 @@ impl Ops for GpuOps {
     }
 
     fn sync(&self) -> Result<()> {
-        super::buffers::wait(&self.device)?;
+        super::buffers::wait(&self.ctx.device)?;
         self.check_fault()
     }
 }

@@ -9,6 +9,7 @@
 //! and returned as [`Error`]s; a lost device is reported, never panicked on.
 
 pub mod buffers;
+pub mod context;
 pub mod forward;
 pub mod pipelines;
 
@@ -112,15 +113,11 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
 /// A wgpu device ready to run COMQ kernels.
 pub struct WgpuDevice {
     info: wgpu::AdapterInfo,
-    device: wgpu::Device,
-    queue: wgpu::Queue,
+    /// The device, kernels, fault slot and transfers, shared with the forward primitives.
+    ctx: context::GpuContext,
     limits: wgpu::Limits,
-    pipelines: Pipelines,
     pool: BufferPool,
-    fault: Arc<buffers::Faults>,
     binding_cap: Option<u64>,
-    /// Uploads and readbacks, in staging chunks.
-    io: buffers::Transfers,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -192,17 +189,12 @@ impl WgpuDevice {
             info.driver,
             info.driver_info
         );
-        let io = buffers::Transfers::new(device.clone(), queue.clone());
         Ok(WgpuDevice {
             info,
-            device,
-            queue,
+            ctx: context::GpuContext::new(device, queue, pipelines, fault),
             limits,
-            pipelines,
             pool: BufferPool::default(),
-            fault,
             binding_cap: None,
-            io,
         })
     }
 
@@ -217,19 +209,15 @@ impl WgpuDevice {
     }
 
     fn check_fault(&self) -> Result<()> {
-        match self.fault.take() {
-            None => Ok(()),
-            Some(msg) => Err(gpu_err(format!(
-                "{msg} (for large layers try a smaller model shard or --device cpu)"
-            ))),
-        }
+        self.ctx
+            .check_fault("for large layers try a smaller model shard or --device cpu")
     }
 
     /// Causes a validation error on the calling thread (a buffer both mappable for reading and
     /// a storage binding), for tests of fault reporting.
     #[doc(hidden)]
     pub fn provoke_validation_error(&self) {
-        let _ = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let _ = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("invalid on purpose"),
             size: 16,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::STORAGE,
@@ -239,46 +227,26 @@ impl WgpuDevice {
 
     /// Waits for the device and reports the calling thread's fault since its last check.
     pub fn sync(&self) -> Result<()> {
-        buffers::wait(&self.device)?;
+        buffers::wait(&self.ctx.device)?;
         self.check_fault()
     }
 
     fn submit(&self, enc: wgpu::CommandEncoder) -> Result<()> {
-        self.queue.submit([enc.finish()]);
-        buffers::wait(&self.device)?;
+        self.ctx.queue.submit([enc.finish()]);
+        buffers::wait(&self.ctx.device)?;
         self.check_fault()
     }
 
     fn encoder(&self, label: &str) -> wgpu::CommandEncoder {
-        self.device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) })
+        self.ctx.encoder(label)
     }
 
     fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
-        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: std::mem::size_of::<T>() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.queue.write_buffer(&buf, 0, bytemuck::bytes_of(value));
-        buf
+        self.ctx.uniform(label, value)
     }
 
     fn bind(&self, kernel: Kernel, entries: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
-        let layout = self.pipelines.get(kernel).get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry> = entries
-            .iter()
-            .map(|(binding, buf)| wgpu::BindGroupEntry {
-                binding: *binding,
-                resource: buf.as_entire_binding(),
-            })
-            .collect();
-        self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(kernel.entry()),
-            layout: &layout,
-            entries: &entries,
-        })
+        self.ctx.bind(kernel, entries)
     }
 
     fn dispatch(
@@ -288,13 +256,7 @@ impl WgpuDevice {
         bg: &wgpu::BindGroup,
         groups: (u32, u32),
     ) {
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(kernel.entry()),
-            timestamp_writes: None,
-        });
-        pass.set_pipeline(self.pipelines.get(kernel));
-        pass.set_bind_group(0, bg, &[]);
-        pass.dispatch_workgroups(groups.0, groups.1, 1);
+        self.ctx.pass(enc, kernel, bg, (groups.0, groups.1, 1));
     }
 
     fn max_binding(&self) -> u64 {
@@ -317,7 +279,7 @@ impl WgpuDevice {
     /// Caps the staging copy of one transfer below [`buffers::STAGING_CHUNK`], so chunked
     /// uploads and readbacks can be exercised (and tested) on small layers.
     pub fn cap_staging_bytes(&mut self, bytes: u64) {
-        self.io.cap_chunk(bytes);
+        self.ctx.io.cap_chunk(bytes);
     }
 
     /// Writes `data` to a new device buffer and reads it back, both through the staging chunks.
@@ -325,9 +287,9 @@ impl WgpuDevice {
     pub fn roundtrip(&self, data: &[f32]) -> Result<Vec<f32>> {
         let buf = self
             .pool
-            .take(&self.device, "roundtrip", (data.len() * 4) as u64);
-        self.io.write(&buf, 0, bytemuck::cast_slice(data))?;
-        let back = self.io.read_f32(&buf, data.len());
+            .take(&self.ctx.device, "roundtrip", (data.len() * 4) as u64);
+        self.ctx.io.write(&buf, 0, bytemuck::cast_slice(data))?;
+        let back = self.ctx.io.read_f32(&buf, data.len());
         self.pool.give([buf]);
         self.check_fault()?;
         back
@@ -348,11 +310,14 @@ impl WgpuDevice {
             )));
         }
         let rows_cap = ((self.max_binding() / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let g = self.pool.take(&self.device, "gram", g_bytes);
+        let scope = self
+            .ctx
+            .device
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let g = self.pool.take(&self.ctx.device, "gram", g_bytes);
         let x = self
             .pool
-            .take(&self.device, "gram-chunk", (rows_cap * np * 4) as u64);
+            .take(&self.ctx.device, "gram-chunk", (rows_cap * np * 4) as u64);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(gpu_err(format!(
                 "out of GPU memory for a {n}-wide Gram matrix: {e}; use --device cpu"
@@ -376,7 +341,7 @@ impl WgpuDevice {
                     for (t, r) in (start..end).enumerate() {
                         padded[t * np..t * np + n].copy_from_slice(&chunk[r * n..(r + 1) * n]);
                     }
-                    self.io.write(&x, 0, bytemuck::cast_slice(&padded))?;
+                    self.ctx.io.write(&x, 0, bytemuck::cast_slice(&padded))?;
                     let params = self.uniform(
                         "gram-params",
                         &GramParams {
@@ -397,7 +362,7 @@ impl WgpuDevice {
                     samples += (end - start) as u64;
                 }
             }
-            let sums = self.io.read_f32(&g, np * np)?;
+            let sums = self.ctx.io.read_f32(&g, np * np)?;
             self.check_fault()?;
             let mut acc = GramAccumulator::new(n);
             acc.add_partial(&sums, np, samples);
@@ -485,7 +450,7 @@ impl WgpuDevice {
         let groups = p.grid.groups();
         let mn = (rows * n * 4) as u64;
         let mg = (rows * groups * 4) as u64;
-        let take = |label: &str, size: u64| self.pool.take(&self.device, label, size);
+        let take = |label: &str, size: u64| self.pool.take(&self.ctx.device, label, size);
         let shared = matches!(p.order, Order::Shared { .. });
         // Order of `bufs`: w q r codes s delta delta0 lo order out [d].
         let bufs = vec![
@@ -516,24 +481,26 @@ impl WgpuDevice {
             &bufs[8], &bufs[9],
         );
         let wr = &p.weights[row0 * n..(row0 + rows) * n];
-        self.io.write(w, 0, bytemuck::cast_slice(wr))?;
-        self.io.write(
+        self.ctx.io.write(w, 0, bytemuck::cast_slice(wr))?;
+        self.ctx.io.write(
             delta0,
             0,
             bytemuck::cast_slice(&p.grid.delta[row0 * groups..(row0 + rows) * groups]),
         )?;
-        self.io.write(
+        self.ctx.io.write(
             lo,
             0,
             bytemuck::cast_slice(&p.grid.lo[row0 * groups..(row0 + rows) * groups]),
         )?;
         match p.order {
-            Order::PerRow { perm, .. } => self.io.write(
+            Order::PerRow { perm, .. } => self.ctx.io.write(
                 order,
                 0,
                 bytemuck::cast_slice(&perm[row0 * n..(row0 + rows) * n]),
             )?,
-            Order::Shared { perm, .. } => self.io.write(order, 0, bytemuck::cast_slice(perm))?,
+            Order::Shared { perm, .. } => {
+                self.ctx.io.write(order, 0, bytemuck::cast_slice(perm))?
+            }
             Order::Natural { .. } => {}
         }
         let blocks = match bufs.get(10) {
@@ -736,7 +703,7 @@ impl WgpuDevice {
             }
             self.dispatch(&mut enc, Kernel::Reduce, &t.reduce[red], per_row(t.rows));
             self.submit(enc)?;
-            let part = self.io.read_f32(t.buf(t.out), t.rows)?;
+            let part = self.ctx.io.read_f32(t.buf(t.out), t.rows)?;
             total += part.iter().map(|&v| v as f64).sum::<f64>();
         }
         self.check_fault()?;
@@ -771,9 +738,12 @@ impl Device for WgpuDevice {
         // Rows per tile: every [rows, n] f32 array within one binding, and at most 16·65535 rows
         // so the residual kernel's dispatch fits.
         let tile_rows = ((max / (n as u64 * 4)) as usize).clamp(1, 16 * MAX_GROUPS as usize);
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let g = self.pool.take(&self.device, "gram", g_bytes);
-        self.io.write(&g, 0, bytemuck::cast_slice(p.gram))?;
+        let scope = self
+            .ctx
+            .device
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let g = self.pool.take(&self.ctx.device, "gram", g_bytes);
+        self.ctx.io.write(&g, 0, bytemuck::cast_slice(p.gram))?;
         let mut tiles = Vec::new();
         for row0 in (0..rows).step_by(tile_rows) {
             tiles.push(self.make_tile(p, &g, row0, tile_rows.min(rows - row0))?);
@@ -875,7 +845,9 @@ impl Device for WgpuDevice {
                     let mut enc = self.encoder("apply-scale");
                     for t in &l.tiles {
                         let v = vec![new; t.rows * l.groups];
-                        self.io.write(t.buf(t.delta), 0, bytemuck::cast_slice(&v))?;
+                        self.ctx
+                            .io
+                            .write(t.buf(t.delta), 0, bytemuck::cast_slice(&v))?;
                         self.dispatch(
                             &mut enc,
                             Kernel::ApplyScale,
@@ -895,8 +867,8 @@ impl Device for WgpuDevice {
         let mut codes = Vec::new();
         let mut delta = Vec::new();
         for t in &l.tiles {
-            codes.extend(self.io.read_i32(t.buf(t.codes), t.rows * l.cols)?);
-            delta.extend(self.io.read_f32(t.buf(t.delta), t.rows * l.groups)?);
+            codes.extend(self.ctx.io.read_i32(t.buf(t.codes), t.rows * l.cols)?);
+            delta.extend(self.ctx.io.read_f32(t.buf(t.delta), t.rows * l.groups)?);
         }
         self.check_fault()?;
         Ok((codes, delta))
@@ -906,12 +878,12 @@ impl Device for WgpuDevice {
         let mut enc = self.encoder("load-codes");
         let (mut row0, n, ng) = (0, l.cols, l.groups);
         for t in &l.tiles {
-            self.io.write(
+            self.ctx.io.write(
                 t.buf(t.codes),
                 0,
                 bytemuck::cast_slice(&codes[row0 * n..(row0 + t.rows) * n]),
             )?;
-            self.io.write(
+            self.ctx.io.write(
                 t.buf(t.delta),
                 0,
                 bytemuck::cast_slice(&delta[row0 * ng..(row0 + t.rows) * ng]),
@@ -931,11 +903,11 @@ impl Device for WgpuDevice {
 
     fn gptq(&self, l: &mut WgpuLayer, f: &GptqFactor) -> Result<()> {
         let n = l.cols;
-        let take = |label: &str, size: u64| l.pool.take(&self.device, label, size);
+        let take = |label: &str, size: u64| l.pool.take(&self.ctx.device, label, size);
         let u = take("gptq-u", (n * n * 4) as u64);
         let perm = take("gptq-perm", (n * 4) as u64);
-        self.io.write(&u, 0, bytemuck::cast_slice(&f.u))?;
-        self.io.write(&perm, 0, bytemuck::cast_slice(&f.perm))?;
+        self.ctx.io.write(&u, 0, bytemuck::cast_slice(&f.u))?;
+        self.ctx.io.write(&perm, 0, bytemuck::cast_slice(&f.perm))?;
         let mut enc = self.encoder("gptq");
         for t in &l.tiles {
             let params = self.uniform(

@@ -6,9 +6,9 @@
 
 use rayon::prelude::*;
 
-use super::forward::Ops;
+use super::ops::Ops;
 use crate::error::Result;
-use crate::quant::{Gram, GramAccumulator};
+use crate::numeric::gram::{Gram, GramAccumulator};
 
 /// CPU forward primitives; tensors are host vectors.
 #[derive(Debug, Default, Clone, Copy)]
