@@ -298,6 +298,10 @@ pub struct E2eRow {
     pub mean_rel_error: f64,
     /// Per stage.
     pub stages: Vec<crate::profile::StageTime>,
+    /// Bytes uploaded to the GPU (GPU runs).
+    pub device_bytes_up: Option<u64>,
+    /// Bytes read back from the GPU (GPU runs).
+    pub device_bytes_down: Option<u64>,
 }
 
 /// Options of an end-to-end benchmark run.
@@ -419,6 +423,8 @@ pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
         peak_rss_bytes: v["peak_rss_bytes"].as_u64(),
         calibration_memory: serde_json::from_value(v["calibration_memory"].clone()).ok(),
         mean_rel_error: v["totals"]["mean_rel_error"].as_f64().unwrap_or(f64::NAN),
+        device_bytes_up: profile.device_bytes_up,
+        device_bytes_down: profile.device_bytes_down,
         stages: profile.stages,
     })
 }

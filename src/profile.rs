@@ -61,6 +61,12 @@ pub struct ProfileReport {
     pub exact: bool,
     /// Per stage, in pipeline order.
     pub stages: Vec<StageTime>,
+    /// Bytes uploaded to the GPU over the run (data transfers; `None` on the CPU).
+    #[serde(default)]
+    pub device_bytes_up: Option<u64>,
+    /// Bytes read back from the GPU over the run.
+    #[serde(default)]
+    pub device_bytes_down: Option<u64>,
 }
 
 impl Profile {
@@ -121,6 +127,8 @@ impl Profile {
             wall_seconds_without_io: (wall_seconds - waits).max(0.0),
             exact: self.exact,
             stages,
+            device_bytes_up: None,
+            device_bytes_down: None,
         }
     }
 }

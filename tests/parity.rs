@@ -426,3 +426,25 @@ fn a_layer_in_small_staging_chunks_matches_one_in_whole_copies() {
     assert_eq!(a.layer.grid.delta, b.layer.grid.delta);
     assert_eq!(a.rel_error, b.rel_error);
 }
+
+/// The profile's transfer counters: a layer moves at least its weights and Gram up and its codes
+/// down, and the same layer again moves exactly as much again.
+#[test]
+fn transfers_are_counted() {
+    let Some(gpu) = gpu::device() else { return };
+    let (rows, cols) = (16, 32);
+    let (w, gram) = layer(45, rows, cols);
+    let cfg = QuantConfig::default();
+    let (u0, d0) = gpu.traffic();
+    quantize_layer(&gpu, "l", &w, rows, cols, &gram, &cfg).unwrap();
+    let (u1, d1) = gpu.traffic();
+    assert!(
+        u1 - u0 >= (4 * rows * cols + 4 * cols * cols) as u64,
+        "{}",
+        u1 - u0
+    );
+    assert!(d1 - d0 >= (4 * rows * cols) as u64, "{}", d1 - d0);
+    quantize_layer(&gpu, "l", &w, rows, cols, &gram, &cfg).unwrap();
+    let (u2, d2) = gpu.traffic();
+    assert_eq!((u2 - u1, d2 - d1), (u1 - u0, d1 - d0));
+}

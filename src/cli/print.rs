@@ -40,6 +40,13 @@ pub(super) fn print_profile(p: &comq_gpu::profile::ProfileReport) {
         p.wall_seconds_without_io,
         if p.exact { "" } else { " (GPU stages not synchronised)" }
     );
+    if let (Some(up), Some(down)) = (p.device_bytes_up, p.device_bytes_down) {
+        println!(
+            "GPU transfers: {} uploaded, {} read back",
+            human_bytes(up as usize),
+            human_bytes(down as usize)
+        );
+    }
 }
 
 /// The per-layer table of a run (with a search, the held-out errors and the shipped candidate).
@@ -299,6 +306,13 @@ pub(super) fn e2e_run(r: &E2eRow, bits: u32, order: &str, recipe: &str) {
             .map_or("unknown".into(), |b| human_bytes(b as usize)),
         r.mean_rel_error
     );
+    if let (Some(up), Some(down)) = (r.device_bytes_up, r.device_bytes_down) {
+        println!(
+            "  GPU transfers: {} uploaded, {} read back",
+            human_bytes(up as usize),
+            human_bytes(down as usize)
+        );
+    }
     if let Some(c) = &r.calibration_memory {
         println!(
             "  planned calibration memory: {} on the device, {} on the host",

@@ -116,6 +116,14 @@ pub enum AnyDevice {
 }
 
 impl AnyDevice {
+    /// Bytes uploaded to and read back from a GPU so far, `(up, down)`; `None` on the CPU.
+    pub fn traffic(&self) -> Option<(u64, u64)> {
+        match self {
+            AnyDevice::Cpu(_) => None,
+            AnyDevice::Wgpu(d) => Some(d.traffic()),
+        }
+    }
+
     /// Opens the device `kind` asks for; `adapter` filters adapters by name (substring,
     /// case-insensitive). `auto` never fails: without a hardware GPU it says why and uses the CPU.
     pub fn select(kind: DeviceKind, adapter: Option<&str>) -> Result<AnyDevice> {

@@ -24,6 +24,8 @@ pub(super) struct Finished {
     pub(super) mixed: Option<super::mixed::MixedPrecision>,
     /// The device that ran the last layer.
     pub(super) device: String,
+    /// Bytes it uploaded and read back (a GPU; `None` on the CPU).
+    pub(super) traffic: Option<(u64, u64)>,
     /// When the run started.
     pub(super) started: Instant,
 }
@@ -43,6 +45,7 @@ pub(super) fn finish(
         eval,
         mixed,
         device,
+        traffic,
         started,
     } = done;
     let (model, jobs) = (&inputs.model, &inputs.jobs);
@@ -94,7 +97,12 @@ pub(super) fn finish(
             Some(v) if !v.holdout_idx.is_empty() => opts.holdout,
             _ => 0.0,
         },
-        profile: profile.report(wall),
+        profile: {
+            let mut p = profile.report(wall);
+            p.device_bytes_up = traffic.map(|t| t.0);
+            p.device_bytes_down = traffic.map(|t| t.1);
+            p
+        },
         calibration_memory: inputs.calib_memory,
     };
     if let Some(path) = &opts.report {

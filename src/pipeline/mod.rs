@@ -166,6 +166,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         eval,
         mixed,
         device: state.device_name,
+        traffic: state.device.traffic(),
         started,
     };
     finish(opts, &inputs, done, &profile, progress)
@@ -362,5 +363,41 @@ mod tests {
         assert!(d.tensors().iter().any(|t| t.name == "fc.weight"));
         let again = run(&opts, &mut |_| {}).unwrap();
         assert_eq!(again.codes_sha256, r.codes_sha256);
+    }
+
+    #[test]
+    fn a_run_that_selects_nothing_is_refused_before_any_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(dir.path());
+        let mut opts = base();
+        opts.model = model.path().to_path_buf();
+        opts.images = None;
+        opts.data_free = true;
+        opts.selection = Selection::new(Some("nothing-is-called-this"), None).unwrap();
+        opts.out = Some(dir.path().join("q.safetensors"));
+        let e = run(&opts, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&e, crate::Error::InvalidOption(m) if m.contains("no tensor")),
+            "{e}"
+        );
+        assert!(!dir.path().join("q.safetensors").exists());
+    }
+
+    #[test]
+    fn an_unnamed_output_is_named_after_the_model_method_and_bits() {
+        let cfg = QuantConfig::default();
+        assert_eq!(
+            default_out(Path::new("models/vit.safetensors"), &cfg),
+            Path::new("vit.comq-w4.safetensors")
+        );
+        let rtn = QuantConfig {
+            method: crate::quant::Method::Rtn,
+            bits: 3,
+            ..cfg
+        };
+        assert_eq!(
+            default_out(Path::new("vit"), &rtn),
+            Path::new("vit.rtn-w3.safetensors")
+        );
     }
 }

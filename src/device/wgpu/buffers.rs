@@ -14,6 +14,7 @@
 //! of ViT-H and smaller shapes (and the Gram's activation chunks of every shape) stay single
 //! copies, with no extra waits.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -75,6 +76,26 @@ impl BufferPool {
     }
 }
 
+/// Bytes moved between the host and one device through [`Transfers`] (the data transfers; the
+/// few bytes of uniform parameters are not counted), for the profile and the report.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Traffic {
+    /// Bytes uploaded so far.
+    pub fn up(&self) -> u64 {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Bytes read back so far.
+    pub fn down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
+    }
+}
+
 /// Largest single staging copy of an upload or a readback (a multiple of 4, wgpu's copy
 /// alignment).
 pub const STAGING_CHUNK: u64 = 256 << 20;
@@ -91,6 +112,8 @@ pub struct Transfers {
     device: wgpu::Device,
     queue: wgpu::Queue,
     chunk: u64,
+    /// Bytes moved each way, shared by every clone.
+    traffic: Arc<Traffic>,
 }
 
 impl Transfers {
@@ -100,7 +123,13 @@ impl Transfers {
             device,
             queue,
             chunk: STAGING_CHUNK,
+            traffic: Arc::default(),
         }
+    }
+
+    /// Bytes uploaded and read back through these transfers (and their clones) so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
     }
 
     /// Caps the staging chunk at `bytes`, rounded down to a positive multiple of wgpu's copy
@@ -116,6 +145,9 @@ impl Transfers {
     /// than one chunk of staging memory. The data lands in the same order relative to other work
     /// either way: before anything submitted after this call.
     pub fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
+        self.traffic
+            .up
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let chunk = self.chunk;
         if data.len() as u64 <= chunk {
             if !data.is_empty() {
@@ -138,6 +170,7 @@ impl Transfers {
         if size == 0 {
             return Ok(Vec::new());
         }
+        self.traffic.down.fetch_add(size, Ordering::Relaxed);
         let (device, queue) = (&self.device, &self.queue);
         let chunk = size.min(self.chunk);
         let staging = device.create_buffer(&wgpu::BufferDescriptor {

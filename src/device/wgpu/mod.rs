@@ -282,6 +282,13 @@ impl WgpuDevice {
         self.ctx.io.cap_chunk(bytes);
     }
 
+    /// Bytes uploaded to and read back from this device so far (the forward primitives on it
+    /// included), `(up, down)`.
+    pub fn traffic(&self) -> (u64, u64) {
+        let t = self.ctx.io.traffic();
+        (t.up(), t.down())
+    }
+
     /// Writes `data` to a new device buffer and reads it back, both through the staging chunks.
     #[doc(hidden)]
     pub fn roundtrip(&self, data: &[f32]) -> Result<Vec<f32>> {
