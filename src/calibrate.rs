@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::device::ops::AnyOps;
+use crate::device::AnyOps;
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::images::ImageSet;

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::calibrate::embed_batches;
-use crate::device::ops::AnyOps;
+use crate::device::AnyOps;
 use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::images::ImageSet;

@@ -107,6 +107,34 @@ crate::util::value_enum!(DeviceKind {
     Gpu = "gpu",
 });
 
+/// The forward primitives of a run-time chosen device: the CPU reference or a wgpu device.
+#[derive(Debug, Clone)]
+pub enum AnyOps {
+    /// Host threads.
+    Cpu(cpu_ops::CpuOps),
+    /// A wgpu device.
+    Gpu(Box<wgpu::forward::GpuOps>),
+}
+
+impl AnyOps {
+    /// The forward primitives of a quantization device (the same GPU, or the CPU).
+    pub fn for_device(d: &AnyDevice) -> Result<AnyOps> {
+        Ok(match d {
+            AnyDevice::Cpu(_) => AnyOps::Cpu(cpu_ops::CpuOps),
+            AnyDevice::Wgpu(w) => AnyOps::Gpu(Box::new(wgpu::forward::GpuOps::new(w))),
+        })
+    }
+
+    /// Short description.
+    pub fn describe(&self) -> String {
+        use ops::Ops;
+        match self {
+            AnyOps::Cpu(o) => o.describe(),
+            AnyOps::Gpu(o) => o.describe(),
+        }
+    }
+}
+
 /// A device chosen at run time.
 pub enum AnyDevice {
     /// The CPU reference.

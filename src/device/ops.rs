@@ -3,38 +3,8 @@
 //! GPU in [`super::wgpu::forward`]; the pass itself is written once above them. [`AnyOps`] is
 //! the one chosen at run time.
 
-use super::cpu_ops::CpuOps;
-use super::wgpu::forward::GpuOps;
-use super::AnyDevice;
 use crate::error::Result;
 use crate::numeric::gram::Gram;
-
-/// The forward primitives of a run-time chosen device: the CPU reference or a wgpu device.
-#[derive(Debug, Clone)]
-pub enum AnyOps {
-    /// Host threads.
-    Cpu(CpuOps),
-    /// A wgpu device.
-    Gpu(Box<GpuOps>),
-}
-
-impl AnyOps {
-    /// The forward primitives of a quantization device (the same GPU, or the CPU).
-    pub fn for_device(d: &AnyDevice) -> Result<AnyOps> {
-        Ok(match d {
-            AnyDevice::Cpu(_) => AnyOps::Cpu(CpuOps),
-            AnyDevice::Wgpu(w) => AnyOps::Gpu(Box::new(GpuOps::new(w))),
-        })
-    }
-
-    /// Short description.
-    pub fn describe(&self) -> String {
-        match self {
-            AnyOps::Cpu(o) => o.describe(),
-            AnyOps::Gpu(o) => o.describe(),
-        }
-    }
-}
 
 /// The primitives a device runs for the forward pass. All tensors are row-major f32.
 pub trait Ops {

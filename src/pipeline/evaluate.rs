@@ -3,7 +3,7 @@
 
 use super::options::EvalOptions;
 use super::vision::Vision;
-use crate::device::ops::AnyOps;
+use crate::device::AnyOps;
 use crate::error::Result;
 use crate::eval::{accuracy, features, fidelity, label_map, EvalReport, EvalRow, SwappedWeights};
 use crate::io::Checkpoint;

@@ -57,7 +57,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::calibrate::CalibMode;
-use crate::device::ops::AnyOps;
+use crate::device::AnyOps;
 use crate::error::Result;
 use crate::io::{dtype, Checkpoint};
 use crate::profile::Profile;

@@ -14,6 +14,7 @@ use super::encode::{packed_tensors, scale_dtype_for};
 use super::jobs::Job;
 use super::layer::{layer_report, quantize_job, Calibrators, LayerEnv, LayerState};
 use super::report::LayerReport;
+use super::vision::RawCalibrators;
 use super::Progress;
 use crate::calibrate::{Ahead, BlockGrams};
 use crate::error::{Error, Result};
@@ -109,12 +110,6 @@ fn ahead_of<'scope, 'env>(
         g
     }
 }
-
-/// The calibrators of an images run before they start: calibration and held-out.
-pub(super) type RawCalibrators<'c> = (
-    Option<Box<dyn BlockGrams + Send + 'c>>,
-    Option<Box<dyn BlockGrams + Send + 'c>>,
-);
 
 /// Quantizes every job in order and writes its codes behind, returning the writers with every
 /// tensor in place. The full-precision calibrators (`env.fp_mode`) run one block ahead on their

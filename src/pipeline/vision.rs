@@ -6,8 +6,8 @@ use super::options::{RunOptions, DEFAULT_CALIB_COUNT};
 use std::sync::Arc;
 
 use crate::calibrate::{BlockGrams, CalibMode};
-use crate::device::ops::AnyOps;
 use crate::device::AnyDevice;
+use crate::device::AnyOps;
 use crate::error::{Error, Result};
 use crate::io::calib::CalibKind;
 use crate::io::images::ImageSet;
@@ -166,6 +166,12 @@ pub(super) fn job_grams(
     Ok((gram, held))
 }
 
+/// The calibrators of an images run before they start: calibration and held-out.
+pub(super) type RawCalibrators<'c> = (
+    Option<Box<dyn BlockGrams + Send + 'c>>,
+    Option<Box<dyn BlockGrams + Send + 'c>>,
+);
+
 /// The calibrators of an images run, started (none without `--images`).
 pub(super) fn open_calibrators<'a>(
     opts: &RunOptions,
@@ -174,7 +180,7 @@ pub(super) fn open_calibrators<'a>(
     model: &'a Checkpoint,
     profile: &Arc<Profile>,
     progress: &mut dyn FnMut(super::Progress<'_>),
-) -> Result<super::stream::RawCalibrators<'a>> {
+) -> Result<RawCalibrators<'a>> {
     let (Some(v), Some(e), Some(io)) = (vision, engine, &opts.images) else {
         return Ok((None, None));
     };
