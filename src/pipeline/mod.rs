@@ -400,4 +400,45 @@ mod tests {
             Path::new("vit.rtn-w3.safetensors")
         );
     }
+
+    #[test]
+    fn an_images_run_in_process_calibrates_probes_equalises_and_evaluates() {
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = base();
+        opts.model = assets.join("fmnist-vit");
+        opts.selection = Selection::default();
+        opts.images = Some(ImageOptions {
+            path: assets.join("fmnist-images/calib.safetensors"),
+            count: 16,
+            seed: 0,
+            mode: CalibMode::Fp,
+            resize: None,
+            crop: None,
+        });
+        opts.eval = Some(EvalOptions {
+            path: assets.join("fmnist-images/test.safetensors"),
+            count: Some(32),
+        });
+        opts.target_bits = Some(3.5);
+        opts.equalize = true;
+        opts.out = Some(dir.path().join("q.safetensors"));
+        opts.dequantized = Some(dir.path().join("d.safetensors"));
+        let r = run(&opts, &mut |_| {}).unwrap();
+        assert!(!r.layers.is_empty());
+        for l in &r.layers {
+            assert_eq!(l.calibration, "images", "{}", l.name);
+            assert!(l.samples > 0, "{}", l.name);
+        }
+        let m = r.mixed_precision.as_ref().unwrap();
+        assert!(m.average_bits <= 3.5 + 1e-9, "{}", m.average_bits);
+        assert_eq!(r.eval.as_ref().unwrap().rows.len(), 3);
+        // The equalised LayerNorms ship divided by their scales: not the input's bytes.
+        let input = Checkpoint::open(&opts.model).unwrap();
+        let out = Checkpoint::open(opts.dequantized.as_ref().unwrap()).unwrap();
+        let norm = "blocks.0.norm1.weight";
+        let a = input.tensors().iter().find(|t| t.name == norm).unwrap();
+        let b = out.tensors().iter().find(|t| t.name == norm).unwrap();
+        assert_ne!(input.bytes(a), out.bytes(b));
+    }
 }
