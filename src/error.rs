@@ -63,8 +63,10 @@ pub enum Error {
 
     /// A layer has no calibration data and `--data-free` was not given.
     #[error(
-        "no calibration for layer '{layer}': pass --calib FILE.safetensors holding '{prefix}.input' \
-         (activations [N, {cols}]) or '{prefix}.gram' ([{cols}, {cols}]), or --data-free to use G = I"
+        "no calibration for layer '{layer}': pass --images DIR|PACK (images the model's own forward \
+         pass turns into each layer's inputs, for a recognised ViT), --calib FILE.safetensors holding \
+         '{prefix}.input' (activations [N, {cols}]) or '{prefix}.gram' ([{cols}, {cols}]), or \
+         --data-free to use G = I"
     )]
     MissingCalibration {
         /// The weight tensor's name.

@@ -409,9 +409,10 @@ pub fn evaluate(
     (resize, crop): (Option<usize>, Option<usize>),
     device: crate::device::DeviceKind,
     adapter: Option<&str>,
+    allow_unused_tensors: bool,
 ) -> Result<EvalReport> {
     let m = Checkpoint::open(model)?;
-    let mut spec = VitSpec::detect(&m)?;
+    let mut spec = VitSpec::detect_allowing(&m, allow_unused_tensors)?;
     spec.set_input(resize, crop)?;
     let set = ImageSet::open(images)?;
     let idx = set.choose(count.unwrap_or(usize::MAX), 0);
@@ -423,7 +424,7 @@ pub fn evaluate(
     let reference = match reference {
         Some(r) => {
             let rm = Checkpoint::open(r)?;
-            let mut rspec = VitSpec::detect(&rm)?;
+            let mut rspec = VitSpec::detect_allowing(&rm, allow_unused_tensors)?;
             rspec.set_input(resize, crop)?;
             if (rspec.dim, rspec.depth, rspec.preprocess.crop)
                 != (spec.dim, spec.depth, spec.preprocess.crop)

@@ -592,3 +592,48 @@ fn equalize_refusals_read_as_one_sentence() {
         assert!(!err.contains("  "), "a run of spaces in: {err}");
     }
 }
+
+/// A model with a tensor the forward pass would not read (here a timm `norm_pre`, which every
+/// timm CLIP model has) is refused by `run --images` and `eval`, naming the tensor, instead of
+/// being calibrated as another network; `--allow-unused-tensors` goes on with a warning.
+#[test]
+fn a_tensor_the_forward_pass_does_not_read_is_refused_by_run_and_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = vit(dir.path(), |_, _| {});
+    let bytes = std::fs::read(&model).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, common::Owned)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+            (n.to_string(), common::f32_tensor(t.shape(), &v))
+        })
+        .collect();
+    drop(st);
+    tensors.push((
+        "norm_pre.weight".into(),
+        common::f32_tensor(&[32], &[1.0; 32]),
+    ));
+    common::write_safetensors(&model, &tensors);
+    let pack = labelled_pack(dir.path(), 4);
+    let out = dir.path().join("q.safetensors");
+    let o = run(&["run", s(&model), "--images", s(&pack), "--out", s(&out)]);
+    assert_refused(&o, "'norm_pre.weight' is not used by its forward pass");
+    assert!(!out.exists());
+    let o = run(&["eval", s(&model), "--images", s(&pack)]);
+    assert_refused(&o, "--allow-unused-tensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&pack),
+        "--out",
+        s(&out),
+        "--allow-unused-tensors",
+        "--preset",
+        "paper",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("norm_pre.weight"));
+}

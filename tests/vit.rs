@@ -458,3 +458,84 @@ fn dinov2_small_matches_onnx_runtime() {
     eprintln!("bicubic 37->16 vs the exported graph: rel {e:.3e}");
     assert!(e < 1e-5, "{e}");
 }
+
+/// `path` rewritten with `extra` tensors (f32 zeros of the given shapes) beside its own.
+fn with_extra_tensors(path: &Path, extra: &[(&str, Vec<usize>)]) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let zeros: Vec<(String, Vec<usize>, Vec<u8>)> = extra
+        .iter()
+        .map(|(n, s)| {
+            (
+                n.to_string(),
+                s.clone(),
+                vec![0u8; 4 * s.iter().product::<usize>()],
+            )
+        })
+        .collect();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+    for (n, s, b) in &zeros {
+        views.push((
+            n.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+        ));
+    }
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(path, out).unwrap();
+}
+
+/// A tensor the forward pass would not read (a timm `norm_pre`, register tokens, a pooling
+/// head) would silently change the network the Grams come from: the model is refused with the
+/// tensor named, unless the user allows it; tensors known to play no part are accepted.
+#[test]
+fn a_tensor_the_forward_pass_would_skip_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::TimmVit, 5);
+    with_extra_tensors(
+        &path,
+        &[("norm_pre.weight", vec![32]), ("reg_token", vec![1, 4, 32])],
+    );
+    let m = Checkpoint::open(&path).unwrap();
+    let e = VitSpec::detect(&m).unwrap_err().to_string();
+    assert!(
+        e.contains("'norm_pre.weight'") && e.contains("(and 1 more)"),
+        "{e}"
+    );
+    assert!(e.contains("--allow-unused-tensors"), "{e}");
+    let s = VitSpec::detect_allowing(&m, true).unwrap();
+    assert!(!s.used_tensors().contains("norm_pre.weight"));
+
+    // DINOv2's mask token, HF ViT's pooler and a stored resize of the position embedding are
+    // known to play no part in the features.
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::HfDinov2, 0);
+    with_extra_tensors(
+        &path,
+        &[
+            ("embeddings.mask_token", vec![1, 32]),
+            ("pooler.dense.weight", vec![32, 32]),
+            ("pooler.dense.bias", vec![32]),
+            ("embeddings.position_embeddings_518", vec![1, 5, 32]),
+        ],
+    );
+    let m = Checkpoint::open(&path).unwrap();
+    VitSpec::detect(&m).unwrap();
+    // Every tensor of a synthetic model of each family is read.
+    for (family, classes) in [
+        (Family::TimmDeit, 5),
+        (Family::HfVit, 5),
+        (Family::HfDeit, 5),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), family, classes);
+        let m = Checkpoint::open(&path).unwrap();
+        let s = VitSpec::detect(&m).unwrap();
+        for t in m.tensors() {
+            assert!(s.used_tensors().contains(&t.name), "{family}: {}", t.name);
+        }
+    }
+}

@@ -82,6 +82,10 @@ pub struct EvalArgs {
     pub adapter: Option<String>,
     #[command(flatten)]
     pub pre: PreprocessArgs,
+    /// Go on when the model holds tensors the forward pass does not read (a warning names each)
+    /// instead of refusing it.
+    #[arg(long)]
+    pub allow_unused_tensors: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -357,6 +361,10 @@ pub struct RunArgs {
     /// overlap). The report always holds the profile.
     #[arg(long)]
     pub profile: bool,
+    /// Go on when the model holds tensors the forward pass does not read (a warning names each)
+    /// instead of refusing it.
+    #[arg(long)]
+    pub allow_unused_tensors: bool,
     /// Draw the per-layer relative error, COMQ vs RTN, to this PNG.
     #[arg(long, value_name = "PATH.png")]
     pub plot: Option<PathBuf>,

@@ -13,6 +13,7 @@ pub(super) fn eval_cmd(a: EvalArgs) -> Result<()> {
         (a.pre.resize, a.pre.crop),
         a.device.unwrap_or_default(),
         a.adapter.as_deref(),
+        a.allow_unused_tensors,
     )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -241,15 +241,120 @@ fn floats(v: Option<&Value>) -> Option<Vec<f32>> {
 impl VitSpec {
     /// Recognises the layout of `model`, reading `config.json` / `preprocessor_config.json`
     /// from its directory when present.
+    /// A tensor the forward pass would not read is refused (see [`VitSpec::check_unused`]).
     pub fn detect(model: &Checkpoint) -> Result<VitSpec> {
+        VitSpec::detect_allowing(model, false)
+    }
+
+    /// [`VitSpec::detect`]; with `allow_unused`, tensors the forward pass does not read are
+    /// named in a warning instead of refusing the model.
+    pub fn detect_allowing(model: &Checkpoint, allow_unused: bool) -> Result<VitSpec> {
         let config = read_json(&model.dir().join("config.json"))?.unwrap_or(Value::Null);
         let prep = read_json(&model.dir().join("preprocessor_config.json"))?;
-        VitSpec::detect_with(model, config, prep)
+        let spec = VitSpec::recognise(model, config, prep)?;
+        spec.check_unused(model, allow_unused)?;
+        Ok(spec)
     }
 
     /// [`VitSpec::detect`] with the side files' contents given (`Value::Null` / `None` for
     /// absent ones): every value read from them is checked here.
     pub fn detect_with(model: &Checkpoint, config: Value, prep: Option<Value>) -> Result<VitSpec> {
+        let spec = VitSpec::recognise(model, config, prep)?;
+        spec.check_unused(model, false)?;
+        Ok(spec)
+    }
+
+    /// Every tensor the forward pass reads (biases it would read if present included).
+    pub fn used_tensors(&self) -> std::collections::BTreeSet<String> {
+        let mut u = std::collections::BTreeSet::new();
+        let mut add = |n: &str| {
+            u.insert(n.to_string());
+        };
+        let linear = |add: &mut dyn FnMut(&str), l: &str| {
+            add(&format!("{l}.weight"));
+            add(&format!("{l}.bias"));
+        };
+        add(&self.patch_embed.0);
+        add(&self.patch_embed.1);
+        self.tokens.iter().for_each(|t| add(t));
+        add(&self.pos_embed);
+        if let Some(r) = &self.pos_embed_resized {
+            add(r);
+        }
+        add(&self.norm.0);
+        add(&self.norm.1);
+        for b in &self.blocks {
+            for n in [&b.norm1.0, &b.norm1.1, &b.norm2.0, &b.norm2.1] {
+                add(n);
+            }
+            for (_, l) in b.linears() {
+                linear(&mut add, &l);
+            }
+            if let Some((a, c)) = &b.ls {
+                add(a);
+                add(c);
+            }
+        }
+        match &self.head {
+            Head::None => {}
+            Head::Cls(h) | Head::ClsMean(h) => linear(&mut add, h),
+            Head::ClsDist(h, d) => {
+                linear(&mut add, h);
+                linear(&mut add, d);
+            }
+        }
+        u
+    }
+
+    /// Refuses a model holding a tensor the forward pass would not read, other than those known
+    /// to play no part in the features: the calibration would come from another network than
+    /// the one the user has (a timm `norm_pre`, registers, a pooling head silently skipped).
+    /// Known to be unused: DINOv2's `mask_token` (masked-image pre-training only), HF ViT's
+    /// `pooler` (a tanh layer over the CLS token, not part of the features), and other stored
+    /// sizes of the position embedding (`<pos_embed>_<px>`). With `allow` each is a warning.
+    pub fn check_unused(&self, model: &Checkpoint, allow: bool) -> Result<()> {
+        let used = self.used_tensors();
+        let known = |n: &str| {
+            n.ends_with("mask_token")
+                || n.split('.').any(|part| part == "pooler")
+                || n.strip_prefix(self.pos_embed.as_str())
+                    .is_some_and(|rest| rest.starts_with('_'))
+        };
+        let unused: Vec<&str> = model
+            .tensors()
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|n| !used.contains(*n) && !known(n))
+            .collect();
+        let Some(first) = unused.first() else {
+            return Ok(());
+        };
+        if allow {
+            for n in &unused {
+                log::warn!(
+                    "{}: tensor '{n}' is not used by the {} forward pass; calibration and                      evaluation go on without it (--allow-unused-tensors)",
+                    model.path().display(),
+                    self.family
+                );
+            }
+            return Ok(());
+        }
+        Err(unknown(
+            model.path(),
+            format!(
+                "looks like {} but tensor '{first}'{} is not used by its forward pass, so the                  Gram matrices and features would come from another network than this one;                  pass --allow-unused-tensors to go on without {}",
+                self.family,
+                match unused.len() {
+                    1 => String::new(),
+                    n => format!(" (and {} more)", n - 1),
+                },
+                if unused.len() == 1 { "it" } else { "them" }
+            ),
+        ))
+    }
+
+    /// The layout of `model` from its tensors and the side files' contents.
+    fn recognise(model: &Checkpoint, config: Value, prep: Option<Value>) -> Result<VitSpec> {
         let path = model.path();
         let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
         let (family, p) = family_of(model)?;

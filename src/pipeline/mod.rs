@@ -273,6 +273,7 @@ mod tests {
             target_bits: None,
             equalize: false,
             profile: false,
+            allow_unused_tensors: false,
         }
     }
 

@@ -209,6 +209,9 @@ pub struct RunOptions {
     pub equalize: bool,
     /// Synchronise GPU stages at their boundaries so the profile attributes time exactly.
     pub profile: bool,
+    /// Go on (with a warning naming each) when the model holds tensors the forward pass does
+    /// not read, instead of refusing it.
+    pub allow_unused_tensors: bool,
 }
 
 impl Default for Selection {
@@ -252,6 +255,7 @@ impl RunOptions {
             target_bits: None,
             equalize: false,
             profile: false,
+            allow_unused_tensors: false,
         }
     }
 }

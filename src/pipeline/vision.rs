@@ -61,7 +61,7 @@ impl Vision {
         opts: &RunOptions,
         jobs: &mut [Job],
     ) -> Result<Vision> {
-        let mut spec = VitSpec::detect(model)?;
+        let mut spec = VitSpec::detect_allowing(model, opts.allow_unused_tensors)?;
         let (resize, crop) = opts
             .images
             .as_ref()

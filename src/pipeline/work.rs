@@ -46,6 +46,8 @@ pub(super) fn resume_identity(opts: &RunOptions) -> String {
     o.verify_cpu = 0;
     o.eval = None;
     o.profile = false;
+    // What the forward pass reads does not change with it: it only lets a run go on.
+    o.allow_unused_tensors = false;
     // A smaller budget after an out-of-memory stop must still resume.
     o.memory_limit = None;
     format!("{o:?}")
@@ -126,6 +128,7 @@ mod tests {
             ("verify_cpu", |o| o.verify_cpu = 2),
             ("memory_limit", |o| o.memory_limit = Some(1 << 30)),
             ("profile", |o| o.profile = true),
+            ("allow_unused_tensors", |o| o.allow_unused_tensors = true),
             ("eval", |o| {
                 o.eval = Some(EvalOptions {
                     path: "e".into(),
