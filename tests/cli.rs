@@ -1203,3 +1203,40 @@ fn the_report_and_plot_folders_are_checked_before_compute() {
         assert!(t.elapsed().as_secs() < 10);
     }
 }
+
+#[test]
+fn a_known_vit_runs_with_no_data_and_says_how_it_calibrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/fmnist-vit");
+    let out = dir.path().join("q.safetensors");
+    let report = dir.path().join("r.json");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--preset",
+        "paper",
+        "--out",
+        s(&out),
+        "--report",
+        s(&report),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("bundled generic photos") && err.contains("--images DIR"),
+        "{err}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert!(
+        r["calibration"]
+            .as_str()
+            .unwrap()
+            .contains("bundled generic photos"),
+        "{}",
+        r["calibration"]
+    );
+    // An unrecognised model without calibration is told every way to give one.
+    let b = bad();
+    let o = run(&["run", s(&b.model), "--out", s(&b.out())]);
+    assert_bad_input(&o, "--images");
+}

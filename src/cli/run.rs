@@ -70,6 +70,7 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
         mode: a.calib_mode,
         resize: a.pre.resize,
         crop: a.pre.crop,
+        bundled: false,
     });
     o.eval = a.eval.map(|path| pipeline::EvalOptions {
         path,

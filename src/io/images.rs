@@ -13,6 +13,9 @@ use super::safetensors::Model;
 use crate::error::{Error, Result};
 use crate::util::rng::SplitMix;
 
+/// How the bundled generic photos ([`ImageSet::bundled`]) are named in messages and reports.
+pub const BUNDLED_PHOTOS: &str = "the bundled generic photos";
+
 /// How pixels become the model's input tensor.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Preprocess {
@@ -181,6 +184,13 @@ impl ImageSet {
         } else {
             Err(bad(path, "no such image folder or image pack"))
         }
+    }
+
+    /// The generic photos bundled with the tool (`assets/photos`, every one redistributable; see
+    /// its `LICENSES.md`): what a recognised ViT is calibrated on when no calibration is given.
+    pub fn bundled() -> Result<ImageSet> {
+        static PACK: &[u8] = include_bytes!("../../assets/photos/generic.safetensors");
+        Self::from_pack(Model::from_bytes(Path::new(BUNDLED_PHOTOS), PACK.to_vec())?)
     }
 
     /// Reads an image pack.

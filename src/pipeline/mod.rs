@@ -10,6 +10,7 @@
 //! | stage | file |
 //! |---|---|
 //! | options and the job list | `options.rs`, `jobs.rs` |
+//! | the calibration when none is named (bundled photos for a known ViT) | `calibration.rs` |
 //! | open and check the inputs, the device, memory | `inputs.rs`, `preflight.rs`, `vision.rs` |
 //! | `--target-bits` probe | `mixed.rs` |
 //! | outputs opened, pass-through tensors written | `outputs.rs`, `encode.rs` |
@@ -19,6 +20,7 @@
 //! | `--eval` | `evaluate.rs` |
 //! | outputs finished, hashes, the report | `finish.rs`, `report.rs` |
 
+mod calibration;
 mod encode;
 mod equalize;
 mod evaluate;
@@ -95,6 +97,7 @@ pub enum Progress<'a> {
 /// the order the data flows; the files of this folder are the stages.
 pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<RunReport> {
     let started = Instant::now();
+    let opts = &*calibration::with_default_calibration(opts)?;
     let profile = Arc::new(Profile::new(opts.profile));
     let (mut inputs, device) = Inputs::open(opts)?;
     let mixed = mixed::probe(opts, &mut inputs, &device, &profile, progress)?;
@@ -266,6 +269,7 @@ mod tests {
                 mode: CalibMode::Fp,
                 resize: None,
                 crop: None,
+                bundled: false,
             }),
             eval: None,
             search: None,
@@ -416,6 +420,7 @@ mod tests {
             mode: CalibMode::Fp,
             resize: None,
             crop: None,
+            bundled: false,
         });
         opts.eval = Some(EvalOptions {
             path: assets.join("fmnist-images/test.safetensors"),
@@ -441,5 +446,39 @@ mod tests {
         let a = input.tensors().iter().find(|t| t.name == norm).unwrap();
         let b = out.tensors().iter().find(|t| t.name == norm).unwrap();
         assert_ne!(input.bytes(a), out.bytes(b));
+    }
+
+    #[test]
+    fn a_known_vit_without_calibration_calibrates_on_the_bundled_photos() {
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = base();
+        opts.model = assets.join("fmnist-vit");
+        opts.selection = Selection::default();
+        opts.images = None;
+        opts.config.bits = 3;
+        opts.out = Some(dir.path().join("q.safetensors"));
+        let r = run(&opts, &mut |_| {}).unwrap();
+        assert!(
+            r.calibration.contains(crate::io::images::BUNDLED_PHOTOS),
+            "{}",
+            r.calibration
+        );
+        let n = crate::io::images::ImageSet::bundled().unwrap().len();
+        assert!(
+            r.calibration.starts_with(&format!("{n} images")),
+            "{}",
+            r.calibration
+        );
+        assert!(r
+            .layers
+            .iter()
+            .all(|l| l.calibration == "images" && l.samples > 0));
+        // A model the forward pass does not know still needs a calibration named.
+        let tiny = tiny_model(dir.path());
+        opts.model = tiny.path().to_path_buf();
+        opts.out = Some(dir.path().join("t.safetensors"));
+        let e = run(&opts, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("--images") && e.contains("--data-free"), "{e}");
     }
 }

@@ -137,6 +137,23 @@ pub struct ImageOptions {
     pub resize: Option<usize>,
     /// Override of the centre crop (the model's input size).
     pub crop: Option<usize>,
+    /// The generic photos bundled with the tool instead of `path` (no calibration was given).
+    pub bundled: bool,
+}
+
+impl ImageOptions {
+    /// The bundled generic photos, all of them, in the model's own preprocessing.
+    pub fn bundled() -> ImageOptions {
+        ImageOptions {
+            path: PathBuf::from(crate::io::images::BUNDLED_PHOTOS),
+            count: DEFAULT_CALIB_COUNT,
+            seed: 0,
+            mode: CalibMode::Fp,
+            resize: None,
+            crop: None,
+            bundled: true,
+        }
+    }
 }
 
 /// Default `--calib-count`: 1024 images, as in the paper.

@@ -66,7 +66,13 @@ pub(super) fn run_inputs(opts: &RunOptions, model: &Checkpoint) -> Vec<guard::In
     }
     let named = [
         ("--calib", opts.calib.as_deref()),
-        ("--images", opts.images.as_ref().map(|i| i.path.as_path())),
+        (
+            "--images",
+            opts.images
+                .as_ref()
+                .filter(|i| !i.bundled)
+                .map(|i| i.path.as_path()),
+        ),
         ("--eval", opts.eval.as_ref().map(|e| e.path.as_path())),
         ("--config", opts.recipe.as_deref()),
     ];

@@ -74,7 +74,11 @@ impl Vision {
                         "--calib-count must be at least 1".into(),
                     ));
                 }
-                let set = ImageSet::open(&io.path)?;
+                let set = if io.bundled {
+                    ImageSet::bundled()?
+                } else {
+                    ImageSet::open(&io.path)?
+                };
                 let idx = set.choose(io.count, io.seed);
                 if idx.len() < io.count && io.count != DEFAULT_CALIB_COUNT {
                     log::warn!(
