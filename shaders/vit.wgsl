@@ -140,7 +140,8 @@ fn layernorm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     }
 }
 
-// ---- gelu: dst[i] = x Φ(x) in place over a = count elements (src0 unused).
+// ---- gelu: the MLP activation in place over a = count elements (src0 unused); b picks it:
+// 0 exact GELU x Φ(x), 1 QuickGELU x σ(1.702 x) (CLIP), 2 tanh-approximated GELU (SigLIP).
 // erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), so GELU is exact to f32 rounding.
 fn erf_approx(x: f32) -> f32 {
     let s = sign(x);
@@ -157,7 +158,15 @@ fn gelu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         return;
     }
     let x = dst[i];
-    dst[i] = 0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752));
+    if (p.b == 1u) {
+        dst[i] = x / (1.0 + exp(-1.702 * x));
+    } else if (p.b == 2u) {
+        // tanh(u) = 1 - 2 / (exp(2u) + 1), which saturates instead of overflowing.
+        let u = 0.7978845608 * (x + 0.044715 * x * x * x);
+        dst[i] = 0.5 * x * (2.0 - 2.0 / (exp(2.0 * u) + 1.0));
+    } else {
+        dst[i] = 0.5 * x * (1.0 + erf_approx(x * 0.70710678118654752));
+    }
 }
 
 // ---- add_scaled: dst[r, j] += src1[j] · src0[r, j]          (a = rows·d, b = d)

@@ -488,8 +488,8 @@ fn with_extra_tensors(path: &Path, extra: &[(&str, Vec<usize>)]) {
     std::fs::write(path, out).unwrap();
 }
 
-/// A tensor the forward pass would not read (a timm `norm_pre`, register tokens, a pooling
-/// head) would silently change the network the Grams come from: the model is refused with the
+/// A tensor the forward pass would not read (register tokens, an attention-pooling head)
+/// would silently change the network the Grams come from: the model is refused with the
 /// tensor named, unless the user allows it; tensors known to play no part are accepted.
 #[test]
 fn a_tensor_the_forward_pass_would_skip_is_an_error_naming_it() {
@@ -497,17 +497,20 @@ fn a_tensor_the_forward_pass_would_skip_is_an_error_naming_it() {
     let path = synthetic(dir.path(), Family::TimmVit, 5);
     with_extra_tensors(
         &path,
-        &[("norm_pre.weight", vec![32]), ("reg_token", vec![1, 4, 32])],
+        &[
+            ("attn_pool.latent", vec![1, 1, 32]),
+            ("reg_token", vec![1, 4, 32]),
+        ],
     );
     let m = Checkpoint::open(&path).unwrap();
     let e = VitSpec::detect(&m).unwrap_err().to_string();
     assert!(
-        e.contains("'norm_pre.weight'") && e.contains("(and 1 more)"),
+        e.contains("'attn_pool.latent'") && e.contains("(and 1 more)"),
         "{e}"
     );
     assert!(e.contains("--allow-unused-tensors"), "{e}");
     let s = VitSpec::detect_allowing(&m, true).unwrap();
-    assert!(!s.used_tensors().contains("norm_pre.weight"));
+    assert!(!s.used_tensors().contains("attn_pool.latent"));
 
     // DINOv2's mask token, HF ViT's pooler and a stored resize of the position embedding are
     // known to play no part in the features.
@@ -538,4 +541,150 @@ fn a_tensor_the_forward_pass_would_skip_is_an_error_naming_it() {
             assert!(s.used_tensors().contains(&t.name), "{family}: {}", t.name);
         }
     }
+}
+
+/// The Python in `COMQ_PYTHON` (transformers and torch), or a visible skip; a failure when
+/// `COMQ_REQUIRE_PYTHON=1`.
+fn reference_python() -> Option<String> {
+    match std::env::var("COMQ_PYTHON") {
+        Ok(p) if !p.is_empty() => Some(p),
+        _ if std::env::var("COMQ_REQUIRE_PYTHON").is_ok_and(|v| v == "1") => {
+            panic!("COMQ_REQUIRE_PYTHON=1 but COMQ_PYTHON is not set (run scripts/setup-python-env.sh)")
+        }
+        _ => {
+            eprintln!("SKIP: COMQ_PYTHON is not set; run scripts/setup-python-env.sh");
+            None
+        }
+    }
+}
+
+/// Relative error a family's CPU forward keeps against its reference implementation.
+const REFERENCE_REL_TOL: f64 = 1e-4;
+
+/// HF CLIP vision towers against transformers itself: a small random `CLIPVisionModelWithProjection`
+/// (pre-LayerNorm, QuickGELU or tanh-GELU, class embedding, the projection) is recognised from
+/// what `save_pretrained` writes, and our CPU forward gives transformers' pooled output, tokens
+/// and image embeddings; the GPU forward gives the CPU's.
+#[test]
+fn clip_vision_matches_transformers() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    for act in ["quick_gelu", "gelu", "gelu_pytorch_tanh"] {
+        let dir = tempfile::tempdir().unwrap();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/reference/clip_vision.py"
+        );
+        let o = std::process::Command::new(&python)
+            .arg(script)
+            .arg(dir.path())
+            .arg(act)
+            .output()
+            .expect("python runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = comq_gpu::io::safetensors::Model::open(&dir.path().join("reference.safetensors"))
+            .unwrap();
+        let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
+        let px = get("pixel_values");
+        let path = dir.path().join("model.safetensors");
+        let (spec, out) = forward(&CpuOps, &path, &px, 3);
+        assert_eq!(spec.family, Family::HfClip);
+        assert!(spec.norm_pre.is_some());
+        assert_eq!(
+            (spec.dim, spec.depth, spec.heads, spec.patch),
+            (64, 2, 4, 8)
+        );
+        for (what, ours, want) in [
+            ("pooled", &out.cls, get("pooler_output")),
+            ("tokens", &out.tokens, get("tokens")),
+            ("image embeds", &out.logits, get("image_embeds")),
+        ] {
+            let e = rel(ours, &want);
+            eprintln!("CLIP ({act}) {what} vs transformers: rel {e:.3e}");
+            assert!(e < REFERENCE_REL_TOL, "{act} {what}: {e}");
+        }
+        if let Some(g) = gpu::device() {
+            let ops = comq_gpu::device::wgpu::forward::GpuOps::new(&g);
+            let (_, gout) = forward(&ops, &path, &px, 3);
+            let e = rel(&gout.tokens, &out.tokens);
+            assert!(e < FORWARD_REL_TOL, "{act} GPU vs CPU tokens: {e}");
+        }
+    }
+}
+
+/// The synthetic CLIP tower is recognised with its pre-LayerNorm, QuickGELU and projection,
+/// reads every tensor it has, and its GPU forward matches the CPU's.
+#[test]
+fn a_synthetic_clip_tower_is_recognised_and_runs_on_both_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::HfClip, 12);
+    let m = Checkpoint::open(&path).unwrap();
+    let s = VitSpec::detect(&m).unwrap();
+    assert_eq!(s.family, Family::HfClip);
+    assert_eq!(s.act, comq_gpu::device::ops::Activation::QuickGelu);
+    assert_eq!(s.num_classes, 12);
+    assert!(s.norm_pre.is_some());
+    for t in m.tensors() {
+        assert!(s.used_tensors().contains(&t.name), "{}", t.name);
+    }
+    let px = pixels(2, 3, 16, 3);
+    let (_, c) = forward(&CpuOps, &path, &px, 2);
+    if let Some(g) = gpu::device() {
+        let ops = comq_gpu::device::wgpu::forward::GpuOps::new(&g);
+        let (_, o) = forward(&ops, &path, &px, 2);
+        assert!(rel(&o.tokens, &c.tokens) < FORWARD_REL_TOL);
+        assert!(rel(&o.logits, &c.logits) < FORWARD_REL_TOL);
+    }
+}
+
+/// A timm ViT's `norm_pre` (every timm CLIP model has one) is applied before the first block,
+/// not skipped: the same model without it gives other features.
+#[test]
+fn a_timm_norm_pre_is_applied_before_the_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::TimmVit, 5);
+    let px = pixels(2, 3, 16, 9);
+    let (_, plain) = forward(&CpuOps, &path, &px, 2);
+    let w: Vec<usize> = vec![32];
+    with_extra_tensors(
+        &path,
+        &[("norm_pre.weight", w.clone()), ("norm_pre.bias", w)],
+    );
+    let m = Checkpoint::open(&path).unwrap();
+    let s = VitSpec::detect(&m).unwrap();
+    assert_eq!(
+        s.norm_pre,
+        Some(("norm_pre.weight".into(), "norm_pre.bias".into()))
+    );
+    // A zero-weight pre-norm sends zeros into the first block: the features must change.
+    let (_, pre) = forward(&CpuOps, &path, &px, 2);
+    assert!(rel(&pre.cls, &plain.cls) > 1e-2);
+}
+
+/// A CLIP tower quantizes end to end from images: every linear layer of every block is
+/// calibrated through the forward pass, the projection is left in full precision.
+#[test]
+fn a_clip_tower_quantizes_from_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::HfClip, 12);
+    let out = dir.path().join("q.safetensors");
+    let report = dir.path().join("r.json");
+    let o = common::run(&[
+        "run",
+        common::s(&path),
+        "--out",
+        common::s(&out),
+        "--report",
+        common::s(&report),
+        "--preset",
+        "paper",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let layers = r["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2 * 6);
+    assert!(layers
+        .iter()
+        .all(|l| l["calibration"] == "images" && !l["name"].as_str().unwrap().contains("visual")));
 }

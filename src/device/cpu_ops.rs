@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::Ops;
+use super::ops::{Activation, Ops};
 use crate::error::Result;
 use crate::numeric::gram::{Gram, GramAccumulator};
 
@@ -142,8 +142,8 @@ impl Ops for CpuOps {
         Ok(y)
     }
 
-    fn gelu(&self, x: &mut Vec<f32>, len: usize) -> Result<()> {
-        x[..len].par_iter_mut().for_each(|v| *v = gelu(*v));
+    fn activation(&self, x: &mut Vec<f32>, len: usize, act: Activation) -> Result<()> {
+        x[..len].par_iter_mut().for_each(|v| *v = act.apply(*v));
         Ok(())
     }
 

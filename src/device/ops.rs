@@ -1,10 +1,46 @@
 //! The forward pass's device primitives: what a backend must do for the ViT forward pass
 //! (`crate::model::forward`) to run on it. The CPU implements them in [`super::cpu_ops`], the
-//! GPU in [`super::wgpu::forward`]; the pass itself is written once above them. [`AnyOps`] is
-//! the one chosen at run time.
+//! GPU in [`super::wgpu::forward`]; the pass itself is written once above them.
+//! [`super::AnyOps`] is the one chosen at run time.
 
 use crate::error::Result;
 use crate::numeric::gram::Gram;
+
+/// The MLP activation of a model family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact GELU, `x · Φ(x)` (erf): ViT, DeiT, DINOv2.
+    #[default]
+    Gelu,
+    /// `x · σ(1.702 x)`: OpenAI CLIP (`quick_gelu`).
+    QuickGelu,
+    /// The tanh approximation of GELU (`gelu_pytorch_tanh`, `gelu_new`): SigLIP.
+    GeluTanh,
+}
+
+impl Activation {
+    /// The activation's value at `x` (the CPU's, and the reference of the WGSL kernel).
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Gelu => crate::device::cpu_ops::gelu(x),
+            Activation::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
+            Activation::GeluTanh => {
+                let k = 0.797_884_6_f32; // sqrt(2 / pi)
+                0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
+            }
+        }
+    }
+
+    /// Its number in the WGSL kernel's parameters.
+    pub fn code(self) -> u32 {
+        match self {
+            Activation::Gelu => 0,
+            Activation::QuickGelu => 1,
+            Activation::GeluTanh => 2,
+        }
+    }
+}
 
 /// The primitives a device runs for the forward pass. All tensors are row-major f32.
 pub trait Ops {
@@ -40,8 +76,8 @@ pub trait Ops {
         b: &Self::T,
         eps: f32,
     ) -> Result<Self::T>;
-    /// Exact (erf) GELU in place over `len` elements.
-    fn gelu(&self, x: &mut Self::T, len: usize) -> Result<()>;
+    /// The MLP activation `act` in place over `len` elements.
+    fn activation(&self, x: &mut Self::T, len: usize, act: Activation) -> Result<()>;
     /// Softmax attention: `qkv[n·t, 3·heads·hd]` (q | k | v, heads inside each) → `[n·t, heads·hd]`.
     fn attention(
         &self,

@@ -148,6 +148,7 @@ pub struct Stem<T> {
     patch: (T, T),
     prefix: T,
     pos: T,
+    norm_pre: Option<(T, T)>,
     norm: (T, T),
     head: Vec<(Vec<f32>, Vec<f32>)>,
 }
@@ -158,6 +159,7 @@ pub struct HostStem {
     patch: (Vec<f32>, Vec<f32>),
     prefix: Vec<f32>,
     pos: Vec<f32>,
+    norm_pre: Option<(Vec<f32>, Vec<f32>)>,
     norm: (Vec<f32>, Vec<f32>),
     head: Vec<(Vec<f32>, Vec<f32>)>,
 }
@@ -210,6 +212,10 @@ impl HostStem {
             ),
             prefix,
             pos,
+            norm_pre: match &spec.norm_pre {
+                Some((w, b)) => Some((read(model, w, d)?, read(model, b, d)?)),
+                None => None,
+            },
             norm: (read(model, &spec.norm.0, d)?, read(model, &spec.norm.1, d)?),
             head,
         })
@@ -221,6 +227,10 @@ impl HostStem {
             patch: (ops.upload(&self.patch.0)?, ops.upload(&self.patch.1)?),
             prefix: ops.upload(&self.prefix)?,
             pos: ops.upload(&self.pos)?,
+            norm_pre: match &self.norm_pre {
+                Some((w, b)) => Some((ops.upload(w)?, ops.upload(b)?)),
+                None => None,
+            },
             norm: (ops.upload(&self.norm.0)?, ops.upload(&self.norm.1)?),
             head: self.head.clone(),
         })
@@ -296,8 +306,16 @@ impl<'a, O: Ops> Forward<'a, O> {
             .ops
             .patch_embed(&px, n, c, side, p, &stem.patch.0, &stem.patch.1, d)?;
         let g = (side / p) * (side / p);
-        self.ops
-            .assemble(&patches, &stem.prefix, &stem.pos, n, s.prefix_tokens, g, d)
+        let h = self
+            .ops
+            .assemble(&patches, &stem.prefix, &stem.pos, n, s.prefix_tokens, g, d)?;
+        match &stem.norm_pre {
+            // CLIP's pre-LayerNorm over every token, before the first block.
+            Some((w, b)) => self
+                .ops
+                .layernorm(&h, n * (s.prefix_tokens + g), d, w, b, s.eps),
+            None => Ok(h),
+        }
     }
 
     /// Moves `h` (`[n · t, d]`) through one block, handing each linear layer's input to
@@ -358,7 +376,7 @@ impl<'a, O: Ops> Forward<'a, O> {
         }
         let mut f = ops.linear(&x, rows, d, &w.fc1.0, &w.fc1.1, m)?;
         drop(x);
-        ops.gelu(&mut f, rows * m)?;
+        ops.activation(&mut f, rows * m, self.spec.act)?;
         observe(Site::Fc2In, &f, rows)?;
         if until == Some(Site::Fc2In) {
             return Ok(());

@@ -17,6 +17,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::device::ops::Activation;
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 
@@ -34,6 +35,9 @@ pub enum Family {
     HfDeit,
     /// HF transformers `Dinov2Model` / `Dinov2ForImageClassification` (LayerScale, patch 14).
     HfDinov2,
+    /// HF transformers `CLIPVisionModel` / `CLIPVisionModelWithProjection` (pre-LayerNorm,
+    /// QuickGELU unless `hidden_act` says otherwise, the projection as the head).
+    HfClip,
 }
 
 impl std::fmt::Display for Family {
@@ -44,6 +48,7 @@ impl std::fmt::Display for Family {
             Family::HfVit => "HF ViT",
             Family::HfDeit => "HF DeiT",
             Family::HfDinov2 => "HF DINOv2",
+            Family::HfClip => "HF CLIP vision",
         })
     }
 }
@@ -172,8 +177,13 @@ pub struct VitSpec {
     pub pos_embed_resized: Option<String>,
     /// The blocks.
     pub blocks: Vec<BlockNames>,
+    /// LayerNorm over the tokens before the first block (CLIP's `pre_layrnorm`, timm's
+    /// `norm_pre`), when the model has one.
+    pub norm_pre: Option<(String, String)>,
     /// Final LayerNorm.
     pub norm: (String, String),
+    /// The MLP activation.
+    pub act: crate::device::ops::Activation,
     /// Classifier.
     pub head: Head,
     /// Number of classes of the head (0 for a backbone).
@@ -186,6 +196,8 @@ pub struct VitSpec {
 
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 fn unknown(path: &Path, reason: impl Into<String>) -> Error {
     Error::UnknownModel {
@@ -283,6 +295,10 @@ impl VitSpec {
         }
         add(&self.norm.0);
         add(&self.norm.1);
+        if let Some((w, b)) = &self.norm_pre {
+            add(w);
+            add(b);
+        }
         for b in &self.blocks {
             for n in [&b.norm1.0, &b.norm1.1, &b.norm2.0, &b.norm2.1] {
                 add(n);
@@ -308,7 +324,7 @@ impl VitSpec {
 
     /// Refuses a model holding a tensor the forward pass would not read, other than those known
     /// to play no part in the features: the calibration would come from another network than
-    /// the one the user has (a timm `norm_pre`, registers, a pooling head silently skipped).
+    /// the one the user has (registers or an attention-pooling head silently skipped).
     /// Known to be unused: DINOv2's `mask_token` (masked-image pre-training only), HF ViT's
     /// `pooler` (a tanh layer over the CLS token, not part of the features), and other stored
     /// sizes of the position embedding (`<pos_embed>_<px>`). With `allow` each is a warning.
@@ -316,6 +332,7 @@ impl VitSpec {
         let used = self.used_tensors();
         let known = |n: &str| {
             n.ends_with("mask_token")
+                || n.ends_with("position_ids")
                 || n.split('.').any(|part| part == "pooler")
                 || n.strip_prefix(self.pos_embed.as_str())
                     .is_some_and(|rest| rest.starts_with('_'))
@@ -358,16 +375,21 @@ impl VitSpec {
         let path = model.path();
         let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
         let (family, p) = family_of(model)?;
+        // A whole CLIP model's config keeps the vision tower's under `vision_config`.
+        let config = match (family, config.get("vision_config")) {
+            (Family::HfClip, Some(v)) => v.clone(),
+            _ => config,
+        };
         let blocks = block_names(model, family, &p);
         let depth = blocks.len();
         let (patch_embed, tokens, pos_embed, norm) = embeddings(model, family, &p)?;
-        check_present(
-            model,
-            family,
-            &[&patch_embed.0, &pos_embed, &norm.0, &norm.1],
-            &tokens,
-            &blocks,
-        )?;
+        let norm_pre = norm_pre_of(model, family, &p);
+        let mut named = vec![&patch_embed.0, &pos_embed, &norm.0, &norm.1];
+        if let Some((w, b)) = &norm_pre {
+            named.extend([w, b]);
+        }
+        check_present(model, family, &named, &tokens, &blocks)?;
+        let act = activation_of(path, &config, family)?;
         let (dim, channels, patch, pos_grid) =
             geometry(model, &patch_embed.0, &pos_embed, tokens.len())?;
         let prefix_tokens = tokens.len();
@@ -427,7 +449,9 @@ impl VitSpec {
             pos_embed,
             pos_embed_resized,
             blocks,
+            norm_pre,
             norm,
+            act,
             head,
             num_classes,
             labels,
@@ -484,8 +508,6 @@ impl VitSpec {
     }
 }
 
-/// The head count and the LayerNorm epsilon, from `config.json` when present, else the family's
-/// conventions; a head count that cannot be inferred safely is an error naming the key.
 /// The family of `model` and the prefix its tensors carry (`vit.`, `dinov2.`…).
 fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
     let path = model.path();
@@ -500,6 +522,11 @@ fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
             },
             String::new(),
         )
+    } else if let Some(p) = ["vision_model.", ""]
+        .into_iter()
+        .find(|p| has(&format!("{p}encoder.layers.0.self_attn.q_proj.weight")))
+    {
+        (Family::HfClip, p.to_string())
     } else {
         let mut found = None;
         for p in ["", "vit.", "deit.", "dinov2."] {
@@ -513,7 +540,7 @@ fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
         let Some(p) = found else {
             return Err(unknown(
                 path,
-                "no ViT block found (looked for 'blocks.0.attn.qkv.weight' and '[vit.|deit.|dinov2.]encoder.layer.0.attention.attention.query.weight')",
+                "no ViT block found (looked for 'blocks.0.attn.qkv.weight', '[vit.|deit.|dinov2.]encoder.layer.0.attention.attention.query.weight' and '[vision_model.]encoder.layers.0.self_attn.q_proj.weight')",
             ));
         };
         let family = if has(&format!("{p}encoder.layer.0.layer_scale1.lambda1"))
@@ -530,6 +557,49 @@ fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
     Ok((family, p))
 }
 
+/// The LayerNorm before the first block: CLIP's `pre_layrnorm`, timm's `norm_pre` (which every
+/// timm CLIP model has).
+fn norm_pre_of(model: &Checkpoint, family: Family, p: &str) -> Option<(String, String)> {
+    let name = match family {
+        Family::HfClip => format!("{p}pre_layrnorm"),
+        Family::TimmVit | Family::TimmDeit => "norm_pre".to_string(),
+        _ => return None,
+    };
+    (family == Family::HfClip || model.get(&format!("{name}.weight")).is_some())
+        .then(|| (format!("{name}.weight"), format!("{name}.bias")))
+}
+
+/// The MLP activation: `hidden_act` (HF) or `model_args.act_layer` (timm) in `config.json`, else
+/// the family's (QuickGELU for CLIP, exact GELU for the others); a name it does not know is an
+/// error naming it.
+fn activation_of(path: &Path, config: &Value, family: Family) -> Result<Activation> {
+    let named = config
+        .get("hidden_act")
+        .or_else(|| config.get("model_args").and_then(|a| a.get("act_layer")));
+    match named {
+        None | Some(Value::Null) => Ok(match family {
+            Family::HfClip => Activation::QuickGelu,
+            _ => Activation::Gelu,
+        }),
+        Some(Value::String(s)) => match s.as_str() {
+            "gelu" => Ok(Activation::Gelu),
+            "quick_gelu" => Ok(Activation::QuickGelu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_tanh" => Ok(Activation::GeluTanh),
+            other => Err(unknown(
+                path,
+                format!(
+                    "config.json names the activation '{other}'; the forward pass knows gelu, \
+                     quick_gelu and gelu_pytorch_tanh"
+                ),
+            )),
+        },
+        Some(other) => Err(unknown(
+            path,
+            format!("config.json's activation is {other}, not a name"),
+        )),
+    }
+}
+
 /// The tensor names of every block, from block 0 until one is missing.
 fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
     let has = |n: &str| model.get(n).is_some();
@@ -537,7 +607,33 @@ fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
     let mut blocks = Vec::new();
     loop {
         let i = blocks.len();
-        let b = if timm {
+        let b = if family == Family::HfClip {
+            let b = format!("{p}encoder.layers.{i}.");
+            if !has(&format!("{b}self_attn.out_proj.weight")) {
+                break;
+            }
+            let a = format!("{b}self_attn.");
+            BlockNames {
+                index: i,
+                norm1: (
+                    format!("{b}layer_norm1.weight"),
+                    format!("{b}layer_norm1.bias"),
+                ),
+                qkv: vec![
+                    (Role::Query, format!("{a}q_proj")),
+                    (Role::Key, format!("{a}k_proj")),
+                    (Role::Value, format!("{a}v_proj")),
+                ],
+                proj: format!("{a}out_proj"),
+                norm2: (
+                    format!("{b}layer_norm2.weight"),
+                    format!("{b}layer_norm2.bias"),
+                ),
+                fc1: format!("{b}mlp.fc1"),
+                fc2: format!("{b}mlp.fc2"),
+                ls: None,
+            }
+        } else if timm {
             let b = format!("blocks.{i}.");
             if !has(&format!("{b}attn.proj.weight")) {
                 break;
@@ -618,7 +714,21 @@ fn embeddings(
     let path = model.path();
     let has = |n: &str| model.get(n).is_some();
     let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
-    Ok(if timm {
+    Ok(if family == Family::HfClip {
+        let e = format!("{p}embeddings.");
+        (
+            (
+                format!("{e}patch_embedding.weight"),
+                format!("{e}patch_embedding.bias"),
+            ),
+            vec![format!("{e}class_embedding")],
+            format!("{e}position_embedding.weight"),
+            (
+                format!("{p}post_layernorm.weight"),
+                format!("{p}post_layernorm.bias"),
+            ),
+        )
+    } else if timm {
         let mut tokens = vec!["cls_token".to_string()];
         if family == Family::TimmDeit {
             tokens.push("dist_token".into());
@@ -769,7 +879,13 @@ fn head_of(model: &Checkpoint, family: Family, dim: usize) -> Result<(Head, usiz
     };
     let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
     let head_name = |n: &str| has(&format!("{n}.weight")).then(|| n.to_string());
-    let head = if timm {
+    let head = if family == Family::HfClip {
+        // The projection into the joint image-text space: its output are the features.
+        match head_name("visual_projection") {
+            Some(h) => Head::Cls(h),
+            None => Head::None,
+        }
+    } else if timm {
         match (head_name("head"), head_name("head_dist")) {
             (Some(h), Some(d)) => Head::ClsDist(h, d),
             (Some(h), None) => Head::Cls(h),
@@ -812,6 +928,8 @@ fn head_of(model: &Checkpoint, family: Family, dim: usize) -> Result<(Head, usiz
     Ok((head, num_classes))
 }
 
+/// The head count and the LayerNorm epsilon, from `config.json` when present, else the family's
+/// conventions; a head count that cannot be inferred safely is an error naming the key.
 fn hyper_params(path: &Path, config: &Value, family: Family, dim: usize) -> Result<(usize, f32)> {
     // Hyper-parameters from config.json when present, else the family's conventions.
     let args = config.get("model_args").unwrap_or(config);
@@ -855,6 +973,8 @@ fn hyper_params(path: &Path, config: &Value, family: Family, dim: usize) -> Resu
     let eps = num(config, "layer_norm_eps").map(|e| e as f32).unwrap_or(
         if matches!(family, Family::HfVit | Family::HfDeit) {
             1e-12
+        } else if family == Family::HfClip {
+            1e-5
         } else {
             1e-6
         },
@@ -942,6 +1062,7 @@ fn preprocess(
     };
     let (def_mean, def_std): (Vec<f32>, Vec<f32>) = match family {
         Family::HfVit | Family::TimmVit => (vec![0.5; 3], vec![0.5; 3]),
+        Family::HfClip => (CLIP_MEAN.to_vec(), CLIP_STD.to_vec()),
         _ => (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec()),
     };
     // DINOv2 checkpoints store the 518-px position grid but are run at 224.
@@ -953,7 +1074,7 @@ fn preprocess(
     let mut p = Preprocess {
         channels,
         resize: match family {
-            Family::HfVit => native,
+            Family::HfVit | Family::HfClip => native,
             Family::HfDinov2 => native * 8 / 7,
             _ => (native as f64 / 0.875).floor() as usize,
         },

@@ -66,8 +66,18 @@ impl SyntheticVit {
         let timm = matches!(self.family, Family::TimmVit | Family::TimmDeit);
         let deit = matches!(self.family, Family::TimmDeit | Family::HfDeit);
         let dino = self.family == Family::HfDinov2;
+        let clip = self.family == Family::HfClip;
         let prefix_tokens = 1 + deit as usize;
-        let (pe, cls, dist, pos, norm, blk) = if timm {
+        let (pe, cls, dist, pos, norm, blk) = if clip {
+            (
+                "vision_model.embeddings.patch_embedding".to_string(),
+                "vision_model.embeddings.class_embedding".to_string(),
+                String::new(),
+                "vision_model.embeddings.position_embedding.weight".to_string(),
+                "vision_model.post_layernorm".to_string(),
+                "vision_model.encoder.layers".to_string(),
+            )
+        } else if timm {
             (
                 "patch_embed.proj".to_string(),
                 "cls_token".to_string(),
@@ -98,19 +108,34 @@ impl SyntheticVit {
             lin(c * p * p),
             0.0,
         );
-        put(format!("{pe}.bias"), vec![d], 0.02, 0.0);
-        put(cls, vec![1, 1, d], 0.5, 0.0);
-        if deit {
-            put(dist, vec![1, 1, d], 0.5, 0.0);
+        if clip {
+            // CLIP's patch embedding has no bias, its class embedding and position embedding
+            // no batch axis; a LayerNorm follows them.
+            put(cls, vec![d], 0.5, 0.0);
+            put(pos, vec![prefix_tokens + g * g, d], 0.1, 0.0);
+            put("vision_model.pre_layrnorm.weight".into(), vec![d], 0.1, 1.0);
+            put("vision_model.pre_layrnorm.bias".into(), vec![d], 0.05, 0.0);
+        } else {
+            put(format!("{pe}.bias"), vec![d], 0.02, 0.0);
+            put(cls, vec![1, 1, d], 0.5, 0.0);
+            if deit {
+                put(dist, vec![1, 1, d], 0.5, 0.0);
+            }
+            put(pos, vec![1, prefix_tokens + g * g, d], 0.1, 0.0);
         }
-        put(pos, vec![1, prefix_tokens + g * g, d], 0.1, 0.0);
         for b in 0..self.depth {
             let s = format!("{blk}.{b}.");
             let mut linear = |name: String, out: usize, inp: usize| {
                 put(format!("{name}.weight"), vec![out, inp], lin(inp), 0.0);
                 put(format!("{name}.bias"), vec![out], 0.02, 0.0);
             };
-            if timm {
+            if clip {
+                for q in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                    linear(format!("{s}self_attn.{q}"), d, d);
+                }
+                linear(format!("{s}mlp.fc1"), m, d);
+                linear(format!("{s}mlp.fc2"), d, m);
+            } else if timm {
                 linear(format!("{s}attn.qkv"), 3 * d, d);
                 linear(format!("{s}attn.proj"), d, d);
                 linear(format!("{s}mlp.fc1"), m, d);
@@ -128,7 +153,9 @@ impl SyntheticVit {
                     linear(format!("{s}output.dense"), d, m);
                 }
             }
-            let (n1, n2) = if timm || dino {
+            let (n1, n2) = if clip {
+                ("layer_norm1", "layer_norm2")
+            } else if timm || dino {
                 ("norm1", "norm2")
             } else {
                 ("layernorm_before", "layernorm_after")
@@ -171,6 +198,8 @@ impl SyntheticVit {
                     put("classifier.weight".into(), vec![k, d], lin(d), 0.0);
                     put("classifier.bias".into(), vec![k], 0.02, 0.0);
                 }
+                // The projection into the joint space, without a bias.
+                Family::HfClip => put("visual_projection.weight".into(), vec![k, d], lin(d), 0.0),
             }
         }
         let mut header = serde_json::Map::new();
@@ -224,6 +253,13 @@ impl SyntheticVit {
                                "depth": self.depth, "num_heads": self.heads},
                 "pretrained_cfg": {"input_size": [c, self.img, self.img], "crop_pct": 1.0,
                                    "interpolation": "bicubic", "mean": vec![0.5; c], "std": vec![0.5; c]}
+            })
+        } else if clip {
+            serde_json::json!({
+                "model_type": "clip_vision_model",
+                "hidden_size": d, "num_hidden_layers": self.depth, "num_attention_heads": self.heads,
+                "intermediate_size": m, "patch_size": p, "image_size": self.img, "num_channels": c,
+                "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": self.classes
             })
         } else {
             serde_json::json!({

@@ -11,7 +11,7 @@ use super::buffers::gpu_err;
 use super::context::GpuContext;
 use super::pipelines::{GramParams, VitParams};
 use super::{WgpuDevice, MAX_GROUPS};
-use crate::device::ops::Ops;
+use crate::device::ops::{Activation, Ops};
 use crate::error::Result;
 use crate::numeric::gram::{Gram, GramAccumulator};
 use crate::shaders::Kernel;
@@ -228,9 +228,10 @@ impl Ops for GpuOps {
         Ok(y)
     }
 
-    fn gelu(&self, x: &mut GpuTensor, len: usize) -> Result<()> {
+    fn activation(&self, x: &mut GpuTensor, len: usize, act: Activation) -> Result<()> {
         let p = VitParams {
             a: len as u32,
+            b: act.code(),
             ..Default::default()
         };
         self.elementwise(Kernel::Gelu, &[(3, &x.buf)], len, p);
