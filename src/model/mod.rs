@@ -203,7 +203,7 @@ fn unknown(path: &Path, reason: impl Into<String>) -> Error {
     Error::UnknownModel {
         path: path.to_path_buf(),
         reason: format!(
-            "{}; the forward pass knows timm ViT/DeiT, HF ViT/DeiT and HF DINOv2 layouts — for other models pass --calib with captured activations",
+            "{}; the forward pass knows timm ViT/DeiT, HF ViT/DeiT, HF DINOv2 and HF CLIP vision layouts — for other models pass --calib with captured activations",
             reason.into()
         ),
     }
