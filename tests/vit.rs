@@ -688,3 +688,41 @@ fn a_clip_tower_quantizes_from_images() {
         .iter()
         .all(|l| l["calibration"] == "images" && !l["name"].as_str().unwrap().contains("visual")));
 }
+
+/// HF DINOv2 with registers against transformers itself: the register tokens sit between the
+/// class token and the patches without a position embedding, and every token after the final
+/// LayerNorm is transformers' (CPU within 1e-4 relative; GPU to CPU).
+#[test]
+fn dinov2_with_registers_matches_transformers() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/reference/dinov2_registers.py"
+    );
+    let o = std::process::Command::new(&python)
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .expect("python runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r =
+        comq_gpu::io::safetensors::Model::open(&dir.path().join("reference.safetensors")).unwrap();
+    let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
+    let px = get("pixel_values");
+    let path = dir.path().join("model.safetensors");
+    let (spec, out) = forward(&CpuOps, &path, &px, 3);
+    assert_eq!(spec.family, Family::HfDinov2);
+    assert_eq!((spec.registers, spec.prefix_tokens), (4, 5));
+    let e = rel(&out.tokens, &get("last_hidden_state"));
+    eprintln!("DINOv2 with registers vs transformers: rel {e:.3e}");
+    assert!(e < REFERENCE_REL_TOL, "{e}");
+    if let Some(g) = gpu::device() {
+        let ops = comq_gpu::device::wgpu::forward::GpuOps::new(&g);
+        let (_, gout) = forward(&ops, &path, &px, 3);
+        let e = rel(&gout.tokens, &out.tokens);
+        assert!(e < FORWARD_REL_TOL, "GPU vs CPU tokens: {e}");
+    }
+}

@@ -171,11 +171,18 @@ impl HostStem {
         let c = spec.preprocess.channels;
         let p = spec.patch;
         let mut prefix = Vec::new();
-        for t in &spec.tokens {
-            prefix.extend(read(model, t, d)?);
+        for (i, t) in spec.tokens.iter().enumerate() {
+            // The register tokens are one tensor of `registers` rows, last.
+            let rows = if spec.registers > 0 && i + 1 == spec.tokens.len() {
+                spec.registers
+            } else {
+                1
+            };
+            prefix.extend(read(model, t, rows * d)?);
         }
         let g_in = spec.preprocess.crop / p;
-        let pt = spec.prefix_tokens;
+        // The position embedding covers the prefix tokens but the registers, then the patches.
+        let pt = spec.prefix_tokens - spec.registers;
         let pos = match &spec.pos_embed_resized {
             Some(n) => read(model, n, (pt + g_in * g_in) * d)?,
             None => {
@@ -192,6 +199,15 @@ impl HostStem {
                     v
                 }
             }
+        };
+        // Registers are added after the position embedding: zeros in their rows.
+        let pos = if spec.registers > 0 {
+            let mut v = pos[..pt * d].to_vec();
+            v.resize((pt + spec.registers) * d, 0.0);
+            v.extend_from_slice(&pos[pt * d..]);
+            v
+        } else {
+            pos
         };
         let lin = |h: &str, inp: usize| -> Result<(Vec<f32>, Vec<f32>)> {
             Ok((

@@ -163,13 +163,17 @@ pub struct VitSpec {
     pub patch: usize,
     /// LayerNorm epsilon.
     pub eps: f32,
-    /// Prefix tokens before the patches (CLS, and DeiT's distillation token).
+    /// Prefix tokens before the patches (CLS, DeiT's distillation token, the registers).
     pub prefix_tokens: usize,
+    /// Register tokens (DINOv2 with registers): the last prefix tokens, which have no position
+    /// embedding.
+    pub registers: usize,
     /// Side of the stored position-embedding grid.
     pub pos_grid: usize,
     /// Patch-embedding conv weight / bias (`[dim, channels, patch, patch]`).
     pub patch_embed: (String, String),
-    /// CLS token, then the distillation token if any.
+    /// CLS token, then the distillation token or the register tokens (one tensor of
+    /// `registers` rows) if any.
     pub tokens: Vec<String>,
     /// Position embedding (`[1, prefix + grid², dim]`).
     pub pos_embed: String,
@@ -203,7 +207,7 @@ fn unknown(path: &Path, reason: impl Into<String>) -> Error {
     Error::UnknownModel {
         path: path.to_path_buf(),
         reason: format!(
-            "{}; the forward pass knows timm ViT/DeiT, HF ViT/DeiT, HF DINOv2 and HF CLIP vision layouts — for other models pass --calib with captured activations",
+            "{}; the forward pass knows timm ViT/DeiT, HF ViT/DeiT, HF DINOv2 (with or without registers) and HF CLIP vision layouts — for other models pass --calib with captured activations",
             reason.into()
         ),
     }
@@ -382,7 +386,7 @@ impl VitSpec {
         };
         let blocks = block_names(model, family, &p);
         let depth = blocks.len();
-        let (patch_embed, tokens, pos_embed, norm) = embeddings(model, family, &p)?;
+        let (patch_embed, mut tokens, pos_embed, norm) = embeddings(model, family, &p)?;
         let norm_pre = norm_pre_of(model, family, &p);
         let mut named = vec![&patch_embed.0, &pos_embed, &norm.0, &norm.1];
         if let Some((w, b)) = &norm_pre {
@@ -390,9 +394,31 @@ impl VitSpec {
         }
         check_present(model, family, &named, &tokens, &blocks)?;
         let act = activation_of(path, &config, family)?;
+        let registers = match family {
+            Family::HfDinov2 => {
+                let name = format!("{p}embeddings.register_tokens");
+                let s = shape(&name);
+                match s.as_slice() {
+                    [] => 0,
+                    [1, r, _] => {
+                        tokens.push(name);
+                        *r
+                    }
+                    other => {
+                        return Err(unknown(
+                            path,
+                            format!("'{name}' has shape {other:?}, expected [1, registers, dim]"),
+                        ))
+                    }
+                }
+            }
+            _ => 0,
+        };
+        // The tokens before the patches that have a position embedding (all but the registers).
+        let pos_prefix = tokens.len() - (registers > 0) as usize;
         let (dim, channels, patch, pos_grid) =
-            geometry(model, &patch_embed.0, &pos_embed, tokens.len())?;
-        let prefix_tokens = tokens.len();
+            geometry(model, &patch_embed.0, &pos_embed, pos_prefix)?;
+        let prefix_tokens = pos_prefix + registers;
         let mlp = linear_widths(model, &blocks, dim)?;
         let (heads, eps) = hyper_params(path, &config, family, dim)?;
         let (head, num_classes) = head_of(model, family, dim)?;
@@ -418,9 +444,7 @@ impl VitSpec {
             format!("{pos_embed}_resized"),
         ]
         .into_iter()
-        .find(|n| {
-            shape(n).iter().product::<usize>() == (prefix_tokens + crop_grid * crop_grid) * dim
-        });
+        .find(|n| shape(n).iter().product::<usize>() == (pos_prefix + crop_grid * crop_grid) * dim);
         if !preprocess.crop.is_multiple_of(patch) {
             return Err(Error::InvalidOption(format!(
                 "input size {} is not a multiple of the patch size {patch}",
@@ -443,6 +467,7 @@ impl VitSpec {
             patch,
             eps,
             prefix_tokens,
+            registers,
             pos_grid,
             patch_embed,
             tokens,
@@ -529,7 +554,7 @@ fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
         (Family::HfClip, p.to_string())
     } else {
         let mut found = None;
-        for p in ["", "vit.", "deit.", "dinov2."] {
+        for p in ["", "vit.", "deit.", "dinov2.", "dinov2_with_registers."] {
             if has(&format!(
                 "{p}encoder.layer.0.attention.attention.query.weight"
             )) {
@@ -540,7 +565,7 @@ fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
         let Some(p) = found else {
             return Err(unknown(
                 path,
-                "no ViT block found (looked for 'blocks.0.attn.qkv.weight', '[vit.|deit.|dinov2.]encoder.layer.0.attention.attention.query.weight' and '[vision_model.]encoder.layers.0.self_attn.q_proj.weight')",
+                "no ViT block found (looked for 'blocks.0.attn.qkv.weight', '[vit.|deit.|dinov2.|dinov2_with_registers.]encoder.layer.0.attention.attention.query.weight' and '[vision_model.]encoder.layers.0.self_attn.q_proj.weight')",
             ));
         };
         let family = if has(&format!("{p}encoder.layer.0.layer_scale1.lambda1"))
