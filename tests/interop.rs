@@ -39,4 +39,8 @@ fn transformers_loads_symmetric_output_and_compressed_tensors_decodes_asymmetric
     assert!(
         text.contains("W4 sym: from_pretrained OK") && text.contains("W2 sym: from_pretrained OK")
     );
+    assert!(
+        text.contains("CLIP W4 sym: from_pretrained OK"),
+        "the CLIP vision tower's packed output must load"
+    );
 }

@@ -5,6 +5,8 @@
    those of a dense model built from our dequantized export.
 2. Asymmetric 3-bit group-wise packing decoded with compressed-tensors' own unpacker gives
    exactly our dequantized weights (transformers does not load asymmetric files yet).
+3. A symmetric 4-bit packed CLIP vision tower (CLIPVisionModelWithProjection) loads with
+   from_pretrained and its image embeddings equal those of our dequantized export.
 
 Usage: python transformers_load.py PATH/TO/comq-gpu
 """
@@ -17,7 +19,13 @@ import tempfile
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from safetensors.torch import load_file
-from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    AutoModelForImageClassification,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 LOGITS_ATOL = 1e-5
 
@@ -74,6 +82,26 @@ def main(binary):
             err = (w - ref).abs().max().item()
             assert err <= 1e-6 * ref.abs().max().item(), f"{p}: compressed-tensors decodes {err} away"
         print(f"W3 asym g32: compressed-tensors' unpacker reproduces the dequantized weights of {len(prefixes)} layers")
+
+        # A CLIP vision tower: packed W4 loads and matches the dequantized export.
+        clip = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, image_size=32, patch_size=8, projection_dim=24)
+        ).eval()
+        src = os.path.join(d, "clip")
+        clip.save_pretrained(src)
+        out, deq = os.path.join(d, "clip-w4"), os.path.join(d, "clip-w4-deq")
+        comq(binary, src, "--data-free", "--sym", "--bits", "4", "--out", out, "--dequantized", deq)
+        q = CLIPVisionModelWithProjection.from_pretrained(out).eval()
+        dense = CLIPVisionModelWithProjection.from_pretrained(deq).eval()
+        with torch.no_grad():
+            eq, ed = q(pixel_values=x).image_embeds, dense(pixel_values=x).image_embeds
+            ef = clip(pixel_values=x).image_embeds
+        diff = (eq - ed).abs().max().item()
+        print(f"CLIP W4 sym: from_pretrained OK, max |embeds - dense(dequantized)| = {diff:.3g}, "
+              f"vs FP32 = {(eq - ef).abs().max().item():.3g}")
+        assert diff <= LOGITS_ATOL, f"CLIP W4: image embeddings differ by {diff}"
+        assert (eq - ef).abs().max().item() > 0, "the quantized model must differ from FP32"
 
 
 if __name__ == "__main__":
