@@ -726,3 +726,47 @@ fn dinov2_with_registers_matches_transformers() {
         assert!(e < FORWARD_REL_TOL, "GPU vs CPU tokens: {e}");
     }
 }
+
+/// HF SigLIP vision towers against transformers itself: no class token, tanh-GELU, and the
+/// features are the attention-pooling head's (CPU within 1e-4 relative of transformers' tokens
+/// and pooled output; GPU to CPU).
+#[test]
+fn siglip_vision_matches_transformers() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/reference/siglip_vision.py"
+    );
+    let o = std::process::Command::new(&python)
+        .arg(script)
+        .arg(dir.path())
+        .output()
+        .expect("python runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r =
+        comq_gpu::io::safetensors::Model::open(&dir.path().join("reference.safetensors")).unwrap();
+    let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
+    let px = get("pixel_values");
+    let path = dir.path().join("model.safetensors");
+    let (spec, out) = forward(&CpuOps, &path, &px, 3);
+    assert_eq!(spec.family, Family::HfSiglip);
+    assert_eq!(spec.prefix_tokens, 0);
+    assert_eq!(spec.act, comq_gpu::device::ops::Activation::GeluTanh);
+    for (what, ours, want) in [
+        ("tokens", &out.tokens, get("last_hidden_state")),
+        ("pooled", &out.cls, get("pooler_output")),
+    ] {
+        let e = rel(ours, &want);
+        eprintln!("SigLIP {what} vs transformers: rel {e:.3e}");
+        assert!(e < REFERENCE_REL_TOL, "{what}: {e}");
+    }
+    if let Some(g) = gpu::device() {
+        let ops = comq_gpu::device::wgpu::forward::GpuOps::new(&g);
+        let (_, gout) = forward(&ops, &path, &px, 3);
+        assert!(rel(&gout.tokens, &out.tokens) < FORWARD_REL_TOL);
+        assert!(rel(&gout.cls, &out.cls) < FORWARD_REL_TOL);
+    }
+}

@@ -9,7 +9,8 @@
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 
-use super::{BlockNames, Head, Role, Site, VitSpec};
+use super::{BlockNames, Head, Pool, Role, Site, VitSpec};
+use crate::device::ops::Activation;
 
 pub use crate::device::ops::Ops;
 
@@ -145,6 +146,7 @@ impl HostBlock {
 /// Embedding weights on a device; the head, applied on the host to the downloaded features,
 /// stays on the host.
 pub struct Stem<T> {
+    map: Option<MapHead>,
     patch: (T, T),
     prefix: T,
     pos: T,
@@ -156,6 +158,8 @@ pub struct Stem<T> {
 /// Host copy of the embedding and head weights.
 #[derive(Debug, Clone)]
 pub struct HostStem {
+    /// SigLIP's attention-pooling head (host arithmetic at the end of the pass).
+    map: Option<MapHead>,
     patch: (Vec<f32>, Vec<f32>),
     prefix: Vec<f32>,
     pos: Vec<f32>,
@@ -221,7 +225,12 @@ impl HostStem {
             Head::ClsMean(h) => vec![lin(h, 2 * d)?],
             Head::ClsDist(h, k) => vec![lin(h, d)?, lin(k, d)?],
         };
+        let map = match &spec.pool {
+            Pool::Map(h) => Some(MapHead::load(model, spec, h)?),
+            _ => None,
+        };
         Ok(HostStem {
+            map,
             patch: (
                 read(model, &spec.patch_embed.0, d * c * p * p)?,
                 read_or_zero(model, &spec.patch_embed.1, d)?,
@@ -240,6 +249,7 @@ impl HostStem {
     /// Uploads to a device.
     pub fn upload<O: Ops>(&self, ops: &O) -> Result<Stem<O::T>> {
         Ok(Stem {
+            map: self.map.clone(),
             patch: (ops.upload(&self.patch.0)?, ops.upload(&self.patch.1)?),
             prefix: ops.upload(&self.prefix)?,
             pos: ops.upload(&self.pos)?,
@@ -411,7 +421,24 @@ impl<'a, O: Ops> Forward<'a, O> {
             .layernorm(h, n * t, d, &stem.norm.0, &stem.norm.1, s.eps)?;
         let all = self.ops.download(&normed)?;
         let token = |i: usize, k: usize| &all[(i * t + k) * d..(i * t + k + 1) * d];
-        let cls: Vec<f32> = (0..n).flat_map(|i| token(i, 0).to_vec()).collect();
+        let image = |i: usize| &all[i * t * d..(i + 1) * t * d];
+        let cls: Vec<f32> = match (&s.pool, &stem.map) {
+            (Pool::Map(_), Some(m)) => (0..n)
+                .flat_map(|i| m.pool(image(i), t, s.heads, s.eps, s.act))
+                .collect(),
+            (Pool::Mean, _) => (0..n)
+                .flat_map(|i| {
+                    let mut mean = vec![0.0f64; d];
+                    for k in 0..t {
+                        for (m, v) in mean.iter_mut().zip(token(i, k)) {
+                            *m += *v as f64;
+                        }
+                    }
+                    mean.into_iter().map(move |m| (m / t as f64) as f32)
+                })
+                .collect(),
+            _ => (0..n).flat_map(|i| token(i, 0).to_vec()).collect(),
+        };
         let classes = s.num_classes;
         let apply = |w: &[f32], b: &[f32], x: &[f32]| -> Vec<f32> {
             let k = x.len();
@@ -457,10 +484,135 @@ impl<'a, O: Ops> Forward<'a, O> {
     }
 }
 
+/// SigLIP's multi-head attention-pooling head, on the host: `[t, d]` tokens in, `[d]` out.
+#[derive(Debug, Clone)]
+pub struct MapHead {
+    probe: Vec<f32>,
+    /// `in_proj`: q | k | v rows, `[3d, d]`, and its bias.
+    qkv: (Vec<f32>, Vec<f32>),
+    out: (Vec<f32>, Vec<f32>),
+    norm: (Vec<f32>, Vec<f32>),
+    fc1: (Vec<f32>, Vec<f32>),
+    fc2: (Vec<f32>, Vec<f32>),
+    /// The MLP's hidden width.
+    mlp: usize,
+}
+
+/// `y = W x + b` for `W` `[rows, x.len()]`, summed in f64.
+fn affine(w: &[f32], b: &[f32], x: &[f32]) -> Vec<f32> {
+    let k = x.len();
+    b.iter()
+        .enumerate()
+        .map(|(r, &bias)| {
+            let dot: f64 = w[r * k..(r + 1) * k]
+                .iter()
+                .zip(x)
+                .map(|(a, v)| *a as f64 * *v as f64)
+                .sum();
+            (dot + bias as f64) as f32
+        })
+        .collect()
+}
+
+impl MapHead {
+    fn load(model: &Checkpoint, spec: &VitSpec, h: &str) -> Result<MapHead> {
+        let d = spec.dim;
+        let mlp = model
+            .get(&format!("{h}.mlp.fc1.weight"))
+            .map_or(0, |t| t.shape[0]);
+        let lin = |n: &str, out: usize, inp: usize| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((
+                read(model, &format!("{h}.{n}.weight"), out * inp)?,
+                read_or_zero(model, &format!("{h}.{n}.bias"), out)?,
+            ))
+        };
+        Ok(MapHead {
+            probe: read(model, &format!("{h}.probe"), d)?,
+            qkv: (
+                read(model, &format!("{h}.attention.in_proj_weight"), 3 * d * d)?,
+                read(model, &format!("{h}.attention.in_proj_bias"), 3 * d)?,
+            ),
+            out: lin("attention.out_proj", d, d)?,
+            norm: (
+                read(model, &format!("{h}.layernorm.weight"), d)?,
+                read(model, &format!("{h}.layernorm.bias"), d)?,
+            ),
+            fc1: lin("mlp.fc1", mlp, d)?,
+            fc2: lin("mlp.fc2", d, mlp)?,
+            mlp,
+        })
+    }
+
+    /// The pooled features of one image's `t` tokens (`x`, `[t, d]`).
+    fn pool(&self, x: &[f32], t: usize, heads: usize, eps: f32, act: Activation) -> Vec<f32> {
+        let d = self.probe.len();
+        let hd = d / heads;
+        let (w, b) = (&self.qkv.0, &self.qkv.1);
+        let q = affine(&w[..d * d], &b[..d], &self.probe);
+        let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..t)
+            .map(|k| {
+                let tok = &x[k * d..(k + 1) * d];
+                (
+                    affine(&w[d * d..2 * d * d], &b[d..2 * d], tok),
+                    affine(&w[2 * d * d..], &b[2 * d..], tok),
+                )
+            })
+            .collect();
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut attn = vec![0.0f32; d];
+        for h in 0..heads {
+            let r = h * hd..(h + 1) * hd;
+            let logits: Vec<f64> = kv
+                .iter()
+                .map(|(k, _)| {
+                    q[r.clone()]
+                        .iter()
+                        .zip(&k[r.clone()])
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let top = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (j, o) in attn[r.clone()].iter_mut().enumerate() {
+                *o = (kv
+                    .iter()
+                    .zip(&e)
+                    .map(|((_, v), p)| p * v[h * hd + j] as f64)
+                    .sum::<f64>()
+                    / z) as f32;
+            }
+        }
+        let hidden = affine(&self.out.0, &self.out.1, &attn);
+        let mean = hidden.iter().map(|v| *v as f64).sum::<f64>() / d as f64;
+        let var = hidden
+            .iter()
+            .map(|v| (*v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / d as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        let normed: Vec<f32> = hidden
+            .iter()
+            .zip(self.norm.0.iter().zip(&self.norm.1))
+            .map(|(v, (g, b))| ((*v as f64 - mean) * inv) as f32 * g + b)
+            .collect();
+        let f: Vec<f32> = affine(&self.fc1.0, &self.fc1.1, &normed)
+            .into_iter()
+            .map(|v| act.apply(v))
+            .collect();
+        debug_assert_eq!(f.len(), self.mlp);
+        let m = affine(&self.fc2.0, &self.fc2.1, &f);
+        hidden.iter().zip(&m).map(|(a, b)| a + b).collect()
+    }
+}
+
 /// What the forward pass returns for a batch.
 #[derive(Debug, Clone)]
 pub struct Output {
-    /// CLS features after the final LayerNorm, `[n, d]`.
+    /// The pooled features after the final LayerNorm, `[n, d]`: the class token's, or the
+    /// model's pooling head's (SigLIP), or the mean of the tokens.
     pub cls: Vec<f32>,
     /// Logits `[n, classes]` (empty for a backbone).
     pub logits: Vec<f32>,

@@ -38,6 +38,9 @@ pub enum Family {
     /// HF transformers `CLIPVisionModel` / `CLIPVisionModelWithProjection` (pre-LayerNorm,
     /// QuickGELU unless `hidden_act` says otherwise, the projection as the head).
     HfClip,
+    /// HF transformers `SiglipVisionModel` (SigLIP / SigLIP 2 towers: no class token,
+    /// tanh-GELU, features pooled by the attention-pooling head).
+    HfSiglip,
 }
 
 impl std::fmt::Display for Family {
@@ -49,6 +52,7 @@ impl std::fmt::Display for Family {
             Family::HfDeit => "HF DeiT",
             Family::HfDinov2 => "HF DINOv2",
             Family::HfClip => "HF CLIP vision",
+            Family::HfSiglip => "HF SigLIP vision",
         })
     }
 }
@@ -146,6 +150,19 @@ pub enum Head {
     ClsMean(String),
 }
 
+/// How the features of an image are pooled from its tokens after the final LayerNorm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pool {
+    /// The class token.
+    Cls,
+    /// The mean of every token (a tower without class token or pooling head).
+    Mean,
+    /// SigLIP's multi-head attention pooling: a learned probe attends over every token, then
+    /// a LayerNorm and an MLP with a residual (`<prefix>.probe`, `.attention.in_proj_*`,
+    /// `.attention.out_proj`, `.layernorm`, `.mlp.fc1`, `.mlp.fc2`).
+    Map(String),
+}
+
 /// Everything the forward pass needs to know about a checkpoint.
 #[derive(Debug, Clone)]
 pub struct VitSpec {
@@ -188,6 +205,8 @@ pub struct VitSpec {
     pub norm: (String, String),
     /// The MLP activation.
     pub act: crate::device::ops::Activation,
+    /// How the features are pooled.
+    pub pool: Pool,
     /// Classifier.
     pub head: Head,
     /// Number of classes of the head (0 for a backbone).
@@ -207,7 +226,7 @@ fn unknown(path: &Path, reason: impl Into<String>) -> Error {
     Error::UnknownModel {
         path: path.to_path_buf(),
         reason: format!(
-            "{}; the forward pass knows timm ViT/DeiT, HF ViT/DeiT, HF DINOv2 (with or without registers) and HF CLIP vision layouts — for other models pass --calib with captured activations",
+            "{}; the forward pass knows timm ViT/DeiT, HF ViT/DeiT, HF DINOv2 (with or without registers), HF CLIP and HF SigLIP vision layouts — for other models pass --calib with captured activations",
             reason.into()
         ),
     }
@@ -315,6 +334,14 @@ impl VitSpec {
                 add(c);
             }
         }
+        if let Pool::Map(h) = &self.pool {
+            add(&format!("{h}.probe"));
+            add(&format!("{h}.attention.in_proj_weight"));
+            add(&format!("{h}.attention.in_proj_bias"));
+            for l in ["attention.out_proj", "layernorm", "mlp.fc1", "mlp.fc2"] {
+                linear(&mut add, &format!("{h}.{l}"));
+            }
+        }
         match &self.head {
             Head::None => {}
             Head::Cls(h) | Head::ClsMean(h) => linear(&mut add, h),
@@ -381,7 +408,7 @@ impl VitSpec {
         let (family, p) = family_of(model)?;
         // A whole CLIP model's config keeps the vision tower's under `vision_config`.
         let config = match (family, config.get("vision_config")) {
-            (Family::HfClip, Some(v)) => v.clone(),
+            (Family::HfClip | Family::HfSiglip, Some(v)) => v.clone(),
             _ => config,
         };
         let blocks = block_names(model, family, &p);
@@ -423,6 +450,13 @@ impl VitSpec {
         let (heads, eps) = hyper_params(path, &config, family, dim)?;
         let (head, num_classes) = head_of(model, family, dim)?;
         let labels = label_names(&config, num_classes);
+        let pool = match family {
+            Family::HfSiglip if model.get(&format!("{p}head.probe")).is_some() => {
+                Pool::Map(format!("{p}head"))
+            }
+            Family::HfSiglip => Pool::Mean,
+            _ => Pool::Cls,
+        };
 
         let preprocess = preprocess(family, channels, pos_grid * patch, &config, prep.as_ref())
             .and_then(|p| p.validate())
@@ -477,6 +511,7 @@ impl VitSpec {
             norm_pre,
             norm,
             act,
+            pool,
             head,
             num_classes,
             labels,
@@ -551,7 +586,11 @@ fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
         .into_iter()
         .find(|p| has(&format!("{p}encoder.layers.0.self_attn.q_proj.weight")))
     {
-        (Family::HfClip, p.to_string())
+        if has(&format!("{p}embeddings.class_embedding")) {
+            (Family::HfClip, p.to_string())
+        } else {
+            (Family::HfSiglip, p.to_string())
+        }
     } else {
         let mut found = None;
         for p in ["", "vit.", "deit.", "dinov2.", "dinov2_with_registers."] {
@@ -604,6 +643,7 @@ fn activation_of(path: &Path, config: &Value, family: Family) -> Result<Activati
     match named {
         None | Some(Value::Null) => Ok(match family {
             Family::HfClip => Activation::QuickGelu,
+            Family::HfSiglip => Activation::GeluTanh,
             _ => Activation::Gelu,
         }),
         Some(Value::String(s)) => match s.as_str() {
@@ -632,7 +672,7 @@ fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
     let mut blocks = Vec::new();
     loop {
         let i = blocks.len();
-        let b = if family == Family::HfClip {
+        let b = if matches!(family, Family::HfClip | Family::HfSiglip) {
             let b = format!("{p}encoder.layers.{i}.");
             if !has(&format!("{b}self_attn.out_proj.weight")) {
                 break;
@@ -739,14 +779,17 @@ fn embeddings(
     let path = model.path();
     let has = |n: &str| model.get(n).is_some();
     let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
-    Ok(if family == Family::HfClip {
+    Ok(if matches!(family, Family::HfClip | Family::HfSiglip) {
         let e = format!("{p}embeddings.");
         (
             (
                 format!("{e}patch_embedding.weight"),
                 format!("{e}patch_embedding.bias"),
             ),
-            vec![format!("{e}class_embedding")],
+            match family {
+                Family::HfClip => vec![format!("{e}class_embedding")],
+                _ => Vec::new(),
+            },
             format!("{e}position_embedding.weight"),
             (
                 format!("{p}post_layernorm.weight"),
@@ -998,7 +1041,7 @@ fn hyper_params(path: &Path, config: &Value, family: Family, dim: usize) -> Resu
     let eps = num(config, "layer_norm_eps").map(|e| e as f32).unwrap_or(
         if matches!(family, Family::HfVit | Family::HfDeit) {
             1e-12
-        } else if family == Family::HfClip {
+        } else if matches!(family, Family::HfClip | Family::HfSiglip) {
             1e-5
         } else {
             1e-6
@@ -1088,6 +1131,7 @@ fn preprocess(
     let (def_mean, def_std): (Vec<f32>, Vec<f32>) = match family {
         Family::HfVit | Family::TimmVit => (vec![0.5; 3], vec![0.5; 3]),
         Family::HfClip => (CLIP_MEAN.to_vec(), CLIP_STD.to_vec()),
+        Family::HfSiglip => (vec![0.5; 3], vec![0.5; 3]),
         _ => (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec()),
     };
     // DINOv2 checkpoints store the 518-px position grid but are run at 224.
@@ -1099,7 +1143,7 @@ fn preprocess(
     let mut p = Preprocess {
         channels,
         resize: match family {
-            Family::HfVit | Family::HfClip => native,
+            Family::HfVit | Family::HfClip | Family::HfSiglip => native,
             Family::HfDinov2 => native * 8 / 7,
             _ => (native as f64 / 0.875).floor() as usize,
         },

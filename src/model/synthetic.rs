@@ -44,6 +44,11 @@ impl SyntheticVit {
     /// streaming: one tensor is in memory at a time, so a model larger than the host's memory can
     /// be written (the 6-billion-parameter benchmark shape is 24 GB in f32).
     pub fn write_as(&self, dir: &Path, dtype: safetensors::Dtype) -> Result<()> {
+        if self.family == Family::HfSiglip {
+            return Err(Error::InvalidOption(
+                "synthetic models are not written in the SigLIP layout".into(),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let elem = match dtype {
             safetensors::Dtype::F32 => 4,
@@ -200,6 +205,7 @@ impl SyntheticVit {
                 }
                 // The projection into the joint space, without a bias.
                 Family::HfClip => put("visual_projection.weight".into(), vec![k, d], lin(d), 0.0),
+                Family::HfSiglip => unreachable!("refused above"),
             }
         }
         let mut header = serde_json::Map::new();
