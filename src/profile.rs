@@ -11,8 +11,9 @@
 //! makes the calibration wait for the device at each stage boundary, which attributes the time
 //! correctly at a small cost in overlap.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Stage names, in the order a report lists them.
@@ -30,6 +31,34 @@ pub const STAGES: [&str; 12] = [
     "evaluate",
     "finish",
 ];
+
+/// Parts of the `quantize` stage, timed inside the algorithm through [`record`] and listed after
+/// the stages: the damped Gram, the visiting order and the GPTQ factor of a layer (`prepare`),
+/// a search's candidate runs (`candidates`, which include their scoring and the preparation of
+/// other dampings) and the scoring of candidates on held-out images (`scoring`).
+pub const QUANTIZE_PARTS: [&str; 3] = ["  prepare", "  candidates", "  scoring"];
+
+thread_local! {
+    static CURRENT: RefCell<Option<Arc<Profile>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `profile` receiving, on this thread, what [`record`] times (the algorithm has
+/// no profile of its own to pass around).
+pub fn with_current<T>(profile: &Arc<Profile>, f: impl FnOnce() -> T) -> T {
+    let before = CURRENT.with(|c| c.replace(Some(profile.clone())));
+    let out = f();
+    CURRENT.with(|c| *c.borrow_mut() = before);
+    out
+}
+
+/// Times `f` as `part` (one of [`QUANTIZE_PARTS`]) in this thread's current profile, if any.
+pub fn record<T>(part: &'static str, f: impl FnOnce() -> T) -> T {
+    let current = CURRENT.with(|c| c.borrow().clone());
+    match current {
+        Some(p) => p.time(part, f),
+        None => f(),
+    }
+}
 
 /// Busy time per stage, shared by the threads of a run.
 #[derive(Debug, Default)]
@@ -110,6 +139,7 @@ impl Profile {
         let m = self.stages.lock().unwrap_or_else(|e| e.into_inner());
         let stages: Vec<StageTime> = STAGES
             .iter()
+            .chain(&QUANTIZE_PARTS)
             .filter_map(|s| {
                 m.get(s).map(|e| StageTime {
                     stage: s.to_string(),
@@ -157,5 +187,24 @@ mod tests {
         assert_eq!(r.wall_seconds_without_io, 8.5);
         assert_eq!(p.time("quantize", || 7), 7);
         assert_eq!(p.report(1.0).stages.len(), 6);
+    }
+
+    #[test]
+    fn parts_are_recorded_only_inside_with_current_and_on_its_thread() {
+        let p = Arc::new(Profile::new(false));
+        assert_eq!(record("  prepare", || 7), 7);
+        assert_eq!(p.report(1.0).stages.len(), 0);
+        with_current(&p, || {
+            record("  prepare", || ());
+            record("  scoring", || ());
+            // Another thread has no current profile.
+            std::thread::scope(|s| {
+                s.spawn(|| record("  candidates", || ()));
+            });
+        });
+        record("  prepare", || ());
+        let names: Vec<String> = p.report(1.0).stages.into_iter().map(|s| s.stage).collect();
+        assert_eq!(names, ["  prepare", "  scoring"]);
+        assert_eq!(p.report(1.0).stages[0].calls, 1);
     }
 }

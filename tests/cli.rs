@@ -1240,3 +1240,48 @@ fn a_known_vit_runs_with_no_data_and_says_how_it_calibrated() {
     let o = run(&["run", s(&b.model), "--out", s(&b.out())]);
     assert_bad_input(&o, "--images");
 }
+
+/// A GPU run reports the bytes it moved, in total and per layer, and `--profile` prints them:
+/// each layer uploads at least its weights and Gram and reads back at least its codes.
+#[test]
+fn a_gpu_run_reports_its_transfers_in_total_and_per_layer() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(dir.path(), 16, 9);
+    let rep = dir.path().join("r.json");
+    let out = dir.path().join("q.safetensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--calib",
+        s(&calib),
+        "--device",
+        "gpu",
+        "--out",
+        s(&out),
+        "--report",
+        s(&rep),
+        "--profile",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("GPU transfers:"), "{stdout}");
+    assert!(stdout.contains("candidates tried:"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    let total_up = r["profile"]["device_bytes_up"].as_u64().unwrap();
+    let mut sum_up = 0;
+    for l in r["layers"].as_array().unwrap() {
+        let (rows, cols) = (
+            l["shape"][0].as_u64().unwrap(),
+            l["shape"][1].as_u64().unwrap(),
+        );
+        let up = l["device_bytes_up"].as_u64().unwrap();
+        let down = l["device_bytes_down"].as_u64().unwrap();
+        assert!(up >= 4 * (rows * cols + cols * cols), "{}: {up}", l["name"]);
+        assert!(down >= 4 * rows * cols, "{}: {down}", l["name"]);
+        sum_up += up;
+    }
+    assert!(total_up >= sum_up, "{total_up} < {sum_up}");
+}

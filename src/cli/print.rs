@@ -124,6 +124,13 @@ pub(super) fn run_summary(report: &RunReport, profile: bool) {
     }
     if profile {
         print_profile(&report.profile);
+        let tried: usize = report.layers.iter().map(|l| l.candidates.len()).sum();
+        if tried > 0 {
+            println!(
+                "candidates tried: {tried} over {} layers",
+                report.layers.len()
+            );
+        }
     }
     let resumed = report.layers.iter().filter(|l| l.resumed).count();
     if resumed > 0 {

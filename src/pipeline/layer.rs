@@ -95,6 +95,8 @@ pub(super) struct LayerDone {
     pub(super) choice: Option<Choice>,
     /// LayerNorm tensors this layer's `--equalize` site fixed, to be written now.
     pub(super) folded: Vec<Folded>,
+    /// Bytes this layer moved to and from a GPU, `(up, down)` (`None` on the CPU).
+    pub(super) device_bytes: Option<(u64, u64)>,
 }
 
 /// Quantizes job `index` from its weights as read (`fetched`), or reuses the saved result of an
@@ -125,6 +127,7 @@ pub(super) fn quantize_job(
                 verify: None,
                 choice: None,
                 folded: Vec::new(),
+                device_bytes: None,
             });
         }
     }
@@ -133,6 +136,7 @@ pub(super) fn quantize_job(
         stage: "read",
     });
     let w = fetched?;
+    let traffic_before = state.device.traffic();
     progress(Progress::Stage {
         name,
         stage: "calibration",
@@ -197,6 +201,10 @@ pub(super) fn quantize_job(
             weights_sha.as_deref().unwrap_or_default(),
         )?;
     }
+    let device_bytes = match (traffic_before, state.device.traffic()) {
+        (Some((u0, d0)), Some((u1, d1))) => Some((u1 - u0, d1 - d0)),
+        _ => None,
+    };
     Ok(LayerDone {
         outcome,
         samples: gram.samples,
@@ -204,6 +212,7 @@ pub(super) fn quantize_job(
         verify,
         choice,
         folded,
+        device_bytes,
     })
 }
 
@@ -337,6 +346,8 @@ pub(super) fn layer_report(job: &Job, done: &LayerDone, seconds: f64, device: &s
         rel_error_holdout: choice.and_then(|c| c.rel_error_holdout),
         rel_error_holdout_rtn: choice.and_then(|c| c.rel_error_holdout_rtn),
         candidates: choice.map(|c| c.tried.clone()).unwrap_or_default(),
+        device_bytes_up: done.device_bytes.map(|b| b.0),
+        device_bytes_down: done.device_bytes.map(|b| b.1),
     }
 }
 

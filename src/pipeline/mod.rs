@@ -324,6 +324,7 @@ mod tests {
         opts.out = Some(dir.path().join("q.safetensors"));
         opts.dequantized = Some(dir.path().join("d.safetensors"));
         opts.report = Some(dir.path().join("r.json"));
+        opts.profile = true;
         let mut events = Vec::new();
         let r = run(&opts, &mut |p| {
             events.push(match p {
@@ -351,6 +352,10 @@ mod tests {
         );
         assert_eq!(events.last().unwrap(), "writing");
         assert!(r.data_free && r.layers.iter().all(|l| l.calibration == "identity"));
+        // The algorithm's own parts of the quantize stage are in the profile; no GPU, no bytes.
+        let prepare = r.profile.stages.iter().find(|s| s.stage == "  prepare");
+        assert_eq!(prepare.map(|s| s.calls), Some(2));
+        assert!(r.layers.iter().all(|l| l.device_bytes_up.is_none()));
         assert_eq!(r.output_sha256.len(), 2);
         // The codes digest is the one stored in the outputs, and a second run gives the same.
         let q = Checkpoint::open(opts.out.as_ref().unwrap()).unwrap();

@@ -56,6 +56,12 @@ pub struct LayerReport {
     pub rel_error_holdout_rtn: Option<f64>,
     /// Every candidate tried, with its calibration and held-out errors.
     pub candidates: Vec<Tried>,
+    /// Bytes uploaded to a GPU while this layer was quantized (its Gram matrices, runs and
+    /// scoring; with calibration one block ahead on the same GPU, that thread's transfers in
+    /// the meantime too). `null` on the CPU.
+    pub device_bytes_up: Option<u64>,
+    /// Bytes this layer read back from a GPU.
+    pub device_bytes_down: Option<u64>,
 }
 
 /// A GPU layer re-run on the CPU.

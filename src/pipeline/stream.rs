@@ -189,7 +189,9 @@ pub(super) fn quantize_all<'c>(
                     r.map_err(|_| Error::WorkerStopped("weight reader"))?
                 };
                 let t0 = Instant::now();
-                let done = quantize_job(env, state, &mut cal, index, job, fetched, progress)?;
+                let done = crate::profile::with_current(profile, || {
+                    quantize_job(env, state, &mut cal, index, job, fetched, progress)
+                })?;
                 for f in &done.folded {
                     send(Out::Both(f.name.clone(), f.bytes.clone()))?;
                     comq_weights.insert(f.name.clone(), f.values.clone());

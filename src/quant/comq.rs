@@ -59,6 +59,19 @@ impl Prepared {
         gram: &Gram,
         cfg: &QuantConfig,
     ) -> Result<Prepared> {
+        crate::profile::record("  prepare", || {
+            Prepared::build(name, w, rows, cols, gram, cfg)
+        })
+    }
+
+    fn build(
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &Gram,
+        cfg: &QuantConfig,
+    ) -> Result<Prepared> {
         check_inputs(name, w, rows, cols, gram, cfg)?;
         let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
         let h = damped.as_ref().unwrap_or(gram);

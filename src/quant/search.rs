@@ -241,12 +241,12 @@ pub fn search<D: Device>(
                     by_scalar: &mut Vec<(f32, f64)>|
          -> Result<(f64, Option<f64>)> {
             let held = match holdout {
-                Some(h) => {
+                Some(h) => Some(crate::profile::record("  scoring", || -> Result<f64> {
                     if scorer.is_none() {
                         *scorer = Some(Scorer::new(device, name, w, h, &layer.grid)?);
                     }
-                    Some(scorer.as_mut().expect("set above").rel(device, layer)?)
-                }
+                    scorer.as_mut().expect("set above").rel(device, layer)
+                })?),
                 None => None,
             };
             let score = held.unwrap_or(rel_error);
@@ -284,18 +284,20 @@ pub fn search<D: Device>(
                 }
                 Ok(())
             };
-            run(
-                device,
-                name,
-                w,
-                rows,
-                cols,
-                gram,
-                &c,
-                Some(&mut sink),
-                false,
-                Some(&prepared),
-            )?
+            crate::profile::record("  candidates", || {
+                run(
+                    device,
+                    name,
+                    w,
+                    rows,
+                    cols,
+                    gram,
+                    &c,
+                    Some(&mut sink),
+                    false,
+                    Some(&prepared),
+                )
+            })?
         };
         // A run without stages (RTN) is a candidate itself.
         let candidate = if staged {
