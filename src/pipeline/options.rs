@@ -142,16 +142,26 @@ pub struct ImageOptions {
 }
 
 impl ImageOptions {
-    /// The bundled generic photos, all of them, in the model's own preprocessing.
-    pub fn bundled() -> ImageOptions {
+    /// Calibration from the images at `path` with every other option at its default: up to
+    /// [`DEFAULT_CALIB_COUNT`] of them (seed 0), inputs from the full-precision model, the
+    /// model's own preprocessing.
+    pub fn new(path: PathBuf) -> ImageOptions {
         ImageOptions {
-            path: PathBuf::from(crate::io::images::BUNDLED_PHOTOS),
+            path,
             count: DEFAULT_CALIB_COUNT,
             seed: 0,
             mode: CalibMode::Fp,
             resize: None,
             crop: None,
+            bundled: false,
+        }
+    }
+
+    /// The bundled generic photos, all of them, in the model's own preprocessing.
+    pub fn bundled() -> ImageOptions {
+        ImageOptions {
             bundled: true,
+            ..ImageOptions::new(PathBuf::from(crate::io::images::BUNDLED_PHOTOS))
         }
     }
 }
