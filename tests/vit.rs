@@ -770,3 +770,17 @@ fn siglip_vision_matches_transformers() {
         assert!(rel(&gout.cls, &out.cls) < FORWARD_REL_TOL);
     }
 }
+
+/// Register tokens of an odd shape are refused with the tensor named, never a panic: a
+/// 2-D tensor is not `[1, registers, dim]`, and an empty one is a tensor the pass cannot place.
+#[test]
+fn odd_register_tokens_are_refused_with_the_tensor_named() {
+    for shape in [vec![4, 32], vec![1, 0, 32]] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), Family::HfDinov2, 0);
+        with_extra_tensors(&path, &[("embeddings.register_tokens", shape.clone())]);
+        let m = Checkpoint::open(&path).unwrap();
+        let e = VitSpec::detect(&m).unwrap_err().to_string();
+        assert!(e.contains("embeddings.register_tokens"), "{shape:?}: {e}");
+    }
+}

@@ -519,7 +519,8 @@ impl MapHead {
         let d = spec.dim;
         let mlp = model
             .get(&format!("{h}.mlp.fc1.weight"))
-            .map_or(0, |t| t.shape[0]);
+            .and_then(|t| t.shape.first().copied())
+            .unwrap_or(0);
         let lin = |n: &str, out: usize, inp: usize| -> Result<(Vec<f32>, Vec<f32>)> {
             Ok((
                 read(model, &format!("{h}.{n}.weight"), out * inp)?,

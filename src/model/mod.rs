@@ -427,7 +427,7 @@ impl VitSpec {
                 let s = shape(&name);
                 match s.as_slice() {
                     [] => 0,
-                    [1, r, _] => {
+                    [1, r, _] if *r > 0 => {
                         tokens.push(name);
                         *r
                     }
