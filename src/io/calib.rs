@@ -136,32 +136,72 @@ impl Calibration {
                 Ok(Gram::from_matrix(cols, data))
             }
             CalibKind::Input => {
-                let name = format!("{prefix}.input");
-                let t = self.file.get(&name).expect("checked");
-                let rows = t.numel() / cols;
-                let chunks = (0..rows).step_by(CHUNK_ROWS).map(|start| {
-                    let end = (start + CHUNK_ROWS).min(rows);
-                    let chunk = self.file.read_rows_f32(t, cols, start..end)?;
-                    let es = super::dtype::size_of(t.dtype).unwrap_or(0);
-                    self.file.release(
-                        t.range.start + start * cols * es..t.range.start + end * cols * es,
-                    );
-                    if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
-                        return Err(Error::NonFinite {
-                            what: format!("calibration tensor '{name}' in {}", path.display()),
-                            value: chunk[i] as f64,
-                            index: start * cols + i,
-                        });
-                    }
-                    Ok(chunk)
-                });
-                let g = device.gram(cols, chunks)?;
-                g.check(&format!(
-                    "the Gram of calibration tensor '{name}' in {}",
-                    path.display()
-                ))?;
-                Ok(g)
+                let rows = self.rows(prefix, cols) as usize;
+                self.input_gram(prefix, cols, device, 0..rows)
             }
         }
+    }
+    /// The Gram matrix of activation rows `rows` of layer `prefix` (checked as `P.input`),
+    /// accumulated on `device`.
+    fn input_gram(
+        &self,
+        prefix: &str,
+        cols: usize,
+        device: &AnyDevice,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Gram> {
+        let path = self.file.path();
+        let name = format!("{prefix}.input");
+        let t = self.file.get(&name).expect("checked");
+        let (first, last) = (rows.start, rows.end);
+        let chunks = (first..last).step_by(CHUNK_ROWS).map(|start| {
+            let end = (start + CHUNK_ROWS).min(last);
+            let chunk = self.file.read_rows_f32(t, cols, start..end)?;
+            let es = super::dtype::size_of(t.dtype).unwrap_or(0);
+            self.file
+                .release(t.range.start + start * cols * es..t.range.start + end * cols * es);
+            if let Some(i) = chunk.iter().position(|v| !v.is_finite()) {
+                return Err(Error::NonFinite {
+                    what: format!("calibration tensor '{name}' in {}", path.display()),
+                    value: chunk[i] as f64,
+                    index: start * cols + i,
+                });
+            }
+            Ok(chunk)
+        });
+        let g = device.gram(cols, chunks)?;
+        g.check(&format!(
+            "the Gram of calibration tensor '{name}' in {}",
+            path.display()
+        ))?;
+        Ok(g)
+    }
+
+    /// The Gram matrix of layer `prefix` and, when it is given as activations (`P.input`) with
+    /// enough rows, a held-out Gram of its last `share` of rows, which the calibration Gram
+    /// then leaves out. Rows are taken from the end in one piece: activations are stored image
+    /// by image, so the held-out rows come from other images than the rest, as far as the
+    /// file allows. Held out only when at least one row is and the rest keeps `cols` rows (a
+    /// Gram that can be full rank); otherwise `None` beside the whole Gram.
+    pub fn gram_with_holdout(
+        &self,
+        prefix: &str,
+        cols: usize,
+        device: &AnyDevice,
+        share: f32,
+    ) -> Result<(Gram, Option<Gram>)> {
+        if self.check(prefix, cols)? != CalibKind::Input || !(share > 0.0 && share < 1.0) {
+            return Ok((self.gram(prefix, cols, device)?, None));
+        }
+        let rows = self.rows(prefix, cols) as usize;
+        let held = (rows as f64 * share as f64).round() as usize;
+        if held == 0 || rows - held < cols {
+            return Ok((self.gram(prefix, cols, device)?, None));
+        }
+        let cut = rows - held;
+        Ok((
+            self.input_gram(prefix, cols, device, 0..cut)?,
+            Some(self.input_gram(prefix, cols, device, cut..rows)?),
+        ))
     }
 }

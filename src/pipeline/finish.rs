@@ -69,6 +69,12 @@ pub(super) fn finish(
     let wall = started.elapsed().as_secs_f64();
     let layers = streamed.layers;
     let n = layers.len() as f64;
+    // Held-out images, or held-out activation rows on any layer.
+    let holdout = match &inputs.vision {
+        Some(v) if !v.holdout_idx.is_empty() => opts.holdout,
+        _ if layers.iter().any(|l| l.rel_error_holdout.is_some()) => opts.holdout,
+        _ => 0.0,
+    };
     let report = RunReport {
         tool: "comq-gpu",
         version: env!("CARGO_PKG_VERSION"),
@@ -93,10 +99,7 @@ pub(super) fn finish(
         eval,
         mixed_precision: mixed,
         search: opts.search.clone(),
-        holdout: match &inputs.vision {
-            Some(v) if !v.holdout_idx.is_empty() => opts.holdout,
-            _ => 0.0,
-        },
+        holdout,
         profile: {
             let mut p = profile.report(wall);
             p.device_bytes_up = traffic.map(|t| t.0);

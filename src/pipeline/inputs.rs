@@ -42,7 +42,10 @@ impl Inputs {
             None
         };
         if opts.search.is_some() && opts.holdout > 0.0 && opts.images.is_none() {
-            log::info!("--holdout needs --images; candidates are chosen on the calibration error");
+            log::info!(
+                "--holdout: layers calibrated from activations ('P.input') hold out their last \
+                 rows to choose on; layers given as Gram matrices choose on the calibration error"
+            );
         }
         let device = AnyDevice::select(opts.device, opts.adapter.as_deref())?;
         // Refuse before any compute when a layer cannot fit.

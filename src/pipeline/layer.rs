@@ -142,12 +142,18 @@ pub(super) fn quantize_job(
         stage: "calibration",
     });
     let t = Instant::now();
+    // A searched layer calibrated from activations holds some of their rows out to choose on.
+    let held_share = match (&env.opts.search, job.config.method) {
+        (Some(_), Method::Comq) => env.opts.holdout,
+        _ => 0.0,
+    };
     let (gram, held) = job_grams(
         job,
         env.calib,
         &state.device,
         &mut cal.grams,
         &mut cal.holdout,
+        held_share,
     )?;
     let secs = t.elapsed().as_secs_f64();
     match job.calib {

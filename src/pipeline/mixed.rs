@@ -82,7 +82,7 @@ pub(super) fn allocate_bits(
         }
         let w = model.read_f32(&job.meta)?;
         model.release(&job.meta);
-        let (gram, held) = job_grams(job, calib, device, &mut grams, &mut holdout)?;
+        let (gram, held) = job_grams(job, calib, device, &mut grams, &mut holdout, 0.0)?;
         let mut errors = Vec::new();
         for bits in 2..=8u32 {
             let cfg = QuantConfig {

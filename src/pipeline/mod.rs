@@ -236,7 +236,7 @@ pub fn inspect(
 mod tests {
     use super::*;
     use crate::device::DeviceKind;
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     /// Options of a small run on the CPU; tests change what they need.
     pub(super) fn base() -> RunOptions {
@@ -485,5 +485,101 @@ mod tests {
         opts.out = Some(dir.path().join("t.safetensors"));
         let e = run(&opts, &mut |_| {}).unwrap_err().to_string();
         assert!(e.contains("--images") && e.contains("--data-free"), "{e}");
+    }
+
+    /// A calibration file beside the tiny model: `fc.input` (64 activation rows of 16) and
+    /// `proj.gram` (8 × 8).
+    fn tiny_calibration(dir: &Path) -> PathBuf {
+        let path = dir.join("calib.safetensors");
+        let mut rng = crate::util::rng::SplitMix::new(3);
+        let x = rng.normals(64 * 16);
+        let y = rng.normals(32 * 8);
+        let mut g = vec![0.0f32; 64];
+        for r in 0..32 {
+            for i in 0..8 {
+                for j in 0..8 {
+                    g[i * 8 + j] += y[r * 8 + i] * y[r * 8 + j];
+                }
+            }
+        }
+        let xb = bytemuck::cast_slice::<f32, u8>(&x).to_vec();
+        let gb = bytemuck::cast_slice::<f32, u8>(&g).to_vec();
+        let f32s = safetensors::Dtype::F32;
+        let views = vec![
+            (
+                "fc.input".to_string(),
+                safetensors::tensor::TensorView::new(f32s, vec![64, 16], &xb).unwrap(),
+            ),
+            (
+                "proj.gram".to_string(),
+                safetensors::tensor::TensorView::new(f32s, vec![8, 8], &gb).unwrap(),
+            ),
+        ];
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_search_on_activations_holds_their_last_rows_out_and_grams_choose_on_calibration() {
+        use crate::device::{AnyDevice, CpuDevice};
+        use crate::io::Calibration;
+        use crate::quant::{Choices, Preset};
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny_model(dir.path());
+        let calib = tiny_calibration(dir.path());
+        // The split: the two Grams are the whole one's rows, the held-out one the last.
+        let c = Calibration::open(&calib).unwrap();
+        let cpu = AnyDevice::Cpu(CpuDevice::new());
+        let whole = c.gram("fc", 16, &cpu).unwrap();
+        let (cal, held) = c.gram_with_holdout("fc", 16, &cpu, 0.25).unwrap();
+        let held = held.unwrap();
+        assert_eq!((cal.samples, held.samples), (48, 16));
+        for ((a, b), w) in cal.data.iter().zip(&held.data).zip(&whole.data) {
+            assert!(
+                (a + b - w).abs() <= 1e-9 * w.abs().max(1.0),
+                "{a} + {b} != {w}"
+            );
+        }
+        // Too few rows left for a full-rank calibration Gram, a Gram file, or no share: none.
+        assert!(c
+            .gram_with_holdout("fc", 16, &cpu, 0.9)
+            .unwrap()
+            .1
+            .is_none());
+        assert!(c
+            .gram_with_holdout("proj", 8, &cpu, 0.25)
+            .unwrap()
+            .1
+            .is_none());
+        assert!(c
+            .gram_with_holdout("fc", 16, &cpu, 0.0)
+            .unwrap()
+            .1
+            .is_none());
+
+        // A default-recipe run: the activations' layer chooses on held-out rows, the Gram's on
+        // its calibration error, and the report says a share was held out.
+        let mut opts = RunOptions::new(
+            model.path().to_path_buf(),
+            Preset::Default.resolve(&Choices::default()).unwrap(),
+        );
+        opts.calib = Some(calib.clone());
+        opts.selection = Selection::new(None, Some("nothing")).unwrap();
+        opts.device = DeviceKind::Cpu;
+        opts.out = Some(dir.path().join("q.safetensors"));
+        let r = run(&opts, &mut |_| {}).unwrap();
+        let fc = r.layers.iter().find(|l| l.name == "fc.weight").unwrap();
+        let proj = r.layers.iter().find(|l| l.name == "proj.weight").unwrap();
+        assert!(fc.rel_error_holdout.is_some() && fc.samples == 54, "{fc:?}");
+        assert!(proj.rel_error_holdout.is_none());
+        assert_eq!(r.holdout, opts.holdout);
+        // The paper recipe holds nothing out.
+        let mut paper = opts.clone();
+        let p = Preset::Paper.resolve(&Choices::default()).unwrap();
+        (paper.config, paper.search, paper.holdout) = (p.config, p.search, p.holdout);
+        paper.out = Some(dir.path().join("p.safetensors"));
+        let r = run(&paper, &mut |_| {}).unwrap();
+        assert!(r.layers.iter().all(|l| l.rel_error_holdout.is_none()));
+        assert_eq!(r.holdout, 0.0);
     }
 }

@@ -291,5 +291,5 @@ impl RunOptions {
 pub(super) fn search_state(opts: &RunOptions) -> Option<bool> {
     opts.search
         .as_ref()
-        .map(|_| opts.holdout > 0.0 && opts.images.is_some())
+        .map(|_| opts.holdout > 0.0 && (opts.images.is_some() || opts.calib.is_some()))
 }

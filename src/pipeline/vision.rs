@@ -146,21 +146,29 @@ impl Vision {
     }
 }
 
-/// A job's calibration Gram (from images, the calibration file, or `G = I`) and, with held-out
-/// images, its held-out Gram.
+/// A job's calibration Gram (from images, the calibration file, or `G = I`) and its held-out
+/// Gram: from the held-out images, or, with `held_share > 0`, from that share of the rows of
+/// the job's activations in the calibration file (which its calibration Gram then leaves out).
 pub(super) fn job_grams(
     job: &Job,
     calib: Option<&Calibration>,
     device: &AnyDevice,
     grams: &mut Option<Box<dyn BlockGrams + '_>>,
     holdout: &mut Option<Box<dyn BlockGrams + '_>>,
+    held_share: f32,
 ) -> Result<(Gram, Option<Gram>)> {
     let gram = match (calib, job.calib) {
         (_, Some(CalibKind::Images)) => {
             let (b, role) = job.block.expect("image jobs are located");
             grams.as_mut().expect("calibrator exists").gram(b, role)?
         }
-        (Some(c), Some(_)) => c.gram(&job.prefix, job.cols, device)?,
+        (Some(c), Some(_)) => {
+            let (g, held) = c.gram_with_holdout(&job.prefix, job.cols, device, held_share)?;
+            if held.is_some() {
+                return Ok((g, held));
+            }
+            g
+        }
         _ => Gram::identity(job.cols),
     };
     let held = match (holdout, job.block) {
