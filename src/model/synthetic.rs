@@ -59,8 +59,20 @@ impl SyntheticVit {
                 )))
             }
         };
-        // Every tensor in call order: (name, shape, scale, offset). Values are drawn in this
-        // order from one generator, so a model does not depend on how it is written.
+        let tensors = self.tensors();
+        self.write_tensors(dir, dtype, elem, &tensors)?;
+        crate::io::writer::write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&self.config())
+                .expect("json")
+                .as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// Every tensor in call order: (name, shape, scale, offset). Values are drawn in this order
+    /// from one generator, so a model does not depend on how it is written.
+    fn tensors(&self) -> Vec<(String, Vec<usize>, f32, f32)> {
         let mut t: Vec<(String, Vec<usize>, f32, f32)> = Vec::new();
         let (d, m, p, c) = (self.dim, self.mlp, self.patch, self.channels);
         let g = self.img / p;
@@ -208,9 +220,21 @@ impl SyntheticVit {
                 Family::HfSiglip => unreachable!("refused above"),
             }
         }
+        t
+    }
+
+    /// Streams `t` into `dir/model.safetensors` (through a temporary file renamed at the end),
+    /// `elem` bytes per value.
+    fn write_tensors(
+        &self,
+        dir: &Path,
+        dtype: safetensors::Dtype,
+        elem: usize,
+        t: &[(String, Vec<usize>, f32, f32)],
+    ) -> Result<()> {
         let mut header = serde_json::Map::new();
         let mut at = 0usize;
-        for (name, shape, _, _) in &t {
+        for (name, shape, _, _) in t {
             let bytes = shape.iter().product::<usize>() * elem;
             header.insert(
                 name.clone(),
@@ -234,7 +258,7 @@ impl SyntheticVit {
         out.write_all(&head).map_err(io)?;
         let mut rng = SplitMix::new(self.seed);
         let mut buf: Vec<u8> = Vec::new();
-        for (_, shape, scale, offset) in &t {
+        for (_, shape, scale, offset) in t {
             let n: usize = shape.iter().product();
             buf.clear();
             for _ in 0..n {
@@ -251,7 +275,15 @@ impl SyntheticVit {
             .sync_all()
             .map_err(io)?;
         std::fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))?;
-        let config = if timm {
+        Ok(())
+    }
+
+    /// `config.json` in the family's own keys.
+    fn config(&self) -> serde_json::Value {
+        let (d, m, p, c) = (self.dim, self.mlp, self.patch, self.channels);
+        let timm = matches!(self.family, Family::TimmVit | Family::TimmDeit);
+        let clip = self.family == Family::HfClip;
+        if timm {
             serde_json::json!({
                 "architecture": "synthetic",
                 "num_classes": self.classes,
@@ -274,13 +306,6 @@ impl SyntheticVit {
                 "intermediate_size": m, "patch_size": p, "image_size": self.img, "num_channels": c,
                 "layer_norm_eps": 1e-6
             })
-        };
-        crate::io::writer::write_atomic(
-            &dir.join("config.json"),
-            serde_json::to_string_pretty(&config)
-                .expect("json")
-                .as_bytes(),
-        )?;
-        Ok(())
+        }
     }
 }

@@ -415,6 +415,41 @@ struct Tile {
     blocks: Vec<(wgpu::BindGroup, wgpu::BindGroup)>,
 }
 
+/// A tile's buffers by name, in the order [`WgpuDevice::tile_buffers`] makes them (the indices
+/// [`Tile`] keeps).
+struct TileBufs<'a> {
+    w: &'a wgpu::Buffer,
+    q: &'a wgpu::Buffer,
+    r: &'a wgpu::Buffer,
+    codes: &'a wgpu::Buffer,
+    s: &'a wgpu::Buffer,
+    delta: &'a wgpu::Buffer,
+    delta0: &'a wgpu::Buffer,
+    lo: &'a wgpu::Buffer,
+    order: &'a wgpu::Buffer,
+    out: &'a wgpu::Buffer,
+    /// The shared order's block corner.
+    block_d: Option<&'a wgpu::Buffer>,
+}
+
+impl<'a> TileBufs<'a> {
+    fn of(bufs: &'a [wgpu::Buffer]) -> TileBufs<'a> {
+        TileBufs {
+            w: &bufs[0],
+            q: &bufs[1],
+            r: &bufs[2],
+            codes: &bufs[3],
+            s: &bufs[4],
+            delta: &bufs[5],
+            delta0: &bufs[6],
+            lo: &bufs[7],
+            order: &bufs[8],
+            out: &bufs[9],
+            block_d: bufs.get(10),
+        }
+    }
+}
+
 impl Tile {
     fn buf(&self, i: usize) -> &wgpu::Buffer {
         &self.bufs[i]
@@ -453,216 +488,17 @@ impl WgpuDevice {
         row0: usize,
         rows: usize,
     ) -> Result<Tile> {
-        let n = p.grid.cols;
-        let groups = p.grid.groups();
-        let mn = (rows * n * 4) as u64;
-        let mg = (rows * groups * 4) as u64;
-        let take = |label: &str, size: u64| self.pool.take(&self.ctx.device, label, size);
-        let shared = matches!(p.order, Order::Shared { .. });
-        // Order of `bufs`: w q r codes s delta delta0 lo order out [d].
-        let bufs = vec![
-            take("w", mn),
-            take("q", mn),
-            take("r", mn),
-            take("codes", mn),
-            take("s", mn),
-            take("delta", mg),
-            take("delta0", mg),
-            take("lo", mg),
-            take(
-                "order",
-                match p.order {
-                    Order::Natural { .. } => 16,
-                    Order::Shared { .. } => (n * 4) as u64,
-                    Order::PerRow { .. } => mn,
-                },
-            ),
-            take("out", (rows * 4) as u64),
-        ];
-        let mut bufs = bufs;
-        if shared {
-            bufs.push(take("block-d", (rows * SHARED_BLOCK * 4) as u64));
-        }
-        let (w, q, r, codes, s, delta, delta0, lo, order, out) = (
-            &bufs[0], &bufs[1], &bufs[2], &bufs[3], &bufs[4], &bufs[5], &bufs[6], &bufs[7],
-            &bufs[8], &bufs[9],
-        );
-        let wr = &p.weights[row0 * n..(row0 + rows) * n];
-        self.ctx.io.write(w, 0, bytemuck::cast_slice(wr))?;
-        self.ctx.io.write(
-            delta0,
-            0,
-            bytemuck::cast_slice(&p.grid.delta[row0 * groups..(row0 + rows) * groups]),
-        )?;
-        self.ctx.io.write(
-            lo,
-            0,
-            bytemuck::cast_slice(&p.grid.lo[row0 * groups..(row0 + rows) * groups]),
-        )?;
-        match p.order {
-            Order::PerRow { perm, .. } => self.ctx.io.write(
-                order,
-                0,
-                bytemuck::cast_slice(&perm[row0 * n..(row0 + rows) * n]),
-            )?,
-            Order::Shared { perm, .. } => {
-                self.ctx.io.write(order, 0, bytemuck::cast_slice(perm))?
-            }
-            Order::Natural { .. } => {}
-        }
-        let blocks = match bufs.get(10) {
-            Some(dbuf) => (0..n)
-                .step_by(SHARED_BLOCK)
-                .map(|t0| {
-                    let bp = self.uniform(
-                        "block-params",
-                        &BlockParams {
-                            rows: rows as u32,
-                            n: n as u32,
-                            group_size: p.grid.group_size as u32,
-                            levels: p.grid.levels(),
-                            dead: p.dead_threshold,
-                            groups: groups as u32,
-                            t0: t0 as u32,
-                            b: SHARED_BLOCK.min(n - t0) as u32,
-                        },
-                    );
-                    let steps = self.bind(
-                        Kernel::BlockSteps,
-                        &[
-                            (0, w),
-                            (1, q),
-                            (2, r),
-                            (3, codes),
-                            (4, g),
-                            (5, delta),
-                            (6, lo),
-                            (7, order),
-                            (8, dbuf),
-                            (9, &bp),
-                        ],
-                    );
-                    let update = self.bind(
-                        Kernel::BlockUpdate,
-                        &[(2, r), (4, g), (7, order), (8, dbuf), (9, &bp)],
-                    );
-                    (steps, update)
-                })
-                .collect(),
+        let bufs = self.tile_buffers(p, rows);
+        let b = TileBufs::of(&bufs);
+        self.upload_tile(p, &b, row0, rows)?;
+        let blocks = match b.block_d {
+            Some(dbuf) => self.block_bindings(p, g, &b, dbuf, rows),
             None => Vec::new(),
         };
-        let (r32, n32) = (rows as u32, n as u32);
-        let mode = |m: u32| {
-            self.uniform(
-                "mode-params",
-                &ModeParams {
-                    rows: r32,
-                    n: n32,
-                    mode: m,
-                    pad: 0,
-                },
-            )
-        };
-        let residual = [0u32, 1, 2].map(|m| {
-            let target = if m == 0 { r } else { s };
-            self.bind(
-                Kernel::Residual,
-                &[
-                    (0, w),
-                    (1, q),
-                    (2, codes),
-                    (3, g),
-                    (4, target),
-                    (5, &mode(m)),
-                ],
-            )
-        });
-        let reduce = [0u32, 1, 2, 3].map(|m| {
-            self.bind(
-                Kernel::Reduce,
-                &[
-                    (0, w),
-                    (1, q),
-                    (2, codes),
-                    (3, r),
-                    (4, s),
-                    (5, out),
-                    (6, &mode(m)),
-                ],
-            )
-        });
-        let grid = self.uniform(
-            "grid-params",
-            &GridParams {
-                rows: r32,
-                n: n32,
-                group_size: p.grid.group_size as u32,
-                levels: p.grid.levels(),
-            },
-        );
-        let rtn = self.bind(
-            Kernel::Rtn,
-            &[(0, w), (1, q), (2, codes), (3, delta), (4, lo), (5, &grid)],
-        );
-        // apply_scale reads neither W nor lo, so its derived layout has no slots for them.
-        let apply = self.bind(
-            Kernel::ApplyScale,
-            &[(1, q), (2, codes), (3, delta), (5, &grid)],
-        );
-        let sp = self.uniform(
-            "sweep-params",
-            &SweepParams {
-                rows: r32,
-                n: n32,
-                group_size: p.grid.group_size as u32,
-                levels: p.grid.levels(),
-                dead: p.dead_threshold,
-                natural: matches!(p.order, Order::Natural { .. }) as u32,
-                groups: groups as u32,
-                pad: 0,
-            },
-        );
-        let sweep_kernel = self.sweep_kernel(n);
-        let sweep = self.bind(
-            sweep_kernel,
-            &[
-                (0, w),
-                (1, q),
-                (2, r),
-                (3, codes),
-                (4, g),
-                (5, delta),
-                (6, lo),
-                (7, order),
-                (8, s),
-                (9, &sp),
-            ],
-        );
-        let scp = self.uniform(
-            "scale-params",
-            &ScaleParams {
-                rows: r32,
-                n: n32,
-                group_size: p.grid.group_size as u32,
-                dtype: match p.scale_dtype {
-                    ScaleDtype::F32 => 0,
-                    ScaleDtype::F16 => 1,
-                    ScaleDtype::Bf16 => 2,
-                },
-            },
-        );
-        let scale = self.bind(
-            Kernel::ScaleChannel,
-            &[
-                (0, q),
-                (1, r),
-                (2, codes),
-                (3, g),
-                (4, delta),
-                (5, s),
-                (6, &scp),
-            ],
-        );
+        let (residual, reduce) = self.measure_bindings(g, &b, rows, p.grid.cols);
+        let (rtn, apply) = self.grid_bindings(p, &b, rows);
+        let sweep = self.sweep_binding(p, g, &b, rows);
+        let scale = self.scale_binding(p, g, &b, rows);
         Ok(Tile {
             rows,
             w: 0,
@@ -683,6 +519,278 @@ impl WgpuDevice {
             blocks,
             bufs,
         })
+    }
+
+    /// A tile's buffers from the pool, in [`TileBufs`] order: w q r codes s delta delta0 lo
+    /// order out, and the block corner `d` for the shared order.
+    fn tile_buffers(&self, p: &LayerProblem<'_>, rows: usize) -> Vec<wgpu::Buffer> {
+        let n = p.grid.cols;
+        let mn = (rows * n * 4) as u64;
+        let mg = (rows * p.grid.groups() * 4) as u64;
+        let take = |label: &str, size: u64| self.pool.take(&self.ctx.device, label, size);
+        let mut bufs = vec![
+            take("w", mn),
+            take("q", mn),
+            take("r", mn),
+            take("codes", mn),
+            take("s", mn),
+            take("delta", mg),
+            take("delta0", mg),
+            take("lo", mg),
+            take(
+                "order",
+                match p.order {
+                    Order::Natural { .. } => 16,
+                    Order::Shared { .. } => (n * 4) as u64,
+                    Order::PerRow { .. } => mn,
+                },
+            ),
+            take("out", (rows * 4) as u64),
+        ];
+        if matches!(p.order, Order::Shared { .. }) {
+            bufs.push(take("block-d", (rows * SHARED_BLOCK * 4) as u64));
+        }
+        bufs
+    }
+
+    /// Uploads the tile's rows of W, the starting steps, the grid offsets and its visiting
+    /// order.
+    fn upload_tile(
+        &self,
+        p: &LayerProblem<'_>,
+        b: &TileBufs<'_>,
+        row0: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let (n, groups) = (p.grid.cols, p.grid.groups());
+        let io = &self.ctx.io;
+        let gr = row0 * groups..(row0 + rows) * groups;
+        io.write(
+            b.w,
+            0,
+            bytemuck::cast_slice(&p.weights[row0 * n..(row0 + rows) * n]),
+        )?;
+        io.write(b.delta0, 0, bytemuck::cast_slice(&p.grid.delta[gr.clone()]))?;
+        io.write(b.lo, 0, bytemuck::cast_slice(&p.grid.lo[gr]))?;
+        match p.order {
+            Order::PerRow { perm, .. } => io.write(
+                b.order,
+                0,
+                bytemuck::cast_slice(&perm[row0 * n..(row0 + rows) * n]),
+            ),
+            Order::Shared { perm, .. } => io.write(b.order, 0, bytemuck::cast_slice(perm)),
+            Order::Natural { .. } => Ok(()),
+        }
+    }
+
+    /// The shared-order sweep's bind groups per block of columns: in-block steps and the
+    /// trailing update.
+    fn block_bindings(
+        &self,
+        p: &LayerProblem<'_>,
+        g: &wgpu::Buffer,
+        b: &TileBufs<'_>,
+        dbuf: &wgpu::Buffer,
+        rows: usize,
+    ) -> Vec<(wgpu::BindGroup, wgpu::BindGroup)> {
+        let n = p.grid.cols;
+        (0..n)
+            .step_by(SHARED_BLOCK)
+            .map(|t0| {
+                let bp = self.uniform(
+                    "block-params",
+                    &BlockParams {
+                        rows: rows as u32,
+                        n: n as u32,
+                        group_size: p.grid.group_size as u32,
+                        levels: p.grid.levels(),
+                        dead: p.dead_threshold,
+                        groups: p.grid.groups() as u32,
+                        t0: t0 as u32,
+                        b: SHARED_BLOCK.min(n - t0) as u32,
+                    },
+                );
+                let steps = self.bind(
+                    Kernel::BlockSteps,
+                    &[
+                        (0, b.w),
+                        (1, b.q),
+                        (2, b.r),
+                        (3, b.codes),
+                        (4, g),
+                        (5, b.delta),
+                        (6, b.lo),
+                        (7, b.order),
+                        (8, dbuf),
+                        (9, &bp),
+                    ],
+                );
+                let update = self.bind(
+                    Kernel::BlockUpdate,
+                    &[(2, b.r), (4, g), (7, b.order), (8, dbuf), (9, &bp)],
+                );
+                (steps, update)
+            })
+            .collect()
+    }
+
+    /// The residual (modes 0–2) and reduction (modes 0–3) bind groups that measure losses.
+    fn measure_bindings(
+        &self,
+        g: &wgpu::Buffer,
+        b: &TileBufs<'_>,
+        rows: usize,
+        n: usize,
+    ) -> ([wgpu::BindGroup; 3], [wgpu::BindGroup; 4]) {
+        let mode = |m: u32| {
+            self.uniform(
+                "mode-params",
+                &ModeParams {
+                    rows: rows as u32,
+                    n: n as u32,
+                    mode: m,
+                    pad: 0,
+                },
+            )
+        };
+        let residual = [0u32, 1, 2].map(|m| {
+            let target = if m == 0 { b.r } else { b.s };
+            self.bind(
+                Kernel::Residual,
+                &[
+                    (0, b.w),
+                    (1, b.q),
+                    (2, b.codes),
+                    (3, g),
+                    (4, target),
+                    (5, &mode(m)),
+                ],
+            )
+        });
+        let reduce = [0u32, 1, 2, 3].map(|m| {
+            self.bind(
+                Kernel::Reduce,
+                &[
+                    (0, b.w),
+                    (1, b.q),
+                    (2, b.codes),
+                    (3, b.r),
+                    (4, b.s),
+                    (5, b.out),
+                    (6, &mode(m)),
+                ],
+            )
+        });
+        (residual, reduce)
+    }
+
+    /// The round-to-nearest and apply-scale bind groups, which share the grid's parameters.
+    fn grid_bindings(
+        &self,
+        p: &LayerProblem<'_>,
+        b: &TileBufs<'_>,
+        rows: usize,
+    ) -> (wgpu::BindGroup, wgpu::BindGroup) {
+        let grid = self.uniform(
+            "grid-params",
+            &GridParams {
+                rows: rows as u32,
+                n: p.grid.cols as u32,
+                group_size: p.grid.group_size as u32,
+                levels: p.grid.levels(),
+            },
+        );
+        let rtn = self.bind(
+            Kernel::Rtn,
+            &[
+                (0, b.w),
+                (1, b.q),
+                (2, b.codes),
+                (3, b.delta),
+                (4, b.lo),
+                (5, &grid),
+            ],
+        );
+        // apply_scale reads neither W nor lo, so its derived layout has no slots for them.
+        let apply = self.bind(
+            Kernel::ApplyScale,
+            &[(1, b.q), (2, b.codes), (3, b.delta), (5, &grid)],
+        );
+        (rtn, apply)
+    }
+
+    /// The per-row greedy sweep's bind group.
+    fn sweep_binding(
+        &self,
+        p: &LayerProblem<'_>,
+        g: &wgpu::Buffer,
+        b: &TileBufs<'_>,
+        rows: usize,
+    ) -> wgpu::BindGroup {
+        let n = p.grid.cols;
+        let sp = self.uniform(
+            "sweep-params",
+            &SweepParams {
+                rows: rows as u32,
+                n: n as u32,
+                group_size: p.grid.group_size as u32,
+                levels: p.grid.levels(),
+                dead: p.dead_threshold,
+                natural: matches!(p.order, Order::Natural { .. }) as u32,
+                groups: p.grid.groups() as u32,
+                pad: 0,
+            },
+        );
+        self.bind(
+            self.sweep_kernel(n),
+            &[
+                (0, b.w),
+                (1, b.q),
+                (2, b.r),
+                (3, b.codes),
+                (4, g),
+                (5, b.delta),
+                (6, b.lo),
+                (7, b.order),
+                (8, b.s),
+                (9, &sp),
+            ],
+        )
+    }
+
+    /// The closed-form scale step's bind group.
+    fn scale_binding(
+        &self,
+        p: &LayerProblem<'_>,
+        g: &wgpu::Buffer,
+        b: &TileBufs<'_>,
+        rows: usize,
+    ) -> wgpu::BindGroup {
+        let scp = self.uniform(
+            "scale-params",
+            &ScaleParams {
+                rows: rows as u32,
+                n: p.grid.cols as u32,
+                group_size: p.grid.group_size as u32,
+                dtype: match p.scale_dtype {
+                    ScaleDtype::F32 => 0,
+                    ScaleDtype::F16 => 1,
+                    ScaleDtype::Bf16 => 2,
+                },
+            },
+        );
+        self.bind(
+            Kernel::ScaleChannel,
+            &[
+                (0, b.q),
+                (1, b.r),
+                (2, b.codes),
+                (3, g),
+                (4, b.delta),
+                (5, b.s),
+                (6, &scp),
+            ],
+        )
     }
 
     fn sweep_kernel(&self, n: usize) -> Kernel {
