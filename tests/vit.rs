@@ -558,6 +558,32 @@ fn reference_python() -> Option<String> {
     }
 }
 
+/// The small `arch` tower built by transformers with random weights
+/// (`scripts/reference/hf_vision.py ARCH DIR [args]`) in a temporary folder, and its reference
+/// outputs.
+fn transformers_reference(
+    python: &str,
+    arch: &str,
+    args: &[&str],
+) -> (tempfile::TempDir, comq_gpu::io::safetensors::Model) {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/reference/hf_vision.py"
+    );
+    let o = std::process::Command::new(python)
+        .arg(script)
+        .arg(arch)
+        .arg(dir.path())
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r =
+        comq_gpu::io::safetensors::Model::open(&dir.path().join("reference.safetensors")).unwrap();
+    (dir, r)
+}
+
 /// Relative error a family's CPU forward keeps against its reference implementation.
 const REFERENCE_REL_TOL: f64 = 1e-4;
 
@@ -571,20 +597,7 @@ fn clip_vision_matches_transformers() {
         return;
     };
     for act in ["quick_gelu", "gelu", "gelu_pytorch_tanh"] {
-        let dir = tempfile::tempdir().unwrap();
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/reference/clip_vision.py"
-        );
-        let o = std::process::Command::new(&python)
-            .arg(script)
-            .arg(dir.path())
-            .arg(act)
-            .output()
-            .expect("python runs");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r = comq_gpu::io::safetensors::Model::open(&dir.path().join("reference.safetensors"))
-            .unwrap();
+        let (dir, r) = transformers_reference(&python, "clip", &[act]);
         let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
         let px = get("pixel_values");
         let path = dir.path().join("model.safetensors");
@@ -697,19 +710,7 @@ fn dinov2_with_registers_matches_transformers() {
     let Some(python) = reference_python() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/reference/dinov2_registers.py"
-    );
-    let o = std::process::Command::new(&python)
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .expect("python runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r =
-        comq_gpu::io::safetensors::Model::open(&dir.path().join("reference.safetensors")).unwrap();
+    let (dir, r) = transformers_reference(&python, "dinov2_registers", &[]);
     let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
     let px = get("pixel_values");
     let path = dir.path().join("model.safetensors");
@@ -735,19 +736,7 @@ fn siglip_vision_matches_transformers() {
     let Some(python) = reference_python() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/reference/siglip_vision.py"
-    );
-    let o = std::process::Command::new(&python)
-        .arg(script)
-        .arg(dir.path())
-        .output()
-        .expect("python runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r =
-        comq_gpu::io::safetensors::Model::open(&dir.path().join("reference.safetensors")).unwrap();
+    let (dir, r) = transformers_reference(&python, "siglip", &[]);
     let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
     let px = get("pixel_values");
     let path = dir.path().join("model.safetensors");

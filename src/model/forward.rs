@@ -147,6 +147,9 @@ impl HostBlock {
 /// stays on the host.
 pub struct Stem<T> {
     map: Option<MapHead>,
+    /// The pooling head's key and value projections (rows `d..3d` of its `in_proj`), on the
+    /// device: every token goes through them there, the single probe query on the host.
+    map_kv: Option<(T, T)>,
     patch: (T, T),
     prefix: T,
     pos: T,
@@ -250,6 +253,13 @@ impl HostStem {
     pub fn upload<O: Ops>(&self, ops: &O) -> Result<Stem<O::T>> {
         Ok(Stem {
             map: self.map.clone(),
+            map_kv: match &self.map {
+                Some(m) => {
+                    let d = m.probe.len();
+                    Some((ops.upload(&m.qkv.0[d * d..])?, ops.upload(&m.qkv.1[d..])?))
+                }
+                None => None,
+            },
             patch: (ops.upload(&self.patch.0)?, ops.upload(&self.patch.1)?),
             prefix: ops.upload(&self.prefix)?,
             pos: ops.upload(&self.pos)?,
@@ -421,12 +431,18 @@ impl<'a, O: Ops> Forward<'a, O> {
             .layernorm(h, n * t, d, &stem.norm.0, &stem.norm.1, s.eps)?;
         let all = self.ops.download(&normed)?;
         let token = |i: usize, k: usize| &all[(i * t + k) * d..(i * t + k + 1) * d];
-        let image = |i: usize| &all[i * t * d..(i + 1) * t * d];
-        let cls: Vec<f32> = match (&s.pool, &stem.map) {
-            (Pool::Map(_), Some(m)) => (0..n)
-                .flat_map(|i| m.pool(image(i), t, s.heads, s.eps, s.act))
-                .collect(),
-            (Pool::Mean, _) => (0..n)
+        let cls: Vec<f32> = match (&s.pool, &stem.map, &stem.map_kv) {
+            (Pool::Map(_), Some(m), Some((w, b))) => {
+                let kv = self.ops.linear(&normed, n * t, d, w, b, 2 * d)?;
+                let kv = self.ops.download(&kv)?;
+                (0..n)
+                    .flat_map(|i| {
+                        let rows = &kv[i * t * 2 * d..(i + 1) * t * 2 * d];
+                        m.pool(rows, s.heads, s.eps, s.act)
+                    })
+                    .collect()
+            }
+            (Pool::Mean, _, _) => (0..n)
                 .flat_map(|i| {
                     let mut mean = vec![0.0f64; d];
                     for k in 0..t {
@@ -544,21 +560,13 @@ impl MapHead {
         })
     }
 
-    /// The pooled features of one image's `t` tokens (`x`, `[t, d]`).
-    fn pool(&self, x: &[f32], t: usize, heads: usize, eps: f32, act: Activation) -> Vec<f32> {
+    /// The pooled features of one image from its tokens' keys and values (`kv`, `[t, 2d]`:
+    /// each row a token's key, then its value).
+    fn pool(&self, kv: &[f32], heads: usize, eps: f32, act: Activation) -> Vec<f32> {
         let d = self.probe.len();
         let hd = d / heads;
-        let (w, b) = (&self.qkv.0, &self.qkv.1);
-        let q = affine(&w[..d * d], &b[..d], &self.probe);
-        let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..t)
-            .map(|k| {
-                let tok = &x[k * d..(k + 1) * d];
-                (
-                    affine(&w[d * d..2 * d * d], &b[d..2 * d], tok),
-                    affine(&w[2 * d * d..], &b[2 * d..], tok),
-                )
-            })
-            .collect();
+        let q = affine(&self.qkv.0[..d * d], &self.qkv.1[..d], &self.probe);
+        let kv: Vec<(&[f32], &[f32])> = kv.chunks_exact(2 * d).map(|r| r.split_at(d)).collect();
         let scale = 1.0 / (hd as f64).sqrt();
         let mut attn = vec![0.0f32; d];
         for h in 0..heads {

@@ -381,6 +381,14 @@ mod tests {
         }
     }
 
+    /// The job's layer quantized straight by the algorithm, data-free, on the CPU.
+    fn data_free(job: &Job, w: &[f32]) -> LayerOutcome {
+        let g = Gram::identity(job.cols);
+        let cpu = CpuDevice::new();
+        crate::quant::quantize_layer(&cpu, &job.meta.name, w, job.rows, job.cols, &g, &job.config)
+            .unwrap()
+    }
+
     fn env<'a>(
         opts: &'a RunOptions,
         model: &'a Checkpoint,
@@ -434,16 +442,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(stages, ["read", "calibration", "quantize"]);
-        let direct = crate::quant::quantize_layer(
-            &CpuDevice::new(),
-            "fc.weight",
-            &w,
-            job.rows,
-            job.cols,
-            &Gram::identity(job.cols),
-            &job.config,
-        )
-        .unwrap();
+        let direct = data_free(&job, &w);
         assert_eq!(done.outcome.layer.codes, direct.layer.codes);
         assert!(!done.resumed && done.choice.is_none() && done.folded.is_empty());
         // --eval keeps the RTN twin of the input layer.
@@ -530,16 +529,7 @@ mod tests {
         let model = tiny_model(dir.path());
         let job = job_of(&model, "fc.weight", base().config);
         let w = model.read_f32(&job.meta).unwrap();
-        let a = crate::quant::quantize_layer(
-            &CpuDevice::new(),
-            "fc.weight",
-            &w,
-            job.rows,
-            job.cols,
-            &Gram::identity(job.cols),
-            &job.config,
-        )
-        .unwrap();
+        let a = data_free(&job, &w);
         let mut b = a.clone();
         b.layer.codes[0] += 2;
         let v = compare_codes(&a, &b);

@@ -313,14 +313,20 @@ mod tests {
         Checkpoint::open(&path).unwrap()
     }
 
-    #[test]
-    fn a_run_in_process_writes_both_outputs_and_reports_every_layer() {
-        let dir = tempfile::tempdir().unwrap();
-        let model = tiny_model(dir.path());
+    /// The tiny model in `dir` and options of a data-free run of it.
+    fn data_free_tiny(dir: &Path) -> (Checkpoint, RunOptions) {
+        let model = tiny_model(dir);
         let mut opts = base();
         opts.model = model.path().to_path_buf();
         opts.images = None;
         opts.data_free = true;
+        (model, opts)
+    }
+
+    #[test]
+    fn a_run_in_process_writes_both_outputs_and_reports_every_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, mut opts) = data_free_tiny(dir.path());
         opts.out = Some(dir.path().join("q.safetensors"));
         opts.dequantized = Some(dir.path().join("d.safetensors"));
         opts.report = Some(dir.path().join("r.json"));
@@ -378,11 +384,7 @@ mod tests {
     #[test]
     fn a_run_that_selects_nothing_is_refused_before_any_output() {
         let dir = tempfile::tempdir().unwrap();
-        let model = tiny_model(dir.path());
-        let mut opts = base();
-        opts.model = model.path().to_path_buf();
-        opts.images = None;
-        opts.data_free = true;
+        let (_, mut opts) = data_free_tiny(dir.path());
         opts.selection = Selection::new(Some("nothing-is-called-this"), None).unwrap();
         opts.out = Some(dir.path().join("q.safetensors"));
         let e = run(&opts, &mut |_| {}).unwrap_err();

@@ -60,38 +60,27 @@ impl Prepared {
         cfg: &QuantConfig,
     ) -> Result<Prepared> {
         crate::profile::record("  prepare", || {
-            Prepared::build(name, w, rows, cols, gram, cfg)
-        })
-    }
-
-    fn build(
-        name: &str,
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        gram: &Gram,
-        cfg: &QuantConfig,
-    ) -> Result<Prepared> {
-        check_inputs(name, w, rows, cols, gram, cfg)?;
-        let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
-        let h = damped.as_ref().unwrap_or(gram);
-        let order = Order::build(cfg.order, w, rows, cols, &h.diag());
-        let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
-            Some(gptq::factor(
-                h,
-                cfg.act_order,
-                gram.dead_threshold() as f64,
-            )?)
-        } else {
-            None
-        };
-        Ok(Prepared {
-            damp: cfg.damp,
-            order_kind: cfg.order,
-            act_order: cfg.act_order,
-            order,
-            g32: h.to_f32(),
-            factor,
+            check_inputs(name, w, rows, cols, gram, cfg)?;
+            let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
+            let h = damped.as_ref().unwrap_or(gram);
+            let order = Order::build(cfg.order, w, rows, cols, &h.diag());
+            let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
+                Some(gptq::factor(
+                    h,
+                    cfg.act_order,
+                    gram.dead_threshold() as f64,
+                )?)
+            } else {
+                None
+            };
+            Ok(Prepared {
+                damp: cfg.damp,
+                order_kind: cfg.order,
+                act_order: cfg.act_order,
+                order,
+                g32: h.to_f32(),
+                factor,
+            })
         })
     }
 
