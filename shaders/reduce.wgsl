@@ -3,6 +3,8 @@
 //   mode 1: Σ_c W_c · S_c          (the energy, with S = W·G)
 //   mode 2: Σ_c K_c · R_c          (numerator of the per-layer scale step)
 //   mode 3: Σ_c K_c · S_c          (denominator, with S = K·G)
+//   mode 4: Σ_c (W − Q̂)_c · S_c   (a held-out loss, with S = (W − Q̂)·G_h)
+//   mode 5: Σ_c (W − Q̂)_c²        (the term a damping adds to the loss)
 //
 // @group(0) @binding(0) w      : array<f32>, read        — [rows, n]
 // @group(0) @binding(1) q      : array<f32>, read        — [rows, n]
@@ -46,7 +48,12 @@ fn reduce(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
             case 0u: { acc = fma(w[idx] - q[idx], r[idx], acc); }
             case 1u: { acc = fma(w[idx], s[idx], acc); }
             case 2u: { acc = fma(f32(codes[idx]), r[idx], acc); }
-            default: { acc = fma(f32(codes[idx]), s[idx], acc); }
+            case 3u: { acc = fma(f32(codes[idx]), s[idx], acc); }
+            case 4u: { acc = fma(w[idx] - q[idx], s[idx], acc); }
+            default: {
+                let e = w[idx] - q[idx];
+                acc = fma(e, e, acc);
+            }
         }
     }
     partial[lid.x] = acc;

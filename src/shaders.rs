@@ -45,11 +45,14 @@ pub enum Kernel {
     Assemble,
     /// Zero-padded copy of activation rows for the Gram kernel (`vit.wgsl`).
     PadRows,
+    /// A damping on the resident Gram matrix: sets its diagonal (`diag.wgsl`).
+    SetDiagonal,
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 9] = [
+pub const SOURCES: [(&str, &str); 10] = [
     ("block.wgsl", include_str!("../shaders/block.wgsl")),
+    ("diag.wgsl", include_str!("../shaders/diag.wgsl")),
     ("gptq.wgsl", include_str!("../shaders/gptq.wgsl")),
     ("gram.wgsl", include_str!("../shaders/gram.wgsl")),
     ("residual.wgsl", include_str!("../shaders/residual.wgsl")),
@@ -65,7 +68,7 @@ pub const SWEEP_SHARED_MAX_COLS: usize = 4096;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 20] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -85,6 +88,7 @@ impl Kernel {
         Kernel::Im2col,
         Kernel::Assemble,
         Kernel::PadRows,
+        Kernel::SetDiagonal,
     ];
 
     /// The file the kernel lives in.
@@ -98,6 +102,7 @@ impl Kernel {
             Kernel::ScaleChannel => "scale.wgsl",
             Kernel::BlockSteps | Kernel::BlockUpdate => "block.wgsl",
             Kernel::Gptq => "gptq.wgsl",
+            Kernel::SetDiagonal => "diag.wgsl",
             Kernel::Linear
             | Kernel::LayerNorm
             | Kernel::Gelu
@@ -131,6 +136,7 @@ impl Kernel {
             Kernel::Im2col => "im2col",
             Kernel::Assemble => "assemble",
             Kernel::PadRows => "pad_rows",
+            Kernel::SetDiagonal => "set_diagonal",
         }
     }
 

@@ -417,3 +417,97 @@ fn gpu_gptq_and_search_match_the_cpu() {
         }
     }
 }
+
+/// The configuration and stage a search label names (`rtn s0.90`, `comq+1 s1.00`, `gptq s0.85
+/// d0.01`, `gptq+1 s0.85 d0.1`), around the searched configuration `cfg`.
+fn config_of(label: &str, cfg: &QuantConfig) -> (QuantConfig, usize) {
+    let parts: Vec<&str> = label.split(' ').collect();
+    let scalar: f32 = parts[1][1..].parse().unwrap();
+    let damp: f32 = parts.get(2).map(|d| d[1..].parse().unwrap()).unwrap_or(0.0);
+    let (start, sweeps) = match parts[0].split_once('+') {
+        Some((s, k)) => (s, k.parse().unwrap()),
+        None => (parts[0], 0),
+    };
+    let c = match start {
+        "rtn" => QuantConfig {
+            method: comq_gpu::quant::Method::Rtn,
+            scalar,
+            ..cfg.clone()
+        },
+        "comq" => QuantConfig {
+            init: Init::W,
+            damp: 0.0,
+            scalar,
+            sweeps: 1,
+            order: comq_gpu::quant::OrderKind::Greedy,
+            ..cfg.clone()
+        },
+        _ => QuantConfig {
+            scalar,
+            damp,
+            ..cfg.clone()
+        },
+    };
+    (c, sweeps)
+}
+
+/// The resident search (one upload per layer, grids and dampings switched in place, stages
+/// scored and kept on the device) against lone runs of each candidate, each uploaded afresh:
+/// every candidate's calibration error is the lone run's to the last bit, its held-out error is
+/// the definition's, and the shipped codes are the lone run's codes of the chosen candidate.
+#[test]
+fn the_resident_search_equals_lone_runs_candidate_by_candidate() {
+    let (rows, cols) = (24, 96);
+    let mut rng = Rng::new(77);
+    let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
+    let x = correlated_x(&mut rng, 200, cols);
+    let cal = gram_of(&x[..150 * cols], 150, cols);
+    let held = gram_of(&x[150 * cols..], 50, cols);
+    for bits in [3, 4] {
+        let cfg = QuantConfig {
+            bits,
+            init: Init::Gptq,
+            damp: 0.01,
+            ..QuantConfig::default()
+        };
+        let plan = SearchPlan {
+            scalars: AUTO_SCALARS.to_vec(),
+            paper: true,
+            rtn_scalars: true,
+            damps: vec![0.1],
+        };
+        let dev = CpuDevice::new();
+        let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
+        let mut shipped = None;
+        for t in &c.tried {
+            let (lc, sweeps) = config_of(&t.label, &cfg);
+            let (o, stages) =
+                quantize_layer_stages(&dev, "t", &w, rows, cols, &cal, &lc, true).unwrap();
+            let layer = match stages.into_iter().find(|s| s.sweeps == sweeps) {
+                Some(s) => {
+                    assert_eq!(s.rel_error, t.rel_error, "{}", t.label);
+                    s.layer
+                }
+                None => {
+                    assert_eq!(o.rel_error, t.rel_error, "{}", t.label);
+                    o.layer
+                }
+            };
+            // The definition dequantizes in f64; the device scores `Q̂ = Δ·k` rounded to f32.
+            let h = rel_error(&w, &layer, &held);
+            let th = t.rel_error_holdout.unwrap();
+            assert!((h - th).abs() <= 1e-6 * h, "{}: {h} vs {th}", t.label);
+            if t.label == c.chosen {
+                shipped = Some(layer);
+            }
+        }
+        let shipped = shipped.expect("the chosen label was tried");
+        assert_eq!(
+            c.outcome.layer.codes, shipped.codes,
+            "W{bits}: {}",
+            c.chosen
+        );
+        assert_eq!(c.outcome.layer.grid.delta, shipped.grid.delta);
+        assert!(c.tried.len() >= 12, "{}", c.tried.len());
+    }
+}

@@ -448,3 +448,144 @@ fn transfers_are_counted() {
     let (u2, d2) = gpu.traffic();
     assert_eq!((u2 - u1, d2 - d1), (u1 - u0, d1 - d0));
 }
+
+/// Runs RTN, a refresh and one sweep; returns the codes, the steps and the two losses.
+fn rtn_and_sweep<D: Device>(d: &D, st: &mut D::Layer) -> (Vec<i32>, Vec<f32>, f64, f64) {
+    d.round_to_nearest(st).unwrap();
+    let l0 = d.refresh(st).unwrap();
+    d.sweep(st).unwrap();
+    let l1 = d.refresh(st).unwrap();
+    let (codes, delta) = d.download(st).unwrap();
+    (codes, delta, l0, l1)
+}
+
+/// The resident search's primitives on both devices: a state switched in place (another grid,
+/// a damped diagonal, the order that damping ranks) is bit for bit the state a fresh upload of
+/// the same problem gives, on each device; the damping term, the held-out products and the kept
+/// slot agree with the CPU.
+#[test]
+fn a_state_switched_in_place_equals_a_fresh_upload() {
+    let Some(gpu) = gpu::device() else { return };
+    let cpu = CpuDevice::new();
+    for (seed, rows, cols, group) in [(61u64, 13usize, 40usize, None), (62, 33, 96, Some(32))] {
+        let (w, gram) = layer(seed, rows, cols);
+        let held = layer(seed + 50, rows, cols).1;
+        let cfg = QuantConfig {
+            group_size: group,
+            ..QuantConfig::default()
+        };
+        let (mut c, mut g) = both_states(&gpu, &w, &gram, rows, cols, &cfg);
+        // The switched-to problem: grid shrunk to 0.9, G damped by 0.1, the order it ranks.
+        let shrunk = QuantConfig {
+            scalar: 0.9,
+            ..cfg.clone()
+        };
+        let grid = Grid::build(&w, rows, cols, &shrunk);
+        let damped = gram.damped(0.1);
+        let order = Order::build(cfg.order, &w, rows, cols, &damped.diag());
+        let diag: Vec<f32> = damped.diag().iter().map(|&v| v as f32).collect();
+        let g32 = damped.to_f32();
+        let p = LayerProblem {
+            name: "fresh",
+            weights: &w,
+            gram: &g32,
+            grid: &grid,
+            order: &order,
+            dead_threshold: gram.dead_threshold(),
+            scale_dtype: cfg.scale_dtype,
+        };
+        let (mut fc, mut fg) = (cpu.upload(&p).unwrap(), gpu.upload(&p).unwrap());
+        cpu.set_diagonal(&mut c, &diag).unwrap();
+        cpu.set_order(&mut c, &order).unwrap();
+        cpu.set_grid(&mut c, &grid.delta, &grid.lo).unwrap();
+        gpu.set_diagonal(&mut g, &diag).unwrap();
+        gpu.set_order(&mut g, &order).unwrap();
+        gpu.set_grid(&mut g, &grid.delta, &grid.lo).unwrap();
+        let (a, b) = (rtn_and_sweep(&cpu, &mut c), rtn_and_sweep(&cpu, &mut fc));
+        assert_eq!(a, b, "{rows}x{cols}: CPU switched vs fresh");
+        let (x, y) = (rtn_and_sweep(&gpu, &mut g), rtn_and_sweep(&gpu, &mut fg));
+        assert_eq!(x, y, "{rows}x{cols}: GPU switched vs fresh");
+        // The damping term and the held-out products, GPU against CPU from the same codes.
+        gpu.load_codes(&mut g, &a.0, &a.1).unwrap();
+        let (ec, eg) = (
+            cpu.error_sqnorm(&mut c).unwrap(),
+            gpu.error_sqnorm(&mut g).unwrap(),
+        );
+        assert!(rel(eg, ec) <= LOSS_REL_TOL, "‖W − Q̂‖²: {eg} vs {ec}");
+        let h32 = held.to_f32();
+        cpu.attach_holdout(&mut c, &h32).unwrap();
+        gpu.attach_holdout(&mut g, &h32).unwrap();
+        for weights in [false, true] {
+            let (hc, hg) = (
+                cpu.holdout_product(&mut c, weights).unwrap(),
+                gpu.holdout_product(&mut g, weights).unwrap(),
+            );
+            assert!(
+                rel(hg, hc) <= LOSS_REL_TOL,
+                "held-out ({weights}): {hg} vs {hc}"
+            );
+        }
+        // The held-out product leaves R alone: the next refresh is the loss before it.
+        assert_eq!(cpu.refresh(&mut c).unwrap(), a.3);
+        // The kept slot holds the codes of the moment it was taken, not later ones.
+        kept_is_a_snapshot(&cpu, &mut c);
+        kept_is_a_snapshot(&gpu, &mut g);
+    }
+}
+
+/// Keeps the state's codes, changes them (back to RTN), and reads the kept ones back.
+fn kept_is_a_snapshot<D: Device>(d: &D, st: &mut D::Layer) {
+    assert!(d.download_kept(st).is_err(), "nothing kept yet");
+    let before = d.download(st).unwrap();
+    d.keep(st).unwrap();
+    d.round_to_nearest(st).unwrap();
+    assert_ne!(d.download(st).unwrap().0, before.0);
+    assert_eq!(d.download_kept(st).unwrap(), before);
+}
+
+/// The default recipe's search on the GPU moves each input of a layer up once — `W`, `G`, the
+/// held-out Gram, the GPTQ factor of each damping tried and the order each damping ranks — plus
+/// a grid per candidate (bounded by 1.2× those inputs), and reads back the shipped codes once
+/// plus one scalar per row per reduction.
+#[test]
+fn a_resident_search_moves_each_input_once() {
+    use comq_gpu::quant::search::{search, SearchPlan, AUTO_SCALARS};
+    let Some(gpu) = gpu::device() else { return };
+    let (rows, cols) = (64usize, 128usize);
+    let (w, gram) = layer(71, rows, cols);
+    let held = layer(72, rows, cols).1;
+    let cfg = QuantConfig {
+        bits: 3,
+        init: comq_gpu::quant::Init::Gptq,
+        damp: 0.01,
+        ..QuantConfig::default()
+    };
+    let plan = SearchPlan {
+        scalars: AUTO_SCALARS.to_vec(),
+        paper: true,
+        rtn_scalars: true,
+        damps: vec![0.1],
+    };
+    let (u0, d0) = gpu.traffic();
+    let c = search(&gpu, "t", &w, rows, cols, &gram, Some(&held), &cfg, &plan).unwrap();
+    let (up, down) = (gpu.traffic().0 - u0, gpu.traffic().1 - d0);
+    let (mn, nn) = ((4 * rows * cols) as u64, (4 * cols * cols) as u64);
+    // W, G, G_h; the factor (U and its permutation) at 0.01 and 0.1; the per-row order at
+    // 0.01, 0 (the paper candidate) and 0.1.
+    let inputs = mn + 2 * nn + 2 * (nn + 4 * cols as u64) + 3 * mn;
+    let codes = mn + (4 * rows) as u64;
+    let scalars = (4 * rows * 8 * c.tried.len()) as u64;
+    eprintln!(
+        "{} candidates: up {up} B ({:.2}× the inputs), down {down} B (codes {codes} B)",
+        c.tried.len(),
+        up as f64 / inputs as f64
+    );
+    assert!(
+        up >= inputs && up as f64 <= 1.2 * inputs as f64,
+        "up {up} vs {inputs}"
+    );
+    assert!(
+        down >= codes && down <= codes + scalars,
+        "down {down} vs {codes}"
+    );
+}

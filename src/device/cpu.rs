@@ -47,6 +47,10 @@ pub struct CpuLayer {
     order: Order,
     dead: f32,
     scale_dtype: ScaleDtype,
+    /// The held-out Gram in f64, when one is attached.
+    gh64: Option<Vec<f64>>,
+    /// The kept codes and steps.
+    kept: Option<(Vec<i32>, Vec<f32>)>,
 }
 
 impl CpuLayer {
@@ -157,23 +161,13 @@ impl Device for CpuDevice {
             order: p.order.clone(),
             dead: p.dead_threshold,
             scale_dtype: p.scale_dtype,
+            gh64: None,
+            kept: None,
         })
     }
 
     fn energy(&self, l: &mut CpuLayer) -> Result<f64> {
-        let n = l.cols;
-        Ok(l.w
-            .par_chunks(GRAM_PANEL * n)
-            .map(|w| {
-                let a: Vec<f64> = w.iter().map(|&x| x as f64).collect();
-                let mut out = vec![0.0; a.len()];
-                rows_times_gram(&a, &l.g64, n, &mut out);
-                a.chunks(n)
-                    .zip(out.chunks(n))
-                    .map(|(a, o)| dot64(a, o))
-                    .sum::<f64>()
-            })
-            .sum())
+        Ok(weight_product(&l.w, &l.g64, l.cols))
     }
 
     fn reset(&self, l: &mut CpuLayer) -> Result<()> {
@@ -294,6 +288,128 @@ impl Device for CpuDevice {
         };
         gptq::quantize_rows(&l.w, f, grid, &mut l.codes, &mut l.q);
         Ok(())
+    }
+
+    fn set_grid(&self, l: &mut CpuLayer, delta: &[f32], lo: &[i32]) -> Result<()> {
+        check_len("grid steps", delta.len(), l.delta0.len())?;
+        check_len("grid offsets", lo.len(), l.lo.len())?;
+        l.delta0.copy_from_slice(delta);
+        l.lo.copy_from_slice(lo);
+        self.reset(l)
+    }
+
+    fn set_diagonal(&self, l: &mut CpuLayer, diag: &[f32]) -> Result<()> {
+        let n = l.cols;
+        check_len("Gram diagonal", diag.len(), n)?;
+        for (j, &d) in diag.iter().enumerate() {
+            l.g[j * n + j] = d;
+            l.g64[j * n + j] = d as f64;
+        }
+        Ok(())
+    }
+
+    fn set_order(&self, l: &mut CpuLayer, order: &Order) -> Result<()> {
+        if std::mem::discriminant(order) != std::mem::discriminant(&l.order) {
+            return Err(crate::error::Error::Internal(
+                "set_order: the order kind differs from the upload's".into(),
+            ));
+        }
+        l.order = order.clone();
+        Ok(())
+    }
+
+    fn error_sqnorm(&self, l: &mut CpuLayer) -> Result<f64> {
+        Ok(l.w
+            .par_chunks(GRAM_PANEL * l.cols)
+            .zip(l.q.par_chunks(GRAM_PANEL * l.cols))
+            .map(|(w, q)| {
+                w.iter()
+                    .zip(q)
+                    .map(|(&a, &b)| {
+                        let e = a as f64 - b as f64;
+                        e * e
+                    })
+                    .sum::<f64>()
+            })
+            .sum())
+    }
+
+    fn attach_holdout(&self, l: &mut CpuLayer, gram: &[f32]) -> Result<()> {
+        check_len("held-out Gram", gram.len(), l.cols * l.cols)?;
+        l.gh64 = Some(gram.iter().map(|&v| v as f64).collect());
+        Ok(())
+    }
+
+    fn holdout_product(&self, l: &mut CpuLayer, weights: bool) -> Result<f64> {
+        let Some(gh) = &l.gh64 else {
+            return Err(crate::error::Error::Internal(
+                "holdout_product: no held-out Gram attached".into(),
+            ));
+        };
+        if weights {
+            return Ok(weight_product(&l.w, gh, l.cols));
+        }
+        let n = l.cols;
+        Ok(l.w
+            .par_chunks(GRAM_PANEL * n)
+            .zip(l.q.par_chunks(GRAM_PANEL * n))
+            .map(|(w, q)| {
+                let e: Vec<f64> = w
+                    .iter()
+                    .zip(q)
+                    .map(|(&a, &b)| a as f64 - b as f64)
+                    .collect();
+                let mut out = vec![0.0; e.len()];
+                rows_times_gram(&e, gh, n, &mut out);
+                e.chunks(n)
+                    .zip(out.chunks(n))
+                    .map(|(a, o)| dot64(a, o))
+                    .sum::<f64>()
+            })
+            .sum())
+    }
+
+    fn keep(&self, l: &mut CpuLayer) -> Result<()> {
+        match &mut l.kept {
+            Some((c, d)) => {
+                c.copy_from_slice(&l.codes);
+                d.copy_from_slice(&l.delta);
+            }
+            None => l.kept = Some((l.codes.clone(), l.delta.clone())),
+        }
+        Ok(())
+    }
+
+    fn download_kept(&self, l: &mut CpuLayer) -> Result<(Vec<i32>, Vec<f32>)> {
+        l.kept
+            .clone()
+            .ok_or_else(|| crate::error::Error::Internal("download_kept: nothing was kept".into()))
+    }
+}
+
+/// `Σ_i w_iᵀ G w_i` in f64, panels of rows in parallel.
+fn weight_product(w: &[f32], g64: &[f64], n: usize) -> f64 {
+    w.par_chunks(GRAM_PANEL * n)
+        .map(|w| {
+            let a: Vec<f64> = w.iter().map(|&x| x as f64).collect();
+            let mut out = vec![0.0; a.len()];
+            rows_times_gram(&a, g64, n, &mut out);
+            a.chunks(n)
+                .zip(out.chunks(n))
+                .map(|(a, o)| dot64(a, o))
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// An internal error when a resident-state input has the wrong length.
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(crate::error::Error::Internal(format!(
+            "{what}: {got} values, the resident layer has {want}"
+        )))
     }
 }
 

@@ -80,12 +80,44 @@ pub trait Device {
     fn load_codes(&self, layer: &mut Self::Layer, codes: &[i32], delta: &[f32]) -> Result<()>;
 
     /// The GPTQ-style pass ([`crate::numeric::gptq`]) from the float weights with the current
-    /// steps: sets every code and `Q̂`. Leaves `R` stale.
+    /// steps: sets every code and `Q̂`. Leaves `R` stale. A device may keep the factor resident
+    /// and upload it again only when [`crate::numeric::gptq::GptqFactor::id`] changes.
     fn gptq(
         &self,
         layer: &mut Self::Layer,
         factor: &crate::numeric::gptq::GptqFactor,
     ) -> Result<()>;
+
+    // The resident search: one upload of W and G per layer, every candidate of the search run
+    // and scored on the device, one download of the shipped codes.
+
+    /// Replaces the initial grid (steps and lowest codes, `[rows, groups]` each, same bits and
+    /// groups) and resets to the starting point: a candidate uploads only its grid.
+    fn set_grid(&self, layer: &mut Self::Layer, delta: &[f32], lo: &[i32]) -> Result<()>;
+
+    /// Replaces the diagonal of `G` (`cols` values): a damping `G + λ'·I` without uploading `G`
+    /// again. Leaves `R` stale.
+    fn set_diagonal(&self, layer: &mut Self::Layer, diag: &[f32]) -> Result<()>;
+
+    /// Replaces the visiting order by one of the same kind as the upload's.
+    fn set_order(&self, layer: &mut Self::Layer, order: &Order) -> Result<()>;
+
+    /// `‖W − Q̂‖²_F`, the term a damping adds to the loss (divided by `λ'`).
+    fn error_sqnorm(&self, layer: &mut Self::Layer) -> Result<f64>;
+
+    /// Uploads a second, held-out Gram matrix (`cols × cols` f32) to score candidates on.
+    fn attach_holdout(&self, layer: &mut Self::Layer, gram: &[f32]) -> Result<()>;
+
+    /// `Σ_i a_iᵀ G_h a_i` on the held-out Gram with `a = W − Q̂` (a candidate's held-out loss)
+    /// or, with `weights`, `a = W` (the held-out energy). Leaves `R` as it was.
+    fn holdout_product(&self, layer: &mut Self::Layer, weights: bool) -> Result<f64>;
+
+    /// Copies the current codes and steps to the layer's kept slot (the best candidate so far).
+    fn keep(&self, layer: &mut Self::Layer) -> Result<()>;
+
+    /// Downloads the kept codes and steps (as [`Device::download`]); an error when nothing was
+    /// kept.
+    fn download_kept(&self, layer: &mut Self::Layer) -> Result<(Vec<i32>, Vec<f32>)>;
 }
 
 /// Which device the user asked for.

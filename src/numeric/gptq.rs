@@ -37,14 +37,30 @@ const PANEL: usize = 32;
 const FALLBACK_DAMP: [f64; 4] = [1e-6, 1e-4, 1e-2, 1e-1];
 
 /// The shared part of a GPTQ pass: visiting order and compensation factor.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GptqFactor {
+    /// Identifies this factor (unique per process): a device that keeps the last factor it was
+    /// handed resident uploads it again only when the id changes.
+    pub id: u64,
     /// Width `n`.
     pub n: usize,
     /// `perm[t]` is the input visited at step `t`.
     pub perm: Vec<u32>,
     /// Row-major `n × n` upper-triangular factor of `H⁻¹` in visiting order (`U[t, t']`).
     pub u: Vec<f32>,
+}
+
+impl PartialEq for GptqFactor {
+    /// Equal content; the id is not compared.
+    fn eq(&self, other: &GptqFactor) -> bool {
+        self.n == other.n && self.perm == other.perm && self.u == other.u
+    }
+}
+
+/// A fresh [`GptqFactor::id`].
+pub fn next_factor_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Builds the factor from the (already damped) Gram `h`; `act_order` visits inputs by `H_jj`
@@ -86,6 +102,7 @@ pub fn factor(h: &Gram, act_order: bool, dead: f64) -> Result<GptqFactor> {
                 );
             }
             return Ok(GptqFactor {
+                id: next_factor_id(),
                 n,
                 perm,
                 u: u.iter().map(|&v| v as f32).collect(),

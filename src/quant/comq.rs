@@ -32,20 +32,21 @@ pub struct LayerOutcome {
     pub seconds: f64,
 }
 
-/// What every run on one layer with the same damping and order kind shares: the damped Gram in
-/// f32 (what the device is handed), the visiting order and, for the GPTQ start, its factor.
+/// What every run on one layer with the same damping and order kind shares: the damped
+/// diagonal in f32 (the only part of `G` a damping changes), the visiting order (the greedy order
+/// ranks by the damped diagonal) and, for the GPTQ start, its factor.
 ///
-/// A search builds one for its configured damping and hands it to each of its 12–24 runs, so
-/// the `n²` copies of `G`, the per-row sorts of the order and the `O(n³)` factor are made once
-/// per layer instead of once per candidate. The damped f64 Gram is only needed to build these
-/// and is not kept.
+/// A search builds one per damping it tries and hands it to each of its runs, so the per-row
+/// sorts of the order and the `O(n³)` factor are made once per (layer, damping) instead of once
+/// per candidate. The damped f64 Gram is only needed to build these and is not kept.
 pub(crate) struct Prepared {
-    damp: f32,
+    pub(crate) damp: f32,
     order_kind: super::OrderKind,
     act_order: bool,
-    order: Order,
-    g32: Vec<f32>,
-    factor: Option<gptq::GptqFactor>,
+    pub(crate) order: Order,
+    /// `diag(G) + λ'` in f32: exactly the diagonal of the damped Gram's f32 copy.
+    pub(crate) diag32: Vec<f32>,
+    pub(crate) factor: Option<gptq::GptqFactor>,
 }
 
 impl Prepared {
@@ -63,7 +64,8 @@ impl Prepared {
             check_inputs(name, w, rows, cols, gram, cfg)?;
             let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
             let h = damped.as_ref().unwrap_or(gram);
-            let order = Order::build(cfg.order, w, rows, cols, &h.diag());
+            let diag = h.diag();
+            let order = Order::build(cfg.order, w, rows, cols, &diag);
             let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
                 Some(gptq::factor(
                     h,
@@ -78,20 +80,35 @@ impl Prepared {
                 order_kind: cfg.order,
                 act_order: cfg.act_order,
                 order,
-                g32: h.to_f32(),
+                diag32: diag.iter().map(|&v| v as f32).collect(),
                 factor,
             })
         })
     }
 
     /// Whether a run of `cfg` can use this.
-    fn fits(&self, cfg: &QuantConfig) -> bool {
-        self.damp == cfg.damp && self.order_kind == cfg.order && self.act_order == cfg.act_order
+    pub(crate) fn fits(&self, cfg: &QuantConfig) -> bool {
+        let factor_fits =
+            self.factor.is_some() || !(cfg.init == Init::Gptq && cfg.method == Method::Comq);
+        self.damp == cfg.damp
+            && self.order_kind == cfg.order
+            && self.act_order == cfg.act_order
+            && factor_fits
+    }
+
+    /// The damped Gram in f32, as the devices are handed it.
+    pub(crate) fn gram32(&self, gram: &Gram) -> Vec<f32> {
+        let mut g = gram.to_f32();
+        let n = gram.n;
+        for (j, &d) in self.diag32.iter().enumerate() {
+            g[j * n + j] = d;
+        }
+        g
     }
 }
 
 /// Refuses a layer whose options, weight or Gram matrix cannot be quantized, naming it.
-fn check_inputs(
+pub(crate) fn check_inputs(
     name: &str,
     w: &[f32],
     rows: usize,
@@ -145,20 +162,7 @@ pub fn quantize_layer<D: Device>(
     gram: &Gram,
     cfg: &QuantConfig,
 ) -> Result<LayerOutcome> {
-    run(device, name, w, rows, cols, gram, cfg, None, true, None)
-}
-
-/// `‖W − Q̂‖²_F` for codes on `grid` (the term damping adds to the loss, divided by `λ`).
-fn error_sqnorm(w: &[f32], codes: &[i32], grid: &Grid) -> f64 {
-    let cols = grid.cols;
-    w.iter()
-        .zip(codes)
-        .enumerate()
-        .map(|(t, (&x, &k))| {
-            let e = x as f64 - grid.value(grid.slot(t / cols, t % cols), k) as f64;
-            e * e
-        })
-        .sum()
+    run(device, name, w, rows, cols, gram, cfg, None, true)
 }
 
 /// [`quantize_layer`], also returning the start and the state after every sweep when `stages`
@@ -184,15 +188,15 @@ pub fn quantize_layer_stages<D: Device>(
     };
     let sink: Option<&mut dyn FnMut(Stage) -> Result<()>> =
         if stages { Some(&mut keep) } else { None };
-    let o = run(device, name, w, rows, cols, gram, cfg, sink, true, None)?;
+    let o = run(device, name, w, rows, cols, gram, cfg, sink, true)?;
     Ok((o, kept))
 }
 
-/// The driver. Without `measure_rtn` the RTN baseline is not computed (when the start does not
-/// need it) and `rel_error_rtn` is NaN: a search scores RTN as a candidate of its own.
+/// The driver on a freshly uploaded state. Without `measure_rtn` the RTN baseline is not
+/// computed (when the start does not need it) and `rel_error_rtn` is NaN.
 ///
-/// With `stages`, every stage (the start and the state after every sweep) is handed to it as it
-/// is taken, so a caller that keeps only the best holds one stage at a time, not one per sweep.
+/// With `stages`, every stage (the start and the state after every sweep) is downloaded and
+/// handed to it as it is taken, so a caller that keeps only the best holds one stage at a time.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<D: Device>(
     device: &D,
@@ -202,182 +206,216 @@ pub(crate) fn run<D: Device>(
     cols: usize,
     gram: &Gram,
     cfg: &QuantConfig,
-    mut stages: Option<&mut dyn FnMut(Stage) -> Result<()>>,
+    stages: Option<&mut dyn FnMut(Stage) -> Result<()>>,
     measure_rtn: bool,
-    prepared: Option<&Prepared>,
 ) -> Result<LayerOutcome> {
     let start = Instant::now();
     check_inputs(name, w, rows, cols, gram, cfg)?;
-
     let grid = Grid::build(w, rows, cols, cfg);
-    let lam = gram.damping(cfg.damp);
-    let own;
-    let prep = match prepared.filter(|p| p.fits(cfg)) {
-        Some(p) => p,
-        None => {
-            own = Prepared::new(name, w, rows, cols, gram, cfg)?;
-            &own
-        }
-    };
-    let (order, g32) = (&prep.order, &prep.g32);
+    let prep = Prepared::new(name, w, rows, cols, gram, cfg)?;
+    let g32 = prep.gram32(gram);
     let problem = LayerProblem {
         name,
         weights: w,
-        gram: g32,
+        gram: &g32,
         grid: &grid,
-        order,
+        order: &prep.order,
         dead_threshold: gram.dead_threshold(),
         scale_dtype: cfg.scale_dtype,
     };
     let mut st = device.upload(&problem)?;
-    // The undamped value of a damped quadratic form, for codes on `g` (`None`: the float W).
-    let undamp = |loss: f64, codes: Option<(&[i32], &Grid)>| {
-        if lam == 0.0 {
-            return loss;
+    let lam = gram.damping(cfg.damp);
+    let energy = undamped_energy(device, &mut st, w, lam)?;
+    let ctx = RunContext {
+        grid: &grid,
+        energy,
+        lam,
+        factor: prep.factor.as_ref(),
+    };
+    let stats = match stages {
+        Some(sink) => {
+            let mut hook = |st: &mut D::Layer, sweeps: usize, rel_error: f64| -> Result<()> {
+                let (codes, delta) = device.download(st)?;
+                sink(Stage {
+                    sweeps,
+                    layer: ctx.layer(cfg, codes, delta),
+                    rel_error,
+                })
+            };
+            run_on(device, &mut st, cfg, &ctx, Some(&mut hook), measure_rtn)?
         }
-        let sq = match codes {
-            Some((c, g)) => error_sqnorm(w, c, g),
-            None => w.iter().map(|&x| (x as f64) * (x as f64)).sum(),
-        };
-        (loss - lam * sq).max(0.0)
+        None => run_on(device, &mut st, cfg, &ctx, None, measure_rtn)?,
     };
-    let energy = if lam == 0.0 {
-        device.energy(&mut st)?
-    } else {
-        // ‖X·Wᵀ‖² is Σ wᵀGw, the damped energy less λ'‖W‖².
-        let e = device.energy(&mut st)?;
-        e - lam * w.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
-    };
-    let rel = |l: f64| if energy > 0.0 { l / energy } else { 0.0 };
-    let need_rtn = measure_rtn || cfg.method == Method::Rtn || cfg.init == Init::Rtn;
-    let loss_rtn = if need_rtn {
-        device.round_to_nearest(&mut st)?;
-        device.refresh(&mut st)?
-    } else {
-        f64::NAN
-    };
-    let loss_rtn = if lam == 0.0 || !need_rtn {
-        loss_rtn
-    } else {
-        let codes: Vec<i32> = (0..rows * cols)
-            .map(|t| grid.nearest(grid.slot(t / cols, t % cols), w[t]))
-            .collect();
-        undamp(loss_rtn, Some((&codes, &grid)))
-    };
+    let (codes, delta) = device.download(&mut st)?;
+    Ok(LayerOutcome {
+        layer: ctx.layer(cfg, codes, delta),
+        rel_error: stats.rel_error,
+        rel_error_rtn: stats.rel_error_rtn,
+        energy,
+        history: stats.history,
+        rel_error_start: stats.rel_error_start,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
 
-    let mut history = Vec::new();
-    let mut rel_start = None;
-    let staged = stages.is_some();
-    let mut snapshot = |st: &mut D::Layer, sweeps: usize, loss: f64| -> Result<f64> {
-        let (codes, delta) = device.download(st)?;
-        let layer = QuantizedLayer {
-            rows,
-            cols,
+/// `‖X·Wᵀ‖² = Σ wᵀGw` from a state that may hold the damped `G + λ'·I`: the damped energy less
+/// `λ'·‖W‖²`.
+pub(crate) fn undamped_energy<D: Device>(
+    device: &D,
+    st: &mut D::Layer,
+    w: &[f32],
+    lam: f64,
+) -> Result<f64> {
+    let e = device.energy(st)?;
+    Ok(if lam == 0.0 {
+        e
+    } else {
+        e - lam * w.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()
+    })
+}
+
+/// What one run on a resident state needs besides its configuration.
+pub(crate) struct RunContext<'a> {
+    /// The run's initial grid (already on the device).
+    pub(crate) grid: &'a Grid,
+    /// `‖X·Wᵀ‖²` on the undamped Gram.
+    pub(crate) energy: f64,
+    /// The absolute damping `λ'` the state's `G` holds.
+    pub(crate) lam: f64,
+    /// The GPTQ factor at that damping, for the GPTQ start.
+    pub(crate) factor: Option<&'a gptq::GptqFactor>,
+}
+
+impl RunContext<'_> {
+    /// A downloaded state as a quantized layer on this run's grid.
+    pub(crate) fn layer(
+        &self,
+        cfg: &QuantConfig,
+        codes: Vec<i32>,
+        delta: Vec<f32>,
+    ) -> QuantizedLayer {
+        QuantizedLayer {
+            rows: self.grid.rows,
+            cols: self.grid.cols,
             bits: cfg.bits,
             grid: Grid {
                 delta,
-                ..grid.clone()
+                ..self.grid.clone()
             },
             codes,
-        };
-        let l = undamp(loss, Some((&layer.codes, &layer.grid)));
-        if let Some(sink) = stages.as_mut() {
-            sink(Stage {
-                sweeps,
-                layer,
-                rel_error: rel(l),
-            })?;
         }
-        Ok(l)
+    }
+}
+
+/// What a run on a resident state reports; its codes stay on the device.
+#[derive(Debug, Clone)]
+pub(crate) struct RunStats {
+    /// Relative error of the final state on the undamped Gram.
+    pub(crate) rel_error: f64,
+    /// The same for round-to-nearest (NaN when not measured).
+    pub(crate) rel_error_rtn: f64,
+    /// The (damped) objective after each sweep and scale step.
+    pub(crate) history: Vec<f64>,
+    /// The start's relative error.
+    pub(crate) rel_error_start: Option<f64>,
+}
+
+/// A stage hook: the state on the device, the sweeps done and its relative error.
+pub(crate) type StageHook<'h, L> = &'h mut dyn FnMut(&mut L, usize, f64) -> Result<()>;
+
+/// The undamped value of a damped quadratic form for the state's codes:
+/// `eᵀGe = eᵀHe − λ'·‖e‖²`, with `‖e‖²` reduced on the device.
+fn undamped<D: Device>(device: &D, st: &mut D::Layer, lam: f64, loss: f64) -> Result<f64> {
+    if lam == 0.0 {
+        return Ok(loss);
+    }
+    Ok((loss - lam * device.error_sqnorm(st)?).max(0.0))
+}
+
+/// The driver on a state that holds the run's grid, (damped) Gram and order, at the starting
+/// point: RTN when needed, the start, the sweeps. `stages` sees the start and the state after
+/// every sweep on the device, as they are taken.
+///
+/// With `--damp λ` the device minimises over `H = G + λ'·I`; every reported error is on the
+/// undamped `G`.
+pub(crate) fn run_on<D: Device>(
+    device: &D,
+    st: &mut D::Layer,
+    cfg: &QuantConfig,
+    ctx: &RunContext<'_>,
+    mut stages: Option<StageHook<'_, D::Layer>>,
+    measure_rtn: bool,
+) -> Result<RunStats> {
+    let (energy, lam) = (ctx.energy, ctx.lam);
+    let rel = |l: f64| if energy > 0.0 { l / energy } else { 0.0 };
+    let need_rtn = measure_rtn || cfg.method == Method::Rtn || cfg.init == Init::Rtn;
+    let loss_rtn = if need_rtn {
+        device.round_to_nearest(st)?;
+        let l = device.refresh(st)?;
+        undamped(device, st, lam, l)?
+    } else {
+        f64::NAN
     };
+    let mut history = Vec::new();
+    let mut rel_start = None;
     let loss = if cfg.method == Method::Rtn {
         loss_rtn
     } else {
         match cfg.init {
-            Init::W => device.reset(&mut st)?,
+            Init::W => device.reset(st)?,
             // The RTN state is already there, and the refresh above made R exact.
             Init::Rtn => {}
             Init::Gptq => {
-                // The factor depends on G, the damping and the order only: a search shares it.
-                let own;
-                let f = match &prep.factor {
-                    Some(f) => f,
-                    None => {
-                        let h = gram.damped(cfg.damp);
-                        own = gptq::factor(&h, cfg.act_order, gram.dead_threshold() as f64)?;
-                        &own
-                    }
-                };
-                device.gptq(&mut st, f)?;
+                let f = ctx.factor.ok_or_else(|| {
+                    Error::Internal("the GPTQ start was run without its factor".into())
+                })?;
+                device.gptq(st, f)?;
             }
         }
         let mut loss = 0.0;
         if cfg.init != Init::W {
-            let l = device.refresh(&mut st)?;
-            rel_start = Some(rel(if staged || cfg.sweeps == 0 {
-                snapshot(&mut st, 0, l)?
-            } else if lam == 0.0 {
-                l
-            } else {
-                // Without snapshots the start's undamped error needs its codes: download once.
-                let (codes, delta) = device.download(&mut st)?;
-                let g = Grid {
-                    delta,
-                    ..grid.clone()
-                };
-                undamp(l, Some((&codes, &g)))
-            }));
+            let l = device.refresh(st)?;
+            let r = rel(undamped(device, st, lam, l)?);
+            rel_start = Some(r);
+            if let Some(hook) = stages.as_mut() {
+                hook(st, 0, r)?;
+            }
             loss = l;
         }
         for sweep in 0..cfg.sweeps {
             // Each sweep ends with an exact refresh, so the next one starts from an exact R.
-            device.sweep(&mut st)?;
-            loss = device.refresh(&mut st)?;
+            device.sweep(st)?;
+            loss = device.refresh(st)?;
             history.push(loss);
             if cfg.scale_update {
-                device.update_scales(&mut st, cfg.granularity)?;
-                loss = device.refresh(&mut st)?;
+                device.update_scales(st, cfg.granularity)?;
+                loss = device.refresh(st)?;
                 history.push(loss);
             }
-            log::debug!("{name}: sweep {} loss {loss:.6e}", sweep + 1);
-            if staged && sweep + 1 < cfg.sweeps {
-                snapshot(&mut st, sweep + 1, loss)?;
+            log::debug!("sweep {} loss {loss:.6e}", sweep + 1);
+            if sweep + 1 < cfg.sweeps {
+                if let Some(hook) = stages.as_mut() {
+                    let r = rel(undamped(device, st, lam, loss)?);
+                    hook(st, sweep + 1, r)?;
+                }
             }
         }
         loss
     };
-    let (codes, delta) = device.download(&mut st)?;
-    let mut final_grid = grid;
-    final_grid.delta = delta;
     let loss = if cfg.method == Method::Rtn {
         loss
     } else {
-        undamp(loss, Some((&codes, &final_grid)))
+        undamped(device, st, lam, loss)?
     };
-    let layer = QuantizedLayer {
-        rows,
-        cols,
-        bits: cfg.bits,
-        codes,
-        grid: final_grid,
-    };
-    if let (Some(sink), true) = (stages.as_mut(), cfg.method != Method::Rtn && cfg.sweeps > 0) {
-        sink(Stage {
-            sweeps: cfg.sweeps,
-            layer: layer.clone(),
-            rel_error: rel(loss),
-        })?;
+    if let (Some(hook), true) = (stages.as_mut(), cfg.method != Method::Rtn && cfg.sweeps > 0) {
+        hook(st, cfg.sweeps, rel(loss))?;
     }
-    let outcome = LayerOutcome {
-        layer,
+    Ok(RunStats {
         rel_error: rel(loss),
         rel_error_rtn: rel(loss_rtn),
-        energy,
         history,
         rel_error_start: rel_start,
-        seconds: start.elapsed().as_secs_f64(),
-    };
-    Ok(outcome)
+    })
 }
 
 pub use crate::numeric::grid::scale_step;

@@ -17,8 +17,8 @@
 
 use serde::Serialize;
 
-use super::comq::{run, LayerOutcome, Stage};
-use super::{Gram, Init, Method, Order, OrderKind, QuantConfig, QuantizedLayer};
+use super::comq::{check_inputs, run_on, undamped_energy, LayerOutcome, Prepared, RunContext};
+use super::{Gram, Grid, Init, Method, OrderKind, QuantConfig, QuantizedLayer};
 use crate::device::{Device, LayerProblem};
 use crate::error::Result;
 
@@ -113,49 +113,134 @@ fn label(cfg: &QuantConfig, sweeps: usize) -> String {
     }
 }
 
-/// Scores a candidate on another Gram: an uploaded state whose codes are replaced.
-struct Scorer<D: Device> {
-    state: D::Layer,
-    energy: f64,
+/// One layer's search state on a device: `W`, `G` and the held-out Gram uploaded once (per
+/// order kind), the damping, order and factor switched in place, every candidate run and scored
+/// there, the best one kept there; only grids go up per candidate.
+struct Resident<D: Device> {
+    kind: OrderKind,
+    st: D::Layer,
+    /// The damping the resident `G` and order hold now.
+    damp: f32,
+    /// `‖X·Wᵀ‖²` per damping seen (equal up to rounding; each as a lone run measures it).
+    energies: Vec<(f32, f64)>,
+    /// `‖X_h·Wᵀ‖²` on the held-out Gram.
+    holdout_energy: f64,
 }
 
-impl<D: Device> Scorer<D> {
-    fn new(
-        device: &D,
-        name: &str,
-        w: &[f32],
-        gram: &Gram,
-        grid: &super::Grid,
-    ) -> Result<Scorer<D>> {
-        let g32 = gram.to_f32();
-        let order = Order::Natural { cols: grid.cols };
+/// What is known of the best candidate so far; its codes are kept on the device.
+struct Best {
+    score: f64,
+    index: usize,
+    /// Which resident state keeps its codes.
+    state: usize,
+    grid: Grid,
+    rel_error: f64,
+    energy: f64,
+    /// The run it came from (its history and start error are filled in when the run ends).
+    run: usize,
+    history: Vec<f64>,
+    rel_error_start: Option<f64>,
+}
+
+/// The layer's inputs, shared by every candidate.
+struct Layer<'a> {
+    name: &'a str,
+    w: &'a [f32],
+    rows: usize,
+    cols: usize,
+    gram: &'a Gram,
+    holdout: Option<&'a Gram>,
+}
+
+impl<D: Device> Resident<D> {
+    /// Uploads the layer for `c` (grid, damped Gram and order of `prep`), with the held-out Gram.
+    fn upload(device: &D, l: &Layer<'_>, c: &QuantConfig, prep: &Prepared) -> Result<Resident<D>> {
+        let grid = Grid::build(l.w, l.rows, l.cols, c);
+        let g32 = prep.gram32(l.gram);
         let problem = LayerProblem {
-            name,
-            weights: w,
+            name: l.name,
+            weights: l.w,
             gram: &g32,
-            grid,
-            order: &order,
-            dead_threshold: gram.dead_threshold(),
-            scale_dtype: super::ScaleDtype::F32,
+            grid: &grid,
+            order: &prep.order,
+            dead_threshold: l.gram.dead_threshold(),
+            scale_dtype: c.scale_dtype,
         };
-        let mut state = device.upload(&problem)?;
-        let energy = device.energy(&mut state)?;
-        Ok(Scorer { state, energy })
+        let mut st = device.upload(&problem)?;
+        let holdout_energy = match l.holdout {
+            Some(h) => {
+                device.attach_holdout(&mut st, &h.to_f32())?;
+                device.holdout_product(&mut st, true)?
+            }
+            None => 0.0,
+        };
+        Ok(Resident {
+            kind: c.order,
+            st,
+            damp: prep.damp,
+            energies: Vec::new(),
+            holdout_energy,
+        })
     }
 
-    fn rel(&mut self, device: &D, layer: &super::QuantizedLayer) -> Result<f64> {
-        device.load_codes(&mut self.state, &layer.codes, &layer.grid.delta)?;
-        let loss = device.refresh(&mut self.state)?;
-        Ok(if self.energy > 0.0 {
-            loss / self.energy
-        } else {
-            0.0
-        })
+    /// Switches the resident `G` and order to `prep`'s damping (a diagonal and an order go up)
+    /// and returns the undamped energy.
+    fn damp_to(&mut self, device: &D, l: &Layer<'_>, prep: &Prepared) -> Result<f64> {
+        if self.damp != prep.damp {
+            device.set_diagonal(&mut self.st, &prep.diag32)?;
+            device.set_order(&mut self.st, &prep.order)?;
+            self.damp = prep.damp;
+        }
+        if let Some(&(_, e)) = self.energies.iter().find(|(d, _)| *d == prep.damp) {
+            return Ok(e);
+        }
+        let e = undamped_energy(device, &mut self.st, l.w, l.gram.damping(prep.damp))?;
+        self.energies.push((prep.damp, e));
+        Ok(e)
+    }
+}
+
+/// The search's bookkeeping: every candidate's scores, the best so far, the per-shrink scores.
+struct Ledger {
+    tried: Vec<Tried>,
+    best: Option<Best>,
+    by_scalar: Vec<(f32, f64)>,
+}
+
+impl Ledger {
+    /// Books one candidate: its score is the held-out error when there is one, else the
+    /// calibration error. Returns whether it is the best so far (strictly: ties keep the first).
+    fn book(
+        &mut self,
+        label: String,
+        rel_error: f64,
+        held: Option<f64>,
+        scalar: Option<f32>,
+    ) -> bool {
+        let score = held.unwrap_or(rel_error);
+        log::debug!("{label}: calibration {rel_error:.4e}, held-out {held:?}");
+        self.tried.push(Tried {
+            label,
+            rel_error,
+            rel_error_holdout: held,
+        });
+        if let Some(sc) = scalar {
+            match self.by_scalar.iter_mut().find(|(s, _)| *s == sc) {
+                Some(e) => e.1 = e.1.min(score),
+                None => self.by_scalar.push((sc, score)),
+            }
+        }
+        self.best.as_ref().is_none_or(|b| score < b.score)
     }
 }
 
 /// Quantizes one layer with every candidate of `plan` around `cfg` and ships the one with the
 /// lowest error on `holdout` (on `gram` when there is no held-out Gram).
+///
+/// The layer stays resident on the device for the whole search: `W`, `G` and the held-out Gram
+/// go up once, a damping sets `G`'s diagonal (and the order it ranks), a candidate uploads its
+/// grid only, every stage is scored on the held-out Gram on the device, the best is kept there,
+/// and one download ships it.
 #[allow(clippy::too_many_arguments)]
 pub fn search<D: Device>(
     device: &D,
@@ -169,35 +254,49 @@ pub fn search<D: Device>(
     plan: &SearchPlan,
 ) -> Result<Choice> {
     let start = std::time::Instant::now();
-    let configs = first_candidates(cfg, plan);
+    check_inputs(name, w, rows, cols, gram, cfg)?;
+    let layer = Layer {
+        name,
+        w,
+        rows,
+        cols,
+        gram,
+        holdout,
+    };
     let rtn = |scalar: f32| QuantConfig {
         method: Method::Rtn,
         scalar,
         ..cfg.clone()
     };
-    // The damped Gram, the order and the GPTQ factor of the configured damping, made once for
-    // every candidate that runs at it.
-    let prepared = super::comq::Prepared::new(name, w, rows, cols, gram, cfg)?;
-    let mut scorer: Option<Scorer<D>> = None;
-    let mut tried = Vec::new();
-    let mut best: Option<(f64, usize, LayerOutcome)> = None;
+    // The damped diagonal, the order and the GPTQ factor per damping, made once each.
+    let mut preps: Vec<Prepared> = Vec::new();
+    let mut states: Vec<Resident<D>> = Vec::new();
+    let mut ledger = Ledger {
+        tried: Vec::new(),
+        best: None,
+        by_scalar: Vec::new(),
+    };
     // The first candidate, round-to-nearest at the full grid: its errors go in the report.
     let mut rtn_outcome: Option<(f64, Option<f64>)> = None;
-    // The best score of the configured method per grid shrink, for the damping stage.
-    let mut by_scalar: Vec<(f32, f64)> = Vec::new();
-    let mut queue: std::collections::VecDeque<QuantConfig> = configs.into();
+    let mut queue: std::collections::VecDeque<QuantConfig> = first_candidates(cfg, plan).into();
     let mut damps_done = plan.damps.is_empty() || cfg.method != Method::Comq;
     let mut extended: Vec<f32> = Vec::new();
     let mut damp_stage = false;
+    let mut runs = 0usize;
     loop {
         let Some(c) = queue.pop_front() else {
             // Line search downwards: while the smallest shrink tried is the best, try the next.
             if plan.scalars.len() > 1 && !damp_stage {
-                let best_s = by_scalar
+                let best_s = ledger
+                    .by_scalar
                     .iter()
                     .min_by(|a, b| a.1.total_cmp(&b.1))
                     .map(|e| e.0);
-                let lowest = by_scalar.iter().map(|e| e.0).fold(f32::INFINITY, f32::min);
+                let lowest = ledger
+                    .by_scalar
+                    .iter()
+                    .map(|e| e.0)
+                    .fold(f32::INFINITY, f32::min);
                 if best_s == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
                     let next = ((lowest - SCALAR_STEP) * 100.0).round() / 100.0;
                     if plan.rtn_scalars {
@@ -216,7 +315,7 @@ pub fn search<D: Device>(
             }
             damps_done = true;
             damp_stage = true;
-            if let Some(&(s, _)) = by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+            if let Some(&(s, _)) = ledger.by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
                 for &d in plan.damps.iter().filter(|&&d| d != cfg.damp) {
                     queue.push_back(QuantConfig {
                         scalar: s,
@@ -227,116 +326,132 @@ pub fn search<D: Device>(
             }
             continue;
         };
+        c.validate()?;
+        c.validate_for(name, rows, cols)?;
         let configured = c.method == cfg.method
             && c.init == cfg.init
             && c.damp == cfg.damp
             && (plan.scalars.contains(&c.scalar) || extended.contains(&c.scalar));
-        // Scores one candidate: on the held-out Gram when there is one, else on the
-        // calibration error; books it in `tried` and the per-shrink scores.
-        let book = |lbl: String,
-                    layer: &QuantizedLayer,
-                    rel_error: f64,
-                    scorer: &mut Option<Scorer<D>>,
-                    tried: &mut Vec<Tried>,
-                    by_scalar: &mut Vec<(f32, f64)>|
-         -> Result<(f64, Option<f64>)> {
-            let held = match holdout {
-                Some(h) => Some(crate::profile::record("  scoring", || -> Result<f64> {
-                    if scorer.is_none() {
-                        *scorer = Some(Scorer::new(device, name, w, h, &layer.grid)?);
-                    }
-                    scorer.as_mut().expect("set above").rel(device, layer)
-                })?),
-                None => None,
-            };
-            let score = held.unwrap_or(rel_error);
-            log::debug!("{name}: {lbl}: calibration {rel_error:.4e}, held-out {held:?}");
-            tried.push(Tried {
-                label: lbl,
-                rel_error,
-                rel_error_holdout: held,
-            });
-            if configured {
-                match by_scalar.iter_mut().find(|(s, _)| *s == c.scalar) {
-                    Some(e) => e.1 = e.1.min(score),
-                    None => by_scalar.push((c.scalar, score)),
-                }
+        let scalar = configured.then_some(c.scalar);
+        let pi = match preps.iter().position(|p| p.fits(&c)) {
+            Some(i) => i,
+            None => {
+                preps.push(Prepared::new(name, w, rows, cols, gram, &c)?);
+                preps.len() - 1
             }
-            Ok((score, held))
         };
-        // The stages of this run (its start and every sweep) are scored as they are taken, and
-        // only the best of them is held: memory does not grow with --sweeps.
-        let mut run_best: Option<(f64, usize, Stage)> = None;
+        let prep = &preps[pi];
+        let si = match states.iter().position(|r| r.kind == c.order) {
+            Some(i) => i,
+            None => {
+                states.push(Resident::upload(device, &layer, &c, prep)?);
+                states.len() - 1
+            }
+        };
+        let res = &mut states[si];
+        let energy = res.damp_to(device, &layer, prep)?;
+        let grid = Grid::build(w, rows, cols, &c);
+        device.set_grid(&mut res.st, &grid.delta, &grid.lo)?;
+        let ctx = RunContext {
+            grid: &grid,
+            energy,
+            lam: gram.damping(c.damp),
+            factor: prep.factor.as_ref(),
+        };
+        runs += 1;
+        let h_energy = res.holdout_energy;
+        // Every stage of the run (its start and each sweep) is scored as it is taken; the best
+        // so far is kept on the device, so memory does not grow with --sweeps.
         let mut staged = false;
-        let outcome = {
-            let mut sink = |st: Stage| -> Result<()> {
+        let stats = {
+            let ledger = &mut ledger;
+            let mut hook = |st: &mut D::Layer, sweeps: usize, rel_error: f64| -> Result<()> {
                 staged = true;
-                let (score, _) = book(
-                    label(&c, st.sweeps),
-                    &st.layer,
-                    st.rel_error,
-                    &mut scorer,
-                    &mut tried,
-                    &mut by_scalar,
-                )?;
-                if run_best.as_ref().is_none_or(|(b, _, _)| score < *b) {
-                    run_best = Some((score, tried.len() - 1, st));
+                let held = match holdout {
+                    Some(_) => Some(held_out(device, st, h_energy)?),
+                    None => None,
+                };
+                if ledger.book(label(&c, sweeps), rel_error, held, scalar) {
+                    device.keep(st)?;
+                    ledger.best = Some(Best {
+                        score: held.unwrap_or(rel_error),
+                        index: ledger.tried.len() - 1,
+                        state: si,
+                        grid: grid.clone(),
+                        rel_error,
+                        energy,
+                        run: runs,
+                        history: Vec::new(),
+                        rel_error_start: None,
+                    });
                 }
                 Ok(())
             };
             crate::profile::record("  candidates", || {
-                run(
-                    device,
-                    name,
-                    w,
-                    rows,
-                    cols,
-                    gram,
-                    &c,
-                    Some(&mut sink),
-                    false,
-                    Some(&prepared),
-                )
+                run_on(device, &mut res.st, &c, &ctx, Some(&mut hook), false)
             })?
         };
         // A run without stages (RTN) is a candidate itself.
-        let candidate = if staged {
-            run_best.map(|(score, index, st)| {
-                let mut o = outcome.clone();
-                o.rel_error = st.rel_error;
-                o.layer = st.layer;
-                (score, index, o)
-            })
-        } else {
-            let (score, held) = book(
-                label(&c, c.sweeps),
-                &outcome.layer,
-                outcome.rel_error,
-                &mut scorer,
-                &mut tried,
-                &mut by_scalar,
-            )?;
+        if !staged {
+            let held = match holdout {
+                Some(_) => Some(held_out(device, &mut res.st, h_energy)?),
+                None => None,
+            };
             if rtn_outcome.is_none() {
-                rtn_outcome = Some((outcome.rel_error, held));
+                rtn_outcome = Some((stats.rel_error, held));
             }
-            Some((score, tried.len() - 1, outcome))
-        };
-        if let Some((score, index, o)) = candidate {
-            if best.as_ref().is_none_or(|(b, _, _)| score < *b) {
-                best = Some((score, index, o));
+            if ledger.book(label(&c, c.sweeps), stats.rel_error, held, scalar) {
+                device.keep(&mut res.st)?;
+                ledger.best = Some(Best {
+                    score: held.unwrap_or(stats.rel_error),
+                    index: ledger.tried.len() - 1,
+                    state: si,
+                    grid: grid.clone(),
+                    rel_error: stats.rel_error,
+                    energy,
+                    run: runs,
+                    history: Vec::new(),
+                    rel_error_start: None,
+                });
             }
         }
+        if let Some(b) = ledger.best.as_mut().filter(|b| b.run == runs) {
+            b.history = stats.history;
+            b.rel_error_start = stats.rel_error_start;
+        }
     }
-    let (_, index, mut outcome) = best.expect("RTN is always a candidate");
+    let best = ledger.best.expect("RTN is always a candidate");
     let (rtn_rel, rtn_held) = rtn_outcome.expect("RTN is always a candidate");
-    outcome.rel_error_rtn = rtn_rel;
-    outcome.seconds = start.elapsed().as_secs_f64();
+    let (codes, delta) = device.download_kept(&mut states[best.state].st)?;
+    let outcome = LayerOutcome {
+        layer: QuantizedLayer {
+            rows,
+            cols,
+            bits: cfg.bits,
+            grid: Grid { delta, ..best.grid },
+            codes,
+        },
+        rel_error: best.rel_error,
+        rel_error_rtn: rtn_rel,
+        energy: best.energy,
+        history: best.history,
+        rel_error_start: best.rel_error_start,
+        seconds: start.elapsed().as_secs_f64(),
+    };
     Ok(Choice {
-        chosen: tried[index].label.clone(),
-        rel_error_holdout: tried[index].rel_error_holdout,
+        chosen: ledger.tried[best.index].label.clone(),
+        rel_error_holdout: ledger.tried[best.index].rel_error_holdout,
         rel_error_holdout_rtn: rtn_held,
         outcome,
-        tried,
+        tried: ledger.tried,
+    })
+}
+
+/// A candidate's held-out relative error, on the device.
+fn held_out<D: Device>(device: &D, st: &mut D::Layer, energy: f64) -> Result<f64> {
+    crate::profile::record("  scoring", || {
+        let loss = device.holdout_product(st, false)?;
+        Ok(if energy > 0.0 { loss / energy } else { 0.0 })
     })
 }
 

@@ -406,7 +406,11 @@ struct Tile {
     lo: usize,
     out: usize,
     residual: [wgpu::BindGroup; 3],
-    reduce: [wgpu::BindGroup; 4],
+    reduce: [wgpu::BindGroup; 6],
+    /// The held-out Gram's products (modes 0 and 1 into `s`), once one is attached.
+    holdout: Option<[wgpu::BindGroup; 2]>,
+    /// The kept codes and steps.
+    kept: Option<(wgpu::Buffer, wgpu::Buffer)>,
     rtn: wgpu::BindGroup,
     apply: wgpu::BindGroup,
     sweep: wgpu::BindGroup,
@@ -459,6 +463,12 @@ impl Tile {
 /// A layer's state on the GPU.
 pub struct WgpuLayer {
     cols: usize,
+    /// The kind of the uploaded order (`set_order` keeps it).
+    order_kind: std::mem::Discriminant<Order>,
+    /// The held-out Gram, once attached.
+    gh: Option<wgpu::Buffer>,
+    /// The last GPTQ factor handed in (its id, `U` and the permutation), kept resident.
+    factor: Option<(u64, wgpu::Buffer, wgpu::Buffer)>,
     groups: usize,
     group_size: usize,
     levels: i32,
@@ -473,8 +483,15 @@ pub struct WgpuLayer {
 impl Drop for WgpuLayer {
     fn drop(&mut self) {
         let mut bufs: Vec<wgpu::Buffer> = self.g.take().into_iter().collect();
+        bufs.extend(self.gh.take());
+        if let Some((_, u, perm)) = self.factor.take() {
+            bufs.extend([u, perm]);
+        }
         for t in self.tiles.drain(..) {
             bufs.extend(t.bufs);
+            if let Some((c, d)) = t.kept {
+                bufs.extend([c, d]);
+            }
         }
         self.pool.give(bufs);
     }
@@ -512,6 +529,8 @@ impl WgpuDevice {
             out: 9,
             residual,
             reduce,
+            holdout: None,
+            kept: None,
             rtn,
             apply,
             sweep,
@@ -641,7 +660,7 @@ impl WgpuDevice {
         b: &TileBufs<'_>,
         rows: usize,
         n: usize,
-    ) -> ([wgpu::BindGroup; 3], [wgpu::BindGroup; 4]) {
+    ) -> ([wgpu::BindGroup; 3], [wgpu::BindGroup; 6]) {
         let mode = |m: u32| {
             self.uniform(
                 "mode-params",
@@ -655,19 +674,9 @@ impl WgpuDevice {
         };
         let residual = [0u32, 1, 2].map(|m| {
             let target = if m == 0 { b.r } else { b.s };
-            self.bind(
-                Kernel::Residual,
-                &[
-                    (0, b.w),
-                    (1, b.q),
-                    (2, b.codes),
-                    (3, g),
-                    (4, target),
-                    (5, &mode(m)),
-                ],
-            )
+            self.residual_binding(g, b, target, mode(m))
         });
-        let reduce = [0u32, 1, 2, 3].map(|m| {
+        let reduce = [0u32, 1, 2, 3, 4, 5].map(|m| {
             self.bind(
                 Kernel::Reduce,
                 &[
@@ -682,6 +691,27 @@ impl WgpuDevice {
             )
         });
         (residual, reduce)
+    }
+
+    /// A residual kernel's bind group: `target = A·g` with `A` chosen by `mode`'s uniform.
+    fn residual_binding(
+        &self,
+        g: &wgpu::Buffer,
+        b: &TileBufs<'_>,
+        target: &wgpu::Buffer,
+        mode: wgpu::Buffer,
+    ) -> wgpu::BindGroup {
+        self.bind(
+            Kernel::Residual,
+            &[
+                (0, b.w),
+                (1, b.q),
+                (2, b.codes),
+                (3, g),
+                (4, target),
+                (5, &mode),
+            ],
+        )
     }
 
     /// The round-to-nearest and apply-scale bind groups, which share the grid's parameters.
@@ -805,14 +835,25 @@ impl WgpuDevice {
 
     /// Runs `residual` mode `mode` and `reduce` mode `red` on every tile; returns Σ rows in f64.
     fn product_sum(&self, l: &WgpuLayer, residual: Option<usize>, red: usize) -> Result<f64> {
+        self.products(l, |t| residual.map(|m| &t.residual[m]), red)
+    }
+
+    /// Runs the residual bind group `residual` picks per tile (if any), then `reduce` mode
+    /// `red`; returns Σ rows in f64.
+    fn products<'t>(
+        &self,
+        l: &'t WgpuLayer,
+        residual: impl Fn(&'t Tile) -> Option<&'t wgpu::BindGroup>,
+        red: usize,
+    ) -> Result<f64> {
         let mut total = 0.0f64;
         for t in &l.tiles {
             let mut enc = self.encoder("product");
-            if let Some(m) = residual {
+            if let Some(bg) = residual(t) {
                 self.dispatch(
                     &mut enc,
                     Kernel::Residual,
-                    &t.residual[m],
+                    bg,
                     (l.cols.div_ceil(16) as u32, t.rows.div_ceil(16) as u32),
                 );
             }
@@ -866,6 +907,9 @@ impl Device for WgpuDevice {
         let oom = pollster::block_on(scope.pop());
         let layer = WgpuLayer {
             cols: n,
+            order_kind: std::mem::discriminant(p.order),
+            gh: None,
+            factor: None,
             groups: p.grid.groups(),
             group_size: p.grid.group_size,
             levels: p.grid.levels(),
@@ -1018,11 +1062,18 @@ impl Device for WgpuDevice {
 
     fn gptq(&self, l: &mut WgpuLayer, f: &GptqFactor) -> Result<()> {
         let n = l.cols;
-        let take = |label: &str, size: u64| l.pool.take(&self.ctx.device, label, size);
-        let u = take("gptq-u", (n * n * 4) as u64);
-        let perm = take("gptq-perm", (n * 4) as u64);
-        self.ctx.io.write(&u, 0, bytemuck::cast_slice(&f.u))?;
-        self.ctx.io.write(&perm, 0, bytemuck::cast_slice(&f.perm))?;
+        if l.factor.as_ref().is_none_or(|(id, _, _)| *id != f.id) {
+            if let Some((_, u, perm)) = l.factor.take() {
+                l.pool.give(vec![u, perm]);
+            }
+            let take = |label: &str, size: u64| l.pool.take(&self.ctx.device, label, size);
+            let u = take("gptq-u", (n * n * 4) as u64);
+            let perm = take("gptq-perm", (n * 4) as u64);
+            self.ctx.io.write(&u, 0, bytemuck::cast_slice(&f.u))?;
+            self.ctx.io.write(&perm, 0, bytemuck::cast_slice(&f.perm))?;
+            l.factor = Some((f.id, u, perm));
+        }
+        let (_, u, perm) = l.factor.as_ref().expect("set above");
         let mut enc = self.encoder("gptq");
         for t in &l.tiles {
             let params = self.uniform(
@@ -1042,8 +1093,8 @@ impl Device for WgpuDevice {
                     (0, t.buf(t.w)),
                     (1, t.buf(t.q)),
                     (2, t.buf(t.codes)),
-                    (3, &u),
-                    (4, &perm),
+                    (3, u),
+                    (4, perm),
                     (5, t.buf(t.delta)),
                     (6, t.buf(t.lo)),
                     (7, t.buf(t.s)),
@@ -1052,8 +1103,178 @@ impl Device for WgpuDevice {
             );
             self.dispatch(&mut enc, Kernel::Gptq, &bind, per_row(t.rows));
         }
+        self.submit(enc)
+    }
+
+    fn set_grid(&self, l: &mut WgpuLayer, delta: &[f32], lo: &[i32]) -> Result<()> {
+        let rows: usize = l.tiles.iter().map(|t| t.rows).sum();
+        let ng = l.groups;
+        if delta.len() != rows * ng || lo.len() != rows * ng {
+            return Err(Error::Internal(format!(
+                "set_grid: {} steps and {} offsets for a resident [{rows}, {ng}] grid",
+                delta.len(),
+                lo.len()
+            )));
+        }
+        let mut row0 = 0;
+        for t in &l.tiles {
+            let gr = row0 * ng..(row0 + t.rows) * ng;
+            self.ctx
+                .io
+                .write(t.buf(t.delta0), 0, bytemuck::cast_slice(&delta[gr.clone()]))?;
+            self.ctx
+                .io
+                .write(t.buf(t.lo), 0, bytemuck::cast_slice(&lo[gr]))?;
+            row0 += t.rows;
+        }
+        l.layer_delta0 = delta[0];
+        self.reset(l)
+    }
+
+    fn set_diagonal(&self, l: &mut WgpuLayer, diag: &[f32]) -> Result<()> {
+        let n = l.cols;
+        if diag.len() != n {
+            return Err(Error::Internal(format!(
+                "set_diagonal: {} values for a {n}-wide Gram",
+                diag.len()
+            )));
+        }
+        let g = l.g.as_ref().expect("a live layer has its Gram");
+        let d = l.pool.take(&self.ctx.device, "diag", (n * 4) as u64);
+        self.ctx.io.write(&d, 0, bytemuck::cast_slice(diag))?;
+        let params = self.uniform(
+            "diag-params",
+            &ModeParams {
+                rows: 0,
+                n: n as u32,
+                mode: 0,
+                pad: 0,
+            },
+        );
+        let bind = self.bind(Kernel::SetDiagonal, &[(0, g), (1, &d), (2, &params)]);
+        let mut enc = self.encoder("set-diagonal");
+        self.dispatch(
+            &mut enc,
+            Kernel::SetDiagonal,
+            &bind,
+            (n.div_ceil(256) as u32, 1),
+        );
         let result = self.submit(enc);
-        l.pool.give(vec![u, perm]);
+        l.pool.give(vec![d]);
         result
+    }
+
+    fn set_order(&self, l: &mut WgpuLayer, order: &Order) -> Result<()> {
+        if std::mem::discriminant(order) != l.order_kind {
+            return Err(Error::Internal(
+                "set_order: the order kind differs from the upload's".into(),
+            ));
+        }
+        let n = l.cols;
+        let mut row0 = 0;
+        for t in &l.tiles {
+            let b = TileBufs::of(&t.bufs);
+            match order {
+                Order::PerRow { perm, .. } => self.ctx.io.write(
+                    b.order,
+                    0,
+                    bytemuck::cast_slice(&perm[row0 * n..(row0 + t.rows) * n]),
+                )?,
+                Order::Shared { perm, .. } => {
+                    self.ctx.io.write(b.order, 0, bytemuck::cast_slice(perm))?
+                }
+                Order::Natural { .. } => {}
+            }
+            row0 += t.rows;
+        }
+        Ok(())
+    }
+
+    fn error_sqnorm(&self, l: &mut WgpuLayer) -> Result<f64> {
+        self.product_sum(l, None, 5)
+    }
+
+    fn attach_holdout(&self, l: &mut WgpuLayer, gram: &[f32]) -> Result<()> {
+        let n = l.cols;
+        if gram.len() != n * n {
+            return Err(Error::Internal(format!(
+                "attach_holdout: {} values for a {n}-wide Gram",
+                gram.len()
+            )));
+        }
+        let scope = self
+            .ctx
+            .device
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let gh = l
+            .pool
+            .take(&self.ctx.device, "gram-holdout", (n * n * 4) as u64);
+        self.ctx.io.write(&gh, 0, bytemuck::cast_slice(gram))?;
+        for t in &mut l.tiles {
+            let b = TileBufs::of(&t.bufs);
+            let mode = |m: u32| {
+                self.uniform(
+                    "mode-params",
+                    &ModeParams {
+                        rows: t.rows as u32,
+                        n: n as u32,
+                        mode: m,
+                        pad: 0,
+                    },
+                )
+            };
+            t.holdout = Some([0u32, 1].map(|m| self.residual_binding(&gh, &b, b.s, mode(m))));
+        }
+        if let Some(old) = l.gh.replace(gh) {
+            l.pool.give(vec![old]);
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(gpu_err(format!(
+                "out of GPU memory uploading a held-out Gram matrix ({n} × {n}): {e}; use --device cpu"
+            )));
+        }
+        Ok(())
+    }
+
+    fn holdout_product(&self, l: &mut WgpuLayer, weights: bool) -> Result<f64> {
+        if l.gh.is_none() {
+            return Err(Error::Internal(
+                "holdout_product: no held-out Gram attached".into(),
+            ));
+        }
+        let (m, red) = if weights { (1, 1) } else { (0, 4) };
+        self.products(l, |t| t.holdout.as_ref().map(|h| &h[m]), red)
+    }
+
+    fn keep(&self, l: &mut WgpuLayer) -> Result<()> {
+        let (n, ng) = (l.cols, l.groups);
+        let mut enc = self.encoder("keep");
+        for t in &mut l.tiles {
+            let (mn, mg) = ((t.rows * n * 4) as u64, (t.rows * ng * 4) as u64);
+            if t.kept.is_none() {
+                t.kept = Some((
+                    l.pool.take(&self.ctx.device, "kept-codes", mn),
+                    l.pool.take(&self.ctx.device, "kept-delta", mg),
+                ));
+            }
+            let (kc, kd) = t.kept.as_ref().expect("set above");
+            enc.copy_buffer_to_buffer(&t.bufs[t.codes], 0, kc, 0, mn);
+            enc.copy_buffer_to_buffer(&t.bufs[t.delta], 0, kd, 0, mg);
+        }
+        self.submit(enc)
+    }
+
+    fn download_kept(&self, l: &mut WgpuLayer) -> Result<(Vec<i32>, Vec<f32>)> {
+        let mut codes = Vec::new();
+        let mut delta = Vec::new();
+        for t in &l.tiles {
+            let Some((kc, kd)) = &t.kept else {
+                return Err(Error::Internal("download_kept: nothing was kept".into()));
+            };
+            codes.extend(self.ctx.io.read_i32(kc, t.rows * l.cols)?);
+            delta.extend(self.ctx.io.read_f32(kd, t.rows * l.groups)?);
+        }
+        self.check_fault()?;
+        Ok((codes, delta))
     }
 }
