@@ -268,8 +268,9 @@ pub fn search<D: Device>(
         scalar,
         ..cfg.clone()
     };
-    // The damped diagonal, the order and the GPTQ factor per damping, made once each.
-    let mut preps: Vec<Prepared> = Vec::new();
+    // The damped diagonal, the order and the GPTQ factor per damping, made once each; the
+    // configured damping's first, with its factor, so its RTN candidates share it.
+    let mut preps: Vec<Prepared> = vec![Prepared::new(name, w, rows, cols, gram, cfg)?];
     let mut states: Vec<Resident<D>> = Vec::new();
     let mut ledger = Ledger {
         tried: Vec::new(),
