@@ -75,8 +75,8 @@ pub trait Device {
     /// Downloads the integer codes (row-major) and the current steps (`[rows, groups]`).
     fn download(&self, layer: &mut Self::Layer) -> Result<(Vec<i32>, Vec<f32>)>;
 
-    /// Sets the codes and steps (and so `Q̂ = Δ·k`) to values computed elsewhere: a start on the
-    /// host, or a candidate to score against another Gram. Leaves `R` stale.
+    /// Sets the codes and steps (and so `Q̂ = Δ·k`) to values computed elsewhere (a start on the
+    /// host; the parity tests put both devices in the same state with it). Leaves `R` stale.
     fn load_codes(&self, layer: &mut Self::Layer, codes: &[i32], delta: &[f32]) -> Result<()>;
 
     /// The GPTQ-style pass ([`crate::numeric::gptq`]) from the float weights with the current
