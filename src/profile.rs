@@ -36,7 +36,8 @@ pub const STAGES: [&str; 12] = [
 /// the stages: the damped Gram, the visiting order and the GPTQ factor of a layer (`prepare`),
 /// a search's candidate runs (`candidates`, which include their scoring and the preparation of
 /// other dampings) and the scoring of candidates on held-out images (`scoring`).
-pub const QUANTIZE_PARTS: [&str; 3] = ["  prepare", "  candidates", "  scoring"];
+pub const QUANTIZE_PARTS: [&str; 4] =
+    ["  prepare", "  prepare beside", "  candidates", "  scoring"];
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<Profile>>> = const { RefCell::new(None) };
@@ -49,6 +50,11 @@ pub fn with_current<T>(profile: &Arc<Profile>, f: impl FnOnce() -> T) -> T {
     let out = f();
     CURRENT.with(|c| *c.borrow_mut() = before);
     out
+}
+
+/// This thread's current profile, to hand to a helper thread with [`with_current`].
+pub fn current() -> Option<Arc<Profile>> {
+    CURRENT.with(|c| c.borrow().clone())
 }
 
 /// Times `f` as `part` (one of [`QUANTIZE_PARTS`]) in this thread's current profile, if any.

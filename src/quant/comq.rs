@@ -60,7 +60,7 @@ impl Prepared {
         gram: &Gram,
         cfg: &QuantConfig,
     ) -> Result<Prepared> {
-        crate::profile::record("  prepare", || {
+        {
             check_inputs(name, w, rows, cols, gram, cfg)?;
             let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
             let h = damped.as_ref().unwrap_or(gram);
@@ -83,7 +83,7 @@ impl Prepared {
                 diag32: diag.iter().map(|&v| v as f32).collect(),
                 factor,
             })
-        })
+        }
     }
 
     /// Whether a run of `cfg` can use this.
@@ -212,7 +212,9 @@ pub(crate) fn run<D: Device>(
     let start = Instant::now();
     check_inputs(name, w, rows, cols, gram, cfg)?;
     let grid = Grid::build(w, rows, cols, cfg);
-    let prep = Prepared::new(name, w, rows, cols, gram, cfg)?;
+    let prep = crate::profile::record("  prepare", || {
+        Prepared::new(name, w, rows, cols, gram, cfg)
+    })?;
     let g32 = prep.gram32(gram);
     let problem = LayerProblem {
         name,

@@ -268,184 +268,266 @@ pub fn search<D: Device>(
         scalar,
         ..cfg.clone()
     };
-    // The damped diagonal, the order and the GPTQ factor per damping, made once each; the
-    // configured damping's first, with its factor, so its RTN candidates share it.
-    let mut preps: Vec<Prepared> = vec![Prepared::new(name, w, rows, cols, gram, cfg)?];
-    let mut states: Vec<Resident<D>> = Vec::new();
-    let mut ledger = Ledger {
-        tried: Vec::new(),
-        best: None,
-        by_scalar: Vec::new(),
-    };
-    // The first candidate, round-to-nearest at the full grid: its errors go in the report.
-    let mut rtn_outcome: Option<(f64, Option<f64>)> = None;
-    let mut queue: std::collections::VecDeque<QuantConfig> = first_candidates(cfg, plan).into();
-    let mut damps_done = plan.damps.is_empty() || cfg.method != Method::Comq;
-    let mut extended: Vec<f32> = Vec::new();
-    let mut damp_stage = false;
-    let mut runs = 0usize;
-    loop {
-        let Some(c) = queue.pop_front() else {
-            // Line search downwards: while the smallest shrink tried is the best, try the next.
-            if plan.scalars.len() > 1 && !damp_stage {
-                let best_s = ledger
-                    .by_scalar
-                    .iter()
-                    .min_by(|a, b| a.1.total_cmp(&b.1))
-                    .map(|e| e.0);
-                let lowest = ledger
-                    .by_scalar
-                    .iter()
-                    .map(|e| e.0)
-                    .fold(f32::INFINITY, f32::min);
-                if best_s == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
-                    let next = ((lowest - SCALAR_STEP) * 100.0).round() / 100.0;
-                    if plan.rtn_scalars {
-                        queue.push_back(rtn(next));
+    // The damped diagonal, the order and the GPTQ factor per damping, made once each: the
+    // configured damping's here, the others' on a helper thread while the first candidates run.
+    std::thread::scope(|sc| {
+        let mut preps = Preparations::start(sc, &layer, cfg, plan)?;
+        let mut states: Vec<Resident<D>> = Vec::new();
+        let mut ledger = Ledger {
+            tried: Vec::new(),
+            best: None,
+            by_scalar: Vec::new(),
+        };
+        // The first candidate, round-to-nearest at the full grid: its errors go in the report.
+        let mut rtn_outcome: Option<(f64, Option<f64>)> = None;
+        let mut queue: std::collections::VecDeque<QuantConfig> = first_candidates(cfg, plan).into();
+        let mut damps_done = plan.damps.is_empty() || cfg.method != Method::Comq;
+        let mut extended: Vec<f32> = Vec::new();
+        let mut damp_stage = false;
+        let mut runs = 0usize;
+        loop {
+            let Some(c) = queue.pop_front() else {
+                // Line search downwards: while the smallest shrink tried is the best, try the next.
+                if plan.scalars.len() > 1 && !damp_stage {
+                    let best_s = ledger
+                        .by_scalar
+                        .iter()
+                        .min_by(|a, b| a.1.total_cmp(&b.1))
+                        .map(|e| e.0);
+                    let lowest = ledger
+                        .by_scalar
+                        .iter()
+                        .map(|e| e.0)
+                        .fold(f32::INFINITY, f32::min);
+                    if best_s == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
+                        let next = ((lowest - SCALAR_STEP) * 100.0).round() / 100.0;
+                        if plan.rtn_scalars {
+                            queue.push_back(rtn(next));
+                        }
+                        queue.push_back(QuantConfig {
+                            scalar: next,
+                            ..cfg.clone()
+                        });
+                        extended.push(next);
+                        continue;
                     }
-                    queue.push_back(QuantConfig {
-                        scalar: next,
-                        ..cfg.clone()
-                    });
-                    extended.push(next);
-                    continue;
                 }
-            }
-            if damps_done {
-                break;
-            }
-            damps_done = true;
-            damp_stage = true;
-            if let Some(&(s, _)) = ledger.by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
-                for &d in plan.damps.iter().filter(|&&d| d != cfg.damp) {
-                    queue.push_back(QuantConfig {
-                        scalar: s,
-                        damp: d,
-                        ..cfg.clone()
-                    });
+                if damps_done {
+                    break;
                 }
-            }
-            continue;
-        };
-        c.validate()?;
-        c.validate_for(name, rows, cols)?;
-        let configured = c.method == cfg.method
-            && c.init == cfg.init
-            && c.damp == cfg.damp
-            && (plan.scalars.contains(&c.scalar) || extended.contains(&c.scalar));
-        let scalar = configured.then_some(c.scalar);
-        let pi = match preps.iter().position(|p| p.fits(&c)) {
-            Some(i) => i,
-            None => {
-                preps.push(Prepared::new(name, w, rows, cols, gram, &c)?);
-                preps.len() - 1
-            }
-        };
-        let prep = &preps[pi];
-        let si = match states.iter().position(|r| r.kind == c.order) {
-            Some(i) => i,
-            None => {
-                states.push(Resident::upload(device, &layer, &c, prep)?);
-                states.len() - 1
-            }
-        };
-        let res = &mut states[si];
-        let energy = res.damp_to(device, &layer, prep)?;
-        let grid = Grid::build(w, rows, cols, &c);
-        device.set_grid(&mut res.st, &grid.delta, &grid.lo)?;
-        let ctx = RunContext {
-            grid: &grid,
-            energy,
-            lam: gram.damping(c.damp),
-            factor: prep.factor.as_ref(),
-        };
-        runs += 1;
-        let h_energy = res.holdout_energy;
-        // Every stage of the run (its start and each sweep) is scored as it is taken; the best
-        // so far is kept on the device, so memory does not grow with --sweeps.
-        let mut staged = false;
-        let stats = {
-            let ledger = &mut ledger;
-            let mut hook = |st: &mut D::Layer, sweeps: usize, rel_error: f64| -> Result<()> {
-                staged = true;
+                damps_done = true;
+                damp_stage = true;
+                if let Some(&(s, _)) = ledger.by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+                    for &d in plan.damps.iter().filter(|&&d| d != cfg.damp) {
+                        queue.push_back(QuantConfig {
+                            scalar: s,
+                            damp: d,
+                            ..cfg.clone()
+                        });
+                    }
+                }
+                continue;
+            };
+            c.validate()?;
+            c.validate_for(name, rows, cols)?;
+            let configured = c.method == cfg.method
+                && c.init == cfg.init
+                && c.damp == cfg.damp
+                && (plan.scalars.contains(&c.scalar) || extended.contains(&c.scalar));
+            let scalar = configured.then_some(c.scalar);
+            let prep = preps.get(&layer, &c)?;
+            let si = match states.iter().position(|r| r.kind == c.order) {
+                Some(i) => i,
+                None => {
+                    states.push(Resident::upload(device, &layer, &c, prep)?);
+                    states.len() - 1
+                }
+            };
+            let res = &mut states[si];
+            let energy = res.damp_to(device, &layer, prep)?;
+            let grid = Grid::build(w, rows, cols, &c);
+            device.set_grid(&mut res.st, &grid.delta, &grid.lo)?;
+            let ctx = RunContext {
+                grid: &grid,
+                energy,
+                lam: gram.damping(c.damp),
+                factor: prep.factor.as_ref(),
+            };
+            runs += 1;
+            let h_energy = res.holdout_energy;
+            // Every stage of the run (its start and each sweep) is scored as it is taken; the best
+            // so far is kept on the device, so memory does not grow with --sweeps.
+            let mut staged = false;
+            let stats = {
+                let ledger = &mut ledger;
+                let mut hook = |st: &mut D::Layer, sweeps: usize, rel_error: f64| -> Result<()> {
+                    staged = true;
+                    let held = match holdout {
+                        Some(_) => Some(held_out(device, st, h_energy)?),
+                        None => None,
+                    };
+                    if ledger.book(label(&c, sweeps), rel_error, held, scalar) {
+                        device.keep(st)?;
+                        ledger.best = Some(Best {
+                            score: held.unwrap_or(rel_error),
+                            index: ledger.tried.len() - 1,
+                            state: si,
+                            grid: grid.clone(),
+                            rel_error,
+                            energy,
+                            run: runs,
+                            history: Vec::new(),
+                            rel_error_start: None,
+                        });
+                    }
+                    Ok(())
+                };
+                crate::profile::record("  candidates", || {
+                    run_on(device, &mut res.st, &c, &ctx, Some(&mut hook), false)
+                })?
+            };
+            // A run without stages (RTN) is a candidate itself.
+            if !staged {
                 let held = match holdout {
-                    Some(_) => Some(held_out(device, st, h_energy)?),
+                    Some(_) => Some(held_out(device, &mut res.st, h_energy)?),
                     None => None,
                 };
-                if ledger.book(label(&c, sweeps), rel_error, held, scalar) {
-                    device.keep(st)?;
+                if rtn_outcome.is_none() {
+                    rtn_outcome = Some((stats.rel_error, held));
+                }
+                if ledger.book(label(&c, c.sweeps), stats.rel_error, held, scalar) {
+                    device.keep(&mut res.st)?;
                     ledger.best = Some(Best {
-                        score: held.unwrap_or(rel_error),
+                        score: held.unwrap_or(stats.rel_error),
                         index: ledger.tried.len() - 1,
                         state: si,
                         grid: grid.clone(),
-                        rel_error,
+                        rel_error: stats.rel_error,
                         energy,
                         run: runs,
                         history: Vec::new(),
                         rel_error_start: None,
                     });
                 }
-                Ok(())
-            };
-            crate::profile::record("  candidates", || {
-                run_on(device, &mut res.st, &c, &ctx, Some(&mut hook), false)
-            })?
+            }
+            if let Some(b) = ledger.best.as_mut().filter(|b| b.run == runs) {
+                b.history = stats.history;
+                b.rel_error_start = stats.rel_error_start;
+            }
+        }
+        let best = ledger.best.expect("RTN is always a candidate");
+        let (rtn_rel, rtn_held) = rtn_outcome.expect("RTN is always a candidate");
+        let (codes, delta) = device.download_kept(&mut states[best.state].st)?;
+        let outcome = LayerOutcome {
+            layer: QuantizedLayer {
+                rows,
+                cols,
+                bits: cfg.bits,
+                grid: Grid { delta, ..best.grid },
+                codes,
+            },
+            rel_error: best.rel_error,
+            rel_error_rtn: rtn_rel,
+            energy: best.energy,
+            history: best.history,
+            rel_error_start: best.rel_error_start,
+            seconds: start.elapsed().as_secs_f64(),
         };
-        // A run without stages (RTN) is a candidate itself.
-        if !staged {
-            let held = match holdout {
-                Some(_) => Some(held_out(device, &mut res.st, h_energy)?),
-                None => None,
-            };
-            if rtn_outcome.is_none() {
-                rtn_outcome = Some((stats.rel_error, held));
-            }
-            if ledger.book(label(&c, c.sweeps), stats.rel_error, held, scalar) {
-                device.keep(&mut res.st)?;
-                ledger.best = Some(Best {
-                    score: held.unwrap_or(stats.rel_error),
-                    index: ledger.tried.len() - 1,
-                    state: si,
-                    grid: grid.clone(),
-                    rel_error: stats.rel_error,
-                    energy,
-                    run: runs,
-                    history: Vec::new(),
-                    rel_error_start: None,
-                });
-            }
-        }
-        if let Some(b) = ledger.best.as_mut().filter(|b| b.run == runs) {
-            b.history = stats.history;
-            b.rel_error_start = stats.rel_error_start;
-        }
-    }
-    let best = ledger.best.expect("RTN is always a candidate");
-    let (rtn_rel, rtn_held) = rtn_outcome.expect("RTN is always a candidate");
-    let (codes, delta) = device.download_kept(&mut states[best.state].st)?;
-    let outcome = LayerOutcome {
-        layer: QuantizedLayer {
-            rows,
-            cols,
-            bits: cfg.bits,
-            grid: Grid { delta, ..best.grid },
-            codes,
-        },
-        rel_error: best.rel_error,
-        rel_error_rtn: rtn_rel,
-        energy: best.energy,
-        history: best.history,
-        rel_error_start: best.rel_error_start,
-        seconds: start.elapsed().as_secs_f64(),
-    };
-    Ok(Choice {
-        chosen: ledger.tried[best.index].label.clone(),
-        rel_error_holdout: ledger.tried[best.index].rel_error_holdout,
-        rel_error_holdout_rtn: rtn_held,
-        outcome,
-        tried: ledger.tried,
+        Ok(Choice {
+            chosen: ledger.tried[best.index].label.clone(),
+            rel_error_holdout: ledger.tried[best.index].rel_error_holdout,
+            rel_error_holdout_rtn: rtn_held,
+            outcome,
+            tried: ledger.tried,
+        })
     })
+}
+
+/// The search's preparations (`Prepared`) per damping: the configured one built first on the
+/// calling thread; the paper candidate's and the other dampings' built beside it on a helper
+/// thread (the GPTQ factor of a 4096-wide layer takes about a second on the host, and a GPU
+/// would wait for it), joined when a candidate first needs one of them.
+struct Preparations<'s> {
+    ready: Vec<Prepared>,
+    beside: Option<std::thread::ScopedJoinHandle<'s, Result<Vec<Prepared>>>>,
+}
+
+impl<'s> Preparations<'s> {
+    fn start<'e: 's>(
+        sc: &'s std::thread::Scope<'s, 'e>,
+        l: &'e Layer<'e>,
+        cfg: &QuantConfig,
+        plan: &SearchPlan,
+    ) -> Result<Preparations<'s>> {
+        let mut others: Vec<QuantConfig> = Vec::new();
+        if plan.paper {
+            others.push(paper_config(cfg));
+        }
+        if cfg.method == Method::Comq {
+            others.extend(plan.damps.iter().map(|&damp| QuantConfig {
+                damp,
+                ..cfg.clone()
+            }));
+        }
+        others.retain(|c| c.damp != cfg.damp || c.order != cfg.order);
+        let beside = (!others.is_empty()).then(|| {
+            let profile = crate::profile::current();
+            sc.spawn(move || {
+                let build = || {
+                    crate::profile::record("  prepare beside", || {
+                        others
+                            .iter()
+                            .map(|c| Prepared::new(l.name, l.w, l.rows, l.cols, l.gram, c))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                };
+                match &profile {
+                    Some(p) => crate::profile::with_current(p, build),
+                    None => build(),
+                }
+            })
+        });
+        let first = crate::profile::record("  prepare", || {
+            Prepared::new(l.name, l.w, l.rows, l.cols, l.gram, cfg)
+        })?;
+        Ok(Preparations {
+            ready: vec![first],
+            beside,
+        })
+    }
+
+    /// The preparation a run of `c` uses: a ready one, the helper's once it is joined, else one
+    /// built now.
+    fn get(&mut self, l: &Layer<'_>, c: &QuantConfig) -> Result<&Prepared> {
+        if !self.ready.iter().any(|p| p.fits(c)) {
+            if let Some(h) = self.beside.take() {
+                let built = h
+                    .join()
+                    .map_err(|_| crate::error::Error::WorkerPanicked("search preparation"))??;
+                self.ready.extend(built);
+            }
+        }
+        if !self.ready.iter().any(|p| p.fits(c)) {
+            let p = crate::profile::record("  prepare", || {
+                Prepared::new(l.name, l.w, l.rows, l.cols, l.gram, c)
+            })?;
+            self.ready.push(p);
+        }
+        Ok(self.ready.iter().find(|p| p.fits(c)).expect("pushed above"))
+    }
+}
+
+/// The paper's recipe as a candidate: one greedy sweep from `W`, undamped, full grid.
+fn paper_config(cfg: &QuantConfig) -> QuantConfig {
+    QuantConfig {
+        method: Method::Comq,
+        init: Init::W,
+        damp: 0.0,
+        scalar: 1.0,
+        sweeps: 1,
+        order: OrderKind::Greedy,
+        ..cfg.clone()
+    }
 }
 
 /// A candidate's held-out relative error, on the device.
@@ -468,15 +550,7 @@ fn first_candidates(cfg: &QuantConfig, plan: &SearchPlan) -> Vec<QuantConfig> {
     };
     configs.push(rtn(1.0));
     if plan.paper {
-        configs.push(QuantConfig {
-            method: Method::Comq,
-            init: Init::W,
-            damp: 0.0,
-            scalar: 1.0,
-            sweeps: 1,
-            order: OrderKind::Greedy,
-            ..cfg.clone()
-        });
+        configs.push(paper_config(cfg));
     }
     for &s in &plan.scalars {
         if plan.rtn_scalars && s != 1.0 {
