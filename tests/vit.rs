@@ -488,9 +488,10 @@ fn with_extra_tensors(path: &Path, extra: &[(&str, Vec<usize>)]) {
     std::fs::write(path, out).unwrap();
 }
 
-/// A tensor the forward pass would not read (register tokens, an attention-pooling head)
-/// would silently change the network the Grams come from: the model is refused with the
-/// tensor named, unless the user allows it; tensors known to play no part are accepted.
+/// A tensor the forward pass would not read (here the query and key norms of timm's
+/// `qk_norm=True`, which it does not implement) would silently change the network the Grams
+/// come from: the model is refused with the tensor named, unless the user allows it; tensors
+/// known to play no part are accepted.
 #[test]
 fn a_tensor_the_forward_pass_would_skip_is_an_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -498,19 +499,19 @@ fn a_tensor_the_forward_pass_would_skip_is_an_error_naming_it() {
     with_extra_tensors(
         &path,
         &[
-            ("attn_pool.latent", vec![1, 1, 32]),
-            ("reg_token", vec![1, 4, 32]),
+            ("blocks.0.attn.q_norm.weight", vec![8]),
+            ("blocks.0.attn.k_norm.weight", vec![8]),
         ],
     );
     let m = Checkpoint::open(&path).unwrap();
     let e = VitSpec::detect(&m).unwrap_err().to_string();
     assert!(
-        e.contains("'attn_pool.latent'") && e.contains("(and 1 more)"),
+        e.contains("'blocks.0.attn.k_norm.weight'") && e.contains("(and 1 more)"),
         "{e}"
     );
     assert!(e.contains("--allow-unused-tensors"), "{e}");
     let s = VitSpec::detect_allowing(&m, true).unwrap();
-    assert!(!s.used_tensors().contains("attn_pool.latent"));
+    assert!(!s.used_tensors().contains("blocks.0.attn.q_norm.weight"));
 
     // DINOv2's mask token, HF ViT's pooler and a stored resize of the position embedding are
     // known to play no part in the features.
@@ -566,11 +567,19 @@ fn transformers_reference(
     arch: &str,
     args: &[&str],
 ) -> (tempfile::TempDir, comq_gpu::io::safetensors::Model) {
+    reference_model(python, "hf_vision.py", arch, args)
+}
+
+/// The small model `scripts/reference/SCRIPT ARCH DIR [args]` builds with random weights in a
+/// temporary folder, and its reference outputs.
+fn reference_model(
+    python: &str,
+    script: &str,
+    arch: &str,
+    args: &[&str],
+) -> (tempfile::TempDir, comq_gpu::io::safetensors::Model) {
     let dir = tempfile::tempdir().unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/scripts/reference/hf_vision.py"
-    );
+    let script = format!("{}/scripts/reference/{script}", env!("CARGO_MANIFEST_DIR"));
     let o = std::process::Command::new(python)
         .arg(script)
         .arg(arch)
@@ -772,4 +781,120 @@ fn odd_register_tokens_are_refused_with_the_tensor_named() {
         let e = VitSpec::detect(&m).unwrap_err().to_string();
         assert!(e.contains("embeddings.register_tokens"), "{shape:?}: {e}");
     }
+}
+
+/// timm's ViT variants against timm itself: registers with and without a position embedding,
+/// a CLIP tower (`norm_pre`, QuickGELU, no patch bias, projection head), a SigLIP tower (no class
+/// token, tanh-GELU, the attention-pooling head), average pooling with and without `fc_norm`.
+/// Each is saved as timm saves for the hub (`scripts/reference/timm_vision.py`), recognised from
+/// its tensors and `config.json`, and our CPU forward gives timm's tokens, pooled features and
+/// logits; the GPU forward gives the CPU's.
+#[test]
+fn timm_variants_match_timm() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    use comq_gpu::model::Pool;
+    for (variant, pool, prefix, pos_prefix) in [
+        ("reg4", Pool::Cls, 5, 0),
+        ("reg_embed", Pool::Cls, 3, 3),
+        ("clip", Pool::Cls, 1, 1),
+        ("siglip", Pool::Map("attn_pool".into()), 0, 0),
+        ("avg_fc", Pool::Mean, 0, 0),
+        ("avg", Pool::Mean, 1, 1),
+    ] {
+        let (dir, r) = reference_model(&python, "timm_vision.py", variant, &[]);
+        let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
+        let px = get("pixel_values");
+        let path = dir.path().join("model.safetensors");
+        let (spec, out) = forward(&CpuOps, &path, &px, 3);
+        assert_eq!(spec.family, Family::TimmVit, "{variant}");
+        assert_eq!(spec.pool, pool, "{variant}");
+        assert_eq!(
+            (spec.prefix_tokens, spec.pos_prefix),
+            (prefix, pos_prefix),
+            "{variant}"
+        );
+        assert_eq!(
+            (spec.dim, spec.depth, spec.heads, spec.patch),
+            (64, 2, 4, 8)
+        );
+        let mut checks = vec![
+            ("tokens", &out.tokens, get("tokens")),
+            ("features", &out.cls, get("features")),
+        ];
+        if r.get("logits").is_some() {
+            checks.push(("logits", &out.logits, get("logits")));
+        } else {
+            assert!(out.logits.is_empty(), "{variant}");
+        }
+        for (what, ours, want) in checks {
+            let e = rel(ours, &want);
+            eprintln!("timm {variant} {what}: rel {e:.3e}");
+            assert!(e < REFERENCE_REL_TOL, "{variant} {what}: {e}");
+        }
+        if variant == "siglip" {
+            // It quantizes from the bundled photos with no data given: the blocks' linear
+            // layers, not the pooling head's.
+            let report = dir.path().join("r.json");
+            let o = common::run(&[
+                "run",
+                common::s(dir.path()),
+                "--out",
+                common::s(&dir.path().join("q")),
+                "--report",
+                common::s(&report),
+                "--preset",
+                "paper",
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+            let names: Vec<&str> = r["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(names.len(), 8, "{names:?}");
+            assert!(names.iter().all(|n| n.starts_with("blocks.")), "{names:?}");
+        }
+        if let Some(g) = gpu::device() {
+            let ops = comq_gpu::device::wgpu::forward::GpuOps::new(&g);
+            let (_, gout) = forward(&ops, &path, &px, 3);
+            for (what, a, b) in [
+                ("tokens", &gout.tokens, &out.tokens),
+                ("features", &gout.cls, &out.cls),
+            ] {
+                let e = rel(a, b);
+                assert!(e < FORWARD_REL_TOL, "{variant} GPU vs CPU {what}: {e}");
+            }
+        }
+    }
+}
+
+/// A timm attention-pooling head with a part missing is refused at detection, naming the tensor,
+/// not when the pass first reads it.
+#[test]
+fn an_incomplete_timm_pooling_head_is_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::TimmVit, 5);
+    with_extra_tensors(
+        &path,
+        &[
+            ("attn_pool.latent", vec![1, 1, 32]),
+            ("attn_pool.q.weight", vec![32, 32]),
+        ],
+    );
+    let m = Checkpoint::open(&path).unwrap();
+    let e = VitSpec::detect(&m).unwrap_err().to_string();
+    assert!(e.contains("'attn_pool.kv.weight'"), "{e}");
+    // Several latent queries (timm's `latent_len > 1`) are refused too.
+    let dir2 = tempfile::tempdir().unwrap();
+    let path2 = synthetic(dir2.path(), Family::TimmVit, 5);
+    with_extra_tensors(&path2, &[("attn_pool.latent", vec![1, 2, 32])]);
+    let e = VitSpec::detect(&Checkpoint::open(&path2).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("only one latent query"), "{e}");
 }

@@ -154,7 +154,8 @@ pub struct Stem<T> {
     prefix: T,
     pos: T,
     norm_pre: Option<(T, T)>,
-    norm: (T, T),
+    norm: Option<(T, T)>,
+    fc_norm: Option<(Vec<f32>, Vec<f32>)>,
     head: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
@@ -167,7 +168,9 @@ pub struct HostStem {
     prefix: Vec<f32>,
     pos: Vec<f32>,
     norm_pre: Option<(Vec<f32>, Vec<f32>)>,
-    norm: (Vec<f32>, Vec<f32>),
+    norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// timm's LayerNorm of the pooled features (host arithmetic, like the head).
+    fc_norm: Option<(Vec<f32>, Vec<f32>)>,
     head: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
@@ -188,8 +191,8 @@ impl HostStem {
             prefix.extend(read(model, t, rows * d)?);
         }
         let g_in = spec.preprocess.crop / p;
-        // The position embedding covers the prefix tokens but the registers, then the patches.
-        let pt = spec.prefix_tokens - spec.registers;
+        // The position embedding covers the first `pos_prefix` prefix tokens, then the patches.
+        let pt = spec.pos_prefix;
         let pos = match &spec.pos_embed_resized {
             Some(n) => read(model, n, (pt + g_in * g_in) * d)?,
             None => {
@@ -207,10 +210,11 @@ impl HostStem {
                 }
             }
         };
-        // Registers are added after the position embedding: zeros in their rows.
-        let pos = if spec.registers > 0 {
+        // The other prefix tokens (registers, timm's `no_embed_class`) are added after the
+        // position embedding: zeros in their rows.
+        let pos = if spec.prefix_tokens > pt {
             let mut v = pos[..pt * d].to_vec();
-            v.resize((pt + spec.registers) * d, 0.0);
+            v.resize(spec.prefix_tokens * d, 0.0);
             v.extend_from_slice(&pos[pt * d..]);
             v
         } else {
@@ -244,7 +248,14 @@ impl HostStem {
                 Some((w, b)) => Some((read(model, w, d)?, read(model, b, d)?)),
                 None => None,
             },
-            norm: (read(model, &spec.norm.0, d)?, read(model, &spec.norm.1, d)?),
+            norm: match &spec.norm {
+                Some((w, b)) => Some((read(model, w, d)?, read(model, b, d)?)),
+                None => None,
+            },
+            fc_norm: match &spec.fc_norm {
+                Some((w, b)) => Some((read(model, w, d)?, read(model, b, d)?)),
+                None => None,
+            },
             head,
         })
     }
@@ -267,7 +278,11 @@ impl HostStem {
                 Some((w, b)) => Some((ops.upload(w)?, ops.upload(b)?)),
                 None => None,
             },
-            norm: (ops.upload(&self.norm.0)?, ops.upload(&self.norm.1)?),
+            norm: match &self.norm {
+                Some((w, b)) => Some((ops.upload(w)?, ops.upload(b)?)),
+                None => None,
+            },
+            fc_norm: self.fc_norm.clone(),
             head: self.head.clone(),
         })
     }
@@ -421,19 +436,22 @@ impl<'a, O: Ops> Forward<'a, O> {
         ops.add_scaled(h, &o2, &w.ls.1, rows, d)
     }
 
-    /// Final LayerNorm; returns (features `[n, d]` of the CLS token, logits `[n, classes]` when
-    /// the model has a head).
+    /// Final LayerNorm and pooling; returns the pooled features `[n, d]` (the class token, the
+    /// mean of the patches or the attention-pooling head's output, after timm's `fc_norm`), the
+    /// logits `[n, classes]` when the model has a head, and every token after the final norm.
     pub fn finish(&self, stem: &Stem<O::T>, h: &O::T, n: usize) -> Result<Output> {
         let s = self.spec;
         let (d, t) = (s.dim, s.tokens_per_image());
-        let normed = self
-            .ops
-            .layernorm(h, n * t, d, &stem.norm.0, &stem.norm.1, s.eps)?;
-        let all = self.ops.download(&normed)?;
+        let normed = match &stem.norm {
+            Some((w, b)) => Some(self.ops.layernorm(h, n * t, d, w, b, s.eps)?),
+            None => None,
+        };
+        let normed = normed.as_ref().unwrap_or(h);
+        let all = self.ops.download(normed)?;
         let token = |i: usize, k: usize| &all[(i * t + k) * d..(i * t + k + 1) * d];
-        let cls: Vec<f32> = match (&s.pool, &stem.map, &stem.map_kv) {
+        let mut pooled: Vec<f32> = match (&s.pool, &stem.map, &stem.map_kv) {
             (Pool::Map(_), Some(m), Some((w, b))) => {
-                let kv = self.ops.linear(&normed, n * t, d, w, b, 2 * d)?;
+                let kv = self.ops.linear(normed, n * t, d, w, b, 2 * d)?;
                 let kv = self.ops.download(&kv)?;
                 (0..n)
                     .flat_map(|i| {
@@ -445,16 +463,23 @@ impl<'a, O: Ops> Forward<'a, O> {
             (Pool::Mean, _, _) => (0..n)
                 .flat_map(|i| {
                     let mut mean = vec![0.0f64; d];
-                    for k in 0..t {
+                    for k in s.prefix_tokens..t {
                         for (m, v) in mean.iter_mut().zip(token(i, k)) {
                             *m += *v as f64;
                         }
                     }
-                    mean.into_iter().map(move |m| (m / t as f64) as f32)
+                    let np = (t - s.prefix_tokens) as f64;
+                    mean.into_iter().map(move |m| (m / np) as f32)
                 })
                 .collect(),
             _ => (0..n).flat_map(|i| token(i, 0).to_vec()).collect(),
         };
+        if let Some((w, b)) = &stem.fc_norm {
+            for f in pooled.chunks_mut(d) {
+                let normed = layer_norm(f, w, b, s.eps);
+                f.copy_from_slice(&normed);
+            }
+        }
         let classes = s.num_classes;
         let apply = |w: &[f32], b: &[f32], x: &[f32]| -> Vec<f32> {
             let k = x.len();
@@ -471,7 +496,7 @@ impl<'a, O: Ops> Forward<'a, O> {
         let mut logits = Vec::new();
         for i in 0..n {
             match (&s.head, stem.head.as_slice()) {
-                (Head::Cls(_), [(w, b)]) => logits.extend(apply(w, b, token(i, 0))),
+                (Head::Cls(_), [(w, b)]) => logits.extend(apply(w, b, &pooled[i * d..(i + 1) * d])),
                 (Head::ClsDist(..), [(w, b), (w2, b2)]) => {
                     let a = apply(w, b, token(i, 0));
                     let c = apply(w2, b2, token(i, 1));
@@ -493,11 +518,24 @@ impl<'a, O: Ops> Forward<'a, O> {
             }
         }
         Ok(Output {
-            cls,
+            cls: pooled,
             logits,
             tokens: all,
         })
     }
+}
+
+/// LayerNorm of one vector on the host, in f64 (the pooled features' `fc_norm`, the pooling
+/// head's norm).
+fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let d = x.len() as f64;
+    let mean = x.iter().map(|v| *v as f64).sum::<f64>() / d;
+    let var = x.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / d;
+    let inv = 1.0 / (var + eps as f64).sqrt();
+    x.iter()
+        .zip(w.iter().zip(b))
+        .map(|(v, (g, b))| ((*v as f64 - mean) * inv) as f32 * g + b)
+        .collect()
 }
 
 /// SigLIP's multi-head attention-pooling head, on the host: `[t, d]` tokens in, `[d]` out.
@@ -543,6 +581,22 @@ impl MapHead {
                 read_or_zero(model, &format!("{h}.{n}.bias"), out)?,
             ))
         };
+        if spec.family.is_timm() {
+            // timm's AttentionPoolLatent: the latent query, `q` and `kv` (keys, then values).
+            let (q, kv) = (lin("q", d, d)?, lin("kv", 2 * d, d)?);
+            return Ok(MapHead {
+                probe: read(model, &format!("{h}.latent"), d)?,
+                qkv: ([q.0, kv.0].concat(), [q.1, kv.1].concat()),
+                out: lin("proj", d, d)?,
+                norm: (
+                    read(model, &format!("{h}.norm.weight"), d)?,
+                    read(model, &format!("{h}.norm.bias"), d)?,
+                ),
+                fc1: lin("mlp.fc1", mlp, d)?,
+                fc2: lin("mlp.fc2", d, mlp)?,
+                mlp,
+            });
+        }
         Ok(MapHead {
             probe: read(model, &format!("{h}.probe"), d)?,
             qkv: (
@@ -595,18 +649,7 @@ impl MapHead {
             }
         }
         let hidden = affine(&self.out.0, &self.out.1, &attn);
-        let mean = hidden.iter().map(|v| *v as f64).sum::<f64>() / d as f64;
-        let var = hidden
-            .iter()
-            .map(|v| (*v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / d as f64;
-        let inv = 1.0 / (var + eps as f64).sqrt();
-        let normed: Vec<f32> = hidden
-            .iter()
-            .zip(self.norm.0.iter().zip(&self.norm.1))
-            .map(|(v, (g, b))| ((*v as f64 - mean) * inv) as f32 * g + b)
-            .collect();
+        let normed = layer_norm(&hidden, &self.norm.0, &self.norm.1, eps);
         let f: Vec<f32> = affine(&self.fc1.0, &self.fc1.1, &normed)
             .into_iter()
             .map(|v| act.apply(v))

@@ -43,6 +43,13 @@ pub enum Family {
     HfSiglip,
 }
 
+impl Family {
+    /// A timm layout (`blocks.N.attn.qkv`).
+    pub fn is_timm(self) -> bool {
+        matches!(self, Family::TimmVit | Family::TimmDeit)
+    }
+}
+
 impl std::fmt::Display for Family {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -155,11 +162,13 @@ pub enum Head {
 pub enum Pool {
     /// The class token.
     Cls,
-    /// The mean of every token (a tower without class token or pooling head).
+    /// The mean of the patch tokens, the prefix tokens left out (a tower without class token or
+    /// pooling head; timm's `global_pool='avg'`).
     Mean,
     /// SigLIP's multi-head attention pooling: a learned probe attends over every token, then
-    /// a LayerNorm and an MLP with a residual (`<prefix>.probe`, `.attention.in_proj_*`,
-    /// `.attention.out_proj`, `.layernorm`, `.mlp.fc1`, `.mlp.fc2`).
+    /// a LayerNorm and an MLP with a residual. HF names it `<prefix>.probe`,
+    /// `.attention.in_proj_*`, `.attention.out_proj`, `.layernorm`, `.mlp.fc1`, `.mlp.fc2`;
+    /// timm `attn_pool.latent`, `.q`, `.kv`, `.proj`, `.norm`, `.mlp.fc1`, `.mlp.fc2`.
     Map(String),
 }
 
@@ -182,9 +191,12 @@ pub struct VitSpec {
     pub eps: f32,
     /// Prefix tokens before the patches (CLS, DeiT's distillation token, the registers).
     pub prefix_tokens: usize,
-    /// Register tokens (DINOv2 with registers): the last prefix tokens, which have no position
-    /// embedding.
+    /// Register tokens (DINOv2 with registers, timm's `reg_token`): one tensor of this many
+    /// rows, the last prefix tokens.
     pub registers: usize,
+    /// The first this many prefix tokens have a position embedding; the others (registers, and
+    /// every prefix token of a timm model with `no_embed_class`) have none.
+    pub pos_prefix: usize,
     /// Side of the stored position-embedding grid.
     pub pos_grid: usize,
     /// Patch-embedding conv weight / bias (`[dim, channels, patch, patch]`).
@@ -201,8 +213,11 @@ pub struct VitSpec {
     /// LayerNorm over the tokens before the first block (CLIP's `pre_layrnorm`, timm's
     /// `norm_pre`), when the model has one.
     pub norm_pre: Option<(String, String)>,
-    /// Final LayerNorm.
-    pub norm: (String, String),
+    /// Final LayerNorm over every token (`None` when the model normalises the pooled features
+    /// instead: timm's `fc_norm`).
+    pub norm: Option<(String, String)>,
+    /// LayerNorm of the pooled features (timm's `fc_norm`, with average pooling).
+    pub fc_norm: Option<(String, String)>,
     /// The MLP activation.
     pub act: crate::device::ops::Activation,
     /// How the features are pooled.
@@ -226,7 +241,7 @@ fn unknown(path: &Path, reason: impl Into<String>) -> Error {
     Error::UnknownModel {
         path: path.to_path_buf(),
         reason: format!(
-            "{}; the forward pass knows timm ViT/DeiT, HF ViT/DeiT, HF DINOv2 (with or without registers), HF CLIP and HF SigLIP vision layouts — for other models pass --calib with captured activations",
+            "{}; the forward pass knows timm ViT/DeiT (with or without class token, with registers, CLIP and SigLIP towers, token, average or attention pooling), HF ViT/DeiT, HF DINOv2 (with or without registers), HF CLIP and HF SigLIP vision layouts — for other models pass --calib with captured activations",
             reason.into()
         ),
     }
@@ -316,9 +331,10 @@ impl VitSpec {
         if let Some(r) = &self.pos_embed_resized {
             add(r);
         }
-        add(&self.norm.0);
-        add(&self.norm.1);
-        if let Some((w, b)) = &self.norm_pre {
+        for (w, b) in [&self.norm, &self.fc_norm, &self.norm_pre]
+            .into_iter()
+            .flatten()
+        {
             add(w);
             add(b);
         }
@@ -335,11 +351,18 @@ impl VitSpec {
             }
         }
         if let Pool::Map(h) = &self.pool {
-            add(&format!("{h}.probe"));
-            add(&format!("{h}.attention.in_proj_weight"));
-            add(&format!("{h}.attention.in_proj_bias"));
-            for l in ["attention.out_proj", "layernorm", "mlp.fc1", "mlp.fc2"] {
-                linear(&mut add, &format!("{h}.{l}"));
+            if self.family.is_timm() {
+                add(&format!("{h}.latent"));
+                for l in ["q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2"] {
+                    linear(&mut add, &format!("{h}.{l}"));
+                }
+            } else {
+                add(&format!("{h}.probe"));
+                add(&format!("{h}.attention.in_proj_weight"));
+                add(&format!("{h}.attention.in_proj_bias"));
+                for l in ["attention.out_proj", "layernorm", "mlp.fc1", "mlp.fc2"] {
+                    linear(&mut add, &format!("{h}.{l}"));
+                }
             }
         }
         match &self.head {
@@ -415,15 +438,27 @@ impl VitSpec {
         let depth = blocks.len();
         let (patch_embed, mut tokens, pos_embed, norm) = embeddings(model, family, &p)?;
         let norm_pre = norm_pre_of(model, family, &p);
-        let mut named = vec![&patch_embed.0, &pos_embed, &norm.0, &norm.1];
-        if let Some((w, b)) = &norm_pre {
+        let fc_norm = (family.is_timm() && model.get("fc_norm.weight").is_some())
+            .then(|| ("fc_norm.weight".to_string(), "fc_norm.bias".to_string()));
+        if norm.is_none() && fc_norm.is_none() {
+            return Err(unknown(
+                path,
+                "no final LayerNorm ('norm.weight' or 'fc_norm.weight')",
+            ));
+        }
+        let mut named = vec![&patch_embed.0, &pos_embed];
+        for (w, b) in [&norm, &fc_norm, &norm_pre].into_iter().flatten() {
             named.extend([w, b]);
         }
         check_present(model, family, &named, &tokens, &blocks)?;
         let act = activation_of(path, &config, family)?;
         let registers = match family {
-            Family::HfDinov2 => {
-                let name = format!("{p}embeddings.register_tokens");
+            Family::HfDinov2 | Family::TimmVit | Family::TimmDeit => {
+                let name = if family == Family::HfDinov2 {
+                    format!("{p}embeddings.register_tokens")
+                } else {
+                    "reg_token".to_string()
+                };
                 let s = shape(&name);
                 match s.as_slice() {
                     [] => 0,
@@ -441,22 +476,21 @@ impl VitSpec {
             }
             _ => 0,
         };
-        // The tokens before the patches that have a position embedding (all but the registers).
-        let pos_prefix = tokens.len() - (registers > 0) as usize;
+        // The tokens before the patches, and those of them with a position embedding: HF DINOv2
+        // embeds all but the registers; timm embeds all of them, or none (`no_embed_class`).
+        let prefix_tokens = tokens.len() - (registers > 0) as usize + registers;
+        let pos_prefix = if family.is_timm() {
+            timm_pos_prefix(model, &patch_embed.0, &pos_embed, prefix_tokens)
+        } else {
+            prefix_tokens - registers
+        };
         let (dim, channels, patch, pos_grid) =
             geometry(model, &patch_embed.0, &pos_embed, pos_prefix)?;
-        let prefix_tokens = pos_prefix + registers;
         let mlp = linear_widths(model, &blocks, dim)?;
         let (heads, eps) = hyper_params(path, &config, family, dim)?;
         let (head, num_classes) = head_of(model, family, dim)?;
         let labels = label_names(&config, num_classes);
-        let pool = match family {
-            Family::HfSiglip if model.get(&format!("{p}head.probe")).is_some() => {
-                Pool::Map(format!("{p}head"))
-            }
-            Family::HfSiglip => Pool::Mean,
-            _ => Pool::Cls,
-        };
+        let pool = pool_of(model, family, &p, &config, prefix_tokens)?;
 
         let preprocess = preprocess(family, channels, pos_grid * patch, &config, prep.as_ref())
             .and_then(|p| p.validate())
@@ -502,6 +536,7 @@ impl VitSpec {
             eps,
             prefix_tokens,
             registers,
+            pos_prefix,
             pos_grid,
             patch_embed,
             tokens,
@@ -510,6 +545,7 @@ impl VitSpec {
             blocks,
             norm_pre,
             norm,
+            fc_norm,
             act,
             pool,
             head,
@@ -640,10 +676,17 @@ fn activation_of(path: &Path, config: &Value, family: Family) -> Result<Activati
     let named = config
         .get("hidden_act")
         .or_else(|| config.get("model_args").and_then(|a| a.get("act_layer")));
+    // timm's pretrained CLIP and SigLIP towers name their activation in the architecture only.
+    let arch = config
+        .get("architecture")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     match named {
         None | Some(Value::Null) => Ok(match family {
             Family::HfClip => Activation::QuickGelu,
             Family::HfSiglip => Activation::GeluTanh,
+            _ if arch.contains("quickgelu") => Activation::QuickGelu,
+            _ if arch.contains("siglip") => Activation::GeluTanh,
             _ => Activation::Gelu,
         }),
         Some(Value::String(s)) => match s.as_str() {
@@ -775,8 +818,12 @@ fn embeddings(
     model: &Checkpoint,
     family: Family,
     p: &str,
-) -> Result<((String, String), Vec<String>, String, (String, String))> {
-    let path = model.path();
+) -> Result<(
+    (String, String),
+    Vec<String>,
+    String,
+    Option<(String, String)>,
+)> {
     let has = |n: &str| model.get(n).is_some();
     let timm = matches!(family, Family::TimmVit | Family::TimmDeit);
     Ok(if matches!(family, Family::HfClip | Family::HfSiglip) {
@@ -791,24 +838,22 @@ fn embeddings(
                 _ => Vec::new(),
             },
             format!("{e}position_embedding.weight"),
-            (
+            Some((
                 format!("{p}post_layernorm.weight"),
                 format!("{p}post_layernorm.bias"),
-            ),
+            )),
         )
     } else if timm {
-        let mut tokens = vec!["cls_token".to_string()];
+        // timm: the class token unless `class_token=False`, DeiT's distillation token, then the
+        // register tokens (added below); the final norm unless the pooled features get fc_norm.
+        let mut tokens = Vec::new();
+        if has("cls_token") {
+            tokens.push("cls_token".to_string());
+        }
         if family == Family::TimmDeit {
             tokens.push("dist_token".into());
         }
-        let norm = if has("norm.weight") {
-            ("norm.weight".to_string(), "norm.bias".to_string())
-        } else {
-            return Err(unknown(
-                path,
-                "no final 'norm.weight' (global average pooling with fc_norm is not supported)",
-            ));
-        };
+        let norm = has("norm.weight").then(|| ("norm.weight".to_string(), "norm.bias".to_string()));
         (
             (
                 "patch_embed.proj.weight".to_string(),
@@ -831,9 +876,101 @@ fn embeddings(
             ),
             tokens,
             format!("{e}position_embeddings"),
-            (format!("{p}layernorm.weight"), format!("{p}layernorm.bias")),
+            Some((format!("{p}layernorm.weight"), format!("{p}layernorm.bias"))),
         )
     })
+}
+
+/// How many of timm's `prefix` tokens the position embedding covers: all of them, or none
+/// (`no_embed_class`), whichever leaves a square grid (all, when both do).
+fn timm_pos_prefix(model: &Checkpoint, patch_embed: &str, pos_embed: &str, prefix: usize) -> usize {
+    let dim = model
+        .get(patch_embed)
+        .and_then(|t| t.shape.first().copied())
+        .unwrap_or(1)
+        .max(1);
+    let rows = model
+        .get(pos_embed)
+        .map(|t| t.shape.iter().product::<usize>() / dim)
+        .unwrap_or(0);
+    let square = |n: usize| {
+        let g = (n as f64).sqrt().round() as usize;
+        g > 0 && g * g == n
+    };
+    if rows >= prefix && square(rows - prefix) {
+        prefix
+    } else if square(rows) {
+        0
+    } else {
+        prefix
+    }
+}
+
+/// How the features are pooled: SigLIP's attention-pooling head where the model has one (HF
+/// `head.probe`, timm `attn_pool.latent`); timm's `global_pool` from `config.json`, else the
+/// mean of the patches for a timm model with `fc_norm` or without class token; the class token
+/// otherwise (HF SigLIP without head: the mean).
+fn pool_of(
+    model: &Checkpoint,
+    family: Family,
+    p: &str,
+    config: &Value,
+    prefix_tokens: usize,
+) -> Result<Pool> {
+    let path = model.path();
+    let has = |n: &str| model.get(n).is_some();
+    if family == Family::HfSiglip {
+        return Ok(if has(&format!("{p}head.probe")) {
+            Pool::Map(format!("{p}head"))
+        } else {
+            Pool::Mean
+        });
+    }
+    if !family.is_timm() {
+        return Ok(Pool::Cls);
+    }
+    if let Some(s) = model.get("attn_pool.latent").map(|t| t.shape.clone()) {
+        if s.len() != 3 || s[0] != 1 || s[1] != 1 {
+            return Err(unknown(
+                path,
+                format!("'attn_pool.latent' has shape {s:?}; only one latent query ([1, 1, dim]) is supported"),
+            ));
+        }
+        for part in ["q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2"] {
+            let n = format!("attn_pool.{part}.weight");
+            if !has(&n) {
+                return Err(unknown(
+                    path,
+                    format!("an attention-pooling head ('attn_pool.latent') without '{n}'"),
+                ));
+            }
+        }
+        return Ok(Pool::Map("attn_pool".to_string()));
+    }
+    let named = config
+        .get("global_pool")
+        .or_else(|| config.get("model_args").and_then(|a| a.get("global_pool")))
+        .and_then(Value::as_str);
+    let pool = match named {
+        Some("avg") => Pool::Mean,
+        Some("token") => Pool::Cls,
+        Some(other) => {
+            return Err(unknown(
+                path,
+                format!("config.json asks for global_pool '{other}'; the forward pass knows 'token', 'avg' and 'map' (with attn_pool)"),
+            ))
+        }
+        None if has("fc_norm.weight") || !has("cls_token") => Pool::Mean,
+        None => Pool::Cls,
+    };
+    if pool == Pool::Cls && !has("cls_token") {
+        return Err(unknown(path, "class-token pooling but no 'cls_token'"));
+    }
+    log::debug!(
+        "{}: {prefix_tokens} prefix tokens, pooled by {pool:?}",
+        path.display()
+    );
+    Ok(pool)
 }
 
 /// Refuses a model of `family` that lacks one of the tensors the forward pass reads.

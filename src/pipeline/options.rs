@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 /// Names skipped by default: the classifier head and the patch/token embeddings stay in full
 /// precision, as in the reference (spec a.7).
-pub const DEFAULT_SKIP: &str = r"(^|\.)(head|heads|head_dist|classifier|cls_classifier|distillation_classifier|fc_norm|patch_embed|patch_embeddings|embeddings|pooler|lm_head|visual_projection)(\.|$)";
+pub const DEFAULT_SKIP: &str = r"(^|\.)(head|heads|head_dist|classifier|cls_classifier|distillation_classifier|fc_norm|attn_pool|patch_embed|patch_embeddings|embeddings|pooler|lm_head|visual_projection)(\.|$)";
 
 /// Which tensors are quantized.
 #[derive(Debug, Clone)]
