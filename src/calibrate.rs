@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use crate::device::AnyOps;
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
-use crate::io::images::ImageSet;
+use crate::io::images::{ImageSet, View};
 use crate::model::forward::{Forward, HostBlock, HostStem, Ops, Stem};
 use crate::model::{Role, Site, VitSpec};
 use crate::profile::Profile;
@@ -60,21 +60,22 @@ pub fn batch_for(dim: usize, mlp: usize, tokens: usize) -> usize {
     (BATCH_ACTIVATION_BYTES / per_image.max(1)).clamp(1, BATCH)
 }
 
-/// Decodes and preprocesses images `idx` of `set` into one `[n, c, s, s]` buffer.
-pub fn load_pixels(set: &ImageSet, idx: &[usize], spec: &VitSpec) -> Result<Vec<f32>> {
+/// Decodes and preprocesses the views `idx` of images of `set` into one `[n, c, s, s]` buffer.
+pub fn load_pixels(set: &ImageSet, idx: &[View], spec: &VitSpec) -> Result<Vec<f32>> {
     let per: Vec<Vec<f32>> = idx
         .par_iter()
-        .map(|&i| set.pixels(i, &spec.preprocess))
+        .map(|&v| set.view_pixels(v, &spec.preprocess))
         .collect::<Result<_>>()?;
     Ok(per.concat())
 }
 
-/// Embeds images `idx` of `set` in device batches of [`BATCH`]: `(tokens, images)` per batch.
+/// Embeds the views `idx` of images of `set` in device batches of [`BATCH`]: `(tokens, images)`
+/// per batch.
 pub fn embed_batches<O: Ops>(
     f: &Forward<'_, O>,
     stem: &Stem<O::T>,
     set: &ImageSet,
-    idx: &[usize],
+    idx: &[View],
     spec: &VitSpec,
 ) -> Result<Vec<(O::T, usize)>> {
     idx.chunks(batch_for(spec.dim, spec.mlp, spec.tokens_per_image()))
@@ -122,7 +123,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         spec: &'a VitSpec,
         model: &'a Checkpoint,
         images: &ImageSet,
-        idx: &[usize],
+        idx: &[View],
         mode: CalibMode,
         profile: Arc<Profile>,
     ) -> Result<Self> {
@@ -134,7 +135,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         }
         profile.add("embed", t.elapsed().as_secs_f64());
         log::info!(
-            "calibration: {} images from {}, {} tokens each, on {}",
+            "calibration: {} images or views from {}, {} tokens each, on {}",
             idx.len(),
             images.path().display(),
             spec.tokens_per_image(),
@@ -417,7 +418,7 @@ pub fn calibrator<'a>(
     spec: &'a VitSpec,
     model: &'a Checkpoint,
     images: &ImageSet,
-    idx: &[usize],
+    idx: &[View],
     mode: CalibMode,
     profile: Arc<Profile>,
 ) -> Result<Box<dyn BlockGrams + Send + 'a>> {

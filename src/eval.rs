@@ -17,6 +17,7 @@ use crate::device::AnyOps;
 use crate::error::Result;
 use crate::io::checkpoint::Checkpoint;
 use crate::io::images::ImageSet;
+use crate::io::images::View;
 use crate::model::forward::{Forward, HostBlock, HostStem, Ops};
 use crate::model::VitSpec;
 
@@ -86,7 +87,8 @@ fn features_on<O: Ops>(
         logits: Vec::new(),
     };
     for group in idx.chunks(GROUP) {
-        let mut hidden = embed_batches(&f, &stem, set, group, spec)?;
+        let views: Vec<View> = group.iter().map(|&i| View::plain(i)).collect();
+        let mut hidden = embed_batches(&f, &stem, set, &views, spec)?;
         for b in 0..spec.depth {
             let w = block_with(model, spec, b, overrides)?.upload(ops)?;
             for (h, n) in hidden.iter_mut() {

@@ -9,7 +9,7 @@ mod gpu;
 use std::path::{Path, PathBuf};
 
 use comq_gpu::calibrate::{Ahead, BlockGrams, CalibMode, Calibrator};
-use comq_gpu::io::images::ImageSet;
+use comq_gpu::io::images::{ImageSet, View};
 use comq_gpu::io::Checkpoint;
 use comq_gpu::model::cpu::CpuOps;
 use comq_gpu::model::forward::{run_model, HostBlock, HostStem, Ops, Output};
@@ -199,7 +199,7 @@ fn grams_of<O: Ops>(ops: &O, path: &Path, images: &Path, mode: CalibMode) -> Vec
     let model = Checkpoint::open(path).unwrap();
     let spec = VitSpec::detect(&model).unwrap();
     let set = ImageSet::open(images).unwrap();
-    let idx: Vec<usize> = (0..set.len()).collect();
+    let idx: Vec<View> = (0..set.len()).map(View::plain).collect();
     let profile = std::sync::Arc::new(Profile::new(false));
     let mut c = Calibrator::new(ops, &spec, &model, &set, &idx, mode, profile).unwrap();
     let mut out = Vec::new();
@@ -250,7 +250,8 @@ fn fp_calibration_grams_equal_the_gram_of_the_captured_activations() {
     let model = Checkpoint::open(&path).unwrap();
     let spec = VitSpec::detect(&model).unwrap();
     let set = ImageSet::open(&imgs).unwrap();
-    let px = comq_gpu::calibrate::load_pixels(&set, &[0, 1, 2], &spec).unwrap();
+    let views: Vec<View> = (0..3).map(View::plain).collect();
+    let px = comq_gpu::calibrate::load_pixels(&set, &views, &spec).unwrap();
     let stem = HostStem::load(&model, &spec)
         .unwrap()
         .upload(&CpuOps)
@@ -298,7 +299,7 @@ fn calibrating_one_block_ahead_on_a_thread_hands_over_the_same_grams() {
     let model = Checkpoint::open(&path).unwrap();
     let spec = VitSpec::detect(&model).unwrap();
     let set = ImageSet::open(&imgs).unwrap();
-    let idx: Vec<usize> = (0..set.len()).collect();
+    let idx: Vec<View> = (0..set.len()).map(View::plain).collect();
     let profile = std::sync::Arc::new(Profile::new(true));
     let ahead = std::thread::scope(|sc| {
         let c = Calibrator::new(

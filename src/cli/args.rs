@@ -309,6 +309,11 @@ pub struct RunArgs {
     /// Layer inputs from the full-precision model, or from the already-quantized prefix.
     #[arg(long, value_enum, default_value = "fp")]
     pub calib_mode: CalibMode,
+    /// Seeded augmented views (random resized crops of 35–100% of the area, flips) added per
+    /// calibration image: a number, `auto` (up to 64 inputs in all, none from 64 images up) or
+    /// `off`. The held-out images get views of their own, so the two sets stay disjoint by image.
+    #[arg(long, value_name = "N|auto|off", default_value = "off")]
+    pub augment: pipeline::Augment,
     #[command(flatten)]
     pub pre: PreprocessArgs,
     /// After quantizing, evaluate FP32 / RTN / COMQ on these images (folder or image pack).

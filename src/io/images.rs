@@ -344,6 +344,15 @@ impl ImageSet {
         }
     }
 
+    /// A view of an image decoded and preprocessed to `[channels, crop, crop]`: the image as the
+    /// model's preprocessing gives it, or a seeded augmented view ([`augment`]).
+    pub fn view_pixels(&self, v: View, p: &Preprocess) -> Result<Vec<f32>> {
+        match v.aug {
+            None => self.pixels(v.image, p),
+            Some(seed) => Ok(augment(&self.decode(v.image)?, p, seed)),
+        }
+    }
+
     /// Image `i` decoded and preprocessed to `[channels, crop, crop]`.
     pub fn pixels(&self, i: usize, p: &Preprocess) -> Result<Vec<f32>> {
         let img = self.decode(i)?;
@@ -381,23 +390,104 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
     Ok(img)
 }
 
+/// One calibration input: an image, or a seeded augmented view of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct View {
+    /// The image's index in its set.
+    pub image: usize,
+    /// `None`: the image through the model's own preprocessing; `Some(seed)`: the augmented view
+    /// that seed draws.
+    pub aug: Option<u64>,
+}
+
+impl View {
+    /// The image itself.
+    pub fn plain(image: usize) -> View {
+        View { image, aug: None }
+    }
+
+    /// The image and its `extra` augmented views, seeded by `seed` and the image index (so a
+    /// view does not depend on which other images are drawn).
+    pub fn with_views(image: usize, extra: u32, seed: u64) -> Vec<View> {
+        let mut v = vec![View::plain(image)];
+        v.extend((1..=extra as u64).map(|k| View {
+            image,
+            aug: Some(SplitMix::new(seed ^ AUGMENT_SEED ^ (image as u64) << 20 ^ k).next_u64()),
+        }));
+        v
+    }
+}
+
+/// Mixed into the run's seed for the augmented views.
+const AUGMENT_SEED: u64 = 0x0a06_0e47_u64 << 32;
+
+/// Smallest share of the image's area a random crop keeps (torchvision's `RandomResizedCrop`
+/// uses 0.08 for training; calibration wants views that still look like the image).
+pub const AUGMENT_MIN_AREA: f64 = 0.35;
+
+/// A seeded augmented view of `img`: a random crop of 35–100% of its area with an aspect ratio in
+/// [3/4, 4/3] (as `RandomResizedCrop` draws it; the centre square when ten draws do not fit),
+/// flipped left to right with probability ½, resized to the model's input with its filter and
+/// normalised with its mean and std.
+pub fn augment(img: &DynamicImage, p: &Preprocess, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix::new(seed);
+    let mut unit = move || rng.uniform();
+    let (w, h) = (img.width() as f64, img.height() as f64);
+    let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    let mut region = None;
+    for _ in 0..10 {
+        let area = w * h * (AUGMENT_MIN_AREA + (1.0 - AUGMENT_MIN_AREA) * unit());
+        let ratio = (lo + (hi - lo) * unit()).exp();
+        let (cw, ch) = ((area * ratio).sqrt().round(), (area / ratio).sqrt().round());
+        if cw >= 1.0 && ch >= 1.0 && cw <= w && ch <= h {
+            let x = ((w - cw + 1.0) * unit()).floor().min(w - cw);
+            let y = ((h - ch + 1.0) * unit()).floor().min(h - ch);
+            region = Some((x as u32, y as u32, cw as u32, ch as u32));
+            break;
+        }
+    }
+    let side = w.min(h);
+    let (x, y, cw, ch) = region.unwrap_or((
+        ((w - side) / 2.0) as u32,
+        ((h - side) / 2.0) as u32,
+        side as u32,
+        side as u32,
+    ));
+    let flip = unit() < 0.5;
+    let mut view =
+        img.crop_imm(x, y, cw, ch)
+            .resize_exact(p.crop as u32, p.crop as u32, filter_of(p));
+    if flip {
+        view = view.fliph();
+    }
+    normalise(&view, p)
+}
+
+fn filter_of(p: &Preprocess) -> FilterType {
+    if p.bicubic {
+        FilterType::CatmullRom
+    } else {
+        FilterType::Triangle
+    }
+}
+
 /// Resize the shorter side, centre-crop, scale to [0, 1] and normalise.
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (nw, nh) = resized(w, h, p);
-    let filter = if p.bicubic {
-        FilterType::CatmullRom
-    } else {
-        FilterType::Triangle
-    };
     let img = if (nw, nh) == (w, h) {
         img.clone()
     } else {
-        img.resize_exact(nw as u32, nh as u32, filter)
+        img.resize_exact(nw as u32, nh as u32, filter_of(p))
     };
     let left = ((nw - p.crop) as f64 / 2.0).round() as u32;
     let top = ((nh - p.crop) as f64 / 2.0).round() as u32;
     let img = img.crop_imm(left, top, p.crop as u32, p.crop as u32);
+    normalise(&img, p)
+}
+
+/// A `crop × crop` image scaled to [0, 1] and normalised, `[channels, crop, crop]`.
+fn normalise(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let plane = p.crop * p.crop;
     let mut out = vec![0.0f32; p.channels * plane];
     if p.channels == 1 {
@@ -414,4 +504,72 @@ pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prep(crop: usize) -> Preprocess {
+        Preprocess {
+            channels: 3,
+            resize: crop,
+            crop,
+            mean: vec![0.5; 3],
+            std: vec![0.25; 3],
+            bicubic: true,
+        }
+    }
+
+    /// An augmented view is seeded (the same seed gives the same pixels, another seed others),
+    /// has the model's input size, normalises like the plain preprocessing (a constant image
+    /// stays that constant), and the views of an image do not depend on the other images drawn.
+    #[test]
+    fn augmented_views_are_seeded_sized_and_normalised() {
+        let p = prep(16);
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8])
+        }));
+        let a = augment(&img, &p, 7);
+        assert_eq!(a.len(), 3 * 16 * 16);
+        assert_eq!(a, augment(&img, &p, 7));
+        assert_ne!(a, augment(&img, &p, 8));
+        let flat =
+            DynamicImage::ImageRgb8(RgbImage::from_pixel(40, 30, image::Rgb([191, 191, 191])));
+        let want = (191.0 / 255.0 - 0.5) / 0.25;
+        for seed in 0..20 {
+            assert!(augment(&flat, &p, seed)
+                .iter()
+                .all(|v| (v - want).abs() < 1e-5));
+        }
+        let v = View::with_views(3, 4, 11);
+        assert_eq!(v.len(), 5);
+        assert_eq!(v[0], View::plain(3));
+        let seeds: std::collections::BTreeSet<u64> =
+            v[1..].iter().map(|x| x.aug.unwrap()).collect();
+        assert_eq!(seeds.len(), 4);
+        assert_eq!(View::with_views(3, 4, 11), v);
+        assert_ne!(View::with_views(4, 4, 11)[1].aug, v[1].aug);
+        assert_ne!(View::with_views(3, 4, 12)[1].aug, v[1].aug);
+    }
+
+    /// A view is a crop of the image, flipped or not: a left-to-right ramp stays a ramp, rising
+    /// or falling across every row.
+    #[test]
+    fn augmented_views_are_crops_of_the_image() {
+        let p = prep(8);
+        let ramp = DynamicImage::ImageRgb8(RgbImage::from_fn(64, 48, |x, _| {
+            image::Rgb([(x * 4) as u8; 3])
+        }));
+        let mut flips = 0;
+        for seed in 0..32 {
+            let v = augment(&ramp, &p, seed);
+            let row = &v[..8];
+            let rising = row.windows(2).all(|w| w[1] >= w[0]);
+            let falling = row.windows(2).all(|w| w[1] <= w[0]);
+            assert!(rising || falling, "{row:?}");
+            flips += (falling && !rising) as usize;
+        }
+        assert!((4..=28).contains(&flips), "{flips} of 32 flipped");
+    }
 }

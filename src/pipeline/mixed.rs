@@ -61,7 +61,7 @@ pub(super) fn allocate_bits(
                 &v.spec,
                 model,
                 v.calib.as_ref().expect("opened with --images"),
-                idx,
+                &v.views(idx),
                 CalibMode::Fp,
                 Arc::new(Profile::new(false)),
             )?)),

@@ -276,6 +276,7 @@ mod tests {
             holdout: 0.0,
             target_bits: None,
             equalize: false,
+            augment: Augment::Off,
             profile: false,
             allow_unused_tensors: false,
         }
@@ -453,6 +454,47 @@ mod tests {
         let a = input.tensors().iter().find(|t| t.name == norm).unwrap();
         let b = out.tensors().iter().find(|t| t.name == norm).unwrap();
         assert_ne!(input.bytes(a), out.bytes(b));
+    }
+
+    /// `--augment 2` with a search: every image of both sets brings two seeded views, the
+    /// held-out images' views stay out of the calibration set (disjoint by image), the layers
+    /// see three times the tokens, and the report says so.
+    #[test]
+    fn augmented_views_triple_the_inputs_and_keep_the_sets_disjoint() {
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = base();
+        opts.model = assets.join("fmnist-vit");
+        opts.selection = Selection::default();
+        opts.images = Some(ImageOptions {
+            count: 12,
+            ..ImageOptions::new(assets.join("fmnist-images/calib.safetensors"))
+        });
+        opts.search = Some(crate::quant::search::SearchPlan::single(&opts.config));
+        opts.holdout = 0.25;
+        let model = Checkpoint::open(&opts.model).unwrap();
+        let mut jobs = Vec::new();
+        let plain = vision::Vision::prepare(&model, &opts, &mut jobs).unwrap();
+        opts.augment = Augment::Views(2);
+        let v = vision::Vision::prepare(&model, &opts, &mut jobs).unwrap();
+        assert_eq!((v.calib_idx.len(), v.holdout_idx.len()), (9, 3));
+        assert_eq!(v.calib_idx, plain.calib_idx);
+        let (cal, held) = (v.views(&v.calib_idx), v.views(&v.holdout_idx));
+        assert_eq!((cal.len(), held.len()), (27, 9));
+        assert!(cal.iter().all(|c| held.iter().all(|h| h.image != c.image)));
+        assert_eq!(cal.iter().filter(|c| c.aug.is_none()).count(), 9);
+        opts.out = Some(dir.path().join("q.safetensors"));
+        let r = run(&opts, &mut |_| {}).unwrap();
+        opts.augment = Augment::Off;
+        let r0 = run(&opts, &mut |_| {}).unwrap();
+        assert!(
+            r.calibration.contains("2 augmented views per image"),
+            "{}",
+            r.calibration
+        );
+        for (a, b) in r.layers.iter().zip(&r0.layers) {
+            assert_eq!(a.samples, 3 * b.samples, "{}", a.name);
+        }
     }
 
     #[test]

@@ -141,6 +141,57 @@ pub struct ImageOptions {
     pub bundled: bool,
 }
 
+/// How many seeded augmented views (random resized crops and flips) each calibration image adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Augment {
+    /// None: the images as they are.
+    #[default]
+    Off,
+    /// Enough views that the calibration and held-out images together reach
+    /// [`AUGMENT_TARGET_VIEWS`], at most [`AUGMENT_MAX_VIEWS`] per image; none from that many
+    /// images up.
+    Auto,
+    /// This many per image.
+    Views(u32),
+}
+
+/// `--augment auto` fills the calibration (held-out share included) up to this many inputs.
+pub const AUGMENT_TARGET_VIEWS: usize = 64;
+
+/// The most views `--augment` adds per image.
+pub const AUGMENT_MAX_VIEWS: u32 = 15;
+
+impl Augment {
+    /// Extra views per image for `images` source images.
+    pub fn views(self, images: usize) -> u32 {
+        match self {
+            Augment::Off => 0,
+            Augment::Views(k) => k,
+            Augment::Auto if images == 0 => 0,
+            Augment::Auto => (AUGMENT_TARGET_VIEWS.div_ceil(images) as u32)
+                .saturating_sub(1)
+                .min(AUGMENT_MAX_VIEWS),
+        }
+    }
+}
+
+impl std::str::FromStr for Augment {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Augment, String> {
+        match s {
+            "off" | "0" => Ok(Augment::Off),
+            "auto" => Ok(Augment::Auto),
+            n => match n.parse::<u32>() {
+                Ok(k) if k <= AUGMENT_MAX_VIEWS => Ok(Augment::Views(k)),
+                _ => Err(format!(
+                    "'{n}' is not off, auto or a number of views per image from 0 to {AUGMENT_MAX_VIEWS}"
+                )),
+            },
+        }
+    }
+}
+
 impl ImageOptions {
     /// Calibration from the images at `path` with every other option at its default: up to
     /// [`DEFAULT_CALIB_COUNT`] of them (seed 0), inputs from the full-precision model, the
@@ -234,6 +285,8 @@ pub struct RunOptions {
     pub target_bits: Option<f32>,
     /// Fold activation-aware input scales of the layers fed by a LayerNorm into that LayerNorm.
     pub equalize: bool,
+    /// Seeded augmented views per calibration image (`--images` or the bundled photos).
+    pub augment: Augment,
     /// Synchronise GPU stages at their boundaries so the profile attributes time exactly.
     pub profile: bool,
     /// Go on (with a warning naming each) when the model holds tensors the forward pass does
@@ -281,6 +334,7 @@ impl RunOptions {
             holdout: resolved.holdout,
             target_bits: None,
             equalize: false,
+            augment: Augment::Off,
             profile: false,
             allow_unused_tensors: false,
         }
@@ -292,4 +346,26 @@ pub(super) fn search_state(opts: &RunOptions) -> Option<bool> {
     opts.search
         .as_ref()
         .map(|_| opts.holdout > 0.0 && (opts.images.is_some() || opts.calib.is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn augment_parses_and_auto_fills_up_to_the_target() {
+        assert_eq!("off".parse::<Augment>(), Ok(Augment::Off));
+        assert_eq!("auto".parse::<Augment>(), Ok(Augment::Auto));
+        assert_eq!("3".parse::<Augment>(), Ok(Augment::Views(3)));
+        assert!("16".parse::<Augment>().is_err());
+        assert!("-1".parse::<Augment>().is_err());
+        // 17 photos: 3 views each, 68 inputs; 11: 5 each, 66; 64 or more: none.
+        assert_eq!(Augment::Auto.views(17), 3);
+        assert_eq!(Augment::Auto.views(11), 5);
+        assert_eq!(Augment::Auto.views(64), 0);
+        assert_eq!(Augment::Auto.views(500), 0);
+        assert_eq!(Augment::Auto.views(1), AUGMENT_MAX_VIEWS);
+        assert_eq!(Augment::Views(2).views(1000), 2);
+        assert_eq!(Augment::Off.views(3), 0);
+    }
 }

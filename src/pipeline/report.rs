@@ -216,7 +216,7 @@ pub(super) fn provenance(
 pub(super) fn calib_label(opts: &RunOptions) -> String {
     if let Some(i) = &opts.images {
         return format!(
-            "{} images of {} (seed {}{}, inputs from the {} model)",
+            "{} images of {} (seed {}{}{}, inputs from the {} model)",
             i.count,
             i.path.display(),
             i.seed,
@@ -224,6 +224,14 @@ pub(super) fn calib_label(opts: &RunOptions) -> String {
                 (Some(_), h) if h > 0.0 =>
                     format!(", {:.0}% held out to choose per layer", h * 100.0),
                 _ => String::new(),
+            },
+            match opts.augment {
+                super::Augment::Off => String::new(),
+                super::Augment::Views(k) => format!(", {k} augmented views per image"),
+                super::Augment::Auto => format!(
+                    ", augmented views up to {} inputs",
+                    super::AUGMENT_TARGET_VIEWS
+                ),
             },
             match i.mode {
                 CalibMode::Fp => "full-precision",

@@ -10,7 +10,7 @@ use crate::device::AnyDevice;
 use crate::device::AnyOps;
 use crate::error::{Error, Result};
 use crate::io::calib::CalibKind;
-use crate::io::images::ImageSet;
+use crate::io::images::{ImageSet, View};
 use crate::io::{Calibration, Checkpoint};
 use crate::model::VitSpec;
 use crate::profile::Profile;
@@ -26,6 +26,10 @@ pub(super) struct Vision {
     pub(super) calib_idx: Vec<usize>,
     /// Calibration images held out to score candidates (empty: none).
     pub(super) holdout_idx: Vec<usize>,
+    /// Seeded augmented views added per image (of both sets, so they stay disjoint by image).
+    pub(super) extra_views: u32,
+    /// The seed of the views.
+    pub(super) seed: u64,
     pub(super) eval: Option<ImageSet>,
 }
 
@@ -45,7 +49,8 @@ impl Vision {
     )> {
         let set = self.calib.as_ref().expect("opened with --images");
         let one = |idx: &[usize]| {
-            crate::calibrate::calibrator(e, &self.spec, model, set, idx, mode, profile.clone())
+            let views = self.views(idx);
+            crate::calibrate::calibrator(e, &self.spec, model, set, &views, mode, profile.clone())
         };
         let calib = one(&self.calib_idx)?;
         let held = if self.holdout_idx.is_empty() {
@@ -54,6 +59,13 @@ impl Vision {
             Some(one(&self.holdout_idx)?)
         };
         Ok((calib, held))
+    }
+
+    /// The inputs images `idx` give: each image and its augmented views.
+    pub(super) fn views(&self, idx: &[usize]) -> Vec<View> {
+        idx.iter()
+            .flat_map(|&i| View::with_views(i, self.extra_views, self.seed))
+            .collect()
     }
 
     pub(super) fn prepare(
@@ -136,11 +148,24 @@ impl Vision {
             // Class folders that cannot be matched to the head fail now, not after the run.
             crate::eval::label_map(set, &spec)?;
         }
+        let images = calib_idx.len() + holdout_idx.len();
+        let extra_views = match &opts.images {
+            Some(_) => opts.augment.views(images),
+            None => 0,
+        };
+        if extra_views > 0 {
+            log::info!(
+                "calibration: {extra_views} augmented views per image added ({} inputs from {images} images)",
+                images * (1 + extra_views as usize)
+            );
+        }
         Ok(Vision {
             spec,
             calib,
             calib_idx,
             holdout_idx,
+            extra_views,
+            seed: opts.images.as_ref().map_or(0, |i| i.seed),
             eval,
         })
     }

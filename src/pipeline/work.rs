@@ -112,6 +112,9 @@ mod tests {
             ("holdout", |o| o.holdout = 0.15),
             ("target_bits", |o| o.target_bits = Some(3.0)),
             ("equalize", |o| o.equalize = true),
+            ("augment", |o| {
+                o.augment = crate::pipeline::Augment::Views(2)
+            }),
         ];
         for (name, change) in changes {
             let mut o = base();
