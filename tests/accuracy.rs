@@ -269,6 +269,7 @@ fn the_search_ships_the_best_held_out_candidate_and_never_loses_to_rtn() {
         paper: true,
         rtn_scalars: true,
         damps: vec![0.1],
+        score_damp: 0.0,
     };
     let dev = CpuDevice::new();
     let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
@@ -397,6 +398,7 @@ fn gpu_gptq_and_search_match_the_cpu() {
             paper: true,
             rtn_scalars: true,
             damps: vec![0.1],
+            score_damp: 0.0,
         };
         let cfg = QuantConfig { sweeps: 1, ..cfg };
         let ca = cpu
@@ -475,6 +477,7 @@ fn the_resident_search_equals_lone_runs_candidate_by_candidate() {
             paper: true,
             rtn_scalars: true,
             damps: vec![0.1],
+            score_damp: 0.0,
         };
         let dev = CpuDevice::new();
         let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
@@ -509,5 +512,73 @@ fn the_resident_search_equals_lone_runs_candidate_by_candidate() {
         );
         assert_eq!(c.outcome.layer.grid.delta, shipped.grid.delta);
         assert!(c.tried.len() >= 12, "{}", c.tried.len());
+    }
+}
+
+/// Without held-out images, `--score-damp λ` compares candidates on the calibration error plus
+/// `λ·mean(diag G)·‖W − Q̂‖² / ‖X·Wᵀ‖²`: the shipped candidate has the lowest such score, its
+/// score is that sum for its codes, and charging more for the distance from `W` never ships
+/// codes further from `W`.
+#[test]
+fn without_held_out_images_the_score_damping_charges_for_the_distance_from_w() {
+    let (rows, cols) = (20, 64);
+    let mut rng = Rng::new(23);
+    let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
+    let x = correlated_x(&mut rng, 50, cols);
+    let cal = gram_of(&x, 50, cols);
+    let cfg = QuantConfig {
+        bits: 3,
+        init: Init::Gptq,
+        damp: 0.01,
+        ..QuantConfig::default()
+    };
+    let dev = CpuDevice::new();
+    let energy: f64 = (0..rows)
+        .map(|r| {
+            let wr = &w[r * cols..(r + 1) * cols];
+            (0..cols)
+                .map(|a| {
+                    (0..cols)
+                        .map(|b| wr[a] as f64 * cal.data[a * cols + b] * wr[b] as f64)
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    let distance = |q: &QuantizedLayer| -> f64 {
+        w.iter()
+            .zip(q.dequantize())
+            .map(|(a, b)| (*a as f64 - b as f64).powi(2))
+            .sum()
+    };
+    let mut last = f64::INFINITY;
+    for lambda in [0.0f32, 0.1, 1.0, 100.0] {
+        let plan = SearchPlan {
+            scalars: AUTO_SCALARS.to_vec(),
+            paper: true,
+            rtn_scalars: true,
+            damps: vec![0.1],
+            score_damp: lambda,
+        };
+        let c = search(&dev, "t", &w, rows, cols, &cal, None, &cfg, &plan).unwrap();
+        let best = c
+            .tried
+            .iter()
+            .map(|t| t.score)
+            .fold(f64::INFINITY, f64::min);
+        let chosen = c.tried.iter().find(|t| t.label == c.chosen).unwrap();
+        assert_eq!(chosen.score, best, "λ = {lambda}");
+        let d = distance(&c.outcome.layer);
+        let want = c.outcome.rel_error + cal.damping(lambda) * d / energy;
+        assert!(
+            (chosen.score - want).abs() <= 1e-6 * want,
+            "{} vs {want}",
+            chosen.score
+        );
+        assert!(
+            d <= last * (1.0 + 1e-9),
+            "λ = {lambda}: ‖W − Q̂‖² {d} > {last}"
+        );
+        last = d;
     }
 }

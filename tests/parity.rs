@@ -565,6 +565,7 @@ fn a_resident_search_moves_each_input_once() {
         paper: true,
         rtn_scalars: true,
         damps: vec![0.1],
+        score_damp: 0.0,
     };
     let (u0, d0) = gpu.traffic();
     let c = search(&gpu, "t", &w, rows, cols, &gram, Some(&held), &cfg, &plan).unwrap();

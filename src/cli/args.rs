@@ -205,6 +205,11 @@ pub struct QuantArgs {
     /// (never worse than RTN on them); 0 chooses on the calibration error [default: 0.15].
     #[arg(long, value_name = "SHARE")]
     pub holdout: Option<f32>,
+    /// Without held-out images (`--holdout 0`, or a `--calib` file of Gram matrices), compare
+    /// candidates on the calibration error plus λ·mean(diag G)·‖W − Q‖², which charges for
+    /// moving away from the weights; 0 compares the calibration error alone [default: 0].
+    #[arg(long, value_name = "λ")]
+    pub score_damp: Option<f32>,
     /// Visiting order [default: greedy]. `shared`: one order for all rows, swept in blocks of
     /// 64 columns whose residual updates are matrix products (faster, usually a little less
     /// accurate; see the README).
@@ -262,6 +267,7 @@ impl QuantArgs {
             damp: self.damp,
             no_act_order: self.no_act_order,
             holdout: self.holdout,
+            score_damp: self.score_damp,
             order: self.order,
             scale_update: self.scale_update,
             granularity: self.granularity,

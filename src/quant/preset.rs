@@ -3,7 +3,9 @@
 //! share. The command line and recipe files only fill in [`Choices`]; every default is decided
 //! here.
 
-use super::search::{SearchPlan, AUTO_DAMPS, AUTO_SCALARS, DEFAULT_DAMP, DEFAULT_HOLDOUT};
+use super::search::{
+    SearchPlan, AUTO_DAMPS, AUTO_SCALARS, DEFAULT_DAMP, DEFAULT_HOLDOUT, DEFAULT_SCORE_DAMP,
+};
 use super::{Granularity, Init, Method, OrderKind, QuantConfig};
 use crate::error::{Error, Result};
 
@@ -69,6 +71,8 @@ pub struct Choices {
     pub no_act_order: bool,
     /// Share of the calibration images held out to choose among candidates.
     pub holdout: Option<f32>,
+    /// Damping of the calibration Gram candidates are compared on without held-out images.
+    pub score_damp: Option<f32>,
     /// Visiting order.
     pub order: Option<OrderKind>,
     /// Closed-form scale update after each sweep.
@@ -155,17 +159,25 @@ impl Preset {
         } else {
             Vec::new()
         };
+        let score_damp = c.score_damp.unwrap_or(DEFAULT_SCORE_DAMP);
+        if !(score_damp.is_finite() && score_damp >= 0.0) {
+            return Err(Error::InvalidOption(format!(
+                "--score-damp {score_damp} must be a finite value ≥ 0"
+            )));
+        }
         let plan = match (self.scalar(c), paper) {
             (Scalar::Auto, _) => Some(SearchPlan {
                 scalars: AUTO_SCALARS.to_vec(),
                 paper: !paper,
                 rtn_scalars: true,
                 damps,
+                score_damp,
             }),
             (Scalar::Fixed(_), true) if holdout == 0.0 => None,
             (Scalar::Fixed(_), paper) => Some(SearchPlan {
                 paper: !paper,
                 damps,
+                score_damp,
                 ..SearchPlan::single(cfg)
             }),
         };

@@ -39,6 +39,10 @@ pub const SCALAR_STEP: f32 = 0.05;
 /// …but not below this.
 pub const MIN_SCALAR: f32 = 0.5;
 
+/// The default `--score-damp`: without held-out images, candidates are compared on the
+/// calibration error plus this damping's term `λ·mean(diag G)·‖W − Q̂‖²` (see [`SearchPlan`]).
+pub const DEFAULT_SCORE_DAMP: f32 = 0.0;
+
 /// Grid shrinks `--scalar auto` tries, largest first.
 pub const AUTO_SCALARS: [f32; 5] = [1.0, 0.95, 0.9, 0.85, 0.8];
 
@@ -54,6 +58,11 @@ pub struct SearchPlan {
     /// Other dampings to try with the configured method, at the grid shrink that scored best
     /// (a coordinate search: one more run per value, not one per scalar).
     pub damps: Vec<f32>,
+    /// Without a held-out Gram, candidates are compared on `eᵀ(G + λ·mean(diag G)·I)e` with this
+    /// `λ` instead of on the calibration error alone: the harder the descent fits the few
+    /// calibration rows, the further it moves from `W`, and the term charges for that distance.
+    /// 0 compares the calibration error itself. Unused with held-out images.
+    pub score_damp: f32,
 }
 
 impl SearchPlan {
@@ -64,6 +73,7 @@ impl SearchPlan {
             paper: false,
             rtn_scalars: false,
             damps: Vec::new(),
+            score_damp: 0.0,
         }
     }
 }
@@ -77,6 +87,9 @@ pub struct Tried {
     pub rel_error: f64,
     /// Relative error on the held-out Gram (`None` without one).
     pub rel_error_holdout: Option<f64>,
+    /// What the choice compared: the held-out error, else the calibration error plus the
+    /// scoring damping's term.
+    pub score: f64,
 }
 
 /// The shipped candidate and the scores of all of them.
@@ -215,14 +228,15 @@ impl Ledger {
         label: String,
         rel_error: f64,
         held: Option<f64>,
+        score: f64,
         scalar: Option<f32>,
     ) -> bool {
-        let score = held.unwrap_or(rel_error);
-        log::debug!("{label}: calibration {rel_error:.4e}, held-out {held:?}");
+        log::debug!("{label}: calibration {rel_error:.4e}, held-out {held:?}, score {score:.4e}");
         self.tried.push(Tried {
             label,
             rel_error,
             rel_error_holdout: held,
+            score,
         });
         if let Some(sc) = scalar {
             match self.by_scalar.iter_mut().find(|(s, _)| *s == sc) {
@@ -285,6 +299,7 @@ pub fn search<D: Device>(
         let mut extended: Vec<f32> = Vec::new();
         let mut damp_stage = false;
         let mut runs = 0usize;
+        let score_lam = gram.damping(plan.score_damp);
         loop {
             let Some(c) = queue.pop_front() else {
                 // Line search downwards: while the smallest shrink tried is the best, try the next.
@@ -366,10 +381,11 @@ pub fn search<D: Device>(
                         Some(_) => Some(held_out(device, st, h_energy)?),
                         None => None,
                     };
-                    if ledger.book(label(&c, sweeps), rel_error, held, scalar) {
+                    let score = score_of(device, st, held, rel_error, score_lam, energy)?;
+                    if ledger.book(label(&c, sweeps), rel_error, held, score, scalar) {
                         device.keep(st)?;
                         ledger.best = Some(Best {
-                            score: held.unwrap_or(rel_error),
+                            score,
                             index: ledger.tried.len() - 1,
                             state: si,
                             grid: grid.clone(),
@@ -392,13 +408,21 @@ pub fn search<D: Device>(
                     Some(_) => Some(held_out(device, &mut res.st, h_energy)?),
                     None => None,
                 };
+                let score = score_of(
+                    device,
+                    &mut res.st,
+                    held,
+                    stats.rel_error,
+                    score_lam,
+                    energy,
+                )?;
                 if rtn_outcome.is_none() {
                     rtn_outcome = Some((stats.rel_error, held));
                 }
-                if ledger.book(label(&c, c.sweeps), stats.rel_error, held, scalar) {
+                if ledger.book(label(&c, c.sweeps), stats.rel_error, held, score, scalar) {
                     device.keep(&mut res.st)?;
                     ledger.best = Some(Best {
-                        score: held.unwrap_or(stats.rel_error),
+                        score,
                         index: ledger.tried.len() - 1,
                         state: si,
                         grid: grid.clone(),
@@ -528,6 +552,25 @@ fn paper_config(cfg: &QuantConfig) -> QuantConfig {
         order: OrderKind::Greedy,
         ..cfg.clone()
     }
+}
+
+/// What a stage is compared on: its held-out error, else its calibration error plus the
+/// scoring damping's term `λ_s·‖W − Q̂‖² / ‖X·Wᵀ‖²` (`score_lam` is `λ_s·mean(diag G)`).
+fn score_of<D: Device>(
+    device: &D,
+    st: &mut D::Layer,
+    held: Option<f64>,
+    rel_error: f64,
+    score_lam: f64,
+    energy: f64,
+) -> Result<f64> {
+    Ok(match held {
+        Some(h) => h,
+        None if score_lam > 0.0 && energy > 0.0 => {
+            rel_error + score_lam * device.error_sqnorm(st)? / energy
+        }
+        None => rel_error,
+    })
 }
 
 /// A candidate's held-out relative error, on the device.
