@@ -218,33 +218,96 @@ struct Ledger {
     tried: Vec<Tried>,
     best: Option<Best>,
     by_scalar: Vec<(f32, f64)>,
+    /// The first RTN candidate's calibration and held-out errors (the report's RTN).
+    rtn: Option<(f64, Option<f64>)>,
+    /// `λ_s·mean(diag G)` of `--score-damp`.
+    score_lam: f64,
 }
 
 impl Ledger {
-    /// Books one candidate: its score is the held-out error when there is one, else the
-    /// calibration error. Returns whether it is the best so far (strictly: ties keep the first).
-    fn book(
+    /// Scores the stage in `st` (on the held-out Gram when there is one, else on the
+    /// calibration error plus the scoring damping's term), books it, and keeps it on the device
+    /// when it is the best so far (strictly: ties keep the first). Returns its held-out error.
+    fn consider<D: Device>(
         &mut self,
-        label: String,
-        rel_error: f64,
-        held: Option<f64>,
-        score: f64,
-        scalar: Option<f32>,
-    ) -> bool {
-        log::debug!("{label}: calibration {rel_error:.4e}, held-out {held:?}, score {score:.4e}");
+        device: &D,
+        st: &mut D::Layer,
+        s: Stage<'_>,
+    ) -> Result<Option<f64>> {
+        let held = match s.holdout_energy {
+            Some(e) => Some(held_out(device, st, e)?),
+            None => None,
+        };
+        let score = score_of(device, st, held, s.rel_error, self.score_lam, s.energy)?;
+        log::debug!(
+            "{}: calibration {:.4e}, held-out {held:?}, score {score:.4e}",
+            s.label,
+            s.rel_error
+        );
         self.tried.push(Tried {
-            label,
-            rel_error,
+            label: s.label,
+            rel_error: s.rel_error,
             rel_error_holdout: held,
             score,
         });
-        if let Some(sc) = scalar {
-            match self.by_scalar.iter_mut().find(|(s, _)| *s == sc) {
+        if let Some(sc) = s.scalar {
+            match self.by_scalar.iter_mut().find(|(x, _)| *x == sc) {
                 Some(e) => e.1 = e.1.min(score),
                 None => self.by_scalar.push((sc, score)),
             }
         }
-        self.best.as_ref().is_none_or(|b| score < b.score)
+        if self.best.as_ref().is_none_or(|b| score < b.score) {
+            device.keep(st)?;
+            self.best = Some(Best {
+                score,
+                index: self.tried.len() - 1,
+                state: s.state,
+                grid: s.grid.clone(),
+                rel_error: s.rel_error,
+                energy: s.energy,
+                run: s.run,
+                history: Vec::new(),
+                rel_error_start: None,
+            });
+        }
+        Ok(held)
+    }
+
+    /// The choice: the kept best candidate downloaded (the layer's one readback of codes),
+    /// with every candidate's scores.
+    fn ship<D: Device>(
+        self,
+        device: &D,
+        states: &mut [Resident<D>],
+        bits: u32,
+        start: std::time::Instant,
+    ) -> Result<Choice> {
+        let best = self.best.expect("RTN is always a candidate");
+        let (rtn_rel, rtn_held) = self.rtn.expect("RTN is always a candidate");
+        let (codes, delta) = device.download_kept(&mut states[best.state].st)?;
+        let grid = Grid { delta, ..best.grid };
+        let outcome = LayerOutcome {
+            layer: QuantizedLayer {
+                rows: grid.rows,
+                cols: grid.cols,
+                bits,
+                grid,
+                codes,
+            },
+            rel_error: best.rel_error,
+            rel_error_rtn: rtn_rel,
+            energy: best.energy,
+            history: best.history,
+            rel_error_start: best.rel_error_start,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        Ok(Choice {
+            chosen: self.tried[best.index].label.clone(),
+            rel_error_holdout: self.tried[best.index].rel_error_holdout,
+            rel_error_holdout_rtn: rtn_held,
+            outcome,
+            tried: self.tried,
+        })
     }
 }
 
@@ -277,11 +340,6 @@ pub fn search<D: Device>(
         gram,
         holdout,
     };
-    let rtn = |scalar: f32| QuantConfig {
-        method: Method::Rtn,
-        scalar,
-        ..cfg.clone()
-    };
     // The damped diagonal, the order and the GPTQ factor per damping, made once each: the
     // configured damping's here, the others' on a helper thread while the first candidates run.
     std::thread::scope(|sc| {
@@ -291,65 +349,13 @@ pub fn search<D: Device>(
             tried: Vec::new(),
             best: None,
             by_scalar: Vec::new(),
+            rtn: None,
+            score_lam: gram.damping(plan.score_damp),
         };
-        // The first candidate, round-to-nearest at the full grid: its errors go in the report.
-        let mut rtn_outcome: Option<(f64, Option<f64>)> = None;
-        let mut queue: std::collections::VecDeque<QuantConfig> = first_candidates(cfg, plan).into();
-        let mut damps_done = plan.damps.is_empty() || cfg.method != Method::Comq;
-        let mut extended: Vec<f32> = Vec::new();
-        let mut damp_stage = false;
-        let mut runs = 0usize;
-        let score_lam = gram.damping(plan.score_damp);
-        loop {
-            let Some(c) = queue.pop_front() else {
-                // Line search downwards: while the smallest shrink tried is the best, try the next.
-                if plan.scalars.len() > 1 && !damp_stage {
-                    let best_s = ledger
-                        .by_scalar
-                        .iter()
-                        .min_by(|a, b| a.1.total_cmp(&b.1))
-                        .map(|e| e.0);
-                    let lowest = ledger
-                        .by_scalar
-                        .iter()
-                        .map(|e| e.0)
-                        .fold(f32::INFINITY, f32::min);
-                    if best_s == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
-                        let next = ((lowest - SCALAR_STEP) * 100.0).round() / 100.0;
-                        if plan.rtn_scalars {
-                            queue.push_back(rtn(next));
-                        }
-                        queue.push_back(QuantConfig {
-                            scalar: next,
-                            ..cfg.clone()
-                        });
-                        extended.push(next);
-                        continue;
-                    }
-                }
-                if damps_done {
-                    break;
-                }
-                damps_done = true;
-                damp_stage = true;
-                if let Some(&(s, _)) = ledger.by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
-                    for &d in plan.damps.iter().filter(|&&d| d != cfg.damp) {
-                        queue.push_back(QuantConfig {
-                            scalar: s,
-                            damp: d,
-                            ..cfg.clone()
-                        });
-                    }
-                }
-                continue;
-            };
+        let mut queue = Queue::new(cfg, plan);
+        while let Some(c) = queue.next(&ledger) {
             c.validate()?;
             c.validate_for(name, rows, cols)?;
-            let configured = c.method == cfg.method
-                && c.init == cfg.init
-                && c.damp == cfg.damp
-                && (plan.scalars.contains(&c.scalar) || extended.contains(&c.scalar));
-            let scalar = configured.then_some(c.scalar);
             let prep = preps.get(&layer, &c)?;
             let si = match states.iter().position(|r| r.kind == c.order) {
                 Some(i) => i,
@@ -368,103 +374,145 @@ pub fn search<D: Device>(
                 lam: gram.damping(c.damp),
                 factor: prep.factor.as_ref(),
             };
-            runs += 1;
-            let h_energy = res.holdout_energy;
-            // Every stage of the run (its start and each sweep) is scored as it is taken; the best
-            // so far is kept on the device, so memory does not grow with --sweeps.
+            let run = ledger.tried.len();
+            let stage = |sweeps: usize, rel_error: f64| Stage {
+                label: label(&c, sweeps),
+                rel_error,
+                scalar: queue.configured(&c),
+                state: si,
+                grid: &grid,
+                energy,
+                run,
+                holdout_energy: holdout.map(|_| res.holdout_energy),
+            };
+            // Every stage of the run (its start and each sweep) is scored as it is taken; the
+            // best so far is kept on the device, so memory does not grow with --sweeps.
             let mut staged = false;
             let stats = {
                 let ledger = &mut ledger;
                 let mut hook = |st: &mut D::Layer, sweeps: usize, rel_error: f64| -> Result<()> {
                     staged = true;
-                    let held = match holdout {
-                        Some(_) => Some(held_out(device, st, h_energy)?),
-                        None => None,
-                    };
-                    let score = score_of(device, st, held, rel_error, score_lam, energy)?;
-                    if ledger.book(label(&c, sweeps), rel_error, held, score, scalar) {
-                        device.keep(st)?;
-                        ledger.best = Some(Best {
-                            score,
-                            index: ledger.tried.len() - 1,
-                            state: si,
-                            grid: grid.clone(),
-                            rel_error,
-                            energy,
-                            run: runs,
-                            history: Vec::new(),
-                            rel_error_start: None,
-                        });
-                    }
+                    ledger.consider(device, st, stage(sweeps, rel_error))?;
                     Ok(())
                 };
                 crate::profile::record("  candidates", || {
                     run_on(device, &mut res.st, &c, &ctx, Some(&mut hook), false)
                 })?
             };
-            // A run without stages (RTN) is a candidate itself.
+            // A run without stages (RTN) is a candidate itself; the first is the report's RTN.
             if !staged {
-                let held = match holdout {
-                    Some(_) => Some(held_out(device, &mut res.st, h_energy)?),
-                    None => None,
-                };
-                let score = score_of(
-                    device,
-                    &mut res.st,
-                    held,
-                    stats.rel_error,
-                    score_lam,
-                    energy,
-                )?;
-                if rtn_outcome.is_none() {
-                    rtn_outcome = Some((stats.rel_error, held));
-                }
-                if ledger.book(label(&c, c.sweeps), stats.rel_error, held, score, scalar) {
-                    device.keep(&mut res.st)?;
-                    ledger.best = Some(Best {
-                        score,
-                        index: ledger.tried.len() - 1,
-                        state: si,
-                        grid: grid.clone(),
-                        rel_error: stats.rel_error,
-                        energy,
-                        run: runs,
-                        history: Vec::new(),
-                        rel_error_start: None,
-                    });
-                }
+                let held =
+                    ledger.consider(device, &mut res.st, stage(c.sweeps, stats.rel_error))?;
+                ledger.rtn.get_or_insert((stats.rel_error, held));
             }
-            if let Some(b) = ledger.best.as_mut().filter(|b| b.run == runs) {
+            if let Some(b) = ledger.best.as_mut().filter(|b| b.run == run) {
                 b.history = stats.history;
                 b.rel_error_start = stats.rel_error_start;
             }
         }
-        let best = ledger.best.expect("RTN is always a candidate");
-        let (rtn_rel, rtn_held) = rtn_outcome.expect("RTN is always a candidate");
-        let (codes, delta) = device.download_kept(&mut states[best.state].st)?;
-        let outcome = LayerOutcome {
-            layer: QuantizedLayer {
-                rows,
-                cols,
-                bits: cfg.bits,
-                grid: Grid { delta, ..best.grid },
-                codes,
-            },
-            rel_error: best.rel_error,
-            rel_error_rtn: rtn_rel,
-            energy: best.energy,
-            history: best.history,
-            rel_error_start: best.rel_error_start,
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        Ok(Choice {
-            chosen: ledger.tried[best.index].label.clone(),
-            rel_error_holdout: ledger.tried[best.index].rel_error_holdout,
-            rel_error_holdout_rtn: rtn_held,
-            outcome,
-            tried: ledger.tried,
-        })
+        ledger.ship(device, &mut states, cfg.bits, start)
     })
+}
+
+/// The order candidates are tried in: [`first_candidates`], then the line search down the grid
+/// shrinks while the smallest one tried scores best, then the other dampings at the best shrink.
+struct Queue<'a> {
+    cfg: &'a QuantConfig,
+    plan: &'a SearchPlan,
+    queue: std::collections::VecDeque<QuantConfig>,
+    /// Shrinks the line search added.
+    extended: Vec<f32>,
+    damps_done: bool,
+    damp_stage: bool,
+}
+
+impl<'a> Queue<'a> {
+    fn new(cfg: &'a QuantConfig, plan: &'a SearchPlan) -> Queue<'a> {
+        Queue {
+            cfg,
+            plan,
+            queue: first_candidates(cfg, plan).into(),
+            extended: Vec::new(),
+            damps_done: plan.damps.is_empty() || cfg.method != Method::Comq,
+            damp_stage: false,
+        }
+    }
+
+    /// The next candidate, given the scores so far; `None` when the search is over.
+    fn next(&mut self, ledger: &Ledger) -> Option<QuantConfig> {
+        let (cfg, plan) = (self.cfg, self.plan);
+        loop {
+            if let Some(c) = self.queue.pop_front() {
+                return Some(c);
+            }
+            let best = ledger.by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1));
+            // Line search downwards: while the smallest shrink tried is the best, try the next.
+            if plan.scalars.len() > 1 && !self.damp_stage {
+                let lowest = ledger
+                    .by_scalar
+                    .iter()
+                    .map(|e| e.0)
+                    .fold(f32::INFINITY, f32::min);
+                if best.map(|e| e.0) == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
+                    let next = ((lowest - SCALAR_STEP) * 100.0).round() / 100.0;
+                    if plan.rtn_scalars {
+                        self.queue.push_back(QuantConfig {
+                            method: Method::Rtn,
+                            scalar: next,
+                            ..cfg.clone()
+                        });
+                    }
+                    self.queue.push_back(QuantConfig {
+                        scalar: next,
+                        ..cfg.clone()
+                    });
+                    self.extended.push(next);
+                    continue;
+                }
+            }
+            if self.damps_done {
+                return None;
+            }
+            self.damps_done = true;
+            self.damp_stage = true;
+            if let Some(&(s, _)) = best {
+                for &d in plan.damps.iter().filter(|&&d| d != cfg.damp) {
+                    self.queue.push_back(QuantConfig {
+                        scalar: s,
+                        damp: d,
+                        ..cfg.clone()
+                    });
+                }
+            }
+        }
+    }
+
+    /// The shrink `c` counts for in the line search: the configured method at a shrink of the
+    /// plan or of the line search (`None` for every other candidate).
+    fn configured(&self, c: &QuantConfig) -> Option<f32> {
+        let cfg = self.cfg;
+        (c.method == cfg.method
+            && c.init == cfg.init
+            && c.damp == cfg.damp
+            && (self.plan.scalars.contains(&c.scalar) || self.extended.contains(&c.scalar)))
+        .then_some(c.scalar)
+    }
+}
+
+/// One stage of a run, as the ledger books it (its codes are in the device state).
+struct Stage<'g> {
+    label: String,
+    rel_error: f64,
+    /// The shrink it counts for in the line search.
+    scalar: Option<f32>,
+    /// Which resident state holds it.
+    state: usize,
+    grid: &'g Grid,
+    energy: f64,
+    /// The run it belongs to.
+    run: usize,
+    /// The held-out energy, when there is a held-out Gram.
+    holdout_energy: Option<f64>,
 }
 
 /// The search's preparations (`Prepared`) per damping: the configured one built first on the
