@@ -593,9 +593,10 @@ fn equalize_refusals_read_as_one_sentence() {
     }
 }
 
-/// A model with a tensor the forward pass would not read (here the latent of an attention-pooling
-/// head, SigLIP's) is refused by `run --images` and `eval`, naming the tensor, instead of
-/// being calibrated as another network; `--allow-unused-tensors` goes on with a warning.
+/// A model with a tensor the forward pass would not read (here the query norm of timm's
+/// `qk_norm=True`, which it does not implement) is refused by `run --images` and `eval`, naming
+/// the tensor, instead of being calibrated as another network; `--allow-unused-tensors` goes on
+/// with a warning.
 #[test]
 fn a_tensor_the_forward_pass_does_not_read_is_refused_by_run_and_eval() {
     let dir = tempfile::tempdir().unwrap();
@@ -612,14 +613,17 @@ fn a_tensor_the_forward_pass_does_not_read_is_refused_by_run_and_eval() {
         .collect();
     drop(st);
     tensors.push((
-        "attn_pool.latent".into(),
-        common::f32_tensor(&[1, 1, 32], &[1.0; 32]),
+        "blocks.0.attn.q_norm.weight".into(),
+        common::f32_tensor(&[8], &[1.0; 8]),
     ));
     common::write_safetensors(&model, &tensors);
     let pack = labelled_pack(dir.path(), 4);
     let out = dir.path().join("q.safetensors");
     let o = run(&["run", s(&model), "--images", s(&pack), "--out", s(&out)]);
-    assert_refused(&o, "'attn_pool.latent' is not used by its forward pass");
+    assert_refused(
+        &o,
+        "'blocks.0.attn.q_norm.weight' is not used by its forward pass",
+    );
     assert!(!out.exists());
     let o = run(&["eval", s(&model), "--images", s(&pack)]);
     assert_refused(&o, "--allow-unused-tensors");
@@ -635,5 +639,5 @@ fn a_tensor_the_forward_pass_does_not_read_is_refused_by_run_and_eval() {
         "paper",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("attn_pool.latent"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("blocks.0.attn.q_norm.weight"));
 }

@@ -7,7 +7,7 @@ use super::options::{search_state, RunOptions};
 use super::preflight::{check_calibration, preflight, CalibMemory};
 use super::vision::Vision;
 use crate::device::AnyDevice;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::guard::Lock;
 use crate::io::{Calibration, Checkpoint};
 
@@ -29,6 +29,13 @@ impl Inputs {
     /// mistake fails here, in seconds.
     pub(super) fn open(opts: &RunOptions) -> Result<(Inputs, AnyDevice)> {
         opts.config.validate()?;
+        if opts.augment != super::Augment::Off && opts.images.is_none() {
+            return Err(Error::InvalidOption(
+                "--augment adds views of calibration images: it needs --images (or no calibration \
+                 at all, to use the bundled photos), not --calib or --data-free"
+                    .into(),
+            ));
+        }
         let model = Checkpoint::open(&opts.model)?;
         let locks = super::outputs::claim_outputs(opts, &model)?;
         let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;

@@ -497,6 +497,22 @@ mod tests {
         }
     }
 
+    /// `--augment` without calibration images is refused before any output, naming the option.
+    #[test]
+    fn augment_without_images_is_refused() {
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = base();
+        opts.model = assets.join("tiny-vit.safetensors");
+        opts.calib = Some(assets.join("tiny-vit.calib.safetensors"));
+        opts.images = None;
+        opts.augment = Augment::Auto;
+        opts.out = Some(dir.path().join("q.safetensors"));
+        let e = run(&opts, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("--augment") && e.contains("--images"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
     #[test]
     fn a_known_vit_without_calibration_calibrates_on_the_bundled_photos() {
         let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
