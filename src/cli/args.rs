@@ -207,7 +207,7 @@ pub struct QuantArgs {
     pub holdout: Option<f32>,
     /// Without held-out images (`--holdout 0`, or a `--calib` file of Gram matrices), compare
     /// candidates on the calibration error plus λ·mean(diag G)·‖W − Q‖², which charges for
-    /// moving away from the weights; 0 compares the calibration error alone [default: 0].
+    /// moving away from the weights; 0 compares the calibration error alone [default: 0.1].
     #[arg(long, value_name = "λ")]
     pub score_damp: Option<f32>,
     /// Visiting order [default: greedy]. `shared`: one order for all rows, swept in blocks of

@@ -207,6 +207,7 @@ mod tests {
         assert_eq!(s.scalars, AUTO_SCALARS.to_vec());
         assert_eq!(s.damps, AUTO_DAMPS.to_vec());
         assert!(s.paper && s.rtn_scalars);
+        assert_eq!(s.score_damp, DEFAULT_SCORE_DAMP);
     }
 
     #[test]

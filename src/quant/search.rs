@@ -41,7 +41,10 @@ pub const MIN_SCALAR: f32 = 0.5;
 
 /// The default `--score-damp`: without held-out images, candidates are compared on the
 /// calibration error plus this damping's term `λ·mean(diag G)·‖W − Q̂‖²` (see [`SearchPlan`]).
-pub const DEFAULT_SCORE_DAMP: f32 = 0.0;
+/// On DINOv2-S calibrated on 17 photos with nothing held out, 0.1 raised the out-of-domain CLS
+/// cosine from 0.9071 to 0.9277 at W3 and from 0.9797 to 0.9815 at W4 (0.01 changed nothing
+/// measurable); the README has the table.
+pub const DEFAULT_SCORE_DAMP: f32 = 0.1;
 
 /// Grid shrinks `--scalar auto` tries, largest first.
 pub const AUTO_SCALARS: [f32; 5] = [1.0, 0.95, 0.9, 0.85, 0.8];
