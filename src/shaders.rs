@@ -66,6 +66,13 @@ pub const SOURCES: [(&str, &str); 10] = [
 /// Residual rows of at most this many columns fit `sweep_shared`'s workgroup array.
 pub const SWEEP_SHARED_MAX_COLS: usize = 4096;
 
+/// The most storage buffers one kernel binds (the per-row sweep and the shared-order block
+/// steps: weights, grid values, residual, codes, `G`, steps, offsets, order, scratch). WebGPU's
+/// guaranteed minimum is 8; every native Vulkan, Metal and DX12 adapter wgpu knows allows more.
+/// An adapter below this is refused at open (so `--device auto` uses the CPU); a test holds the
+/// constant to the shaders.
+pub const MAX_STORAGE_BUFFERS: u32 = 9;
+
 impl Kernel {
     /// Every kernel.
     pub const ALL: [Kernel; 20] = [

@@ -55,3 +55,36 @@ fn every_shader_file_documents_its_bindings() {
         );
     }
 }
+
+/// `MAX_STORAGE_BUFFERS`, which an adapter must allow per shader stage, is the most storage
+/// buffers any kernel's entry point uses (from naga's own analysis of each entry point).
+#[test]
+fn the_storage_buffer_bound_is_what_the_kernels_use() {
+    let mut most = 0u32;
+    for k in Kernel::ALL {
+        let src = k.source();
+        let module = naga::front::wgsl::parse_str(src).unwrap();
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap();
+        let (index, _) = module
+            .entry_points
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.name == k.entry())
+            .unwrap();
+        let fi = info.get_entry_point(index);
+        let used = module
+            .global_variables
+            .iter()
+            .filter(|(h, g)| {
+                matches!(g.space, naga::AddressSpace::Storage { .. }) && !fi[*h].is_empty()
+            })
+            .count() as u32;
+        most = most.max(used);
+    }
+    assert_eq!(most, comq_gpu::shaders::MAX_STORAGE_BUFFERS);
+}

@@ -28,7 +28,7 @@ use crate::numeric::gram::{Gram, GramAccumulator};
 use crate::numeric::grid::{scale_step, Granularity, ScaleDtype};
 use crate::numeric::order::Order;
 use crate::numeric::order::SHARED_BLOCK;
-use crate::shaders::{Kernel, SWEEP_SHARED_MAX_COLS};
+use crate::shaders::{Kernel, MAX_STORAGE_BUFFERS, SWEEP_SHARED_MAX_COLS};
 
 /// Largest workgroup count per dispatch dimension.
 const MAX_GROUPS: u32 = 65535;
@@ -163,6 +163,13 @@ impl WgpuDevice {
             )));
         }
         let limits = adapter.limits();
+        if limits.max_storage_buffers_per_shader_stage < MAX_STORAGE_BUFFERS {
+            return Err(Error::NoAdapter(format!(
+                "adapter '{}' allows {} storage buffers per shader stage; comq-gpu's kernels bind \
+                 up to {MAX_STORAGE_BUFFERS} (use --device cpu)",
+                info.name, limits.max_storage_buffers_per_shader_stage
+            )));
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("comq-gpu"),
             required_features: wgpu::Features::empty(),
