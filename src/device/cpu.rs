@@ -51,6 +51,8 @@ pub struct CpuLayer {
     gh64: Option<Vec<f64>>,
     /// The kept codes and steps.
     kept: Option<(Vec<i32>, Vec<f32>)>,
+    /// Orders stashed by key.
+    stash: Vec<(u64, Order)>,
 }
 
 impl CpuLayer {
@@ -163,6 +165,7 @@ impl Device for CpuDevice {
             scale_dtype: p.scale_dtype,
             gh64: None,
             kept: None,
+            stash: Vec::new(),
         })
     }
 
@@ -308,13 +311,23 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn set_order(&self, l: &mut CpuLayer, order: &Order) -> Result<()> {
+    fn set_order(&self, l: &mut CpuLayer, order: &Order, stashed: Option<u64>) -> Result<()> {
         if std::mem::discriminant(order) != std::mem::discriminant(&l.order) {
             return Err(crate::error::Error::Internal(
                 "set_order: the order kind differs from the upload's".into(),
             ));
         }
-        l.order = order.clone();
+        l.order = match l.stash.iter().find(|(k, _)| Some(*k) == stashed) {
+            Some((_, o)) => o.clone(),
+            None => order.clone(),
+        };
+        Ok(())
+    }
+
+    fn stash_order(&self, l: &mut CpuLayer, key: u64) -> Result<()> {
+        if !l.stash.iter().any(|(k, _)| *k == key) {
+            l.stash.push((key, l.order.clone()));
+        }
         Ok(())
     }
 

@@ -99,8 +99,14 @@ pub trait Device {
     /// again. Leaves `R` stale.
     fn set_diagonal(&self, layer: &mut Self::Layer, diag: &[f32]) -> Result<()>;
 
-    /// Replaces the visiting order by one of the same kind as the upload's.
-    fn set_order(&self, layer: &mut Self::Layer, order: &Order) -> Result<()>;
+    /// Replaces the visiting order by one of the same kind as the upload's: the one stashed
+    /// under `stashed` when there is one (a device copy), else `order` (an upload).
+    fn set_order(&self, layer: &mut Self::Layer, order: &Order, stashed: Option<u64>)
+        -> Result<()>;
+
+    /// Keeps a device copy of the order now in use under `key` (nothing when `key` is kept
+    /// already), so switching back to it moves no bytes from the host.
+    fn stash_order(&self, layer: &mut Self::Layer, key: u64) -> Result<()>;
 
     /// `‖W − Q̂‖²_F`, the term a damping adds to the loss (divided by `λ'`).
     fn error_sqnorm(&self, layer: &mut Self::Layer) -> Result<f64>;

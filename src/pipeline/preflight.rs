@@ -185,8 +185,8 @@ pub fn host_bytes(rows: usize, cols: usize, cpu: bool, cfg: &QuantConfig) -> u64
 
 /// What a candidate search adds to one layer's state, `(device, host)` bytes. The search stays
 /// resident ([`crate::quant::search`]): on the device the kept codes and steps of the best
-/// candidate, the GPTQ factor of the damping being run and, with held-out images, the held-out
-/// Gram; on the host the shipped codes, the order (`u32` per weight for the per-row greedy
+/// candidate, the GPTQ factor of the damping being run, the stashed orders of up to three
+/// dampings and, with held-out images, the held-out Gram; on the host the shipped codes, the order (`u32` per weight for the per-row greedy
 /// order) and factor of each of up to three dampings, and with held-out images that Gram in f64
 /// and its f32 upload copy.
 pub fn search_bytes(rows: usize, cols: usize, holdout: bool, cfg: &QuantConfig) -> (u64, u64) {
@@ -197,7 +197,7 @@ pub fn search_bytes(rows: usize, cols: usize, holdout: bool, cfg: &QuantConfig) 
         _ => 4 * n,
     };
     let held = |bytes: u64| if holdout { bytes } else { 0 };
-    let device = 4 * m * n + 4 * m * groups + 4 * n * n + 4 * n + held(4 * n * n);
+    let device = 4 * m * n + 4 * m * groups + 4 * n * n + 4 * n + 3 * order + held(4 * n * n);
     let host = 4 * m * n + 3 * (order + 4 * n * n) + held(12 * n * n);
     (device, host)
 }

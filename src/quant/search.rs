@@ -203,8 +203,12 @@ impl<D: Device> Resident<D> {
     /// and returns the undamped energy.
     fn damp_to(&mut self, device: &D, l: &Layer<'_>, prep: &Prepared) -> Result<f64> {
         if self.damp != prep.damp {
+            // The order of the damping left stays on the device: coming back to it (after the
+            // paper candidate's undamped run) is a device copy, not an upload.
+            let key = |d: f32| d.to_bits() as u64;
+            device.stash_order(&mut self.st, key(self.damp))?;
             device.set_diagonal(&mut self.st, &prep.diag32)?;
-            device.set_order(&mut self.st, &prep.order)?;
+            device.set_order(&mut self.st, &prep.order, Some(key(prep.damp)))?;
             self.damp = prep.damp;
         }
         if let Some(&(_, e)) = self.energies.iter().find(|(d, _)| *d == prep.damp) {

@@ -476,6 +476,8 @@ pub struct WgpuLayer {
     gh: Option<wgpu::Buffer>,
     /// The last GPTQ factor handed in (its id, `U` and the permutation), kept resident.
     factor: Option<(u64, wgpu::Buffer, wgpu::Buffer)>,
+    /// Orders stashed by key: a copy per tile of its order buffer.
+    stash: Vec<(u64, Vec<wgpu::Buffer>)>,
     groups: usize,
     group_size: usize,
     levels: i32,
@@ -493,6 +495,9 @@ impl Drop for WgpuLayer {
         bufs.extend(self.gh.take());
         if let Some((_, u, perm)) = self.factor.take() {
             bufs.extend([u, perm]);
+        }
+        for (_, copies) in self.stash.drain(..) {
+            bufs.extend(copies);
         }
         for t in self.tiles.drain(..) {
             bufs.extend(t.bufs);
@@ -917,6 +922,7 @@ impl Device for WgpuDevice {
             order_kind: std::mem::discriminant(p.order),
             gh: None,
             factor: None,
+            stash: Vec::new(),
             groups: p.grid.groups(),
             group_size: p.grid.group_size,
             levels: p.grid.levels(),
@@ -1171,11 +1177,19 @@ impl Device for WgpuDevice {
         result
     }
 
-    fn set_order(&self, l: &mut WgpuLayer, order: &Order) -> Result<()> {
+    fn set_order(&self, l: &mut WgpuLayer, order: &Order, stashed: Option<u64>) -> Result<()> {
         if std::mem::discriminant(order) != l.order_kind {
             return Err(Error::Internal(
                 "set_order: the order kind differs from the upload's".into(),
             ));
+        }
+        if let Some((_, copies)) = l.stash.iter().find(|(k, _)| Some(*k) == stashed) {
+            let mut enc = self.encoder("restore-order");
+            for (t, c) in l.tiles.iter().zip(copies) {
+                let b = TileBufs::of(&t.bufs);
+                enc.copy_buffer_to_buffer(c, 0, b.order, 0, c.size());
+            }
+            return self.submit(enc);
         }
         let n = l.cols;
         let mut row0 = 0;
@@ -1195,6 +1209,25 @@ impl Device for WgpuDevice {
             row0 += t.rows;
         }
         Ok(())
+    }
+
+    fn stash_order(&self, l: &mut WgpuLayer, key: u64) -> Result<()> {
+        if l.stash.iter().any(|(k, _)| *k == key) {
+            return Ok(());
+        }
+        let mut enc = self.encoder("stash-order");
+        let copies: Vec<wgpu::Buffer> = l
+            .tiles
+            .iter()
+            .map(|t| {
+                let b = TileBufs::of(&t.bufs);
+                let c = l.pool.take(&self.ctx.device, "order-stash", b.order.size());
+                enc.copy_buffer_to_buffer(b.order, 0, &c, 0, b.order.size());
+                c
+            })
+            .collect();
+        l.stash.push((key, copies));
+        self.submit(enc)
     }
 
     fn error_sqnorm(&self, l: &mut WgpuLayer) -> Result<f64> {
