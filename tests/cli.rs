@@ -228,6 +228,25 @@ fn inspect_lists_what_would_be_quantized() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("8 to quantize"), "{text}");
     assert!(text.contains("matched by the skip pattern"), "{text}");
+    // The layout calibration from images would run, or why there is none (this model has no
+    // final norm).
+    assert!(
+        text.contains("forward pass: none (") && text.contains("no final LayerNorm"),
+        "{text}"
+    );
+    let plain = dir.path().join("plain.safetensors");
+    common::write_safetensors(
+        &plain,
+        &[(
+            "layer.weight".to_string(),
+            common::f32_tensor(&[4, 4], &[0.5; 16]),
+        )],
+    );
+    let text = String::from_utf8_lossy(&run(&["inspect", s(&plain)]).stdout).to_string();
+    assert!(
+        text.contains("forward pass: none (") && text.contains("--calib"),
+        "{text}"
+    );
 }
 
 struct Bad {

@@ -784,6 +784,34 @@ fn odd_register_tokens_are_refused_with_the_tensor_named() {
     }
 }
 
+/// `inspect`'s line on the layout names the family, the sizes, the pooling and the head.
+#[test]
+fn the_layout_summary_names_family_sizes_pooling_and_head() {
+    for (family, classes, want) in [
+        (
+            Family::TimmVit,
+            5,
+            "pooled by the class token; head 'head' (5 outputs)",
+        ),
+        (
+            Family::HfDinov2,
+            4,
+            "head 'classifier' on class token and patch mean (4 classes)",
+        ),
+        (Family::HfClip, 12, "QuickGELU"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), family, classes);
+        let s = VitSpec::detect(&Checkpoint::open(&path).unwrap()).unwrap();
+        let line = s.summary();
+        assert!(
+            line.starts_with(&format!("{family}: width 32, depth 2")),
+            "{line}"
+        );
+        assert!(line.contains(want), "{line}");
+    }
+}
+
 /// timm's ViT variants against timm itself: registers with and without a position embedding,
 /// a CLIP tower (`norm_pre`, QuickGELU, no patch bias, projection head), a SigLIP tower (no class
 /// token, tanh-GELU, the attention-pooling head), average pooling with and without `fc_norm`.

@@ -24,6 +24,11 @@ pub(super) fn inspect_cmd(a: InspectArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print::inspect_table(&rows, cfg.bits);
+        // What calibration from images would run: the recognised layout, or why there is none.
+        match comq_gpu::model::VitSpec::detect(&model) {
+            Ok(spec) => println!("forward pass: {}", spec.summary()),
+            Err(e) => println!("forward pass: none ({e}); quantize with --calib or --data-free"),
+        }
     }
     Ok(())
 }

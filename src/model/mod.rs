@@ -555,6 +555,55 @@ impl VitSpec {
         })
     }
 
+    /// One line on what the forward pass will compute: family, sizes, input, prefix tokens,
+    /// pooling, activation and head (what `inspect` prints).
+    pub fn summary(&self) -> String {
+        let pool = match &self.pool {
+            Pool::Cls => "the class token".to_string(),
+            Pool::Mean => "the mean of the patch tokens".to_string(),
+            Pool::Map(h) => format!("the attention-pooling head '{h}'"),
+        };
+        let norms = match (&self.norm_pre, &self.norm, &self.fc_norm) {
+            (pre, Some(_), _) => format!(
+                "{}final norm",
+                if pre.is_some() { "pre-norm, " } else { "" }
+            ),
+            (pre, None, _) => format!(
+                "{}norm after pooling (fc_norm)",
+                if pre.is_some() { "pre-norm, " } else { "" }
+            ),
+        };
+        let head = match &self.head {
+            Head::None => "no head".to_string(),
+            Head::Cls(h) => format!("head '{h}' ({} outputs)", self.num_classes),
+            Head::ClsDist(h, d) => format!("heads '{h}' and '{d}' ({} classes)", self.num_classes),
+            Head::ClsMean(h) => format!(
+                "head '{h}' on class token and patch mean ({} classes)",
+                self.num_classes
+            ),
+        };
+        let act = match self.act {
+            crate::device::ops::Activation::Gelu => "GELU",
+            crate::device::ops::Activation::QuickGelu => "QuickGELU",
+            crate::device::ops::Activation::GeluTanh => "tanh-GELU",
+        };
+        format!(
+            "{}: width {}, depth {}, {} heads, MLP {} ({act}), patch {}, input {} px; prefix \
+             tokens {} ({} registers, {} with a position embedding); {norms}; pooled by {pool}; \
+             {head}",
+            self.family,
+            self.dim,
+            self.depth,
+            self.heads,
+            self.mlp,
+            self.patch,
+            self.preprocess.crop,
+            self.prefix_tokens,
+            self.registers,
+            self.pos_prefix,
+        )
+    }
+
     /// Tokens per image at the preprocess crop.
     pub fn tokens_per_image(&self) -> usize {
         let g = self.preprocess.crop / self.patch;
