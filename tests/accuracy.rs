@@ -264,13 +264,7 @@ fn the_search_ships_the_best_held_out_candidate_and_never_loses_to_rtn() {
         damp: 0.01,
         ..QuantConfig::default()
     };
-    let plan = SearchPlan {
-        scalars: AUTO_SCALARS.to_vec(),
-        paper: true,
-        rtn_scalars: true,
-        damps: vec![0.1],
-        score_damp: 0.0,
-    };
+    let plan = common::full_plan(0.0);
     let dev = CpuDevice::new();
     let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
     // RTN at 1.0, paper, then per scalar: RTN (not at 1.0), GPTQ start, GPTQ + 1 sweep (more
@@ -472,13 +466,7 @@ fn the_resident_search_equals_lone_runs_candidate_by_candidate() {
             damp: 0.01,
             ..QuantConfig::default()
         };
-        let plan = SearchPlan {
-            scalars: AUTO_SCALARS.to_vec(),
-            paper: true,
-            rtn_scalars: true,
-            damps: vec![0.1],
-            score_damp: 0.0,
-        };
+        let plan = common::full_plan(0.0);
         let dev = CpuDevice::new();
         let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
         let mut shipped = None;
@@ -553,13 +541,7 @@ fn without_held_out_images_the_score_damping_charges_for_the_distance_from_w() {
     };
     let mut last = f64::INFINITY;
     for lambda in [0.0f32, 0.1, 1.0, 100.0] {
-        let plan = SearchPlan {
-            scalars: AUTO_SCALARS.to_vec(),
-            paper: true,
-            rtn_scalars: true,
-            damps: vec![0.1],
-            score_damp: lambda,
-        };
+        let plan = common::full_plan(lambda);
         let c = search(&dev, "t", &w, rows, cols, &cal, None, &cfg, &plan).unwrap();
         let best = c
             .tried

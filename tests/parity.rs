@@ -573,7 +573,7 @@ fn kept_is_a_snapshot<D: Device>(d: &D, st: &mut D::Layer) {
 /// plus one scalar per row per reduction.
 #[test]
 fn a_resident_search_moves_each_input_once() {
-    use comq_gpu::quant::search::{search, SearchPlan, AUTO_SCALARS};
+    use comq_gpu::quant::search::search;
     let Some(gpu) = gpu::device() else { return };
     let (rows, cols) = (64usize, 128usize);
     let (w, gram) = layer(71, rows, cols);
@@ -584,13 +584,7 @@ fn a_resident_search_moves_each_input_once() {
         damp: 0.01,
         ..QuantConfig::default()
     };
-    let plan = SearchPlan {
-        scalars: AUTO_SCALARS.to_vec(),
-        paper: true,
-        rtn_scalars: true,
-        damps: vec![0.1],
-        score_damp: 0.0,
-    };
+    let plan = common::full_plan(0.0);
     let (u0, d0) = gpu.traffic();
     let c = search(&gpu, "t", &w, rows, cols, &gram, Some(&held), &cfg, &plan).unwrap();
     let (up, down) = (gpu.traffic().0 - u0, gpu.traffic().1 - d0);

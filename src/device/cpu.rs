@@ -236,20 +236,11 @@ impl Device for CpuDevice {
             .zip(l.w.par_chunks(GRAM_PANEL * n))
             .zip(l.q.par_chunks(GRAM_PANEL * n))
             .map(|((r, w), q)| {
-                let e: Vec<f64> = w
-                    .iter()
-                    .zip(q)
-                    .map(|(&a, &b)| a as f64 - b as f64)
-                    .collect();
-                let mut out = vec![0.0; e.len()];
-                rows_times_gram(&e, g, n, &mut out);
+                let (loss, out) = quadratic_panel(&error_rows(w, q), g, n);
                 for (rv, &o) in r.iter_mut().zip(&out) {
                     *rv = o as f32;
                 }
-                e.chunks(n)
-                    .zip(out.chunks(n))
-                    .map(|(a, o)| dot64(a, o))
-                    .sum::<f64>()
+                loss
             })
             .sum())
     }
@@ -335,15 +326,7 @@ impl Device for CpuDevice {
         Ok(l.w
             .par_chunks(GRAM_PANEL * l.cols)
             .zip(l.q.par_chunks(GRAM_PANEL * l.cols))
-            .map(|(w, q)| {
-                w.iter()
-                    .zip(q)
-                    .map(|(&a, &b)| {
-                        let e = a as f64 - b as f64;
-                        e * e
-                    })
-                    .sum::<f64>()
-            })
+            .map(|(w, q)| error_rows(w, q).iter().map(|e| e * e).sum::<f64>())
             .sum())
     }
 
@@ -366,19 +349,7 @@ impl Device for CpuDevice {
         Ok(l.w
             .par_chunks(GRAM_PANEL * n)
             .zip(l.q.par_chunks(GRAM_PANEL * n))
-            .map(|(w, q)| {
-                let e: Vec<f64> = w
-                    .iter()
-                    .zip(q)
-                    .map(|(&a, &b)| a as f64 - b as f64)
-                    .collect();
-                let mut out = vec![0.0; e.len()];
-                rows_times_gram(&e, gh, n, &mut out);
-                e.chunks(n)
-                    .zip(out.chunks(n))
-                    .map(|(a, o)| dot64(a, o))
-                    .sum::<f64>()
-            })
+            .map(|(w, q)| quadratic_panel(&error_rows(w, q), gh, n).0)
             .sum())
     }
 
@@ -405,14 +376,29 @@ fn weight_product(w: &[f32], g64: &[f64], n: usize) -> f64 {
     w.par_chunks(GRAM_PANEL * n)
         .map(|w| {
             let a: Vec<f64> = w.iter().map(|&x| x as f64).collect();
-            let mut out = vec![0.0; a.len()];
-            rows_times_gram(&a, g64, n, &mut out);
-            a.chunks(n)
-                .zip(out.chunks(n))
-                .map(|(a, o)| dot64(a, o))
-                .sum::<f64>()
+            quadratic_panel(&a, g64, n).0
         })
         .sum()
+}
+
+/// `W − Q̂` for a panel of rows, widened to f64.
+fn error_rows(w: &[f32], q: &[f32]) -> Vec<f64> {
+    w.iter()
+        .zip(q)
+        .map(|(&a, &b)| a as f64 - b as f64)
+        .collect()
+}
+
+/// `Σ_i a_iᵀ G a_i` over a panel of rows `a` and the product `A·G` it sums over, in f64.
+fn quadratic_panel(a: &[f64], g64: &[f64], n: usize) -> (f64, Vec<f64>) {
+    let mut out = vec![0.0; a.len()];
+    rows_times_gram(a, g64, n, &mut out);
+    let sum = a
+        .chunks(n)
+        .zip(out.chunks(n))
+        .map(|(a, o)| dot64(a, o))
+        .sum::<f64>();
+    (sum, out)
 }
 
 /// An internal error when a resident-state input has the wrong length.

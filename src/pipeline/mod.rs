@@ -414,22 +414,24 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_images_run_in_process_calibrates_probes_equalises_and_evaluates() {
+    /// The bundled Fashion-MNIST ViT, every layer selected, calibrated on `count` of its images.
+    fn bundled_model_on_images(count: usize) -> RunOptions {
         let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
-        let dir = tempfile::tempdir().unwrap();
         let mut opts = base();
         opts.model = assets.join("fmnist-vit");
         opts.selection = Selection::default();
         opts.images = Some(ImageOptions {
-            path: assets.join("fmnist-images/calib.safetensors"),
-            count: 16,
-            seed: 0,
-            mode: CalibMode::Fp,
-            resize: None,
-            crop: None,
-            bundled: false,
+            count,
+            ..ImageOptions::new(assets.join("fmnist-images/calib.safetensors"))
         });
+        opts
+    }
+
+    #[test]
+    fn an_images_run_in_process_calibrates_probes_equalises_and_evaluates() {
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = bundled_model_on_images(16);
         opts.eval = Some(EvalOptions {
             path: assets.join("fmnist-images/test.safetensors"),
             count: Some(32),
@@ -461,15 +463,8 @@ mod tests {
     /// see three times the tokens, and the report says so.
     #[test]
     fn augmented_views_triple_the_inputs_and_keep_the_sets_disjoint() {
-        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
         let dir = tempfile::tempdir().unwrap();
-        let mut opts = base();
-        opts.model = assets.join("fmnist-vit");
-        opts.selection = Selection::default();
-        opts.images = Some(ImageOptions {
-            count: 12,
-            ..ImageOptions::new(assets.join("fmnist-images/calib.safetensors"))
-        });
+        let mut opts = bundled_model_on_images(12);
         opts.search = Some(crate::quant::search::SearchPlan::single(&opts.config));
         opts.holdout = 0.25;
         let model = Checkpoint::open(&opts.model).unwrap();
@@ -515,11 +510,8 @@ mod tests {
 
     #[test]
     fn a_known_vit_without_calibration_calibrates_on_the_bundled_photos() {
-        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
         let dir = tempfile::tempdir().unwrap();
-        let mut opts = base();
-        opts.model = assets.join("fmnist-vit");
-        opts.selection = Selection::default();
+        let mut opts = bundled_model_on_images(0);
         opts.images = None;
         opts.config.bits = 3;
         opts.out = Some(dir.path().join("q.safetensors"));

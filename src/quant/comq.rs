@@ -50,40 +50,37 @@ pub(crate) struct Prepared {
 }
 
 impl Prepared {
-    /// Prepares the runs of layer `name` at `cfg`'s damping and order kind (after the same
-    /// input checks as a run); the GPTQ factor is built when `cfg` starts from it.
+    /// Prepares the runs of a layer at `cfg`'s damping and order kind; the GPTQ factor is built
+    /// when `cfg` starts from it. The caller has checked the inputs ([`check_inputs`]) once for
+    /// every damping it prepares.
     pub(crate) fn new(
-        name: &str,
         w: &[f32],
         rows: usize,
         cols: usize,
         gram: &Gram,
         cfg: &QuantConfig,
     ) -> Result<Prepared> {
-        {
-            check_inputs(name, w, rows, cols, gram, cfg)?;
-            let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
-            let h = damped.as_ref().unwrap_or(gram);
-            let diag = h.diag();
-            let order = Order::build(cfg.order, w, rows, cols, &diag);
-            let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
-                Some(gptq::factor(
-                    h,
-                    cfg.act_order,
-                    gram.dead_threshold() as f64,
-                )?)
-            } else {
-                None
-            };
-            Ok(Prepared {
-                damp: cfg.damp,
-                order_kind: cfg.order,
-                act_order: cfg.act_order,
-                order,
-                diag32: diag.iter().map(|&v| v as f32).collect(),
-                factor,
-            })
-        }
+        let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
+        let h = damped.as_ref().unwrap_or(gram);
+        let diag = h.diag();
+        let order = Order::build(cfg.order, w, rows, cols, &diag);
+        let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
+            Some(gptq::factor(
+                h,
+                cfg.act_order,
+                gram.dead_threshold() as f64,
+            )?)
+        } else {
+            None
+        };
+        Ok(Prepared {
+            damp: cfg.damp,
+            order_kind: cfg.order,
+            act_order: cfg.act_order,
+            order,
+            diag32: diag.iter().map(|&v| v as f32).collect(),
+            factor,
+        })
     }
 
     /// Whether a run of `cfg` can use this.
@@ -212,9 +209,7 @@ pub(crate) fn run<D: Device>(
     let start = Instant::now();
     check_inputs(name, w, rows, cols, gram, cfg)?;
     let grid = Grid::build(w, rows, cols, cfg);
-    let prep = crate::profile::record("  prepare", || {
-        Prepared::new(name, w, rows, cols, gram, cfg)
-    })?;
+    let prep = crate::profile::record("  prepare", || Prepared::new(w, rows, cols, gram, cfg))?;
     let g32 = prep.gram32(gram);
     let problem = LayerProblem {
         name,

@@ -169,15 +169,21 @@ struct Layer<'a> {
 }
 
 impl<D: Device> Resident<D> {
-    /// Uploads the layer for `c` (grid, damped Gram and order of `prep`), with the held-out Gram.
-    fn upload(device: &D, l: &Layer<'_>, c: &QuantConfig, prep: &Prepared) -> Result<Resident<D>> {
-        let grid = Grid::build(l.w, l.rows, l.cols, c);
+    /// Uploads the layer for `c` (its grid, the damped Gram and order of `prep`), with the
+    /// held-out Gram.
+    fn upload(
+        device: &D,
+        l: &Layer<'_>,
+        c: &QuantConfig,
+        grid: &Grid,
+        prep: &Prepared,
+    ) -> Result<Resident<D>> {
         let g32 = prep.gram32(l.gram);
         let problem = LayerProblem {
             name: l.name,
             weights: l.w,
             gram: &g32,
-            grid: &grid,
+            grid,
             order: &prep.order,
             dead_threshold: l.gram.dead_threshold(),
             scale_dtype: c.scale_dtype,
@@ -364,17 +370,21 @@ pub fn search<D: Device>(
             c.validate()?;
             c.validate_for(name, rows, cols)?;
             let prep = preps.get(&layer, &c)?;
+            let grid = Grid::build(w, rows, cols, &c);
+            // A state uploaded for this candidate starts on its grid; one kept from an earlier
+            // candidate takes the grid in place.
             let si = match states.iter().position(|r| r.kind == c.order) {
-                Some(i) => i,
+                Some(i) => {
+                    device.set_grid(&mut states[i].st, &grid.delta, &grid.lo)?;
+                    i
+                }
                 None => {
-                    states.push(Resident::upload(device, &layer, &c, prep)?);
+                    states.push(Resident::upload(device, &layer, &c, &grid, prep)?);
                     states.len() - 1
                 }
             };
             let res = &mut states[si];
             let energy = res.damp_to(device, &layer, prep)?;
-            let grid = Grid::build(w, rows, cols, &c);
-            device.set_grid(&mut res.st, &grid.delta, &grid.lo)?;
             let ctx = RunContext {
                 grid: &grid,
                 energy,
@@ -556,7 +566,7 @@ impl<'s> Preparations<'s> {
                     crate::profile::record("  prepare beside", || {
                         others
                             .iter()
-                            .map(|c| Prepared::new(l.name, l.w, l.rows, l.cols, l.gram, c))
+                            .map(|c| Prepared::new(l.w, l.rows, l.cols, l.gram, c))
                             .collect::<Result<Vec<_>>>()
                     })
                 };
@@ -567,7 +577,7 @@ impl<'s> Preparations<'s> {
             })
         });
         let first = crate::profile::record("  prepare", || {
-            Prepared::new(l.name, l.w, l.rows, l.cols, l.gram, cfg)
+            Prepared::new(l.w, l.rows, l.cols, l.gram, cfg)
         })?;
         Ok(Preparations {
             ready: vec![first],
@@ -588,7 +598,7 @@ impl<'s> Preparations<'s> {
         }
         if !self.ready.iter().any(|p| p.fits(c)) {
             let p = crate::profile::record("  prepare", || {
-                Prepared::new(l.name, l.w, l.rows, l.cols, l.gram, c)
+                Prepared::new(l.w, l.rows, l.cols, l.gram, c)
             })?;
             self.ready.push(p);
         }

@@ -160,3 +160,15 @@ pub fn assert_refused(o: &std::process::Output, needle: &str) {
         "stderr should mention '{needle}': {err}"
     );
 }
+
+/// The default recipe's whole search (every grid shrink, the paper's candidate, RTN per shrink,
+/// the other damping) with the given no-held-out score damping.
+pub fn full_plan(score_damp: f32) -> comq_gpu::quant::search::SearchPlan {
+    comq_gpu::quant::search::SearchPlan {
+        scalars: comq_gpu::quant::search::AUTO_SCALARS.to_vec(),
+        paper: true,
+        rtn_scalars: true,
+        damps: vec![0.1],
+        score_damp,
+    }
+}

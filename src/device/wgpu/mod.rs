@@ -593,17 +593,44 @@ impl WgpuDevice {
         row0: usize,
         rows: usize,
     ) -> Result<()> {
-        let (n, groups) = (p.grid.cols, p.grid.groups());
-        let io = &self.ctx.io;
-        let gr = row0 * groups..(row0 + rows) * groups;
-        io.write(
+        let n = p.grid.cols;
+        self.ctx.io.write(
             b.w,
             0,
             bytemuck::cast_slice(&p.weights[row0 * n..(row0 + rows) * n]),
         )?;
-        io.write(b.delta0, 0, bytemuck::cast_slice(&p.grid.delta[gr.clone()]))?;
-        io.write(b.lo, 0, bytemuck::cast_slice(&p.grid.lo[gr]))?;
-        match p.order {
+        self.write_grid(b, &p.grid.delta, &p.grid.lo, p.grid.groups(), row0, rows)?;
+        self.write_order(b, p.order, n, row0, rows)
+    }
+
+    /// The tile's rows of an initial grid: steps into `delta0`, lowest codes into `lo`.
+    fn write_grid(
+        &self,
+        b: &TileBufs<'_>,
+        delta: &[f32],
+        lo: &[i32],
+        groups: usize,
+        row0: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let gr = row0 * groups..(row0 + rows) * groups;
+        self.ctx
+            .io
+            .write(b.delta0, 0, bytemuck::cast_slice(&delta[gr.clone()]))?;
+        self.ctx.io.write(b.lo, 0, bytemuck::cast_slice(&lo[gr]))
+    }
+
+    /// The tile's rows of a visiting order (nothing for the natural order).
+    fn write_order(
+        &self,
+        b: &TileBufs<'_>,
+        order: &Order,
+        n: usize,
+        row0: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let io = &self.ctx.io;
+        match order {
             Order::PerRow { perm, .. } => io.write(
                 b.order,
                 0,
@@ -673,17 +700,7 @@ impl WgpuDevice {
         rows: usize,
         n: usize,
     ) -> ([wgpu::BindGroup; 3], [wgpu::BindGroup; 6]) {
-        let mode = |m: u32| {
-            self.uniform(
-                "mode-params",
-                &ModeParams {
-                    rows: rows as u32,
-                    n: n as u32,
-                    mode: m,
-                    pad: 0,
-                },
-            )
-        };
+        let mode = |m: u32| self.mode_uniform(rows, n, m);
         let residual = [0u32, 1, 2].map(|m| {
             let target = if m == 0 { b.r } else { b.s };
             self.residual_binding(g, b, target, mode(m))
@@ -703,6 +720,19 @@ impl WgpuDevice {
             )
         });
         (residual, reduce)
+    }
+
+    /// The uniform of the residual and reduction kernels for a tile of `rows` and mode `m`.
+    fn mode_uniform(&self, rows: usize, n: usize, m: u32) -> wgpu::Buffer {
+        self.uniform(
+            "mode-params",
+            &ModeParams {
+                rows: rows as u32,
+                n: n as u32,
+                mode: m,
+                pad: 0,
+            },
+        )
     }
 
     /// A residual kernel's bind group: `target = A·g` with `A` chosen by `mode`'s uniform.
@@ -843,6 +873,25 @@ impl WgpuDevice {
         } else {
             Kernel::SweepStorage
         }
+    }
+
+    /// Reads codes and steps back from the buffers `pick` names in every tile, in row order
+    /// (an internal error when a tile has none: nothing was kept).
+    fn read_codes<'t>(
+        &self,
+        l: &'t WgpuLayer,
+        pick: impl Fn(&'t Tile) -> Option<(&'t wgpu::Buffer, &'t wgpu::Buffer)>,
+    ) -> Result<(Vec<i32>, Vec<f32>)> {
+        let mut codes = Vec::new();
+        let mut delta = Vec::new();
+        for t in &l.tiles {
+            let (c, d) =
+                pick(t).ok_or_else(|| Error::Internal("download_kept: nothing was kept".into()))?;
+            codes.extend(self.ctx.io.read_i32(c, t.rows * l.cols)?);
+            delta.extend(self.ctx.io.read_f32(d, t.rows * l.groups)?);
+        }
+        self.check_fault()?;
+        Ok((codes, delta))
     }
 
     /// Runs `residual` mode `mode` and `reduce` mode `red` on every tile; returns Σ rows in f64.
@@ -1036,14 +1085,7 @@ impl Device for WgpuDevice {
     }
 
     fn download(&self, l: &mut WgpuLayer) -> Result<(Vec<i32>, Vec<f32>)> {
-        let mut codes = Vec::new();
-        let mut delta = Vec::new();
-        for t in &l.tiles {
-            codes.extend(self.ctx.io.read_i32(t.buf(t.codes), t.rows * l.cols)?);
-            delta.extend(self.ctx.io.read_f32(t.buf(t.delta), t.rows * l.groups)?);
-        }
-        self.check_fault()?;
-        Ok((codes, delta))
+        self.read_codes(l, |t| Some((t.buf(t.codes), t.buf(t.delta))))
     }
 
     fn load_codes(&self, l: &mut WgpuLayer, codes: &[i32], delta: &[f32]) -> Result<()> {
@@ -1131,13 +1173,7 @@ impl Device for WgpuDevice {
         }
         let mut row0 = 0;
         for t in &l.tiles {
-            let gr = row0 * ng..(row0 + t.rows) * ng;
-            self.ctx
-                .io
-                .write(t.buf(t.delta0), 0, bytemuck::cast_slice(&delta[gr.clone()]))?;
-            self.ctx
-                .io
-                .write(t.buf(t.lo), 0, bytemuck::cast_slice(&lo[gr]))?;
+            self.write_grid(&TileBufs::of(&t.bufs), delta, lo, ng, row0, t.rows)?;
             row0 += t.rows;
         }
         l.layer_delta0 = delta[0];
@@ -1191,21 +1227,9 @@ impl Device for WgpuDevice {
             }
             return self.submit(enc);
         }
-        let n = l.cols;
         let mut row0 = 0;
         for t in &l.tiles {
-            let b = TileBufs::of(&t.bufs);
-            match order {
-                Order::PerRow { perm, .. } => self.ctx.io.write(
-                    b.order,
-                    0,
-                    bytemuck::cast_slice(&perm[row0 * n..(row0 + t.rows) * n]),
-                )?,
-                Order::Shared { perm, .. } => {
-                    self.ctx.io.write(b.order, 0, bytemuck::cast_slice(perm))?
-                }
-                Order::Natural { .. } => {}
-            }
+            self.write_order(&TileBufs::of(&t.bufs), order, l.cols, row0, t.rows)?;
             row0 += t.rows;
         }
         Ok(())
@@ -1252,18 +1276,10 @@ impl Device for WgpuDevice {
         self.ctx.io.write(&gh, 0, bytemuck::cast_slice(gram))?;
         for t in &mut l.tiles {
             let b = TileBufs::of(&t.bufs);
-            let mode = |m: u32| {
-                self.uniform(
-                    "mode-params",
-                    &ModeParams {
-                        rows: t.rows as u32,
-                        n: n as u32,
-                        mode: m,
-                        pad: 0,
-                    },
-                )
-            };
-            t.holdout = Some([0u32, 1].map(|m| self.residual_binding(&gh, &b, b.s, mode(m))));
+            t.holdout = Some(
+                [0u32, 1]
+                    .map(|m| self.residual_binding(&gh, &b, b.s, self.mode_uniform(t.rows, n, m))),
+            );
         }
         if let Some(old) = l.gh.replace(gh) {
             l.pool.give(vec![old]);
@@ -1305,16 +1321,6 @@ impl Device for WgpuDevice {
     }
 
     fn download_kept(&self, l: &mut WgpuLayer) -> Result<(Vec<i32>, Vec<f32>)> {
-        let mut codes = Vec::new();
-        let mut delta = Vec::new();
-        for t in &l.tiles {
-            let Some((kc, kd)) = &t.kept else {
-                return Err(Error::Internal("download_kept: nothing was kept".into()));
-            };
-            codes.extend(self.ctx.io.read_i32(kc, t.rows * l.cols)?);
-            delta.extend(self.ctx.io.read_f32(kd, t.rows * l.groups)?);
-        }
-        self.check_fault()?;
-        Ok((codes, delta))
+        self.read_codes(l, |t| t.kept.as_ref().map(|(c, d)| (c, d)))
     }
 }
