@@ -1,9 +1,10 @@
 //! Interrupts (SIGINT, SIGTERM, SIGHUP) that leave nothing half-written.
 //!
 //! Files that exist only while they are being written — temporaries of the atomic writers and the
-//! lock files of outputs — are registered here while they live. [`install`] blocks the three
-//! signals in every thread and waits for them on a thread of its own (so the clean-up is ordinary
-//! code, not a signal handler): on one it removes the registered files, keeps the work
+//! lock files of outputs — are registered here while they live. [`install`] has
+//! `crate::platform` block the three signals in every thread and wait for them on a thread of
+//! its own (so the clean-up is ordinary code, not a signal handler; on Windows, the console's
+//! Ctrl-C, Ctrl-Break and close events): on one it removes the registered files, keeps the work
 //! directories that hold saved layers (so `--resume` continues) and says so, and exits with
 //! 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
 //!
@@ -14,11 +15,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-/// Set when a memory-mapped input faulted (SIGBUS: the file shrank while mapped).
-static BUS_ERROR: AtomicBool = AtomicBool::new(false);
+use crate::platform::Interrupt;
 
 static LIVE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 static WORK_DIRS: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
@@ -92,79 +91,28 @@ pub fn clean_up() -> String {
     msg
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and every thread started after, and handles
-/// them on a thread of its own. Call first thing in `main`, before any other thread exists.
-#[cfg(unix)]
+/// Routes SIGINT, SIGTERM and SIGHUP (Ctrl-C, Ctrl-Break and closing the console on Windows)
+/// and SIGBUS on a truncated input to [`stop`]. Call first thing in `main`, before any other
+/// thread exists.
 pub fn install() {
-    // SAFETY: plain libc calls on a zeroed, then filled sigset_t owned by this frame.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
+    crate::platform::on_interrupt(stop);
+}
+
+/// Cleans up after an interrupt, says what it kept, and ends the process.
+fn stop(why: Interrupt) -> ! {
+    match why {
+        Interrupt::TruncatedInput => {
+            eprintln!(
+                "error: an input file (model, calibration or image pack) was truncated or \
+                 replaced while it was being read (SIGBUS on its memory map); no output was \
+                 written; {}",
+                clean_up()
+            );
+            std::process::exit(2);
         }
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            return;
-        }
-        set
-    };
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` holds the blocked signals; sigwait writes the one received.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            if BUS_ERROR.load(Ordering::SeqCst) {
-                eprintln!(
-                    "error: an input file (model, calibration or image pack) was truncated or \
-                     replaced while it was being read (SIGBUS on its memory map); no output was \
-                     written; {}",
-                    clean_up()
-                );
-                std::process::exit(2);
-            }
-            let name = match sig {
-                libc::SIGINT => "SIGINT",
-                libc::SIGTERM => "SIGTERM",
-                _ => "SIGHUP",
-            };
+        Interrupt::Stop { name, code } => {
             eprintln!("\ninterrupted ({name}): {}", clean_up());
-            std::process::exit(128 + sig);
-        });
-    if spawned.is_ok() {
-        // SAFETY: installs an async-signal-safe handler (an atomic store, kill, pause).
-        unsafe {
-            let mut act: libc::sigaction = std::mem::zeroed();
-            act.sa_sigaction = on_sigbus as *const () as usize;
-            libc::sigemptyset(&mut act.sa_mask);
-            libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut());
-        }
-    }
-    if spawned.is_err() {
-        // Without the waiting thread the signals would stay blocked: restore them.
-        // SAFETY: as above.
-        unsafe {
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            std::process::exit(code);
         }
     }
 }
-
-/// SIGBUS in a thread that touched a truncated memory map: hand the clean-up to the signal
-/// thread and wait for it to end the process (returning would fault again at once).
-#[cfg(unix)]
-extern "C" fn on_sigbus(_sig: libc::c_int) {
-    BUS_ERROR.store(true, Ordering::SeqCst);
-    // SAFETY: kill, getpid and pause are async-signal-safe.
-    unsafe {
-        libc::kill(libc::getpid(), libc::SIGTERM);
-        loop {
-            libc::pause();
-        }
-    }
-}
-
-/// Signals are handled by the platform's default elsewhere.
-#[cfg(not(unix))]
-pub fn install() {}

@@ -11,6 +11,7 @@ pub mod io;
 pub mod model;
 pub mod numeric;
 pub mod pipeline;
+pub mod platform;
 /// The preflight (memory and time per layer, refusal with the fix) under its former name.
 pub use pipeline::preflight as plan;
 pub mod plot;

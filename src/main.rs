@@ -16,11 +16,7 @@ fn main() -> ExitCode {
     comq_gpu::interrupt::install();
     // A file-size limit (RLIMIT_FSIZE) must turn into a write error that names the file, not a
     // kill by SIGXFSZ that leaves a temporary file behind.
-    #[cfg(unix)]
-    // SAFETY: setting a signal's disposition to SIG_IGN before any thread is started.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-    }
+    comq_gpu::platform::ignore_file_size_signal();
     let args = match cli::parse_with_recipe(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {

@@ -9,7 +9,8 @@ use std::path::Path;
 const LAYERS: &[(&str, u32)] = &[
     ("error", 0),
     ("util", 0),
-    ("interrupt", 0),
+    ("platform", 0),
+    ("interrupt", 1),
     ("profile", 0),
     ("shaders", 0),
     ("numeric", 1),
@@ -112,6 +113,54 @@ fn no_module_uses_one_above_it() {
     assert!(
         against.is_empty(),
         "arrows against the layering:\n{}",
+        against.join("\n")
+    );
+}
+
+/// Everything that differs between the operating systems lives in `src/platform.rs`: a Windows
+/// (DX12) or macOS (Metal) build cannot break because another module grew a unix-only call.
+/// Test modules (from `#[cfg(test)]` to the end of a file) may use what their platform has.
+#[test]
+fn platform_code_stays_in_its_module() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rs_files(&root.join("src"), &mut files);
+    const PLATFORM_ONLY: &[&str] = &[
+        "std::os::",
+        "libc::",
+        "windows_sys::",
+        "cfg(unix)",
+        "cfg(windows)",
+        "cfg(not(unix))",
+        "cfg(not(windows))",
+        "cfg(target_os",
+        "cfg(target_family",
+        "unchecked_advise",
+    ];
+    let mut against = Vec::new();
+    for f in files {
+        let rel = f
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel == "src/platform.rs" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            if line.trim_start().starts_with("#[cfg(test)]") {
+                break;
+            }
+            let code = line.split("//").next().unwrap_or("");
+            if let Some(p) = PLATFORM_ONLY.iter().find(|p| code.contains(*p)) {
+                against.push(format!("{rel}:{}: {p}", n + 1));
+            }
+        }
+    }
+    assert!(
+        against.is_empty(),
+        "platform-specific code outside src/platform.rs:\n{}",
         against.join("\n")
     );
 }

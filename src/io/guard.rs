@@ -111,28 +111,13 @@ pub fn canonical(p: &Path) -> PathBuf {
     }
 }
 
-/// Device and inode of an existing file (`None` where it does not exist or the platform has
-/// no inodes).
-fn file_id(p: &Path) -> Option<(u64, u64)> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = p;
-        None
-    }
-}
-
 /// Whether `a` and `b` are the same file: the same canonical path, or (both existing) the same
-/// device and inode.
+/// identity (device and inode; volume and file index on Windows).
 pub fn same_file(a: &Path, b: &Path) -> bool {
     if canonical(a) == canonical(b) {
         return true;
     }
-    matches!((file_id(a), file_id(b)), (Some(x), Some(y)) if x == y)
+    matches!((crate::platform::file_id(a), crate::platform::file_id(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// Where a checkpoint output's files go and the stem they are named from: `dir/model` for a
@@ -339,15 +324,10 @@ impl Lock {
                 }
                 Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
             }
-            let same = match (file.metadata(), std::fs::metadata(&path)) {
-                #[cfg(unix)]
-                (Ok(a), Ok(b)) => {
-                    use std::os::unix::fs::MetadataExt;
-                    (a.dev(), a.ino()) == (b.dev(), b.ino())
-                }
-                #[cfg(not(unix))]
-                (Ok(_), Ok(_)) => true,
-                _ => false,
+            // The lock file may have been replaced between opening and locking it: lock again.
+            let same = match crate::platform::open_file_id(&file) {
+                Some(id) => crate::platform::file_id(&path) == Some(id),
+                None => path.exists(),
             };
             if !same {
                 continue;

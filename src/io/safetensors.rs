@@ -180,19 +180,8 @@ impl Model {
         let start = range.start.next_multiple_of(PAGE);
         let end = range.end / PAGE * PAGE;
         if end > start {
-            // SAFETY: the map is private and read-only; MADV_DONTNEED on it only discards this
-            // process's page-table entries, and a later access faults the identical file
-            // contents back in. No reference into these pages outlives this call's callers'
-            // use (they have already copied or written the bytes).
-            #[cfg(unix)]
             if let Storage::Map(map) = &self.map {
-                let _ = unsafe {
-                    map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start,
-                        end - start,
-                    )
-                };
+                crate::platform::release_pages(map, start, end - start);
             }
         }
     }

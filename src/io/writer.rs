@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
@@ -123,9 +122,7 @@ impl SafetensorsWriter {
         json.resize(self.header_capacity, b' ');
         let mut buf = (self.header_capacity as u64).to_le_bytes().to_vec();
         buf.extend_from_slice(&json);
-        self.file()
-            .write_all_at(&buf, 0)
-            .map_err(|e| Error::io(&self.tmp, e))
+        crate::platform::write_all_at(self.file(), &buf, 0).map_err(|e| Error::io(&self.tmp, e))
     }
 
     /// Writes the data of tensor `name` (exactly its planned byte length).
@@ -134,8 +131,7 @@ impl SafetensorsWriter {
             Error::Internal(format!("tensor '{name}' is not in the planned output"))
         })?;
         assert_eq!(bytes.len(), e - s, "tensor '{name}' must be written whole");
-        self.file()
-            .write_all_at(bytes, self.data_start + s as u64)
+        crate::platform::write_all_at(self.file(), bytes, self.data_start + s as u64)
             .map_err(|e| Error::io(&self.tmp, e))?;
         self.written.insert(name.to_string(), true);
         Ok(())
