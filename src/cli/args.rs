@@ -367,6 +367,12 @@ pub struct RunArgs {
     /// fc1), folded into that LayerNorm so the output is still a plain model (needs --images).
     #[arg(long)]
     pub equalize: bool,
+    /// Rotate the residual stream (and each head's values) by seeded orthogonal matrices folded
+    /// into the weights: the same network, weights easier to quantize, an ordinary checkpoint
+    /// of the same architecture out. Needs a recognised ViT whose final LayerNorm feeds a linear
+    /// layer of the checkpoint (a head, a pooler, an attention-pooling head).
+    #[arg(long)]
+    pub rotate: bool,
     /// Print where the time went per stage (read, embed, forward, gram, quantize, write, ...);
     /// GPU stages wait for the device at their ends so the split is exact (costs a little
     /// overlap). The report always holds the profile.

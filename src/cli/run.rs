@@ -78,6 +78,7 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
     });
     o.target_bits = a.target_bits;
     o.equalize = a.equalize;
+    o.rotate = a.rotate;
     o.augment = a.augment;
     o.profile = a.profile;
     o.allow_unused_tensors = a.allow_unused_tensors;

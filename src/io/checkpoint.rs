@@ -19,6 +19,10 @@ pub struct Checkpoint {
     tensors: Vec<TensorMeta>,
     index: HashMap<String, usize>,
     metadata: HashMap<String, String>,
+    /// Shards from here on are overlays ([`Checkpoint::overlay`]), not the user's files.
+    own_shards: usize,
+    /// The overlays' files, removed when the checkpoint (and its maps, dropped first) goes.
+    temps: Vec<super::writer::TempFile>,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -102,10 +106,12 @@ impl Checkpoint {
         Ok(Checkpoint {
             path: path.to_path_buf(),
             dir,
+            own_shards: shards.len(),
             shards,
             tensors,
             index,
             metadata,
+            temps: Vec::new(),
         })
     }
 
@@ -119,9 +125,47 @@ impl Checkpoint {
         &self.dir
     }
 
-    /// The shard files.
+    /// The shard files (the user's: not an overlay's).
     pub fn files(&self) -> Vec<&Path> {
-        self.shards.iter().map(|m| m.path()).collect()
+        self.shards[..self.own_shards]
+            .iter()
+            .map(|m| m.path())
+            .collect()
+    }
+
+    /// Reads the tensors of the safetensors file `temp` in place of this checkpoint's tensors
+    /// of the same names and element counts (a transformed copy of some of them: `--rotate`).
+    /// Names, order, path, directory and metadata stay the checkpoint's; the file is the
+    /// tool's own and is removed with the checkpoint.
+    pub fn overlay(&mut self, temp: super::writer::TempFile) -> Result<()> {
+        let m = Model::open(temp.path())?;
+        let file = self.shards.len();
+        for t in m.tensors() {
+            let Some(&i) = self.index.get(&t.name) else {
+                return Err(Error::Internal(format!(
+                    "overlay tensor '{}' is not in {}",
+                    t.name,
+                    self.path.display()
+                )));
+            };
+            let own = &self.tensors[i];
+            let count = |s: &[usize]| s.iter().product::<usize>();
+            if count(&own.shape) != count(&t.shape) {
+                return Err(Error::Internal(format!(
+                    "overlay tensor '{}' has shape {:?}, the model's {:?}",
+                    t.name, t.shape, own.shape
+                )));
+            }
+            let shape = own.shape.clone();
+            self.tensors[i] = TensorMeta {
+                file,
+                shape,
+                ..t.clone()
+            };
+        }
+        self.shards.push(m);
+        self.temps.push(temp);
+        Ok(())
     }
 
     /// All tensors, shard by shard in file order.

@@ -204,6 +204,34 @@ pub fn tmp_path(dest: &Path) -> PathBuf {
     PathBuf::from(tmp)
 }
 
+/// A file the tool makes for itself for the length of a run (a transformed copy of the model):
+/// removed when dropped, and on an interrupt.
+#[derive(Debug)]
+pub struct TempFile {
+    path: PathBuf,
+}
+
+impl TempFile {
+    /// A fresh name in the system's temporary folder, unique to this process: `comq-gpu-<pid>-<what>`.
+    pub fn in_temp_dir(what: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!("comq-gpu-{}-{what}", std::process::id()));
+        crate::interrupt::track(&path);
+        TempFile { path }
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        crate::interrupt::untrack(&self.path);
+    }
+}
+
 /// Writes `bytes` to `dest` atomically (temp file, sync, rename).
 pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(dest);

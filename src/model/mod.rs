@@ -11,6 +11,7 @@
 // The CPU forward primitives live with the devices; reachable here under their former path.
 pub use crate::device::cpu_ops as cpu;
 pub mod forward;
+pub mod rotate;
 pub mod synthetic;
 
 use std::path::Path;
@@ -403,7 +404,8 @@ impl VitSpec {
         if allow {
             for n in &unused {
                 log::warn!(
-                    "{}: tensor '{n}' is not used by the {} forward pass; calibration and                      evaluation go on without it (--allow-unused-tensors)",
+                    "{}: tensor '{n}' is not used by the {} forward pass; calibration and \
+                     evaluation go on without it (--allow-unused-tensors)",
                     model.path().display(),
                     self.family
                 );
@@ -413,7 +415,9 @@ impl VitSpec {
         Err(unknown(
             model.path(),
             format!(
-                "looks like {} but tensor '{first}'{} is not used by its forward pass, so the                  Gram matrices and features would come from another network than this one;                  pass --allow-unused-tensors to go on without {}",
+                "looks like {} but tensor '{first}'{} is not used by its forward pass, so the \
+                 Gram matrices and features would come from another network than this one; \
+                 pass --allow-unused-tensors to go on without {}",
                 self.family,
                 match unused.len() {
                     1 => String::new(),

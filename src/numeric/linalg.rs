@@ -47,6 +47,24 @@ pub fn inverse_upper_factor(a: &[f64], n: usize) -> Option<Vec<f64>> {
     Some(u)
 }
 
+/// A seeded Haar-random orthogonal `n × n` matrix, row-major: the Q factor of a Gaussian
+/// matrix with its columns' signs fixed by R's diagonal (faer's Householder QR).
+pub fn random_orthogonal(n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = crate::util::rng::SplitMix::new(seed);
+    let a = faer::Mat::<f64>::from_fn(n, n, |_, _| f64::from(rng.normal()));
+    let qr = a.qr();
+    let q = qr.compute_Q();
+    let r = qr.R();
+    let mut out = vec![0.0f64; n * n];
+    for j in 0..n {
+        let s = if r[(j, j)] < 0.0 { -1.0 } else { 1.0 };
+        for i in 0..n {
+            out[i * n + j] = s * q[(i, j)];
+        }
+    }
+    out
+}
+
 /// `c[m, n] += alpha · a[m, k] · b[k, n]`, every operand row-major with the given row stride.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_acc(

@@ -36,8 +36,11 @@ impl Inputs {
                     .into(),
             ));
         }
-        let model = Checkpoint::open(&opts.model)?;
+        let mut model = Checkpoint::open(&opts.model)?;
         let locks = super::outputs::claim_outputs(opts, &model)?;
+        if opts.rotate {
+            rotate(opts, &mut model)?;
+        }
         let calib = opts.calib.as_deref().map(Calibration::open).transpose()?;
         let mut jobs = job_list(&model, opts, calib.as_ref())?;
         // Images: the model's own forward pass produces the Gram matrices, block by block; the
@@ -80,3 +83,29 @@ impl Inputs {
         Ok((inputs, device))
     }
 }
+
+/// `--rotate`: the rotated tensors are written (f32) to a temporary file of the tool's own and
+/// read in place of the model's; everything after sees the rotated network.
+fn rotate(opts: &RunOptions, model: &mut Checkpoint) -> Result<()> {
+    if opts.calib.is_some() {
+        return Err(Error::InvalidOption(
+            "--rotate changes every layer's inputs, so Gram matrices or activations captured \
+             from the model as it is (--calib) no longer fit; calibrate from --images"
+                .into(),
+        ));
+    }
+    let spec = crate::model::VitSpec::detect_allowing(model, opts.allow_unused_tensors)?;
+    let temp = crate::io::writer::TempFile::in_temp_dir("rotated.safetensors");
+    let t = std::time::Instant::now();
+    crate::model::rotate::write_rotated(model, &spec, super::ROTATION_SEED, temp.path())?;
+    model.overlay(temp)?;
+    log::info!(
+        "rotated the residual stream of {} ({} blocks, width {}) in {:.1} s",
+        model.path().display(),
+        spec.depth,
+        spec.dim,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+

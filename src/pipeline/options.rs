@@ -141,6 +141,9 @@ pub struct ImageOptions {
     pub bundled: bool,
 }
 
+/// The seed of `--rotate`'s orthogonal matrices.
+pub const ROTATION_SEED: u64 = 0;
+
 /// How many seeded augmented views (random resized crops and flips) each calibration image adds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -287,6 +290,10 @@ pub struct RunOptions {
     pub equalize: bool,
     /// Seeded augmented views per calibration image (`--images` or the bundled photos).
     pub augment: Augment,
+    /// Rotate the residual stream and the heads' values by seeded orthogonal matrices folded
+    /// into the weights (`crate::model::rotate`) before calibrating: the same function, weights
+    /// easier to quantize, an ordinary checkpoint out.
+    pub rotate: bool,
     /// Synchronise GPU stages at their boundaries so the profile attributes time exactly.
     pub profile: bool,
     /// Go on (with a warning naming each) when the model holds tensors the forward pass does
@@ -335,6 +342,7 @@ impl RunOptions {
             target_bits: None,
             equalize: false,
             augment: Augment::Off,
+            rotate: false,
             profile: false,
             allow_unused_tensors: false,
         }

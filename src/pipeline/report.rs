@@ -209,6 +209,9 @@ pub(super) fn provenance(
             .into(),
     );
     put("calibration", calib_label(opts));
+    if opts.rotate {
+        put("rotation", format!("residual stream and values, seed {}", super::ROTATION_SEED));
+    }
     put("device", device.to_string());
     m
 }

@@ -112,6 +112,7 @@ mod tests {
             ("holdout", |o| o.holdout = 0.15),
             ("target_bits", |o| o.target_bits = Some(3.0)),
             ("equalize", |o| o.equalize = true),
+            ("rotate", |o| o.rotate = true),
             ("augment", |o| {
                 o.augment = crate::pipeline::Augment::Views(2)
             }),

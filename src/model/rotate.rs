@@ -1,0 +1,614 @@
+//! `--rotate`: an orthogonal change of basis of the residual stream (and of each attention head's
+//! values), folded into the weights, so the network computes the same function with weights
+//! that are easier to quantize, and ships as an ordinary checkpoint of the same architecture.
+//!
+//! Incoherence processing (QuIP, QuaRot) without their custom kernels. With `h' = Q·h`:
+//!
+//! - LayerNorm commutes with `Q` once its scale and shift are folded into the layers it feeds,
+//!   provided `Q` maps the all-ones vector to itself: then `Qᵀ·1 = 1`, so `Q` keeps the mean and
+//!   the variance of every token and `LN₀(Q·h) = Q·LN₀(h)` (`LN₀` without affine; epsilon
+//!   included). Each LayerNorm is left as weight 1, bias 0.
+//! - Layers that read a LayerNorm's output (qkv, fc1; the head or the pooling head's keys and
+//!   values after the final norm) absorb `diag(γ)·Qᵀ` on their input side and `W·β` into their
+//!   bias; layers that write the residual stream (the patch embedding, the prefix tokens, the
+//!   position embedding, proj, fc2) absorb `Q` on their output side, with DINOv2's LayerScale
+//!   folded in first (then left as ones).
+//! - Attention is linear in the values, so each head's value rows absorb an orthogonal `R_h` and
+//!   the matching columns of proj absorb `R_hᵀ`: proj's inputs are rotated too.
+//!
+//! fc2's inputs (after the GELU) cannot be rotated without a kernel at run time, and a bare
+//! backbone's features come out of the final LayerNorm in the rotated basis, so such a model is
+//! refused: the rotation must end in a linear layer of the checkpoint (a classifier head, HF
+//! ViT's pooler, an attention-pooling head). A LayerNorm that writes the residual stream itself
+//! (CLIP's pre-LayerNorm) does not commute with the rotation and is refused too.
+//!
+//! `Q` is a seeded Haar-random orthogonal matrix times a Householder reflection that sends
+//! `Q·1` back to `1`; each `R_h` is Haar-random. The rotated tensors are written as f32.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{Head, Pool, Role, VitSpec};
+use crate::error::{Error, Result};
+use crate::io::writer::{PlannedTensor, SafetensorsWriter};
+use crate::io::Checkpoint;
+use crate::numeric::linalg::{dgemm, random_orthogonal};
+
+/// The residual stream's rotation `Q` (`d × d`, `Q·1 = 1`) and the heads' value rotations.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    /// Width.
+    pub d: usize,
+    /// Head width.
+    pub hd: usize,
+    /// `Q`, row-major.
+    pub q: Vec<f64>,
+    /// `R_h` per head, row-major `hd × hd`.
+    pub heads: Vec<Vec<f64>>,
+}
+
+impl Rotation {
+    /// The seeded rotation of a model of width `d` with `heads` heads.
+    pub fn new(d: usize, heads: usize, seed: u64) -> Rotation {
+        let h = random_orthogonal(d, seed ^ 0x726f_7461_7465);
+        // v = H·u − u with u = 1/√d; P = I − 2·v·vᵀ/‖v‖² sends H·u to u, so Q = P·H keeps u.
+        let u = 1.0 / (d as f64).sqrt();
+        let hu: Vec<f64> = (0..d)
+            .map(|i| h[i * d..(i + 1) * d].iter().sum::<f64>() * u)
+            .collect();
+        let v: Vec<f64> = hu.iter().map(|x| x - u).collect();
+        let vv: f64 = v.iter().map(|x| x * x).sum();
+        let mut q = h.clone();
+        if vv > 1e-24 {
+            // Q = H − v·(2·vᵀH/‖v‖²)
+            let mut vt_h = vec![0.0f64; d];
+            for (i, vi) in v.iter().enumerate() {
+                for (a, x) in vt_h.iter_mut().zip(&h[i * d..(i + 1) * d]) {
+                    *a += vi * x;
+                }
+            }
+            for i in 0..d {
+                let f = 2.0 * v[i] / vv;
+                for (x, a) in q[i * d..(i + 1) * d].iter_mut().zip(&vt_h) {
+                    *x -= f * a;
+                }
+            }
+        }
+        let hd = d / heads.max(1);
+        let heads = (0..heads)
+            .map(|k| random_orthogonal(hd, seed ^ (0x6865_6164 + k as u64)))
+            .collect();
+        Rotation { d, hd, q, heads }
+    }
+
+    /// `Qᵀ`, row-major.
+    fn qt(&self) -> Vec<f64> {
+        transpose(&self.q, self.d, self.d)
+    }
+}
+
+fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut t = vec![0.0; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Why `--rotate` cannot keep this model's function, or `Ok`.
+pub fn check(spec: &VitSpec, model: &Checkpoint) -> Result<()> {
+    let refuse = |why: String| {
+        Err(Error::InvalidOption(format!(
+            "--rotate cannot be folded into {}: {why}",
+            model.path().display()
+        )))
+    };
+    if spec.norm_pre.is_some() {
+        return refuse(
+            "its pre-LayerNorm writes the residual stream itself, and a LayerNorm's scale does \
+             not commute with a rotation"
+                .into(),
+        );
+    }
+    if spec.norm.is_some() && spec.fc_norm.is_some() {
+        return refuse("it has both a final norm and fc_norm".into());
+    }
+    if spec.dim % spec.heads != 0 {
+        return refuse(format!("width {} is not a multiple of {} heads", spec.dim, spec.heads));
+    }
+    let absorbed = !matches!(spec.head, Head::None)
+        || matches!(spec.pool, Pool::Map(_))
+        || pooler(spec, model).is_some();
+    if !absorbed {
+        return refuse(
+            "it is a bare backbone, so its features would come out rotated; the rotation needs a \
+             linear layer after the final LayerNorm to end in (a classifier head, a pooler or an \
+             attention-pooling head)"
+                .into(),
+        );
+    }
+    let used = spec.used_tensors();
+    let unknown: Vec<&str> = model
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| !used.contains(*n) && !extra_residual(spec, n) && !n.ends_with("position_ids"))
+        .filter(|n| !pooler(spec, model).is_some_and(|p| n.starts_with(p.as_str())))
+        .collect();
+    if let Some(first) = unknown.first() {
+        return refuse(format!(
+            "tensor '{first}' is not read by the forward pass, so how to rotate it is unknown"
+        ));
+    }
+    Ok(())
+}
+
+/// HF ViT's pooler (a linear layer and tanh over the final-normed class token), by prefix.
+fn pooler(spec: &VitSpec, model: &Checkpoint) -> Option<String> {
+    if spec.pool != Pool::Cls {
+        return None;
+    }
+    model
+        .tensors()
+        .iter()
+        .find(|t| t.name.ends_with("pooler.dense.weight"))
+        .map(|t| t.name.trim_end_matches(".weight").to_string())
+}
+
+/// Tensors in the residual basis that the forward pass does not read: DINOv2's mask token and
+/// position embeddings stored for other input sizes.
+fn extra_residual(spec: &VitSpec, n: &str) -> bool {
+    n.ends_with("mask_token")
+        || n.strip_prefix(spec.pos_embed.as_str())
+            .is_some_and(|rest| rest.starts_with('_'))
+}
+
+/// One rotated tensor: its shape and a way to compute it.
+type Job<'a> = (Vec<usize>, Box<dyn Fn() -> Result<Vec<f32>> + 'a>);
+
+/// Writes every tensor the rotation changes, as f32, to `dest` (a safetensors file to overlay on
+/// `model`). Each tensor is computed when it is written, so one tensor's copy is held at a time.
+pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path) -> Result<()> {
+    check(spec, model)?;
+    let rot = Rotation::new(spec.dim, spec.heads, seed);
+    let qt = rot.qt();
+    let d = spec.dim;
+    let mut jobs: BTreeMap<String, Job<'_>> = BTreeMap::new();
+    let shape = |n: &str| -> Result<Vec<usize>> {
+        model
+            .get(n)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))
+    };
+    let read = |n: &str| -> Result<Vec<f64>> {
+        let t = model
+            .get(n)
+            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))?;
+        Ok(model.read_f32(t)?.into_iter().map(f64::from).collect())
+    };
+    let (q, qt, rot) = (&rot.q, &qt, &rot);
+    // Rows of `d` values in the residual basis (tokens, position embeddings): x ↦ Q·x.
+    let mut residual_rows = |n: &str| -> Result<()> {
+        if let Some(t) = model.get(n) {
+            if t.shape.last() != Some(&d) {
+                return Err(Error::Shape(format!(
+                    "--rotate: tensor '{n}' has shape {:?}, not rows of width {d}",
+                    t.shape
+                )));
+            }
+            let name = n.to_string();
+            jobs.insert(
+                n.to_string(),
+                (
+                    t.shape.clone(),
+                    Box::new(move || {
+                        let x = read(&name)?;
+                        Ok(product(&x, x.len() / d, d, qt, d))
+                    }),
+                ),
+            );
+        }
+        Ok(())
+    };
+    for t in &spec.tokens {
+        residual_rows(t)?;
+    }
+    residual_rows(&spec.pos_embed)?;
+    if let Some(r) = &spec.pos_embed_resized {
+        residual_rows(r)?;
+    }
+    for t in model.tensors() {
+        if extra_residual(spec, &t.name) {
+            residual_rows(&t.name)?;
+        }
+    }
+    // The patch embedding writes the residual stream: W ↦ Q·W (as [d, c·p·p]), b ↦ Q·b.
+    writer_jobs(model, &mut jobs, &spec.patch_embed.0, Some(&spec.patch_embed.1), None, q, d)?;
+    let unit = |jobs: &mut BTreeMap<String, Job<'_>>, norm: &(String, String)| -> Result<()> {
+        for (n, v) in [(&norm.0, 1.0f32), (&norm.1, 0.0)] {
+            let s = shape(n)?;
+            let len = s.iter().product();
+            jobs.insert(n.clone(), (s, Box::new(move || Ok(vec![v; len]))));
+        }
+        Ok(())
+    };
+    for b in &spec.blocks {
+        // qkv reads LayerNorm 1; the value rows of each head take R_h.
+        for (role, prefix) in &b.qkv {
+            let value_from = match role {
+                Role::Qkv => Some(2 * d),
+                Role::Value => Some(0),
+                _ => None,
+            };
+            reader_jobs(model, &mut jobs, prefix, &b.norm1, qt, d, value_from.map(|v| (v, rot)))?;
+        }
+        unit(&mut jobs, &b.norm1)?;
+        let (ls1, ls2) = match &b.ls {
+            Some((a, c)) => (Some(a.as_str()), Some(c.as_str())),
+            None => (None, None),
+        };
+        writer_jobs(model, &mut jobs, &format!("{}.weight", b.proj), Some(&format!("{}.bias", b.proj)), ls1, q, d)?;
+        // proj's inputs are the heads' values: columns of head h take R_hᵀ.
+        let pw = format!("{}.weight", b.proj);
+        let inner = jobs.remove(&pw).expect("proj planned above");
+        jobs.insert(
+            pw,
+            (
+                inner.0,
+                Box::new(move || {
+                    let w = inner.1()?;
+                    Ok(rotate_head_columns(&w, d, rot))
+                }),
+            ),
+        );
+        reader_jobs(model, &mut jobs, &b.fc1, &b.norm2, qt, d, None)?;
+        unit(&mut jobs, &b.norm2)?;
+        writer_jobs(model, &mut jobs, &format!("{}.weight", b.fc2), Some(&format!("{}.bias", b.fc2)), ls2, q, d)?;
+        if let Some((a, c)) = &b.ls {
+            for n in [a, c] {
+                let s = shape(n)?;
+                let len = s.iter().product();
+                jobs.insert(n.clone(), (s, Box::new(move || Ok(vec![1.0f32; len]))));
+            }
+        }
+    }
+    // The final norm (or fc_norm) is folded into whatever reads it.
+    let last = spec.norm.as_ref().or(spec.fc_norm.as_ref());
+    let mut readers: Vec<(String, usize)> = Vec::new();
+    match &spec.pool {
+        Pool::Map(h) => {
+            if spec.family.is_timm() {
+                readers.push((format!("{h}.kv"), 0));
+            } else {
+                // HF's packed in_proj: rows d..3d (keys, values) read the tokens.
+                readers.push((format!("{h}.attention.in_proj"), d));
+            }
+        }
+        _ => {
+            match &spec.head {
+                Head::None => {}
+                Head::Cls(h) | Head::ClsMean(h) => readers.push((h.clone(), 0)),
+                Head::ClsDist(h, k) => {
+                    readers.push((h.clone(), 0));
+                    readers.push((k.clone(), 0));
+                }
+            }
+            if let Some(p) = pooler(spec, model) {
+                readers.push((p, 0));
+            }
+        }
+    }
+    let identity = (String::new(), String::new());
+    let norm = last.unwrap_or(&identity);
+    for (prefix, skip_rows) in readers {
+        final_reader_jobs(model, &mut jobs, &prefix, norm, qt, d, skip_rows)?;
+    }
+    if let Some(n) = last {
+        unit(&mut jobs, n)?;
+    }
+    let planned: Vec<PlannedTensor> = jobs
+        .iter()
+        .map(|(name, (shape, _))| PlannedTensor {
+            name: name.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: shape.clone(),
+        })
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("comq.rotation_seed".to_string(), seed.to_string());
+    let mut w = SafetensorsWriter::create(dest, planned, &meta)?;
+    for (name, (_, make)) in &jobs {
+        let v = make()?;
+        w.write(name, bytemuck::cast_slice(&v))?;
+    }
+    w.finish(&meta)
+}
+
+/// `x[rows, k] · b[k, n]` in f64, rounded to f32.
+fn product(x: &[f64], rows: usize, k: usize, b: &[f64], n: usize) -> Vec<f32> {
+    let mut c = vec![0.0f64; rows * n];
+    dgemm(rows, k, n, x, b, &mut c);
+    c.into_iter().map(|v| v as f32).collect()
+}
+
+/// A layer writing the residual stream: `W ↦ Q·diag(ls)·W`, `b ↦ Q·(ls ⊙ b)` (`W` read as
+/// `[d, rest]`).
+fn writer_jobs<'a>(
+    model: &'a Checkpoint,
+    jobs: &mut BTreeMap<String, Job<'a>>,
+    weight: &str,
+    bias: Option<&str>,
+    ls: Option<&str>,
+    q: &'a [f64],
+    d: usize,
+) -> Result<()> {
+    let read = move |n: &str| -> Result<Vec<f64>> {
+        let t = model
+            .get(n)
+            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))?;
+        Ok(model.read_f32(t)?.into_iter().map(f64::from).collect())
+    };
+    let ls = ls.map(str::to_string);
+    for name in [Some(weight), bias] {
+        let Some(name) = name else { continue };
+        let Some(t) = model.get(name) else { continue };
+        if t.shape.first() != Some(&d) {
+            return Err(Error::Shape(format!(
+                "--rotate: tensor '{name}' has shape {:?}; its first dimension should be the width {d}",
+                t.shape
+            )));
+        }
+        let (n, ls) = (name.to_string(), ls.clone());
+        jobs.insert(
+            n.clone(),
+            (
+                t.shape.clone(),
+                Box::new(move || {
+                    let mut w = read(&n)?;
+                    let cols = w.len() / d;
+                    if let Some(ls) = &ls {
+                        let g = read(ls)?;
+                        for (r, row) in w.chunks_mut(cols).enumerate() {
+                            row.iter_mut().for_each(|x| *x *= g[r]);
+                        }
+                    }
+                    Ok(product(q, d, d, &w, cols))
+                }),
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// A layer reading a LayerNorm's output: `W ↦ W·diag(γ)·Qᵀ`, `b ↦ b + W·β`; rows from
+/// `value_from` on (the values) then take each head's `R_h`.
+fn reader_jobs<'a>(
+    model: &'a Checkpoint,
+    jobs: &mut BTreeMap<String, Job<'a>>,
+    prefix: &str,
+    norm: &(String, String),
+    qt: &'a [f64],
+    d: usize,
+    values: Option<(usize, &'a Rotation)>,
+) -> Result<()> {
+    let fold = FoldedReader::plan(model, prefix, norm, qt, d, 0)?;
+    let (w_name, b_name, shape, bias_shape) = (
+        fold.weight.clone(),
+        fold.bias.clone(),
+        fold.shape.clone(),
+        fold.bias_shape.clone(),
+    );
+    let fold = std::rc::Rc::new(fold);
+    let f2 = fold.clone();
+    jobs.insert(
+        w_name,
+        (
+            shape,
+            Box::new(move || {
+                let mut w = fold.weight()?;
+                if let Some((from, rot)) = values {
+                    rotate_head_rows(&mut w[from * d..], d, rot);
+                }
+                Ok(w.into_iter().map(|v| v as f32).collect())
+            }),
+        ),
+    );
+    jobs.insert(
+        b_name,
+        (
+            bias_shape,
+            Box::new(move || {
+                let mut b = f2.bias()?;
+                if let Some((from, rot)) = values {
+                    rotate_head_rows(&mut b[from..], 1, rot);
+                }
+                Ok(b.into_iter().map(|v| v as f32).collect())
+            }),
+        ),
+    );
+    Ok(())
+}
+
+/// The readers of the final norm: as [`reader_jobs`], rows below `skip_rows` untouched (HF's
+/// packed pooling projection keeps its query rows), and each half of a `[classes, 2d]` head
+/// (DINOv2's class token and patch mean) folded alike.
+fn final_reader_jobs<'a>(
+    model: &'a Checkpoint,
+    jobs: &mut BTreeMap<String, Job<'a>>,
+    prefix: &str,
+    norm: &(String, String),
+    qt: &'a [f64],
+    d: usize,
+    skip_rows: usize,
+) -> Result<()> {
+    let fold = std::rc::Rc::new(FoldedReader::plan(model, prefix, norm, qt, d, skip_rows)?);
+    let f2 = fold.clone();
+    jobs.insert(
+        fold.weight.clone(),
+        (
+            fold.shape.clone(),
+            Box::new(move || Ok(fold.weight()?.into_iter().map(|v| v as f32).collect())),
+        ),
+    );
+    jobs.insert(
+        f2.bias.clone(),
+        (
+            f2.bias_shape.clone(),
+            Box::new(move || Ok(f2.bias()?.into_iter().map(|v| v as f32).collect())),
+        ),
+    );
+    Ok(())
+}
+
+/// `W ↦ W·diag(γ)·Qᵀ` and `b ↦ b + W·β` for one linear layer, over each `d`-wide block of its
+/// input (a `[classes, 2d]` head has two) and the rows from `skip_rows` on.
+struct FoldedReader<'a> {
+    model: &'a Checkpoint,
+    weight: String,
+    bias: String,
+    shape: Vec<usize>,
+    bias_shape: Vec<usize>,
+    has_bias: bool,
+    norm: (String, String),
+    qt: &'a [f64],
+    d: usize,
+    skip_rows: usize,
+}
+
+impl<'a> FoldedReader<'a> {
+    fn plan(
+        model: &'a Checkpoint,
+        prefix: &str,
+        norm: &(String, String),
+        qt: &'a [f64],
+        d: usize,
+        skip_rows: usize,
+    ) -> Result<FoldedReader<'a>> {
+        // HF's packed attention names its tensors `in_proj_weight` / `in_proj_bias`.
+        let (weight, bias) = if prefix.ends_with("in_proj") {
+            (format!("{prefix}_weight"), format!("{prefix}_bias"))
+        } else {
+            (format!("{prefix}.weight"), format!("{prefix}.bias"))
+        };
+        let shape = model
+            .get(&weight)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| Error::Internal(format!("tensor '{weight}' vanished")))?;
+        let cols = shape.get(1).copied().unwrap_or(0);
+        if shape.len() != 2 || cols == 0 || cols % d != 0 {
+            return Err(Error::Shape(format!(
+                "--rotate: tensor '{weight}' has shape {shape:?}; its inputs should be the width {d} (or a multiple)"
+            )));
+        }
+        let has_bias = model.get(&bias).is_some();
+        Ok(FoldedReader {
+            model,
+            bias_shape: vec![shape[0]],
+            weight,
+            bias,
+            shape,
+            has_bias,
+            norm: norm.clone(),
+            qt,
+            d,
+            skip_rows,
+        })
+    }
+
+    fn read(&self, n: &str) -> Result<Vec<f64>> {
+        let t = self
+            .model
+            .get(n)
+            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))?;
+        Ok(self.model.read_f32(t)?.into_iter().map(f64::from).collect())
+    }
+
+    /// γ and β of the norm read (identity when there is none).
+    fn affine(&self) -> Result<(Vec<f64>, Vec<f64>)> {
+        if self.norm.0.is_empty() {
+            return Ok((vec![1.0; self.d], vec![0.0; self.d]));
+        }
+        Ok((self.read(&self.norm.0)?, self.read(&self.norm.1)?))
+    }
+
+    fn weight(&self) -> Result<Vec<f64>> {
+        let (gamma, _) = self.affine()?;
+        let w = self.read(&self.weight)?;
+        let (rows, cols, d) = (self.shape[0], self.shape[1], self.d);
+        let mut out = w.clone();
+        let mut scaled = vec![0.0f64; d];
+        let mut res = vec![0.0f64; d];
+        for r in self.skip_rows..rows {
+            for blk in 0..cols / d {
+                let src = &w[r * cols + blk * d..r * cols + (blk + 1) * d];
+                for ((s, x), g) in scaled.iter_mut().zip(src).zip(&gamma) {
+                    *s = x * g;
+                }
+                dgemm(1, d, d, &scaled, self.qt, &mut res);
+                out[r * cols + blk * d..r * cols + (blk + 1) * d].copy_from_slice(&res);
+            }
+        }
+        Ok(out)
+    }
+
+    fn bias(&self) -> Result<Vec<f64>> {
+        let (_, beta) = self.affine()?;
+        let w = self.read(&self.weight)?;
+        let (rows, cols, d) = (self.shape[0], self.shape[1], self.d);
+        let mut b = if self.has_bias {
+            self.read(&self.bias)?
+        } else {
+            vec![0.0; rows]
+        };
+        for (r, br) in b.iter_mut().enumerate().skip(self.skip_rows) {
+            for blk in 0..cols / d {
+                let src = &w[r * cols + blk * d..r * cols + (blk + 1) * d];
+                *br += src.iter().zip(&beta).map(|(x, y)| x * y).sum::<f64>();
+            }
+        }
+        if !self.has_bias && b.iter().any(|v| *v != 0.0) {
+            return Err(Error::InvalidOption(format!(
+                "--rotate: '{}' has no bias to take its LayerNorm's shift '{}'",
+                self.weight, self.norm.1
+            )));
+        }
+        Ok(b)
+    }
+}
+
+/// Rows `[heads·hd, width]` (values): the rows of head `h` take `R_h`.
+fn rotate_head_rows(x: &mut [f64], width: usize, rot: &Rotation) {
+    let hd = rot.hd;
+    for (h, r) in rot.heads.iter().enumerate() {
+        let block = &mut x[h * hd * width..(h + 1) * hd * width];
+        let mut out = vec![0.0f64; hd * width];
+        dgemm(hd, hd, width, r, block, &mut out);
+        block.copy_from_slice(&out);
+    }
+}
+
+/// proj's weight `[d, d]` (f32): the columns of head `h` take `R_hᵀ`.
+fn rotate_head_columns(w: &[f32], d: usize, rot: &Rotation) -> Vec<f32> {
+    let hd = rot.hd;
+    let mut out = w.to_vec();
+    let mut blk = vec![0.0f64; hd];
+    let mut res = vec![0.0f64; hd];
+    for row in 0..d {
+        for (h, r) in rot.heads.iter().enumerate() {
+            let cols = row * d + h * hd..row * d + (h + 1) * hd;
+            for (b, x) in blk.iter_mut().zip(&w[cols.clone()]) {
+                *b = f64::from(*x);
+            }
+            // row · R_hᵀ: res[i] = Σ_j blk[j] · R[i, j]
+            for (i, o) in res.iter_mut().enumerate() {
+                *o = r[i * hd..(i + 1) * hd].iter().zip(&blk).map(|(a, b)| a * b).sum();
+            }
+            for (o, v) in out[cols].iter_mut().zip(&res) {
+                *o = *v as f32;
+            }
+        }
+    }
+    out
+}
