@@ -115,8 +115,11 @@ pub fn check(spec: &VitSpec, model: &Checkpoint) -> Result<()> {
     if spec.norm.is_some() && spec.fc_norm.is_some() {
         return refuse("it has both a final norm and fc_norm".into());
     }
-    if spec.dim % spec.heads != 0 {
-        return refuse(format!("width {} is not a multiple of {} heads", spec.dim, spec.heads));
+    if spec.heads == 0 || !spec.dim.is_multiple_of(spec.heads) {
+        return refuse(format!(
+            "width {} is not a multiple of {} heads",
+            spec.dim, spec.heads
+        ));
     }
     let absorbed = !matches!(spec.head, Head::None)
         || matches!(spec.pool, Pool::Map(_))
@@ -225,7 +228,15 @@ pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path)
         }
     }
     // The patch embedding writes the residual stream: W ↦ Q·W (as [d, c·p·p]), b ↦ Q·b.
-    writer_jobs(model, &mut jobs, &spec.patch_embed.0, Some(&spec.patch_embed.1), None, q, d)?;
+    writer_jobs(
+        model,
+        &mut jobs,
+        &spec.patch_embed.0,
+        Some(&spec.patch_embed.1),
+        None,
+        q,
+        d,
+    )?;
     let unit = |jobs: &mut BTreeMap<String, Job<'_>>, norm: &(String, String)| -> Result<()> {
         for (n, v) in [(&norm.0, 1.0f32), (&norm.1, 0.0)] {
             let s = shape(n)?;
@@ -242,14 +253,30 @@ pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path)
                 Role::Value => Some(0),
                 _ => None,
             };
-            reader_jobs(model, &mut jobs, prefix, &b.norm1, qt, d, value_from.map(|v| (v, rot)))?;
+            reader_jobs(
+                model,
+                &mut jobs,
+                prefix,
+                &b.norm1,
+                qt,
+                d,
+                value_from.map(|v| (v, rot)),
+            )?;
         }
         unit(&mut jobs, &b.norm1)?;
         let (ls1, ls2) = match &b.ls {
             Some((a, c)) => (Some(a.as_str()), Some(c.as_str())),
             None => (None, None),
         };
-        writer_jobs(model, &mut jobs, &format!("{}.weight", b.proj), Some(&format!("{}.bias", b.proj)), ls1, q, d)?;
+        writer_jobs(
+            model,
+            &mut jobs,
+            &format!("{}.weight", b.proj),
+            Some(&format!("{}.bias", b.proj)),
+            ls1,
+            q,
+            d,
+        )?;
         // proj's inputs are the heads' values: columns of head h take R_hᵀ.
         let pw = format!("{}.weight", b.proj);
         let inner = jobs.remove(&pw).expect("proj planned above");
@@ -265,7 +292,15 @@ pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path)
         );
         reader_jobs(model, &mut jobs, &b.fc1, &b.norm2, qt, d, None)?;
         unit(&mut jobs, &b.norm2)?;
-        writer_jobs(model, &mut jobs, &format!("{}.weight", b.fc2), Some(&format!("{}.bias", b.fc2)), ls2, q, d)?;
+        writer_jobs(
+            model,
+            &mut jobs,
+            &format!("{}.weight", b.fc2),
+            Some(&format!("{}.bias", b.fc2)),
+            ls2,
+            q,
+            d,
+        )?;
         if let Some((a, c)) = &b.ls {
             for n in [a, c] {
                 let s = shape(n)?;
@@ -497,7 +532,7 @@ impl<'a> FoldedReader<'a> {
             .map(|t| t.shape.clone())
             .ok_or_else(|| Error::Internal(format!("tensor '{weight}' vanished")))?;
         let cols = shape.get(1).copied().unwrap_or(0);
-        if shape.len() != 2 || cols == 0 || cols % d != 0 {
+        if shape.len() != 2 || cols == 0 || !cols.is_multiple_of(d) {
             return Err(Error::Shape(format!(
                 "--rotate: tensor '{weight}' has shape {shape:?}; its inputs should be the width {d} (or a multiple)"
             )));
@@ -603,7 +638,11 @@ fn rotate_head_columns(w: &[f32], d: usize, rot: &Rotation) -> Vec<f32> {
             }
             // row · R_hᵀ: res[i] = Σ_j blk[j] · R[i, j]
             for (i, o) in res.iter_mut().enumerate() {
-                *o = r[i * hd..(i + 1) * hd].iter().zip(&blk).map(|(a, b)| a * b).sum();
+                *o = r[i * hd..(i + 1) * hd]
+                    .iter()
+                    .zip(&blk)
+                    .map(|(a, b)| a * b)
+                    .sum();
             }
             for (o, v) in out[cols].iter_mut().zip(&res) {
                 *o = *v as f32;

@@ -108,4 +108,3 @@ fn rotate(opts: &RunOptions, model: &mut Checkpoint) -> Result<()> {
     );
     Ok(())
 }
-

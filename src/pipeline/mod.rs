@@ -277,6 +277,7 @@ mod tests {
             target_bits: None,
             equalize: false,
             augment: Augment::Off,
+            rotate: false,
             profile: false,
             allow_unused_tensors: false,
         }

@@ -210,7 +210,10 @@ pub(super) fn provenance(
     );
     put("calibration", calib_label(opts));
     if opts.rotate {
-        put("rotation", format!("residual stream and values, seed {}", super::ROTATION_SEED));
+        put(
+            "rotation",
+            format!("residual stream and values, seed {}", super::ROTATION_SEED),
+        );
     }
     put("device", device.to_string());
     m

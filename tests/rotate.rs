@@ -1,0 +1,221 @@
+//! `--rotate`: the rotation is orthogonal and keeps the all-ones vector; the rotated model (the
+//! overlay a run reads, every tensor f32) computes the original network's logits; models whose
+//! features would come out rotated, or whose calibration could not follow, are refused; a run
+//! leaves no temporary file behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use comq_gpu::io::writer::TempFile;
+use comq_gpu::io::Checkpoint;
+use comq_gpu::model::cpu::CpuOps;
+use comq_gpu::model::forward::{run_model, HostBlock, HostStem, Output};
+use comq_gpu::model::rotate::{write_rotated, Rotation};
+use comq_gpu::model::synthetic::SyntheticVit;
+use comq_gpu::model::{Family, VitSpec};
+
+/// The rotated network's logits against the original's, relative (f32 weights rounded once
+/// after an f64 rotation, then an f32 forward pass).
+const SAME_FUNCTION_REL_TOL: f64 = 1e-5;
+
+fn synthetic(dir: &Path, family: Family, classes: usize) -> PathBuf {
+    SyntheticVit {
+        family,
+        dim: 32,
+        depth: 2,
+        heads: 4,
+        mlp: 64,
+        patch: 4,
+        img: 16,
+        channels: 3,
+        classes,
+        seed: 5,
+    }
+    .write(dir)
+    .unwrap();
+    dir.join("model.safetensors")
+}
+
+fn logits(model: &Checkpoint, pixels: &[f32], n: usize) -> Output {
+    let spec = VitSpec::detect(model).unwrap();
+    let stem = HostStem::load(model, &spec).unwrap();
+    run_model(
+        &CpuOps,
+        &spec,
+        &stem,
+        &mut |b| HostBlock::load(model, &spec, &spec.blocks[b]),
+        pixels,
+        n,
+    )
+    .unwrap()
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn the_rotation_is_orthogonal_and_keeps_the_ones_vector() {
+    for (d, heads) in [(8, 2), (32, 4), (96, 3), (64, 1)] {
+        let r = Rotation::new(d, heads, 3);
+        let mut worst: f64 = 0.0;
+        for i in 0..d {
+            for j in 0..d {
+                let dot: f64 = (0..d).map(|k| r.q[i * d + k] * r.q[j * d + k]).sum();
+                worst = worst.max((dot - f64::from(u8::from(i == j))).abs());
+            }
+            let row: f64 = r.q[i * d..(i + 1) * d].iter().sum();
+            assert!((row - 1.0).abs() < 1e-12, "Q·1 = 1 (row {i}: {row})");
+        }
+        assert!(worst < 1e-12, "QQᵀ = I within {worst:e}");
+        assert_eq!(r.heads.len(), heads);
+        let hd = d / heads;
+        for rh in &r.heads {
+            for i in 0..hd {
+                for j in 0..hd {
+                    let dot: f64 = (0..hd).map(|k| rh[i * hd + k] * rh[j * hd + k]).sum();
+                    assert!((dot - f64::from(u8::from(i == j))).abs() < 1e-12);
+                }
+            }
+        }
+        // Not the identity: the rotation mixes every coordinate.
+        assert!((0..d).all(|i| r.q[i * d + i].abs() < 0.99), "d = {d}");
+        // Seeded: the same seed, the same matrix; another seed, another.
+        assert_eq!(Rotation::new(d, heads, 3).q, r.q);
+        assert_ne!(Rotation::new(d, heads, 4).q, r.q);
+    }
+}
+
+fn check_same_function(path: &Path, px_side: usize, channels: usize) {
+    let n = 3;
+    let px = common::Rng::new(17).normals(n * channels * px_side * px_side);
+    let original = Checkpoint::open(path).unwrap();
+    let before = logits(&original, &px, n);
+    let spec = VitSpec::detect(&original).unwrap();
+    let mut rotated = Checkpoint::open(path).unwrap();
+    let temp = TempFile::in_temp_dir(&format!(
+        "test-{}.safetensors",
+        path.display().to_string().len()
+    ));
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let dest = tmp_dir.path().join("rotated.safetensors");
+    write_rotated(&original, &spec, 0, &dest).unwrap();
+    std::fs::rename(&dest, temp.path()).unwrap();
+    rotated.overlay(temp).unwrap();
+    // Every tensor the forward pass reads changed (the rotation is not the identity)...
+    for name in spec.used_tensors() {
+        let (a, b) = (original.get(&name).unwrap(), rotated.get(&name).unwrap());
+        assert_eq!(a.shape, b.shape, "{name}");
+        let va = original.read_f32(a).unwrap();
+        let vb = rotated.read_f32(b).unwrap();
+        let unchanged = va == vb && !name.contains("norm") && !name.contains("layer_scale");
+        assert!(
+            !unchanged || va.iter().all(|v| *v == 0.0),
+            "{name} was not rotated"
+        );
+    }
+    // ...and the network is the same.
+    let after = logits(&rotated, &px, n);
+    assert!(!before.logits.is_empty());
+    let e = rel(&after.logits, &before.logits);
+    eprintln!("{}: logits {e:.2e}", path.display());
+    assert!(
+        e < SAME_FUNCTION_REL_TOL,
+        "{}: logits differ by {e:e}",
+        path.display()
+    );
+}
+
+#[test]
+fn a_rotated_model_computes_the_original_logits() {
+    for (family, classes) in [
+        (Family::TimmVit, 5),
+        (Family::TimmDeit, 5),
+        (Family::HfVit, 3),
+        (Family::HfDeit, 3),
+        (Family::HfDinov2, 4),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), family, classes);
+        check_same_function(&path, 16, 3);
+    }
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/fmnist-vit");
+    let spec = VitSpec::detect(&Checkpoint::open(&bundled).unwrap()).unwrap();
+    check_same_function(&bundled, spec.preprocess.crop, spec.preprocess.channels);
+}
+
+#[test]
+fn a_bare_backbone_is_refused_naming_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::HfDinov2, 0);
+    let model = Checkpoint::open(&path).unwrap();
+    let spec = VitSpec::detect(&model).unwrap();
+    let err = write_rotated(&model, &spec, 0, &dir.path().join("r.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bare backbone"), "{err}");
+    assert!(!dir.path().join("r.safetensors").exists());
+}
+
+#[test]
+fn run_rotate_quantizes_and_leaves_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(&dir.path().join("m"), Family::TimmVit, 5);
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = dir.path().join("q.safetensors");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_comq-gpu"))
+        .args([
+            "run",
+            common::s(&path),
+            "--data-free",
+            "--rotate",
+            "--device",
+            "cpu",
+        ])
+        .args(["--dequantized", common::s(&out)])
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the rotated copy is removed"
+    );
+    let q = Checkpoint::open(&out).unwrap();
+    assert_eq!(
+        q.metadata().get("comq.rotation").map(String::as_str),
+        Some("residual stream and values, seed 0")
+    );
+    // The output is the same architecture: every tensor of the model, same shapes.
+    let m = Checkpoint::open(&path).unwrap();
+    assert_eq!(q.tensors().len(), m.tensors().len());
+    for t in m.tensors() {
+        assert_eq!(
+            q.get(&t.name).map(|x| &x.shape),
+            Some(&t.shape),
+            "{}",
+            t.name
+        );
+    }
+    // Grams captured from the model as it is no longer fit a rotated one.
+    let o = common::run(&[
+        "run",
+        common::s(&path),
+        "--rotate",
+        "--calib",
+        common::s(&path),
+        "--out",
+        common::s(&dir.path().join("x.safetensors")),
+    ]);
+    common::assert_refused(&o, "--rotate");
+}
