@@ -92,7 +92,7 @@ pub fn clean_up() -> String {
 }
 
 /// Routes SIGINT, SIGTERM and SIGHUP (Ctrl-C, Ctrl-Break and closing the console on Windows)
-/// and SIGBUS on a truncated input to [`stop`]. Call first thing in `main`, before any other
+/// and SIGBUS on a truncated input to `stop`. Call first thing in `main`, before any other
 /// thread exists.
 pub fn install() {
     crate::platform::on_interrupt(stop);
