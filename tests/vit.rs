@@ -862,6 +862,7 @@ fn timm_variants_match_timm() {
             eprintln!("timm {variant} {what}: rel {e:.3e}");
             assert!(e < REFERENCE_REL_TOL, "{variant} {what}: {e}");
         }
+        rotation_keeps_the_network(&path, &spec, &px, &out, variant);
         if variant == "siglip" {
             // It quantizes from the bundled photos with no data given: the blocks' linear
             // layers, not the pooling head's.
@@ -926,4 +927,60 @@ fn an_incomplete_timm_pooling_head_is_refused_naming_the_tensor() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("only one latent query"), "{e}");
+}
+
+/// `--rotate` on a timm variant: the rotated network gives the same logits (or, behind an
+/// attention-pooling head, the same pooled features); a variant it cannot keep is refused —
+/// CLIP's pre-LayerNorm, or a backbone whose features would come out rotated.
+fn rotation_keeps_the_network(
+    path: &Path,
+    spec: &VitSpec,
+    px: &[f32],
+    out: &Output,
+    variant: &str,
+) {
+    use comq_gpu::model::Pool;
+    let model = Checkpoint::open(path).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let dest = scratch.path().join("rotated.safetensors");
+    let absorbed = !out.logits.is_empty() || matches!(spec.pool, Pool::Map(_));
+    match comq_gpu::model::rotate::write_rotated(&model, spec, 0, &dest) {
+        Ok(()) => {
+            assert!(
+                spec.norm_pre.is_none() && absorbed,
+                "{variant} should be refused"
+            );
+            let temp =
+                comq_gpu::io::writer::TempFile::in_temp_dir(&format!("vit-{variant}.safetensors"));
+            std::fs::rename(&dest, temp.path()).unwrap();
+            let mut rotated = Checkpoint::open(path).unwrap();
+            rotated.overlay(temp).unwrap();
+            let stem = HostStem::load(&rotated, spec).unwrap();
+            let r = run_model(
+                &CpuOps,
+                spec,
+                &stem,
+                &mut |b| HostBlock::load(&rotated, spec, &spec.blocks[b]),
+                px,
+                3,
+            )
+            .unwrap();
+            let (what, a, b) = if out.logits.is_empty() {
+                ("pooled features", &r.cls, &out.cls)
+            } else {
+                ("logits", &r.logits, &out.logits)
+            };
+            let e = rel(a, b);
+            eprintln!("timm {variant} rotated {what}: rel {e:.3e}");
+            assert!(
+                e < 1e-5,
+                "{variant}: the rotated network's {what} differ by {e}"
+            );
+        }
+        Err(e) => {
+            let e = e.to_string();
+            assert!(spec.norm_pre.is_some() || !absorbed, "{variant}: {e}");
+            assert!(e.contains("--rotate"), "{e}");
+        }
+    }
 }
