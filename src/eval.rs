@@ -401,6 +401,45 @@ impl EvalReport {
     }
 }
 
+/// Brings the features of a model quantized with `--rotate` (its metadata names the rotation)
+/// back to the basis of an unrotated reference, so the two compare; both rotated alike need
+/// nothing, rotated differently cannot be compared.
+fn same_basis(
+    f: &mut Features,
+    spec: &VitSpec,
+    m: &Checkpoint,
+    rf: &mut Features,
+    rspec: &VitSpec,
+    rm: &Checkpoint,
+) -> Result<()> {
+    use crate::model::rotate::{seed_of, unrotate_features};
+    match (seed_of(m)?, seed_of(rm)?) {
+        (Some(s), None) => {
+            log::info!(
+                "{} was rotated (--rotate, seed {s}): its features are mapped back to the basis of {}",
+                m.path().display(),
+                rm.path().display()
+            );
+            unrotate_features(&mut f.cls, rspec, rm, s)
+        }
+        (None, Some(s)) => {
+            log::info!(
+                "{} was rotated (--rotate, seed {s}): its features are mapped back to the basis of {}",
+                rm.path().display(),
+                m.path().display()
+            );
+            unrotate_features(&mut rf.cls, spec, m, s)
+        }
+        (Some(a), Some(b)) if a != b => Err(crate::error::Error::InvalidOption(format!(
+            "{} and {} were rotated with different seeds ({a}, {b}): their features are in \
+             different bases; compare each with the unrotated model",
+            m.path().display(),
+            rm.path().display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// `comq-gpu eval`: accuracy of `model` on `images`, and with `reference` the fidelity of its
 /// features to the reference model's (both must share the layout).
 pub fn evaluate(
@@ -447,15 +486,22 @@ pub fn evaluate(
                 accuracy: accuracy(&f, &set, &idx, &map),
                 fidelity: None,
             });
-            Some(f)
+            Some((f, rm, rspec))
         }
         None => None,
     };
-    let f = features(&engine, &spec, &m, &none, &set, &idx)?;
+    let mut f = features(&engine, &spec, &m, &none, &set, &idx)?;
+    let fidelity = match reference {
+        Some((mut rf, rm, rspec)) => {
+            same_basis(&mut f, &spec, &m, &mut rf, &rspec, &rm)?;
+            Some(fidelity(&f, &rf))
+        }
+        None => None,
+    };
     rows.push(EvalRow {
         model: model.display().to_string(),
         accuracy: accuracy(&f, &set, &idx, &map),
-        fidelity: reference.as_ref().map(|r| fidelity(&f, r)),
+        fidelity,
     });
     Ok(EvalReport {
         images: images.display().to_string(),

@@ -11,7 +11,7 @@ use comq_gpu::io::writer::TempFile;
 use comq_gpu::io::Checkpoint;
 use comq_gpu::model::cpu::CpuOps;
 use comq_gpu::model::forward::{run_model, HostBlock, HostStem, Output};
-use comq_gpu::model::rotate::{write_rotated, Rotation};
+use comq_gpu::model::rotate::{unrotate_features, write_rotated, Rotation};
 use comq_gpu::model::synthetic::SyntheticVit;
 use comq_gpu::model::{Family, VitSpec};
 
@@ -123,13 +123,23 @@ fn check_same_function(path: &Path, px_side: usize, channels: usize) {
         );
     }
     // ...and the network is the same.
-    let after = logits(&rotated, &px, n);
+    let mut after = logits(&rotated, &px, n);
     assert!(!before.logits.is_empty());
     let e = rel(&after.logits, &before.logits);
     eprintln!("{}: logits {e:.2e}", path.display());
     assert!(
         e < SAME_FUNCTION_REL_TOL,
         "{}: logits differ by {e:e}",
+        path.display()
+    );
+    // The pooled features are in the rotated basis until mapped back through the original's
+    // final norm.
+    assert!(rel(&after.cls, &before.cls) > 0.1);
+    unrotate_features(&mut after.cls, &spec, &original, 0).unwrap();
+    let e = rel(&after.cls, &before.cls);
+    assert!(
+        e < SAME_FUNCTION_REL_TOL,
+        "{}: features mapped back differ by {e:e}",
         path.display()
     );
 }
@@ -218,4 +228,70 @@ fn run_rotate_quantizes_and_leaves_no_temporary_file() {
         common::s(&dir.path().join("x.safetensors")),
     ]);
     common::assert_refused(&o, "--rotate");
+}
+
+/// Writes `n` random 20x24 RGB PNGs into `dir/class<k>/`.
+fn png_folder(dir: &Path, n: usize) {
+    let mut r = common::Rng::new(9);
+    for i in 0..n {
+        let class = dir.join(format!("class{}", i % 2));
+        std::fs::create_dir_all(&class).unwrap();
+        let img = image::RgbImage::from_fn(20, 24, |_, _| {
+            image::Rgb([
+                (r.next_u64() % 256) as u8,
+                (r.next_u64() % 256) as u8,
+                (r.next_u64() % 256) as u8,
+            ])
+        });
+        img.save(class.join(format!("{i}.png"))).unwrap();
+    }
+}
+
+#[test]
+fn eval_compares_a_rotated_output_with_the_original_in_one_basis() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(&dir.path().join("m"), Family::HfDinov2, 4);
+    let images = dir.path().join("img");
+    png_folder(&images, 12);
+    let run_to = |name: &str, rotate: bool| -> PathBuf {
+        let out = dir.path().join(name);
+        let mut args = vec!["run", common::s(&path), "--images", common::s(&images)];
+        args.extend(["--bits", "8", "--preset", "paper", "--device", "cpu"]);
+        args.extend(["--dequantized", common::s(&out)]);
+        if rotate {
+            args.push("--rotate");
+        }
+        let o = common::run(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    // Output folders, so config.json travels with the weights.
+    let plain = run_to("plain", false);
+    let rotated = run_to("rotated", true);
+    let cosine = |model: &Path, reference: &Path| -> f64 {
+        let o = common::run(&[
+            "eval",
+            common::s(model),
+            "--reference",
+            common::s(reference),
+            "--images",
+            common::s(&images),
+            "--device",
+            "cpu",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["rows"][1]["fidelity"]["cls_cosine"].as_f64().unwrap()
+    };
+    // 8-bit weights: both outputs stay close to the original, in its basis, either way round.
+    for (m, r) in [(&rotated, &path), (&path, &rotated), (&plain, &path)] {
+        let c = cosine(m, r);
+        assert!(
+            c > 0.999,
+            "{} against {}: CLS cosine {c}",
+            m.display(),
+            r.display()
+        );
+    }
 }

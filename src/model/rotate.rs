@@ -34,6 +34,68 @@ use crate::io::writer::{PlannedTensor, SafetensorsWriter};
 use crate::io::Checkpoint;
 use crate::numeric::linalg::{dgemm, random_orthogonal};
 
+/// The metadata key of a rotated checkpoint (the outputs of `run --rotate`): the seed, from which
+/// the rotation is rebuilt.
+pub const SEED_KEY: &str = "comq.rotation_seed";
+
+/// The seed `model` was rotated with, from its metadata (`None`: not rotated).
+pub fn seed_of(model: &Checkpoint) -> Result<Option<u64>> {
+    match model.metadata().get(SEED_KEY) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::BadSafetensors {
+                path: model.path().into(),
+                reason: format!("metadata '{SEED_KEY}' is '{v}', not a rotation seed"),
+            }),
+    }
+}
+
+/// Pooled features `[n, d]` of a model rotated with `seed` mapped back to the basis of the
+/// original (`original`, described by `spec`): `γ ⊙ Qᵀ·f + β` with the original's final norm (or
+/// `fc_norm`). An attention-pooling head's output is not in the residual basis: unchanged.
+pub fn unrotate_features(
+    feats: &mut [f32],
+    spec: &VitSpec,
+    original: &Checkpoint,
+    seed: u64,
+) -> Result<()> {
+    if matches!(spec.pool, Pool::Map(_)) {
+        return Ok(());
+    }
+    let d = spec.dim;
+    let (gamma, beta) = match spec.norm.as_ref().or(spec.fc_norm.as_ref()) {
+        Some((w, b)) => {
+            let read = |n: &str| -> Result<Vec<f32>> {
+                let t = original
+                    .get(n)
+                    .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))?;
+                original.read_f32(t)
+            };
+            (read(w)?, read(b)?)
+        }
+        None => (vec![1.0; d], vec![0.0; d]),
+    };
+    if gamma.len() != d || beta.len() != d || feats.len() % d != 0 {
+        return Err(Error::Shape(format!(
+            "features of width {d} cannot be mapped back through a norm of {} values",
+            gamma.len()
+        )));
+    }
+    let q = Rotation::new(d, spec.heads, seed).q;
+    let f64s: Vec<f64> = feats.iter().map(|v| f64::from(*v)).collect();
+    // f · Q = (Qᵀ·f)ᵀ, row by row.
+    let back = product(&f64s, feats.len() / d, d, &q, d);
+    for (row, out) in back.chunks(d).zip(feats.chunks_mut(d)) {
+        for (k, (o, v)) in out.iter_mut().zip(row).enumerate() {
+            *o = gamma[k] * v + beta[k];
+        }
+    }
+    Ok(())
+}
+
 /// The residual stream's rotation `Q` (`d × d`, `Q·1 = 1`) and the heads' value rotations.
 #[derive(Debug, Clone)]
 pub struct Rotation {
@@ -352,7 +414,7 @@ pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path)
         })
         .collect();
     let mut meta = BTreeMap::new();
-    meta.insert("comq.rotation_seed".to_string(), seed.to_string());
+    meta.insert(SEED_KEY.to_string(), seed.to_string());
     let mut w = SafetensorsWriter::create(dest, planned, &meta)?;
     for (name, (_, make)) in &jobs {
         let v = make()?;

@@ -94,6 +94,12 @@ fn rotate(opts: &RunOptions, model: &mut Checkpoint) -> Result<()> {
                 .into(),
         ));
     }
+    if let Some(seed) = crate::model::rotate::seed_of(model)? {
+        return Err(Error::InvalidOption(format!(
+            "{} was already rotated (--rotate, seed {seed}); quantize it without --rotate",
+            model.path().display()
+        )));
+    }
     let spec = crate::model::VitSpec::detect_allowing(model, opts.allow_unused_tensors)?;
     let temp = crate::io::writer::TempFile::in_temp_dir("rotated.safetensors");
     let t = std::time::Instant::now();

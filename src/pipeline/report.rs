@@ -214,6 +214,7 @@ pub(super) fn provenance(
             "rotation",
             format!("residual stream and values, seed {}", super::ROTATION_SEED),
         );
+        put("rotation_seed", super::ROTATION_SEED.to_string());
     }
     put("device", device.to_string());
     m
