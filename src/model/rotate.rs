@@ -78,7 +78,7 @@ pub fn unrotate_features(
         }
         None => (vec![1.0; d], vec![0.0; d]),
     };
-    if gamma.len() != d || beta.len() != d || feats.len() % d != 0 {
+    if gamma.len() != d || beta.len() != d || !feats.len().is_multiple_of(d) {
         return Err(Error::Shape(format!(
             "features of width {d} cannot be mapped back through a norm of {} values",
             gamma.len()
