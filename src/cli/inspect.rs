@@ -26,7 +26,17 @@ pub(super) fn inspect_cmd(a: InspectArgs) -> Result<()> {
         print::inspect_table(&rows, cfg.bits);
         // What calibration from images would run: the recognised layout, or why there is none.
         match comq_gpu::model::VitSpec::detect(&model) {
-            Ok(spec) => println!("forward pass: {}", spec.summary()),
+            Ok(spec) => {
+                println!("forward pass: {}", spec.summary());
+                match comq_gpu::model::rotate::seed_of(&model) {
+                    Ok(Some(seed)) => println!("rotation: already rotated (seed {seed})"),
+                    Err(e) => println!("rotation: {e}"),
+                    Ok(None) => match comq_gpu::model::rotate::check(&spec, &model) {
+                        Ok(()) => println!("rotation: --rotate can be folded into this model"),
+                        Err(e) => println!("rotation: {e}"),
+                    },
+                }
+            }
             Err(e) => println!("forward pass: none ({e}); quantize with --calib or --data-free"),
         }
     }
