@@ -253,11 +253,13 @@ fn eval_compares_a_rotated_output_with_the_original_in_one_basis() {
     let path = synthetic(&dir.path().join("m"), Family::HfDinov2, 4);
     let images = dir.path().join("img");
     png_folder(&images, 12);
+    let report = dir.path().join("report.json");
     let run_to = |name: &str, rotate: bool| -> PathBuf {
         let out = dir.path().join(name);
         let mut args = vec!["run", common::s(&path), "--images", common::s(&images)];
         args.extend(["--bits", "8", "--preset", "paper", "--device", "cpu"]);
         args.extend(["--dequantized", common::s(&out)]);
+        args.extend(["--eval", common::s(&images), "--report", common::s(&report)]);
         if rotate {
             args.push("--rotate");
         }
@@ -268,6 +270,11 @@ fn eval_compares_a_rotated_output_with_the_original_in_one_basis() {
     // Output folders, so config.json travels with the weights.
     let plain = run_to("plain", false);
     let rotated = run_to("rotated", true);
+    // The run's own evaluation maps the rotated features back too: it agrees with eval's.
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let in_run = r["eval"]["rows"][2]["fidelity"]["rel_mse"]
+        .as_f64()
+        .unwrap();
     let cosine = |model: &Path, reference: &Path| -> f64 {
         let o = common::run(&[
             "eval",
@@ -282,7 +289,15 @@ fn eval_compares_a_rotated_output_with_the_original_in_one_basis() {
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["rows"][1]["fidelity"]["cls_cosine"].as_f64().unwrap()
+        let f = &v["rows"][1]["fidelity"];
+        if model == rotated.as_path() {
+            let alone = f["rel_mse"].as_f64().unwrap();
+            assert!(
+                (alone - in_run).abs() <= 1e-3 * in_run.max(1e-12),
+                "rel MSE: run {in_run}, eval {alone}"
+            );
+        }
+        f["cls_cosine"].as_f64().unwrap()
     };
     // 8-bit weights: both outputs stay close to the original, in its basis, either way round.
     for (m, r) in [(&rotated, &path), (&path, &rotated), (&plain, &path)] {

@@ -8,8 +8,16 @@ use crate::error::Result;
 use crate::eval::{accuracy, features, fidelity, label_map, EvalReport, EvalRow, SwappedWeights};
 use crate::io::Checkpoint;
 
+/// The model as the user gave it, before `--rotate`: its final norm maps the rotated features
+/// back.
+pub(super) struct Original {
+    model: Checkpoint,
+    spec: crate::model::VitSpec,
+}
+
 /// The evaluation rows: the model as given, then with the RTN and the COMQ weights (`bits` is
 /// the width label of the rows).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn evaluate(
     v: &Vision,
     e: &AnyOps,
@@ -18,12 +26,27 @@ pub(super) fn evaluate(
     bits: &str,
     rtn_weights: &SwappedWeights,
     comq_weights: &SwappedWeights,
+    original: Option<&Original>,
 ) -> Result<EvalReport> {
     let set = v.eval.as_ref().expect("opened with --eval");
+    // With --rotate the pooled features are mapped back to the original model's basis, so the
+    // fidelity figures mean what they mean without it.
+    let basis = |f: &mut crate::eval::Features| -> Result<()> {
+        match original {
+            Some(o) => crate::model::rotate::unrotate_features(
+                &mut f.cls,
+                &o.spec,
+                &o.model,
+                super::ROTATION_SEED,
+            ),
+            None => Ok(()),
+        }
+    };
     let idx = set.choose(eo.count.unwrap_or(usize::MAX), 0);
     let mut rows = Vec::new();
     let map = label_map(set, &v.spec)?;
-    let fp = features(e, &v.spec, model, &SwappedWeights::new(), set, &idx)?;
+    let mut fp = features(e, &v.spec, model, &SwappedWeights::new(), set, &idx)?;
+    basis(&mut fp)?;
     rows.push(EvalRow {
         model: "FP32".into(),
         accuracy: accuracy(&fp, set, &idx, &map),
@@ -34,7 +57,8 @@ pub(super) fn evaluate(
         (format!("RTN W{bits}"), rtn_weights),
         (format!("COMQ W{bits}"), comq_weights),
     ] {
-        let f = features(e, &v.spec, model, weights, set, &idx)?;
+        let mut f = features(e, &v.spec, model, weights, set, &idx)?;
+        basis(&mut f)?;
         rows.push(EvalRow {
             model: label,
             accuracy: accuracy(&f, set, &idx, &map),
@@ -73,7 +97,23 @@ pub(super) fn evaluate_run(
         Some(m) => format!("{:.2} mixed", m.average_bits),
         None => opts.config.bits.to_string(),
     };
-    let report = evaluate(v, e, eo, model, &bits, rtn_weights, comq_weights)?;
+    let original = if opts.rotate {
+        let model = Checkpoint::open(&opts.model)?;
+        let spec = crate::model::VitSpec::detect_allowing(&model, opts.allow_unused_tensors)?;
+        Some(Original { model, spec })
+    } else {
+        None
+    };
+    let report = evaluate(
+        v,
+        e,
+        eo,
+        model,
+        &bits,
+        rtn_weights,
+        comq_weights,
+        original.as_ref(),
+    )?;
     profile.add("evaluate", t.elapsed().as_secs_f64());
     Ok(Some(report))
 }
