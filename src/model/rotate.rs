@@ -635,16 +635,21 @@ impl<'a> FoldedReader<'a> {
         let w = self.read(&self.weight)?;
         let (rows, cols, d) = (self.shape[0], self.shape[1], self.d);
         let mut out = w.clone();
-        let mut scaled = vec![0.0f64; d];
-        let mut res = vec![0.0f64; d];
-        for r in self.skip_rows..rows {
-            for blk in 0..cols / d {
+        // One matrix product per `d`-wide block of the input (a `[classes, 2d]` head has two).
+        let kept = rows - self.skip_rows.min(rows);
+        let mut scaled = vec![0.0f64; kept * d];
+        let mut res = vec![0.0f64; kept * d];
+        for blk in 0..cols / d {
+            for (i, r) in (self.skip_rows..rows).enumerate() {
                 let src = &w[r * cols + blk * d..r * cols + (blk + 1) * d];
-                for ((s, x), g) in scaled.iter_mut().zip(src).zip(&gamma) {
+                for ((s, x), g) in scaled[i * d..(i + 1) * d].iter_mut().zip(src).zip(&gamma) {
                     *s = x * g;
                 }
-                dgemm(1, d, d, &scaled, self.qt, &mut res);
-                out[r * cols + blk * d..r * cols + (blk + 1) * d].copy_from_slice(&res);
+            }
+            dgemm(kept, d, d, &scaled, self.qt, &mut res);
+            for (i, r) in (self.skip_rows..rows).enumerate() {
+                out[r * cols + blk * d..r * cols + (blk + 1) * d]
+                    .copy_from_slice(&res[i * d..(i + 1) * d]);
             }
         }
         Ok(out)
