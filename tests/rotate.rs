@@ -95,6 +95,10 @@ fn the_rotation_is_orthogonal_and_keeps_the_ones_vector() {
 }
 
 fn check_same_function(path: &Path, px_side: usize, channels: usize) {
+    check_same_function_within(path, px_side, channels, SAME_FUNCTION_REL_TOL)
+}
+
+fn check_same_function_within(path: &Path, px_side: usize, channels: usize, tol: f64) {
     let n = 3;
     let px = common::Rng::new(17).normals(n * channels * px_side * px_side);
     let original = Checkpoint::open(path).unwrap();
@@ -127,18 +131,14 @@ fn check_same_function(path: &Path, px_side: usize, channels: usize) {
     assert!(!before.logits.is_empty());
     let e = rel(&after.logits, &before.logits);
     eprintln!("{}: logits {e:.2e}", path.display());
-    assert!(
-        e < SAME_FUNCTION_REL_TOL,
-        "{}: logits differ by {e:e}",
-        path.display()
-    );
+    assert!(e < tol, "{}: logits differ by {e:e}", path.display());
     // The pooled features are in the rotated basis until mapped back through the original's
     // final norm.
     assert!(rel(&after.cls, &before.cls) > 0.1);
     unrotate_features(&mut after.cls, &spec, &original, 0).unwrap();
     let e = rel(&after.cls, &before.cls);
     assert!(
-        e < SAME_FUNCTION_REL_TOL,
+        e < tol,
         "{}: features mapped back differ by {e:e}",
         path.display()
     );
@@ -308,5 +308,45 @@ fn eval_compares_a_rotated_output_with_the_original_in_one_basis() {
             m.display(),
             r.display()
         );
+    }
+}
+
+#[test]
+fn a_half_precision_model_stays_in_its_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    SyntheticVit {
+        family: Family::TimmVit,
+        dim: 32,
+        depth: 2,
+        heads: 4,
+        mlp: 64,
+        patch: 4,
+        img: 16,
+        channels: 3,
+        classes: 5,
+        seed: 5,
+    }
+    .write_as(&m, safetensors::Dtype::BF16)
+    .unwrap();
+    let path = m.join("model.safetensors");
+    // Rotated in f64, rounded once to bf16: the network within bf16's rounding.
+    check_same_function_within(&path, 16, 3, 2e-2);
+    let out = dir.path().join("dq");
+    let o = common::run(&[
+        "run",
+        common::s(&path),
+        "--data-free",
+        "--rotate",
+        "--dequantized",
+        common::s(&out),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (q, m) = (
+        Checkpoint::open(&out).unwrap(),
+        Checkpoint::open(&path).unwrap(),
+    );
+    for t in m.tensors() {
+        assert_eq!(q.get(&t.name).map(|x| x.dtype), Some(t.dtype), "{}", t.name);
     }
 }

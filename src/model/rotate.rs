@@ -23,7 +23,8 @@
 //! (CLIP's pre-LayerNorm) does not commute with the rotation and is refused too.
 //!
 //! `Q` is a seeded Haar-random orthogonal matrix times a Householder reflection that sends
-//! `Q·1` back to `1`; each `R_h` is Haar-random. The rotated tensors are written as f32.
+//! `Q·1` back to `1`; each `R_h` is Haar-random. The rotation runs in f64; each rotated tensor is
+//! written in its own dtype (f32, or a bf16/f16 model's half precision).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -233,7 +234,7 @@ fn extra_residual(spec: &VitSpec, n: &str) -> bool {
 /// One rotated tensor: its shape and a way to compute it.
 type Job<'a> = (Vec<usize>, Box<dyn Fn() -> Result<Vec<f32>> + 'a>);
 
-/// Writes every tensor the rotation changes, as f32, to `dest` (a safetensors file to overlay on
+/// Writes every tensor the rotation changes, in its own dtype, to `dest` (a safetensors file to overlay on
 /// `model`). Each tensor is computed when it is written, so one tensor's copy is held at a time.
 pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path) -> Result<()> {
     check(spec, model)?;
@@ -405,11 +406,19 @@ pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path)
     if let Some(n) = last {
         unit(&mut jobs, n)?;
     }
+    // Each tensor keeps its dtype (a bf16 model stays bf16, so every output keeps the input's
+    // dtypes); the arithmetic is f64 and rounds once.
+    let dtype_of = |name: &str| -> safetensors::Dtype {
+        match model.get(name).map(|t| t.dtype) {
+            Some(d @ (safetensors::Dtype::F16 | safetensors::Dtype::BF16)) => d,
+            _ => safetensors::Dtype::F32,
+        }
+    };
     let planned: Vec<PlannedTensor> = jobs
         .iter()
         .map(|(name, (shape, _))| PlannedTensor {
             name: name.clone(),
-            dtype: safetensors::Dtype::F32,
+            dtype: dtype_of(name),
             shape: shape.clone(),
         })
         .collect();
@@ -418,7 +427,13 @@ pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path)
     let mut w = SafetensorsWriter::create(dest, planned, &meta)?;
     for (name, (_, make)) in &jobs {
         let v = make()?;
-        w.write(name, bytemuck::cast_slice(&v))?;
+        let bytes = crate::io::dtype::from_f32(dtype_of(name), &v).ok_or_else(|| {
+            Error::Internal(format!(
+                "--rotate: cannot write '{name}' as {:?}",
+                dtype_of(name)
+            ))
+        })?;
+        w.write(name, &bytes)?;
     }
     w.finish(&meta)
 }
