@@ -105,11 +105,12 @@ fn check_same_function_within(path: &Path, px_side: usize, channels: usize, tol:
     let before = logits(&original, &px, n);
     let spec = VitSpec::detect(&original).unwrap();
     let mut rotated = Checkpoint::open(path).unwrap();
+    let tmp_dir = tempfile::tempdir().unwrap();
+    // Unique per call: tests run in parallel threads of one process (one pid).
     let temp = TempFile::in_temp_dir(&format!(
         "test-{}.safetensors",
-        path.display().to_string().len()
+        tmp_dir.path().file_name().unwrap().to_string_lossy()
     ));
-    let tmp_dir = tempfile::tempdir().unwrap();
     let dest = tmp_dir.path().join("rotated.safetensors");
     write_rotated(&original, &spec, 0, &dest).unwrap();
     std::fs::rename(&dest, temp.path()).unwrap();
