@@ -351,3 +351,50 @@ fn a_half_precision_model_stays_in_its_dtype() {
         assert_eq!(q.get(&t.name).map(|x| x.dtype), Some(t.dtype), "{}", t.name);
     }
 }
+
+#[test]
+fn rotate_with_no_layer_selected_exports_the_rotated_model_with_the_same_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(&dir.path().join("m"), Family::HfDinov2, 4);
+    let out = dir.path().join("fp");
+    let report = dir.path().join("r.json");
+    let o = common::run(&[
+        "run",
+        common::s(&path),
+        "--rotate",
+        "--data-free",
+        "--only",
+        "^$",
+        "--dequantized",
+        common::s(&out),
+        "--report",
+        common::s(&report),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["totals"]["layers"], 0);
+    assert_eq!(r["totals"]["mean_rel_error"], 0.0);
+    // The exported model is the same network, in the original's dtypes.
+    let (m, x) = (
+        Checkpoint::open(&path).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    let px = common::Rng::new(4).normals(2 * 3 * 16 * 16);
+    let (a, b) = (logits(&m, &px, 2), logits(&x, &px, 2));
+    let e = rel(&b.logits, &a.logits);
+    assert!(e < SAME_FUNCTION_REL_TOL, "exported logits differ by {e:e}");
+    for t in m.tensors() {
+        assert_eq!(x.get(&t.name).map(|y| y.dtype), Some(t.dtype), "{}", t.name);
+    }
+    // Without --rotate an empty selection is still a mistake.
+    let o = common::run(&[
+        "run",
+        common::s(&path),
+        "--data-free",
+        "--only",
+        "^$",
+        "--dequantized",
+        common::s(&dir.path().join("none")),
+    ]);
+    common::assert_refused(&o, "no tensor");
+}

@@ -97,20 +97,24 @@ pub(super) fn print_layer_table(report: &RunReport) {
 pub(super) fn run_summary(report: &RunReport, profile: bool) {
     print_layer_table(report);
     let t = &report.totals;
-    println!(
-        "{} layers, {} weights, mean relative error {:.4e} (RTN {:.4e}) in {:.2} s on {}{}",
-        t.layers,
-        t.weights,
-        t.mean_rel_error,
-        t.mean_rel_error_rtn,
-        t.seconds,
-        report.device,
-        if report.data_free {
-            " [data-free: G = I for some layers]"
-        } else {
-            ""
-        }
-    );
+    if t.layers == 0 {
+        println!("no layer quantized: the rotated model written as it is (--rotate)");
+    } else {
+        println!(
+            "{} layers, {} weights, mean relative error {:.4e} (RTN {:.4e}) in {:.2} s on {}{}",
+            t.layers,
+            t.weights,
+            t.mean_rel_error,
+            t.mean_rel_error_rtn,
+            t.seconds,
+            report.device,
+            if report.data_free {
+                " [data-free: G = I for some layers]"
+            } else {
+                ""
+            }
+        );
+    }
     for l in report.layers.iter().filter(|l| l.verify_cpu.is_some()) {
         let v = l.verify_cpu.as_ref().expect("filtered");
         println!(

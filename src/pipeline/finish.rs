@@ -68,7 +68,8 @@ pub(super) fn finish(
     profile.add("finish", t_finish.elapsed().as_secs_f64());
     let wall = started.elapsed().as_secs_f64();
     let layers = streamed.layers;
-    let n = layers.len() as f64;
+    // No layer (a --rotate export) averages to 0, not NaN.
+    let n = (layers.len() as f64).max(1.0);
     // Held-out images, or held-out activation rows on any layer.
     let holdout = match &inputs.vision {
         Some(v) if !v.holdout_idx.is_empty() => opts.holdout,

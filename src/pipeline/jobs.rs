@@ -100,7 +100,8 @@ pub fn job_list(
             );
         }
     }
-    if jobs.is_empty() {
+    // With --rotate and nothing selected, the run exports the rotated model as it is.
+    if jobs.is_empty() && !opts.rotate {
         return Err(Error::InvalidOption(format!(
             "no tensor of {} is selected for quantization (2-D float '*.weight' tensors not matching the skip pattern){}",
             model.path().display(),
