@@ -16,10 +16,10 @@
 //! - Attention is linear in the values, so each head's value rows absorb an orthogonal `R_h` and
 //!   the matching columns of proj absorb `R_hᵀ`: proj's inputs are rotated too.
 //!
-//! fc2's inputs (after the GELU) cannot be rotated without a kernel at run time, and a bare
-//! backbone's features come out of the final LayerNorm in the rotated basis, so such a model is
-//! refused: the rotation must end in a linear layer of the checkpoint (a classifier head, HF
-//! ViT's pooler, an attention-pooling head). A LayerNorm that writes the residual stream itself
+//! fc2's inputs (after the GELU) keep their basis: rotating them would need a kernel at run
+//! time. A bare backbone's features come out of the final LayerNorm in the rotated basis, so
+//! such a model is refused: the rotation must end in a linear layer of the checkpoint (a
+//! classifier head, HF ViT's pooler, an attention-pooling head). A LayerNorm that writes the residual stream itself
 //! (CLIP's pre-LayerNorm) does not commute with the rotation and is refused too.
 //!
 //! `Q` is a seeded Haar-random orthogonal matrix times a Householder reflection that sends
