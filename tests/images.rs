@@ -7,7 +7,6 @@ mod gpu;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use comq_gpu::model::synthetic::SyntheticVit;
 use comq_gpu::model::Family;
 use serde_json::Value;
 
@@ -39,21 +38,7 @@ fn assert_bad_input(out: &Output, needle: &str) {
 }
 
 fn synthetic(dir: &Path, family: Family, classes: usize) -> PathBuf {
-    SyntheticVit {
-        family,
-        dim: 32,
-        depth: 2,
-        heads: 2,
-        mlp: 64,
-        patch: 4,
-        img: 16,
-        channels: 3,
-        classes,
-        seed: 5,
-    }
-    .write(dir)
-    .unwrap();
-    dir.join("model.safetensors")
+    common::small_vit(dir, family, classes, 2, 5, safetensors::Dtype::F32)
 }
 
 /// `n` random RGB PNGs of odd sizes in two class folders (and one JPEG).

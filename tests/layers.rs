@@ -43,19 +43,29 @@ fn rs_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-#[test]
-fn no_module_uses_one_above_it() {
+/// Every `.rs` file under `src/`, with its path relative to the repository ('/'-separated).
+fn src_files() -> Vec<(String, std::path::PathBuf)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let layer: BTreeMap<&str, u32> = LAYERS.iter().copied().collect();
     let mut files = Vec::new();
     rs_files(&root.join("src"), &mut files);
+    files
+        .into_iter()
+        .map(|f| {
+            let rel = f
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            (rel, f)
+        })
+        .collect()
+}
+
+#[test]
+fn no_module_uses_one_above_it() {
+    let layer: BTreeMap<&str, u32> = LAYERS.iter().copied().collect();
     let mut against = Vec::new();
-    for f in files {
-        let rel = f
-            .strip_prefix(root)
-            .unwrap()
-            .to_string_lossy()
-            .replace('\\', "/");
+    for (rel, f) in src_files() {
         let module = rel
             .trim_start_matches("src/")
             .split('/')
@@ -122,9 +132,6 @@ fn no_module_uses_one_above_it() {
 /// Test modules (from `#[cfg(test)]` to the end of a file) may use what their platform has.
 #[test]
 fn platform_code_stays_in_its_module() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut files = Vec::new();
-    rs_files(&root.join("src"), &mut files);
     const PLATFORM_ONLY: &[&str] = &[
         "std::os::",
         "libc::",
@@ -138,12 +145,7 @@ fn platform_code_stays_in_its_module() {
         "unchecked_advise",
     ];
     let mut against = Vec::new();
-    for f in files {
-        let rel = f
-            .strip_prefix(root)
-            .unwrap()
-            .to_string_lossy()
-            .replace('\\', "/");
+    for (rel, f) in src_files() {
         if rel == "src/platform.rs" {
             continue;
         }

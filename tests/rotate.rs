@@ -12,7 +12,6 @@ use comq_gpu::io::Checkpoint;
 use comq_gpu::model::cpu::CpuOps;
 use comq_gpu::model::forward::{run_model, HostBlock, HostStem, Output};
 use comq_gpu::model::rotate::{unrotate_features, write_rotated, Rotation};
-use comq_gpu::model::synthetic::SyntheticVit;
 use comq_gpu::model::{Family, VitSpec};
 
 /// The rotated network's logits against the original's, relative (f32 weights rounded once
@@ -20,21 +19,7 @@ use comq_gpu::model::{Family, VitSpec};
 const SAME_FUNCTION_REL_TOL: f64 = 1e-5;
 
 fn synthetic(dir: &Path, family: Family, classes: usize) -> PathBuf {
-    SyntheticVit {
-        family,
-        dim: 32,
-        depth: 2,
-        heads: 4,
-        mlp: 64,
-        patch: 4,
-        img: 16,
-        channels: 3,
-        classes,
-        seed: 5,
-    }
-    .write(dir)
-    .unwrap();
-    dir.join("model.safetensors")
+    common::small_vit(dir, family, classes, 4, 5, safetensors::Dtype::F32)
 }
 
 fn logits(model: &Checkpoint, pixels: &[f32], n: usize) -> Output {
@@ -231,29 +216,12 @@ fn run_rotate_quantizes_and_leaves_no_temporary_file() {
     common::assert_refused(&o, "--rotate");
 }
 
-/// Writes `n` random 20x24 RGB PNGs into `dir/class<k>/`.
-fn png_folder(dir: &Path, n: usize) {
-    let mut r = common::Rng::new(9);
-    for i in 0..n {
-        let class = dir.join(format!("class{}", i % 2));
-        std::fs::create_dir_all(&class).unwrap();
-        let img = image::RgbImage::from_fn(20, 24, |_, _| {
-            image::Rgb([
-                (r.next_u64() % 256) as u8,
-                (r.next_u64() % 256) as u8,
-                (r.next_u64() % 256) as u8,
-            ])
-        });
-        img.save(class.join(format!("{i}.png"))).unwrap();
-    }
-}
-
 #[test]
 fn eval_compares_a_rotated_output_with_the_original_in_one_basis() {
     let dir = tempfile::tempdir().unwrap();
     let path = synthetic(&dir.path().join("m"), Family::HfDinov2, 4);
     let images = dir.path().join("img");
-    png_folder(&images, 12);
+    common::png_folder(&images, 12, 9);
     let report = dir.path().join("report.json");
     let run_to = |name: &str, rotate: bool| -> PathBuf {
         let out = dir.path().join(name);
@@ -316,21 +284,7 @@ fn eval_compares_a_rotated_output_with_the_original_in_one_basis() {
 fn a_half_precision_model_stays_in_its_dtype() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m");
-    SyntheticVit {
-        family: Family::TimmVit,
-        dim: 32,
-        depth: 2,
-        heads: 4,
-        mlp: 64,
-        patch: 4,
-        img: 16,
-        channels: 3,
-        classes: 5,
-        seed: 5,
-    }
-    .write_as(&m, safetensors::Dtype::BF16)
-    .unwrap();
-    let path = m.join("model.safetensors");
+    let path = common::small_vit(&m, Family::TimmVit, 5, 4, 5, safetensors::Dtype::BF16);
     // Rotated in f64, rounded once to bf16: the network within bf16's rounding.
     check_same_function_within(&path, 16, 3, 2e-2);
     let out = dir.path().join("dq");

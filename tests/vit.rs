@@ -13,7 +13,6 @@ use comq_gpu::io::images::{ImageSet, View};
 use comq_gpu::io::Checkpoint;
 use comq_gpu::model::cpu::CpuOps;
 use comq_gpu::model::forward::{run_model, HostBlock, HostStem, Ops, Output};
-use comq_gpu::model::synthetic::SyntheticVit;
 use comq_gpu::model::{Family, Role, VitSpec};
 use comq_gpu::profile::Profile;
 
@@ -27,21 +26,7 @@ const TORCH_ABS_TOL: f64 = 1e-3;
 const ONNX_REL_TOL: f64 = 1e-4;
 
 fn synthetic(dir: &Path, family: Family, classes: usize) -> PathBuf {
-    SyntheticVit {
-        family,
-        dim: 32,
-        depth: 2,
-        heads: 4,
-        mlp: 64,
-        patch: 4,
-        img: 16,
-        channels: 3,
-        classes,
-        seed: 7,
-    }
-    .write(dir)
-    .unwrap();
-    dir.join("model.safetensors")
+    common::small_vit(dir, family, classes, 4, 7, safetensors::Dtype::F32)
 }
 
 fn forward<O: Ops>(ops: &O, path: &Path, pixels: &[f32], n: usize) -> (VitSpec, Output) {
@@ -178,23 +163,6 @@ fn cpu_and_gpu_forward_agree_for_every_family() {
     }
 }
 
-/// Writes `n` random 20x20 RGB PNGs into `dir/<class>/`.
-fn png_folder(dir: &Path, n: usize) {
-    let mut r = common::Rng::new(3);
-    for i in 0..n {
-        let class = dir.join(format!("class{}", i % 2));
-        std::fs::create_dir_all(&class).unwrap();
-        let img = image::RgbImage::from_fn(20, 24, |_, _| {
-            image::Rgb([
-                (r.next_u64() % 256) as u8,
-                (r.next_u64() % 256) as u8,
-                (r.next_u64() % 256) as u8,
-            ])
-        });
-        img.save(class.join(format!("{i}.png"))).unwrap();
-    }
-}
-
 fn grams_of<O: Ops>(ops: &O, path: &Path, images: &Path, mode: CalibMode) -> Vec<comq_gpu::Gram> {
     let model = Checkpoint::open(path).unwrap();
     let spec = VitSpec::detect(&model).unwrap();
@@ -220,7 +188,7 @@ fn cpu_and_gpu_calibration_grams_agree() {
     let dir = tempfile::tempdir().unwrap();
     let path = synthetic(dir.path(), Family::TimmVit, 5);
     let imgs = dir.path().join("images");
-    png_folder(&imgs, 5);
+    common::png_folder(&imgs, 5, 3);
     let c = grams_of(&CpuOps, &path, &imgs, CalibMode::Fp);
     let g = grams_of(&gpu, &path, &imgs, CalibMode::Fp);
     assert_eq!(c.len(), 8);
@@ -245,7 +213,7 @@ fn fp_calibration_grams_equal_the_gram_of_the_captured_activations() {
     let dir = tempfile::tempdir().unwrap();
     let path = synthetic(dir.path(), Family::HfDinov2, 0);
     let imgs = dir.path().join("images");
-    png_folder(&imgs, 3);
+    common::png_folder(&imgs, 3, 3);
     let grams = grams_of(&CpuOps, &path, &imgs, CalibMode::Fp);
     let model = Checkpoint::open(&path).unwrap();
     let spec = VitSpec::detect(&model).unwrap();
@@ -294,7 +262,7 @@ fn calibrating_one_block_ahead_on_a_thread_hands_over_the_same_grams() {
     let dir = tempfile::tempdir().unwrap();
     let path = synthetic(dir.path(), Family::TimmVit, 0);
     let imgs = dir.path().join("images");
-    png_folder(&imgs, 3);
+    common::png_folder(&imgs, 3, 3);
     let in_step = grams_of(&CpuOps, &path, &imgs, CalibMode::Fp);
     let model = Checkpoint::open(&path).unwrap();
     let spec = VitSpec::detect(&model).unwrap();
@@ -340,7 +308,7 @@ fn quantized_mode_without_quantized_layers_gives_the_fp_grams() {
     let dir = tempfile::tempdir().unwrap();
     let path = synthetic(dir.path(), Family::TimmVit, 0);
     let imgs = dir.path().join("images");
-    png_folder(&imgs, 3);
+    common::png_folder(&imgs, 3, 3);
     let fp = grams_of(&CpuOps, &path, &imgs, CalibMode::Fp);
     // With no layer reported as quantized, the sequential mode sees the FP weights everywhere.
     let q = grams_of(&CpuOps, &path, &imgs, CalibMode::Quantized);

@@ -70,10 +70,10 @@ pub fn unrotate_features(
     let (gamma, beta) = match spec.norm.as_ref().or(spec.fc_norm.as_ref()) {
         Some((w, b)) => {
             let read = |n: &str| -> Result<Vec<f32>> {
-                let t = original
-                    .get(n)
-                    .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))?;
-                original.read_f32(t)
+                Ok(read_f64(original, n)?
+                    .into_iter()
+                    .map(|v| v as f32)
+                    .collect())
             };
             (read(w)?, read(b)?)
         }
@@ -234,208 +234,289 @@ fn extra_residual(spec: &VitSpec, n: &str) -> bool {
 /// One rotated tensor: its shape and a way to compute it.
 type Job<'a> = (Vec<usize>, Box<dyn Fn() -> Result<Vec<f32>> + 'a>);
 
-/// Writes every tensor the rotation changes, in its own dtype, to `dest` (a safetensors file to overlay on
-/// `model`). Each tensor is computed when it is written, so one tensor's copy is held at a time.
+/// A tensor of `model`, as f64.
+fn read_f64(model: &Checkpoint, name: &str) -> Result<Vec<f64>> {
+    let t = model
+        .get(name)
+        .ok_or_else(|| Error::Internal(format!("tensor '{name}' vanished")))?;
+    Ok(model.read_f32(t)?.into_iter().map(f64::from).collect())
+}
+
+/// Writes every tensor the rotation changes, in its own dtype, to `dest` (a safetensors file to
+/// overlay on `model`). Each tensor is computed when it is written, so one tensor's copy is held
+/// at a time.
 pub fn write_rotated(model: &Checkpoint, spec: &VitSpec, seed: u64, dest: &Path) -> Result<()> {
     check(spec, model)?;
     let rot = Rotation::new(spec.dim, spec.heads, seed);
     let qt = rot.qt();
-    let d = spec.dim;
-    let mut jobs: BTreeMap<String, Job<'_>> = BTreeMap::new();
-    let shape = |n: &str| -> Result<Vec<usize>> {
-        model
-            .get(n)
-            .map(|t| t.shape.clone())
-            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))
-    };
-    let read = |n: &str| -> Result<Vec<f64>> {
-        let t = model
-            .get(n)
-            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))?;
-        Ok(model.read_f32(t)?.into_iter().map(f64::from).collect())
-    };
-    let (q, qt, rot) = (&rot.q, &qt, &rot);
-    // Rows of `d` values in the residual basis (tokens, position embeddings): x ↦ Q·x.
-    let mut residual_rows = |n: &str| -> Result<()> {
-        if let Some(t) = model.get(n) {
-            if t.shape.last() != Some(&d) {
-                return Err(Error::Shape(format!(
-                    "--rotate: tensor '{n}' has shape {:?}, not rows of width {d}",
-                    t.shape
-                )));
-            }
-            let name = n.to_string();
-            jobs.insert(
-                n.to_string(),
-                (
-                    t.shape.clone(),
-                    Box::new(move || {
-                        let x = read(&name)?;
-                        Ok(product(&x, x.len() / d, d, qt, d))
-                    }),
-                ),
-            );
-        }
-        Ok(())
-    };
-    for t in &spec.tokens {
-        residual_rows(t)?;
-    }
-    residual_rows(&spec.pos_embed)?;
-    if let Some(r) = &spec.pos_embed_resized {
-        residual_rows(r)?;
-    }
-    for t in model.tensors() {
-        if extra_residual(spec, &t.name) {
-            residual_rows(&t.name)?;
-        }
-    }
-    // The patch embedding writes the residual stream: W ↦ Q·W (as [d, c·p·p]), b ↦ Q·b.
-    writer_jobs(
+    let mut plan = Plan {
         model,
-        &mut jobs,
-        &spec.patch_embed.0,
-        Some(&spec.patch_embed.1),
-        None,
-        q,
-        d,
-    )?;
-    let unit = |jobs: &mut BTreeMap<String, Job<'_>>, norm: &(String, String)| -> Result<()> {
-        for (n, v) in [(&norm.0, 1.0f32), (&norm.1, 0.0)] {
-            let s = shape(n)?;
-            let len = s.iter().product();
-            jobs.insert(n.clone(), (s, Box::new(move || Ok(vec![v; len]))));
-        }
-        Ok(())
+        d: spec.dim,
+        rot: &rot,
+        qt: &qt,
+        jobs: BTreeMap::new(),
     };
+    plan.embeddings(spec)?;
     for b in &spec.blocks {
-        // qkv reads LayerNorm 1; the value rows of each head take R_h.
+        plan.block(b)?;
+    }
+    plan.final_norm(spec)?;
+    plan.write(dest, seed)
+}
+
+/// The rotated tensors of one model, by name, each computed when written.
+struct Plan<'a> {
+    model: &'a Checkpoint,
+    d: usize,
+    rot: &'a Rotation,
+    qt: &'a [f64],
+    jobs: BTreeMap<String, Job<'a>>,
+}
+
+impl<'a> Plan<'a> {
+    fn add(&mut self, name: &str, shape: Vec<usize>, make: impl Fn() -> Result<Vec<f32>> + 'a) {
+        self.jobs.insert(name.to_string(), (shape, Box::new(make)));
+    }
+
+    /// The embeddings write the residual stream: the prefix tokens and every stored position
+    /// embedding (rows of `d`), the patch embedding (`W ↦ Q·W` as `[d, c·p·p]`, `b ↦ Q·b`).
+    fn embeddings(&mut self, spec: &VitSpec) -> Result<()> {
+        for t in &spec.tokens {
+            self.residual_rows(t)?;
+        }
+        self.residual_rows(&spec.pos_embed)?;
+        if let Some(r) = &spec.pos_embed_resized {
+            self.residual_rows(r)?;
+        }
+        let model = self.model;
+        for t in model.tensors() {
+            if extra_residual(spec, &t.name) {
+                self.residual_rows(&t.name)?;
+            }
+        }
+        self.writer(&spec.patch_embed.0, Some(&spec.patch_embed.1), None, false)
+    }
+
+    /// One block: qkv and fc1 read the LayerNorms, proj and fc2 write the residual stream (with
+    /// the LayerScale); the values take `R_h` and proj's matching columns `R_hᵀ`.
+    fn block(&mut self, b: &super::BlockNames) -> Result<()> {
+        let d = self.d;
         for (role, prefix) in &b.qkv {
-            let value_from = match role {
+            let values = match role {
                 Role::Qkv => Some(2 * d),
                 Role::Value => Some(0),
                 _ => None,
             };
-            reader_jobs(
-                model,
-                &mut jobs,
-                prefix,
-                &b.norm1,
-                qt,
-                d,
-                value_from.map(|v| (v, rot)),
-            )?;
+            self.reader(prefix, &b.norm1, 0, values)?;
         }
-        unit(&mut jobs, &b.norm1)?;
+        self.unit_norm(&b.norm1)?;
         let (ls1, ls2) = match &b.ls {
             Some((a, c)) => (Some(a.as_str()), Some(c.as_str())),
             None => (None, None),
         };
-        writer_jobs(
-            model,
-            &mut jobs,
+        let bias = |l: &str| format!("{l}.bias");
+        self.writer(
             &format!("{}.weight", b.proj),
-            Some(&format!("{}.bias", b.proj)),
+            Some(&bias(&b.proj)),
             ls1,
-            q,
-            d,
+            true,
         )?;
-        // proj's inputs are the heads' values: columns of head h take R_hᵀ.
-        let pw = format!("{}.weight", b.proj);
-        let inner = jobs.remove(&pw).expect("proj planned above");
-        jobs.insert(
-            pw,
-            (
-                inner.0,
-                Box::new(move || {
-                    let w = inner.1()?;
-                    Ok(rotate_head_columns(&w, d, rot))
-                }),
-            ),
-        );
-        reader_jobs(model, &mut jobs, &b.fc1, &b.norm2, qt, d, None)?;
-        unit(&mut jobs, &b.norm2)?;
-        writer_jobs(
-            model,
-            &mut jobs,
+        self.reader(&b.fc1, &b.norm2, 0, None)?;
+        self.unit_norm(&b.norm2)?;
+        self.writer(
             &format!("{}.weight", b.fc2),
-            Some(&format!("{}.bias", b.fc2)),
+            Some(&bias(&b.fc2)),
             ls2,
-            q,
-            d,
+            false,
         )?;
         if let Some((a, c)) = &b.ls {
-            for n in [a, c] {
-                let s = shape(n)?;
-                let len = s.iter().product();
-                jobs.insert(n.clone(), (s, Box::new(move || Ok(vec![1.0f32; len]))));
-            }
+            self.constant(a, 1.0)?;
+            self.constant(c, 1.0)?;
         }
+        Ok(())
     }
-    // The final norm (or fc_norm) is folded into whatever reads it.
-    let last = spec.norm.as_ref().or(spec.fc_norm.as_ref());
-    let mut readers: Vec<(String, usize)> = Vec::new();
-    match &spec.pool {
-        Pool::Map(h) => {
-            if spec.family.is_timm() {
-                readers.push((format!("{h}.kv"), 0));
-            } else {
-                // HF's packed in_proj: rows d..3d (keys, values) read the tokens.
-                readers.push((format!("{h}.attention.in_proj"), d));
-            }
-        }
-        _ => {
-            match &spec.head {
-                Head::None => {}
-                Head::Cls(h) | Head::ClsMean(h) => readers.push((h.clone(), 0)),
-                Head::ClsDist(h, k) => {
-                    readers.push((h.clone(), 0));
-                    readers.push((k.clone(), 0));
+
+    /// The final norm (or `fc_norm`) folded into whatever reads it: the attention-pooling head's
+    /// keys and values (HF packs them as rows `d..3d` of `in_proj`), or the classifier(s) and
+    /// HF ViT's pooler.
+    fn final_norm(&mut self, spec: &VitSpec) -> Result<()> {
+        let mut readers: Vec<(String, usize)> = Vec::new();
+        match &spec.pool {
+            Pool::Map(h) if spec.family.is_timm() => readers.push((format!("{h}.kv"), 0)),
+            Pool::Map(h) => readers.push((format!("{h}.attention.in_proj"), self.d)),
+            _ => {
+                match &spec.head {
+                    Head::None => {}
+                    Head::Cls(h) | Head::ClsMean(h) => readers.push((h.clone(), 0)),
+                    Head::ClsDist(h, k) => {
+                        readers.push((h.clone(), 0));
+                        readers.push((k.clone(), 0));
+                    }
                 }
-            }
-            if let Some(p) = pooler(spec, model) {
-                readers.push((p, 0));
+                readers.extend(pooler(spec, self.model).map(|p| (p, 0)));
             }
         }
-    }
-    let identity = (String::new(), String::new());
-    let norm = last.unwrap_or(&identity);
-    for (prefix, skip_rows) in readers {
-        final_reader_jobs(model, &mut jobs, &prefix, norm, qt, d, skip_rows)?;
-    }
-    if let Some(n) = last {
-        unit(&mut jobs, n)?;
-    }
-    // Each tensor keeps its dtype (a bf16 model stays bf16, so every output keeps the input's
-    // dtypes); the arithmetic is f64 and rounds once.
-    let dtype_of = |name: &str| -> safetensors::Dtype {
-        match model.get(name).map(|t| t.dtype) {
-            Some(d @ (safetensors::Dtype::F16 | safetensors::Dtype::BF16)) => d,
-            _ => safetensors::Dtype::F32,
+        let last = spec.norm.as_ref().or(spec.fc_norm.as_ref());
+        let identity = (String::new(), String::new());
+        for (prefix, skip_rows) in readers {
+            self.reader(&prefix, last.unwrap_or(&identity), skip_rows, None)?;
         }
-    };
-    let planned: Vec<PlannedTensor> = jobs
-        .iter()
-        .map(|(name, (shape, _))| PlannedTensor {
-            name: name.clone(),
-            dtype: dtype_of(name),
-            shape: shape.clone(),
-        })
-        .collect();
-    let mut meta = BTreeMap::new();
-    meta.insert(SEED_KEY.to_string(), seed.to_string());
-    let mut w = SafetensorsWriter::create(dest, planned, &meta)?;
-    for (name, (_, make)) in &jobs {
-        let v = make()?;
-        let bytes = crate::io::dtype::from_f32(dtype_of(name), &v).ok_or_else(|| {
-            Error::Internal(format!(
-                "--rotate: cannot write '{name}' as {:?}",
-                dtype_of(name)
-            ))
-        })?;
-        w.write(name, &bytes)?;
+        match last {
+            Some(n) => self.unit_norm(n),
+            None => Ok(()),
+        }
     }
-    w.finish(&meta)
+
+    fn shape(&self, n: &str) -> Result<Vec<usize>> {
+        self.model
+            .get(n)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))
+    }
+
+    /// A tensor set to a constant (a folded LayerNorm or LayerScale).
+    fn constant(&mut self, n: &str, v: f32) -> Result<()> {
+        let s = self.shape(n)?;
+        let len = s.iter().product();
+        self.add(n, s, move || Ok(vec![v; len]));
+        Ok(())
+    }
+
+    /// A LayerNorm folded away: weight 1, bias 0.
+    fn unit_norm(&mut self, norm: &(String, String)) -> Result<()> {
+        self.constant(&norm.0, 1.0)?;
+        self.constant(&norm.1, 0.0)
+    }
+
+    /// Rows of `d` values in the residual basis (tokens, position embeddings): `x ↦ Q·x`.
+    fn residual_rows(&mut self, n: &str) -> Result<()> {
+        let (model, qt, d) = (self.model, self.qt, self.d);
+        let Some(t) = model.get(n) else {
+            return Ok(());
+        };
+        if t.shape.last() != Some(&d) {
+            return Err(Error::Shape(format!(
+                "--rotate: tensor '{n}' has shape {:?}, not rows of width {d}",
+                t.shape
+            )));
+        }
+        let name = n.to_string();
+        self.add(n, t.shape.clone(), move || {
+            let x = read_f64(model, &name)?;
+            Ok(product(&x, x.len() / d, d, qt, d))
+        });
+        Ok(())
+    }
+
+    /// A layer writing the residual stream: `W ↦ Q·diag(ls)·W`, `b ↦ Q·(ls ⊙ b)` (`W` read as
+    /// `[d, rest]`); with `head_columns` (proj) the columns of head `h` then take `R_hᵀ`.
+    fn writer(
+        &mut self,
+        weight: &str,
+        bias: Option<&str>,
+        ls: Option<&str>,
+        head_columns: bool,
+    ) -> Result<()> {
+        let (model, d, q, rot) = (self.model, self.d, &self.rot.q, self.rot);
+        for (name, is_weight) in [(Some(weight), true), (bias, false)] {
+            let Some(name) = name else { continue };
+            let Some(t) = model.get(name) else { continue };
+            if t.shape.first() != Some(&d) {
+                return Err(Error::Shape(format!(
+                    "--rotate: tensor '{name}' has shape {:?}; its first dimension should be the width {d}",
+                    t.shape
+                )));
+            }
+            let (n, ls) = (name.to_string(), ls.map(str::to_string));
+            self.add(name, t.shape.clone(), move || {
+                let mut w = read_f64(model, &n)?;
+                let cols = w.len() / d;
+                if let Some(ls) = &ls {
+                    let g = read_f64(model, ls)?;
+                    for (r, row) in w.chunks_mut(cols).enumerate() {
+                        row.iter_mut().for_each(|x| *x *= g[r]);
+                    }
+                }
+                let w = product(q, d, d, &w, cols);
+                Ok(if head_columns && is_weight {
+                    rotate_head_columns(&w, d, rot)
+                } else {
+                    w
+                })
+            });
+        }
+        Ok(())
+    }
+
+    /// A layer reading a LayerNorm's output ([`FoldedReader`]) from row `skip_rows` on; rows
+    /// from `values` on (the values) then take each head's `R_h`. A layer without a bias is
+    /// refused here if the LayerNorm's shift would have to go into one.
+    fn reader(
+        &mut self,
+        prefix: &str,
+        norm: &(String, String),
+        skip_rows: usize,
+        values: Option<usize>,
+    ) -> Result<()> {
+        let (d, rot) = (self.d, self.rot);
+        let fold = FoldedReader::plan(self.model, prefix, norm, self.qt, d, skip_rows)?;
+        if !fold.has_bias {
+            fold.bias()?;
+        }
+        let fold = std::rc::Rc::new(fold);
+        let (f, f2) = (fold.clone(), fold.clone());
+        self.add(&fold.weight, fold.shape.clone(), move || {
+            let mut w = f.weight()?;
+            if let Some(from) = values {
+                rotate_head_rows(&mut w[from * d..], d, rot);
+            }
+            Ok(w.into_iter().map(|v| v as f32).collect())
+        });
+        if fold.has_bias {
+            self.add(&fold.bias, fold.bias_shape.clone(), move || {
+                let mut b = f2.bias()?;
+                if let Some(from) = values {
+                    rotate_head_rows(&mut b[from..], 1, rot);
+                }
+                Ok(b.into_iter().map(|v| v as f32).collect())
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the planned tensors, each in its own dtype (a bf16 model stays bf16, so every
+    /// output keeps the input's dtypes); the arithmetic is f64 and rounds once.
+    fn write(self, dest: &Path, seed: u64) -> Result<()> {
+        let model = self.model;
+        let dtype_of = |name: &str| -> safetensors::Dtype {
+            match model.get(name).map(|t| t.dtype) {
+                Some(d @ (safetensors::Dtype::F16 | safetensors::Dtype::BF16)) => d,
+                _ => safetensors::Dtype::F32,
+            }
+        };
+        let planned: Vec<PlannedTensor> = self
+            .jobs
+            .iter()
+            .map(|(name, (shape, _))| PlannedTensor {
+                name: name.clone(),
+                dtype: dtype_of(name),
+                shape: shape.clone(),
+            })
+            .collect();
+        let mut meta = BTreeMap::new();
+        meta.insert(SEED_KEY.to_string(), seed.to_string());
+        let mut w = SafetensorsWriter::create(dest, planned, &meta)?;
+        for (name, (_, make)) in &self.jobs {
+            let bytes = crate::io::dtype::from_f32(dtype_of(name), &make()?).ok_or_else(|| {
+                Error::Internal(format!(
+                    "--rotate: cannot write '{name}' as {:?}",
+                    dtype_of(name)
+                ))
+            })?;
+            w.write(name, &bytes)?;
+        }
+        w.finish(&meta)
+    }
 }
 
 /// `x[rows, k] · b[k, n]` in f64, rounded to f32.
@@ -443,135 +524,6 @@ fn product(x: &[f64], rows: usize, k: usize, b: &[f64], n: usize) -> Vec<f32> {
     let mut c = vec![0.0f64; rows * n];
     dgemm(rows, k, n, x, b, &mut c);
     c.into_iter().map(|v| v as f32).collect()
-}
-
-/// A layer writing the residual stream: `W ↦ Q·diag(ls)·W`, `b ↦ Q·(ls ⊙ b)` (`W` read as
-/// `[d, rest]`).
-fn writer_jobs<'a>(
-    model: &'a Checkpoint,
-    jobs: &mut BTreeMap<String, Job<'a>>,
-    weight: &str,
-    bias: Option<&str>,
-    ls: Option<&str>,
-    q: &'a [f64],
-    d: usize,
-) -> Result<()> {
-    let read = move |n: &str| -> Result<Vec<f64>> {
-        let t = model
-            .get(n)
-            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))?;
-        Ok(model.read_f32(t)?.into_iter().map(f64::from).collect())
-    };
-    let ls = ls.map(str::to_string);
-    for name in [Some(weight), bias] {
-        let Some(name) = name else { continue };
-        let Some(t) = model.get(name) else { continue };
-        if t.shape.first() != Some(&d) {
-            return Err(Error::Shape(format!(
-                "--rotate: tensor '{name}' has shape {:?}; its first dimension should be the width {d}",
-                t.shape
-            )));
-        }
-        let (n, ls) = (name.to_string(), ls.clone());
-        jobs.insert(
-            n.clone(),
-            (
-                t.shape.clone(),
-                Box::new(move || {
-                    let mut w = read(&n)?;
-                    let cols = w.len() / d;
-                    if let Some(ls) = &ls {
-                        let g = read(ls)?;
-                        for (r, row) in w.chunks_mut(cols).enumerate() {
-                            row.iter_mut().for_each(|x| *x *= g[r]);
-                        }
-                    }
-                    Ok(product(q, d, d, &w, cols))
-                }),
-            ),
-        );
-    }
-    Ok(())
-}
-
-/// A layer reading a LayerNorm's output: `W ↦ W·diag(γ)·Qᵀ`, `b ↦ b + W·β`; rows from
-/// `value_from` on (the values) then take each head's `R_h`.
-fn reader_jobs<'a>(
-    model: &'a Checkpoint,
-    jobs: &mut BTreeMap<String, Job<'a>>,
-    prefix: &str,
-    norm: &(String, String),
-    qt: &'a [f64],
-    d: usize,
-    values: Option<(usize, &'a Rotation)>,
-) -> Result<()> {
-    let fold = FoldedReader::plan(model, prefix, norm, qt, d, 0)?;
-    let (w_name, b_name, shape, bias_shape) = (
-        fold.weight.clone(),
-        fold.bias.clone(),
-        fold.shape.clone(),
-        fold.bias_shape.clone(),
-    );
-    let fold = std::rc::Rc::new(fold);
-    let f2 = fold.clone();
-    jobs.insert(
-        w_name,
-        (
-            shape,
-            Box::new(move || {
-                let mut w = fold.weight()?;
-                if let Some((from, rot)) = values {
-                    rotate_head_rows(&mut w[from * d..], d, rot);
-                }
-                Ok(w.into_iter().map(|v| v as f32).collect())
-            }),
-        ),
-    );
-    jobs.insert(
-        b_name,
-        (
-            bias_shape,
-            Box::new(move || {
-                let mut b = f2.bias()?;
-                if let Some((from, rot)) = values {
-                    rotate_head_rows(&mut b[from..], 1, rot);
-                }
-                Ok(b.into_iter().map(|v| v as f32).collect())
-            }),
-        ),
-    );
-    Ok(())
-}
-
-/// The readers of the final norm: as [`reader_jobs`], rows below `skip_rows` untouched (HF's
-/// packed pooling projection keeps its query rows), and each half of a `[classes, 2d]` head
-/// (DINOv2's class token and patch mean) folded alike.
-fn final_reader_jobs<'a>(
-    model: &'a Checkpoint,
-    jobs: &mut BTreeMap<String, Job<'a>>,
-    prefix: &str,
-    norm: &(String, String),
-    qt: &'a [f64],
-    d: usize,
-    skip_rows: usize,
-) -> Result<()> {
-    let fold = std::rc::Rc::new(FoldedReader::plan(model, prefix, norm, qt, d, skip_rows)?);
-    let f2 = fold.clone();
-    jobs.insert(
-        fold.weight.clone(),
-        (
-            fold.shape.clone(),
-            Box::new(move || Ok(fold.weight()?.into_iter().map(|v| v as f32).collect())),
-        ),
-    );
-    jobs.insert(
-        f2.bias.clone(),
-        (
-            f2.bias_shape.clone(),
-            Box::new(move || Ok(f2.bias()?.into_iter().map(|v| v as f32).collect())),
-        ),
-    );
-    Ok(())
 }
 
 /// `W ↦ W·diag(γ)·Qᵀ` and `b ↦ b + W·β` for one linear layer, over each `d`-wide block of its
@@ -630,11 +582,7 @@ impl<'a> FoldedReader<'a> {
     }
 
     fn read(&self, n: &str) -> Result<Vec<f64>> {
-        let t = self
-            .model
-            .get(n)
-            .ok_or_else(|| Error::Internal(format!("tensor '{n}' vanished")))?;
-        Ok(self.model.read_f32(t)?.into_iter().map(f64::from).collect())
+        read_f64(self.model, n)
     }
 
     /// γ and β of the norm read (identity when there is none).

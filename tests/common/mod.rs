@@ -172,3 +172,47 @@ pub fn full_plan(score_damp: f32) -> comq_gpu::quant::search::SearchPlan {
         score_damp,
     }
 }
+
+/// A small random ViT (width 32, 2 blocks, MLP 64, 16-px input in 4-px patches, 3 channels) in
+/// `family`'s layout, written in `dtype` into `dir`; returns its `model.safetensors`.
+pub fn small_vit(
+    dir: &Path,
+    family: comq_gpu::model::Family,
+    classes: usize,
+    heads: usize,
+    seed: u64,
+    dtype: Dtype,
+) -> std::path::PathBuf {
+    comq_gpu::model::synthetic::SyntheticVit {
+        family,
+        dim: 32,
+        depth: 2,
+        heads,
+        mlp: 64,
+        patch: 4,
+        img: 16,
+        channels: 3,
+        classes,
+        seed,
+    }
+    .write_as(dir, dtype)
+    .unwrap();
+    dir.join("model.safetensors")
+}
+
+/// Writes `n` seeded random 20x24 RGB PNGs into `dir/class<i % 2>/`.
+pub fn png_folder(dir: &Path, n: usize, seed: u64) {
+    let mut r = Rng::new(seed);
+    for i in 0..n {
+        let class = dir.join(format!("class{}", i % 2));
+        std::fs::create_dir_all(&class).unwrap();
+        let img = image::RgbImage::from_fn(20, 24, |_, _| {
+            image::Rgb([
+                (r.next_u64() % 256) as u8,
+                (r.next_u64() % 256) as u8,
+                (r.next_u64() % 256) as u8,
+            ])
+        });
+        img.save(class.join(format!("{i}.png"))).unwrap();
+    }
+}
