@@ -1,5 +1,6 @@
 //! Our packed output in real runtimes: transformers' `from_pretrained` and compressed-tensors'
-//! decoder (`scripts/interop/transformers_load.py`), run with the Python in `COMQ_PYTHON`
+//! decoder (`scripts/interop/transformers_load.py`; DINOv2 through transformers 4.57 in
+//! `scripts/interop/legacy_load.py`), run with the Python in `COMQ_PYTHON`
 //! (`scripts/setup-python-env.sh` creates it; `.ci/run` sets it). Without it the test prints a
 //! visible skip, or fails when `COMQ_REQUIRE_PYTHON=1`.
 
@@ -43,4 +44,10 @@ fn transformers_loads_symmetric_output_and_compressed_tensors_decodes_asymmetric
         text.contains("CLIP W4 sym: from_pretrained OK"),
         "the CLIP vision tower's packed output must load"
     );
+    for class in ["Dinov2Model", "Dinov2WithRegistersModel"] {
+        assert!(
+            text.contains(&format!("{class}: transformers 4.57.6 loads it")),
+            "{class}'s packed output must load in transformers 4.57.6"
+        );
+    }
 }

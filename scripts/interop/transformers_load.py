@@ -7,6 +7,10 @@
    exactly our dequantized weights (transformers does not load asymmetric files yet).
 3. A symmetric 4-bit packed CLIP vision tower (CLIPVisionModelWithProjection) loads with
    from_pretrained and its image embeddings equal those of our dequantized export.
+4. Symmetric 4-bit packed DINOv2 (Dinov2Model, and Dinov2WithRegistersModel) made with this
+   transformers: it cannot load them (its DINOv2 conversion mapping collides with compressed-tensors'
+   suffixes, which the script checks so a fixed release is noticed), so transformers 4.57.6 from the
+   environment's `legacy` folder loads them (legacy_load.py) and matches the dequantized export.
 
 Usage: python transformers_load.py PATH/TO/comq-gpu
 """
@@ -17,12 +21,17 @@ import sys
 import tempfile
 
 import torch
+import transformers
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForImageClassification,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -102,6 +111,32 @@ def main(binary):
               f"vs FP32 = {(eq - ef).abs().max().item():.3g}")
         assert diff <= LOGITS_ATOL, f"CLIP W4: image embeddings differ by {diff}"
         assert (eq - ef).abs().max().item() > 0, "the quantized model must differ from FP32"
+
+        # DINOv2, with and without registers: loaded by transformers 4.57 (the `legacy` folder).
+        legacy = os.path.join(sys.prefix, "legacy")
+        assert os.path.isdir(legacy), f"{legacy} is missing: run scripts/setup-python-env.sh"
+        common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      image_size=28, patch_size=14)
+        for cls, model in [
+            (Dinov2Model, Dinov2Model(Dinov2Config(**common))),
+            (Dinov2WithRegistersModel,
+             Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**common, num_register_tokens=4))),
+        ]:
+            name = cls.__name__
+            src = os.path.join(d, name)
+            model.eval().save_pretrained(src)
+            out, deq = os.path.join(d, f"{name}-w4"), os.path.join(d, f"{name}-w4-deq")
+            comq(binary, src, "--data-free", "--sym", "--bits", "4", "--out", out, "--dequantized", deq)
+            try:
+                cls.from_pretrained(out)
+                print(f"{name}: transformers {transformers.__version__} now loads packed DINOv2 itself")
+            except ValueError as e:
+                assert "mlp.weights_in" in str(e), f"{name}: an unexpected refusal: {e}"
+                print(f"{name}: transformers {transformers.__version__} refuses it (its SwiGLU mapping)")
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([legacy, os.environ.get("PYTHONPATH", "")]))
+            here = os.path.dirname(os.path.abspath(__file__))
+            subprocess.run([sys.executable, os.path.join(here, "legacy_load.py"), name, out, deq, "28", src],
+                           check=True, env=env)
 
 
 if __name__ == "__main__":
