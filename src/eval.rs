@@ -19,7 +19,7 @@ use crate::io::checkpoint::Checkpoint;
 use crate::io::images::ImageSet;
 use crate::io::images::View;
 use crate::model::forward::{Forward, HostBlock, HostStem, Ops};
-use crate::model::VitSpec;
+use crate::model::{Role, VitSpec};
 
 /// Images processed block by block together (bounds the hidden state held at once).
 const GROUP: usize = 512;
@@ -143,6 +143,149 @@ pub fn features(
         )));
     }
     Ok(f)
+}
+
+/// Hidden states of a few images at one block's input, kept on the host between measurements.
+type States = Vec<(Vec<f32>, usize)>;
+
+/// How far one layer's quantization alone moves the model's pooled features. The
+/// full-precision model carries a few images forward block by block (so a whole model costs one
+/// forward, plus, per measured layer, the blocks from its own to the last); for a layer, its
+/// weights are swapped in and the rest of the model runs. What `--target-bits` weighs layer
+/// errors with.
+pub struct FeatureProbe<'a> {
+    engine: &'a AnyOps,
+    spec: &'a VitSpec,
+    model: &'a Checkpoint,
+    /// The block whose input `states` holds.
+    block: usize,
+    states: States,
+    /// The full-precision pooled features of the images, `[n, dim]`.
+    reference: Vec<f32>,
+}
+
+fn probe_start<O: Ops>(
+    ops: &O,
+    spec: &VitSpec,
+    model: &Checkpoint,
+    set: &ImageSet,
+    views: &[View],
+) -> Result<(States, Vec<f32>)> {
+    let f = Forward::new(ops, spec);
+    let stem = HostStem::load(model, spec)?.upload(ops)?;
+    let hidden = embed_batches(&f, &stem, set, views, spec)?;
+    let states = hidden
+        .iter()
+        .map(|(h, n)| Ok((ops.download(h)?, *n)))
+        .collect::<Result<States>>()?;
+    let reference = probe_tail(ops, spec, model, &states, 0, None)?;
+    Ok((states, reference))
+}
+
+/// Runs `states` (block `from`'s input) through blocks `from..`, block `from` with `swap`'s
+/// weights in, and returns the pooled features.
+fn probe_tail<O: Ops>(
+    ops: &O,
+    spec: &VitSpec,
+    model: &Checkpoint,
+    states: &States,
+    from: usize,
+    swap: Option<(Role, &[f32])>,
+) -> Result<Vec<f32>> {
+    let f = Forward::new(ops, spec);
+    let stem = HostStem::load(model, spec)?.upload(ops)?;
+    let mut hidden = states
+        .iter()
+        .map(|(h, n)| Ok((ops.upload(h)?, *n)))
+        .collect::<Result<Vec<_>>>()?;
+    for b in from..spec.depth {
+        let mut host = HostBlock::load(model, spec, &spec.blocks[b])?;
+        if let (true, Some((role, w))) = (b == from, swap) {
+            host.set_weight(role, spec.dim, w);
+        }
+        let w = host.upload(ops)?;
+        for (h, n) in hidden.iter_mut() {
+            f.block(&w, h, *n, None, &mut |_, _, _| Ok(()))?;
+        }
+    }
+    let mut cls = Vec::new();
+    for (h, n) in &hidden {
+        cls.extend(f.finish(&stem, h, *n)?.cls);
+    }
+    Ok(cls)
+}
+
+fn probe_advance<O: Ops>(
+    ops: &O,
+    spec: &VitSpec,
+    model: &Checkpoint,
+    states: &mut States,
+    b: usize,
+) -> Result<()> {
+    let f = Forward::new(ops, spec);
+    let w = HostBlock::load(model, spec, &spec.blocks[b])?.upload(ops)?;
+    for (h, n) in states.iter_mut() {
+        let mut t = ops.upload(h)?;
+        f.block(&w, &mut t, *n, None, &mut |_, _, _| Ok(()))?;
+        *h = ops.download(&t)?;
+    }
+    Ok(())
+}
+
+impl<'a> FeatureProbe<'a> {
+    /// Embeds the views `views` of `set` and records their full-precision features.
+    pub fn new(
+        engine: &'a AnyOps,
+        spec: &'a VitSpec,
+        model: &'a Checkpoint,
+        set: &ImageSet,
+        views: &[View],
+    ) -> Result<FeatureProbe<'a>> {
+        let (states, reference) = match engine {
+            AnyOps::Cpu(o) => probe_start(o, spec, model, set, views),
+            AnyOps::Gpu(o) => probe_start(o.as_ref(), spec, model, set, views),
+        }?;
+        Ok(FeatureProbe {
+            engine,
+            spec,
+            model,
+            block: 0,
+            states,
+            reference,
+        })
+    }
+
+    /// `‖f − f₀‖² / ‖f₀‖²` over the images, `f` the pooled features with layer `role` of block
+    /// `block` set to `w` and `f₀` the full-precision ones. Blocks come in increasing order (an
+    /// earlier block than the last one measured is an internal error).
+    pub fn effect(&mut self, block: usize, role: Role, w: &[f32]) -> Result<f64> {
+        if block < self.block || block >= self.spec.depth {
+            return Err(crate::error::Error::Internal(format!(
+                "feature probe asked for block {block} at block {} of {}",
+                self.block, self.spec.depth
+            )));
+        }
+        let (spec, model) = (self.spec, self.model);
+        while self.block < block {
+            let b = self.block;
+            match self.engine {
+                AnyOps::Cpu(o) => probe_advance(o, spec, model, &mut self.states, b),
+                AnyOps::Gpu(o) => probe_advance(o.as_ref(), spec, model, &mut self.states, b),
+            }?;
+            self.block += 1;
+        }
+        let swap = Some((role, w));
+        let f = match self.engine {
+            AnyOps::Cpu(o) => probe_tail(o, spec, model, &self.states, block, swap),
+            AnyOps::Gpu(o) => probe_tail(o.as_ref(), spec, model, &self.states, block, swap),
+        }?;
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (a, b) in f.iter().zip(&self.reference) {
+            num += (*a as f64 - *b as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+        Ok(if den > 0.0 { num / den } else { 0.0 })
+    }
 }
 
 /// Classification accuracy.

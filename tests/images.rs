@@ -602,9 +602,32 @@ fn the_default_recipe_guards_every_layer_and_target_bits_mixes_widths() {
         .collect();
     assert!(bits.iter().any(|&b| b != 3), "{bits:?}");
     assert!(bits.iter().all(|&b| (2..=8).contains(&b)));
+    // With images the objective weighs each layer by its measured effect on the features.
+    assert_eq!(m["objective"], "output");
+    assert_eq!(m["probe_bits"], 3);
+    let sens = m["sensitivity"].as_array().unwrap();
+    assert_eq!(sens.len(), bits.len());
+    for v in sens {
+        let v = v.as_f64().unwrap();
+        assert!(v.is_finite() && v > 0.0, "{sens:?}");
+    }
+    // The layer objective sums the errors as measured.
+    a.extend(["--mixed-objective", "layer"]);
+    ok(&run(&a));
+    let r = report(&rep);
+    let m = &r["mixed_precision"];
+    assert_eq!(m["objective"], "layer");
+    assert!(m["probe_bits"].is_null());
+    assert!(m["sensitivity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_null()));
+    assert!(m["average_bits"].as_f64().unwrap() <= 3.0 + 1e-9);
     // Bad values are exit 2 with the option named.
     for (flag, value) in [
         ("--target-bits", "9"),
+        ("--mixed-objective", "features"),
         ("--holdout", "1.5"),
         ("--scalar", "big"),
         ("--damp", "nan"),

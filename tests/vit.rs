@@ -952,3 +952,63 @@ fn rotation_keeps_the_network(
         }
     }
 }
+
+/// `--target-bits`'s feature probe: a layer's effect equals the relative change of the pooled
+/// features that the whole-model evaluation (`eval::features` with the layer swapped in) measures,
+/// for every layer of every block (blocks in order, the probe carrying its states forward); the
+/// original weights have no effect; and the effect grows as the square of a small perturbation.
+#[test]
+fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
+    use comq_gpu::device::AnyOps;
+    use comq_gpu::eval::{features, FeatureProbe, SwappedWeights};
+    for family in [Family::TimmVit, Family::HfVit] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), family, 3);
+        let imgs = dir.path().join("images");
+        common::png_folder(&imgs, 5, 11);
+        let model = Checkpoint::open(&path).unwrap();
+        let spec = VitSpec::detect(&model).unwrap();
+        let set = ImageSet::open(&imgs).unwrap();
+        let idx: Vec<usize> = (0..set.len()).collect();
+        let views: Vec<View> = idx.iter().map(|&i| View::plain(i)).collect();
+        let engine = AnyOps::Cpu(CpuOps);
+        let none = SwappedWeights::new();
+        let reference = features(&engine, &spec, &model, &none, &set, &idx).unwrap();
+        let mut probe = FeatureProbe::new(&engine, &spec, &model, &set, &views).unwrap();
+        let mut rng = comq_gpu::util::rng::SplitMix::new(5);
+        for b in 0..spec.depth {
+            for (role, prefix) in spec.blocks[b].linears() {
+                let name = format!("{prefix}.weight");
+                let meta = model.get(&name).unwrap().clone();
+                let w = model.read_f32(&meta).unwrap();
+                assert_eq!(probe.effect(b, role, &w).unwrap(), 0.0, "{name} unchanged");
+                let noise = rng.normals(w.len());
+                let scale = 1e-3 * w.iter().map(|v| v.abs()).fold(0.0, f32::max);
+                let at = |k: f32| -> Vec<f32> {
+                    w.iter()
+                        .zip(&noise)
+                        .map(|(a, n)| a + k * scale * n)
+                        .collect()
+                };
+                let e1 = probe.effect(b, role, &at(1.0)).unwrap();
+                let e2 = probe.effect(b, role, &at(2.0)).unwrap();
+                assert!(e1 > 0.0, "{name}: {e1}");
+                assert!((e2 / e1 - 4.0).abs() < 0.2, "{name}: {e1} then {e2}");
+                let swapped = SwappedWeights::from([(name.clone(), at(1.0))]);
+                let f = features(&engine, &spec, &model, &swapped, &set, &idx).unwrap();
+                let (mut num, mut den) = (0.0f64, 0.0f64);
+                for (a, r) in f.cls.iter().zip(&reference.cls) {
+                    num += (*a as f64 - *r as f64).powi(2);
+                    den += (*r as f64).powi(2);
+                }
+                let want = num / den;
+                assert!(
+                    (e1 - want).abs() <= 1e-3 * want,
+                    "{name}: probe {e1:.6e}, whole model {want:.6e}"
+                );
+            }
+        }
+        // Blocks come in order: an earlier one is refused.
+        assert!(probe.effect(0, Role::Fc1, &[]).is_err());
+    }
+}

@@ -360,9 +360,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub verify_cpu: usize,
     /// Mixed precision: choose 2..=8 bits per layer so the average is at most this many bits per
-    /// weight, minimising the summed per-layer (held-out) error; per-layer recipe bits win.
+    /// weight, minimising the summed per-layer (held-out) error, each weighted by its effect on
+    /// the model's features (see --mixed-objective); per-layer recipe bits win.
     #[arg(long, value_name = "BITS")]
     pub target_bits: Option<f32>,
+    /// What --target-bits minimises [default: output with images, layer without].
+    #[arg(long, value_enum)]
+    pub mixed_objective: Option<pipeline::MixedObjective>,
     /// Activation-aware equalisation: per-input scales for the layers fed by a LayerNorm (qkv,
     /// fc1), folded into that LayerNorm so the output is still a plain model (needs --images).
     #[arg(long)]

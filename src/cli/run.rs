@@ -77,6 +77,9 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
         count: a.eval_count,
     });
     o.target_bits = a.target_bits;
+    if let Some(m) = a.mixed_objective {
+        o.mixed_objective = m;
+    }
     o.equalize = a.equalize;
     o.rotate = a.rotate;
     o.augment = a.augment;

@@ -1,7 +1,7 @@
 //! `--target-bits`: probe each layer's error per bit width and allocate widths for the average.
 
 use super::jobs::Job;
-use super::options::RunOptions;
+use super::options::{MixedObjective, RunOptions};
 use super::vision::job_grams;
 use super::vision::Vision;
 use crate::calibrate::BlockGrams;
@@ -18,16 +18,30 @@ use crate::quant::QuantConfig;
 use serde::Serialize;
 use std::sync::Arc;
 
+/// Images (views) the feature probe runs at most: enough to rank layers, few enough that a
+/// forward per layer stays a small part of the probe.
+pub const FEATURE_PROBE_IMAGES: usize = 16;
+
 /// The outcome of `--target-bits`: bits per job and the errors measured to choose them.
 #[derive(Debug, Clone, Serialize)]
 pub struct MixedPrecision {
     /// The requested average.
     pub target_bits: f32,
+    /// What was minimised: `output` (layer errors weighted by their effect on the features) or
+    /// `layer` (their plain sum; also when no images were there to measure the effect).
+    pub objective: MixedObjective,
+    /// The width whose probe was swapped into the model to measure each layer's effect.
+    pub probe_bits: Option<u32>,
+    /// Per layer, the features' relative change per unit of the layer's relative error (`None`
+    /// where not measured: the `layer` objective, a width fixed by the recipe, a layer outside
+    /// the blocks, which gets the mean of the others).
+    pub sensitivity: Vec<Option<f64>>,
     /// The average reached (over the quantized layers' weights).
     pub average_bits: f64,
     /// Bits per layer, in job order.
     pub bits: Vec<u32>,
-    /// Per layer, `(bits, relative error)` for every width probed (held-out when available).
+    /// Per layer, `(bits, relative error)` for every width probed (held-out when available), as
+    /// measured, before any weighting.
     pub probed: Vec<Vec<(u32, f64)>>,
 }
 
@@ -35,6 +49,13 @@ pub struct MixedPrecision {
 /// at scalar `config.scalar`, RTN included), scores them on the held-out images (on the
 /// calibration Gram without them), and allocates widths. The probe calibrates in fp mode, since
 /// the quantized prefix depends on the widths being chosen.
+///
+/// With the `output` objective and images, each layer's errors are weighted by its sensitivity:
+/// its probe at the width nearest the target is swapped alone into the full-precision model, and
+/// the relative change of the pooled features on up to [`FEATURE_PROBE_IMAGES`] held-out views
+/// (calibration views without them) is divided by that probe's relative error. A layer late in
+/// the network or feeding a fragile path then counts for what it costs the features, not for
+/// its own output error.
 pub(super) fn allocate_bits(
     opts: &RunOptions,
     model: &Checkpoint,
@@ -70,9 +91,35 @@ pub(super) fn allocate_bits(
     };
     let mut grams = open(vision.map_or(&[][..], |v| &v.calib_idx))?;
     let mut holdout = open(vision.map_or(&[][..], |v| &v.holdout_idx))?;
+    let probe_bits = (target.round() as u32).clamp(2, 8);
+    let mut probe = match (opts.mixed_objective, vision, &engine) {
+        (MixedObjective::Output, Some(v), Some(e)) => {
+            let idx = if v.holdout_idx.is_empty() {
+                &v.calib_idx
+            } else {
+                &v.holdout_idx
+            };
+            let mut views = v.views(idx);
+            views.truncate(FEATURE_PROBE_IMAGES);
+            let set = v.calib.as_ref().expect("opened with --images");
+            Some(crate::eval::FeatureProbe::new(
+                e, &v.spec, model, set, &views,
+            )?)
+        }
+        (MixedObjective::Output, ..) => {
+            log::warn!(
+                "--target-bits: no images to measure each layer's effect on the features; \
+                 minimising the summed layer errors (--mixed-objective layer)"
+            );
+            None
+        }
+        (MixedObjective::Layer, ..) => None,
+    };
+    let mut sensitivity: Vec<Option<f64>> = Vec::with_capacity(jobs.len());
     let mut costs = Vec::with_capacity(jobs.len());
     for job in jobs {
         if job.bits_fixed {
+            sensitivity.push(None);
             costs.push(LayerCost {
                 weights: job.rows * job.cols,
                 errors: Vec::new(),
@@ -84,6 +131,7 @@ pub(super) fn allocate_bits(
         model.release(&job.meta);
         let (gram, held) = job_grams(job, calib, device, &mut grams, &mut holdout, 0.0)?;
         let mut errors = Vec::new();
+        let mut sens = None;
         for bits in 2..=8u32 {
             let cfg = QuantConfig {
                 bits,
@@ -100,24 +148,63 @@ pub(super) fn allocate_bits(
                 &cfg,
                 &plan,
             )?;
-            errors.push((bits, c.rel_error_holdout.unwrap_or(c.outcome.rel_error)));
+            let err = c.rel_error_holdout.unwrap_or(c.outcome.rel_error);
+            errors.push((bits, err));
+            if let (Some(p), Some((b, role)), true) = (&mut probe, job.block, bits == probe_bits) {
+                let effect = p.effect(b, role, &c.outcome.layer.dequantize())?;
+                sens = Some(effect / err.max(f64::MIN_POSITIVE));
+                log::info!(
+                    "{}: at {bits} bits, layer error {err:.3e}, feature error {effect:.3e}",
+                    job.meta.name
+                );
+            }
         }
         log::info!("{}: probed errors {errors:?}", job.meta.name);
+        sensitivity.push(sens);
         costs.push(LayerCost {
             weights: job.rows * job.cols,
             errors,
             fixed: None,
         });
     }
+    let probed: Vec<Vec<(u32, f64)>> = costs.iter().map(|c| c.errors.clone()).collect();
+    let objective = if probe.is_some() {
+        MixedObjective::Output
+    } else {
+        MixedObjective::Layer
+    };
+    if probe.is_some() {
+        weigh(&mut costs, &sensitivity);
+    }
     let bits = allocate(&costs, target as f64)?;
     let average_bits = average(&costs, &bits);
-    log::info!("--target-bits {target}: average {average_bits:.3}, bits {bits:?}");
+    log::info!("--target-bits {target} ({objective:?}): average {average_bits:.3}, bits {bits:?}");
     Ok(MixedPrecision {
         target_bits: target,
+        objective,
+        probe_bits: probe.is_some().then_some(probe_bits),
+        sensitivity,
         average_bits,
         bits,
-        probed: costs.into_iter().map(|c| c.errors).collect(),
+        probed,
     })
+}
+
+/// Scales each free layer's errors by its sensitivity; a free layer without one (outside the
+/// blocks) gets the mean of the measured ones, so every error is in the same unit.
+fn weigh(costs: &mut [crate::quant::alloc::LayerCost], sensitivity: &[Option<f64>]) {
+    let measured: Vec<f64> = sensitivity.iter().flatten().copied().collect();
+    let mean = if measured.is_empty() {
+        1.0
+    } else {
+        measured.iter().sum::<f64>() / measured.len() as f64
+    };
+    for (c, s) in costs.iter_mut().zip(sensitivity) {
+        let s = s.unwrap_or(mean);
+        for e in c.errors.iter_mut() {
+            e.1 *= s;
+        }
+    }
 }
 
 /// `--target-bits`: probes every job and sets each one's width to the allocation's (none
@@ -151,4 +238,24 @@ pub(super) fn probe(
     }
     profile.add("probe", t.elapsed().as_secs_f64());
     Ok(Some(a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::weigh;
+    use crate::quant::alloc::LayerCost;
+
+    #[test]
+    fn errors_are_weighed_by_sensitivity_and_an_unmeasured_layer_gets_the_mean() {
+        let layer = |e: f64| LayerCost {
+            weights: 4,
+            errors: vec![(2, e), (3, e / 4.0)],
+            fixed: None,
+        };
+        let mut costs = vec![layer(1.0), layer(1.0), layer(2.0)];
+        weigh(&mut costs, &[Some(3.0), Some(1.0), None]);
+        assert_eq!(costs[0].errors, vec![(2, 3.0), (3, 0.75)]);
+        assert_eq!(costs[1].errors, vec![(2, 1.0), (3, 0.25)]);
+        assert_eq!(costs[2].errors, vec![(2, 4.0), (3, 1.0)]);
+    }
 }

@@ -275,6 +275,7 @@ mod tests {
             search: None,
             holdout: 0.0,
             target_bits: None,
+            mixed_objective: MixedObjective::Output,
             equalize: false,
             augment: Augment::Off,
             rotate: false,

@@ -141,6 +141,26 @@ pub struct ImageOptions {
     pub bundled: bool,
 }
 
+/// What `--target-bits` minimises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixedObjective {
+    /// Each layer's error weighted by how far it moves the model's pooled features: a layer's
+    /// probe at the width nearest the target is swapped into the full-precision model alone and
+    /// the features' relative change on the held-out images (the calibration images without
+    /// them) is divided by the layer's own relative error. Needs images; without them the
+    /// layer errors are summed as they are.
+    #[default]
+    Output,
+    /// The plain sum of the layers' relative output errors.
+    Layer,
+}
+
+crate::util::value_enum!(MixedObjective {
+    Output = "output": "each layer's error weighted by its measured effect on the model's features (needs images)",
+    Layer = "layer": "the plain sum of the layers' errors",
+});
+
 /// The seed of `--rotate`'s orthogonal matrices.
 pub const ROTATION_SEED: u64 = 0;
 
@@ -286,6 +306,8 @@ pub struct RunOptions {
     pub holdout: f32,
     /// Mixed precision: choose 2–8 bits per layer for this average (per-layer overrides win).
     pub target_bits: Option<f32>,
+    /// What `--target-bits` minimises.
+    pub mixed_objective: MixedObjective,
     /// Fold activation-aware input scales of the layers fed by a LayerNorm into that LayerNorm.
     pub equalize: bool,
     /// Seeded augmented views per calibration image (`--images` or the bundled photos).
@@ -340,6 +362,7 @@ impl RunOptions {
             search: resolved.search,
             holdout: resolved.holdout,
             target_bits: None,
+            mixed_objective: MixedObjective::Output,
             equalize: false,
             augment: Augment::Off,
             rotate: false,

@@ -111,6 +111,9 @@ mod tests {
             }),
             ("holdout", |o| o.holdout = 0.15),
             ("target_bits", |o| o.target_bits = Some(3.0)),
+            ("mixed_objective", |o| {
+                o.mixed_objective = crate::pipeline::MixedObjective::Layer
+            }),
             ("equalize", |o| o.equalize = true),
             ("rotate", |o| o.rotate = true),
             ("augment", |o| {
