@@ -140,6 +140,39 @@ fn layernorm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     }
 }
 
+// ---- qk_norm: timm's per-head LayerNorm of the queries and keys, in place in dst = qkv
+// [rows, 3·heads·hd] (a = rows·2·heads segments, b = hd, c = heads). Segment s of a row is
+// the query of head s (s < heads) or the key of head s − heads, at column s·hd either way; the
+// queries take src1[0..hd] / src2[0..hd], the keys src1[hd..2hd] / src2[hd..2hd]. One workgroup
+// of 256 per segment, two passes like layernorm. Dispatch per segment on a 2-D grid of width gx.
+@compute @workgroup_size(256, 1, 1)
+fn qk_norm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let seg = wid.y * p.gx + wid.x;
+    if (seg >= p.a) {
+        return;
+    }
+    let hd = p.b;
+    let heads2 = 2u * p.c;
+    let row = seg / heads2;
+    let s = seg % heads2;
+    let base = row * 3u * p.c * hd + s * hd;
+    let off = select(hd, 0u, s < p.c);
+    var t = 0.0;
+    for (var j = lid.x; j < hd; j += 256u) {
+        t += dst[base + j];
+    }
+    let mean = reduce_sum(lid.x, t) / f32(hd);
+    var v = 0.0;
+    for (var j = lid.x; j < hd; j += 256u) {
+        let c = dst[base + j] - mean;
+        v += c * c;
+    }
+    let inv = inverseSqrt(reduce_sum(lid.x, v) / f32(hd) + p.eps);
+    for (var j = lid.x; j < hd; j += 256u) {
+        dst[base + j] = (dst[base + j] - mean) * inv * src1[off + j] + src2[off + j];
+    }
+}
+
 // ---- gelu: the MLP activation in place over a = count elements (src0 unused); b picks it:
 // 0 exact GELU x Φ(x), 1 QuickGELU x σ(1.702 x) (CLIP), 2 tanh-approximated GELU (SigLIP).
 // erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), so GELU is exact to f32 rounding.

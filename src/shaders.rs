@@ -37,6 +37,8 @@ pub enum Kernel {
     Gelu,
     /// ViT forward: `h += γ ⊙ o` (`vit.wgsl`).
     AddScaled,
+    /// ViT forward: LayerNorm over each head's query and key in place (`vit.wgsl`).
+    QkNorm,
     /// ViT forward: softmax attention (`vit.wgsl`).
     Attention,
     /// ViT forward: patch extraction (`vit.wgsl`).
@@ -75,7 +77,7 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 20] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -91,6 +93,7 @@ impl Kernel {
         Kernel::LayerNorm,
         Kernel::Gelu,
         Kernel::AddScaled,
+        Kernel::QkNorm,
         Kernel::Attention,
         Kernel::Im2col,
         Kernel::Assemble,
@@ -114,6 +117,7 @@ impl Kernel {
             | Kernel::LayerNorm
             | Kernel::Gelu
             | Kernel::AddScaled
+            | Kernel::QkNorm
             | Kernel::Attention
             | Kernel::Im2col
             | Kernel::Assemble
@@ -139,6 +143,7 @@ impl Kernel {
             Kernel::LayerNorm => "layernorm",
             Kernel::Gelu => "gelu",
             Kernel::AddScaled => "add_scaled",
+            Kernel::QkNorm => "qk_norm",
             Kernel::Attention => "attention",
             Kernel::Im2col => "im2col",
             Kernel::Assemble => "assemble",

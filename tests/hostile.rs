@@ -593,8 +593,8 @@ fn equalize_refusals_read_as_one_sentence() {
     }
 }
 
-/// A model with a tensor the forward pass would not read (here the query norm of timm's
-/// `qk_norm=True`, which it does not implement) is refused by `run --images` and `eval`, naming
+/// A model with a tensor the forward pass would not read (here a query norm without the key
+/// norm that timm's `qk_norm=True` always has beside it) is refused by `run --images` and `eval`, naming
 /// the tensor, instead of being calibrated as another network; `--allow-unused-tensors` goes on
 /// with a warning.
 #[test]

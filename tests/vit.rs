@@ -457,8 +457,8 @@ fn with_extra_tensors(path: &Path, extra: &[(&str, Vec<usize>)]) {
     std::fs::write(path, out).unwrap();
 }
 
-/// A tensor the forward pass would not read (here the query and key norms of timm's
-/// `qk_norm=True`, which it does not implement) would silently change the network the Grams
+/// A tensor the forward pass would not read (here the LayerNorm before the attention
+/// projection of timm's `scale_norm=True`, which it does not implement) would silently change the network the Grams
 /// come from: the model is refused with the tensor named, unless the user allows it; tensors
 /// known to play no part are accepted.
 #[test]
@@ -468,19 +468,19 @@ fn a_tensor_the_forward_pass_would_skip_is_an_error_naming_it() {
     with_extra_tensors(
         &path,
         &[
-            ("blocks.0.attn.q_norm.weight", vec![8]),
-            ("blocks.0.attn.k_norm.weight", vec![8]),
+            ("blocks.0.attn.norm.weight", vec![32]),
+            ("blocks.0.attn.norm.bias", vec![32]),
         ],
     );
     let m = Checkpoint::open(&path).unwrap();
     let e = VitSpec::detect(&m).unwrap_err().to_string();
     assert!(
-        e.contains("'blocks.0.attn.k_norm.weight'") && e.contains("(and 1 more)"),
+        e.contains("'blocks.0.attn.norm.bias'") && e.contains("(and 1 more)"),
         "{e}"
     );
     assert!(e.contains("--allow-unused-tensors"), "{e}");
     let s = VitSpec::detect_allowing(&m, true).unwrap();
-    assert!(!s.used_tensors().contains("blocks.0.attn.q_norm.weight"));
+    assert!(!s.used_tensors().contains("blocks.0.attn.norm.weight"));
 
     // DINOv2's mask token, HF ViT's pooler and a stored resize of the position embedding are
     // known to play no part in the features.
@@ -782,7 +782,8 @@ fn the_layout_summary_names_family_sizes_pooling_and_head() {
 
 /// timm's ViT variants against timm itself: registers with and without a position embedding,
 /// a CLIP tower (`norm_pre`, QuickGELU, no patch bias, projection head), a SigLIP tower (no class
-/// token, tanh-GELU, the attention-pooling head), average pooling with and without `fc_norm`.
+/// token, tanh-GELU, the attention-pooling head), average pooling with and without `fc_norm`,
+/// and `qk_norm` (a LayerNorm over each head's queries and keys).
 /// Each is saved as timm saves for the hub (`scripts/reference/timm_vision.py`), recognised from
 /// its tensors and `config.json`, and our CPU forward gives timm's tokens, pooled features and
 /// logits; the GPU forward gives the CPU's.
@@ -799,6 +800,7 @@ fn timm_variants_match_timm() {
         ("siglip", Pool::Map("attn_pool".into()), 0, 0),
         ("avg_fc", Pool::Mean, 0, 0),
         ("avg", Pool::Mean, 1, 1),
+        ("qk_norm", Pool::Cls, 1, 1),
     ] {
         let (dir, r) = reference_model(&python, "timm_vision.py", variant, &[]);
         let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();

@@ -11,6 +11,7 @@ VARIANT is one of:
   siglip      a SigLIP image tower: no class token, tanh-GELU, the attention-pooling head
   avg_fc      no class token, `global_pool='avg'`, `fc_norm` (the final norm moves after pooling)
   avg         class token kept, `global_pool='avg'`, no `fc_norm`
+  qk_norm     `qk_norm=True`: a LayerNorm over each head's queries and keys
 Writes OUT_DIR/model.safetensors, OUT_DIR/config.json and OUT_DIR/reference.safetensors with
 `pixel_values` [3, 3, 32, 32], `tokens` (forward_features), `features` (pooled, after fc_norm)
 and `logits` when the model has a head. Every model is 64 wide, 2 blocks of 4 heads, 32-px input
@@ -30,6 +31,7 @@ VARIANTS = {
     "siglip": dict(class_token=False, global_pool="map", act_layer="gelu_tanh", num_classes=0),
     "avg_fc": dict(class_token=False, global_pool="avg", fc_norm=True, num_classes=5),
     "avg": dict(global_pool="avg", fc_norm=False, num_classes=5),
+    "qk_norm": dict(qk_norm=True, num_classes=5),
 }
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 

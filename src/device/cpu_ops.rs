@@ -193,6 +193,32 @@ impl Ops for CpuOps {
         Ok(out)
     }
 
+    fn qk_norm(
+        &self,
+        qkv: &mut Vec<f32>,
+        rows: usize,
+        heads: usize,
+        hd: usize,
+        gain: &Vec<f32>,
+        bias: &Vec<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let width = 3 * heads * hd;
+        qkv[..rows * width].par_chunks_mut(width).for_each(|row| {
+            // Segments 0..heads are the queries, heads..2·heads the keys.
+            for (s, x) in row[..2 * heads * hd].chunks_mut(hd).enumerate() {
+                let off = if s < heads { 0 } else { hd };
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / hd as f64;
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / hd as f64;
+                let inv = 1.0 / (var + eps as f64).sqrt();
+                for (j, v) in x.iter_mut().enumerate() {
+                    *v = ((*v as f64 - mean) * inv) as f32 * gain[off + j] + bias[off + j];
+                }
+            }
+        });
+        Ok(())
+    }
+
     fn add_scaled(
         &self,
         h: &mut Vec<f32>,

@@ -87,6 +87,20 @@ pub trait Ops {
         heads: usize,
         hd: usize,
     ) -> Result<Self::T>;
+    /// timm's `qk_norm`: in `qkv[rows, 3·heads·hd]`, each head's query and key (not the value)
+    /// LayerNormed over its `hd` values in place, the queries with `gain[..hd]` and
+    /// `bias[..hd]`, the keys with `gain[hd..]` and `bias[hd..]`.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm(
+        &self,
+        qkv: &mut Self::T,
+        rows: usize,
+        heads: usize,
+        hd: usize,
+        gain: &Self::T,
+        bias: &Self::T,
+        eps: f32,
+    ) -> Result<()>;
     /// `h[r, :] += gamma ⊙ o[r, :]` over `rows × d`.
     fn add_scaled(
         &self,

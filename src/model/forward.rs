@@ -26,6 +26,7 @@ pub struct BlockWeights<T> {
     fc1: (T, T),
     fc2: (T, T),
     ls: (T, T),
+    qk_norm: Option<(T, T)>,
 }
 
 /// Host copy of one block's weights, so quantized layers can be swapped in.
@@ -45,6 +46,8 @@ pub struct HostBlock {
     pub fc2: (Vec<f32>, Vec<f32>),
     /// LayerScale gammas (ones when the family has none).
     pub ls: (Vec<f32>, Vec<f32>),
+    /// timm's `qk_norm`: gains and biases `[q | k]` (`2·head_dim` each).
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 fn read(model: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -101,6 +104,14 @@ impl HostBlock {
             Some((a, c)) => (read(model, a, d)?, read(model, c, d)?),
             None => (vec![1.0; d], vec![1.0; d]),
         };
+        let hd = d / spec.heads;
+        let qk_norm = match &b.qk_norm {
+            Some([qw, qb, kw, kb]) => Some((
+                [read(model, qw, hd)?, read(model, kw, hd)?].concat(),
+                [read_or_zero(model, qb, hd)?, read_or_zero(model, kb, hd)?].concat(),
+            )),
+            None => None,
+        };
         Ok(HostBlock {
             norm1: (read(model, &b.norm1.0, d)?, read(model, &b.norm1.1, d)?),
             qkv,
@@ -109,6 +120,7 @@ impl HostBlock {
             fc1: lin(&b.fc1, m, d)?,
             fc2: lin(&b.fc2, d, m)?,
             ls,
+            qk_norm,
         })
     }
 
@@ -139,6 +151,7 @@ impl HostBlock {
             fc1: up(&self.fc1)?,
             fc2: up(&self.fc2)?,
             ls: up(&self.ls)?,
+            qk_norm: self.qk_norm.as_ref().map(up).transpose()?,
         })
     }
 }
@@ -389,8 +402,11 @@ impl<'a, O: Ops> Forward<'a, O> {
         if until == Some(Site::AttnIn) {
             return Ok(());
         }
-        let qkv = ops.linear(&x, rows, d, &w.qkv.0, &w.qkv.1, 3 * d)?;
+        let mut qkv = ops.linear(&x, rows, d, &w.qkv.0, &w.qkv.1, 3 * d)?;
         drop(x);
+        if let Some((g, b)) = &w.qk_norm {
+            ops.qk_norm(&mut qkv, rows, s.heads, d / s.heads, g, b, s.eps)?;
+        }
         let a = ops.attention(&qkv, n, t, s.heads, d / s.heads)?;
         drop(qkv);
         observe(Site::ProjIn, &a, rows)?;

@@ -132,6 +132,9 @@ pub struct BlockNames {
     pub fc2: String,
     /// LayerScale after attention / MLP, when the family has it.
     pub ls: Option<(String, String)>,
+    /// timm's `qk_norm`: the query and key LayerNorms (query weight, query bias, key weight,
+    /// key bias), each over one head's values.
+    pub qk_norm: Option<[String; 4]>,
 }
 
 impl BlockNames {
@@ -350,6 +353,7 @@ impl VitSpec {
                 add(a);
                 add(c);
             }
+            b.qk_norm.iter().flatten().for_each(|n| add(n));
         }
         if let Pool::Map(h) = &self.pool {
             if self.family.is_timm() {
@@ -591,8 +595,13 @@ impl VitSpec {
             crate::device::ops::Activation::QuickGelu => "QuickGELU",
             crate::device::ops::Activation::GeluTanh => "tanh-GELU",
         };
+        let qk = match self.blocks.iter().filter(|b| b.qk_norm.is_some()).count() {
+            0 => "",
+            n if n == self.blocks.len() => " with query/key norms",
+            _ => " with query/key norms in some blocks",
+        };
         format!(
-            "{}: width {}, depth {}, {} heads, MLP {} ({act}), patch {}, input {} px; prefix \
+            "{}: width {}, depth {}, {} heads{qk}, MLP {} ({act}), patch {}, input {} px; prefix \
              tokens {} ({} registers, {} with a position embedding); {norms}; pooled by {pool}; \
              {head}",
             self.family,
@@ -793,6 +802,7 @@ fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
                 fc1: format!("{b}mlp.fc1"),
                 fc2: format!("{b}mlp.fc2"),
                 ls: None,
+                qk_norm: None,
             }
         } else if timm {
             let b = format!("blocks.{i}.");
@@ -809,6 +819,18 @@ fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
                 fc2: format!("{b}mlp.fc2"),
                 ls: has(&format!("{b}ls1.gamma"))
                     .then(|| (format!("{b}ls1.gamma"), format!("{b}ls2.gamma"))),
+                // Both norms or neither: a lone one stays unused, and so refused.
+                qk_norm: (has(&format!("{b}attn.q_norm.weight"))
+                    && has(&format!("{b}attn.k_norm.weight")))
+                .then(|| {
+                    [
+                        "q_norm.weight",
+                        "q_norm.bias",
+                        "k_norm.weight",
+                        "k_norm.bias",
+                    ]
+                    .map(|n| format!("{b}attn.{n}"))
+                }),
             }
         } else {
             let b = format!("{p}encoder.layer.{i}.");
@@ -857,6 +879,7 @@ fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
                         format!("{b}layer_scale2.lambda1"),
                     )
                 }),
+                qk_norm: None,
             }
         };
         blocks.push(b);

@@ -269,6 +269,36 @@ impl Ops for GpuOps {
         Ok(y)
     }
 
+    fn qk_norm(
+        &self,
+        qkv: &mut GpuTensor,
+        rows: usize,
+        heads: usize,
+        hd: usize,
+        gain: &GpuTensor,
+        bias: &GpuTensor,
+        eps: f32,
+    ) -> Result<()> {
+        let segments = (rows * 2 * heads) as u32;
+        let gx = segments.clamp(1, MAX_GROUPS);
+        let gy = segments.div_ceil(MAX_GROUPS).max(1);
+        let p = VitParams {
+            a: segments,
+            b: hd as u32,
+            c: heads as u32,
+            gx,
+            eps,
+            ..Default::default()
+        };
+        self.run(
+            Kernel::QkNorm,
+            &[(1, &gain.buf), (2, &bias.buf), (3, &qkv.buf)],
+            p,
+            (gx, gy, 1),
+        );
+        Ok(())
+    }
+
     fn add_scaled(
         &self,
         h: &mut GpuTensor,
