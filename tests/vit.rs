@@ -1014,3 +1014,60 @@ fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
         assert!(probe.effect(0, Role::Fc1, &[]).is_err());
     }
 }
+
+/// A non-square input in the side files (timm's `img_size` or `input_size`, HF's `image_size`,
+/// the image processor's `crop_size`) is refused naming the key, never run as a square network
+/// (a 4x6 grid plus a class token has as many positions as a 5x5 grid without one).
+#[test]
+fn a_non_square_input_is_refused_naming_the_key() {
+    for (family, file, text, key) in [
+        (
+            Family::TimmVit,
+            "config.json",
+            r#"{"architecture": "vit_small_patch16_224", "model_args": {"img_size": [16, 24]}}"#,
+            "'model_args.img_size' is 16x24",
+        ),
+        (
+            Family::TimmVit,
+            "config.json",
+            r#"{"pretrained_cfg": {"input_size": [3, 24, 16]}}"#,
+            "'pretrained_cfg.input_size' is 24x16",
+        ),
+        (
+            Family::HfVit,
+            "config.json",
+            r#"{"model_type": "vit", "image_size": [16, 20], "num_attention_heads": 4}"#,
+            "'image_size' is 16x20",
+        ),
+        (
+            Family::HfVit,
+            "preprocessor_config.json",
+            r#"{"crop_size": {"height": 16, "width": 20}, "size": {"shortest_edge": 16}}"#,
+            "'crop_size' is 16x20",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), family, 5);
+        // Merged into what the synthetic model wrote (its heads).
+        let target = dir.path().join(file);
+        let mut v: serde_json::Value = std::fs::read(&target)
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .unwrap_or_else(|_| serde_json::json!({}));
+        let add: serde_json::Value = serde_json::from_str(text).unwrap();
+        for (k, x) in add.as_object().unwrap() {
+            match (v.get_mut(k), x) {
+                (Some(serde_json::Value::Object(o)), serde_json::Value::Object(n)) => {
+                    o.extend(n.clone())
+                }
+                _ => {
+                    v[k] = x.clone();
+                }
+            }
+        }
+        std::fs::write(&target, v.to_string()).unwrap();
+        let e = VitSpec::detect(&Checkpoint::open(&path).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains("non-square"), "{key}: {e}");
+    }
+}

@@ -487,8 +487,17 @@ impl VitSpec {
         // The tokens before the patches, and those of them with a position embedding: HF DINOv2
         // embeds all but the registers; timm embeds all of them, or none (`no_embed_class`).
         let prefix_tokens = tokens.len() - (registers > 0) as usize + registers;
+        let no_embed_class = config
+            .get("model_args")
+            .and_then(|a| a.get("no_embed_class"))
+            .and_then(Value::as_bool);
         let pos_prefix = if family.is_timm() {
-            timm_pos_prefix(model, &patch_embed.0, &pos_embed, prefix_tokens)
+            match no_embed_class {
+                // timm says: trust it over the shape (a 4x6 grid plus a class token is 5x5).
+                Some(true) => 0,
+                Some(false) => prefix_tokens,
+                None => timm_pos_prefix(model, &patch_embed.0, &pos_embed, prefix_tokens),
+            }
         } else {
             prefix_tokens - registers
         };
@@ -500,7 +509,8 @@ impl VitSpec {
         let labels = label_names(&config, num_classes);
         let pool = pool_of(model, family, &p, &config, prefix_tokens)?;
 
-        let preprocess = preprocess(family, channels, pos_grid * patch, &config, prep.as_ref())
+        let preprocess = square_input(&config, prep.as_ref())
+            .and_then(|_| preprocess(family, channels, pos_grid * patch, &config, prep.as_ref()))
             .and_then(|p| p.validate())
             .map_err(|reason| {
                 Error::InvalidOption(format!(
@@ -1324,6 +1334,50 @@ impl Preprocess {
         }
         Ok(self)
     }
+}
+
+/// Refuses a model whose side files give it a non-square input (timm's `img_size` /
+/// `input_size`, HF's `image_size` or the image processor's `size` / `crop_size`): the forward
+/// pass runs square grids only, and taking one side would run another network.
+fn square_input(config: &Value, prep: Option<&Value>) -> std::result::Result<(), String> {
+    let pair = |v: Option<&Value>| -> Option<(u64, u64)> {
+        let v = v?;
+        if let Some(a) = v.as_array() {
+            // [h, w], or timm's [channels, h, w].
+            let n: Vec<u64> = a.iter().filter_map(Value::as_u64).collect();
+            return match n.as_slice() {
+                [h, w] | [_, h, w] => Some((*h, *w)),
+                _ => None,
+            };
+        }
+        let h = v.get("height").and_then(Value::as_u64)?;
+        let w = v.get("width").and_then(Value::as_u64)?;
+        Some((h, w))
+    };
+    let cfg = |k: &str| config.get(k);
+    let candidates = [
+        (
+            "model_args.img_size",
+            cfg("model_args").and_then(|a| a.get("img_size")),
+        ),
+        (
+            "pretrained_cfg.input_size",
+            cfg("pretrained_cfg").and_then(|a| a.get("input_size")),
+        ),
+        ("image_size", cfg("image_size")),
+        ("size", prep.and_then(|p| p.get("size"))),
+        ("crop_size", prep.and_then(|p| p.get("crop_size"))),
+    ];
+    for (key, v) in candidates {
+        if let Some((h, w)) = pair(v) {
+            if h != w {
+                return Err(format!(
+                    "'{key}' is {h}x{w}: non-square inputs are not supported yet"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn preprocess(
