@@ -160,8 +160,9 @@ pub struct FeatureProbe<'a> {
     /// The block whose input `states` holds.
     block: usize,
     states: States,
-    /// The full-precision pooled features of the images, `[n, dim]`.
-    reference: Vec<f32>,
+    /// The full-precision pooled features of the images, `[n, dim]`, and their tokens after the
+    /// final norm.
+    reference: (Vec<f32>, Vec<f32>),
 }
 
 fn probe_start<O: Ops>(
@@ -170,7 +171,7 @@ fn probe_start<O: Ops>(
     model: &Checkpoint,
     set: &ImageSet,
     views: &[View],
-) -> Result<(States, Vec<f32>)> {
+) -> Result<(States, (Vec<f32>, Vec<f32>))> {
     let f = Forward::new(ops, spec);
     let stem = HostStem::load(model, spec)?.upload(ops)?;
     let hidden = embed_batches(&f, &stem, set, views, spec)?;
@@ -183,7 +184,7 @@ fn probe_start<O: Ops>(
 }
 
 /// Runs `states` (block `from`'s input) through blocks `from..`, block `from` with `swap`'s
-/// weights in, and returns the pooled features.
+/// weights in, and returns the pooled features and every token after the final norm.
 fn probe_tail<O: Ops>(
     ops: &O,
     spec: &VitSpec,
@@ -191,7 +192,7 @@ fn probe_tail<O: Ops>(
     states: &States,
     from: usize,
     swap: Option<(Role, &[f32])>,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let f = Forward::new(ops, spec);
     let stem = HostStem::load(model, spec)?.upload(ops)?;
     let mut hidden = states
@@ -208,11 +209,27 @@ fn probe_tail<O: Ops>(
             f.block(&w, h, *n, None, &mut |_, _, _| Ok(()))?;
         }
     }
-    let mut cls = Vec::new();
+    let mut out = (Vec::new(), Vec::new());
     for (h, n) in &hidden {
-        cls.extend(f.finish(&stem, h, *n)?.cls);
+        let o = f.finish(&stem, h, *n)?;
+        out.0.extend(o.cls);
+        out.1.extend(o.tokens);
     }
-    Ok(cls)
+    Ok(out)
+}
+
+/// `‖a − b‖² / ‖b‖²` (0 for an all-zero `b`).
+fn rel_change(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
 }
 
 fn probe_advance<O: Ops>(
@@ -255,9 +272,11 @@ impl<'a> FeatureProbe<'a> {
         })
     }
 
-    /// `‖f − f₀‖² / ‖f₀‖²` over the images, `f` the pooled features with layer `role` of block
-    /// `block` set to `w` and `f₀` the full-precision ones. Blocks come in increasing order (an
-    /// earlier block than the last one measured is an internal error).
+    /// The mean of `‖f − f₀‖² / ‖f₀‖²` over the pooled features and over every token after the
+    /// final norm, `f` with layer `role` of block `block` set to `w` and `f₀` at full precision.
+    /// The tokens steady the measure on few images (a task head may read more than the pooled
+    /// vector: DINOv2's reads the patch mean too). Blocks come in increasing order (an earlier
+    /// block than the last one measured is an internal error).
     pub fn effect(&mut self, block: usize, role: Role, w: &[f32]) -> Result<f64> {
         if block < self.block || block >= self.spec.depth {
             return Err(crate::error::Error::Internal(format!(
@@ -279,12 +298,7 @@ impl<'a> FeatureProbe<'a> {
             AnyOps::Cpu(o) => probe_tail(o, spec, model, &self.states, block, swap),
             AnyOps::Gpu(o) => probe_tail(o.as_ref(), spec, model, &self.states, block, swap),
         }?;
-        let (mut num, mut den) = (0.0f64, 0.0f64);
-        for (a, b) in f.iter().zip(&self.reference) {
-            num += (*a as f64 - *b as f64).powi(2);
-            den += (*b as f64).powi(2);
-        }
-        Ok(if den > 0.0 { num / den } else { 0.0 })
+        Ok(0.5 * (rel_change(&f.0, &self.reference.0) + rel_change(&f.1, &self.reference.1)))
     }
 }
 

@@ -955,14 +955,18 @@ fn rotation_keeps_the_network(
     }
 }
 
-/// `--target-bits`'s feature probe: a layer's effect equals the relative change of the pooled
-/// features that the whole-model evaluation (`eval::features` with the layer swapped in) measures,
+/// `--target-bits`'s feature probe: a layer's effect equals the mean relative change of the
+/// pooled features and of the tokens that a whole-model forward with the layer swapped in gives,
 /// for every layer of every block (blocks in order, the probe carrying its states forward); the
 /// original weights have no effect; and the effect grows as the square of a small perturbation.
 #[test]
 fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
     use comq_gpu::device::AnyOps;
-    use comq_gpu::eval::{features, FeatureProbe, SwappedWeights};
+    use comq_gpu::eval::FeatureProbe;
+    let rel2 = |a: &[f32], b: &[f32]| -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+        num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()
+    };
     for family in [Family::TimmVit, Family::HfVit] {
         let dir = tempfile::tempdir().unwrap();
         let path = synthetic(dir.path(), family, 3);
@@ -971,11 +975,30 @@ fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
         let model = Checkpoint::open(&path).unwrap();
         let spec = VitSpec::detect(&model).unwrap();
         let set = ImageSet::open(&imgs).unwrap();
-        let idx: Vec<usize> = (0..set.len()).collect();
-        let views: Vec<View> = idx.iter().map(|&i| View::plain(i)).collect();
+        let views: Vec<View> = (0..set.len()).map(View::plain).collect();
+        let px = comq_gpu::calibrate::load_pixels(&set, &views, &spec).unwrap();
+        let stem = HostStem::load(&model, &spec).unwrap();
+        let whole = |swap: Option<(usize, Role, &[f32])>| -> Output {
+            run_model(
+                &CpuOps,
+                &spec,
+                &stem,
+                &mut |b| {
+                    let mut h = HostBlock::load(&model, &spec, &spec.blocks[b])?;
+                    if let Some((sb, role, w)) = swap {
+                        if sb == b {
+                            h.set_weight(role, spec.dim, w);
+                        }
+                    }
+                    Ok(h)
+                },
+                &px,
+                views.len(),
+            )
+            .unwrap()
+        };
+        let reference = whole(None);
         let engine = AnyOps::Cpu(CpuOps);
-        let none = SwappedWeights::new();
-        let reference = features(&engine, &spec, &model, &none, &set, &idx).unwrap();
         let mut probe = FeatureProbe::new(&engine, &spec, &model, &set, &views).unwrap();
         let mut rng = comq_gpu::util::rng::SplitMix::new(5);
         for b in 0..spec.depth {
@@ -987,23 +1010,15 @@ fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
                 let noise = rng.normals(w.len());
                 let scale = 1e-3 * w.iter().map(|v| v.abs()).fold(0.0, f32::max);
                 let at = |k: f32| -> Vec<f32> {
-                    w.iter()
-                        .zip(&noise)
-                        .map(|(a, n)| a + k * scale * n)
-                        .collect()
+                    w.iter().zip(&noise).map(|(a, n)| a + k * scale * n).collect()
                 };
                 let e1 = probe.effect(b, role, &at(1.0)).unwrap();
                 let e2 = probe.effect(b, role, &at(2.0)).unwrap();
                 assert!(e1 > 0.0, "{name}: {e1}");
                 assert!((e2 / e1 - 4.0).abs() < 0.2, "{name}: {e1} then {e2}");
-                let swapped = SwappedWeights::from([(name.clone(), at(1.0))]);
-                let f = features(&engine, &spec, &model, &swapped, &set, &idx).unwrap();
-                let (mut num, mut den) = (0.0f64, 0.0f64);
-                for (a, r) in f.cls.iter().zip(&reference.cls) {
-                    num += (*a as f64 - *r as f64).powi(2);
-                    den += (*r as f64).powi(2);
-                }
-                let want = num / den;
+                let o = whole(Some((b, role, &at(1.0))));
+                let want =
+                    0.5 * (rel2(&o.cls, &reference.cls) + rel2(&o.tokens, &reference.tokens));
                 assert!(
                     (e1 - want).abs() <= 1e-3 * want,
                     "{name}: probe {e1:.6e}, whole model {want:.6e}"

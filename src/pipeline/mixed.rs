@@ -94,12 +94,10 @@ pub(super) fn allocate_bits(
     let probe_bits = (target.round() as u32).clamp(2, 8);
     let mut probe = match (opts.mixed_objective, vision, &engine) {
         (MixedObjective::Output, Some(v), Some(e)) => {
-            let idx = if v.holdout_idx.is_empty() {
-                &v.calib_idx
-            } else {
-                &v.holdout_idx
-            };
-            let mut views = v.views(idx);
+            // The held-out views first, then calibration views: the measure fits nothing to
+            // them, and a few photos with 15% held out leave too few alone.
+            let mut views = v.views(&v.holdout_idx);
+            views.extend(v.views(&v.calib_idx));
             views.truncate(FEATURE_PROBE_IMAGES);
             let set = v.calib.as_ref().expect("opened with --images");
             Some(crate::eval::FeatureProbe::new(
