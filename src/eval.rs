@@ -148,6 +148,9 @@ pub fn features(
 /// Hidden states of a few images at one block's input, kept on the host between measurements.
 type States = Vec<(Vec<f32>, usize)>;
 
+/// The pooled features `[n, dim]` and every token after the final norm.
+type Pooled = (Vec<f32>, Vec<f32>);
+
 /// How far one layer's quantization alone moves the model's pooled features. The
 /// full-precision model carries a few images forward block by block (so a whole model costs one
 /// forward, plus, per measured layer, the blocks from its own to the last); for a layer, its
@@ -162,7 +165,7 @@ pub struct FeatureProbe<'a> {
     states: States,
     /// The full-precision pooled features of the images, `[n, dim]`, and their tokens after the
     /// final norm.
-    reference: (Vec<f32>, Vec<f32>),
+    reference: Pooled,
 }
 
 fn probe_start<O: Ops>(
@@ -171,7 +174,7 @@ fn probe_start<O: Ops>(
     model: &Checkpoint,
     set: &ImageSet,
     views: &[View],
-) -> Result<(States, (Vec<f32>, Vec<f32>))> {
+) -> Result<(States, Pooled)> {
     let f = Forward::new(ops, spec);
     let stem = HostStem::load(model, spec)?.upload(ops)?;
     let hidden = embed_batches(&f, &stem, set, views, spec)?;
@@ -192,7 +195,7 @@ fn probe_tail<O: Ops>(
     states: &States,
     from: usize,
     swap: Option<(Role, &[f32])>,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<Pooled> {
     let f = Forward::new(ops, spec);
     let stem = HostStem::load(model, spec)?.upload(ops)?;
     let mut hidden = states

@@ -964,7 +964,11 @@ fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
     use comq_gpu::device::AnyOps;
     use comq_gpu::eval::FeatureProbe;
     let rel2 = |a: &[f32], b: &[f32]| -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+            .sum();
         num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()
     };
     for family in [Family::TimmVit, Family::HfVit] {
@@ -1010,7 +1014,10 @@ fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
                 let noise = rng.normals(w.len());
                 let scale = 1e-3 * w.iter().map(|v| v.abs()).fold(0.0, f32::max);
                 let at = |k: f32| -> Vec<f32> {
-                    w.iter().zip(&noise).map(|(a, n)| a + k * scale * n).collect()
+                    w.iter()
+                        .zip(&noise)
+                        .map(|(a, n)| a + k * scale * n)
+                        .collect()
                 };
                 let e1 = probe.effect(b, role, &at(1.0)).unwrap();
                 let e2 = probe.effect(b, role, &at(2.0)).unwrap();
@@ -1084,5 +1091,63 @@ fn a_non_square_input_is_refused_naming_the_key() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(key) && e.contains("non-square"), "{key}: {e}");
+    }
+}
+
+/// An input size that is no multiple of the patch (SigLIP So400m/14 at 384 px) runs as PyTorch's
+/// patch convolution does: the pixels past the last whole patch are dropped, so the features
+/// equal those of the top-left crop at a multiple of the patch; on the GPU too.
+#[test]
+fn pixels_past_the_last_whole_patch_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::TimmVit, 5);
+    let model = Checkpoint::open(&path).unwrap();
+    let square = VitSpec::detect(&model).unwrap();
+    assert_eq!((square.preprocess.crop, square.patch), (16, 4));
+    // The same model told to take 18 px: 4 patches a side, 2 pixels dropped.
+    let cfg = dir.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["pretrained_cfg"] = serde_json::json!({"input_size": [3, 18, 18], "crop_pct": 1.0});
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let wide = VitSpec::detect(&Checkpoint::open(&path).unwrap()).unwrap();
+    assert_eq!(wide.preprocess.crop, 18);
+    assert_eq!(wide.tokens_per_image(), square.tokens_per_image());
+    let n = 2;
+    let mut rng = comq_gpu::util::rng::SplitMix::new(3);
+    let px18 = rng.normals(n * 3 * 18 * 18);
+    let px16: Vec<f32> = (0..n * 3)
+        .flat_map(|plane| {
+            let px = &px18;
+            (0..16).flat_map(move |y| (0..16).map(move |x| px[(plane * 18 + y) * 18 + x]))
+        })
+        .collect();
+    let stem = HostStem::load(&model, &square).unwrap();
+    let run = |ops: &dyn Fn(&VitSpec, &[f32]) -> Output, spec: &VitSpec, px: &[f32]| ops(spec, px);
+    let cpu = |spec: &VitSpec, px: &[f32]| {
+        run_model(
+            &CpuOps,
+            spec,
+            &stem,
+            &mut |b| HostBlock::load(&model, spec, &spec.blocks[b]),
+            px,
+            n,
+        )
+        .unwrap()
+    };
+    let a = run(&cpu, &wide, &px18);
+    let b = run(&cpu, &square, &px16);
+    assert_eq!(a.tokens, b.tokens);
+    if let Some(g) = gpu::device() {
+        let ops = comq_gpu::device::wgpu::forward::GpuOps::new(&g);
+        let out = run_model(
+            &ops,
+            &wide,
+            &stem,
+            &mut |b| HostBlock::load(&model, &wide, &wide.blocks[b]),
+            &px18,
+            n,
+        )
+        .unwrap();
+        assert!(rel(&out.tokens, &b.tokens) < FORWARD_REL_TOL);
     }
 }

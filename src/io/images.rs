@@ -25,6 +25,9 @@ pub struct Preprocess {
     pub resize: usize,
     /// ...then take the centre `crop × crop` square.
     pub crop: usize,
+    /// Instead: resize both sides to `crop` without keeping the aspect ratio, as HF's image
+    /// processors do when `size` is `{height, width}` with no centre crop (ViT, SigLIP).
+    pub squash: bool,
     /// Bicubic (true) or bilinear resampling.
     pub bicubic: bool,
     /// Per-channel mean after scaling pixels to [0, 1].
@@ -471,9 +474,18 @@ fn filter_of(p: &Preprocess) -> FilterType {
     }
 }
 
-/// Resize the shorter side, centre-crop, scale to [0, 1] and normalise.
+/// Resize the shorter side, centre-crop (or squash the whole image to the input), scale to
+/// [0, 1] and normalise.
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let (w, h) = (img.width() as usize, img.height() as usize);
+    if p.squash {
+        let img = if (w, h) == (p.crop, p.crop) {
+            img.clone()
+        } else {
+            img.resize_exact(p.crop as u32, p.crop as u32, filter_of(p))
+        };
+        return normalise(&img, p);
+    }
     let (nw, nh) = resized(w, h, p);
     let img = if (nw, nh) == (w, h) {
         img.clone()
@@ -515,10 +527,37 @@ mod tests {
             channels: 3,
             resize: crop,
             crop,
+            squash: false,
             mean: vec![0.5; 3],
             std: vec![0.25; 3],
             bicubic: true,
         }
+    }
+
+    /// `squash` resizes the whole image to the input, aspect ratio lost (HF's `{height, width}`
+    /// processors); without it the short side is resized and the centre cropped.
+    #[test]
+    fn squash_resizes_the_whole_image_and_crop_keeps_the_centre() {
+        // Left half black, right half white, 16 x 8: squashed, the halves stay halves.
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(16, 8, |x, _| {
+            image::Rgb(if x < 8 { [0, 0, 0] } else { [255, 255, 255] })
+        }));
+        let mut p = prep(8);
+        p.squash = true;
+        let sq = preprocess(&img, &p);
+        let lo = (0.0 - 0.5) / 0.25;
+        let hi = (1.0 - 0.5) / 0.25;
+        assert!(
+            (sq[0] - lo).abs() < 1e-6 && (sq[7] - hi).abs() < 1e-6,
+            "{:?}",
+            &sq[..8]
+        );
+        p.squash = false;
+        // Cropped: the centre 8 x 8 is columns 4..12, black then white at column 4.
+        let cr = preprocess(&img, &p);
+        assert!((cr[0] - lo).abs() < 1e-6 && (cr[7] - hi).abs() < 1e-6);
+        assert_ne!(sq, cr);
+        assert_eq!(sq.len(), cr.len());
     }
 
     /// An augmented view is seeded (the same seed gives the same pixels, another seed others),

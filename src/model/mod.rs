@@ -531,9 +531,11 @@ impl VitSpec {
         ]
         .into_iter()
         .find(|n| shape(n).iter().product::<usize>() == (pos_prefix + crop_grid * crop_grid) * dim);
-        if !preprocess.crop.is_multiple_of(patch) {
+        // The patch convolution drops the pixels past the last whole patch, as PyTorch's does
+        // (SigLIP So400m/14 runs at 384 px: 27 patches of 14, 6 pixels dropped).
+        if preprocess.crop < patch {
             return Err(Error::InvalidOption(format!(
-                "input size {} is not a multiple of the patch size {patch}",
+                "input size {} is smaller than the patch size {patch}",
                 preprocess.crop
             )));
         }
@@ -1415,6 +1417,7 @@ fn preprocess(
             _ => (native as f64 / 0.875).floor() as usize,
         },
         crop: native,
+        squash: false,
         bicubic: !matches!(family, Family::HfVit),
         mean: if def_mean.len() == channels {
             def_mean
@@ -1472,6 +1475,8 @@ fn preprocess(
             (Some(r), _, _) => {
                 p.resize = r as usize;
                 p.crop = r as usize;
+                // `{height, width}` without a crop: HF resizes to exactly that.
+                p.squash = shortest.is_none();
             }
             _ => {}
         }
