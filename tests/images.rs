@@ -605,6 +605,7 @@ fn the_default_recipe_guards_every_layer_and_target_bits_mixes_widths() {
     // With images the objective weighs each layer by its measured effect on the features.
     assert_eq!(m["objective"], "output");
     assert_eq!(m["probe_bits"], 3);
+    assert!(m["feature_seconds"].as_f64().unwrap() > 0.0);
     let sens = m["sensitivity"].as_array().unwrap();
     assert_eq!(sens.len(), bits.len());
     for v in sens {
