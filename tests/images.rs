@@ -739,3 +739,54 @@ fn equalize_folds_into_the_layernorms_and_the_output_is_a_plain_model() {
         "--calib-mode fp",
     );
 }
+
+/// The evaluation rows name the widths the layers got: a recipe giving some layers other bits
+/// makes them "mixed" with the average over the weights, not the default width.
+#[test]
+fn evaluation_rows_name_the_average_of_recipe_widths() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = tmp.path().join("r.toml");
+    std::fs::write(&recipe, "[[layer]]\nmatch = 'fc2'\nbits = 2\n").unwrap();
+    let rep = tmp.path().join("r.json");
+    let calib = root.join("assets/fmnist-images/calib.safetensors");
+    let test = root.join("assets/fmnist-images/test.safetensors");
+    ok(&run(&[
+        "run",
+        s(&root.join("assets/fmnist-vit")),
+        "--images",
+        s(&calib),
+        "--calib-count",
+        "32",
+        "--eval",
+        s(&test),
+        "--eval-count",
+        "50",
+        "--config",
+        s(&recipe),
+        "--preset",
+        "paper",
+        "--device",
+        "cpu",
+        "--out",
+        s(&tmp.path().join("q.safetensors")),
+        "--report",
+        s(&rep),
+    ]));
+    let r = report(&rep);
+    let layers = r["layers"].as_array().unwrap();
+    let (mut sum, mut n) = (0.0, 0.0);
+    for l in layers {
+        let w = (l["shape"][0].as_u64().unwrap() * l["shape"][1].as_u64().unwrap()) as f64;
+        sum += w * l["bits"].as_f64().unwrap();
+        n += w;
+    }
+    let want = format!("COMQ W{:.2} mixed", sum / n);
+    let rows: Vec<&str> = r["eval"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["model"].as_str().unwrap())
+        .collect();
+    assert!(rows.contains(&want.as_str()), "{rows:?} lacks {want}");
+}

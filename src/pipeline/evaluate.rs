@@ -79,7 +79,7 @@ pub(super) fn evaluate_run(
     vision: Option<&Vision>,
     engine: Option<&AnyOps>,
     model: &Checkpoint,
-    mixed: Option<&super::mixed::MixedPrecision>,
+    bits: String,
     rtn_weights: &SwappedWeights,
     comq_weights: &SwappedWeights,
     profile: &crate::profile::Profile,
@@ -93,10 +93,6 @@ pub(super) fn evaluate_run(
         name: "evaluation images",
         stage: "evaluate",
     });
-    let bits = match mixed {
-        Some(m) => format!("{:.2} mixed", m.average_bits),
-        None => opts.config.bits.to_string(),
-    };
     let original = if opts.rotate {
         let model = Checkpoint::open(&opts.model)?;
         let spec = crate::model::VitSpec::detect_allowing(&model, opts.allow_unused_tensors)?;
@@ -116,4 +112,22 @@ pub(super) fn evaluate_run(
     )?;
     profile.add("evaluate", t.elapsed().as_secs_f64());
     Ok(Some(report))
+}
+
+/// The width the evaluation rows name: one number when every layer has it, else the average
+/// over the quantized weights with "mixed" (`--target-bits`, or recipe `[[layer]] bits`).
+pub(super) fn bits_label(jobs: &[super::jobs::Job], fallback: u32) -> String {
+    let Some(first) = jobs.first().map(|j| j.config.bits) else {
+        return fallback.to_string();
+    };
+    if jobs.iter().all(|j| j.config.bits == first) {
+        return first.to_string();
+    }
+    let (mut sum, mut n) = (0.0f64, 0.0f64);
+    for j in jobs {
+        let w = (j.rows * j.cols) as f64;
+        sum += w * j.config.bits as f64;
+        n += w;
+    }
+    format!("{:.2} mixed", sum / n)
 }

@@ -140,6 +140,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
             .as_ref()
             .is_some_and(|io| io.mode == CalibMode::Fp),
     };
+    let bits = evaluate::bits_label(jobs, opts.config.bits);
     let mut state = LayerState::new(device);
     let streamed = stream::quantize_all(
         &env,
@@ -156,7 +157,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         vision,
         engine.as_ref(),
         model,
-        mixed.as_ref(),
+        bits,
         &state.rtn_weights,
         &streamed.comq_weights,
         &profile,
