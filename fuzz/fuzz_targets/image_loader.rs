@@ -1,5 +1,6 @@
 //! Any bytes as an image file (PNG/JPEG decode) and as an image pack: decoding and the
-//! preprocessing (resize, centre crop, normalise) must return an image or an error, never panic.
+//! preprocessing (resize and centre crop, or squash; normalise) must return an image or an error,
+//! never panic.
 #![no_main]
 
 use comq_gpu::io::images::{decode_bytes, preprocess, ImageSet};
@@ -7,11 +8,12 @@ use comq_gpu::io::Model;
 use comq_gpu::model::Preprocess;
 use libfuzzer_sys::fuzz_target;
 
-fn prep(channels: usize) -> Preprocess {
+fn prep(channels: usize, squash: bool) -> Preprocess {
     Preprocess {
         channels,
         resize: 18,
         crop: 16,
+        squash,
         bicubic: true,
         mean: vec![0.5; channels],
         std: vec![0.25; channels],
@@ -22,8 +24,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(img) = decode_bytes(data) {
         // Keep huge declared sizes from turning the fuzzer into a resize benchmark.
         if (img.width() as u64) * (img.height() as u64) <= 1 << 20 {
-            for c in [1, 3] {
-                let v = preprocess(&img, &prep(c));
+            for (c, squash) in [(1, false), (3, false), (3, true)] {
+                let v = preprocess(&img, &prep(c, squash));
                 assert_eq!(v.len(), c * 16 * 16);
                 assert!(v.iter().all(|x| x.is_finite()));
             }
@@ -37,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
     };
     for i in 0..set.len().min(4) {
         let _ = set.label(i);
-        if let Ok(v) = set.pixels(i, &prep(3)) {
+        if let Ok(v) = set.pixels(i, &prep(3, false)) {
             assert_eq!(v.len(), 3 * 16 * 16);
         }
     }
