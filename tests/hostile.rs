@@ -388,12 +388,26 @@ fn side_file_values_are_checked_and_name_the_key() {
         ),
         // Width 32 with no head count: no safe guess.
         (serde_json::json!({}), "num_heads"),
+        // Non-square inputs would run as a square network of another grid.
+        (
+            serde_json::json!({"num_heads": 2, "pretrained_cfg": {"input_size": [3, 16, 24]}}),
+            "'pretrained_cfg.input_size' is 16x24: non-square inputs are not supported",
+        ),
+        (
+            serde_json::json!({"model_args": {"num_heads": 2, "img_size": [24, 16]}}),
+            "'model_args.img_size' is 24x16",
+        ),
     ];
     for (cfg, needle) in cases {
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
         let o = run(&["eval", s(&model), "--images", s(&pack), "--device", "cpu"]);
         assert_refused(&o, needle);
     }
+    // `run` refuses it too, before writing anything.
+    let out = dir.path().join("q.safetensors");
+    let o = run(&["run", s(&model), "--images", s(&pack), "--out", s(&out)]);
+    assert_refused(&o, "non-square");
+    assert!(!out.exists());
 }
 
 #[test]
