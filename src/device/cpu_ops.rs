@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::ops::{Activation, Ops};
 use crate::error::Result;
 use crate::numeric::gram::{Gram, GramAccumulator};
+use crate::numeric::linalg::layernorm_stats;
 
 /// CPU forward primitives; tensors are host vectors.
 #[derive(Debug, Default, Clone, Copy)]
@@ -132,9 +133,7 @@ impl Ops for CpuOps {
         y.par_chunks_mut(d)
             .zip(x.par_chunks(d))
             .for_each(|(yr, xr)| {
-                let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-                let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-                let inv = 1.0 / (var + eps as f64).sqrt();
+                let (mean, inv) = layernorm_stats(xr, eps);
                 for j in 0..d {
                     yr[j] = ((xr[j] as f64 - mean) * inv) as f32 * w[j] + b[j];
                 }
@@ -208,9 +207,7 @@ impl Ops for CpuOps {
             // Segments 0..heads are the queries, heads..2·heads the keys.
             for (s, x) in row[..2 * heads * hd].chunks_mut(hd).enumerate() {
                 let off = if s < heads { 0 } else { hd };
-                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / hd as f64;
-                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / hd as f64;
-                let inv = 1.0 / (var + eps as f64).sqrt();
+                let (mean, inv) = layernorm_stats(x, eps);
                 for (j, v) in x.iter_mut().enumerate() {
                     *v = ((*v as f64 - mean) * inv) as f32 * gain[off + j] + bias[off + j];
                 }

@@ -544,10 +544,7 @@ impl<'a, O: Ops> Forward<'a, O> {
 /// LayerNorm of one vector on the host, in f64 (the pooled features' `fc_norm`, the pooling
 /// head's norm).
 fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
-    let d = x.len() as f64;
-    let mean = x.iter().map(|v| *v as f64).sum::<f64>() / d;
-    let var = x.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / d;
-    let inv = 1.0 / (var + eps as f64).sqrt();
+    let (mean, inv) = crate::numeric::linalg::layernorm_stats(x, eps);
     x.iter()
         .zip(w.iter().zip(b))
         .map(|(v, (g, b))| ((*v as f64 - mean) * inv) as f32 * g + b)
