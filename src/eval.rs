@@ -153,9 +153,10 @@ type Pooled = (Vec<f32>, Vec<f32>);
 
 /// How far one layer's quantization alone moves the model's pooled features. The
 /// full-precision model carries a few images forward block by block (so a whole model costs one
-/// forward, plus, per measured layer, the blocks from its own to the last); for a layer, its
-/// weights are swapped in and the rest of the model runs. What `--target-bits` weighs layer
-/// errors with.
+/// forward, plus, per measured block, the blocks from its own to the last); for each layer of a
+/// block, its weights are swapped in and the rest of the model runs, every layer of the block in
+/// one pass (each later block is loaded and uploaded once for all of them). What
+/// `--target-bits` weighs layer errors with.
 pub struct FeatureProbe<'a> {
     engine: &'a AnyOps,
     spec: &'a VitSpec,
@@ -182,43 +183,65 @@ fn probe_start<O: Ops>(
         .iter()
         .map(|(h, n)| Ok((ops.download(h)?, *n)))
         .collect::<Result<States>>()?;
-    let reference = probe_tail(ops, spec, model, &states, 0, None)?;
+    let reference = probe_tail(ops, spec, model, &states, 0, &[None])?.remove(0);
     Ok((states, reference))
 }
 
-/// Runs `states` (block `from`'s input) through blocks `from..`, block `from` with `swap`'s
-/// weights in, and returns the pooled features and every token after the final norm.
+/// Runs `states` (block `from`'s input) through blocks `from..` once per variant, block `from`
+/// with that variant's weights swapped in (`None`: as it is), and returns each variant's pooled
+/// features and tokens after the final norm. The blocks after `from` are loaded once for all.
 fn probe_tail<O: Ops>(
     ops: &O,
     spec: &VitSpec,
     model: &Checkpoint,
     states: &States,
     from: usize,
-    swap: Option<(Role, &[f32])>,
-) -> Result<Pooled> {
+    variants: &[Option<(Role, &[f32])>],
+) -> Result<Vec<Pooled>> {
     let f = Forward::new(ops, spec);
     let stem = HostStem::load(model, spec)?.upload(ops)?;
-    let mut hidden = states
+    let upload_states = || {
+        states
+            .iter()
+            .map(|(h, n)| Ok((ops.upload(h)?, *n)))
+            .collect::<Result<Vec<_>>>()
+    };
+    let mut hidden = variants
         .iter()
-        .map(|(h, n)| Ok((ops.upload(h)?, *n)))
+        .map(|_| upload_states())
         .collect::<Result<Vec<_>>>()?;
-    for b in from..spec.depth {
-        let mut host = HostBlock::load(model, spec, &spec.blocks[b])?;
-        if let (true, Some((role, w))) = (b == from, swap) {
-            host.set_weight(role, spec.dim, w);
-        }
-        let w = host.upload(ops)?;
-        for (h, n) in hidden.iter_mut() {
+    let host = HostBlock::load(model, spec, &spec.blocks[from])?;
+    for (v, hv) in variants.iter().zip(hidden.iter_mut()) {
+        let w = match v {
+            Some((role, w)) => {
+                let mut swapped = host.clone();
+                swapped.set_weight(*role, spec.dim, w);
+                swapped.upload(ops)?
+            }
+            None => host.upload(ops)?,
+        };
+        for (h, n) in hv.iter_mut() {
             f.block(&w, h, *n, None, &mut |_, _, _| Ok(()))?;
         }
     }
-    let mut out = (Vec::new(), Vec::new());
-    for (h, n) in &hidden {
-        let o = f.finish(&stem, h, *n)?;
-        out.0.extend(o.cls);
-        out.1.extend(o.tokens);
+    for b in from + 1..spec.depth {
+        let w = HostBlock::load(model, spec, &spec.blocks[b])?.upload(ops)?;
+        for (h, n) in hidden.iter_mut().flatten() {
+            f.block(&w, h, *n, None, &mut |_, _, _| Ok(()))?;
+        }
     }
-    Ok(out)
+    hidden
+        .iter()
+        .map(|hv| {
+            let mut out = (Vec::new(), Vec::new());
+            for (h, n) in hv {
+                let o = f.finish(&stem, h, *n)?;
+                out.0.extend(o.cls);
+                out.1.extend(o.tokens);
+            }
+            Ok(out)
+        })
+        .collect()
 }
 
 /// `‖a − b‖² / ‖b‖²` (0 for an all-zero `b`).
@@ -281,6 +304,12 @@ impl<'a> FeatureProbe<'a> {
     /// vector: DINOv2's reads the patch mean too). Blocks come in increasing order (an earlier
     /// block than the last one measured is an internal error).
     pub fn effect(&mut self, block: usize, role: Role, w: &[f32]) -> Result<f64> {
+        Ok(self.effects(block, &[(role, w)])?[0])
+    }
+
+    /// [`FeatureProbe::effect`] for several layers of one block, in one pass over the blocks
+    /// after it.
+    pub fn effects(&mut self, block: usize, swaps: &[(Role, &[f32])]) -> Result<Vec<f64>> {
         if block < self.block || block >= self.spec.depth {
             return Err(crate::error::Error::Internal(format!(
                 "feature probe asked for block {block} at block {} of {}",
@@ -296,12 +325,16 @@ impl<'a> FeatureProbe<'a> {
             }?;
             self.block += 1;
         }
-        let swap = Some((role, w));
-        let f = match self.engine {
-            AnyOps::Cpu(o) => probe_tail(o, spec, model, &self.states, block, swap),
-            AnyOps::Gpu(o) => probe_tail(o.as_ref(), spec, model, &self.states, block, swap),
+        let variants: Vec<Option<(Role, &[f32])>> = swaps.iter().map(|&s| Some(s)).collect();
+        let fs = match self.engine {
+            AnyOps::Cpu(o) => probe_tail(o, spec, model, &self.states, block, &variants),
+            AnyOps::Gpu(o) => probe_tail(o.as_ref(), spec, model, &self.states, block, &variants),
         }?;
-        Ok(0.5 * (rel_change(&f.0, &self.reference.0) + rel_change(&f.1, &self.reference.1)))
+        let r = &self.reference;
+        Ok(fs
+            .iter()
+            .map(|f| 0.5 * (rel_change(&f.0, &r.0) + rel_change(&f.1, &r.1)))
+            .collect())
     }
 }
 

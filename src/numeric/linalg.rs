@@ -155,6 +155,17 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     s
 }
 
+/// The mean and `1 / √(var + eps)` of one LayerNorm row, in f64 (two passes: the mean, then the
+/// variance of the centred values): the arithmetic of every LayerNorm on the CPU (the forward's
+/// rows, timm's per-head query/key norms, the heads run on the host), so they agree bit for bit.
+/// A value then normalises as `((v − mean) · inv) as f32 · gain + bias`.
+pub fn layernorm_stats(x: &[f32], eps: f32) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean, 1.0 / (var + eps as f64).sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,15 +344,4 @@ mod tests {
             assert!(u[i * n + i] > 0.0);
         }
     }
-}
-
-/// The mean and `1 / √(var + eps)` of one LayerNorm row, in f64 (two passes: the mean, then the
-/// variance of the centred values): the arithmetic of every LayerNorm on the CPU (the forward's
-/// rows, timm's per-head query/key norms, the heads run on the host), so they agree bit for bit.
-/// A value then normalises as `((v − mean) · inv) as f32 · gain + bias`.
-pub fn layernorm_stats(x: &[f32], eps: f32) -> (f64, f64) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    (mean, 1.0 / (var + eps as f64).sqrt())
 }

@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::io::Calibration;
 use crate::io::Checkpoint;
+use crate::model::Role;
 use crate::profile::Profile;
 use crate::quant::search::SearchPlan;
 use crate::quant::QuantConfig;
@@ -126,11 +127,20 @@ pub(super) fn allocate_bits(
         }
         (MixedObjective::Layer, ..) => None,
     };
-    let mut sensitivity: Vec<Option<f64>> = Vec::with_capacity(jobs.len());
+    let mut sensitivity: Vec<Option<f64>> = vec![None; jobs.len()];
+    // The probes of the current block's layers (job, role, weights, layer error), measured
+    // together when the next block starts.
+    let mut pending: Vec<(usize, Role, Vec<f32>, f64)> = Vec::new();
     let mut costs = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    for (j, job) in jobs.iter().enumerate() {
+        if let (Some(p), Some(&(first, ..)), Some((b, _))) =
+            (&mut probe, pending.first(), job.block)
+        {
+            if jobs[first].block.map(|(pb, _)| pb) != Some(b) {
+                feature_seconds += measure(p, jobs, &mut pending, &mut sensitivity)?;
+            }
+        }
         if job.bits_fixed {
-            sensitivity.push(None);
             costs.push(LayerCost {
                 weights: job.rows * job.cols,
                 errors: Vec::new(),
@@ -142,7 +152,6 @@ pub(super) fn allocate_bits(
         model.release(&job.meta);
         let (gram, held) = job_grams(job, calib, device, &mut grams, &mut holdout, 0.0)?;
         let mut errors = Vec::new();
-        let mut sens = None;
         for bits in 2..=8u32 {
             let cfg = QuantConfig {
                 bits,
@@ -161,24 +170,19 @@ pub(super) fn allocate_bits(
             )?;
             let err = c.rel_error_holdout.unwrap_or(c.outcome.rel_error);
             errors.push((bits, err));
-            if let (Some(p), Some((b, role)), true) = (&mut probe, job.block, bits == probe_bits) {
-                let t = std::time::Instant::now();
-                let effect = p.effect(b, role, &c.outcome.layer.dequantize())?;
-                feature_seconds += t.elapsed().as_secs_f64();
-                sens = Some(effect / err.max(f64::MIN_POSITIVE));
-                log::info!(
-                    "{}: at {bits} bits, layer error {err:.3e}, feature error {effect:.3e}",
-                    job.meta.name
-                );
+            if let (true, Some(_), Some((_, role))) = (bits == probe_bits, &probe, job.block) {
+                pending.push((j, role, c.outcome.layer.dequantize(), err));
             }
         }
         log::info!("{}: probed errors {errors:?}", job.meta.name);
-        sensitivity.push(sens);
         costs.push(LayerCost {
             weights: job.rows * job.cols,
             errors,
             fixed: None,
         });
+    }
+    if let Some(p) = &mut probe {
+        feature_seconds += measure(p, jobs, &mut pending, &mut sensitivity)?;
     }
     let probed: Vec<Vec<(u32, f64)>> = costs.iter().map(|c| c.errors.clone()).collect();
     let objective = if probe.is_some() {
@@ -202,6 +206,32 @@ pub(super) fn allocate_bits(
         bits,
         probed,
     })
+}
+
+/// Measures the effects of the pending probes (layers of one block) in one pass, sets their
+/// sensitivities (effect per unit of layer error) and empties `pending`; returns the seconds.
+fn measure(
+    probe: &mut crate::eval::FeatureProbe<'_>,
+    jobs: &[Job],
+    pending: &mut Vec<(usize, Role, Vec<f32>, f64)>,
+    sensitivity: &mut [Option<f64>],
+) -> Result<f64> {
+    let Some(&(first, ..)) = pending.first() else {
+        return Ok(0.0);
+    };
+    let (block, _) = jobs[first].block.expect("only located jobs are probed");
+    let t = std::time::Instant::now();
+    let swaps: Vec<(Role, &[f32])> = pending.iter().map(|(_, r, w, _)| (*r, &w[..])).collect();
+    let effects = probe.effects(block, &swaps)?;
+    for ((j, _, _, err), effect) in pending.iter().zip(effects) {
+        sensitivity[*j] = Some(effect / err.max(f64::MIN_POSITIVE));
+        log::info!(
+            "{}: layer error {err:.3e}, feature error {effect:.3e}",
+            jobs[*j].meta.name
+        );
+    }
+    pending.clear();
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Scales each free layer's errors by its sensitivity to the power [`SENSITIVITY_EXPONENT`]; a
