@@ -278,6 +278,63 @@ fn attention(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     }
 }
 
+// ---- attention_bias: attention as above with an additive bias on the scaled logits:
+// src1 = bias [groups, heads, t, t]; sequence z uses group z mod groups (d = groups).
+// Swin's relative position bias and shifted-window mask. Dispatch (t, heads, n).
+@compute @workgroup_size(64, 1, 1)
+fn attention_bias(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let t = p.a;
+    let hd = p.b;
+    let d = p.c;
+    let d3 = 3u * d;
+    let qi = wid.x;
+    let h = wid.y;
+    let base = wid.z * t * d3;
+    let bb = (((wid.z % p.d) * p.e + h) * t + qi) * t;
+    for (var x = lid.x; x < hd; x += 64u) {
+        qs[x] = src0[base + qi * d3 + h * hd + x];
+    }
+    workgroupBarrier();
+    var mx = -3.4e38;
+    for (var j = lid.x; j < t; j += 64u) {
+        let kb = base + j * d3 + d + h * hd;
+        var s = 0.0;
+        for (var x = 0u; x < hd; x++) {
+            s = fma(qs[x], src0[kb + x], s);
+        }
+        s = s * p.scale + src1[bb + j];
+        sc[j] = s;
+        mx = max(mx, s);
+    }
+    let m = reduce64(lid.x, mx, true);
+    var sum = 0.0;
+    for (var j = lid.x; j < t; j += 64u) {
+        let e = exp(sc[j] - m);
+        sc[j] = e;
+        sum += e;
+    }
+    let inv = 1.0 / reduce64(lid.x, sum, false);
+    for (var x = lid.x; x < hd; x += 64u) {
+        var acc = 0.0;
+        for (var j = 0u; j < t; j++) {
+            acc = fma(sc[j], src0[base + j * d3 + 2u * d + h * hd + x], acc);
+        }
+        dst[(wid.z * t + qi) * d + h * hd + x] = acc * inv;
+    }
+}
+
+// ---- gather_rows: dst[r, j] = src0[src1[r], j]; the row indices are stored as f32 (exact below
+// 2^24, which the host checks). (a = total elements, b = d)
+@compute @workgroup_size(256, 1, 1)
+fn gather_rows(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let i = flat(wid, lid);
+    if (i >= p.a) {
+        return;
+    }
+    let r = i / p.b;
+    dst[i] = src0[u32(src1[r]) * p.b + i % p.b];
+}
+
 // ---- im2col: src0 = pixels [n, ch, side, side] → dst [n·g², ch·pz²]
 // (a = total elements, b = ch, c = side, d = pz (patch size), e = g (patches per side))
 @compute @workgroup_size(256, 1, 1)

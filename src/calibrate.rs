@@ -60,6 +60,19 @@ pub fn batch_for(dim: usize, mlp: usize, tokens: usize) -> usize {
     (BATCH_ACTIVATION_BYTES / per_image.max(1)).clamp(1, BATCH)
 }
 
+/// Images per batch for `spec`: [`batch_for`] of its most demanding block (the blocks of a
+/// Swin differ in width and tokens; a ViT's are all alike).
+pub fn batch_for_spec(spec: &VitSpec) -> usize {
+    spec.blocks
+        .iter()
+        .map(|b| {
+            let g = &b.geom;
+            batch_for(g.dim.max(g.merge_in), g.mlp, spec.block_tokens(b.index))
+        })
+        .min()
+        .unwrap_or_else(|| batch_for(spec.dim, spec.mlp, spec.tokens_per_image()))
+}
+
 /// Decodes and preprocesses the views `idx` of images of `set` into one `[n, c, s, s]` buffer.
 pub fn load_pixels(set: &ImageSet, idx: &[View], spec: &VitSpec) -> Result<Vec<f32>> {
     let per: Vec<Vec<f32>> = idx
@@ -78,7 +91,7 @@ pub fn embed_batches<O: Ops>(
     idx: &[View],
     spec: &VitSpec,
 ) -> Result<Vec<(O::T, usize)>> {
-    idx.chunks(batch_for(spec.dim, spec.mlp, spec.tokens_per_image()))
+    idx.chunks(batch_for_spec(spec))
         .map(|chunk| {
             let px = load_pixels(set, chunk, spec)?;
             Ok((f.embed(stem, &px, chunk.len())?, chunk.len()))
@@ -170,16 +183,11 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         let b = self.at;
         let w = self.host_block(b)?.upload(self.ops)?;
         let f = Forward::new(self.ops, self.spec);
-        let (d, m) = (self.spec.dim, self.spec.mlp);
+        let geom = self.spec.blocks[b].geom;
         let mut acc: HashMap<Site, O::G> = HashMap::new();
         if collect {
-            for (s, n) in [
-                (Site::AttnIn, d),
-                (Site::ProjIn, d),
-                (Site::MlpIn, d),
-                (Site::Fc2In, m),
-            ] {
-                acc.insert(s, self.ops.gram_new(n)?);
+            for s in geom.sites() {
+                acc.insert(s, self.ops.gram_new(geom.site_width(s))?);
             }
         }
         let ops = self.ops;
@@ -226,11 +234,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         let b = self.at;
         let w = self.host_block(b)?.upload(self.ops)?;
         let f = Forward::new(self.ops, self.spec);
-        let n = if site == Site::Fc2In {
-            self.spec.mlp
-        } else {
-            self.spec.dim
-        };
+        let n = self.spec.blocks[b].geom.site_width(site);
         let ops = self.ops;
         let mut g = ops.gram_new(n)?;
         for (h, k) in self.hidden.iter_mut() {
@@ -300,9 +304,8 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
                 }
             }
         }
-        let d = self.spec.dim;
         if let Some(h) = self.blocks.get_mut(&block) {
-            h.set_weight(role, d, w);
+            h.set_weight(role, w);
         }
         // Blocks behind the hidden state are no longer needed.
         let at = self.at;

@@ -52,7 +52,7 @@ fn block_with(
     let mut h = HostBlock::load(model, spec, names)?;
     for (role, prefix) in names.linears() {
         if let Some(w) = overrides.get(&format!("{prefix}.weight")) {
-            h.set_weight(role, spec.dim, w);
+            h.set_weight(role, w);
         }
     }
     // LayerNorms rescaled by --equalize.
@@ -81,7 +81,7 @@ fn features_on<O: Ops>(
     let stem = HostStem::load(model, spec)?.upload(ops)?;
     let mut out = Features {
         n: idx.len(),
-        dim: spec.dim,
+        dim: spec.out_dim(),
         classes: spec.num_classes,
         cls: Vec::new(),
         logits: Vec::new(),
@@ -215,7 +215,7 @@ fn probe_tail<O: Ops>(
         let w = match v {
             Some((role, w)) => {
                 let mut swapped = host.clone();
-                swapped.set_weight(*role, spec.dim, w);
+                swapped.set_weight(*role, w);
                 swapped.upload(ops)?
             }
             None => host.upload(ops)?,
@@ -660,8 +660,8 @@ pub fn evaluate(
             let rm = Checkpoint::open(r)?;
             let mut rspec = VitSpec::detect_allowing(&rm, allow_unused_tensors)?;
             rspec.set_input(resize, crop)?;
-            if (rspec.dim, rspec.depth, rspec.preprocess.crop)
-                != (spec.dim, spec.depth, spec.preprocess.crop)
+            if (rspec.dim, rspec.out_dim(), rspec.depth, rspec.preprocess.crop)
+                != (spec.dim, spec.out_dim(), spec.depth, spec.preprocess.crop)
             {
                 return Err(crate::error::Error::InvalidOption(format!(
                     "--reference {} is not the same architecture as {} (width {} depth {} vs {} {})",

@@ -41,6 +41,10 @@ pub enum Kernel {
     QkNorm,
     /// ViT forward: softmax attention (`vit.wgsl`).
     Attention,
+    /// Swin forward: softmax attention with an additive bias per window group (`vit.wgsl`).
+    AttentionBias,
+    /// Swin forward: rows gathered by an index list (`vit.wgsl`).
+    GatherRows,
     /// ViT forward: patch extraction (`vit.wgsl`).
     Im2col,
     /// ViT forward: prefix tokens + patches + position embedding (`vit.wgsl`).
@@ -77,7 +81,7 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 23] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -95,6 +99,8 @@ impl Kernel {
         Kernel::AddScaled,
         Kernel::QkNorm,
         Kernel::Attention,
+        Kernel::AttentionBias,
+        Kernel::GatherRows,
         Kernel::Im2col,
         Kernel::Assemble,
         Kernel::PadRows,
@@ -119,6 +125,8 @@ impl Kernel {
             | Kernel::AddScaled
             | Kernel::QkNorm
             | Kernel::Attention
+            | Kernel::AttentionBias
+            | Kernel::GatherRows
             | Kernel::Im2col
             | Kernel::Assemble
             | Kernel::PadRows => "vit.wgsl",
@@ -145,6 +153,8 @@ impl Kernel {
             Kernel::AddScaled => "add_scaled",
             Kernel::QkNorm => "qk_norm",
             Kernel::Attention => "attention",
+            Kernel::AttentionBias => "attention_bias",
+            Kernel::GatherRows => "gather_rows",
             Kernel::Im2col => "im2col",
             Kernel::Assemble => "assemble",
             Kernel::PadRows => "pad_rows",

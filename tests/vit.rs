@@ -680,6 +680,57 @@ fn a_clip_tower_quantizes_from_images() {
         .all(|l| l["calibration"] == "images" && !l["name"].as_str().unwrap().contains("visual")));
 }
 
+/// Swin Transformers against timm and transformers themselves: a small random Swin (three
+/// stages, windows of 4 over a 16x16 grid, shifted every second block, two patch mergings, a
+/// last stage whose window covers the grid) is recognised from what each library saves, and our
+/// CPU forward gives their tokens after the final norm, pooled features and logits; the GPU
+/// forward gives the CPU's.
+#[test]
+fn swin_matches_timm_and_transformers() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    for (library, family) in [
+        ("timm", Family::TimmSwin),
+        ("hf", Family::HfSwin),
+        ("hf_backbone", Family::HfSwin),
+    ] {
+        let (dir, r) = reference_model(&python, "swin.py", library, &[]);
+        let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
+        let px = get("pixel_values");
+        let path = dir.path().join("model.safetensors");
+        let (spec, out) = forward(&CpuOps, &path, &px, 3);
+        assert_eq!(spec.family, family);
+        let widths: Vec<usize> = spec.blocks.iter().map(|b| b.geom.dim).collect();
+        assert_eq!(widths, [16, 16, 32, 32, 64, 64]);
+        let shifted: Vec<usize> = (0..6).map(|b| spec.block_shift(b)).collect();
+        assert_eq!(shifted, [0, 2, 0, 2, 0, 0]);
+        assert_eq!(spec.blocks.iter().filter(|b| b.merge.is_some()).count(), 2);
+        let mut checks = vec![
+            ("tokens", &out.tokens, get("tokens")),
+            ("features", &out.cls, get("features")),
+        ];
+        if library != "hf_backbone" {
+            checks.push(("logits", &out.logits, get("logits")));
+        } else {
+            assert!(out.logits.is_empty());
+        }
+        for (what, ours, want) in checks {
+            let e = rel(ours, &want);
+            eprintln!("Swin ({library}) {what} vs reference: rel {e:.3e}");
+            assert!(e < REFERENCE_REL_TOL, "{library} {what}: {e}");
+        }
+        if let Some(g) = gpu::device() {
+            let ops = comq_gpu::device::wgpu::forward::GpuOps::new(&g);
+            let (_, gout) = forward(&ops, &path, &px, 3);
+            let e = rel(&gout.tokens, &out.tokens);
+            eprintln!("Swin ({library}) GPU vs CPU tokens: rel {e:.3e}");
+            assert!(e < FORWARD_REL_TOL, "{library} GPU vs CPU tokens: {e}");
+            assert!(rel(&gout.logits, &out.logits) < FORWARD_REL_TOL);
+        }
+    }
+}
+
 /// HF DINOv2 with registers against transformers itself: the register tokens sit between the
 /// class token and the patches without a position embedding, and every token after the final
 /// LayerNorm is transformers' (CPU within 1e-4 relative; GPU to CPU).
@@ -991,7 +1042,7 @@ fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
                     let mut h = HostBlock::load(&model, &spec, &spec.blocks[b])?;
                     if let Some((sb, role, w)) = swap {
                         if sb == b {
-                            h.set_weight(role, spec.dim, w);
+                            h.set_weight(role, w);
                         }
                     }
                     Ok(h)

@@ -153,28 +153,58 @@ impl Ops for CpuOps {
         t: usize,
         heads: usize,
         hd: usize,
+        bias: Option<(&Vec<f32>, usize)>,
     ) -> Result<Vec<f32>> {
         let d = heads * hd;
         let scale = 1.0 / (hd as f32).sqrt();
+        if let Some((b, groups)) = bias {
+            if groups == 0 || b.len() != groups * heads * t * t {
+                return Err(crate::error::Error::Shape(format!(
+                    "attention bias of {} values for {groups} groups of {heads} heads over {t} tokens",
+                    b.len()
+                )));
+            }
+        }
         let mut out = vec![0.0f32; n * t * d];
         out.par_chunks_mut(t * d)
             .zip(qkv.par_chunks(t * 3 * d))
-            .for_each(|(o, x)| {
+            .enumerate()
+            .for_each(|(i, (o, x))| {
                 let mut s = vec![0.0f32; t * t];
                 for h in 0..heads {
                     let q = &x[h * hd..];
                     let k = &x[d + h * hd..];
                     let v = &x[2 * d + h * hd..];
                     sgemm(t, hd, t, q, (3 * d, 1), k, (1, 3 * d), &mut s, (t, 1));
-                    for row in s.chunks_mut(t) {
-                        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                        let mut sum = 0.0f32;
-                        for e in row.iter_mut() {
-                            *e = ((*e - mx) * scale).exp();
-                            sum += *e;
+                    match bias {
+                        None => {
+                            for row in s.chunks_mut(t) {
+                                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                                let mut sum = 0.0f32;
+                                for e in row.iter_mut() {
+                                    *e = ((*e - mx) * scale).exp();
+                                    sum += *e;
+                                }
+                                let inv = 1.0 / sum;
+                                row.iter_mut().for_each(|e| *e *= inv);
+                            }
                         }
-                        let inv = 1.0 / sum;
-                        row.iter_mut().for_each(|e| *e *= inv);
+                        Some((b, groups)) => {
+                            let off = ((i % groups) * heads + h) * t * t;
+                            for (row, brow) in s.chunks_mut(t).zip(b[off..off + t * t].chunks(t)) {
+                                for (e, bv) in row.iter_mut().zip(brow) {
+                                    *e = *e * scale + bv;
+                                }
+                                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                                let mut sum = 0.0f32;
+                                for e in row.iter_mut() {
+                                    *e = (*e - mx).exp();
+                                    sum += *e;
+                                }
+                                let inv = 1.0 / sum;
+                                row.iter_mut().for_each(|e| *e *= inv);
+                            }
+                        }
                     }
                     sgemm(
                         t,
@@ -189,6 +219,20 @@ impl Ops for CpuOps {
                     );
                 }
             });
+        Ok(out)
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, order: &[u32], d: usize) -> Result<Vec<f32>> {
+        let rows = x.len() / d.max(1);
+        if let Some(bad) = order.iter().find(|&&r| r as usize >= rows) {
+            return Err(crate::error::Error::Shape(format!(
+                "row gather asks for row {bad} of {rows}"
+            )));
+        }
+        let mut out = vec![0.0f32; order.len() * d];
+        out.par_chunks_mut(d)
+            .zip(order.par_iter())
+            .for_each(|(o, &r)| o.copy_from_slice(&x[r as usize * d..(r as usize + 1) * d]));
         Ok(out)
     }
 

@@ -78,7 +78,10 @@ pub trait Ops {
     ) -> Result<Self::T>;
     /// The MLP activation `act` in place over `len` elements.
     fn activation(&self, x: &mut Self::T, len: usize, act: Activation) -> Result<()>;
-    /// Softmax attention: `qkv[n·t, 3·heads·hd]` (q | k | v, heads inside each) → `[n·t, heads·hd]`.
+    /// Softmax attention: `qkv[n·t, 3·heads·hd]` (q | k | v, heads inside each) → `[n·t, heads·hd]`,
+    /// over `n` independent sequences of `t` tokens. With `bias = (b, groups)`, sequence `i`'s
+    /// scaled logits get `b[i mod groups, head, query, key]` added (`b` is
+    /// `[groups, heads, t, t]`: Swin's relative position bias and shifted-window mask).
     fn attention(
         &self,
         qkv: &Self::T,
@@ -86,7 +89,11 @@ pub trait Ops {
         t: usize,
         heads: usize,
         hd: usize,
+        bias: Option<(&Self::T, usize)>,
     ) -> Result<Self::T>;
+    /// `y[r, :] = x[order[r], :]` for rows of width `d`: `order.len()` rows out (Swin's window
+    /// partition, shift and patch merging).
+    fn gather_rows(&self, x: &Self::T, order: &[u32], d: usize) -> Result<Self::T>;
     /// timm's `qk_norm`: in `qkv[rows, 3·heads·hd]`, each head's query and key (not the value)
     /// LayerNormed over its `hd` values in place, the queries with `gain[..hd]` and
     /// `bias[..hd]`, the keys with `gain[hd..]` and `bias[hd..]`.

@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 
-use super::{BlockNames, Head, Pool, Role, Site, VitSpec};
+use super::{swin, BlockNames, Head, Pool, Role, Site, VitSpec};
 use crate::device::ops::Activation;
 
 pub use crate::device::ops::Ops;
@@ -19,6 +19,11 @@ pub type Observer<'a, T> = dyn FnMut(Site, &T, usize) -> Result<()> + 'a;
 
 /// One block's weights on a device. `qkv` is always fused (rows q | k | v).
 pub struct BlockWeights<T> {
+    index: usize,
+    /// Swin's patch merging: its LayerNorm and reduction.
+    merge: Option<((T, T), (T, T))>,
+    /// Swin's attention bias `[groups, heads, w², w²]` and `groups`.
+    bias: Option<(T, usize)>,
     norm1: (T, T),
     qkv: (T, T),
     proj: (T, T),
@@ -32,6 +37,14 @@ pub struct BlockWeights<T> {
 /// Host copy of one block's weights, so quantized layers can be swapped in.
 #[derive(Debug, Clone)]
 pub struct HostBlock {
+    /// The block's index in the model.
+    pub index: usize,
+    /// Swin's patch merging before the block: LayerNorm (weight, bias) and reduction (weight
+    /// `[dim, 4·previous width]`, bias: zeros where the checkpoint has none).
+    pub merge: Option<((Vec<f32>, Vec<f32>), (Vec<f32>, Vec<f32>))>,
+    /// Swin's attention bias, expanded from the relative-position table for the block's windows
+    /// and shift: `[groups, heads, w², w²]` and `groups`.
+    pub bias: Option<(Vec<f32>, usize)>,
     /// LayerNorm 1 weight and bias.
     pub norm1: (Vec<f32>, Vec<f32>),
     /// Fused qkv weight `[3d, d]` and bias.
@@ -85,8 +98,8 @@ fn read_or_zero(model: &Checkpoint, name: &str, len: usize) -> Result<Vec<f32>> 
 impl HostBlock {
     /// Reads block `b` from the checkpoint.
     pub fn load(model: &Checkpoint, spec: &VitSpec, b: &BlockNames) -> Result<HostBlock> {
-        let d = spec.dim;
-        let m = spec.mlp;
+        let g = b.geom;
+        let (d, m) = (g.dim, g.mlp);
         let lin = |prefix: &str, out: usize, inp: usize| -> Result<(Vec<f32>, Vec<f32>)> {
             Ok((
                 read(model, &format!("{prefix}.weight"), out * inp)?,
@@ -104,7 +117,28 @@ impl HostBlock {
             Some((a, c)) => (read(model, a, d)?, read(model, c, d)?),
             None => (vec![1.0; d], vec![1.0; d]),
         };
-        let hd = d / spec.heads;
+        let hd = d / g.heads;
+        let merge = match &b.merge {
+            Some((nw, nb, red)) => Some((
+                (read(model, nw, g.merge_in)?, read(model, nb, g.merge_in)?),
+                lin(red, d, g.merge_in)?,
+            )),
+            None => None,
+        };
+        let bias = match &b.rel_bias {
+            Some(t) => {
+                let span = 2 * g.window - 1;
+                let table = read(model, t, span * span * g.heads)?;
+                Some(swin::attention_bias(
+                    &table,
+                    g.heads,
+                    g.window,
+                    spec.grid_side(b.index),
+                    spec.block_shift(b.index),
+                ))
+            }
+            None => None,
+        };
         let qk_norm = match &b.qk_norm {
             Some([qw, qb, kw, kb]) => Some((
                 [read(model, qw, hd)?, read(model, kw, hd)?].concat(),
@@ -113,6 +147,9 @@ impl HostBlock {
             None => None,
         };
         Ok(HostBlock {
+            index: b.index,
+            merge,
+            bias,
             norm1: (read(model, &b.norm1.0, d)?, read(model, &b.norm1.1, d)?),
             qkv,
             proj: lin(&b.proj, d, d)?,
@@ -124,13 +161,19 @@ impl HostBlock {
         })
     }
 
-    /// Replaces the weight of the layer with `role` by `w` (a dequantized layer).
-    pub fn set_weight(&mut self, role: Role, d: usize, w: &[f32]) {
+    /// Replaces the weight of the layer with `role` by `w` (a dequantized layer; HF's query,
+    /// key and value are each a third of the fused `qkv`).
+    pub fn set_weight(&mut self, role: Role, w: &[f32]) {
+        let third = w.len();
         let (dst, off) = match role {
+            Role::Reduction => match &mut self.merge {
+                Some((_, r)) => (&mut r.0, 0),
+                None => return,
+            },
             Role::Qkv => (&mut self.qkv.0, 0),
             Role::Query => (&mut self.qkv.0, 0),
-            Role::Key => (&mut self.qkv.0, d * d),
-            Role::Value => (&mut self.qkv.0, 2 * d * d),
+            Role::Key => (&mut self.qkv.0, third),
+            Role::Value => (&mut self.qkv.0, 2 * third),
             Role::Proj => (&mut self.proj.0, 0),
             Role::Fc1 => (&mut self.fc1.0, 0),
             Role::Fc2 => (&mut self.fc2.0, 0),
@@ -144,6 +187,15 @@ impl HostBlock {
             Ok((ops.upload(&p.0)?, ops.upload(&p.1)?))
         };
         Ok(BlockWeights {
+            index: self.index,
+            merge: match &self.merge {
+                Some((n, r)) => Some((up(n)?, up(r)?)),
+                None => None,
+            },
+            bias: match &self.bias {
+                Some((b, groups)) => Some((ops.upload(b)?, *groups)),
+                None => None,
+            },
             norm1: up(&self.norm1)?,
             qkv: up(&self.qkv)?,
             proj: up(&self.proj)?,
@@ -207,6 +259,8 @@ impl HostStem {
         // The position embedding covers the first `pos_prefix` prefix tokens, then the patches.
         let pt = spec.pos_prefix;
         let pos = match &spec.pos_embed_resized {
+            // No position embedding (a Swin): zeros.
+            None if spec.pos_embed.is_empty() => vec![0.0; (pt + g_in * g_in) * d],
             Some(n) => read(model, n, (pt + g_in * g_in) * d)?,
             None => {
                 let stored = read(
@@ -239,9 +293,11 @@ impl HostStem {
                 read_or_zero(model, &format!("{h}.bias"), spec.num_classes)?,
             ))
         };
+        // The final norm and the head see the last block's width (a Swin's grows).
+        let out = spec.out_dim();
         let head = match &spec.head {
             Head::None => vec![],
-            Head::Cls(h) => vec![lin(h, d)?],
+            Head::Cls(h) => vec![lin(h, out)?],
             Head::ClsMean(h) => vec![lin(h, 2 * d)?],
             Head::ClsDist(h, k) => vec![lin(h, d)?, lin(k, d)?],
         };
@@ -262,7 +318,7 @@ impl HostStem {
                 None => None,
             },
             norm: match &spec.norm {
-                Some((w, b)) => Some((read(model, w, d)?, read(model, b, d)?)),
+                Some((w, b)) => Some((read(model, w, out)?, read(model, b, out)?)),
                 None => None,
             },
             fc_norm: match &spec.fc_norm {
@@ -384,7 +440,8 @@ impl<'a, O: Ops> Forward<'a, O> {
 
     /// Moves `h` (`[n · t, d]`) through one block, handing each linear layer's input to
     /// `observe` (site, activations, rows). With `until`, stops right after observing that site
-    /// (then `h` is left unchanged).
+    /// (then `h` is left unchanged). A Swin block first merges `h`'s 2×2 token groups when it
+    /// starts a stage (`h` then has 4× the tokens at the previous width).
     pub fn block(
         &self,
         w: &BlockWeights<O::T>,
@@ -394,8 +451,44 @@ impl<'a, O: Ops> Forward<'a, O> {
         observe: &mut Observer<'_, O::T>,
     ) -> Result<()> {
         let s = self.spec;
-        let (d, m, ops) = (s.dim, s.mlp, self.ops);
-        let t = s.tokens_per_image();
+        let ops = self.ops;
+        let g = s.blocks[w.index].geom;
+        let Some(((nw, nb), (rw, rb))) = &w.merge else {
+            return self.attend(w, h, n, until, observe);
+        };
+        // Each run of four gathered rows of the previous width is one merged row 4× as wide.
+        let rows = n * s.block_tokens(w.index);
+        let prev = g.merge_in / 4;
+        let order = swin::merge_order(n, 2 * s.grid_side(w.index));
+        let x = ops.gather_rows(h, &order, prev)?;
+        let x = ops.layernorm(&x, rows, g.merge_in, nw, nb, s.eps)?;
+        observe(Site::MergeIn, &x, rows)?;
+        if until == Some(Site::MergeIn) {
+            return Ok(());
+        }
+        let mut merged = ops.linear(&x, rows, g.merge_in, rw, rb, g.dim)?;
+        drop(x);
+        self.attend(w, &mut merged, n, until, observe)?;
+        if until.is_none() {
+            *h = merged;
+        }
+        Ok(())
+    }
+
+    /// The block after any patch merging: attention (over windows for a Swin), then the MLP.
+    fn attend(
+        &self,
+        w: &BlockWeights<O::T>,
+        h: &mut O::T,
+        n: usize,
+        until: Option<Site>,
+        observe: &mut Observer<'_, O::T>,
+    ) -> Result<()> {
+        let s = self.spec;
+        let g = s.blocks[w.index].geom;
+        let (d, m, ops) = (g.dim, g.mlp, self.ops);
+        let hd = d / g.heads;
+        let t = s.block_tokens(w.index);
         let rows = n * t;
         let x = ops.layernorm(h, rows, d, &w.norm1.0, &w.norm1.1, s.eps)?;
         observe(Site::AttnIn, &x, rows)?;
@@ -404,10 +497,22 @@ impl<'a, O: Ops> Forward<'a, O> {
         }
         let mut qkv = ops.linear(&x, rows, d, &w.qkv.0, &w.qkv.1, 3 * d)?;
         drop(x);
-        if let Some((g, b)) = &w.qk_norm {
-            ops.qk_norm(&mut qkv, rows, s.heads, d / s.heads, g, b, s.eps)?;
+        if let Some((gain, b)) = &w.qk_norm {
+            ops.qk_norm(&mut qkv, rows, g.heads, hd, gain, b, s.eps)?;
         }
-        let a = ops.attention(&qkv, n, t, s.heads, d / s.heads)?;
+        let a = if g.window > 0 {
+            // Swin: the rows regrouped by (shifted) window, each window attended to on its
+            // own with the block's bias, then put back in grid order.
+            let side = s.grid_side(w.index);
+            let order = swin::window_order(n, side, g.window, s.block_shift(w.index));
+            let qkv = ops.gather_rows(&qkv, &order, 3 * d)?;
+            let windows = n * (side / g.window) * (side / g.window);
+            let bias = w.bias.as_ref().map(|(b, groups)| (b, *groups));
+            let a = ops.attention(&qkv, windows, g.window * g.window, g.heads, hd, bias)?;
+            ops.gather_rows(&a, &swin::inverse(&order), d)?
+        } else {
+            ops.attention(&qkv, n, t, g.heads, hd, None)?
+        };
         drop(qkv);
         observe(Site::ProjIn, &a, rows)?;
         if until == Some(Site::ProjIn) {
@@ -457,7 +562,7 @@ impl<'a, O: Ops> Forward<'a, O> {
     /// logits `[n, classes]` when the model has a head, and every token after the final norm.
     pub fn finish(&self, stem: &Stem<O::T>, h: &O::T, n: usize) -> Result<Output> {
         let s = self.spec;
-        let (d, t) = (s.dim, s.tokens_per_image());
+        let (d, t) = (s.out_dim(), s.out_tokens());
         let normed = match &stem.norm {
             Some((w, b)) => Some(self.ops.layernorm(h, n * t, d, w, b, s.eps)?),
             None => None,

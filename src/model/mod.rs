@@ -12,6 +12,7 @@
 pub use crate::device::cpu_ops as cpu;
 pub mod forward;
 pub mod rotate;
+pub mod swin;
 pub mod synthetic;
 
 use std::path::Path;
@@ -42,12 +43,21 @@ pub enum Family {
     /// HF transformers `SiglipVisionModel` (SigLIP / SigLIP 2 towers: no class token,
     /// tanh-GELU, features pooled by the attention-pooling head).
     HfSiglip,
+    /// timm `SwinTransformer` (`layers.N.blocks.M.attn.qkv`, `layers.N.downsample`).
+    TimmSwin,
+    /// HF transformers `SwinModel` / `SwinForImageClassification`.
+    HfSwin,
 }
 
 impl Family {
     /// A timm layout (`blocks.N.attn.qkv`).
     pub fn is_timm(self) -> bool {
         matches!(self, Family::TimmVit | Family::TimmDeit)
+    }
+
+    /// A Swin Transformer: stages of windowed attention joined by patch merging.
+    pub fn is_swin(self) -> bool {
+        matches!(self, Family::TimmSwin | Family::HfSwin)
     }
 }
 
@@ -61,6 +71,8 @@ impl std::fmt::Display for Family {
             Family::HfDinov2 => "HF DINOv2",
             Family::HfClip => "HF CLIP vision",
             Family::HfSiglip => "HF SigLIP vision",
+            Family::TimmSwin => "timm Swin",
+            Family::HfSwin => "HF Swin",
         })
     }
 }
@@ -68,6 +80,8 @@ impl std::fmt::Display for Family {
 /// The role of a linear layer inside a block; also the order COMQ visits them in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Role {
+    /// Swin's patch-merging reduction (`downsample.reduction`), before the stage's first block.
+    Reduction,
     /// Fused timm `qkv`.
     Qkv,
     /// HF `query`.
@@ -88,6 +102,8 @@ pub enum Role {
 /// Gram matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Site {
+    /// Swin's merged and LayerNormed 2×2 patch groups (the reduction).
+    MergeIn,
     /// Output of the first LayerNorm (qkv / query / key / value).
     AttnIn,
     /// Output of the attention (proj).
@@ -102,6 +118,7 @@ impl Role {
     /// The site this role reads.
     pub fn site(self) -> Site {
         match self {
+            Role::Reduction => Site::MergeIn,
             Role::Qkv | Role::Query | Role::Key | Role::Value => Site::AttnIn,
             Role::Proj => Site::ProjIn,
             Role::Fc1 => Site::MlpIn,
@@ -135,12 +152,65 @@ pub struct BlockNames {
     /// timm's `qk_norm`: the query and key LayerNorms (query weight, query bias, key weight,
     /// key bias), each over one head's values.
     pub qk_norm: Option<[String; 4]>,
+    /// Widths and attention layout.
+    pub geom: BlockGeom,
+    /// Swin: the relative position bias table (`[(2·window − 1)², heads]`).
+    pub rel_bias: Option<String>,
+    /// Swin: the patch merging before the block (norm weight, norm bias, reduction prefix).
+    pub merge: Option<(String, String, String)>,
+}
+
+/// A block's widths and attention layout. A ViT's blocks all have the model's; a Swin's change
+/// from stage to stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockGeom {
+    /// Width of the residual stream.
+    pub dim: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// MLP hidden width.
+    pub mlp: usize,
+    /// Patch merges before the block: its grid side is the input grid's over `2^stage`.
+    pub stage: usize,
+    /// Side of the attention windows (Swin); 0: every token attends to every token.
+    pub window: usize,
+    /// Whether the windows are shifted by half a window (every second Swin block, where the
+    /// grid is larger than one window).
+    pub shifted: bool,
+    /// Swin: width of the patch merging's input (4 × the previous block's width); 0 without.
+    pub merge_in: usize,
+}
+
+impl BlockGeom {
+    /// Width of the layer inputs at `site`.
+    pub fn site_width(&self, site: Site) -> usize {
+        match site {
+            Site::MergeIn => self.merge_in,
+            Site::Fc2In => self.mlp,
+            _ => self.dim,
+        }
+    }
+
+    /// The sites whose Gram matrices the block's layers read, in visiting order.
+    pub fn sites(&self) -> Vec<Site> {
+        let mut v = Vec::new();
+        if self.merge_in > 0 {
+            v.push(Site::MergeIn);
+        }
+        v.extend([Site::AttnIn, Site::ProjIn, Site::MlpIn, Site::Fc2In]);
+        v
+    }
 }
 
 impl BlockNames {
     /// All linear layers of the block, as (role, weight-tensor prefix) in visiting order.
     pub fn linears(&self) -> Vec<(Role, String)> {
-        let mut v = self.qkv.clone();
+        let mut v: Vec<(Role, String)> = self
+            .merge
+            .iter()
+            .map(|m| (Role::Reduction, m.2.clone()))
+            .collect();
+        v.extend(self.qkv.iter().cloned());
         v.push((Role::Proj, self.proj.clone()));
         v.push((Role::Fc1, self.fc1.clone()));
         v.push((Role::Fc2, self.fc2.clone()));
@@ -331,7 +401,9 @@ impl VitSpec {
         add(&self.patch_embed.0);
         add(&self.patch_embed.1);
         self.tokens.iter().for_each(|t| add(t));
-        add(&self.pos_embed);
+        if !self.pos_embed.is_empty() {
+            add(&self.pos_embed);
+        }
         if let Some(r) = &self.pos_embed_resized {
             add(r);
         }
@@ -354,6 +426,13 @@ impl VitSpec {
                 add(c);
             }
             b.qk_norm.iter().flatten().for_each(|n| add(n));
+            if let Some(t) = &b.rel_bias {
+                add(t);
+            }
+            if let Some((w, c, _)) = &b.merge {
+                add(w);
+                add(c);
+            }
         }
         if let Pool::Map(h) = &self.pool {
             if self.family.is_timm() {
@@ -392,6 +471,9 @@ impl VitSpec {
         let known = |n: &str| {
             n.ends_with("mask_token")
                 || n.ends_with("position_ids")
+                // Swin's buffers, computed from the window size (older exports saved them).
+                || (self.family.is_swin()
+                    && (n.ends_with("relative_position_index") || n.ends_with("attn_mask")))
                 || n.split('.').any(|part| part == "pooler")
                 || n.strip_prefix(self.pos_embed.as_str())
                     .is_some_and(|rest| rest.starts_with('_'))
@@ -437,6 +519,9 @@ impl VitSpec {
         let path = model.path();
         let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
         let (family, p) = family_of(model)?;
+        if family.is_swin() {
+            return swin::recognise(model, family, &p, config, prep);
+        }
         // A whole CLIP model's config keeps the vision tower's under `vision_config`.
         let config = match (family, config.get("vision_config")) {
             (Family::HfClip | Family::HfSiglip, Some(v)) => v.clone(),
@@ -505,6 +590,15 @@ impl VitSpec {
             geometry(model, &patch_embed.0, &pos_embed, pos_prefix)?;
         let mlp = linear_widths(model, &blocks, dim)?;
         let (heads, eps) = hyper_params(path, &config, family, dim)?;
+        let mut blocks = blocks;
+        for b in &mut blocks {
+            b.geom = BlockGeom {
+                dim,
+                heads,
+                mlp,
+                ..BlockGeom::default()
+            };
+        }
         let (head, num_classes) = head_of(model, family, dim)?;
         let labels = label_names(&config, num_classes);
         let pool = pool_of(model, family, &p, &config, prefix_tokens)?;
@@ -578,6 +672,9 @@ impl VitSpec {
     /// One line on what the forward pass will compute: family, sizes, input, prefix tokens,
     /// pooling, activation and head (what `inspect` prints).
     pub fn summary(&self) -> String {
+        if self.family.is_swin() {
+            return swin::summary(self);
+        }
         let pool = match &self.pool {
             Pool::Cls => "the class token".to_string(),
             Pool::Mean => "the mean of the patch tokens".to_string(),
@@ -629,10 +726,45 @@ impl VitSpec {
         )
     }
 
-    /// Tokens per image at the preprocess crop.
+    /// Tokens per image at the preprocess crop (the input of the first block).
     pub fn tokens_per_image(&self) -> usize {
         let g = self.preprocess.crop / self.patch;
         self.prefix_tokens + g * g
+    }
+
+    /// Side of block `b`'s token grid at the preprocess crop.
+    pub fn grid_side(&self, b: usize) -> usize {
+        (self.preprocess.crop / self.patch) >> self.blocks[b].geom.stage
+    }
+
+    /// Tokens per image at block `b`'s input (after its patch merging, if any).
+    pub fn block_tokens(&self, b: usize) -> usize {
+        let g = self.grid_side(b);
+        self.prefix_tokens + g * g
+    }
+
+    /// How far block `b`'s windows are shifted (Swin: half a window in every second block, none
+    /// where one window covers the grid).
+    pub fn block_shift(&self, b: usize) -> usize {
+        let geom = &self.blocks[b].geom;
+        if geom.shifted && self.grid_side(b) > geom.window {
+            geom.window / 2
+        } else {
+            0
+        }
+    }
+
+    /// Width of the final features (the last block's; a Swin's grows stage by stage).
+    pub fn out_dim(&self) -> usize {
+        self.blocks.last().map_or(self.dim, |b| b.geom.dim)
+    }
+
+    /// Tokens per image after the last block.
+    pub fn out_tokens(&self) -> usize {
+        match self.blocks.last() {
+            Some(b) => self.block_tokens(b.index),
+            None => self.tokens_per_image(),
+        }
     }
 
     /// Block index and role of the linear layer whose weight prefix is `prefix`.
@@ -659,6 +791,11 @@ impl VitSpec {
             self.preprocess.crop = c;
             self.preprocess.resize = (c as f64 * ratio).round() as usize;
             self.pos_embed_resized = None;
+            if self.family.is_swin() {
+                swin::check_grids(self).map_err(|e| {
+                    Error::InvalidOption(format!("--crop {c} does not fit this Swin model: {e}"))
+                })?;
+            }
         }
         if let Some(r) = resize {
             if r > MAX_INPUT_SIDE {
@@ -682,6 +819,9 @@ impl VitSpec {
 fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
     let path = model.path();
     let has = |n: &str| model.get(n).is_some();
+    if let Some(found) = swin::family_of(model) {
+        return Ok(found);
+    }
     let (family, p) = if has("blocks.0.attn.qkv.weight") || has("blocks.0.attn.proj.weight") {
         let deit = has("dist_token");
         (
@@ -815,6 +955,9 @@ fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
                 fc2: format!("{b}mlp.fc2"),
                 ls: None,
                 qk_norm: None,
+                geom: BlockGeom::default(),
+                rel_bias: None,
+                merge: None,
             }
         } else if timm {
             let b = format!("blocks.{i}.");
@@ -832,6 +975,9 @@ fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
                 ls: has(&format!("{b}ls1.gamma"))
                     .then(|| (format!("{b}ls1.gamma"), format!("{b}ls2.gamma"))),
                 // Both norms or neither: a lone one stays unused, and so refused.
+                geom: BlockGeom::default(),
+                rel_bias: None,
+                merge: None,
                 qk_norm: (has(&format!("{b}attn.q_norm.weight"))
                     && has(&format!("{b}attn.k_norm.weight")))
                 .then(|| {
@@ -892,6 +1038,9 @@ fn block_names(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
                     )
                 }),
                 qk_norm: None,
+                geom: BlockGeom::default(),
+                rel_bias: None,
+                merge: None,
             }
         };
         blocks.push(b);
@@ -1144,6 +1293,8 @@ fn linear_widths(model: &Checkpoint, blocks: &[BlockNames], dim: usize) -> Resul
         for (role, l) in b.linears() {
             let s = w(&l);
             let want = match role {
+                // A ViT has no patch merging.
+                Role::Reduction => [0, 0],
                 Role::Qkv => [3 * dim, dim],
                 Role::Query | Role::Key | Role::Value | Role::Proj => [dim, dim],
                 Role::Fc1 => [mlp, dim],

@@ -168,6 +168,13 @@ pub fn check(spec: &VitSpec, model: &Checkpoint) -> Result<()> {
             model.path().display()
         )))
     };
+    if spec.family.is_swin() {
+        return refuse(
+            "a Swin's residual stream changes width at every patch merging, whose LayerNorm \
+             over four concatenated tokens does not commute with a rotation of each"
+                .into(),
+        );
+    }
     if spec.norm_pre.is_some() {
         return refuse(
             "its pre-LayerNorm writes the residual stream itself, and a LayerNorm's scale does \

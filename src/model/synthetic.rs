@@ -44,10 +44,14 @@ impl SyntheticVit {
     /// streaming: one tensor is in memory at a time, so a model larger than the host's memory can
     /// be written (the 6-billion-parameter benchmark shape is 24 GB in f32).
     pub fn write_as(&self, dir: &Path, dtype: safetensors::Dtype) -> Result<()> {
-        if self.family == Family::HfSiglip {
-            return Err(Error::InvalidOption(
-                "synthetic models are not written in the SigLIP layout".into(),
-            ));
+        if matches!(
+            self.family,
+            Family::HfSiglip | Family::TimmSwin | Family::HfSwin
+        ) {
+            return Err(Error::InvalidOption(format!(
+                "synthetic models are not written in the {} layout",
+                self.family
+            )));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let elem = match dtype {
@@ -217,7 +221,9 @@ impl SyntheticVit {
                 }
                 // The projection into the joint space, without a bias.
                 Family::HfClip => put("visual_projection.weight".into(), vec![k, d], lin(d), 0.0),
-                Family::HfSiglip => unreachable!("refused above"),
+                Family::HfSiglip | Family::TimmSwin | Family::HfSwin => {
+                    unreachable!("refused above")
+                }
             }
         }
         t

@@ -139,6 +139,28 @@ pub fn calibration_bytes(
     }
 }
 
+/// [`calibration_bytes`] of a model: its most demanding block's, device and host each (a
+/// Swin's blocks differ in width and tokens, a ViT's are all alike).
+pub fn calibration_bytes_of(spec: &crate::model::VitSpec, images: usize, gpu: bool) -> CalibMemory {
+    let each = spec.blocks.iter().map(|b| {
+        let g = &b.geom;
+        calibration_bytes(
+            g.dim.max(g.merge_in),
+            g.mlp,
+            spec.block_tokens(b.index),
+            images,
+            gpu,
+        )
+    });
+    each.fold(
+        calibration_bytes(spec.dim, spec.mlp, spec.tokens_per_image(), images, gpu),
+        |a, c| CalibMemory {
+            device_bytes: a.device_bytes.max(c.device_bytes),
+            host_bytes: a.host_bytes.max(c.host_bytes),
+        },
+    )
+}
+
 /// Host memory available to new allocations (`MemAvailable`), where the OS reports it.
 pub fn host_available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -353,13 +375,7 @@ pub(super) fn check_calibration(
     // Every image walks through the model with its augmented views.
     let images = (v.calib_idx.len() + v.holdout_idx.len()) * (1 + v.extra_views as usize);
     let gpu = matches!(device, AnyDevice::Wgpu(_));
-    let c = calibration_bytes(
-        v.spec.dim,
-        v.spec.mlp,
-        v.spec.tokens_per_image(),
-        images,
-        gpu,
-    );
+    let c = calibration_bytes_of(&v.spec, images, gpu);
     let largest = jobs
         .iter()
         .map(|j| {

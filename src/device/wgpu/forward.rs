@@ -245,10 +245,16 @@ impl Ops for GpuOps {
         t: usize,
         heads: usize,
         hd: usize,
+        bias: Option<(&GpuTensor, usize)>,
     ) -> Result<GpuTensor> {
         if t > MAX_TOKENS || hd > MAX_HEAD_DIM {
             return Err(gpu_err(format!(
                 "attention over {t} tokens with head dimension {hd} exceeds the kernel's limits ({MAX_TOKENS} tokens, {MAX_HEAD_DIM}); use --device cpu"
+            )));
+        }
+        if n > MAX_GROUPS as usize {
+            return Err(gpu_err(format!(
+                "attention over {n} sequences exceeds the dispatch limit of {MAX_GROUPS}; use fewer images per batch or --device cpu"
             )));
         }
         let d = heads * hd;
@@ -260,12 +266,59 @@ impl Ops for GpuOps {
             scale: 1.0 / (hd as f32).sqrt(),
             ..Default::default()
         };
-        self.run(
-            Kernel::Attention,
-            &[(0, &qkv.buf), (3, &y.buf)],
-            p,
-            (t as u32, heads as u32, n as u32),
-        );
+        match bias {
+            None => self.run(
+                Kernel::Attention,
+                &[(0, &qkv.buf), (3, &y.buf)],
+                p,
+                (t as u32, heads as u32, n as u32),
+            ),
+            Some((b, groups)) => {
+                if groups == 0 || b.len != groups * heads * t * t {
+                    return Err(crate::error::Error::Shape(format!(
+                        "attention bias of {} values for {groups} groups of {heads} heads over {t} tokens",
+                        b.len
+                    )));
+                }
+                let p = VitParams {
+                    d: groups as u32,
+                    e: heads as u32,
+                    ..p
+                };
+                self.run(
+                    Kernel::AttentionBias,
+                    &[(0, &qkv.buf), (1, &b.buf), (3, &y.buf)],
+                    p,
+                    (t as u32, heads as u32, n as u32),
+                );
+            }
+        }
+        Ok(y)
+    }
+
+    fn gather_rows(&self, x: &GpuTensor, order: &[u32], d: usize) -> Result<GpuTensor> {
+        let rows = x.len / d.max(1);
+        // The indices travel as f32: exact below 2^24.
+        if rows >= 1 << 24 {
+            return Err(gpu_err(format!(
+                "a row gather over {rows} rows exceeds the kernel's limit of 2^24; use fewer images per batch or --device cpu"
+            )));
+        }
+        if let Some(bad) = order.iter().find(|&&r| r as usize >= rows) {
+            return Err(crate::error::Error::Shape(format!(
+                "row gather asks for row {bad} of {rows}"
+            )));
+        }
+        let idx: Vec<f32> = order.iter().map(|&r| r as f32).collect();
+        let idx = self.upload(&idx)?;
+        let len = order.len() * d;
+        let y = self.alloc(len)?;
+        let p = VitParams {
+            a: len as u32,
+            b: d as u32,
+            ..Default::default()
+        };
+        self.elementwise(Kernel::GatherRows, &[(0, &x.buf), (1, &idx.buf), (3, &y.buf)], len, p);
         Ok(y)
     }
 
