@@ -44,6 +44,10 @@ fn transformers_loads_symmetric_output_and_compressed_tensors_decodes_asymmetric
         text.contains("CLIP W4 sym: from_pretrained OK"),
         "the CLIP vision tower's packed output must load"
     );
+    assert!(
+        text.contains("Swin W4 sym: from_pretrained OK"),
+        "the Swin's packed output must load"
+    );
     for class in ["Dinov2Model", "Dinov2WithRegistersModel"] {
         assert!(
             text.contains(&format!("{class}: transformers 4.57.6 loads it")),

@@ -731,6 +731,79 @@ fn swin_matches_timm_and_transformers() {
     }
 }
 
+/// A Swin quantizes end to end from images on the CPU and the GPU: every linear layer is
+/// calibrated through the forward pass, the patch mergings' reductions included, and both
+/// devices choose layers of the same error.
+#[test]
+fn a_swin_quantizes_from_images_on_both_devices() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    let (dir, _) = reference_model(&python, "swin.py", "hf", &[]);
+    let path = dir.path().join("model.safetensors");
+    std::fs::remove_file(dir.path().join("reference.safetensors")).unwrap();
+    let mut devices = vec!["cpu"];
+    if gpu::device().is_some() {
+        devices.push("gpu");
+    }
+    let mut errors = Vec::new();
+    for device in devices {
+        let out = dir.path().join(format!("q-{device}.safetensors"));
+        let report = dir.path().join(format!("r-{device}.json"));
+        let o = common::run(&[
+            "run",
+            common::s(&path),
+            "--images",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/assets/photos/generic.safetensors"),
+            "--out",
+            common::s(&out),
+            "--report",
+            common::s(&report),
+            "--device",
+            device,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let layers = r["layers"].as_array().unwrap();
+        // 6 blocks of 6 linears (query, key, value, output, intermediate, output) and 2 reductions.
+        assert_eq!(layers.len(), 6 * 6 + 2, "{device}");
+        assert!(layers.iter().all(|l| l["calibration"] == "images"));
+        let names: Vec<&str> = layers.iter().map(|l| l["name"].as_str().unwrap()).collect();
+        let reduction = names
+            .iter()
+            .position(|n| n.contains("layers.0.downsample.reduction"))
+            .expect("the first reduction is quantized");
+        // It is visited before the next stage's first block.
+        assert!(names[reduction + 1].contains("layers.1.blocks.0."), "{names:?}");
+        errors.push(r["totals"]["mean_rel_error"].as_f64().unwrap());
+    }
+    if let [cpu, gpu] = errors[..] {
+        assert!((cpu - gpu).abs() <= 0.02 * cpu, "CPU {cpu} vs GPU {gpu}");
+    }
+}
+
+/// A Swin whose checkpoint holds a tensor its forward pass does not read (an absolute position
+/// embedding) is refused with the tensor named; one whose input grid the windows do not tile is
+/// refused naming the block and window.
+#[test]
+fn a_swin_with_unread_tensors_or_untiled_grids_is_refused() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    let (dir, _) = reference_model(&python, "swin.py", "timm", &[]);
+    let path = dir.path().join("model.safetensors");
+    let m = Checkpoint::open(&path).unwrap();
+    let mut spec = VitSpec::detect(&m).unwrap();
+    let e = spec.set_input(None, Some(72)).unwrap_err().to_string();
+    assert!(e.contains("windows of 4"), "{e}");
+    drop(m);
+    with_extra_tensors(&path, &[("absolute_pos_embed", vec![1, 256, 16])]);
+    let m = Checkpoint::open(&path).unwrap();
+    let e = VitSpec::detect(&m).unwrap_err().to_string();
+    assert!(e.contains("absolute_pos_embed") && e.contains("timm Swin"), "{e}");
+}
+
 /// HF DINOv2 with registers against transformers itself: the register tokens sit between the
 /// class token and the patches without a position embedding, and every token after the final
 /// LayerNorm is transformers' (CPU within 1e-4 relative; GPU to CPU).

@@ -7,7 +7,9 @@
    exactly our dequantized weights (transformers does not load asymmetric files yet).
 3. A symmetric 4-bit packed CLIP vision tower (CLIPVisionModelWithProjection) loads with
    from_pretrained and its image embeddings equal those of our dequantized export.
-4. Symmetric 4-bit packed DINOv2 (Dinov2Model, and Dinov2WithRegistersModel) made with this
+4. A symmetric 4-bit packed Swin (SwinForImageClassification, its patch-merging reductions
+   quantized too) loads with from_pretrained and its logits equal those of our dequantized export.
+5. Symmetric 4-bit packed DINOv2 (Dinov2Model, and Dinov2WithRegistersModel) made with this
    transformers: it cannot load them (its DINOv2 conversion mapping collides with compressed-tensors'
    suffixes, which the script checks so a fixed release is noticed), so transformers 4.57.6 from the
    environment's `legacy` folder loads them (legacy_load.py) and matches the dequantized export.
@@ -32,6 +34,8 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersModel,
+    SwinConfig,
+    SwinForImageClassification,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -111,6 +115,29 @@ def main(binary):
               f"vs FP32 = {(eq - ef).abs().max().item():.3g}")
         assert diff <= LOGITS_ATOL, f"CLIP W4: image embeddings differ by {diff}"
         assert (eq - ef).abs().max().item() > 0, "the quantized model must differ from FP32"
+
+        # A Swin: packed W4 (every linear layer, the patch mergings' reductions included) loads
+        # and matches the dequantized export.
+        swin = SwinForImageClassification(
+            SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[1, 2],
+                       window_size=4, num_labels=5)
+        ).eval()
+        src = os.path.join(d, "swin")
+        swin.save_pretrained(src)
+        out, deq = os.path.join(d, "swin-w4"), os.path.join(d, "swin-w4-deq")
+        comq(binary, src, "--data-free", "--sym", "--bits", "4", "--out", out, "--dequantized", deq)
+        packed = load_file(os.path.join(out, "model.safetensors"))
+        assert any(k.endswith("downsample.reduction.weight_packed") for k in packed), \
+            "the patch merging's reduction must be packed"
+        q = SwinForImageClassification.from_pretrained(out).eval()
+        dense = SwinForImageClassification.from_pretrained(deq).eval()
+        with torch.no_grad():
+            lq, ld, lf = q(pixel_values=x).logits, dense(pixel_values=x).logits, swin(pixel_values=x).logits
+        diff = (lq - ld).abs().max().item()
+        print(f"Swin W4 sym: from_pretrained OK, max |logits - dense(dequantized)| = {diff:.3g}, "
+              f"vs FP32 = {(lq - lf).abs().max().item():.3g}")
+        assert diff <= LOGITS_ATOL, f"Swin W4: logits differ by {diff}"
+        assert (lq - lf).abs().max().item() > 0, "the quantized model must differ from FP32"
 
         # DINOv2, with and without registers: loaded by transformers 4.57 (the `legacy` folder).
         legacy = os.path.join(sys.prefix, "legacy")

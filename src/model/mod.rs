@@ -854,7 +854,7 @@ fn family_of(model: &Checkpoint) -> Result<(Family, String)> {
         let Some(p) = found else {
             return Err(unknown(
                 path,
-                "no ViT block found (looked for 'blocks.0.attn.qkv.weight', '[vit.|deit.|dinov2.|dinov2_with_registers.]encoder.layer.0.attention.attention.query.weight' and '[vision_model.]encoder.layers.0.self_attn.q_proj.weight')",
+                "no ViT or Swin block found (looked for 'blocks.0.attn.qkv.weight', '[vit.|deit.|dinov2.|dinov2_with_registers.]encoder.layer.0.attention.attention.query.weight', '[vision_model.]encoder.layers.0.self_attn.q_proj.weight', 'layers.0.blocks.0.attn.qkv.weight' and '[swin.]encoder.layers.0.blocks.0.attention.self.query.weight')",
             ));
         };
         let family = if has(&format!("{p}encoder.layer.0.layer_scale1.lambda1"))

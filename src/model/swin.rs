@@ -437,7 +437,7 @@ pub fn summary(spec: &VitSpec) -> String {
     };
     format!(
         "{}: stages of width {} (depths {}; heads {}; windows {}, shifted in every second \
-         block), MLP {}x ({act}), patch {}{}, input {} px; final norm; pooled by the mean of the \
+         block where the grid is wider), MLP {}x ({act}), patch {}{}, input {} px; final norm; pooled by the mean of the \
          tokens; {head}",
         spec.family,
         list(&|s| s.0),
