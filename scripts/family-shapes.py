@@ -11,6 +11,9 @@ NAME is one of:
                   27 blocks, 16 heads, MLP 4304, tanh-GELU, the attention-pooling head, 729 tokens
   dinov2-reg-b    DINOv2-B/14 with 4 registers at 224 px (Dinov2WithRegistersModel): width 768,
                   12 blocks, 12 heads, MLP 3072, LayerScale
+  swin-b          Swin-B at 224 px (SwinForImageClassification, 1000 classes): stages of width 128,
+                  256, 512, 1024 (depths 2, 2, 18, 2; heads 4, 8, 16, 32), windows of 7
+  swin-t          Swin-T at 224 px: widths 96 … 768 (depths 2, 2, 6, 2; heads 3, 6, 12, 24)
 Writes OUT_DIR/model.safetensors (float32), OUT_DIR/config.json and OUT_DIR/preprocessor_config.json.
 """
 import json
@@ -50,6 +53,16 @@ def build(name):
                     crop_size={"height": 224, "width": 224}, resample=3,
                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
         return tf.Dinov2WithRegistersModel(cfg), prep
+    if name in ("swin-b", "swin-t"):
+        base = name == "swin-b"
+        cfg = tf.SwinConfig(image_size=224, patch_size=4, window_size=7,
+                            embed_dim=128 if base else 96,
+                            depths=[2, 2, 18, 2] if base else [2, 2, 6, 2],
+                            num_heads=[4, 8, 16, 32] if base else [3, 6, 12, 24], num_labels=1000)
+        prep = dict(do_resize=True, size={"shortest_edge": 256}, do_center_crop=True,
+                    crop_size={"height": 224, "width": 224}, resample=3,
+                    image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        return tf.SwinForImageClassification(cfg), prep
     sys.exit(f"unknown name {name}")
 
 

@@ -1,6 +1,6 @@
 //! Our packed output in real runtimes: transformers' `from_pretrained` and compressed-tensors'
 //! decoder (`scripts/interop/transformers_load.py`; DINOv2 through transformers 4.57 in
-//! `scripts/interop/legacy_load.py`), run with the Python in `COMQ_PYTHON`
+//! `scripts/interop/legacy_load.py`; SigLIP decompressed while loading), run with the Python in `COMQ_PYTHON`
 //! (`scripts/setup-python-env.sh` creates it; `.ci/run` sets it). Without it the test prints a
 //! visible skip, or fails when `COMQ_REQUIRE_PYTHON=1`.
 
@@ -47,6 +47,10 @@ fn transformers_loads_symmetric_output_and_compressed_tensors_decodes_asymmetric
     assert!(
         text.contains("Swin W4 sym: from_pretrained OK"),
         "the Swin's packed output must load"
+    );
+    assert!(
+        text.contains("SigLIP W4 sym: from_pretrained(dequantize=True) OK"),
+        "the SigLIP tower's packed output must load, decompressed while loading"
     );
     for class in ["Dinov2Model", "Dinov2WithRegistersModel"] {
         assert!(

@@ -9,7 +9,12 @@
    from_pretrained and its image embeddings equal those of our dequantized export.
 4. A symmetric 4-bit packed Swin (SwinForImageClassification, its patch-merging reductions
    quantized too) loads with from_pretrained and its logits equal those of our dequantized export.
-5. Symmetric 4-bit packed DINOv2 (Dinov2Model, and Dinov2WithRegistersModel) made with this
+5. A symmetric 4-bit packed SigLIP vision tower (SiglipVisionModel): this transformers cannot
+   build it compressed (SigLIP's `_init_weights` touches the `weight` of each compressed
+   `Linear`, which the script checks so a fixed release is noticed), so it loads with
+   `CompressedTensorsConfig(dequantize=True)` (compressed-tensors decompresses it while loading)
+   and its pooled output equals that of our dequantized export.
+6. Symmetric 4-bit packed DINOv2 (Dinov2Model, and Dinov2WithRegistersModel) made with this
    transformers: it cannot load them (its DINOv2 conversion mapping collides with compressed-tensors'
    suffixes, which the script checks so a fixed release is noticed), so transformers 4.57.6 from the
    environment's `legacy` folder loads them (legacy_load.py) and matches the dequantized export.
@@ -36,6 +41,9 @@ from transformers import (
     Dinov2WithRegistersModel,
     SwinConfig,
     SwinForImageClassification,
+    CompressedTensorsConfig,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -138,6 +146,32 @@ def main(binary):
               f"vs FP32 = {(lq - lf).abs().max().item():.3g}")
         assert diff <= LOGITS_ATOL, f"Swin W4: logits differ by {diff}"
         assert (lq - lf).abs().max().item() > 0, "the quantized model must differ from FP32"
+
+        # SigLIP: decompressed while loading (its weight init cannot take compressed modules).
+        siglip = SiglipVisionModel(
+            SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, image_size=32, patch_size=8)
+        ).eval()
+        src = os.path.join(d, "siglip")
+        siglip.save_pretrained(src)
+        out, deq = os.path.join(d, "siglip-w4"), os.path.join(d, "siglip-w4-deq")
+        comq(binary, src, "--data-free", "--sym", "--bits", "4", "--out", out, "--dequantized", deq)
+        try:
+            SiglipVisionModel.from_pretrained(out)
+            print(f"SigLIP: transformers {transformers.__version__} now loads packed SigLIP compressed")
+        except AttributeError as e:
+            assert "weight" in str(e), f"SigLIP: an unexpected refusal: {e}"
+            print(f"SigLIP: transformers {transformers.__version__} cannot build it compressed ({e})")
+        q = SiglipVisionModel.from_pretrained(
+            out, quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+        dense = SiglipVisionModel.from_pretrained(deq).eval()
+        with torch.no_grad():
+            pq, pd, pf = (m(pixel_values=x).pooler_output for m in (q, dense, siglip))
+        diff = (pq - pd).abs().max().item()
+        print(f"SigLIP W4 sym: from_pretrained(dequantize=True) OK, max |pooled - dense(dequantized)| "
+              f"= {diff:.3g}, vs FP32 = {(pq - pf).abs().max().item():.3g}")
+        assert diff <= LOGITS_ATOL, f"SigLIP W4: pooled output differs by {diff}"
+        assert (pq - pf).abs().max().item() > 0, "the quantized model must differ from FP32"
 
         # DINOv2, with and without registers: loaded by transformers 4.57 (the `legacy` folder).
         legacy = os.path.join(sys.prefix, "legacy")
