@@ -18,6 +18,9 @@ pub struct CpuOps;
 /// Rows per parallel GEMM panel.
 const PANEL: usize = 64;
 
+/// Gram rows per parallel panel (each panel's f32 partial is added to the f64 sum while hot).
+const GRAM_PANEL: usize = 64;
+
 /// Activation rows per f32 Gram partial before it is added to the f64 sum.
 const GRAM_ROWS: usize = 256;
 
@@ -340,30 +343,25 @@ impl Ops for CpuOps {
     fn gram_add(&self, g: &mut GramAccumulator, x: &Vec<f32>, rows: usize) -> Result<()> {
         // f32 GEMM partials over GRAM_ROWS rows, summed in f64: the GPU's contract, at GEMM speed.
         let n = g.n();
-        let mut part = vec![0.0f32; n * n];
         for chunk in x[..rows * n].chunks(GRAM_ROWS * n) {
             let r = chunk.len() / n;
-            part.par_chunks_mut(PANEL * n)
-                .enumerate()
-                .for_each(|(p, out)| {
-                    let i0 = p * PANEL;
-                    let m = out.len() / n;
-                    // out[i, j] = Σ_k chunk[k, i0 + i] · chunk[k, j], for j ≥ i0 only: the
-                    // accumulator reads the upper triangle, so the panels left of the diagonal
-                    // block are never computed (half the multiply-adds).
-                    sgemm(
-                        m,
-                        r,
-                        n - i0,
-                        &chunk[i0..],
-                        (1, n),
-                        &chunk[i0..],
-                        (n, 1),
-                        &mut out[i0..],
-                        (n, 1),
-                    );
-                });
-            g.add_partial(&part, n, r as u64);
+            g.add_panels(GRAM_PANEL, r as u64, |i0, out| {
+                let m = out.len() / n;
+                // out[i, j] = Σ_k chunk[k, i0 + i] · chunk[k, j], for j ≥ i0 only: the
+                // accumulator reads the upper triangle, so the panels left of the diagonal
+                // block are never computed (half the multiply-adds).
+                sgemm(
+                    m,
+                    r,
+                    n - i0,
+                    &chunk[i0..],
+                    (1, n),
+                    &chunk[i0..],
+                    (n, 1),
+                    &mut out[i0..],
+                    (n, 1),
+                );
+            });
         }
         Ok(())
     }

@@ -223,11 +223,47 @@ impl GramAccumulator {
             stride >= n && part.len() >= n * stride,
             "partial Gram must cover n × n"
         );
-        for i in 0..n {
-            for j in i..n {
-                self.sum[i * n + j] += part[i * stride + j] as f64;
-            }
-        }
+        // Rows in parallel: each element gets the same single addition, so the sum is the same.
+        self.sum
+            .par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(i, out)| {
+                for (o, p) in out[i..].iter_mut().zip(&part[i * stride + i..i * stride + n]) {
+                    *o += *p as f64;
+                }
+            });
+        self.samples += samples;
+    }
+
+    /// Adds f32 partial sums over `samples` rows computed panel by panel, in parallel: `panel(i0,
+    /// out)` fills `out` (`rows × n`, row-major) with rows `i0 .. i0 + rows` of the partial Gram
+    /// (columns from `i0` on are read: the upper triangle), and each panel is added into the f64
+    /// sum while it is still in cache. The same single addition per element as
+    /// [`GramAccumulator::add_partial`].
+    pub fn add_panels<F>(&mut self, panel_rows: usize, samples: u64, panel: F)
+    where
+        F: Fn(usize, &mut [f32]) + Sync,
+    {
+        let n = self.n;
+        let pr = panel_rows.max(1);
+        self.sum
+            .par_chunks_mut(pr * n.max(1))
+            .enumerate()
+            .for_each_init(Vec::new, |buf: &mut Vec<f32>, (p, sum)| {
+                let i0 = p * pr;
+                let rows = sum.len() / n;
+                buf.resize(rows * n, 0.0);
+                panel(i0, &mut buf[..rows * n]);
+                for r in 0..rows {
+                    let i = i0 + r;
+                    for (o, v) in sum[r * n + i..(r + 1) * n]
+                        .iter_mut()
+                        .zip(&buf[r * n + i..(r + 1) * n])
+                    {
+                        *o += *v as f64;
+                    }
+                }
+            });
         self.samples += samples;
     }
 
