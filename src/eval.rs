@@ -660,8 +660,12 @@ pub fn evaluate(
             let rm = Checkpoint::open(r)?;
             let mut rspec = VitSpec::detect_allowing(&rm, allow_unused_tensors)?;
             rspec.set_input(resize, crop)?;
-            if (rspec.dim, rspec.out_dim(), rspec.depth, rspec.preprocess.crop)
-                != (spec.dim, spec.out_dim(), spec.depth, spec.preprocess.crop)
+            if (
+                rspec.dim,
+                rspec.out_dim(),
+                rspec.depth,
+                rspec.preprocess.crop,
+            ) != (spec.dim, spec.out_dim(), spec.depth, spec.preprocess.crop)
             {
                 return Err(crate::error::Error::InvalidOption(format!(
                     "--reference {} is not the same architecture as {} (width {} depth {} vs {} {})",

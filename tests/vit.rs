@@ -754,7 +754,10 @@ fn a_swin_quantizes_from_images_on_both_devices() {
             "run",
             common::s(&path),
             "--images",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/assets/photos/generic.safetensors"),
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/assets/photos/generic.safetensors"
+            ),
             "--out",
             common::s(&out),
             "--report",
@@ -775,7 +778,10 @@ fn a_swin_quantizes_from_images_on_both_devices() {
             .position(|n| n.contains("layers.0.downsample.reduction"))
             .expect("the first reduction is quantized");
         // It is visited before the next stage's first block.
-        assert!(names[reduction + 1].contains("layers.1.blocks.0."), "{names:?}");
+        assert!(
+            names[reduction + 1].contains("layers.1.blocks.0."),
+            "{names:?}"
+        );
         errors.push(r["totals"]["mean_rel_error"].as_f64().unwrap());
     }
     if let [cpu, gpu] = errors[..] {
@@ -801,7 +807,10 @@ fn a_swin_with_unread_tensors_or_untiled_grids_is_refused() {
     with_extra_tensors(&path, &[("absolute_pos_embed", vec![1, 256, 16])]);
     let m = Checkpoint::open(&path).unwrap();
     let e = VitSpec::detect(&m).unwrap_err().to_string();
-    assert!(e.contains("absolute_pos_embed") && e.contains("timm Swin"), "{e}");
+    assert!(
+        e.contains("absolute_pos_embed") && e.contains("timm Swin"),
+        "{e}"
+    );
 }
 
 /// HF DINOv2 with registers against transformers itself: the register tokens sit between the

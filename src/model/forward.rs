@@ -34,6 +34,9 @@ pub struct BlockWeights<T> {
     qk_norm: Option<(T, T)>,
 }
 
+/// A weight and its bias (or a LayerNorm's gain and shift) on the host.
+pub type HostPair = (Vec<f32>, Vec<f32>);
+
 /// Host copy of one block's weights, so quantized layers can be swapped in.
 #[derive(Debug, Clone)]
 pub struct HostBlock {
@@ -41,7 +44,7 @@ pub struct HostBlock {
     pub index: usize,
     /// Swin's patch merging before the block: LayerNorm (weight, bias) and reduction (weight
     /// `[dim, 4·previous width]`, bias: zeros where the checkpoint has none).
-    pub merge: Option<((Vec<f32>, Vec<f32>), (Vec<f32>, Vec<f32>))>,
+    pub merge: Option<(HostPair, HostPair)>,
     /// Swin's attention bias, expanded from the relative-position table for the block's windows
     /// and shift: `[groups, heads, w², w²]` and `groups`.
     pub bias: Option<(Vec<f32>, usize)>,

@@ -35,7 +35,11 @@ pub(super) fn family_of(model: &Checkpoint) -> Option<(Family, String)> {
     }
     ["swin.", ""]
         .into_iter()
-        .find(|p| has(&format!("{p}encoder.layers.0.blocks.0.attention.self.query.weight")))
+        .find(|p| {
+            has(&format!(
+                "{p}encoder.layers.0.blocks.0.attention.self.query.weight"
+            ))
+        })
         .map(|p| (Family::HfSwin, p.to_string()))
 }
 
@@ -203,10 +207,7 @@ pub(super) fn recognise(
     let mut stage = 0;
     for b in &mut blocks {
         let bad = |n: &str, s: &[usize], want: String| {
-            unknown(
-                path,
-                format!("'{n}' has shape {s:?}, expected {want}"),
-            )
+            unknown(path, format!("'{n}' has shape {s:?}, expected {want}"))
         };
         let w = |l: &str| shape(&format!("{l}.weight"));
         let mut merge_in = 0;
@@ -214,7 +215,11 @@ pub(super) fn recognise(
             merge_in = 4 * prev;
             let s = shape(nw);
             if s != [merge_in] {
-                return Err(bad(nw, &s, format!("[{merge_in}] (4 × the width {prev} before it)")));
+                return Err(bad(
+                    nw,
+                    &s,
+                    format!("[{merge_in}] (4 × the width {prev} before it)"),
+                ));
             }
             stage += 1;
             if w(red).len() != 2 {
@@ -223,7 +228,11 @@ pub(super) fn recognise(
         }
         let d = shape(&b.norm1.0).first().copied().unwrap_or(0);
         if b.merge.is_none() && d != prev {
-            return Err(bad(&b.norm1.0, &[d], format!("[{prev}]: no patch merging before it")));
+            return Err(bad(
+                &b.norm1.0,
+                &[d],
+                format!("[{prev}]: no patch merging before it"),
+            ));
         }
         let table_name = b.rel_bias.clone().unwrap_or_default();
         let table = shape(&table_name);
@@ -233,7 +242,7 @@ pub(super) fn recognise(
                 if span * span != *rows || span.is_multiple_of(2) {
                     return Err(bad(&table_name, &table, "[(2·window − 1)², heads]".into()));
                 }
-                ((span + 1) / 2, *heads)
+                (span.div_ceil(2), *heads)
             }
             _ => return Err(bad(&table_name, &table, "[(2·window − 1)², heads]".into())),
         };
@@ -277,21 +286,30 @@ pub(super) fn recognise(
     if shape(&norm.0) != [out] {
         return Err(unknown(
             path,
-            format!("final norm '{}' has shape {:?}, expected [{out}]", norm.0, shape(&norm.0)),
+            format!(
+                "final norm '{}' has shape {:?}, expected [{out}]",
+                norm.0,
+                shape(&norm.0)
+            ),
         ));
     }
     if let Some((w, _)) = &patch_norm {
         if shape(w) != [dim0] {
             return Err(unknown(
                 path,
-                format!("patch norm '{w}' has shape {:?}, expected [{dim0}]", shape(w)),
+                format!(
+                    "patch norm '{w}' has shape {:?}, expected [{dim0}]",
+                    shape(w)
+                ),
             ));
         }
     }
 
     // The head: timm's `head.fc` (older timm: `head`), transformers' `classifier`.
     let head_name = if family == Family::TimmSwin {
-        ["head.fc", "head"].into_iter().find(|h| has(&format!("{h}.weight")))
+        ["head.fc", "head"]
+            .into_iter()
+            .find(|h| has(&format!("{h}.weight")))
     } else {
         has("classifier.weight").then_some("classifier")
     };
@@ -332,8 +350,7 @@ pub(super) fn recognise(
     let native = num(&config, "image_size")
         .or_else(|| {
             let a = config.get("model_args")?.get("img_size")?;
-            a.as_f64()
-                .or_else(|| a.as_array()?.first()?.as_f64())
+            a.as_f64().or_else(|| a.as_array()?.first()?.as_f64())
         })
         .map_or(224, |s| s as usize);
     let preprocess = square_input(&config, prep.as_ref())
@@ -485,9 +502,8 @@ pub fn attention_bias(
     let mut out = vec![0.0f32; groups * heads * t * t];
     for g in 0..groups {
         let (wy, wx) = (g / per_side, g % per_side);
-        let label = |i: usize| {
-            region(wy * window + i / window) * 3 + region(wx * window + i % window)
-        };
+        let label =
+            |i: usize| region(wy * window + i / window) * 3 + region(wx * window + i % window);
         for h in 0..heads {
             for i in 0..t {
                 for j in 0..t {

@@ -228,7 +228,10 @@ impl GramAccumulator {
             .par_chunks_mut(n.max(1))
             .enumerate()
             .for_each(|(i, out)| {
-                for (o, p) in out[i..].iter_mut().zip(&part[i * stride + i..i * stride + n]) {
+                for (o, p) in out[i..]
+                    .iter_mut()
+                    .zip(&part[i * stride + i..i * stride + n])
+                {
                     *o += *p as f64;
                 }
             });

@@ -318,7 +318,12 @@ impl Ops for GpuOps {
             b: d as u32,
             ..Default::default()
         };
-        self.elementwise(Kernel::GatherRows, &[(0, &x.buf), (1, &idx.buf), (3, &y.buf)], len, p);
+        self.elementwise(
+            Kernel::GatherRows,
+            &[(0, &x.buf), (1, &idx.buf), (3, &y.buf)],
+            len,
+            p,
+        );
         Ok(y)
     }
 
