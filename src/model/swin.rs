@@ -429,17 +429,18 @@ pub fn check_grids(spec: &VitSpec) -> std::result::Result<(), String> {
 
 /// What `inspect` prints for a Swin.
 pub fn summary(spec: &VitSpec) -> String {
-    let mut stages: Vec<(usize, usize, usize, usize)> = Vec::new(); // width, depth, heads, window
+    // Per stage: width, depth, heads, window.
+    let mut stages: Vec<[usize; 4]> = Vec::new();
     for b in &spec.blocks {
         match stages.last_mut() {
-            Some(s) if b.merge.is_none() && s.0 == b.geom.dim => s.1 += 1,
-            _ => stages.push((b.geom.dim, 1, b.geom.heads, b.geom.window)),
+            Some(s) if b.merge.is_none() && s[0] == b.geom.dim => s[1] += 1,
+            _ => stages.push([b.geom.dim, 1, b.geom.heads, b.geom.window]),
         }
     }
-    let list = |f: &dyn Fn(&(usize, usize, usize, usize)) -> usize| {
+    let list = |k: usize| {
         stages
             .iter()
-            .map(|s| f(s).to_string())
+            .map(|s| s[k].to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -457,10 +458,10 @@ pub fn summary(spec: &VitSpec) -> String {
          block where the grid is wider), MLP {}x ({act}), patch {}{}, input {} px; final norm; pooled by the mean of the \
          tokens; {head}",
         spec.family,
-        list(&|s| s.0),
-        list(&|s| s.1),
-        list(&|s| s.2),
-        list(&|s| s.3),
+        list(0),
+        list(1),
+        list(2),
+        list(3),
         spec.mlp / spec.dim.max(1),
         spec.patch,
         if spec.norm_pre.is_some() {
