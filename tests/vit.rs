@@ -1227,6 +1227,37 @@ fn a_non_square_input_is_refused_naming_the_key() {
     }
 }
 
+/// An older image-processor config gives `size` as a plain number: ViT's processor (which HF
+/// ViT, DeiT and Swin checkpoints name) resizes the whole image to that square, CLIP's resizes the
+/// shortest edge to it, as transformers does.
+#[test]
+fn a_plain_number_size_follows_the_processor_class() {
+    for (processor, squash, resize) in [
+        ("ViTFeatureExtractor", true, 16),
+        ("ViTImageProcessor", true, 16),
+        ("CLIPImageProcessor", false, 16),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = synthetic(dir.path(), Family::HfVit, 5);
+        let prep = serde_json::json!({
+            "feature_extractor_type": processor,
+            "size": 16,
+            "do_resize": true,
+            "resample": 3,
+        });
+        let m = Checkpoint::open(&path).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        let s = VitSpec::detect_with(&m, config, Some(prep)).unwrap();
+        assert_eq!(
+            (s.preprocess.squash, s.preprocess.resize, s.preprocess.crop),
+            (squash, resize, 16),
+            "{processor}"
+        );
+    }
+}
+
 /// An input size that is no multiple of the patch (SigLIP So400m/14 at 384 px) runs as PyTorch's
 /// patch convolution does: the pixels past the last whole patch are dropped, so the features
 /// equal those of the top-left crop at a multiple of the patch; on the GPU too.

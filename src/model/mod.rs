@@ -1610,10 +1610,23 @@ fn preprocess(
             .and_then(|c| c.get("height").or(Some(c)))
             .and_then(Value::as_u64);
         let size = pc.get("size");
+        // An older config's plain number: the shortest edge for CLIP's and BiT's processors
+        // (`default_to_square=False`), the whole square for the others (ViT's, which Swin and
+        // DeiT use too).
+        let processor = ["image_processor_type", "feature_extractor_type"]
+            .iter()
+            .find_map(|k| pc.get(*k).and_then(Value::as_str))
+            .unwrap_or_default();
+        let plain = size.and_then(Value::as_u64);
+        let to_edge = processor.starts_with("CLIP") || processor.starts_with("Bit");
         let shortest = size
             .and_then(|s| s.get("shortest_edge"))
-            .and_then(Value::as_u64);
-        let height = size.and_then(|s| s.get("height")).and_then(Value::as_u64);
+            .and_then(Value::as_u64)
+            .or(plain.filter(|_| to_edge));
+        let height = size
+            .and_then(|s| s.get("height"))
+            .and_then(Value::as_u64)
+            .or(plain.filter(|_| !to_edge));
         let do_crop = pc
             .get("do_center_crop")
             .and_then(Value::as_bool)
