@@ -45,6 +45,10 @@ fn transformers_loads_symmetric_output_and_compressed_tensors_decodes_asymmetric
         "the CLIP vision tower's packed output must load"
     );
     assert!(
+        text.contains("whole CLIP W4 sym: from_pretrained OK"),
+        "a whole CLIP model's packed output must load"
+    );
+    assert!(
         text.contains("Swin W4 sym: from_pretrained OK"),
         "the Swin's packed output must load"
     );

@@ -604,6 +604,75 @@ fn clip_vision_matches_transformers() {
     }
 }
 
+/// A whole CLIP or SigLIP model (the text tower beside the vision tower, as most checkpoints
+/// ship) is recognised: the text tower plays no part in the image features, so it is neither an
+/// error nor quantized; the image features are transformers' `get_image_features`; and a run with
+/// no options quantizes the vision tower's 12 layers and copies every text-tower tensor as it is.
+#[test]
+fn a_whole_clip_or_siglip_model_quantizes_its_vision_tower() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    for (arch, family, features) in [
+        ("clip_model", Family::HfClip, "image_embeds"),
+        ("siglip_model", Family::HfSiglip, "pooler_output"),
+    ] {
+        let (dir, r) = transformers_reference(&python, arch, &[]);
+        let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
+        let px = get("pixel_values");
+        let path = dir.path().join("model.safetensors");
+        let (spec, out) = forward(&CpuOps, &path, &px, 3);
+        assert_eq!(spec.family, family);
+        let ours = if family == Family::HfClip {
+            &out.logits
+        } else {
+            &out.cls
+        };
+        let e = rel(ours, &get(features));
+        eprintln!("whole {arch}: image features vs transformers: rel {e:.3e}");
+        assert!(e < REFERENCE_REL_TOL, "{arch}: {e}");
+
+        std::fs::remove_file(dir.path().join("reference.safetensors")).unwrap();
+        let q = dir.path().join("q");
+        let report = dir.path().join("r.json");
+        let o = common::run(&[
+            "run",
+            common::s(dir.path()),
+            "--out",
+            common::s(&q),
+            "--report",
+            common::s(&report),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let rep: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let layers = rep["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 12, "{arch}");
+        assert!(layers.iter().all(|l| l["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("vision_model.encoder.")));
+        let before = comq_gpu::io::safetensors::Model::open(&path).unwrap();
+        let after = comq_gpu::io::safetensors::Model::open(&q.join("model.safetensors")).unwrap();
+        let mut text = 0;
+        for t in before
+            .tensors()
+            .iter()
+            .filter(|t| t.name.starts_with("text_model."))
+        {
+            let a = after.get(&t.name).expect("the text tower is kept");
+            assert_eq!(
+                before.read_f32(t).unwrap(),
+                after.read_f32(a).unwrap(),
+                "{}",
+                t.name
+            );
+            text += 1;
+        }
+        assert!(text > 10, "{arch}: {text} text tensors");
+    }
+}
+
 /// The synthetic CLIP tower is recognised with its pre-LayerNorm, QuickGELU and projection,
 /// reads every tensor it has, and its GPU forward matches the CPU's.
 #[test]

@@ -7,6 +7,8 @@
    exactly our dequantized weights (transformers does not load asymmetric files yet).
 3. A symmetric 4-bit packed CLIP vision tower (CLIPVisionModelWithProjection) loads with
    from_pretrained and its image embeddings equal those of our dequantized export.
+   A whole CLIPModel (its text tower beside the vision tower, left in full precision) loads too,
+   with the dequantized export's image and text embeddings.
 4. A symmetric 4-bit packed Swin (SwinForImageClassification, its patch-merging reductions
    quantized too) loads with from_pretrained and its logits equal those of our dequantized export.
 5. A symmetric 4-bit packed SigLIP vision tower (SiglipVisionModel): this transformers cannot
@@ -33,6 +35,8 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForImageClassification,
+    CLIPConfig,
+    CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     Dinov2Config,
@@ -123,6 +127,27 @@ def main(binary):
               f"vs FP32 = {(eq - ef).abs().max().item():.3g}")
         assert diff <= LOGITS_ATOL, f"CLIP W4: image embeddings differ by {diff}"
         assert (eq - ef).abs().max().item() > 0, "the quantized model must differ from FP32"
+
+        # A whole CLIPModel: the vision tower packed, the text tower kept; both embeddings match.
+        whole = CLIPModel(CLIPConfig(
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, vocab_size=99, max_position_embeddings=16),
+            vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, image_size=32, patch_size=8),
+            projection_dim=24)).eval()
+        src = os.path.join(d, "clip-whole")
+        whole.save_pretrained(src)
+        out, deq = os.path.join(d, "clip-whole-w4"), os.path.join(d, "clip-whole-w4-deq")
+        comq(binary, src, "--data-free", "--sym", "--bits", "4", "--out", out, "--dequantized", deq)
+        ids = torch.randint(0, 99, (3, 8))
+        q = CLIPModel.from_pretrained(out).eval()
+        dense = CLIPModel.from_pretrained(deq).eval()
+        with torch.no_grad():
+            oq, od = q(pixel_values=x, input_ids=ids), dense(pixel_values=x, input_ids=ids)
+        diff = max((oq.image_embeds - od.image_embeds).abs().max().item(),
+                   (oq.text_embeds - od.text_embeds).abs().max().item())
+        print(f"whole CLIP W4 sym: from_pretrained OK, max |embeds - dense(dequantized)| = {diff:.3g}")
+        assert diff <= LOGITS_ATOL, f"whole CLIP W4: embeddings differ by {diff}"
 
         # A Swin: packed W4 (every linear layer, the patch mergings' reductions included) loads
         # and matches the dequantized export.

@@ -10,6 +10,9 @@ ARCH is one of:
   siglip            SiglipVisionModel: `last_hidden_state` (after the post-LayerNorm),
                     `pooler_output` (the attention-pooling head's features)
   dinov2_registers  Dinov2WithRegistersModel (4 registers): `last_hidden_state`
+  clip_model        a whole CLIPModel (text tower beside the vision tower): `image_embeds`
+                    (get_image_features: the projected, pooled vision features)
+  siglip_model      a whole SiglipModel: `pooler_output` (get_image_features)
 Writes OUT_DIR/model.safetensors, OUT_DIR/config.json and OUT_DIR/reference.safetensors, which
 also holds `pixel_values` [3, 3, 32, 32]. Every model is 64 wide, 2 blocks of 4 heads, 32-px
 input in 8-px patches.
@@ -35,6 +38,16 @@ def build(arch, act):
         cfg = tf.Dinov2WithRegistersConfig(mlp_ratio=4, num_register_tokens=4, layer_norm_eps=1e-6,
                                            **SMALL)
         return tf.Dinov2WithRegistersModel(cfg), ("norm", "token", "lambda", "position")
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                vocab_size=99, max_position_embeddings=16)
+    vision = dict(SMALL, intermediate_size=128)
+    if arch == "clip_model":
+        cfg = tf.CLIPConfig(text_config=text, vision_config=dict(vision, hidden_act=act),
+                            projection_dim=24)
+        return tf.CLIPModel(cfg), ("norm",)
+    if arch == "siglip_model":
+        cfg = tf.SiglipConfig(text_config=text, vision_config=dict(vision, layer_norm_eps=1e-6))
+        return tf.SiglipModel(cfg), ("norm", "probe", "position")
     sys.exit(f"unknown architecture {arch}")
 
 
@@ -47,6 +60,11 @@ def outputs(arch, model, px):
             "tokens": model.vision_model.post_layernorm(v.last_hidden_state),
             "image_embeds": o.image_embeds,
         }
+    if arch in ("clip_model", "siglip_model"):
+        f = model.get_image_features(pixel_values=px)
+        # transformers 5 returns an output object whose pooled output is the features.
+        f = f if torch.is_tensor(f) else f.pooler_output
+        return {"image_embeds" if arch == "clip_model" else "pooler_output": f}
     o = model(pixel_values=px)
     out = {"last_hidden_state": o.last_hidden_state}
     if arch == "siglip":

@@ -464,8 +464,11 @@ impl VitSpec {
     /// to play no part in the features: the calibration would come from another network than
     /// the one the user has (registers or an attention-pooling head silently skipped).
     /// Known to be unused: DINOv2's `mask_token` (masked-image pre-training only), HF ViT's
-    /// `pooler` (a tanh layer over the CLS token, not part of the features), and other stored
-    /// sizes of the position embedding (`<pos_embed>_<px>`). With `allow` each is a warning.
+    /// `pooler` (a tanh layer over the CLS token, not part of the features), other stored
+    /// sizes of the position embedding (`<pos_embed>_<px>`), Swin's stored index and mask
+    /// buffers, and the text tower of a whole CLIP or SigLIP model (`text_model.*`,
+    /// `text_projection`, `logit_scale`, `logit_bias`: a network of its own beside the vision
+    /// tower). With `allow` each is a warning.
     pub fn check_unused(&self, model: &Checkpoint, allow: bool) -> Result<()> {
         let used = self.used_tensors();
         let known = |n: &str| {
@@ -474,6 +477,12 @@ impl VitSpec {
                 // Swin's buffers, computed from the window size (older exports saved them).
                 || (self.family.is_swin()
                     && (n.ends_with("relative_position_index") || n.ends_with("attn_mask")))
+                // The text tower and the logit scale of a whole CLIP or SigLIP model.
+                || (matches!(self.family, Family::HfClip | Family::HfSiglip)
+                    && (n.starts_with("text_model.")
+                        || n.starts_with("text_projection.")
+                        || n == "logit_scale"
+                        || n == "logit_bias"))
                 || n.split('.').any(|part| part == "pooler")
                 || n.strip_prefix(self.pos_embed.as_str())
                     .is_some_and(|rest| rest.starts_with('_'))
@@ -484,6 +493,23 @@ impl VitSpec {
             .map(|t| t.name.as_str())
             .filter(|n| !used.contains(*n) && !known(n))
             .collect();
+        let text = model
+            .tensors()
+            .iter()
+            .filter(|t| t.name.starts_with("text_model."))
+            .count();
+        if text > 0 && matches!(self.family, Family::HfClip | Family::HfSiglip) {
+            log::info!(
+                "{}: a whole {} model: its text tower ({text} tensors) plays no part in the image \
+                 features and is left as it is (the default --skip leaves its layers out)",
+                model.path().display(),
+                if self.family == Family::HfClip {
+                    "CLIP"
+                } else {
+                    "SigLIP"
+                }
+            );
+        }
         let Some(first) = unused.first() else {
             return Ok(());
         };

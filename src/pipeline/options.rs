@@ -14,8 +14,9 @@ use std::path::Path;
 use std::path::PathBuf;
 
 /// Names skipped by default: the classifier head and the patch/token embeddings stay in full
-/// precision, as in the reference (spec a.7).
-pub const DEFAULT_SKIP: &str = r"(^|\.)(head|heads|head_dist|classifier|cls_classifier|distillation_classifier|fc_norm|attn_pool|patch_embed|patch_embeddings|embeddings|pooler|lm_head|visual_projection)(\.|$)";
+/// precision, as in the reference (spec a.7); so does the text tower of a whole CLIP or SigLIP
+/// model (`text_model`, `text_projection`), whose inputs are text, not images.
+pub const DEFAULT_SKIP: &str = r"(^|\.)(head|heads|head_dist|classifier|cls_classifier|distillation_classifier|fc_norm|attn_pool|patch_embed|patch_embeddings|embeddings|pooler|lm_head|visual_projection|text_model|text_projection)(\.|$)";
 
 /// Which tensors are quantized.
 #[derive(Debug, Clone)]
