@@ -800,6 +800,51 @@ fn swin_matches_timm_and_transformers() {
     }
 }
 
+/// Rewrites the safetensors file at `path` with each tensor renamed by `rename`.
+fn with_renamed_tensors(path: &Path, rename: impl Fn(&str) -> String) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (rename(&n), v))
+        .collect();
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(path, out).unwrap();
+}
+
+/// A timm Swin saved before timm 0.9 keeps each patch merging at the end of the stage before
+/// (`layers.0.downsample`) and its head as `head`: the same network, recognised and computed as
+/// the current layout is (the same reference outputs).
+#[test]
+fn a_swin_in_timm_s_older_layout_matches_timm() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    let (dir, r) = reference_model(&python, "swin.py", "timm", &[]);
+    let path = dir.path().join("model.safetensors");
+    with_renamed_tensors(&path, |n| {
+        if let Some(rest) = n.strip_prefix("head.fc.") {
+            return format!("head.{rest}");
+        }
+        for s in 1..3 {
+            if let Some(rest) = n.strip_prefix(&format!("layers.{s}.downsample.")) {
+                return format!("layers.{}.downsample.{rest}", s - 1);
+            }
+        }
+        n.to_string()
+    });
+    let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
+    let (spec, out) = forward(&CpuOps, &path, &get("pixel_values"), 3);
+    assert_eq!(spec.blocks.iter().filter(|b| b.merge.is_some()).count(), 2);
+    assert_eq!(
+        spec.locate("layers.0.downsample.reduction"),
+        Some((2, Role::Reduction))
+    );
+    assert!(rel(&out.tokens, &get("tokens")) < REFERENCE_REL_TOL);
+    assert!(rel(&out.logits, &get("logits")) < REFERENCE_REL_TOL);
+}
+
 /// A Swin quantizes end to end from images on the CPU and the GPU: every linear layer is
 /// calibrated through the forward pass, the patch mergings' reductions included, and both
 /// devices choose layers of the same error.

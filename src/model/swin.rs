@@ -87,10 +87,12 @@ fn block(family: Family, p: &str, stage: usize, j: usize, index: usize) -> Block
 }
 
 /// The patch merging that starts stage `stage` (> 0): timm keeps it at the start of the stage,
-/// transformers at the end of the one before.
-fn merge(family: Family, p: &str, stage: usize) -> (String, String, String) {
-    let m = if family == Family::TimmSwin {
+/// transformers (and timm before 0.9, `end_merge`) at the end of the one before.
+fn merge(family: Family, p: &str, stage: usize, end_merge: bool) -> (String, String, String) {
+    let m = if family == Family::TimmSwin && !end_merge {
         format!("layers.{stage}.downsample")
+    } else if family == Family::TimmSwin {
+        format!("layers.{}.downsample", stage - 1)
     } else {
         format!("{p}encoder.layers.{}.downsample", stage - 1)
     };
@@ -118,6 +120,8 @@ pub(super) fn recognise(
         None => config,
     };
 
+    // timm before 0.9 saved each merging at the end of its stage, like transformers.
+    let end_merge = family == Family::TimmSwin && has("layers.0.downsample.reduction.weight");
     let mut blocks: Vec<BlockNames> = Vec::new();
     for stage in 0.. {
         let first = blocks.len();
@@ -133,7 +137,7 @@ pub(super) fn recognise(
             break;
         }
         if stage > 0 {
-            let m = merge(family, p, stage);
+            let m = merge(family, p, stage, end_merge);
             if has(&format!("{}.weight", m.2)) {
                 blocks[first].merge = Some(m);
             }
