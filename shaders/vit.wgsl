@@ -33,68 +33,105 @@ fn flat(wid: vec3<u32>, lid: vec3<u32>) -> u32 {
 }
 
 // ---- linear: dst[m, n] = src0[m, k] · src1[n, k]ᵀ + src2[n]      (a = m, b = k, c = n)
-// Workgroup (16, 16) owns a 64×64 output tile, each invocation a 4×4 block kept in four vec4
-// accumulators; K advances in steps of 16 through workgroup tiles. Dispatch (⌈n/64⌉, ⌈m/64⌉).
-var<workgroup> ta: array<f32, 1024>;
-var<workgroup> tb: array<f32, 1024>;
+// Register-blocked: workgroup (16, 16) owns a 128×128 output tile, each invocation an 8×8 block
+// (rows ty·4 + 0..3 and 64 + ty·4 + 0..3, the same columns from tx) in sixteen named vec4
+// accumulators (no private arrays: they go to local memory on NVIDIA). K advances 8 at a time
+// through two workgroup tiles stored k-major with a row stride of 33 vec4 (132 floats): the
+// staging reads 8 consecutive k of a row per 8 invocations (coalesced) and writes them to 8
+// different banks; the inner loop reads whole vec4s. Each output sums k in ascending order with
+// fma, as before. Dispatch (⌈n/128⌉, ⌈m/128⌉).
+const LIN_STRIDE: u32 = 33u;
+var<workgroup> ta: array<vec4<f32>, 264>;
+var<workgroup> tb: array<vec4<f32>, 264>;
+
+fn store_row(row: u32, col0: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    if (row >= p.a) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let c = col0 + j;
+        if (c < p.c) {
+            dst[row * p.c + c] = lo[j] + src2[c];
+        }
+        let c2 = col0 + 64u + j;
+        if (c2 < p.c) {
+            dst[row * p.c + c2] = hi[j] + src2[c2];
+        }
+    }
+}
 
 @compute @workgroup_size(16, 16, 1)
 fn linear(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let m0 = wid.y * 64u;
-    let n0 = wid.x * 64u;
+    let m0 = wid.y * 128u;
+    let n0 = wid.x * 128u;
     let tid = lid.y * 16u + lid.x;
     var c0 = vec4<f32>(0.0);
+    var d0 = vec4<f32>(0.0);
     var c1 = vec4<f32>(0.0);
+    var d1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);
+    var d2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.b; k0 += 16u) {
+    var d3 = vec4<f32>(0.0);
+    var c4 = vec4<f32>(0.0);
+    var d4 = vec4<f32>(0.0);
+    var c5 = vec4<f32>(0.0);
+    var d5 = vec4<f32>(0.0);
+    var c6 = vec4<f32>(0.0);
+    var d6 = vec4<f32>(0.0);
+    var c7 = vec4<f32>(0.0);
+    var d7 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < p.b; k0 += 8u) {
         for (var e = 0u; e < 4u; e++) {
             let idx = tid + e * 256u;
-            let r = idx / 16u;
-            let kk = idx % 16u;
+            let r = idx / 8u;
+            let kk = idx % 8u;
             let gk = k0 + kk;
+            let slot = kk * LIN_STRIDE + r / 4u;
             var va = 0.0;
             if (m0 + r < p.a && gk < p.b) {
                 va = src0[(m0 + r) * p.b + gk];
             }
-            ta[kk * 64u + r] = va;
+            ta[slot][r % 4u] = va;
             var vb = 0.0;
             if (n0 + r < p.c && gk < p.b) {
                 vb = src1[(n0 + r) * p.b + gk];
             }
-            tb[kk * 64u + r] = vb;
+            tb[slot][r % 4u] = vb;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk++) {
-            let ai = kk * 64u + lid.y * 4u;
-            let bi = kk * 64u + lid.x * 4u;
-            let av = vec4<f32>(ta[ai], ta[ai + 1u], ta[ai + 2u], ta[ai + 3u]);
-            let bv = vec4<f32>(tb[bi], tb[bi + 1u], tb[bi + 2u], tb[bi + 3u]);
-            c0 = fma(vec4<f32>(av.x), bv, c0);
-            c1 = fma(vec4<f32>(av.y), bv, c1);
-            c2 = fma(vec4<f32>(av.z), bv, c2);
-            c3 = fma(vec4<f32>(av.w), bv, c3);
+        for (var kk = 0u; kk < 8u; kk++) {
+            let a0 = ta[kk * LIN_STRIDE + lid.y];
+            let a1 = ta[kk * LIN_STRIDE + 16u + lid.y];
+            let b0 = tb[kk * LIN_STRIDE + lid.x];
+            let b1 = tb[kk * LIN_STRIDE + 16u + lid.x];
+            c0 = fma(vec4<f32>(a0.x), b0, c0);
+            d0 = fma(vec4<f32>(a0.x), b1, d0);
+            c1 = fma(vec4<f32>(a0.y), b0, c1);
+            d1 = fma(vec4<f32>(a0.y), b1, d1);
+            c2 = fma(vec4<f32>(a0.z), b0, c2);
+            d2 = fma(vec4<f32>(a0.z), b1, d2);
+            c3 = fma(vec4<f32>(a0.w), b0, c3);
+            d3 = fma(vec4<f32>(a0.w), b1, d3);
+            c4 = fma(vec4<f32>(a1.x), b0, c4);
+            d4 = fma(vec4<f32>(a1.x), b1, d4);
+            c5 = fma(vec4<f32>(a1.y), b0, c5);
+            d5 = fma(vec4<f32>(a1.y), b1, d5);
+            c6 = fma(vec4<f32>(a1.z), b0, c6);
+            d6 = fma(vec4<f32>(a1.z), b1, d6);
+            c7 = fma(vec4<f32>(a1.w), b0, c7);
+            d7 = fma(vec4<f32>(a1.w), b1, d7);
         }
         workgroupBarrier();
     }
-    let col0 = n0 + lid.x * 4u;
-    let row0 = m0 + lid.y * 4u;
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + i;
-        if (row >= p.a) {
-            break;
-        }
-        var v = c0;
-        if (i == 1u) { v = c1; }
-        if (i == 2u) { v = c2; }
-        if (i == 3u) { v = c3; }
-        for (var j = 0u; j < 4u; j++) {
-            let col = col0 + j;
-            if (col < p.c) {
-                dst[row * p.c + col] = v[j] + src2[col];
-            }
-        }
-    }
+    store_row(m0 + lid.y * 4u + 0u, n0 + lid.x * 4u, c0, d0);
+    store_row(m0 + lid.y * 4u + 1u, n0 + lid.x * 4u, c1, d1);
+    store_row(m0 + lid.y * 4u + 2u, n0 + lid.x * 4u, c2, d2);
+    store_row(m0 + lid.y * 4u + 3u, n0 + lid.x * 4u, c3, d3);
+    store_row(m0 + 64u + lid.y * 4u + 0u, n0 + lid.x * 4u, c4, d4);
+    store_row(m0 + 64u + lid.y * 4u + 1u, n0 + lid.x * 4u, c5, d5);
+    store_row(m0 + 64u + lid.y * 4u + 2u, n0 + lid.x * 4u, c6, d6);
+    store_row(m0 + 64u + lid.y * 4u + 3u, n0 + lid.x * 4u, c7, d7);
 }
 
 // ---- layernorm: dst[r, :] = (src0[r, :] − μ) / √(σ² + eps) · src1 + src2     (a = rows, b = d)

@@ -610,3 +610,111 @@ fn a_resident_search_moves_each_input_once() {
         "down {down} vs {codes}"
     );
 }
+
+/// Forward primitives, GPU vs CPU: relative Frobenius error of f32 results whose sums run in
+/// another order.
+const FORWARD_OP_REL_TOL: f64 = 1e-5;
+
+fn rel32(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let a: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+    let b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+    frob_rel(&a, &b)
+}
+
+/// The register-blocked forward GEMM (128×128 tiles, 8×8 per invocation, K in steps of 8)
+/// against the CPU on shapes that fill no tile, one tile exactly, and cross tile edges in every
+/// dimension (rows, inner width, outputs of 1 and primes).
+#[test]
+fn the_forward_linear_matches_the_cpu_on_awkward_shapes() {
+    use comq_gpu::device::cpu_ops::CpuOps;
+    use comq_gpu::device::ops::Ops;
+    use comq_gpu::device::wgpu::forward::GpuOps;
+    let Some(g) = gpu::device() else {
+        return;
+    };
+    let ops = GpuOps::new(&g);
+    let mut rng = Rng::new(11);
+    for (m, k, n) in [
+        (1, 1, 1),
+        (7, 5, 3),
+        (128, 8, 128),
+        (129, 130, 257),
+        (300, 17, 64),
+        (33, 200, 131),
+    ] {
+        let x = rng.normals(m * k);
+        let w = rng.normals(n * k);
+        let b = rng.normals(n);
+        let want = CpuOps.linear(&x, m, k, &w, &b, n).unwrap();
+        let (gx, gw, gb) = (
+            ops.upload(&x).unwrap(),
+            ops.upload(&w).unwrap(),
+            ops.upload(&b).unwrap(),
+        );
+        let got = ops
+            .download(&ops.linear(&gx, m, k, &gw, &gb, n).unwrap())
+            .unwrap();
+        let e = rel32(&got, &want);
+        assert!(e < FORWARD_OP_REL_TOL, "linear {m}x{k} -> {n}: {e}");
+    }
+}
+
+/// Swin's primitives, GPU vs CPU: attention with a bias per sequence group (the shifted-window
+/// mask included, `-100` on some pairs) and row gathers (window partition, patch merging).
+#[test]
+fn biased_attention_and_row_gathers_match_the_cpu() {
+    use comq_gpu::device::cpu_ops::CpuOps;
+    use comq_gpu::device::ops::Ops;
+    use comq_gpu::device::wgpu::forward::GpuOps;
+    use comq_gpu::model::swin;
+    let Some(g) = gpu::device() else {
+        return;
+    };
+    let ops = GpuOps::new(&g);
+    let mut rng = Rng::new(12);
+    let (heads, hd, window, side, images) = (3, 8, 4, 8, 2);
+    let t = window * window;
+    let d = heads * hd;
+    let table = rng.normals((2 * window - 1) * (2 * window - 1) * heads);
+    let (bias, groups) = swin::attention_bias(&table, heads, window, side, window / 2);
+    assert_eq!(groups, 4);
+    let windows = images * groups;
+    let qkv = rng.normals(windows * t * 3 * d);
+    let want = CpuOps
+        .attention(&qkv, windows, t, heads, hd, Some((&bias, groups)))
+        .unwrap();
+    let (gq, gb) = (ops.upload(&qkv).unwrap(), ops.upload(&bias).unwrap());
+    let got = ops
+        .download(
+            &ops.attention(&gq, windows, t, heads, hd, Some((&gb, groups)))
+                .unwrap(),
+        )
+        .unwrap();
+    let e = rel32(&got, &want);
+    assert!(e < FORWARD_OP_REL_TOL, "biased attention: {e}");
+    // The bias matters: without it the output is another one.
+    let plain = CpuOps.attention(&qkv, windows, t, heads, hd, None).unwrap();
+    assert!(rel32(&plain, &want) > 1e-2);
+
+    let x = rng.normals(images * side * side * 5);
+    for order in [
+        swin::window_order(images, side, window, 2),
+        swin::merge_order(images, side),
+    ] {
+        let want = CpuOps.gather_rows(&x, &order, 5).unwrap();
+        let gx = ops.upload(&x).unwrap();
+        let got = ops
+            .download(&ops.gather_rows(&gx, &order, 5).unwrap())
+            .unwrap();
+        assert_eq!(got, want);
+    }
+    // A row outside the tensor is an error on both devices.
+    let gx = ops.upload(&x).unwrap();
+    assert!(ops
+        .gather_rows(&gx, &[(images * side * side) as u32], 5)
+        .is_err());
+    assert!(CpuOps
+        .gather_rows(&x, &[(images * side * side) as u32], 5)
+        .is_err());
+}

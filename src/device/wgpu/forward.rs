@@ -185,7 +185,7 @@ impl Ops for GpuOps {
             c: n as u32,
             ..Default::default()
         };
-        let gy = rows.div_ceil(64) as u32;
+        let gy = rows.div_ceil(128) as u32;
         if gy > MAX_GROUPS {
             return Err(gpu_err(format!(
                 "{rows} rows in one GEMM exceed the dispatch limit; use fewer images per batch"
@@ -195,7 +195,7 @@ impl Ops for GpuOps {
             Kernel::Linear,
             &[(0, &x.buf), (1, &w.buf), (2, &b.buf), (3, &y.buf)],
             p,
-            (n.div_ceil(64) as u32, gy, 1),
+            (n.div_ceil(128) as u32, gy, 1),
         );
         Ok(y)
     }
