@@ -16,7 +16,8 @@
 // @group(0) @binding(6) lo     : array<i32>, read        — [rows, groups]
 // @group(0) @binding(7) s      : array<f32>, read_write  — [rows, n] scratch (the row's x)
 // @group(0) @binding(8) params : uniform GptqParams
-// Workgroup 256, one workgroup per row (row = wid.y · 65535 + wid.x).
+// Workgroup 256, one workgroup per row (row = row0 + wid.y · 65535 + wid.x; `rows` is the
+// tile's end, so a long tile can go in several dispatches of consecutive rows).
 // Dispatch (min(rows, 65535), ceil(rows / 65535), 1).
 
 struct GptqParams {
@@ -25,7 +26,7 @@ struct GptqParams {
     group_size: u32,
     levels: i32,
     groups: u32,
-    pad0: u32,
+    row0: u32,
     pad1: u32,
     pad2: u32,
 }
@@ -49,7 +50,7 @@ fn nearest(t: f32, d: f32, l: i32, levels: i32) -> i32 {
 
 @compute @workgroup_size(256, 1, 1)
 fn gptq(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let row = wid.y * 65535u + wid.x;
+    let row = p.row0 + wid.y * 65535u + wid.x;
     if (row >= p.rows) {
         return;
     }

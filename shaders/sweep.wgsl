@@ -18,7 +18,8 @@
 // @group(0) @binding(7) order  : array<u32>, read        — [rows, n] (unused when natural)
 // @group(0) @binding(8) s      : array<f32>, read_write  — [rows, n] scratch (the d of each column)
 // @group(0) @binding(9) params : uniform SweepParams
-// Workgroup 256, one workgroup per row (row = wid.y · 65535 + wid.x).
+// Workgroup 256, one workgroup per row (row = row0 + wid.y · 65535 + wid.x; `rows` is the
+// tile's end, so a long tile can go in several dispatches of consecutive rows).
 //   sweep_shared:  the row's residual lives in workgroup memory (n ≤ 4096, 16 KiB)
 //   sweep_storage: the residual stays in storage (any n)
 // Dispatch (min(rows, 65535), ceil(rows / 65535), 1).
@@ -31,7 +32,7 @@ struct SweepParams {
     dead: f32,
     natural: u32,
     groups: u32,
-    pad0: u32,
+    row0: u32,
 }
 
 @group(0) @binding(0) var<storage, read> w: array<f32>;
@@ -89,7 +90,7 @@ fn order_at(row: u32, t: u32) -> u32 {
 
 @compute @workgroup_size(256, 1, 1)
 fn sweep_shared(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let row = wid.y * 65535u + wid.x;
+    let row = p.row0 + wid.y * 65535u + wid.x;
     if (row >= p.rows) {
         return;
     }
@@ -132,7 +133,7 @@ fn sweep_shared(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
 
 @compute @workgroup_size(256, 1, 1)
 fn sweep_storage(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let row = wid.y * 65535u + wid.x;
+    let row = p.row0 + wid.y * 65535u + wid.x;
     if (row >= p.rows) {
         return;
     }

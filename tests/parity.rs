@@ -718,3 +718,69 @@ fn biased_attention_and_row_gathers_match_the_cpu() {
         .gather_rows(&x, &[(images * side * side) as u32], 5)
         .is_err());
 }
+
+/// Rows of a layer whose sweep or GPTQ pass would read more than the per-submit bound go in
+/// several submits of consecutive rows (no dispatch long enough for a desktop watchdog to kill):
+/// with a bound of one row per submit the GPU run chooses the very same codes as with none (the
+/// same kernel on the same rows), for the paper recipe's sweep and the default recipe's GPTQ
+/// start alike.
+#[test]
+fn rows_split_over_submits_give_the_same_codes() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let model = root.join("assets/tiny-vit.safetensors");
+    let calib = root.join("assets/tiny-vit.calib.safetensors");
+    for preset in ["paper", "default"] {
+        let mut hashes = Vec::new();
+        for bound in [None, Some("1")] {
+            let out = tmp
+                .path()
+                .join(format!("q-{preset}-{}.safetensors", bound.is_some()));
+            let rep = tmp
+                .path()
+                .join(format!("r-{preset}-{}.json", bound.is_some()));
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_comq-gpu"));
+            cmd.env("RUST_LOG", "warn").args([
+                "run",
+                model.to_str().unwrap(),
+                "--calib",
+                calib.to_str().unwrap(),
+                "--preset",
+                preset,
+                "--device",
+                "gpu",
+                "--out",
+                out.to_str().unwrap(),
+                "--report",
+                rep.to_str().unwrap(),
+            ]);
+            if let Some(b) = bound {
+                cmd.env("COMQ_SUBMIT_BYTES", b);
+            }
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+            hashes.push(r["codes_sha256"].as_str().unwrap().to_string());
+        }
+        assert_eq!(hashes[0], hashes[1], "{preset}");
+    }
+}
+
+/// The per-submit bound in rows: one submit for the ViT-L layers, several for the 6B shape's
+/// widest (fc2, 12800 inputs), each reading at most the bound (the first row always goes).
+#[test]
+fn the_submit_bound_splits_only_the_widest_layers() {
+    use comq_gpu::device::wgpu::{rows_per_submit, SUBMIT_BYTES};
+    if std::env::var("COMQ_SUBMIT_BYTES").is_ok() {
+        return;
+    }
+    assert!(rows_per_submit(4096) >= 1024, "ViT-L fc2: one submit");
+    let r = rows_per_submit(12800);
+    assert!(r < 3200 && r >= 1, "6B fc2: {r} rows per submit");
+    assert!(r as u64 * 12800 * 12800 * 4 <= SUBMIT_BYTES);
+    assert_eq!(rows_per_submit(1 << 20), 1);
+}

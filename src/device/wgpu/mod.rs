@@ -33,6 +33,27 @@ use crate::shaders::{Kernel, MAX_STORAGE_BUFFERS, SWEEP_SHARED_MAX_COLS};
 /// Largest workgroup count per dispatch dimension.
 const MAX_GROUPS: u32 = 65535;
 
+/// Bytes of `G` (or of the GPTQ factor) one dispatch of the per-row kernels may read: about
+/// 0.5 s on a 300 GB/s card, under the watchdogs that kill long dispatches on desktops
+/// (Windows' 2 s, macOS'). A tile whose rows would read more goes in several submits of
+/// consecutive rows. `COMQ_SUBMIT_BYTES` lowers it (the tests split small layers with it).
+pub const SUBMIT_BYTES: u64 = 150_000_000_000;
+
+/// Rows of an `n`-wide layer one submit of the sweep or the GPTQ pass takes: each row reads
+/// `n²` floats of `G` (or up to that of the factor).
+pub fn rows_per_submit(n: usize) -> usize {
+    static BOUND: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let bound = *BOUND.get_or_init(|| {
+        std::env::var("COMQ_SUBMIT_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&b| b > 0)
+            .unwrap_or(SUBMIT_BYTES)
+    });
+    let per_row = (n as u64 * n as u64 * 4).max(1);
+    ((bound / per_row) as usize).max(1)
+}
+
 /// One adapter as `comq-gpu devices` lists it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdapterSummary {
@@ -421,6 +442,8 @@ struct Tile {
     rtn: wgpu::BindGroup,
     apply: wgpu::BindGroup,
     sweep: wgpu::BindGroup,
+    /// The sweep's parameters (for tiles that go in several submits).
+    sweep_params: SweepParams,
     scale: wgpu::BindGroup,
     /// Shared order: per block of columns, the bind groups of `block_steps` and `block_update`.
     blocks: Vec<(wgpu::BindGroup, wgpu::BindGroup)>,
@@ -526,7 +549,8 @@ impl WgpuDevice {
         };
         let (residual, reduce) = self.measure_bindings(g, &b, rows, p.grid.cols);
         let (rtn, apply) = self.grid_bindings(p, &b, rows);
-        let sweep = self.sweep_binding(p, g, &b, rows);
+        let sweep_params = Self::sweep_params(p, rows);
+        let sweep = self.sweep_binding(&sweep_params, g, &b);
         let scale = self.scale_binding(p, g, &b, rows);
         Ok(Tile {
             rows,
@@ -546,6 +570,7 @@ impl WgpuDevice {
             rtn,
             apply,
             sweep,
+            sweep_params,
             scale,
             blocks,
             bufs,
@@ -791,30 +816,30 @@ impl WgpuDevice {
         (rtn, apply)
     }
 
-    /// The per-row greedy sweep's bind group.
+    /// The per-row greedy sweep's parameters for a tile of `rows` rows.
+    fn sweep_params(p: &LayerProblem<'_>, rows: usize) -> SweepParams {
+        SweepParams {
+            rows: rows as u32,
+            n: p.grid.cols as u32,
+            group_size: p.grid.group_size as u32,
+            levels: p.grid.levels(),
+            dead: p.dead_threshold,
+            natural: matches!(p.order, Order::Natural { .. }) as u32,
+            groups: p.grid.groups() as u32,
+            row0: 0,
+        }
+    }
+
+    /// The per-row greedy sweep's bind group, from row `params.row0` on.
     fn sweep_binding(
         &self,
-        p: &LayerProblem<'_>,
+        params: &SweepParams,
         g: &wgpu::Buffer,
         b: &TileBufs<'_>,
-        rows: usize,
     ) -> wgpu::BindGroup {
-        let n = p.grid.cols;
-        let sp = self.uniform(
-            "sweep-params",
-            &SweepParams {
-                rows: rows as u32,
-                n: n as u32,
-                group_size: p.grid.group_size as u32,
-                levels: p.grid.levels(),
-                dead: p.dead_threshold,
-                natural: matches!(p.order, Order::Natural { .. }) as u32,
-                groups: p.grid.groups() as u32,
-                pad: 0,
-            },
-        );
+        let sp = self.uniform("sweep-params", params);
         self.bind(
-            self.sweep_kernel(n),
+            self.sweep_kernel(params.n as usize),
             &[
                 (0, b.w),
                 (1, b.q),
@@ -1024,10 +1049,28 @@ impl Device for WgpuDevice {
 
     fn sweep(&self, l: &mut WgpuLayer) -> Result<()> {
         let kernel = self.sweep_kernel(l.cols);
+        let chunk = rows_per_submit(l.cols);
         let mut enc = self.encoder("sweep");
         for t in &l.tiles {
-            if t.blocks.is_empty() {
+            if t.blocks.is_empty() && t.rows <= chunk {
                 self.dispatch(&mut enc, kernel, &t.sweep, per_row(t.rows));
+                continue;
+            }
+            if t.blocks.is_empty() {
+                // Consecutive rows, one submit each, so no dispatch runs past the bound.
+                let g = l.g.as_ref().expect("a live layer has its Gram");
+                let b = TileBufs::of(&t.bufs);
+                self.submit(std::mem::replace(&mut enc, self.encoder("sweep")))?;
+                for row0 in (0..t.rows).step_by(chunk) {
+                    let params = SweepParams {
+                        row0: row0 as u32,
+                        ..t.sweep_params
+                    };
+                    let bind = self.sweep_binding(&params, g, &b);
+                    let mut e = self.encoder("sweep-rows");
+                    self.dispatch(&mut e, kernel, &bind, per_row(chunk.min(t.rows - row0)));
+                    self.submit(e)?;
+                }
                 continue;
             }
             // Shared order: per block, the steps of every row, then one matrix product.
@@ -1129,36 +1172,47 @@ impl Device for WgpuDevice {
             l.factor = Some((f.id, u, perm));
         }
         let (_, u, perm) = l.factor.as_ref().expect("set above");
-        let mut enc = self.encoder("gptq");
+        // Consecutive rows, one submit each, so no dispatch reads more than the bound.
+        let chunk = rows_per_submit(n);
         for t in &l.tiles {
-            let params = self.uniform(
-                "gptq-params",
-                &GptqParams {
-                    rows: t.rows as u32,
-                    n: n as u32,
-                    group_size: l.group_size as u32,
-                    levels: l.levels,
-                    groups: l.groups as u32,
-                    pad: [0; 3],
-                },
-            );
-            let bind = self.bind(
-                Kernel::Gptq,
-                &[
-                    (0, t.buf(t.w)),
-                    (1, t.buf(t.q)),
-                    (2, t.buf(t.codes)),
-                    (3, u),
-                    (4, perm),
-                    (5, t.buf(t.delta)),
-                    (6, t.buf(t.lo)),
-                    (7, t.buf(t.s)),
-                    (8, &params),
-                ],
-            );
-            self.dispatch(&mut enc, Kernel::Gptq, &bind, per_row(t.rows));
+            for row0 in (0..t.rows).step_by(chunk) {
+                let params = self.uniform(
+                    "gptq-params",
+                    &GptqParams {
+                        rows: t.rows as u32,
+                        n: n as u32,
+                        group_size: l.group_size as u32,
+                        levels: l.levels,
+                        groups: l.groups as u32,
+                        row0: row0 as u32,
+                        pad: [0; 2],
+                    },
+                );
+                let bind = self.bind(
+                    Kernel::Gptq,
+                    &[
+                        (0, t.buf(t.w)),
+                        (1, t.buf(t.q)),
+                        (2, t.buf(t.codes)),
+                        (3, u),
+                        (4, perm),
+                        (5, t.buf(t.delta)),
+                        (6, t.buf(t.lo)),
+                        (7, t.buf(t.s)),
+                        (8, &params),
+                    ],
+                );
+                let mut enc = self.encoder("gptq");
+                self.dispatch(
+                    &mut enc,
+                    Kernel::Gptq,
+                    &bind,
+                    per_row(chunk.min(t.rows - row0)),
+                );
+                self.submit(enc)?;
+            }
         }
-        self.submit(enc)
+        Ok(())
     }
 
     fn set_grid(&self, l: &mut WgpuLayer, delta: &[f32], lo: &[i32]) -> Result<()> {

@@ -67,8 +67,9 @@ pub struct SweepParams {
     pub natural: u32,
     /// Groups per row.
     pub groups: u32,
-    /// Padding to 32 bytes.
-    pub pad: u32,
+    /// First row of this dispatch (a tile's rows go in several submits when one would run
+    /// too long: [`super::rows_per_submit`]).
+    pub row0: u32,
 }
 
 /// `BlockParams` in `block.wgsl`.
@@ -107,8 +108,10 @@ pub struct GptqParams {
     pub levels: i32,
     /// Groups per row.
     pub groups: u32,
+    /// First row of this dispatch (see [`SweepParams::row0`]).
+    pub row0: u32,
     /// Padding to 32 bytes.
-    pub pad: [u32; 3],
+    pub pad: [u32; 2],
 }
 
 /// `ScaleParams` in `scale.wgsl`.
