@@ -208,6 +208,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
                 }
                 Ok(())
             })?;
+            ops.throttle()?;
         }
         if collect {
             self.grams.clear();
@@ -244,6 +245,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
                 }
                 Ok(())
             })?;
+            ops.throttle()?;
         }
         ops.gram_finish(g)
     }

@@ -93,6 +93,7 @@ fn features_on<O: Ops>(
             let w = block_with(model, spec, b, overrides)?.upload(ops)?;
             for (h, n) in hidden.iter_mut() {
                 f.block(&w, h, *n, None, &mut |_, _, _| Ok(()))?;
+                ops.throttle()?;
             }
         }
         for (h, n) in &hidden {

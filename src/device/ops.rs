@@ -151,4 +151,10 @@ pub trait Ops {
     fn sync(&self) -> Result<()> {
         Ok(())
     }
+    /// Called once per batch: waits until the work recorded before the previous call has run,
+    /// so at most about two batches' work (and their temporary tensors) is in flight and the
+    /// device holds to the memory plan. A no-op on the CPU.
+    fn throttle(&self) -> Result<()> {
+        Ok(())
+    }
 }

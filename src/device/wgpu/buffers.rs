@@ -245,9 +245,14 @@ pub fn wait_limit() -> std::time::Duration {
 /// Waits for the device to finish the work submitted so far, at most [`wait_limit`]: a GPU that
 /// hangs (or a driver that never signals) becomes an error naming the limit, not a hung run.
 pub fn wait(device: &wgpu::Device) -> Result<()> {
+    wait_for(device, None)
+}
+
+/// [`wait`] for the work up to submission `index` only (all of it with `None`).
+pub fn wait_for(device: &wgpu::Device, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
     let limit = wait_limit();
     match device.poll(wgpu::PollType::Wait {
-        submission_index: None,
+        submission_index: index,
         timeout: Some(limit),
     }) {
         Ok(_) => Ok(()),

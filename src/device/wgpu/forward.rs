@@ -50,6 +50,16 @@ pub struct GpuOps {
     /// The quantization device's context: same queue, kernels, fault slot and transfers.
     ctx: GpuContext,
     max_binding: u64,
+    /// The latest submission, and the one [`Ops::throttle`] marked last: at most the work
+    /// between two marks and the one after is in flight.
+    submissions: std::sync::Arc<std::sync::Mutex<Submissions>>,
+}
+
+/// See [`GpuOps::submissions`].
+#[derive(Debug, Default)]
+struct Submissions {
+    latest: Option<wgpu::SubmissionIndex>,
+    marked: Option<wgpu::SubmissionIndex>,
 }
 
 fn grid(count: usize) -> (u32, u32) {
@@ -61,6 +71,7 @@ impl GpuOps {
     /// Forward primitives on the device of `d`.
     pub fn new(d: &WgpuDevice) -> GpuOps {
         GpuOps {
+            submissions: Default::default(),
             name: format!("{} ({:?})", d.info.name, d.info.backend),
             ctx: d.ctx.clone(),
             max_binding: d.max_binding(),
@@ -118,7 +129,10 @@ impl GpuOps {
         let bg = self.ctx.bind(kernel, &entries);
         let mut enc = self.ctx.encoder(kernel.entry());
         self.ctx.pass(&mut enc, kernel, &bg, groups);
-        self.ctx.queue.submit([enc.finish()]);
+        let idx = self.ctx.queue.submit([enc.finish()]);
+        if let Ok(mut s) = self.submissions.lock() {
+            s.latest = Some(idx);
+        }
     }
 
     fn elementwise(
@@ -525,6 +539,20 @@ impl Ops for GpuOps {
 
     fn sync(&self) -> Result<()> {
         super::buffers::wait(&self.ctx.device)?;
+        self.check_fault()
+    }
+
+    fn throttle(&self) -> Result<()> {
+        let previous = match self.submissions.lock() {
+            Ok(mut s) => {
+                let latest = s.latest.clone();
+                std::mem::replace(&mut s.marked, latest)
+            }
+            Err(_) => None,
+        };
+        if let Some(idx) = previous {
+            super::buffers::wait_for(&self.ctx.device, Some(idx))?;
+        }
         self.check_fault()
     }
 }
