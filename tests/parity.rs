@@ -127,7 +127,7 @@ fn residual_loss_energy_and_one_sweep_match_the_cpu_from_the_same_state() {
     let Some(gpu) = gpu::device() else { return };
     let cpu = CpuDevice::new();
     let (mut total, mut differ) = (0usize, 0usize);
-    for (i, (rows, cols)) in [(5usize, 1usize), (17, 7), (33, 63), (19, 257)]
+    for (i, (rows, cols)) in [(5usize, 1usize), (17, 7), (33, 63), (19, 257), (130, 129)]
         .into_iter()
         .enumerate()
     {

@@ -940,7 +940,7 @@ impl WgpuDevice {
                     &mut enc,
                     Kernel::Residual,
                     bg,
-                    (l.cols.div_ceil(16) as u32, t.rows.div_ceil(16) as u32),
+                    (l.cols.div_ceil(128) as u32, t.rows.div_ceil(128) as u32),
                 );
             }
             self.dispatch(&mut enc, Kernel::Reduce, &t.reduce[red], per_row(t.rows));
