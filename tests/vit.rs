@@ -925,6 +925,24 @@ fn a_swin_with_unread_tensors_or_untiled_grids_is_refused() {
         e.contains("absolute_pos_embed") && e.contains("timm Swin"),
         "{e}"
     );
+    drop(m);
+    // A bias table claiming windows of 65 tokens a side: refused before any bias is expanded.
+    let table = "layers.0.blocks.0.attn.relative_position_bias_table";
+    with_renamed_tensors(&path, |n| {
+        if n == table {
+            "unused.table".to_string()
+        } else {
+            n.to_string()
+        }
+    });
+    with_extra_tensors(&path, &[(table, vec![129 * 129, 1])]);
+    let e = VitSpec::detect(&Checkpoint::open(&path).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("windows of 65") && e.contains("at most 64"),
+        "{e}"
+    );
 }
 
 /// HF DINOv2 with registers against transformers itself: the register tokens sit between the

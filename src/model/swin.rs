@@ -27,6 +27,12 @@ use crate::io::checkpoint::Checkpoint;
 /// from opposite borders (timm's and transformers' choice; `exp(-100)` is 0 in f32).
 pub const SHIFT_MASK: f32 = -100.0;
 
+/// The largest window side the forward pass takes (published Swins use 7 to 24).
+pub const MAX_WINDOW: usize = 64;
+
+/// The largest expanded attention bias of one block (`[groups, heads, w², w²]` f32).
+pub const MAX_BIAS_BYTES: u64 = 1 << 30;
+
 /// The Swin family of `model` and its tensors' prefix, when it is one.
 pub(super) fn family_of(model: &Checkpoint) -> Option<(Family, String)> {
     let has = |n: &str| model.get(n).is_some();
@@ -352,6 +358,7 @@ pub(super) fn recognise(
     // The native input: transformers' `image_size`, timm's `img_size` (timm's `pretrained_cfg`
     // and the image processor's config, read by `preprocess`, come after).
     let native = num(&config, "image_size")
+        .or_else(|| config.get("image_size")?.as_array()?.first()?.as_f64())
         .or_else(|| {
             let a = config.get("model_args")?.get("img_size")?;
             a.as_f64().or_else(|| a.as_array()?.first()?.as_f64())
@@ -413,6 +420,13 @@ pub fn check_grids(spec: &VitSpec) -> std::result::Result<(), String> {
     let side0 = crop / spec.patch;
     for b in &spec.blocks {
         let g = &b.geom;
+        if g.window > MAX_WINDOW {
+            return Err(format!(
+                "block {} has windows of {} tokens a side (its bias table says so); at most \
+                 {MAX_WINDOW} are supported",
+                b.index, g.window
+            ));
+        }
         if !side0.is_multiple_of(1 << g.stage) {
             return Err(format!(
                 "the {side0}x{side0} patch grid cannot be merged {} times (block {})",
@@ -425,6 +439,24 @@ pub fn check_grids(spec: &VitSpec) -> std::result::Result<(), String> {
                 "block {} has a {side}x{side} grid that windows of {} do not tile (the model would \
                  pad it); choose an input size whose grids the windows tile",
                 b.index, g.window
+            ));
+        }
+        // The expanded bias: one [heads, w², w²] table per window position when shifted.
+        let t = (g.window * g.window) as u64;
+        let groups = if spec.block_shift(b.index) > 0 {
+            ((side / g.window) * (side / g.window)) as u64
+        } else {
+            1
+        };
+        let bytes = groups * g.heads as u64 * t * t * 4;
+        if bytes > MAX_BIAS_BYTES {
+            return Err(format!(
+                "block {}'s attention bias over {groups} windows of {t} tokens and {} heads would \
+                 take {:.1} GB (at most {:.1} GB); choose a smaller input size",
+                b.index,
+                g.heads,
+                bytes as f64 / 1e9,
+                MAX_BIAS_BYTES as f64 / 1e9
             ));
         }
     }
