@@ -1404,6 +1404,7 @@ fn hyper_params(path: &Path, config: &Value, family: Family, dim: usize) -> Resu
     // Hyper-parameters from config.json when present, else the family's conventions.
     let args = config.get("model_args").unwrap_or(config);
     let heads = num(args, "num_heads")
+        .or_else(|| num(config, "num_heads"))
         .or_else(|| num(config, "num_attention_heads"))
         .map(|h| h as usize)
         .map(Ok)
