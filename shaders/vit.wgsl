@@ -20,6 +20,10 @@ struct VitParams {
     gx: u32,
     eps: f32,
     scale: f32,
+    f: u32,
+    h: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> src0: array<f32>;
@@ -372,8 +376,9 @@ fn gather_rows(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_
     dst[i] = src0[u32(src1[r]) * p.b + i % p.b];
 }
 
-// ---- im2col: src0 = pixels [n, ch, side, side] → dst [n·g², ch·pz²]
-// (a = total elements, b = ch, c = side, d = pz (patch size), e = g (patches per side))
+// ---- im2col: src0 = pixels [n, ch, side_h, side_w] → dst [n·gh·gw, ch·pz²]
+// (a = total elements, b = ch, c = side_w, d = pz (patch size), e = gw, f = side_h, h = gh;
+// pixels past the last whole patch are never read)
 @compute @workgroup_size(256, 1, 1)
 fn im2col(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let i = flat(wid, lid);
@@ -381,18 +386,19 @@ fn im2col(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
         return;
     }
     let pz = p.d;
-    let g = p.e;
+    let gw = p.e;
+    let cells = p.h * gw;
     let k = p.b * pz * pz;
     let row = i / k;
     let col = i % k;
-    let img = row / (g * g);
-    let cell = row % (g * g);
-    let gy = cell / g;
-    let gx = cell % g;
+    let img = row / cells;
+    let cell = row % cells;
+    let gy = cell / gw;
+    let gx = cell % gw;
     let ch = col / (pz * pz);
     let ky = (col / pz) % pz;
     let kx = col % pz;
-    dst[i] = src0[((img * p.b + ch) * p.c + gy * pz + ky) * p.c + gx * pz + kx];
+    dst[i] = src0[((img * p.b + ch) * p.f + gy * pz + ky) * p.c + gx * pz + kx];
 }
 
 // ---- assemble: tokens [n, pre + g, D] = (prefix tokens src1 | patches src0) + pos src2

@@ -666,8 +666,14 @@ pub fn evaluate(
                 rspec.out_dim(),
                 rspec.depth,
                 rspec.preprocess.crop,
-            ) != (spec.dim, spec.out_dim(), spec.depth, spec.preprocess.crop)
-            {
+                rspec.preprocess.crop_w,
+            ) != (
+                spec.dim,
+                spec.out_dim(),
+                spec.depth,
+                spec.preprocess.crop,
+                spec.preprocess.crop_w,
+            ) {
                 return Err(crate::error::Error::InvalidOption(format!(
                     "--reference {} is not the same architecture as {} (width {} depth {} vs {} {})",
                     r.display(),

@@ -388,10 +388,11 @@ fn side_file_values_are_checked_and_name_the_key() {
         ),
         // Width 32 with no head count: no safe guess.
         (serde_json::json!({}), "num_heads"),
-        // Non-square inputs would run as a square network of another grid.
+        // A non-square input whose grid the position embedding does not hold would run as a
+        // square network of another grid.
         (
             serde_json::json!({"num_heads": 2, "pretrained_cfg": {"input_size": [3, 16, 24]}}),
-            "'pretrained_cfg.input_size' is 16x24: non-square inputs are not supported",
+            "'pretrained_cfg.input_size' is 16x24, a non-square input, but the position embedding",
         ),
         (
             serde_json::json!({"model_args": {"num_heads": 2, "img_size": [24, 16]}}),

@@ -1066,6 +1066,7 @@ fn timm_variants_match_timm() {
         ("avg_fc", Pool::Mean, 0, 0),
         ("avg", Pool::Mean, 1, 1),
         ("qk_norm", Pool::Cls, 1, 1),
+        ("rect", Pool::Cls, 1, 1),
     ] {
         let (dir, r) = reference_model(&python, "timm_vision.py", variant, &[]);
         let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
@@ -1302,9 +1303,109 @@ fn the_feature_probe_matches_whole_model_features_layer_by_layer() {
     }
 }
 
+/// Non-square inputs: a timm ViT made for 32 x 48 px (`img_size=(32, 48)`, a 4 x 6 patch grid)
+/// and an HF ViT with `image_size` [32, 48] are recognised with their grids, computed as timm and
+/// transformers compute them (CPU; GPU to CPU), resized from a square position grid when asked
+/// for a square crop, quantized from the bundled photos (cropped to 32 x 48), and refused for a
+/// Swin.
+#[test]
+fn non_square_inputs_match_timm_and_transformers() {
+    let Some(python) = reference_python() else {
+        return;
+    };
+    for (script, arch, want) in [
+        ("timm_vision.py", "rect", "logits"),
+        ("hf_vision.py", "vit_rect", "logits"),
+    ] {
+        let (dir, r) = reference_model(&python, script, arch, &[]);
+        let get = |n: &str| r.read_f32(r.get(n).unwrap()).unwrap();
+        let px = get("pixel_values");
+        let path = dir.path().join("model.safetensors");
+        let (spec, out) = forward(&CpuOps, &path, &px, 3);
+        assert_eq!(
+            (
+                spec.preprocess.crop,
+                spec.preprocess.crop_w,
+                spec.tokens_per_image()
+            ),
+            (32, 48, 1 + 24),
+            "{arch}"
+        );
+        assert!(
+            spec.summary().contains("input 32x48 px"),
+            "{}",
+            spec.summary()
+        );
+        let e = rel(&out.logits, &get(want));
+        eprintln!("{arch} logits vs reference: rel {e:.3e}");
+        assert!(e < REFERENCE_REL_TOL, "{arch}: {e}");
+        if let Some(g) = gpu::device() {
+            let ops = comq_gpu::device::wgpu::forward::GpuOps::new(&g);
+            let (_, gout) = forward(&ops, &path, &px, 3);
+            let e = rel(&gout.tokens, &out.tokens);
+            assert!(e < FORWARD_REL_TOL, "{arch} GPU vs CPU: {e}");
+        }
+        // A square crop resizes the 4 x 6 position grid to 4 x 4.
+        let m = Checkpoint::open(&path).unwrap();
+        let mut sq = VitSpec::detect(&m).unwrap();
+        sq.set_input(None, Some(32)).unwrap();
+        assert_eq!(sq.tokens_per_image(), 1 + 16);
+        let stem = HostStem::load(&m, &sq).unwrap();
+        let px32: Vec<f32> = (0..3 * 3 * 32 * 32)
+            .map(|i| ((i % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let o = run_model(
+            &CpuOps,
+            &sq,
+            &stem,
+            &mut |b| HostBlock::load(&m, &sq, &sq.blocks[b]),
+            &px32,
+            3,
+        )
+        .unwrap();
+        assert!(o.logits.iter().all(|v| v.is_finite()));
+        // From images: the bundled photos, each cropped to 32 x 48.
+        std::fs::remove_file(dir.path().join("reference.safetensors")).unwrap();
+        let report = dir.path().join("r.json");
+        let o = common::run(&[
+            "run",
+            common::s(dir.path()),
+            "--out",
+            common::s(&dir.path().join("q")),
+            "--report",
+            common::s(&report),
+            "--preset",
+            "paper",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let rep: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        assert!(rep["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["calibration"] == "images"));
+    }
+    // A Swin is refused a non-square input, naming the key.
+    let (dir, _) = reference_model(&python, "swin.py", "hf", &[]);
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["image_size"] = serde_json::json!([64, 96]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = VitSpec::detect(&Checkpoint::open(&dir.path().join("model.safetensors")).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'image_size' is 64x96") && e.contains("Swin"),
+        "{e}"
+    );
+}
+
 /// A non-square input in the side files (timm's `img_size` or `input_size`, HF's `image_size`,
-/// the image processor's `crop_size`) is refused naming the key, never run as a square network
-/// (a 4x6 grid plus a class token has as many positions as a 5x5 grid without one).
+/// the image processor's `crop_size`) whose grid the position embedding does not hold is refused
+/// naming the key, never run as a square network (a 4x6 grid plus a class token has as many
+/// positions as a 5x5 grid without one).
 #[test]
 fn a_non_square_input_is_refused_naming_the_key() {
     for (family, file, text, key) in [

@@ -13,6 +13,8 @@ ARCH is one of:
   clip_model        a whole CLIPModel (text tower beside the vision tower): `image_embeds`
                     (get_image_features: the projected, pooled vision features)
   siglip_model      a whole SiglipModel: `pooler_output` (get_image_features)
+  vit_rect          ViTForImageClassification with a non-square 32 x 48 input (`image_size`
+                    [32, 48]; 5 classes): `logits`, `last_hidden_state`
 Writes OUT_DIR/model.safetensors, OUT_DIR/config.json and OUT_DIR/reference.safetensors, which
 also holds `pixel_values` [3, 3, 32, 32]. Every model is 64 wide, 2 blocks of 4 heads, 32-px
 input in 8-px patches.
@@ -41,6 +43,9 @@ def build(arch, act):
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 vocab_size=99, max_position_embeddings=16)
     vision = dict(SMALL, intermediate_size=128)
+    if arch == "vit_rect":
+        cfg = tf.ViTConfig(intermediate_size=128, num_labels=5, **dict(SMALL, image_size=[32, 48]))
+        return tf.ViTForImageClassification(cfg), ("norm", "token", "position")
     if arch == "clip_model":
         cfg = tf.CLIPConfig(text_config=text, vision_config=dict(vision, hidden_act=act),
                             projection_dim=24)
@@ -65,6 +70,10 @@ def outputs(arch, model, px):
         # transformers 5 returns an output object whose pooled output is the features.
         f = f if torch.is_tensor(f) else f.pooler_output
         return {"image_embeds" if arch == "clip_model" else "pooler_output": f}
+    if arch == "vit_rect":
+        o = model(pixel_values=px, output_hidden_states=True)
+        return {"logits": o.logits,
+                "last_hidden_state": model.vit.layernorm(o.hidden_states[-1])}
     o = model(pixel_values=px)
     out = {"last_hidden_state": o.last_hidden_state}
     if arch == "siglip":
@@ -85,7 +94,7 @@ def main():
             if any(m in name for m in moved):
                 p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(out, safe_serialization=True)
-    px = torch.randn(3, 3, 32, 32)
+    px = torch.randn(3, 3, 32, 48) if arch == "vit_rect" else torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = {k: v.contiguous() for k, v in outputs(arch, model, px).items()}
     ref["pixel_values"] = px.contiguous()

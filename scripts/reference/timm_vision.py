@@ -12,6 +12,7 @@ VARIANT is one of:
   avg_fc      no class token, `global_pool='avg'`, `fc_norm` (the final norm moves after pooling)
   avg         class token kept, `global_pool='avg'`, no `fc_norm`
   qk_norm     `qk_norm=True`: a LayerNorm over each head's queries and keys
+  rect        a non-square input, 32 x 48 px (a 4 x 6 patch grid)
 Writes OUT_DIR/model.safetensors, OUT_DIR/config.json and OUT_DIR/reference.safetensors with
 `pixel_values` [3, 3, 32, 32], `tokens` (forward_features), `features` (pooled, after fc_norm)
 and `logits` when the model has a head. Every model is 64 wide, 2 blocks of 4 heads, 32-px input
@@ -32,6 +33,7 @@ VARIANTS = {
     "avg_fc": dict(class_token=False, global_pool="avg", fc_norm=True, num_classes=5),
     "avg": dict(global_pool="avg", fc_norm=False, num_classes=5),
     "qk_norm": dict(qk_norm=True, num_classes=5),
+    "rect": dict(img_size=(32, 48), num_classes=5),
 }
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 
@@ -41,8 +43,8 @@ def main():
     if variant not in VARIANTS:
         sys.exit(f"unknown variant {variant}; one of {', '.join(VARIANTS)}")
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, **SMALL,
-                              **VARIANTS[variant]).eval()
+    kwargs = dict(SMALL, **VARIANTS[variant])
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **kwargs).eval()
     with torch.no_grad():
         # Parameters that start at a constant (LayerNorms, tokens, LayerScales, the latent) are
         # moved away from it, so a missed or misplaced one shows.
@@ -50,7 +52,9 @@ def main():
             if any(m in name for m in ("norm", "token", "gamma", "latent", "pos_embed")):
                 p.add_(0.2 * torch.randn_like(p))
     save_for_hf(model, out, safe_serialization=True)
-    px = torch.randn(3, 3, 32, 32)
+    size = kwargs["img_size"]
+    h, w = size if isinstance(size, tuple) else (size, size)
+    px = torch.randn(3, 3, h, w)
     with torch.no_grad():
         tokens = model.forward_features(px)
         ref = {

@@ -286,24 +286,24 @@ impl Ops for CpuOps {
         px: &Vec<f32>,
         n: usize,
         c: usize,
-        side: usize,
+        (sh, sw): (usize, usize),
         p: usize,
         w: &Vec<f32>,
         b: &Vec<f32>,
         d: usize,
     ) -> Result<Vec<f32>> {
-        let g = side / p;
+        let (gh, gw) = (sh / p, sw / p);
         let k = c * p * p;
-        let mut cols = vec![0.0f32; n * g * g * k];
-        cols.par_chunks_mut(g * g * k)
+        let mut cols = vec![0.0f32; n * gh * gw * k];
+        cols.par_chunks_mut(gh * gw * k)
             .enumerate()
             .for_each(|(i, img)| {
-                for gy in 0..g {
-                    for gx in 0..g {
-                        let dst = &mut img[(gy * g + gx) * k..(gy * g + gx + 1) * k];
+                for gy in 0..gh {
+                    for gx in 0..gw {
+                        let dst = &mut img[(gy * gw + gx) * k..(gy * gw + gx + 1) * k];
                         for ch in 0..c {
                             for ky in 0..p {
-                                let src = ((i * c + ch) * side + gy * p + ky) * side + gx * p;
+                                let src = ((i * c + ch) * sh + gy * p + ky) * sw + gx * p;
                                 dst[(ch * p + ky) * p..(ch * p + ky + 1) * p]
                                     .copy_from_slice(&px[src..src + p]);
                             }
@@ -311,7 +311,7 @@ impl Ops for CpuOps {
                     }
                 }
             });
-        self.linear(&cols, n * g * g, k, w, b, d)
+        self.linear(&cols, n * gh * gw, k, w, b, d)
     }
 
     fn assemble(

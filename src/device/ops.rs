@@ -117,13 +117,14 @@ pub trait Ops {
         rows: usize,
         d: usize,
     ) -> Result<()>;
-    /// Non-overlapping `p × p` patch convolution of `px[n, c, s, s]` → `[n · (s/p)², d]`.
+    /// Non-overlapping `p × p` patch convolution of `px[n, c, h, w]` (`side = (h, w)`) →
+    /// `[n · (h/p) · (w/p), d]` (pixels past the last whole patch dropped).
     fn patch_embed(
         &self,
         px: &Self::T,
         n: usize,
         c: usize,
-        side: usize,
+        side: (usize, usize),
         p: usize,
         w: &Self::T,
         b: &Self::T,

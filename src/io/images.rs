@@ -23,10 +23,14 @@ pub struct Preprocess {
     pub channels: usize,
     /// Resize so the shorter side has this many pixels (keeping the aspect ratio)...
     pub resize: usize,
-    /// ...then take the centre `crop × crop` square.
+    /// ...then take the centre `crop × crop_w` rectangle: `crop` is the input's height.
     pub crop: usize,
-    /// Instead: resize both sides to `crop` without keeping the aspect ratio, as HF's image
-    /// processors do when `size` is `{height, width}` with no centre crop (ViT, SigLIP).
+    /// The input's width (`crop` for a square input). A non-square input is resized to
+    /// `resize × round(resize · crop_w / crop)` without keeping the aspect ratio, then
+    /// centre-cropped, as timm does for a non-square `input_size`.
+    pub crop_w: usize,
+    /// Instead: resize the whole image to `crop × crop_w` without keeping the aspect ratio, as
+    /// HF's image processors do when `size` is `{height, width}` with no centre crop (ViT, SigLIP).
     pub squash: bool,
     /// Bicubic (true) or bilinear resampling.
     pub bicubic: bool,
@@ -97,6 +101,10 @@ fn check_size(path: &Path, w: u64, h: u64, stage: &str) -> Result<()> {
 /// The size of an image of `w × h` after the resize of `p` (short side to `p.resize`, at least
 /// the crop on each side).
 fn resized(w: usize, h: usize, p: &Preprocess) -> (usize, usize) {
+    if p.crop_w != p.crop {
+        let nw = (p.resize as f64 * p.crop_w as f64 / p.crop as f64).round() as usize;
+        return (nw.max(p.crop_w), p.resize.max(p.crop));
+    }
     let short = w.min(h).max(1);
     let (nw, nh) = if short == p.resize {
         (w, h)
@@ -459,7 +467,7 @@ pub fn augment(img: &DynamicImage, p: &Preprocess, seed: u64) -> Vec<f32> {
     let flip = unit() < 0.5;
     let mut view =
         img.crop_imm(x, y, cw, ch)
-            .resize_exact(p.crop as u32, p.crop as u32, filter_of(p));
+            .resize_exact(p.crop_w as u32, p.crop as u32, filter_of(p));
     if flip {
         view = view.fliph();
     }
@@ -479,10 +487,10 @@ fn filter_of(p: &Preprocess) -> FilterType {
 pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if p.squash {
-        let img = if (w, h) == (p.crop, p.crop) {
+        let img = if (w, h) == (p.crop_w, p.crop) {
             img.clone()
         } else {
-            img.resize_exact(p.crop as u32, p.crop as u32, filter_of(p))
+            img.resize_exact(p.crop_w as u32, p.crop as u32, filter_of(p))
         };
         return normalise(&img, p);
     }
@@ -492,15 +500,15 @@ pub fn preprocess(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
     } else {
         img.resize_exact(nw as u32, nh as u32, filter_of(p))
     };
-    let left = ((nw - p.crop) as f64 / 2.0).round() as u32;
+    let left = ((nw - p.crop_w) as f64 / 2.0).round() as u32;
     let top = ((nh - p.crop) as f64 / 2.0).round() as u32;
-    let img = img.crop_imm(left, top, p.crop as u32, p.crop as u32);
+    let img = img.crop_imm(left, top, p.crop_w as u32, p.crop as u32);
     normalise(&img, p)
 }
 
-/// A `crop × crop` image scaled to [0, 1] and normalised, `[channels, crop, crop]`.
+/// A `crop × crop_w` image scaled to [0, 1] and normalised, `[channels, crop, crop_w]`.
 fn normalise(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
-    let plane = p.crop * p.crop;
+    let plane = p.crop * p.crop_w;
     let mut out = vec![0.0f32; p.channels * plane];
     if p.channels == 1 {
         let g = img.to_luma8();
@@ -527,6 +535,7 @@ mod tests {
             channels: 3,
             resize: crop,
             crop,
+            crop_w: crop,
             squash: false,
             mean: vec![0.5; 3],
             std: vec![0.25; 3],

@@ -258,24 +258,31 @@ impl HostStem {
             };
             prefix.extend(read(model, t, rows * d)?);
         }
-        let g_in = spec.preprocess.crop / p;
+        let _ = p;
+        let (gh, gw) = spec.input_grid();
+        let stored_grid = (spec.pos_grid, spec.pos_grid_w);
         // The position embedding covers the first `pos_prefix` prefix tokens, then the patches.
         let pt = spec.pos_prefix;
         let pos = match &spec.pos_embed_resized {
             // No position embedding (a Swin): zeros.
-            None if spec.pos_embed.is_empty() => vec![0.0; (pt + g_in * g_in) * d],
-            Some(n) => read(model, n, (pt + g_in * g_in) * d)?,
+            None if spec.pos_embed.is_empty() => vec![0.0; (pt + gh * gw) * d],
+            Some(n) => read(model, n, (pt + gh * gw) * d)?,
             None => {
                 let stored = read(
                     model,
                     &spec.pos_embed,
-                    (pt + spec.pos_grid * spec.pos_grid) * d,
+                    (pt + stored_grid.0 * stored_grid.1) * d,
                 )?;
-                if g_in == spec.pos_grid {
+                if (gh, gw) == stored_grid {
                     stored
                 } else {
                     let mut v = stored[..pt * d].to_vec();
-                    v.extend(bicubic_resize(&stored[pt * d..], spec.pos_grid, g_in, d));
+                    v.extend(bicubic_resize_rect(
+                        &stored[pt * d..],
+                        stored_grid,
+                        (gh, gw),
+                        d,
+                    ));
                     v
                 }
             }
@@ -363,32 +370,46 @@ impl HostStem {
 /// Bicubic resize (A = −0.75, half-pixel centres, clamped borders: PyTorch's
 /// `interpolate(mode="bicubic", align_corners=False)`) of a `[g, g, d]` grid to `[h, h, d]`.
 pub fn bicubic_resize(src: &[f32], g: usize, h: usize, d: usize) -> Vec<f32> {
+    bicubic_resize_rect(src, (g, g), (h, h), d)
+}
+
+/// [`bicubic_resize`] of a `[gh, gw, d]` grid to `[h, w, d]` (each axis scaled on its own, as
+/// `interpolate(size=(h, w))` does).
+pub fn bicubic_resize_rect(
+    src: &[f32],
+    (gh, gw): (usize, usize),
+    (h, w): (usize, usize),
+    d: usize,
+) -> Vec<f32> {
     fn weights(t: f64) -> [f64; 4] {
         let a = -0.75;
         let c1 = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
         let c2 = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
         [c2(t + 1.0), c1(t), c1(1.0 - t), c2(2.0 - t)]
     }
-    let scale = g as f64 / h as f64;
-    let taps: Vec<(isize, [f64; 4])> = (0..h)
-        .map(|o| {
-            let x = (o as f64 + 0.5) * scale - 0.5;
-            let f = x.floor();
-            (f as isize, weights(x - f))
-        })
-        .collect();
-    let clamp = |i: isize| i.clamp(0, g as isize - 1) as usize;
-    let mut out = vec![0.0f32; h * h * d];
-    for (oy, (fy, wy)) in taps.iter().enumerate() {
-        for (ox, (fx, wx)) in taps.iter().enumerate() {
-            let dst = &mut out[(oy * h + ox) * d..(oy * h + ox + 1) * d];
+    let taps = |from: usize, to: usize| -> Vec<(isize, [f64; 4])> {
+        let scale = from as f64 / to as f64;
+        (0..to)
+            .map(|o| {
+                let x = (o as f64 + 0.5) * scale - 0.5;
+                let f = x.floor();
+                (f as isize, weights(x - f))
+            })
+            .collect()
+    };
+    let (ty, tx) = (taps(gh, h), taps(gw, w));
+    let clamp = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
+    let mut out = vec![0.0f32; h * w * d];
+    for (oy, (fy, wy)) in ty.iter().enumerate() {
+        for (ox, (fx, wx)) in tx.iter().enumerate() {
+            let dst = &mut out[(oy * w + ox) * d..(oy * w + ox + 1) * d];
             let mut acc = vec![0.0f64; d];
             for (i, wyi) in wy.iter().enumerate() {
-                let sy = clamp(fy - 1 + i as isize);
+                let sy = clamp(fy - 1 + i as isize, gh);
                 for (j, wxj) in wx.iter().enumerate() {
-                    let sx = clamp(fx - 1 + j as isize);
+                    let sx = clamp(fx - 1 + j as isize, gw);
                     let w = wyi * wxj;
-                    let s = &src[(sy * g + sx) * d..(sy * g + sx + 1) * d];
+                    let s = &src[(sy * gw + sx) * d..(sy * gw + sx + 1) * d];
                     for (a, &v) in acc.iter_mut().zip(s) {
                         *a += w * v as f64;
                     }
@@ -417,18 +438,19 @@ impl<'a, O: Ops> Forward<'a, O> {
     /// Pixels `[n, c, s, s]` → tokens `[n · t, d]`.
     pub fn embed(&self, stem: &Stem<O::T>, pixels: &[f32], n: usize) -> Result<O::T> {
         let s = self.spec;
-        let (c, side, p, d) = (s.preprocess.channels, s.preprocess.crop, s.patch, s.dim);
-        if pixels.len() != n * c * side * side {
+        let (c, p, d) = (s.preprocess.channels, s.patch, s.dim);
+        let (sh, sw) = (s.preprocess.crop, s.preprocess.crop_w);
+        if pixels.len() != n * c * sh * sw {
             return Err(Error::Shape(format!(
-                "{} pixel values for {n} images of {c}x{side}x{side}",
+                "{} pixel values for {n} images of {c}x{sh}x{sw}",
                 pixels.len()
             )));
         }
         let px = self.ops.upload(pixels)?;
-        let patches = self
-            .ops
-            .patch_embed(&px, n, c, side, p, &stem.patch.0, &stem.patch.1, d)?;
-        let g = (side / p) * (side / p);
+        let patches =
+            self.ops
+                .patch_embed(&px, n, c, (sh, sw), p, &stem.patch.0, &stem.patch.1, d)?;
+        let g = (sh / p) * (sw / p);
         let h = self
             .ops
             .assemble(&patches, &stem.prefix, &stem.pos, n, s.prefix_tokens, g, d)?;

@@ -273,6 +273,8 @@ pub struct VitSpec {
     pub pos_prefix: usize,
     /// Side of the stored position-embedding grid.
     pub pos_grid: usize,
+    /// Width of the stored position-embedding grid (`pos_grid`, its height, for a square one).
+    pub pos_grid_w: usize,
     /// Patch-embedding conv weight / bias (`[dim, channels, patch, patch]`).
     pub patch_embed: (String, String),
     /// CLS token, then the distillation token or the register tokens (one tensor of
@@ -556,6 +558,13 @@ impl VitSpec {
         let blocks = block_names(model, family, &p);
         let depth = blocks.len();
         let (patch_embed, mut tokens, pos_embed, norm) = embeddings(model, family, &p)?;
+        // A non-square input the side files declare: its patch grid tells the position
+        // embedding's shape, which its token count alone does not.
+        let declared = declared_input(&config, prep.as_ref()).filter(|(_, h, w)| h != w);
+        let declared_grid = match (declared, shape(&patch_embed.0).get(2).copied()) {
+            (Some((_, h, w)), Some(p)) if p > 0 => Some((h / p, w / p)),
+            _ => None,
+        };
         let norm_pre = norm_pre_of(model, family, &p);
         let fc_norm = (family.is_timm() && model.get("fc_norm.weight").is_some())
             .then(|| ("fc_norm.weight".to_string(), "fc_norm.bias".to_string()));
@@ -607,13 +616,33 @@ impl VitSpec {
                 // timm says: trust it over the shape (a 4x6 grid plus a class token is 5x5).
                 Some(true) => 0,
                 Some(false) => prefix_tokens,
-                None => timm_pos_prefix(model, &patch_embed.0, &pos_embed, prefix_tokens),
+                None => timm_pos_prefix(
+                    model,
+                    &patch_embed.0,
+                    &pos_embed,
+                    prefix_tokens,
+                    declared_grid,
+                ),
             }
         } else {
             prefix_tokens - registers
         };
-        let (dim, channels, patch, pos_grid) =
-            geometry(model, &patch_embed.0, &pos_embed, pos_prefix)?;
+        let (dim, channels, patch, (pos_grid, pos_grid_w)) =
+            geometry(model, &patch_embed.0, &pos_embed, pos_prefix, declared_grid)?;
+        // A non-square input runs on the position grid it was trained with, never on a square
+        // grid of as many positions (a 4x6 grid plus a class token is a 5x5 grid without one).
+        if let (Some((key, h, w)), Some(grid)) = (declared, declared_grid) {
+            if (pos_grid, pos_grid_w) != grid {
+                return Err(Error::InvalidOption(format!(
+                    "{}: '{key}' is {h}x{w}, a non-square input, but the position embedding \
+                     '{pos_embed}' holds a {pos_grid}x{pos_grid_w} grid, not {}x{} (from \
+                     config.json / preprocessor_config.json beside the model)",
+                    path.display(),
+                    grid.0,
+                    grid.1
+                )));
+            }
+        }
         let mlp = linear_widths(model, &blocks, dim)?;
         let (heads, eps) = hyper_params(path, &config, family, dim)?;
         let mut blocks = blocks;
@@ -629,34 +658,39 @@ impl VitSpec {
         let labels = label_names(&config, num_classes);
         let pool = pool_of(model, family, &p, &config, prefix_tokens)?;
 
-        let preprocess = square_input(&config, prep.as_ref())
-            .and_then(|_| preprocess(family, channels, pos_grid * patch, &config, prep.as_ref()))
-            .and_then(|p| p.validate())
-            .map_err(|reason| {
-                Error::InvalidOption(format!(
-                    "{}: {reason} (from config.json / preprocessor_config.json beside the model)",
-                    path.display()
-                ))
-            })?;
+        let preprocess = preprocess(
+            family,
+            channels,
+            (pos_grid * patch, pos_grid_w * patch),
+            &config,
+            prep.as_ref(),
+        )
+        .and_then(|p| p.validate())
+        .map_err(|reason| {
+            Error::InvalidOption(format!(
+                "{}: {reason} (from config.json / preprocessor_config.json beside the model)",
+                path.display()
+            ))
+        })?;
         if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
             return Err(Error::InvalidOption(format!(
                 "{}: config.json 'layer_norm_eps' = {eps} is not in (0, 1)",
                 path.display()
             )));
         }
-        let crop_grid = preprocess.crop / patch;
+        let crop_cells = (preprocess.crop / patch) * (preprocess.crop_w / patch);
         let pos_embed_resized = [
             format!("{pos_embed}_{}", preprocess.crop),
             format!("{pos_embed}_resized"),
         ]
         .into_iter()
-        .find(|n| shape(n).iter().product::<usize>() == (pos_prefix + crop_grid * crop_grid) * dim);
+        .find(|n| shape(n).iter().product::<usize>() == (pos_prefix + crop_cells) * dim);
         // The patch convolution drops the pixels past the last whole patch, as PyTorch's does
         // (SigLIP So400m/14 runs at 384 px: 27 patches of 14, 6 pixels dropped).
-        if preprocess.crop < patch {
+        if preprocess.crop.min(preprocess.crop_w) < patch {
             return Err(Error::InvalidOption(format!(
-                "input size {} is smaller than the patch size {patch}",
-                preprocess.crop
+                "input size {}x{} is smaller than the patch size {patch}",
+                preprocess.crop, preprocess.crop_w
             )));
         }
         log::info!(
@@ -664,7 +698,7 @@ impl VitSpec {
             path.display(),
             num_classes,
             preprocess.crop,
-            preprocess.crop
+            preprocess.crop_w
         );
         Ok(VitSpec {
             family,
@@ -678,6 +712,7 @@ impl VitSpec {
             registers,
             pos_prefix,
             pos_grid,
+            pos_grid_w,
             patch_embed,
             tokens,
             pos_embed,
@@ -745,7 +780,11 @@ impl VitSpec {
             self.heads,
             self.mlp,
             self.patch,
-            self.preprocess.crop,
+            if self.preprocess.crop == self.preprocess.crop_w {
+                self.preprocess.crop.to_string()
+            } else {
+                format!("{}x{}", self.preprocess.crop, self.preprocess.crop_w)
+            },
             self.prefix_tokens,
             self.registers,
             self.pos_prefix,
@@ -754,19 +793,29 @@ impl VitSpec {
 
     /// Tokens per image at the preprocess crop (the input of the first block).
     pub fn tokens_per_image(&self) -> usize {
-        let g = self.preprocess.crop / self.patch;
-        self.prefix_tokens + g * g
+        let (gh, gw) = self.input_grid();
+        self.prefix_tokens + gh * gw
     }
 
-    /// Side of block `b`'s token grid at the preprocess crop.
+    /// The patch grid `(rows, columns)` at the preprocess crop (pixels past the last whole
+    /// patch dropped).
+    pub fn input_grid(&self) -> (usize, usize) {
+        (
+            self.preprocess.crop / self.patch,
+            self.preprocess.crop_w / self.patch,
+        )
+    }
+
+    /// Side of block `b`'s token grid at the preprocess crop (a Swin's, always square).
     pub fn grid_side(&self, b: usize) -> usize {
         (self.preprocess.crop / self.patch) >> self.blocks[b].geom.stage
     }
 
     /// Tokens per image at block `b`'s input (after its patch merging, if any).
     pub fn block_tokens(&self, b: usize) -> usize {
-        let g = self.grid_side(b);
-        self.prefix_tokens + g * g
+        let (gh, gw) = self.input_grid();
+        let s = self.blocks[b].geom.stage;
+        self.prefix_tokens + (gh >> s) * (gw >> s)
     }
 
     /// How far block `b`'s windows are shifted (Swin: half a window in every second block, none
@@ -815,6 +864,7 @@ impl VitSpec {
             }
             let ratio = self.preprocess.resize as f64 / self.preprocess.crop as f64;
             self.preprocess.crop = c;
+            self.preprocess.crop_w = c;
             self.preprocess.resize = (c as f64 * ratio).round() as usize;
             self.pos_embed_resized = None;
             if self.family.is_swin() {
@@ -1146,7 +1196,13 @@ fn embeddings(
 
 /// How many of timm's `prefix` tokens the position embedding covers: all of them, or none
 /// (`no_embed_class`), whichever leaves a square grid (all, when both do).
-fn timm_pos_prefix(model: &Checkpoint, patch_embed: &str, pos_embed: &str, prefix: usize) -> usize {
+fn timm_pos_prefix(
+    model: &Checkpoint,
+    patch_embed: &str,
+    pos_embed: &str,
+    prefix: usize,
+    declared: Option<(usize, usize)>,
+) -> usize {
     let dim = model
         .get(patch_embed)
         .and_then(|t| t.shape.first().copied())
@@ -1156,7 +1212,11 @@ fn timm_pos_prefix(model: &Checkpoint, patch_embed: &str, pos_embed: &str, prefi
         .get(pos_embed)
         .map(|t| t.shape.iter().product::<usize>() / dim)
         .unwrap_or(0);
+    // A grid of the declared non-square shape, else a square one.
     let square = |n: usize| {
+        if let Some((gh, gw)) = declared {
+            return n == gh * gw;
+        }
         let g = (n as f64).sqrt().round() as usize;
         g > 0 && g * g == n
     };
@@ -1276,7 +1336,8 @@ fn geometry(
     patch_embed: &str,
     pos_embed: &str,
     prefix_tokens: usize,
-) -> Result<(usize, usize, usize, usize)> {
+    declared: Option<(usize, usize)>,
+) -> Result<(usize, usize, usize, (usize, usize))> {
     let path = model.path();
     let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
     let pe = shape(patch_embed);
@@ -1293,16 +1354,27 @@ fn geometry(
     let pos = shape(pos_embed);
     let grid_tokens = pos.iter().product::<usize>() / dim.max(1);
     let grid_sq = grid_tokens.saturating_sub(prefix_tokens);
-    let pos_grid = (grid_sq as f64).sqrt().round() as usize;
-    if pos.last() != Some(&dim) || pos_grid * pos_grid != grid_sq || pos_grid == 0 {
+    // The grid the side files declare (a non-square input), else a square one.
+    let (gh, gw) = match declared {
+        Some((h, w)) if h * w == grid_sq => (h, w),
+        _ => {
+            let g = (grid_sq as f64).sqrt().round() as usize;
+            (g, g)
+        }
+    };
+    if pos.last() != Some(&dim) || gh * gw != grid_sq || gh == 0 || gw == 0 {
         return Err(unknown(
             path,
             format!(
-                "position embedding '{pos_embed}' has shape {pos:?}; expected [1, {prefix_tokens} + g², {dim}]"
+                "position embedding '{pos_embed}' has shape {pos:?}; expected [1, {prefix_tokens} + g², {dim}]{}",
+                match declared {
+                    Some((h, w)) => format!(" or [1, {prefix_tokens} + {h}·{w}, {dim}] for the declared input"),
+                    None => String::new(),
+                }
             ),
         ));
     }
-    Ok((dim, channels, patch, pos_grid))
+    Ok((dim, channels, patch, (gh, gw)))
 }
 
 /// Refuses a block linear whose shape does not fit width `dim`; returns the MLP width.
@@ -1487,11 +1559,13 @@ impl Preprocess {
     /// Checks values read from side files: sides in `1..=MAX_INPUT_SIDE` with the resize at
     /// least the crop, one finite mean and one finite, positive std per channel.
     fn validate(self) -> std::result::Result<Preprocess, String> {
-        if self.crop == 0 || self.crop > MAX_INPUT_SIDE {
-            return Err(format!(
-                "input size (crop) {} is not in 1..={MAX_INPUT_SIDE}",
-                self.crop
-            ));
+        for side in [self.crop, self.crop_w] {
+            if side == 0 || side > MAX_INPUT_SIDE {
+                return Err(format!(
+                    "input size (crop) {}x{} is not in 1..={MAX_INPUT_SIDE} on each side",
+                    self.crop, self.crop_w
+                ));
+            }
         }
         if self.resize < self.crop || self.resize > MAX_INPUT_SIDE {
             return Err(format!(
@@ -1516,26 +1590,25 @@ impl Preprocess {
     }
 }
 
-/// Refuses a model whose side files give it a non-square input (timm's `img_size` /
-/// `input_size`, HF's `image_size` or the image processor's `size` / `crop_size`): the forward
-/// pass runs square grids only, and taking one side would run another network.
-fn square_input(config: &Value, prep: Option<&Value>) -> std::result::Result<(), String> {
-    let pair = |v: Option<&Value>| -> Option<(u64, u64)> {
+/// The input size `(height, width)` the side files declare, the first found of timm's
+/// `img_size` / `input_size`, HF's `image_size` and the image processor's `size` / `crop_size`
+/// (a `[h, w]` list, timm's `[channels, h, w]`, or `{height, width}`; a plain number is square).
+fn declared_input(config: &Value, prep: Option<&Value>) -> Option<(&'static str, usize, usize)> {
+    let pair = |v: Option<&Value>| -> Option<(usize, usize)> {
         let v = v?;
         if let Some(a) = v.as_array() {
-            // [h, w], or timm's [channels, h, w].
             let n: Vec<u64> = a.iter().filter_map(Value::as_u64).collect();
             return match n.as_slice() {
-                [h, w] | [_, h, w] => Some((*h, *w)),
+                [h, w] | [_, h, w] => Some((*h as usize, *w as usize)),
                 _ => None,
             };
         }
         let h = v.get("height").and_then(Value::as_u64)?;
         let w = v.get("width").and_then(Value::as_u64)?;
-        Some((h, w))
+        Some((h as usize, w as usize))
     };
     let cfg = |k: &str| config.get(k);
-    let candidates = [
+    [
         (
             "model_args.img_size",
             cfg("model_args").and_then(|a| a.get("img_size")),
@@ -1545,25 +1618,28 @@ fn square_input(config: &Value, prep: Option<&Value>) -> std::result::Result<(),
             cfg("pretrained_cfg").and_then(|a| a.get("input_size")),
         ),
         ("image_size", cfg("image_size")),
-        ("size", prep.and_then(|p| p.get("size"))),
         ("crop_size", prep.and_then(|p| p.get("crop_size"))),
-    ];
-    for (key, v) in candidates {
-        if let Some((h, w)) = pair(v) {
-            if h != w {
-                return Err(format!(
-                    "'{key}' is {h}x{w}: non-square inputs are not supported yet"
-                ));
-            }
-        }
+        ("size", prep.and_then(|p| p.get("size"))),
+    ]
+    .into_iter()
+    .find_map(|(k, v)| pair(v).map(|(h, w)| (k, h, w)))
+}
+
+/// Refuses a non-square input (a Swin's windows are laid over a square grid here), naming the
+/// side file's key.
+fn square_input(config: &Value, prep: Option<&Value>) -> std::result::Result<(), String> {
+    match declared_input(config, prep) {
+        Some((key, h, w)) if h != w => Err(format!(
+            "'{key}' is {h}x{w}: non-square inputs are supported for ViTs, not yet for Swin"
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn preprocess(
     family: Family,
     channels: usize,
-    native: usize,
+    (native, native_w): (usize, usize),
     config: &Value,
     prep: Option<&Value>,
 ) -> std::result::Result<Preprocess, String> {
@@ -1582,10 +1658,10 @@ fn preprocess(
         _ => (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec()),
     };
     // DINOv2 checkpoints store the 518-px position grid but are run at 224.
-    let native = if family == Family::HfDinov2 && native == 518 {
-        224
+    let (native, native_w) = if family == Family::HfDinov2 && (native, native_w) == (518, 518) {
+        (224, 224)
     } else {
-        native
+        (native, native_w)
     };
     let mut p = Preprocess {
         channels,
@@ -1595,6 +1671,7 @@ fn preprocess(
             _ => (native as f64 / 0.875).floor() as usize,
         },
         crop: native,
+        crop_w: native_w,
         squash: false,
         bicubic: !matches!(family, Family::HfVit),
         mean: if def_mean.len() == channels {
@@ -1613,6 +1690,7 @@ fn preprocess(
         if let Some(s) = cfg.get("input_size").and_then(Value::as_array) {
             if let Some(h) = s.get(1).and_then(Value::as_u64) {
                 p.crop = h as usize;
+                p.crop_w = s.get(2).and_then(Value::as_u64).unwrap_or(h) as usize;
             }
         }
         let pct = num(cfg, "crop_pct").unwrap_or(0.875);
@@ -1636,6 +1714,10 @@ fn preprocess(
             .get("crop_size")
             .and_then(|c| c.get("height").or(Some(c)))
             .and_then(Value::as_u64);
+        let crop_w = pc
+            .get("crop_size")
+            .and_then(|c| c.get("width").or(Some(c)))
+            .and_then(Value::as_u64);
         let size = pc.get("size");
         // An older config's plain number: the shortest edge for CLIP's and BiT's processors
         // (`default_to_square=False`), the whole square for the others (ViT's, which Swin and
@@ -1654,6 +1736,10 @@ fn preprocess(
             .and_then(|s| s.get("height"))
             .and_then(Value::as_u64)
             .or(plain.filter(|_| !to_edge));
+        let width = size
+            .and_then(|s| s.get("width"))
+            .and_then(Value::as_u64)
+            .or(height);
         let do_crop = pc
             .get("do_center_crop")
             .and_then(Value::as_bool)
@@ -1662,12 +1748,18 @@ fn preprocess(
             (Some(r), true, Some(c)) => {
                 p.resize = r as usize;
                 p.crop = c as usize;
+                p.crop_w = crop_w.unwrap_or(c) as usize;
             }
             (Some(r), _, _) => {
                 p.resize = r as usize;
                 p.crop = r as usize;
                 // `{height, width}` without a crop: HF resizes to exactly that.
                 p.squash = shortest.is_none();
+                p.crop_w = if p.squash {
+                    width.unwrap_or(r) as usize
+                } else {
+                    r as usize
+                };
             }
             _ => {}
         }

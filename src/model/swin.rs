@@ -365,7 +365,7 @@ pub(super) fn recognise(
         })
         .map_or(224, |s| s as usize);
     let preprocess = square_input(&config, prep.as_ref())
-        .and_then(|_| preprocess(family, channels, native, &config, prep.as_ref()))
+        .and_then(|_| preprocess(family, channels, (native, native), &config, prep.as_ref()))
         .and_then(|p| p.validate())
         .map_err(|reason| {
             Error::InvalidOption(format!(
@@ -386,6 +386,7 @@ pub(super) fn recognise(
         registers: 0,
         pos_prefix: 0,
         pos_grid: preprocess.crop / patch,
+        pos_grid_w: preprocess.crop / patch,
         patch_embed,
         tokens: Vec::new(),
         pos_embed: String::new(),

@@ -398,26 +398,28 @@ impl Ops for GpuOps {
         px: &GpuTensor,
         n: usize,
         c: usize,
-        side: usize,
+        (sh, sw): (usize, usize),
         pz: usize,
         w: &GpuTensor,
         b: &GpuTensor,
         d: usize,
     ) -> Result<GpuTensor> {
-        let g = side / pz;
+        let (gh, gw) = (sh / pz, sw / pz);
         let k = c * pz * pz;
-        let total = n * g * g * k;
+        let total = n * gh * gw * k;
         let cols = self.alloc(total)?;
         let p = VitParams {
             a: total as u32,
             b: c as u32,
-            c: side as u32,
+            c: sw as u32,
             d: pz as u32,
-            e: g as u32,
+            e: gw as u32,
+            f: sh as u32,
+            h: gh as u32,
             ..Default::default()
         };
         self.elementwise(Kernel::Im2col, &[(0, &px.buf), (3, &cols.buf)], total, p);
-        self.linear(&cols, n * g * g, k, w, b, d)
+        self.linear(&cols, n * gh * gw, k, w, b, d)
     }
 
     fn assemble(

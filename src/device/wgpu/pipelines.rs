@@ -148,6 +148,12 @@ pub struct VitParams {
     pub eps: f32,
     /// Attention scale.
     pub scale: f32,
+    /// Sixth size.
+    pub f: u32,
+    /// Seventh size.
+    pub h: u32,
+    /// Padding to 48 bytes.
+    pub pad: [u32; 2],
 }
 
 /// Every pipeline, built once.
@@ -208,6 +214,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<SweepParams>(), 32);
         assert_eq!(std::mem::size_of::<BlockParams>(), 32);
         assert_eq!(std::mem::size_of::<ScaleParams>(), 16);
-        assert_eq!(std::mem::size_of::<VitParams>(), 32);
+        assert_eq!(std::mem::size_of::<VitParams>(), 48);
     }
 }
