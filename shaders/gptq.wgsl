@@ -18,6 +18,9 @@
 // @group(0) @binding(8) params : uniform GptqParams
 // Workgroup 256, one workgroup per row (row = row0 + wid.y · 65535 + wid.x; `rows` is the
 // tile's end, so a long tile can go in several dispatches of consecutive rows).
+//   gptq_shared:  the row's x lives in workgroup memory (n ≤ 4096, 16 KiB) and is written to s
+//                 once at the end; only U is read from storage in the loop
+//   gptq:         x stays in storage (any n)
 // Dispatch (min(rows, 65535), ceil(rows / 65535), 1).
 
 struct GptqParams {
@@ -78,5 +81,42 @@ fn gptq(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
         }
         storageBarrier();
         workgroupBarrier();
+    }
+}
+
+var<workgroup> x_sh: array<f32, 4096>;
+
+@compute @workgroup_size(256, 1, 1)
+fn gptq_shared(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let row = p.row0 + wid.y * 65535u + wid.x;
+    if (row >= p.rows) {
+        return;
+    }
+    let base = row * p.n;
+    for (var c = lid.x; c < p.n; c += WG) {
+        x_sh[c] = w[base + perm[c]];
+    }
+    workgroupBarrier();
+    for (var t = 0u; t < p.n; t++) {
+        let j = perm[t];
+        let slot = row * p.groups + j / p.group_size;
+        // Every invocation reads x_t before any of this step's updates, which touch t' > t only.
+        let x = x_sh[t];
+        let k = nearest(x, delta[slot], lo[slot], p.levels);
+        let qv = delta[slot] * f32(k);
+        let e = (x - qv) / u[t * p.n + t];
+        if (e != 0.0) {
+            for (var c = t + 1u + lid.x; c < p.n; c += WG) {
+                x_sh[c] -= e * u[t * p.n + c];
+            }
+        }
+        if (lid.x == 0u) {
+            q[base + j] = qv;
+            codes[base + j] = k;
+        }
+        workgroupBarrier();
+    }
+    for (var c = lid.x; c < p.n; c += WG) {
+        s[base + c] = x_sh[c];
     }
 }

@@ -27,8 +27,10 @@ pub enum Kernel {
     BlockUpdate,
     /// Per-(row, group) closed-form scale steps (`scale.wgsl`).
     ScaleChannel,
-    /// The GPTQ-style start (`gptq.wgsl`).
+    /// The GPTQ-style start, the row in storage (`gptq.wgsl`).
     Gptq,
+    /// The GPTQ-style start, the row in workgroup memory (`gptq.wgsl`).
+    GptqShared,
     /// ViT forward: `y = x·Wᵀ + b` (`vit.wgsl`).
     Linear,
     /// ViT forward: row LayerNorm (`vit.wgsl`).
@@ -81,10 +83,11 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 23] = [
+    pub const ALL: [Kernel; 24] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
+        Kernel::GptqShared,
         Kernel::Gram,
         Kernel::Residual,
         Kernel::Reduce,
@@ -117,7 +120,7 @@ impl Kernel {
             Kernel::SweepShared | Kernel::SweepStorage => "sweep.wgsl",
             Kernel::ScaleChannel => "scale.wgsl",
             Kernel::BlockSteps | Kernel::BlockUpdate => "block.wgsl",
-            Kernel::Gptq => "gptq.wgsl",
+            Kernel::Gptq | Kernel::GptqShared => "gptq.wgsl",
             Kernel::SetDiagonal => "diag.wgsl",
             Kernel::Linear
             | Kernel::LayerNorm
@@ -147,6 +150,7 @@ impl Kernel {
             Kernel::BlockSteps => "block_steps",
             Kernel::BlockUpdate => "block_update",
             Kernel::Gptq => "gptq",
+            Kernel::GptqShared => "gptq_shared",
             Kernel::Linear => "linear",
             Kernel::LayerNorm => "layernorm",
             Kernel::Gelu => "gelu",

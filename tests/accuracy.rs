@@ -564,3 +564,38 @@ fn without_held_out_images_the_score_damping_charges_for_the_distance_from_w() {
         last = d;
     }
 }
+
+/// The sweep and the GPTQ pass keep a row's state in workgroup memory up to 4096 inputs and in
+/// storage beyond: the storage variants (forced here on small layers) choose the very same codes
+/// as the workgroup-memory ones, with sweeps after a GPTQ start, per channel and per group.
+#[test]
+fn the_storage_and_workgroup_memory_kernels_choose_the_same_codes() {
+    let Some(shared) = gpu::device() else { return };
+    let Some(mut storage) = gpu::device() else {
+        return;
+    };
+    storage.cap_shared_cols(0);
+    let (shared, storage) = (
+        AnyDevice::Wgpu(Box::new(shared)),
+        AnyDevice::Wgpu(Box::new(storage)),
+    );
+    for (seed, rows, cols, group) in [(41u64, 13usize, 96usize, None), (42, 7, 160, Some(32))] {
+        let (w, g) = layer(seed, rows, cols, 2 * cols);
+        let cfg = QuantConfig {
+            bits: 3,
+            group_size: group,
+            init: Init::Gptq,
+            damp: 0.01,
+            sweeps: 2,
+            ..QuantConfig::default()
+        };
+        let a = shared
+            .quantize_layer("t", &w, rows, cols, &g, &cfg)
+            .unwrap();
+        let b = storage
+            .quantize_layer("t", &w, rows, cols, &g, &cfg)
+            .unwrap();
+        assert_eq!(a.layer.codes, b.layer.codes, "{rows}x{cols}");
+        assert_eq!(a.rel_error, b.rel_error, "{rows}x{cols}");
+    }
+}

@@ -139,6 +139,8 @@ pub struct WgpuDevice {
     limits: wgpu::Limits,
     pool: BufferPool,
     binding_cap: Option<u64>,
+    /// Widest layer whose per-row state the sweep and the GPTQ pass keep in workgroup memory.
+    shared_cols: usize,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -223,6 +225,7 @@ impl WgpuDevice {
             limits,
             pool: BufferPool::default(),
             binding_cap: None,
+            shared_cols: SWEEP_SHARED_MAX_COLS,
         })
     }
 
@@ -302,6 +305,13 @@ impl WgpuDevice {
     /// exercised (and tested) on small layers.
     pub fn cap_binding_bytes(&mut self, bytes: u64) {
         self.binding_cap = Some(bytes.max(16));
+    }
+
+    /// Lowers the widest layer whose per-row state the sweep and the GPTQ pass keep in
+    /// workgroup memory, so their storage variants (for layers over 4096 inputs) can be
+    /// exercised (and tested) on small layers.
+    pub fn cap_shared_cols(&mut self, cols: usize) {
+        self.shared_cols = cols.min(SWEEP_SHARED_MAX_COLS);
     }
 
     /// Caps the staging copy of one transfer below [`buffers::STAGING_CHUNK`], so chunked
@@ -891,7 +901,7 @@ impl WgpuDevice {
     }
 
     fn sweep_kernel(&self, n: usize) -> Kernel {
-        if n <= SWEEP_SHARED_MAX_COLS
+        if n <= self.shared_cols
             && self.limits.max_compute_workgroup_storage_size as usize >= SWEEP_SHARED_MAX_COLS * 4
         {
             Kernel::SweepShared
@@ -1174,6 +1184,14 @@ impl Device for WgpuDevice {
         let (_, u, perm) = l.factor.as_ref().expect("set above");
         // Consecutive rows, one submit each, so no dispatch reads more than the bound.
         let chunk = rows_per_submit(n);
+        // The row's working copy in workgroup memory where it fits (as the sweep's residual).
+        let kernel = if n <= self.shared_cols
+            && self.limits.max_compute_workgroup_storage_size as usize >= SWEEP_SHARED_MAX_COLS * 4
+        {
+            Kernel::GptqShared
+        } else {
+            Kernel::Gptq
+        };
         for t in &l.tiles {
             for row0 in (0..t.rows).step_by(chunk) {
                 let params = self.uniform(
@@ -1189,7 +1207,7 @@ impl Device for WgpuDevice {
                     },
                 );
                 let bind = self.bind(
-                    Kernel::Gptq,
+                    kernel,
                     &[
                         (0, t.buf(t.w)),
                         (1, t.buf(t.q)),
@@ -1203,12 +1221,7 @@ impl Device for WgpuDevice {
                     ],
                 );
                 let mut enc = self.encoder("gptq");
-                self.dispatch(
-                    &mut enc,
-                    Kernel::Gptq,
-                    &bind,
-                    per_row(chunk.min(t.rows - row0)),
-                );
+                self.dispatch(&mut enc, kernel, &bind, per_row(chunk.min(t.rows - row0)));
                 self.submit(enc)?;
             }
         }
