@@ -5,7 +5,8 @@
 //                 updated by the block's corner G[J, J] only (staged in workgroup memory); it sets
 //                 Q̂ and the codes as the plain sweep does and writes the changes D_i[t] into d.
 //   block_update: R −= D·G[J, :] for the whole tile, a tiled matrix product: 64 × 64 outputs per
-//                 workgroup of 16 × 16 invocations, 4 × 4 per invocation, k in steps of 16.
+//                 workgroup of 16 × 16 invocations, a 4 × 4 block per invocation in named vec4
+//                 accumulators, k in steps of 16.
 // The two together equal b steps of the plain sweep (sweep.wgsl) in this order; only the f32
 // rounding of R differs.
 //
@@ -95,56 +96,64 @@ fn block_steps(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) 
     }
 }
 
-var<workgroup> ta: array<f32, 1024>;
-var<workgroup> tb: array<f32, 1024>;
+// Staged k-major as vec4s: ta[kk·16 + i/4] holds rows 4·(i/4) .. +4 of D at k = k0 + kk, tb[kk·16 +
+// c/4] columns 4·(c/4) .. +4 of G[J, :]; each invocation owns a 4 × 4 block (rows ty·4 + 0..3,
+// columns tx·4 + 0..3) in four named vec4 accumulators (no private arrays, which NVIDIA puts in
+// local memory), each output summing k in ascending order.
+var<workgroup> ta: array<vec4<f32>, 256>;
+var<workgroup> tb: array<vec4<f32>, 256>;
 
 @compute @workgroup_size(16, 16, 1)
 fn block_update(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let col0 = wid.x * 64u;
     let row0 = wid.y * 64u;
     let li = lid.y * 16u + lid.x;
-    var acc: array<f32, 16>;
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < p.b; k0 += 16u) {
         for (var e = li; e < 1024u; e += 256u) {
-            // ta: 64 rows × 16 k of D; tb: 16 k × 64 columns of G[J, :].
-            let ar = row0 + e / 16u;
-            let ak = k0 + e % 16u;
+            // 64 rows × 16 k of D, and 16 k × 64 columns of G[J, :].
+            let ar = e / 16u;
+            let ak = e % 16u;
             var av = 0.0;
-            if (ar < p.rows && ak < p.b) {
-                av = d[ar * B + ak];
+            if (row0 + ar < p.rows && k0 + ak < p.b) {
+                av = d[(row0 + ar) * B + k0 + ak];
             }
-            ta[e] = av;
-            let bk = k0 + e / 64u;
-            let bc = col0 + e % 64u;
+            ta[ak * 16u + ar / 4u][ar % 4u] = av;
+            let bk = e / 64u;
+            let bc = e % 64u;
             var bv = 0.0;
-            if (bk < p.b && bc < p.n) {
-                bv = g[perm[p.t0 + bk] * p.n + bc];
+            if (k0 + bk < p.b && col0 + bc < p.n) {
+                bv = g[perm[p.t0 + k0 + bk] * p.n + col0 + bc];
             }
-            tb[e] = bv;
+            tb[bk * 16u + bc / 4u][bc % 4u] = bv;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < 16u; kk++) {
-            var bvals: array<f32, 4>;
-            for (var jj = 0u; jj < 4u; jj++) {
-                bvals[jj] = tb[kk * 64u + lid.x + 16u * jj];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                let a = ta[(lid.y + 16u * i) * 16u + kk];
-                for (var jj = 0u; jj < 4u; jj++) {
-                    acc[i * 4u + jj] += a * bvals[jj];
-                }
-            }
+            let a = ta[kk * 16u + lid.y];
+            let b = tb[kk * 16u + lid.x];
+            c0 = c0 + vec4<f32>(a.x) * b;
+            c1 = c1 + vec4<f32>(a.y) * b;
+            c2 = c2 + vec4<f32>(a.z) * b;
+            c3 = c3 + vec4<f32>(a.w) * b;
         }
         workgroupBarrier();
     }
+    let col = col0 + lid.x * 4u;
     for (var i = 0u; i < 4u; i++) {
-        let row = row0 + lid.y + 16u * i;
-        if (row < p.rows) {
-            for (var jj = 0u; jj < 4u; jj++) {
-                let col = col0 + lid.x + 16u * jj;
-                if (col < p.n) {
-                    r[row * p.n + col] -= acc[i * 4u + jj];
-                }
+        let row = row0 + lid.y * 4u + i;
+        if (row >= p.rows) {
+            break;
+        }
+        var v = c0;
+        if (i == 1u) { v = c1; }
+        if (i == 2u) { v = c2; }
+        if (i == 3u) { v = c3; }
+        for (var j = 0u; j < 4u; j++) {
+            if (col + j < p.n) {
+                r[row * p.n + col + j] -= v[j];
             }
         }
     }
