@@ -491,7 +491,8 @@ impl Ops for GpuOps {
     fn gram_add(&self, g: &mut GpuGram, x: &GpuTensor, rows: usize) -> Result<()> {
         let (n, np) = (g.n, g.np);
         let cap = ((self.max_binding / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
-        let chunk = self.alloc(cap * np)?;
+        // A short batch gets a staging chunk of its own size, not the largest one.
+        let chunk = self.alloc(cap.min(rows.div_ceil(16) * 16).max(16) * np)?;
         for r0 in (0..rows).step_by(cap) {
             let r = cap.min(rows - r0);
             let rp = r.div_ceil(16) * 16;
