@@ -10,7 +10,7 @@
 // Workgroup (16, 16); each invocation owns a 4×4 block of G held in four named vec4
 // accumulators (private arrays spill to local memory on NVIDIA), a workgroup owns a 64×64 tile.
 // The host pads n to a multiple of 64 and rows to a multiple of 16 with zeros.
-// Dispatch (n_p / 64, n_p / 64, 1).
+// Dispatch (n_p / 64, n_p / 64, 1). Wide Grams use `gram_wide` below.
 
 struct GramParams {
     rows: u32,   // padded rows of the chunk (multiple of 16)
@@ -56,4 +56,82 @@ fn gram(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     g[(i + 1u) * p.n4 + col] += c1;
     g[(i + 2u) * p.n4 + col] += c2;
     g[(i + 3u) * p.n4 + col] += c3;
+}
+
+// ---- gram_wide: the same sums for wide Grams (the host pads n to a multiple of 128 here):
+// workgroup (16, 16) owns a 128×128 tile, each invocation an 8×8 block (rows ty·4 + 0..3 and
+// 64 + ty·4 + 0..3, the same columns from tx) in sixteen named vec4 accumulators; the chunk's
+// rows advance 8 at a time. Each element sums the chunk's rows in ascending order with fma, as
+// `gram` does, so the two give the same sums. Dispatch (n_p / 128, n_p / 128, 1).
+var<workgroup> wa: array<vec4<f32>, 256>;
+var<workgroup> wb: array<vec4<f32>, 256>;
+
+fn gram_store(row: u32, col: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    g[row * p.n4 + col] += lo;
+    g[row * p.n4 + col + 16u] += hi;
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn gram_wide(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (wid.x < wid.y) {
+        return;
+    }
+    let tid = lid.y * 16u + lid.x;
+    var c0 = vec4<f32>(0.0);
+    var d0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var d1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var d2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    var d3 = vec4<f32>(0.0);
+    var c4 = vec4<f32>(0.0);
+    var d4 = vec4<f32>(0.0);
+    var c5 = vec4<f32>(0.0);
+    var d5 = vec4<f32>(0.0);
+    var c6 = vec4<f32>(0.0);
+    var d6 = vec4<f32>(0.0);
+    var c7 = vec4<f32>(0.0);
+    var d7 = vec4<f32>(0.0);
+    for (var k0 = 0u; k0 < p.rows; k0 += 8u) {
+        // 8 rows × 32 vec4 of each operand: one vec4 per invocation.
+        let kk = tid / 32u;
+        let v = tid % 32u;
+        let row = (k0 + kk) * p.n4;
+        wa[tid] = x[row + wid.y * 32u + v];
+        wb[tid] = x[row + wid.x * 32u + v];
+        workgroupBarrier();
+        for (var k = 0u; k < 8u; k++) {
+            let a0 = wa[k * 32u + lid.y];
+            let a1 = wa[k * 32u + 16u + lid.y];
+            let b0 = wb[k * 32u + lid.x];
+            let b1 = wb[k * 32u + 16u + lid.x];
+            c0 = fma(vec4<f32>(a0.x), b0, c0);
+            d0 = fma(vec4<f32>(a0.x), b1, d0);
+            c1 = fma(vec4<f32>(a0.y), b0, c1);
+            d1 = fma(vec4<f32>(a0.y), b1, d1);
+            c2 = fma(vec4<f32>(a0.z), b0, c2);
+            d2 = fma(vec4<f32>(a0.z), b1, d2);
+            c3 = fma(vec4<f32>(a0.w), b0, c3);
+            d3 = fma(vec4<f32>(a0.w), b1, d3);
+            c4 = fma(vec4<f32>(a1.x), b0, c4);
+            d4 = fma(vec4<f32>(a1.x), b1, d4);
+            c5 = fma(vec4<f32>(a1.y), b0, c5);
+            d5 = fma(vec4<f32>(a1.y), b1, d5);
+            c6 = fma(vec4<f32>(a1.z), b0, c6);
+            d6 = fma(vec4<f32>(a1.z), b1, d6);
+            c7 = fma(vec4<f32>(a1.w), b0, c7);
+            d7 = fma(vec4<f32>(a1.w), b1, d7);
+        }
+        workgroupBarrier();
+    }
+    let col = wid.x * 32u + lid.x;
+    gram_store(wid.y * 128u + lid.y * 4u + 0u, col, c0, d0);
+    gram_store(wid.y * 128u + lid.y * 4u + 1u, col, c1, d1);
+    gram_store(wid.y * 128u + lid.y * 4u + 2u, col, c2, d2);
+    gram_store(wid.y * 128u + lid.y * 4u + 3u, col, c3, d3);
+    gram_store(wid.y * 128u + 64u + lid.y * 4u + 0u, col, c4, d4);
+    gram_store(wid.y * 128u + 64u + lid.y * 4u + 1u, col, c5, d5);
+    gram_store(wid.y * 128u + 64u + lid.y * 4u + 2u, col, c6, d6);
+    gram_store(wid.y * 128u + 64u + lid.y * 4u + 3u, col, c7, d7);
 }

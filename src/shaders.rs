@@ -9,6 +9,8 @@
 pub enum Kernel {
     /// `G += XᵀX` for a padded chunk (`gram.wgsl`).
     Gram,
+    /// `G += XᵀX`, 128×128 tiles with 8×8 per invocation, for wide Grams (`gram.wgsl`).
+    GramWide,
     /// `out = A·G` with `A` = `W − Q̂`, `W` or codes (`residual.wgsl`).
     Residual,
     /// Per-row dot products for losses and scale steps (`reduce.wgsl`).
@@ -83,12 +85,13 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 24] = [
+    pub const ALL: [Kernel; 25] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
         Kernel::GptqShared,
         Kernel::Gram,
+        Kernel::GramWide,
         Kernel::Residual,
         Kernel::Reduce,
         Kernel::Rtn,
@@ -113,7 +116,7 @@ impl Kernel {
     /// The file the kernel lives in.
     pub fn file(self) -> &'static str {
         match self {
-            Kernel::Gram => "gram.wgsl",
+            Kernel::Gram | Kernel::GramWide => "gram.wgsl",
             Kernel::Residual => "residual.wgsl",
             Kernel::Reduce => "reduce.wgsl",
             Kernel::Rtn | Kernel::ApplyScale => "rtn.wgsl",
@@ -140,6 +143,7 @@ impl Kernel {
     pub fn entry(self) -> &'static str {
         match self {
             Kernel::Gram => "gram",
+            Kernel::GramWide => "gram_wide",
             Kernel::Residual => "residual",
             Kernel::Reduce => "reduce",
             Kernel::Rtn => "rtn",

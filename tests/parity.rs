@@ -784,3 +784,31 @@ fn the_submit_bound_splits_only_the_widest_layers() {
     assert!(r as u64 * 12800 * 12800 * 4 <= SUBMIT_BYTES);
     assert_eq!(rows_per_submit(1 << 20), 1);
 }
+
+/// The forward pass's Gram on the GPU against the CPU's at the widths where the wide kernel
+/// (128×128 tiles, 8×8 per invocation) takes over: exactly 2048, and 2100 (padded to 2176, a
+/// partial last tile), over a batch of rows that is no multiple of 16.
+#[test]
+fn the_wide_gram_kernel_matches_the_cpu() {
+    use comq_gpu::device::cpu_ops::CpuOps;
+    use comq_gpu::device::ops::Ops;
+    use comq_gpu::device::wgpu::forward::{GpuOps, GRAM_WIDE_MIN};
+    let Some(g) = gpu::device() else {
+        return;
+    };
+    let ops = GpuOps::new(&g);
+    let mut rng = Rng::new(13);
+    for (rows, n) in [(37usize, GRAM_WIDE_MIN), (21, 2100), (19, 300)] {
+        let x = rng.normals(rows * n);
+        let mut c = CpuOps.gram_new(n).unwrap();
+        CpuOps.gram_add(&mut c, &x, rows).unwrap();
+        let want = CpuOps.gram_finish(c).unwrap();
+        let gx = ops.upload(&x).unwrap();
+        let mut gg = ops.gram_new(n).unwrap();
+        ops.gram_add(&mut gg, &gx, rows).unwrap();
+        let got = ops.gram_finish(gg).unwrap();
+        let e = frob_rel(&got.data, &want.data);
+        assert!(e < GRAM_REL_TOL, "{rows}x{n}: {e}");
+        assert_eq!(got.samples, want.samples);
+    }
+}

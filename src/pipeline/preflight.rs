@@ -119,7 +119,7 @@ pub fn calibration_bytes(
         * (6 * d + m)
         * 4;
     let weights = (4 * d * d + 2 * d * m + 10 * d) * 4;
-    let pad = |n: u64| n.div_ceil(64) * 64;
+    let pad = |n: u64| crate::device::wgpu::forward::gram_padded(n as usize) as u64;
     let grams_f64 = (3 * d * d + m * m) * 8;
     if gpu {
         let chunk = 4096 * pad(m) * 4;

@@ -20,6 +20,20 @@ const STORAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_DST)
     .union(wgpu::BufferUsages::COPY_SRC);
 
+/// Gram matrices at least this wide are accumulated by `gram_wide` (128×128 tiles, 8×8 per
+/// invocation); narrower ones by `gram` (64×64 tiles), whose 4×4 blocks keep more workgroups
+/// busy on a narrow Gram (on an H100 the probe's 8×8 kernel won at 4096, lost at 1024).
+pub const GRAM_WIDE_MIN: usize = 2048;
+
+/// The padded width of an `n`-wide Gram accumulator on the device.
+pub fn gram_padded(n: usize) -> usize {
+    if n >= GRAM_WIDE_MIN {
+        n.div_ceil(128) * 128
+    } else {
+        n.div_ceil(64) * 64
+    }
+}
+
 /// Longest token sequence the attention kernel holds in workgroup memory.
 pub const MAX_TOKENS: usize = 2048;
 /// Largest head dimension the attention kernel caches.
@@ -456,7 +470,7 @@ impl Ops for GpuOps {
     }
 
     fn gram_new(&self, n: usize) -> Result<GpuGram> {
-        let np = n.div_ceil(64) * 64;
+        let np = gram_padded(n);
         let bytes = (np * np * 4) as u64;
         if bytes > self.max_binding {
             return Err(gpu_err(format!(
@@ -519,12 +533,17 @@ impl Ops for GpuOps {
             self.ctx
                 .queue
                 .write_buffer(&ubuf, 0, bytemuck::bytes_of(&gp));
+            let (kernel, tile) = if n >= GRAM_WIDE_MIN {
+                (Kernel::GramWide, 128)
+            } else {
+                (Kernel::Gram, 64)
+            };
             self.dispatch(
-                Kernel::Gram,
+                kernel,
                 &[(0, &chunk.buf), (1, &g.g)],
                 &ubuf,
                 2,
-                ((np / 64) as u32, (np / 64) as u32, 1),
+                ((np / tile) as u32, (np / tile) as u32, 1),
             );
             g.samples += r as u64;
         }
