@@ -926,6 +926,32 @@ fn a_swin_with_unread_tensors_or_untiled_grids_is_refused() {
         "{e}"
     );
     drop(m);
+    // Stored index and mask buffers (older exports saved them, as int64 and f32) are known.
+    {
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let index: Vec<u8> = (0..16 * 16i64).flat_map(|v| v.to_le_bytes()).collect();
+        let mask = vec![0u8; 4 * 16 * 16 * 16];
+        let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .filter(|(n, _)| n != "absolute_pos_embed")
+            .collect();
+        views.push((
+            "layers.0.blocks.0.attn.relative_position_index".into(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![16, 16], &index)
+                .unwrap(),
+        ));
+        views.push((
+            "layers.0.blocks.1.attn_mask".into(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![16, 16, 16], &mask)
+                .unwrap(),
+        ));
+        let out = safetensors::serialize(views, None).unwrap();
+        std::fs::write(&path, out).unwrap();
+    }
+    VitSpec::detect(&Checkpoint::open(&path).unwrap()).unwrap();
     // A bias table claiming windows of 65 tokens a side: refused before any bias is expanded.
     let table = "layers.0.blocks.0.attn.relative_position_bias_table";
     with_renamed_tensors(&path, |n| {
