@@ -258,7 +258,6 @@ impl HostStem {
             };
             prefix.extend(read(model, t, rows * d)?);
         }
-        let _ = p;
         let (gh, gw) = spec.input_grid();
         let stored_grid = (spec.pos_grid, spec.pos_grid_w);
         // The position embedding covers the first `pos_prefix` prefix tokens, then the patches.
