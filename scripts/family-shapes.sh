@@ -2,11 +2,11 @@
 # Each supported vision-tower family at its real shape (random weights, scripts/family-shapes.py):
 # `inspect`, then `run` with no calibration given (so on the bundled photos) with wall clock and peak memory
 # (/usr/bin/time -v). Usage: scripts/family-shapes.sh [WORKDIR] [NAMES] [RUN OPTIONS...]
-# NAMES is comma-separated (default clip-l14,siglip-so400m,dinov2-reg-b).
+# NAMES is comma-separated (default clip-l14,siglip-so400m,dinov2-reg-b,swin-t,swin-b).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-/tmp/comq-families}
-names=${2:-clip-l14,siglip-so400m,dinov2-reg-b}
+names=${2:-clip-l14,siglip-so400m,dinov2-reg-b,swin-t,swin-b}
 shift $(( $# > 2 ? 2 : $# ))
 py=${COMQ_PYTHON:-$HOME/.cache/comq-gpu/pyenv/bin/python}
 cargo build --release --quiet
