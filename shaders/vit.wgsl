@@ -279,26 +279,49 @@ fn reduce64(lid: u32, v: f32, is_max: bool) -> f32 {
     return r;
 }
 
-@compute @workgroup_size(64, 1, 1)
-fn attention(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+// The head's query of row qi into qs (both attention kernels).
+fn attn_load_query(lx: u32, base: u32, qi: u32, h: u32) {
+    let hd = p.b;
+    for (var x = lx; x < hd; x += 64u) {
+        qs[x] = src0[base + qi * 3u * p.c + h * hd + x];
+    }
+    workgroupBarrier();
+}
+
+// q · k of the key row starting at kb.
+fn attn_dot(kb: u32) -> f32 {
+    var s = 0.0;
+    for (var x = 0u; x < p.b; x++) {
+        s = fma(qs[x], src0[kb + x], s);
+    }
+    return s;
+}
+
+// dst's row for query qi of sequence z: the values weighted by the probabilities in sc, times inv.
+fn attn_output(lx: u32, base: u32, z: u32, qi: u32, h: u32, inv: f32) {
     let t = p.a;
     let hd = p.b;
     let d = p.c;
-    let d3 = 3u * d;
+    for (var x = lx; x < hd; x += 64u) {
+        var acc = 0.0;
+        for (var j = 0u; j < t; j++) {
+            acc = fma(sc[j], src0[base + j * 3u * d + 2u * d + h * hd + x], acc);
+        }
+        dst[(z * t + qi) * d + h * hd + x] = acc * inv;
+    }
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn attention(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let t = p.a;
+    let d3 = 3u * p.c;
     let qi = wid.x;
     let h = wid.y;
     let base = wid.z * t * d3;
-    for (var x = lid.x; x < hd; x += 64u) {
-        qs[x] = src0[base + qi * d3 + h * hd + x];
-    }
-    workgroupBarrier();
+    attn_load_query(lid.x, base, qi, h);
     var mx = -3.4e38;
     for (var j = lid.x; j < t; j += 64u) {
-        let kb = base + j * d3 + d + h * hd;
-        var s = 0.0;
-        for (var x = 0u; x < hd; x++) {
-            s = fma(qs[x], src0[kb + x], s);
-        }
+        let s = attn_dot(base + j * d3 + p.c + h * p.b);
         sc[j] = s;
         mx = max(mx, s);
     }
@@ -310,40 +333,24 @@ fn attention(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
         sum += e;
     }
     let inv = 1.0 / reduce64(lid.x, sum, false);
-    for (var x = lid.x; x < hd; x += 64u) {
-        var acc = 0.0;
-        for (var j = 0u; j < t; j++) {
-            acc = fma(sc[j], src0[base + j * d3 + 2u * d + h * hd + x], acc);
-        }
-        dst[(wid.z * t + qi) * d + h * hd + x] = acc * inv;
-    }
+    attn_output(lid.x, base, wid.z, qi, h, inv);
 }
 
 // ---- attention_bias: attention as above with an additive bias on the scaled logits:
-// src1 = bias [groups, heads, t, t]; sequence z uses group z mod groups (d = groups).
+// src1 = bias [groups, heads, t, t]; sequence z uses group z mod groups (d = groups, e = heads).
 // Swin's relative position bias and shifted-window mask. Dispatch (t, heads, n).
 @compute @workgroup_size(64, 1, 1)
 fn attention_bias(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     let t = p.a;
-    let hd = p.b;
-    let d = p.c;
-    let d3 = 3u * d;
+    let d3 = 3u * p.c;
     let qi = wid.x;
     let h = wid.y;
     let base = wid.z * t * d3;
     let bb = (((wid.z % p.d) * p.e + h) * t + qi) * t;
-    for (var x = lid.x; x < hd; x += 64u) {
-        qs[x] = src0[base + qi * d3 + h * hd + x];
-    }
-    workgroupBarrier();
+    attn_load_query(lid.x, base, qi, h);
     var mx = -3.4e38;
     for (var j = lid.x; j < t; j += 64u) {
-        let kb = base + j * d3 + d + h * hd;
-        var s = 0.0;
-        for (var x = 0u; x < hd; x++) {
-            s = fma(qs[x], src0[kb + x], s);
-        }
-        s = s * p.scale + src1[bb + j];
+        let s = attn_dot(base + j * d3 + p.c + h * p.b) * p.scale + src1[bb + j];
         sc[j] = s;
         mx = max(mx, s);
     }
@@ -355,13 +362,7 @@ fn attention_bias(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgro
         sum += e;
     }
     let inv = 1.0 / reduce64(lid.x, sum, false);
-    for (var x = lid.x; x < hd; x += 64u) {
-        var acc = 0.0;
-        for (var j = 0u; j < t; j++) {
-            acc = fma(sc[j], src0[base + j * d3 + 2u * d + h * hd + x], acc);
-        }
-        dst[(wid.z * t + qi) * d + h * hd + x] = acc * inv;
-    }
+    attn_output(lid.x, base, wid.z, qi, h, inv);
 }
 
 // ---- gather_rows: dst[r, j] = src0[src1[r], j]; the row indices are stored as f32 (exact below

@@ -32,6 +32,15 @@ impl Activation {
         }
     }
 
+    /// Its name as `inspect` prints it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Activation::Gelu => "GELU",
+            Activation::QuickGelu => "QuickGELU",
+            Activation::GeluTanh => "tanh-GELU",
+        }
+    }
+
     /// Its number in the WGSL kernel's parameters.
     pub fn code(self) -> u32 {
         match self {

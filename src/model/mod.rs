@@ -760,11 +760,7 @@ impl VitSpec {
                 self.num_classes
             ),
         };
-        let act = match self.act {
-            crate::device::ops::Activation::Gelu => "GELU",
-            crate::device::ops::Activation::QuickGelu => "QuickGELU",
-            crate::device::ops::Activation::GeluTanh => "tanh-GELU",
-        };
+        let act = self.act.label();
         let qk = match self.blocks.iter().filter(|b| b.qk_norm.is_some()).count() {
             0 => "",
             n if n == self.blocks.len() => " with query/key norms",
@@ -1318,6 +1314,11 @@ fn check_present(
         if let Some((a, c)) = &b.ls {
             required.push(a.clone());
             required.push(c.clone());
+        }
+        // Swin: the bias table and the merging's LayerNorm.
+        required.extend(b.rel_bias.clone());
+        if let Some((w, c, _)) = &b.merge {
+            required.extend([w.clone(), c.clone()]);
         }
     }
     if let Some(m) = required.iter().find(|n| !has(n)) {

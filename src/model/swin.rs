@@ -17,8 +17,8 @@
 use serde_json::Value;
 
 use super::{
-    activation_of, label_names, num, preprocess, square_input, unknown, BlockGeom, BlockNames,
-    Family, Head, Pool, Role, VitSpec,
+    activation_of, check_present, label_names, num, preprocess, square_input, unknown, BlockGeom,
+    BlockNames, Family, Head, Pool, Role, VitSpec,
 };
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
@@ -109,7 +109,8 @@ fn merge(family: Family, p: &str, stage: usize, end_merge: bool) -> (String, Str
     )
 }
 
-/// The layout of a Swin checkpoint.
+/// The layout of a Swin checkpoint: its blocks and mergings by name, the stem's names, every
+/// block's geometry from its tensors, the head, then the input and its preprocessing.
 pub(super) fn recognise(
     model: &Checkpoint,
     family: Family,
@@ -118,14 +119,72 @@ pub(super) fn recognise(
     prep: Option<Value>,
 ) -> Result<VitSpec> {
     let path = model.path();
-    let has = |n: &str| model.get(n).is_some();
-    let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
     // A whole vision-language model keeps the vision tower's config under `vision_config`.
     let config = match config.get("vision_config") {
         Some(v) => v.clone(),
         None => config,
     };
+    let mut blocks = block_list(model, family, p);
+    if blocks.is_empty() {
+        return Err(unknown(path, "no Swin block found"));
+    }
+    let stem = stem_names(model, family, p);
+    let mut named = vec![&stem.patch_embed.0, &stem.norm.0, &stem.norm.1];
+    if let Some((w, b)) = &stem.patch_norm {
+        named.extend([w, b]);
+    }
+    check_present(model, family, &named, &[], &blocks)?;
+    let (dim0, channels, patch) = patch_geometry(model, &stem.patch_embed.0)?;
+    let out = block_geometry(model, &mut blocks, dim0)?;
+    stem.check_widths(model, dim0, out)?;
+    let (head, num_classes) = head_of(model, family, &config, out)?;
+    let act = activation_of(path, &config, family)?;
+    let eps = num(&config, "layer_norm_eps").map_or(1e-5, |e| e as f32);
+    if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+        return Err(Error::InvalidOption(format!(
+            "{}: config.json 'layer_norm_eps' = {eps} is not in (0, 1)",
+            path.display()
+        )));
+    }
+    let preprocess = input_preprocess(path, family, channels, &config, prep.as_ref())?;
+    let first = blocks[0].geom;
+    let spec = VitSpec {
+        family,
+        dim: dim0,
+        depth: blocks.len(),
+        heads: first.heads,
+        mlp: first.mlp,
+        patch,
+        eps,
+        prefix_tokens: 0,
+        registers: 0,
+        pos_prefix: 0,
+        pos_grid: preprocess.crop / patch,
+        pos_grid_w: preprocess.crop / patch,
+        patch_embed: stem.patch_embed,
+        tokens: Vec::new(),
+        pos_embed: String::new(),
+        pos_embed_resized: None,
+        blocks,
+        norm_pre: stem.patch_norm,
+        norm: Some(stem.norm),
+        fc_norm: None,
+        act,
+        pool: Pool::Mean,
+        head,
+        num_classes,
+        labels: label_names(&config, num_classes),
+        preprocess,
+    };
+    check_grids(&spec).map_err(|e| unknown(path, e))?;
+    log::info!("{}: {}", path.display(), summary(&spec));
+    Ok(spec)
+}
 
+/// Every block's names, stage by stage until a stage has none, each stage's merging attached to
+/// its first block, and every second block of a stage marked as shifting.
+fn block_list(model: &Checkpoint, family: Family, p: &str) -> Vec<BlockNames> {
+    let has = |n: &str| model.get(n).is_some();
     // timm before 0.9 saved each merging at the end of its stage, like transformers.
     let end_merge = family == Family::TimmSwin && has("layers.0.downsample.reduction.weight");
     let mut blocks: Vec<BlockNames> = Vec::new();
@@ -149,79 +208,100 @@ pub(super) fn recognise(
             }
         }
     }
+    blocks
+}
 
-    let (patch_embed, patch_norm, norm) = if family == Family::TimmSwin {
+/// The names around the blocks: the patch embedding (weight, bias), its LayerNorm when the
+/// model has one, and the final LayerNorm.
+struct StemNames {
+    patch_embed: (String, String),
+    patch_norm: Option<(String, String)>,
+    norm: (String, String),
+}
+
+fn stem_names(model: &Checkpoint, family: Family, p: &str) -> StemNames {
+    let (embed, patch_norm, norm) = if family == Family::TimmSwin {
         (
-            ("patch_embed.proj.weight", "patch_embed.proj.bias"),
-            "patch_embed.norm",
+            "patch_embed.proj",
+            "patch_embed.norm".to_string(),
             "norm".to_string(),
         )
     } else {
         (
-            (
-                "embeddings.patch_embeddings.projection.weight",
-                "embeddings.patch_embeddings.projection.bias",
-            ),
-            "embeddings.norm",
-            "layernorm".to_string(),
+            "embeddings.patch_embeddings.projection",
+            format!("{p}embeddings.norm"),
+            format!("{p}layernorm"),
         )
     };
-    let pre = |n: &str| {
-        if family == Family::TimmSwin {
-            n.to_string()
-        } else {
-            format!("{p}{n}")
-        }
+    let embed = if family == Family::TimmSwin {
+        embed.to_string()
+    } else {
+        format!("{p}{embed}")
     };
-    let patch_embed = (pre(patch_embed.0), pre(patch_embed.1));
-    let patch_norm = pre(patch_norm);
-    let norm = pre(&norm);
-    let patch_norm = has(&format!("{patch_norm}.weight"))
-        .then(|| (format!("{patch_norm}.weight"), format!("{patch_norm}.bias")));
-    let norm = (format!("{norm}.weight"), format!("{norm}.bias"));
-
-    // Every tensor the blocks and the stem read must be there.
-    let mut required = vec![patch_embed.0.clone(), norm.0.clone(), norm.1.clone()];
-    if let Some((w, b)) = &patch_norm {
-        required.extend([w.clone(), b.clone()]);
+    let pair = |n: &str| (format!("{n}.weight"), format!("{n}.bias"));
+    StemNames {
+        patch_embed: pair(&embed),
+        patch_norm: model
+            .get(&format!("{patch_norm}.weight"))
+            .is_some()
+            .then(|| pair(&patch_norm)),
+        norm: pair(&norm),
     }
-    for b in &blocks {
-        required.extend([&b.norm1.0, &b.norm1.1, &b.norm2.0, &b.norm2.1].map(String::clone));
-        required.extend(b.linears().into_iter().map(|(_, l)| format!("{l}.weight")));
-        required.extend(b.rel_bias.clone());
-        if let Some((w, c, _)) = &b.merge {
-            required.extend([w.clone(), c.clone()]);
+}
+
+impl StemNames {
+    /// The patch norm is as wide as the first stage, the final norm as the last.
+    fn check_widths(&self, model: &Checkpoint, dim0: usize, out: usize) -> Result<()> {
+        let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
+        let patch_norm = self
+            .patch_norm
+            .as_ref()
+            .map(|(w, _)| (w, dim0, "patch norm"));
+        for (name, want, what) in [(&self.norm.0, out, "final norm")]
+            .into_iter()
+            .chain(patch_norm)
+        {
+            if shape(name) != [want] {
+                return Err(unknown(
+                    model.path(),
+                    format!(
+                        "{what} '{name}' has shape {:?}, expected [{want}]",
+                        shape(name)
+                    ),
+                ));
+            }
         }
+        Ok(())
     }
-    if let Some(m) = required.iter().find(|n| !has(n)) {
-        return Err(unknown(
-            path,
-            format!("looks like {family} but has no tensor '{m}'"),
-        ));
-    }
+}
 
-    let pe = shape(&patch_embed.0);
+/// Width, channels and patch size from the patch embedding `[dim, channels, p, p]`.
+fn patch_geometry(model: &Checkpoint, name: &str) -> Result<(usize, usize, usize)> {
+    let pe = model.get(name).map(|t| t.shape.clone()).unwrap_or_default();
     if pe.len() != 4 || pe[2] != pe[3] || pe[2] == 0 {
         return Err(unknown(
-            path,
-            format!(
-                "patch embedding '{}' has shape {pe:?}, expected [dim, channels, p, p]",
-                patch_embed.0
-            ),
+            model.path(),
+            format!("patch embedding '{name}' has shape {pe:?}, expected [dim, channels, p, p]"),
         ));
     }
-    let (dim0, channels, patch) = (pe[0], pe[1], pe[2]);
+    Ok((pe[0], pe[1], pe[2]))
+}
 
-    // Widths, heads and windows, block by block, each linear checked against them.
+/// Each block's geometry from its tensors (width from its LayerNorm, heads and window from its
+/// bias table, MLP from fc1, the merging's input as 4 × the width before it), every linear
+/// checked against it; returns the last block's width.
+fn block_geometry(model: &Checkpoint, blocks: &mut [BlockNames], dim0: usize) -> Result<usize> {
+    let path = model.path();
+    let shape = |n: &str| model.get(n).map(|t| t.shape.clone()).unwrap_or_default();
+    let w = |l: &str| shape(&format!("{l}.weight"));
+    let bad = |n: &str, s: &[usize], want: String| {
+        unknown(path, format!("'{n}' has shape {s:?}, expected {want}"))
+    };
     let mut prev = dim0;
     let mut stage = 0;
-    for b in &mut blocks {
-        let bad = |n: &str, s: &[usize], want: String| {
-            unknown(path, format!("'{n}' has shape {s:?}, expected {want}"))
-        };
-        let w = |l: &str| shape(&format!("{l}.weight"));
+    for b in blocks.iter_mut() {
         let mut merge_in = 0;
-        if let Some((nw, _, red)) = &b.merge.clone() {
+        if let Some((nw, _, red)) = &b.merge {
             merge_in = 4 * prev;
             let s = shape(nw);
             if s != [merge_in] {
@@ -289,53 +369,19 @@ pub(super) fn recognise(
         };
         prev = d;
     }
-    if blocks.is_empty() {
-        return Err(unknown(path, "no Swin block found"));
-    }
-    let out = prev;
-    if shape(&norm.0) != [out] {
-        return Err(unknown(
-            path,
-            format!(
-                "final norm '{}' has shape {:?}, expected [{out}]",
-                norm.0,
-                shape(&norm.0)
-            ),
-        ));
-    }
-    if let Some((w, _)) = &patch_norm {
-        if shape(w) != [dim0] {
-            return Err(unknown(
-                path,
-                format!(
-                    "patch norm '{w}' has shape {:?}, expected [{dim0}]",
-                    shape(w)
-                ),
-            ));
-        }
-    }
+    Ok(prev)
+}
 
-    // The head: timm's `head.fc` (older timm: `head`), transformers' `classifier`.
-    let head_name = if family == Family::TimmSwin {
-        ["head.fc", "head"]
-            .into_iter()
-            .find(|h| has(&format!("{h}.weight")))
-    } else {
-        has("classifier.weight").then_some("classifier")
-    };
-    let (head, num_classes) = match head_name {
-        Some(h) => {
-            let s = shape(&format!("{h}.weight"));
-            if s.len() != 2 || s[1] != out || s[0] == 0 {
-                return Err(unknown(
-                    path,
-                    format!("classifier '{h}.weight' has shape {s:?}, expected [classes, {out}]"),
-                ));
-            }
-            (Head::Cls(h.to_string()), s[0])
-        }
-        None => (Head::None, 0),
-    };
+/// The classifier (timm's `head.fc`, older timm's `head`, transformers' `classifier`) on the
+/// `out`-wide pooled features, and its class count; a pooling other than the mean is refused.
+fn head_of(
+    model: &Checkpoint,
+    family: Family,
+    config: &Value,
+    out: usize,
+) -> Result<(Head, usize)> {
+    let path = model.path();
+    let has = |n: &str| model.get(n).is_some();
     let pooled = config
         .get("global_pool")
         .or_else(|| config.get("model_args").and_then(|a| a.get("global_pool")))
@@ -346,65 +392,57 @@ pub(super) fn recognise(
             format!("config.json asks for global_pool '{other}'; a Swin is pooled by 'avg'"),
         ));
     }
+    let head_name = if family == Family::TimmSwin {
+        ["head.fc", "head"]
+            .into_iter()
+            .find(|h| has(&format!("{h}.weight")))
+    } else {
+        has("classifier.weight").then_some("classifier")
+    };
+    Ok(match head_name {
+        Some(h) => {
+            let s = model
+                .get(&format!("{h}.weight"))
+                .map(|t| t.shape.clone())
+                .unwrap_or_default();
+            if s.len() != 2 || s[1] != out || s[0] == 0 {
+                return Err(unknown(
+                    path,
+                    format!("classifier '{h}.weight' has shape {s:?}, expected [classes, {out}]"),
+                ));
+            }
+            (Head::Cls(h.to_string()), s[0])
+        }
+        None => (Head::None, 0),
+    })
+}
 
-    let act = activation_of(path, &config, family)?;
-    let eps = num(&config, "layer_norm_eps").map_or(1e-5, |e| e as f32);
-    if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
-        return Err(Error::InvalidOption(format!(
-            "{}: config.json 'layer_norm_eps' = {eps} is not in (0, 1)",
-            path.display()
-        )));
-    }
-    // The native input: transformers' `image_size`, timm's `img_size` (timm's `pretrained_cfg`
-    // and the image processor's config, read by `preprocess`, come after).
-    let native = num(&config, "image_size")
+/// The input and its preprocessing: the native size from transformers' `image_size` or timm's
+/// `img_size` (timm's `pretrained_cfg` and the image processor's config, read by `preprocess`,
+/// come after), square only.
+fn input_preprocess(
+    path: &std::path::Path,
+    family: Family,
+    channels: usize,
+    config: &Value,
+    prep: Option<&Value>,
+) -> Result<crate::io::images::Preprocess> {
+    let native = num(config, "image_size")
         .or_else(|| config.get("image_size")?.as_array()?.first()?.as_f64())
         .or_else(|| {
             let a = config.get("model_args")?.get("img_size")?;
             a.as_f64().or_else(|| a.as_array()?.first()?.as_f64())
         })
         .map_or(224, |s| s as usize);
-    let preprocess = square_input(&config, prep.as_ref())
-        .and_then(|_| preprocess(family, channels, (native, native), &config, prep.as_ref()))
+    square_input(config, prep)
+        .and_then(|_| preprocess(family, channels, (native, native), config, prep))
         .and_then(|p| p.validate())
         .map_err(|reason| {
             Error::InvalidOption(format!(
                 "{}: {reason} (from config.json / preprocessor_config.json beside the model)",
                 path.display()
             ))
-        })?;
-    let first = blocks[0].geom;
-    let spec = VitSpec {
-        family,
-        dim: dim0,
-        depth: blocks.len(),
-        heads: first.heads,
-        mlp: first.mlp,
-        patch,
-        eps,
-        prefix_tokens: 0,
-        registers: 0,
-        pos_prefix: 0,
-        pos_grid: preprocess.crop / patch,
-        pos_grid_w: preprocess.crop / patch,
-        patch_embed,
-        tokens: Vec::new(),
-        pos_embed: String::new(),
-        pos_embed_resized: None,
-        blocks,
-        norm_pre: patch_norm,
-        norm: Some(norm),
-        fc_norm: None,
-        act,
-        pool: Pool::Mean,
-        head,
-        num_classes,
-        labels: label_names(&config, num_classes),
-        preprocess,
-    };
-    check_grids(&spec).map_err(|e| unknown(path, e))?;
-    log::info!("{}: {}", path.display(), summary(&spec));
-    Ok(spec)
+        })
 }
 
 /// Checks that the input grid tiles into each stage's windows: the crop a multiple of the patch,
@@ -481,11 +519,7 @@ pub fn summary(spec: &VitSpec) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let act = match spec.act {
-        crate::device::ops::Activation::Gelu => "GELU",
-        crate::device::ops::Activation::QuickGelu => "QuickGELU",
-        crate::device::ops::Activation::GeluTanh => "tanh-GELU",
-    };
+    let act = spec.act.label();
     let head = match &spec.head {
         Head::Cls(h) => format!("head '{h}' ({} outputs)", spec.num_classes),
         _ => "no head".to_string(),
