@@ -254,115 +254,275 @@ fn add_scaled(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
 }
 
 // ---- attention: src0 = qkv [n·t, 3·D] (q | k | v, heads inside each) → dst [n·t, D]
-// (a = t, b = head dim, c = D, scale = 1/√hd). One workgroup of 64 per (query, head, image):
-// scores for all keys in workgroup memory (t ≤ 2048), max-subtracted softmax, then one output
-// dimension per invocation. Dispatch (t, heads, n).
-var<workgroup> sc: array<f32, 2048>;
-var<workgroup> qs: array<f32, 256>;
-var<workgroup> red64: array<f32, 64>;
+// (a = t, b = head dim, c = D, scale = 1/√hd). Flash-style: one workgroup of 64 per (tile of 64
+// queries, head, image), invocation i owning query 64·wid.x + i. Keys and values pass through
+// workgroup memory in tiles of 16 keys × 64 head dims (vec4s, read by every invocation at the
+// same address); each query keeps a running maximum m and sum l (online softmax) and its output
+// in sixteen named vec4 accumulators (no private arrays: NVIDIA puts those in local memory).
+// A head wider than 64 takes one pass per 64 output dims, its scores summed over all dims in
+// each. No limit on t. Invocations past the last query compute on it and write nothing (every
+// one of them reaches each barrier). Dispatch (⌈t/64⌉, heads, n).
+//
+// attention_bias: the same with an additive bias on the scaled logits: src1 = bias [groups,
+// heads, t, t]; sequence z uses group z mod groups (d = groups, e = heads). Swin's relative
+// position bias and shifted-window mask.
+const FA_KEYS: u32 = 16u;
+const FA_SC: u32 = 17u;
+var<workgroup> kt: array<vec4<f32>, 256>;
+var<workgroup> vt: array<vec4<f32>, 256>;
+var<workgroup> fsc: array<f32, 1088>;
 
-fn reduce64(lid: u32, v: f32, is_max: bool) -> f32 {
-    red64[lid] = v;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            if (is_max) {
-                red64[lid] = max(red64[lid], red64[lid + s]);
-            } else {
-                red64[lid] += red64[lid + s];
-            }
+// 64 values of a head row (dims 64·chunk .. +64, zero past hd) as sixteen named vec4s.
+struct Head64 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    c: vec4<f32>,
+    d: vec4<f32>,
+    e: vec4<f32>,
+    f: vec4<f32>,
+    g: vec4<f32>,
+    h: vec4<f32>,
+    i: vec4<f32>,
+    j: vec4<f32>,
+    k: vec4<f32>,
+    l: vec4<f32>,
+    m: vec4<f32>,
+    n: vec4<f32>,
+    o: vec4<f32>,
+    p: vec4<f32>,
+}
+
+fn fa_ld4(off: u32, x: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        if (x + c < p.b) {
+            v[c] = src0[off + x + c];
         }
-        workgroupBarrier();
     }
-    let r = red64[0];
-    workgroupBarrier();
+    return v;
+}
+
+// The query row starting at off, dims 64·ch ..
+fn fa_query(off: u32, ch: u32) -> Head64 {
+    let x = ch * 64u;
+    var r: Head64;
+    r.a = fa_ld4(off, x + 0u * 4u);
+    r.b = fa_ld4(off, x + 1u * 4u);
+    r.c = fa_ld4(off, x + 2u * 4u);
+    r.d = fa_ld4(off, x + 3u * 4u);
+    r.e = fa_ld4(off, x + 4u * 4u);
+    r.f = fa_ld4(off, x + 5u * 4u);
+    r.g = fa_ld4(off, x + 6u * 4u);
+    r.h = fa_ld4(off, x + 7u * 4u);
+    r.i = fa_ld4(off, x + 8u * 4u);
+    r.j = fa_ld4(off, x + 9u * 4u);
+    r.k = fa_ld4(off, x + 10u * 4u);
+    r.l = fa_ld4(off, x + 11u * 4u);
+    r.m = fa_ld4(off, x + 12u * 4u);
+    r.n = fa_ld4(off, x + 13u * 4u);
+    r.o = fa_ld4(off, x + 14u * 4u);
+    r.p = fa_ld4(off, x + 15u * 4u);
     return r;
 }
 
-// The head's query of row qi into qs (both attention kernels).
-fn attn_load_query(lx: u32, base: u32, qi: u32, h: u32) {
-    let hd = p.b;
-    for (var x = lx; x < hd; x += 64u) {
-        qs[x] = src0[base + qi * 3u * p.c + h * hd + x];
-    }
-    workgroupBarrier();
-}
-
-// q · k of the key row starting at kb.
-fn attn_dot(kb: u32) -> f32 {
+// q · kt[key j].
+fn fa_dot(q: Head64, j: u32) -> f32 {
+    let o = j * 16u;
     var s = 0.0;
-    for (var x = 0u; x < p.b; x++) {
-        s = fma(qs[x], src0[kb + x], s);
-    }
+    s += dot(q.a, kt[o + 0u]);
+    s += dot(q.b, kt[o + 1u]);
+    s += dot(q.c, kt[o + 2u]);
+    s += dot(q.d, kt[o + 3u]);
+    s += dot(q.e, kt[o + 4u]);
+    s += dot(q.f, kt[o + 5u]);
+    s += dot(q.g, kt[o + 6u]);
+    s += dot(q.h, kt[o + 7u]);
+    s += dot(q.i, kt[o + 8u]);
+    s += dot(q.j, kt[o + 9u]);
+    s += dot(q.k, kt[o + 10u]);
+    s += dot(q.l, kt[o + 11u]);
+    s += dot(q.m, kt[o + 12u]);
+    s += dot(q.n, kt[o + 13u]);
+    s += dot(q.o, kt[o + 14u]);
+    s += dot(q.p, kt[o + 15u]);
     return s;
 }
 
-// dst's row for query qi of sequence z: the values weighted by the probabilities in sc, times inv.
-fn attn_output(lx: u32, base: u32, z: u32, qi: u32, h: u32, inv: f32) {
-    let t = p.a;
-    let hd = p.b;
-    let d = p.c;
-    for (var x = lx; x < hd; x += 64u) {
-        var acc = 0.0;
-        for (var j = 0u; j < t; j++) {
-            acc = fma(sc[j], src0[base + j * 3u * d + 2u * d + h * hd + x], acc);
+// acc + pj · vt[key j].
+fn fa_axpy(acc: Head64, pj: f32, j: u32) -> Head64 {
+    let o = j * 16u;
+    let pv = vec4<f32>(pj);
+    var r: Head64;
+    r.a = fma(pv, vt[o + 0u], acc.a);
+    r.b = fma(pv, vt[o + 1u], acc.b);
+    r.c = fma(pv, vt[o + 2u], acc.c);
+    r.d = fma(pv, vt[o + 3u], acc.d);
+    r.e = fma(pv, vt[o + 4u], acc.e);
+    r.f = fma(pv, vt[o + 5u], acc.f);
+    r.g = fma(pv, vt[o + 6u], acc.g);
+    r.h = fma(pv, vt[o + 7u], acc.h);
+    r.i = fma(pv, vt[o + 8u], acc.i);
+    r.j = fma(pv, vt[o + 9u], acc.j);
+    r.k = fma(pv, vt[o + 10u], acc.k);
+    r.l = fma(pv, vt[o + 11u], acc.l);
+    r.m = fma(pv, vt[o + 12u], acc.m);
+    r.n = fma(pv, vt[o + 13u], acc.n);
+    r.o = fma(pv, vt[o + 14u], acc.o);
+    r.p = fma(pv, vt[o + 15u], acc.p);
+    return r;
+}
+
+fn fa_scale(acc: Head64, c: f32) -> Head64 {
+    let cv = vec4<f32>(c);
+    var r: Head64;
+    r.a = acc.a * cv;
+    r.b = acc.b * cv;
+    r.c = acc.c * cv;
+    r.d = acc.d * cv;
+    r.e = acc.e * cv;
+    r.f = acc.f * cv;
+    r.g = acc.g * cv;
+    r.h = acc.h * cv;
+    r.i = acc.i * cv;
+    r.j = acc.j * cv;
+    r.k = acc.k * cv;
+    r.l = acc.l * cv;
+    r.m = acc.m * cv;
+    r.n = acc.n * cv;
+    r.o = acc.o * cv;
+    r.p = acc.p * cv;
+    return r;
+}
+
+fn fa_st4(off: u32, x: u32, lim: u32, v: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        if (x + c < lim) {
+            dst[off + x + c] = v[c];
         }
-        dst[(z * t + qi) * d + h * hd + x] = acc * inv;
+    }
+}
+
+// dims off .. off + min(64, lim) of dst.
+fn fa_store(off: u32, lim: u32, o: Head64) {
+    fa_st4(off, 0u * 4u, lim, o.a);
+    fa_st4(off, 1u * 4u, lim, o.b);
+    fa_st4(off, 2u * 4u, lim, o.c);
+    fa_st4(off, 3u * 4u, lim, o.d);
+    fa_st4(off, 4u * 4u, lim, o.e);
+    fa_st4(off, 5u * 4u, lim, o.f);
+    fa_st4(off, 6u * 4u, lim, o.g);
+    fa_st4(off, 7u * 4u, lim, o.h);
+    fa_st4(off, 8u * 4u, lim, o.i);
+    fa_st4(off, 9u * 4u, lim, o.j);
+    fa_st4(off, 10u * 4u, lim, o.k);
+    fa_st4(off, 11u * 4u, lim, o.l);
+    fa_st4(off, 12u * 4u, lim, o.m);
+    fa_st4(off, 13u * 4u, lim, o.n);
+    fa_st4(off, 14u * 4u, lim, o.o);
+    fa_st4(off, 15u * 4u, lim, o.p);
+}
+
+// Key rows k0 .. k0 + 16 of one head: dims 64·kc .. of k (column D) into kt and, with_v, dims
+// 64·vc .. of v (column 2·D) into vt; zero past t and hd.
+fn fa_load_tile(lid: u32, base: u32, h: u32, k0: u32, kc: u32, vc: u32, with_v: bool) {
+    let t = p.a;
+    let d3 = 3u * p.c;
+    for (var e = lid; e < 1024u; e += 64u) {
+        let j = e / 64u;
+        let x = e % 64u;
+        let row = base + (k0 + j) * d3 + h * p.b;
+        let kd = kc * 64u + x;
+        let vd = vc * 64u + x;
+        var kv = 0.0;
+        var vv = 0.0;
+        if (k0 + j < t && kd < p.b) {
+            kv = src0[row + p.c + kd];
+        }
+        if (with_v && k0 + j < t && vd < p.b) {
+            vv = src0[row + 2u * p.c + vd];
+        }
+        kt[j * 16u + x / 4u][x % 4u] = kv;
+        if (with_v) {
+            vt[j * 16u + x / 4u][x % 4u] = vv;
+        }
+    }
+}
+
+fn flash(lid: u32, wid: vec3<u32>, biased: bool) {
+    let t = p.a;
+    let d3 = 3u * p.c;
+    let h = wid.y;
+    let z = wid.z;
+    let base = z * t * d3;
+    let qi = wid.x * 64u + lid;
+    let qrow = min(qi, t - 1u);
+    let qoff = base + qrow * d3 + h * p.b;
+    var boff = 0u;
+    if (biased) {
+        boff = (((z % p.d) * p.e + h) * t + qrow) * t;
+    }
+    let chunks = (p.b + 63u) / 64u;
+    for (var oc = 0u; oc < chunks; oc++) {
+        var q = fa_query(qoff, 0u);
+        var o: Head64;
+        var m = -3.4e38;
+        var l = 0.0;
+        for (var k0 = 0u; k0 < t; k0 += FA_KEYS) {
+            for (var dc = 0u; dc < chunks; dc++) {
+                workgroupBarrier();
+                fa_load_tile(lid, base, h, k0, dc, oc, dc == 0u);
+                workgroupBarrier();
+                if (chunks > 1u) {
+                    q = fa_query(qoff, dc);
+                }
+                for (var j = 0u; j < FA_KEYS; j++) {
+                    var s = fa_dot(q, j);
+                    if (dc > 0u) {
+                        s += fsc[lid * FA_SC + j];
+                    }
+                    fsc[lid * FA_SC + j] = s;
+                }
+            }
+            // Scaled (and biased) logits of this tile; keys past t never count.
+            var mt = -3.4e38;
+            for (var j = 0u; j < FA_KEYS; j++) {
+                var s = -3.4e38;
+                if (k0 + j < t) {
+                    s = fsc[lid * FA_SC + j] * p.scale;
+                    if (biased) {
+                        s += src1[boff + k0 + j];
+                    }
+                    mt = max(mt, s);
+                }
+                fsc[lid * FA_SC + j] = s;
+            }
+            let mn = max(m, mt);
+            let corr = exp(m - mn);
+            l *= corr;
+            o = fa_scale(o, corr);
+            for (var j = 0u; j < FA_KEYS; j++) {
+                if (k0 + j < t) {
+                    let pj = exp(fsc[lid * FA_SC + j] - mn);
+                    l += pj;
+                    o = fa_axpy(o, pj, j);
+                }
+            }
+            m = mn;
+        }
+        if (qi < t) {
+            fa_store((z * t + qi) * p.c + h * p.b + oc * 64u, p.b - oc * 64u, fa_scale(o, 1.0 / l));
+        }
     }
 }
 
 @compute @workgroup_size(64, 1, 1)
-fn attention(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let t = p.a;
-    let d3 = 3u * p.c;
-    let qi = wid.x;
-    let h = wid.y;
-    let base = wid.z * t * d3;
-    attn_load_query(lid.x, base, qi, h);
-    var mx = -3.4e38;
-    for (var j = lid.x; j < t; j += 64u) {
-        let s = attn_dot(base + j * d3 + p.c + h * p.b);
-        sc[j] = s;
-        mx = max(mx, s);
-    }
-    let m = reduce64(lid.x, mx, true);
-    var sum = 0.0;
-    for (var j = lid.x; j < t; j += 64u) {
-        let e = exp((sc[j] - m) * p.scale);
-        sc[j] = e;
-        sum += e;
-    }
-    let inv = 1.0 / reduce64(lid.x, sum, false);
-    attn_output(lid.x, base, wid.z, qi, h, inv);
+fn attention(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    flash(li, wid, false);
 }
 
-// ---- attention_bias: attention as above with an additive bias on the scaled logits:
-// src1 = bias [groups, heads, t, t]; sequence z uses group z mod groups (d = groups, e = heads).
-// Swin's relative position bias and shifted-window mask. Dispatch (t, heads, n).
 @compute @workgroup_size(64, 1, 1)
-fn attention_bias(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let t = p.a;
-    let d3 = 3u * p.c;
-    let qi = wid.x;
-    let h = wid.y;
-    let base = wid.z * t * d3;
-    let bb = (((wid.z % p.d) * p.e + h) * t + qi) * t;
-    attn_load_query(lid.x, base, qi, h);
-    var mx = -3.4e38;
-    for (var j = lid.x; j < t; j += 64u) {
-        let s = attn_dot(base + j * d3 + p.c + h * p.b) * p.scale + src1[bb + j];
-        sc[j] = s;
-        mx = max(mx, s);
-    }
-    let m = reduce64(lid.x, mx, true);
-    var sum = 0.0;
-    for (var j = lid.x; j < t; j += 64u) {
-        let e = exp(sc[j] - m);
-        sc[j] = e;
-        sum += e;
-    }
-    let inv = 1.0 / reduce64(lid.x, sum, false);
-    attn_output(lid.x, base, wid.z, qi, h, inv);
+fn attention_bias(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    flash(li, wid, true);
 }
 
 // ---- gather_rows: dst[r, j] = src0[src1[r], j]; the row indices are stored as f32 (exact below

@@ -660,6 +660,42 @@ fn the_forward_linear_matches_the_cpu_on_awkward_shapes() {
     }
 }
 
+/// Flash-style attention (64 queries per workgroup, key tiles of 16, 64 head dims per pass)
+/// against the CPU on shapes that fill no tile, cross the query and key tiles, take two and
+/// three passes over the head dims, and run past the 2048 tokens the old kernel could hold.
+#[test]
+fn attention_matches_the_cpu_on_awkward_shapes() {
+    use comq_gpu::device::cpu_ops::CpuOps;
+    use comq_gpu::device::ops::Ops;
+    use comq_gpu::device::wgpu::forward::GpuOps;
+    let Some(g) = gpu::device() else {
+        return;
+    };
+    let ops = GpuOps::new(&g);
+    let mut rng = Rng::new(13);
+    for (n, t, heads, hd) in [
+        (1, 1, 1, 1),
+        (2, 17, 2, 8),
+        (1, 197, 3, 64),
+        (2, 65, 2, 80),
+        (1, 50, 1, 130),
+        (3, 31, 2, 6),
+        (1, 2050, 1, 4),
+    ] {
+        let qkv = rng.normals(n * t * 3 * heads * hd);
+        let want = CpuOps.attention(&qkv, n, t, heads, hd, None).unwrap();
+        let gq = ops.upload(&qkv).unwrap();
+        let got = ops
+            .download(&ops.attention(&gq, n, t, heads, hd, None).unwrap())
+            .unwrap();
+        let e = rel32(&got, &want);
+        assert!(
+            e < FORWARD_OP_REL_TOL,
+            "attention n {n} t {t} heads {heads} hd {hd}: {e}"
+        );
+    }
+}
+
 /// Swin's primitives, GPU vs CPU: attention with a bias per sequence group (the shifted-window
 /// mask included, `-100` on some pairs) and row gathers (window partition, patch merging).
 #[test]
