@@ -10,13 +10,26 @@
 // Workgroup (16, 16); each invocation owns a 4×4 block of G held in four named vec4
 // accumulators (private arrays spill to local memory on NVIDIA), a workgroup owns a 64×64 tile.
 // The host pads n to a multiple of 64 and rows to a multiple of 16 with zeros.
-// Dispatch (n_p / 64, n_p / 64, 1). Wide Grams use `gram_wide` below.
+// Split over the chunk's rows (split-K, so that a narrow Gram keeps more workgroups busy than
+// its few upper-triangle tiles): workgroup z sums rows z·split .. (z + 1)·split (a multiple of
+// 16, up to rows) into its own slice z of the accumulator ([slices, n_p, n_p]); the host adds the
+// slices in f64 when it reads them back.
+// Dispatch (n_p / 64, n_p / 64, slices). Wide Grams use `gram_wide` below.
 
 struct GramParams {
     rows: u32,   // padded rows of the chunk (multiple of 16)
     n4: u32,     // padded width / 4
-    pad0: u32,
+    split: u32,  // rows per slice (multiple of 16)
     pad1: u32,
+}
+
+// The first and one-past-last row of slice z, and the offset of its accumulator slice.
+fn slice_rows(z: u32) -> vec2<u32> {
+    return vec2<u32>(min(z * p.split, p.rows), min((z + 1u) * p.split, p.rows));
+}
+
+fn slice_base(z: u32) -> u32 {
+    return z * p.n4 * 4u * p.n4;
 }
 
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
@@ -35,7 +48,9 @@ fn gram(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     var c1 = vec4<f32>(0.0);
     var c2 = vec4<f32>(0.0);
     var c3 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.rows; k0 += 16u) {
+    let span = slice_rows(wid.z);
+    let gb = slice_base(wid.z);
+    for (var k0 = span.x; k0 < span.y; k0 += 16u) {
         let row = (k0 + lid.y) * p.n4;
         sa[lid.y * 16u + lid.x] = x[row + wid.y * 16u + lid.x];
         sb[lid.y * 16u + lid.x] = x[row + wid.x * 16u + lid.x];
@@ -52,23 +67,24 @@ fn gram(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     }
     let i = (wid.y * 16u + lid.y) * 4u;
     let col = wid.x * 16u + lid.x;
-    g[(i + 0u) * p.n4 + col] += c0;
-    g[(i + 1u) * p.n4 + col] += c1;
-    g[(i + 2u) * p.n4 + col] += c2;
-    g[(i + 3u) * p.n4 + col] += c3;
+    g[gb + (i + 0u) * p.n4 + col] += c0;
+    g[gb + (i + 1u) * p.n4 + col] += c1;
+    g[gb + (i + 2u) * p.n4 + col] += c2;
+    g[gb + (i + 3u) * p.n4 + col] += c3;
 }
 
 // ---- gram_wide: the same sums for wide Grams (the host pads n to a multiple of 128 here):
 // workgroup (16, 16) owns a 128×128 tile, each invocation an 8×8 block (rows ty·4 + 0..3 and
 // 64 + ty·4 + 0..3, the same columns from tx) in sixteen named vec4 accumulators; the chunk's
 // rows advance 8 at a time. Each element sums the chunk's rows in ascending order with fma, as
-// `gram` does, so the two give the same sums. Dispatch (n_p / 128, n_p / 128, 1).
+// `gram` does, so the two give the same sums; split over rows the same way (the split a multiple
+// of 16). Dispatch (n_p / 128, n_p / 128, slices).
 var<workgroup> wa: array<vec4<f32>, 256>;
 var<workgroup> wb: array<vec4<f32>, 256>;
 
-fn gram_store(row: u32, col: u32, lo: vec4<f32>, hi: vec4<f32>) {
-    g[row * p.n4 + col] += lo;
-    g[row * p.n4 + col + 16u] += hi;
+fn gram_store(gb: u32, row: u32, col: u32, lo: vec4<f32>, hi: vec4<f32>) {
+    g[gb + row * p.n4 + col] += lo;
+    g[gb + row * p.n4 + col + 16u] += hi;
 }
 
 @compute @workgroup_size(16, 16, 1)
@@ -93,7 +109,9 @@ fn gram_wide(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     var d6 = vec4<f32>(0.0);
     var c7 = vec4<f32>(0.0);
     var d7 = vec4<f32>(0.0);
-    for (var k0 = 0u; k0 < p.rows; k0 += 8u) {
+    let span = slice_rows(wid.z);
+    let gb = slice_base(wid.z);
+    for (var k0 = span.x; k0 < span.y; k0 += 8u) {
         // 8 rows × 32 vec4 of each operand: one vec4 per invocation.
         let kk = tid / 32u;
         let v = tid % 32u;
@@ -126,12 +144,12 @@ fn gram_wide(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
         workgroupBarrier();
     }
     let col = wid.x * 32u + lid.x;
-    gram_store(wid.y * 128u + lid.y * 4u + 0u, col, c0, d0);
-    gram_store(wid.y * 128u + lid.y * 4u + 1u, col, c1, d1);
-    gram_store(wid.y * 128u + lid.y * 4u + 2u, col, c2, d2);
-    gram_store(wid.y * 128u + lid.y * 4u + 3u, col, c3, d3);
-    gram_store(wid.y * 128u + 64u + lid.y * 4u + 0u, col, c4, d4);
-    gram_store(wid.y * 128u + 64u + lid.y * 4u + 1u, col, c5, d5);
-    gram_store(wid.y * 128u + 64u + lid.y * 4u + 2u, col, c6, d6);
-    gram_store(wid.y * 128u + 64u + lid.y * 4u + 3u, col, c7, d7);
+    gram_store(gb, wid.y * 128u + lid.y * 4u + 0u, col, c0, d0);
+    gram_store(gb, wid.y * 128u + lid.y * 4u + 1u, col, c1, d1);
+    gram_store(gb, wid.y * 128u + lid.y * 4u + 2u, col, c2, d2);
+    gram_store(gb, wid.y * 128u + lid.y * 4u + 3u, col, c3, d3);
+    gram_store(gb, wid.y * 128u + 64u + lid.y * 4u + 0u, col, c4, d4);
+    gram_store(gb, wid.y * 128u + 64u + lid.y * 4u + 1u, col, c5, d5);
+    gram_store(gb, wid.y * 128u + 64u + lid.y * 4u + 2u, col, c6, d6);
+    gram_store(gb, wid.y * 128u + 64u + lid.y * 4u + 3u, col, c7, d7);
 }

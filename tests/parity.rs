@@ -821,6 +821,43 @@ fn the_submit_bound_splits_only_the_widest_layers() {
     assert_eq!(rows_per_submit(1 << 20), 1);
 }
 
+/// The forward pass's Gram split over rows (a narrow Gram's few tiles times up to 8 slices, each
+/// an f32 accumulator of its own, added in f64 on readback): batches of several sizes (slices
+/// left empty by a short batch included) against the CPU, and the split's bounds.
+#[test]
+fn the_gram_split_over_rows_matches_the_cpu() {
+    use comq_gpu::device::cpu_ops::CpuOps;
+    use comq_gpu::device::ops::Ops;
+    use comq_gpu::device::wgpu::forward::{gram_slices, GpuOps};
+    assert_eq!(gram_slices(60, u64::MAX), 8);
+    assert_eq!(gram_slices(768, u64::MAX), 7);
+    assert_eq!(gram_slices(1024, u64::MAX), 4);
+    assert_eq!(gram_slices(4096, u64::MAX), 1);
+    // No more slices than a binding holds.
+    assert_eq!(gram_slices(768, 2 * 768 * 768 * 4), 2);
+    assert_eq!(gram_slices(768, 1), 1);
+    let Some(g) = gpu::device() else {
+        return;
+    };
+    let ops = GpuOps::new(&g);
+    let mut rng = Rng::new(14);
+    for n in [60usize, 200] {
+        let mut c = CpuOps.gram_new(n).unwrap();
+        let mut gg = ops.gram_new(n).unwrap();
+        for rows in [19usize, 700, 1] {
+            let x: Vec<f32> = rng.normals(rows * n).iter().map(|v| 1.0 + v).collect();
+            CpuOps.gram_add(&mut c, &x, rows).unwrap();
+            let gx = ops.upload(&x).unwrap();
+            ops.gram_add(&mut gg, &gx, rows).unwrap();
+        }
+        let want = CpuOps.gram_finish(c).unwrap();
+        let got = ops.gram_finish(gg).unwrap();
+        let e = frob_rel(&got.data, &want.data);
+        assert!(e < GRAM_REL_TOL, "n {n}: {e}");
+        assert_eq!(got.samples, want.samples);
+    }
+}
+
 /// The forward pass's Gram on the GPU against the CPU's at the widths where the wide kernel
 /// (128×128 tiles, 8×8 per invocation) takes over: exactly 2048, and 2100 (padded to 2176, a
 /// partial last tile), over a batch of rows that is no multiple of 16.

@@ -102,8 +102,8 @@ pub struct CalibMemory {
 /// - the hidden state of every image (one block's input), resident where the forward runs;
 /// - one batch's activations in flight (qkv, attention output, MLP hidden, LayerNorm output);
 /// - one block's weights;
-/// - the block's four Gram accumulators (f32, padded to 64, on a GPU; plus the GPU's staging
-///   chunk), and on the host the f64 Grams of two blocks: the one being quantized and the one
+/// - the block's four Gram accumulators (f32, padded to 64, in as many slices as their split
+///   over rows takes, on a GPU; plus the GPU's staging chunk), and on the host the f64 Grams of two blocks: the one being quantized and the one
 ///   calibrated ahead of it.
 pub fn calibration_bytes(
     dim: usize,
@@ -120,6 +120,7 @@ pub fn calibration_bytes(
         * 4;
     let weights = (4 * d * d + 2 * d * m + 10 * d) * 4;
     let pad = |n: u64| crate::device::wgpu::forward::gram_padded(n as usize) as u64;
+    let gram = |n: u64| crate::device::wgpu::forward::gram_device_bytes(n as usize);
     let grams_f64 = (3 * d * d + m * m) * 8;
     if gpu {
         let chunk = 4096 * pad(m) * 4;
@@ -127,7 +128,8 @@ pub fn calibration_bytes(
             device_bytes: hidden
                 + batch
                 + weights
-                + (3 * pad(d) * pad(d) + pad(m) * pad(m)) * 4
+                + 3 * gram(d)
+                + gram(m)
                 + chunk,
             host_bytes: 2 * grams_f64,
         }

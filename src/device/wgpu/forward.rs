@@ -41,13 +41,42 @@ pub struct GpuTensor {
     len: usize,
 }
 
+/// Workgroups a Gram dispatch aims for (about four per SM on a 132-SM card; `gram_wide` at
+/// 4096 inputs has 528 upper-triangle tiles).
+const GRAM_TARGET_WORKGROUPS: usize = 528;
+/// Most slices of a Gram's split over rows.
+const GRAM_MAX_SLICES: usize = 8;
+
+/// How many slices an `n`-wide Gram accumulates in (its rows split among them, each slice an
+/// f32 accumulator of its own, added in f64 on readback): enough that the upper-triangle tiles
+/// times the slices reach [`GRAM_TARGET_WORKGROUPS`], at most [`GRAM_MAX_SLICES`], and no more
+/// than a storage binding of `max_binding` bytes holds.
+pub fn gram_slices(n: usize, max_binding: u64) -> usize {
+    let np = gram_padded(n);
+    let side = np / if n >= GRAM_WIDE_MIN { 128 } else { 64 };
+    let tiles = (side * (side + 1) / 2).max(1);
+    let fit = (max_binding / (np as u64 * np as u64 * 4).max(1)) as usize;
+    GRAM_TARGET_WORKGROUPS
+        .div_ceil(tiles)
+        .clamp(1, GRAM_MAX_SLICES)
+        .min(fit.max(1))
+}
+
+/// Device bytes of an `n`-wide Gram accumulator (all its slices; an upper bound for any
+/// adapter).
+pub fn gram_device_bytes(n: usize) -> u64 {
+    let np = gram_padded(n) as u64;
+    gram_slices(n, u64::MAX) as u64 * np * np * 4
+}
+
 /// A Gram accumulator in device memory.
 #[derive(Debug)]
 pub struct GpuGram {
-    /// The f32 sums (upper triangle).
+    /// The f32 sums (upper triangle), one `np × np` slice per part of the split over rows.
     g: wgpu::Buffer,
     n: usize,
     np: usize,
+    slices: usize,
     samples: u64,
 }
 
@@ -468,7 +497,8 @@ impl Ops for GpuOps {
 
     fn gram_new(&self, n: usize) -> Result<GpuGram> {
         let np = gram_padded(n);
-        let bytes = (np * np * 4) as u64;
+        let slices = gram_slices(n, self.max_binding);
+        let bytes = (slices * np * np * 4) as u64;
         if bytes > self.max_binding {
             return Err(gpu_err(format!(
                 "a {n}×{n} Gram matrix ({bytes} bytes) exceeds the adapter's storage-binding limit; use --device cpu"
@@ -495,6 +525,7 @@ impl Ops for GpuOps {
             g,
             n,
             np,
+            slices,
             samples: 0,
         })
     }
@@ -502,6 +533,7 @@ impl Ops for GpuOps {
     fn gram_add(&self, g: &mut GpuGram, x: &GpuTensor, rows: usize) -> Result<()> {
         let (n, np) = (g.n, g.np);
         let cap = ((self.max_binding / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
+        let slices = g.slices;
         // A short batch gets a staging chunk of its own size, not the largest one.
         let chunk = self.alloc(cap.min(rows.div_ceil(16) * 16).max(16) * np)?;
         for r0 in (0..rows).step_by(cap) {
@@ -519,7 +551,8 @@ impl Ops for GpuOps {
             let gp = GramParams {
                 rows: rp as u32,
                 n4: (np / 4) as u32,
-                pad: [0; 2],
+                split: (rp.div_ceil(slices).div_ceil(16) * 16) as u32,
+                pad: 0,
             };
             let ubuf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("gram-params"),
@@ -540,7 +573,7 @@ impl Ops for GpuOps {
                 &[(0, &chunk.buf), (1, &g.g)],
                 &ubuf,
                 2,
-                ((np / tile) as u32, (np / tile) as u32, 1),
+                ((np / tile) as u32, (np / tile) as u32, slices as u32),
             );
             g.samples += r as u64;
         }
@@ -548,11 +581,14 @@ impl Ops for GpuOps {
     }
 
     fn gram_finish(&self, g: GpuGram) -> Result<Gram> {
-        // The only readback.
-        let sums = self.ctx.io.read_f32(&g.g, g.np * g.np)?;
+        // The only readback; the slices are added in f64.
+        let plane = g.np * g.np;
+        let sums = self.ctx.io.read_f32(&g.g, g.slices * plane)?;
         self.check_fault()?;
         let mut acc = GramAccumulator::new(g.n);
-        acc.add_partial(&sums, g.np, g.samples);
+        for (i, slice) in sums.chunks(plane).enumerate() {
+            acc.add_partial(slice, g.np, if i == 0 { g.samples } else { 0 });
+        }
         Ok(acc.finish())
     }
 

@@ -392,7 +392,9 @@ impl WgpuDevice {
                         &GramParams {
                             rows: rp as u32,
                             n4: (np / 4) as u32,
-                            pad: [0; 2],
+                            // One slice: this path is bound by its uploads.
+                            split: rp as u32,
+                            pad: 0,
                         },
                     );
                     let bg = self.bind(Kernel::Gram, &[(0, &x), (1, &g), (2, &params)]);

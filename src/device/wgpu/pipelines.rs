@@ -17,8 +17,10 @@ pub struct GramParams {
     pub rows: u32,
     /// Padded width / 4.
     pub n4: u32,
+    /// Rows per slice of the split over rows (a multiple of 16).
+    pub split: u32,
     /// Padding to 16 bytes.
-    pub pad: [u32; 2],
+    pub pad: u32,
 }
 
 /// `ResidualParams` / `ReduceParams` (same layout) in `residual.wgsl` and `reduce.wgsl`.
