@@ -833,6 +833,8 @@ fn the_gram_split_over_rows_matches_the_cpu() {
     assert_eq!(gram_slices(768, u64::MAX), 7);
     assert_eq!(gram_slices(1024, u64::MAX), 4);
     assert_eq!(gram_slices(4096, u64::MAX), 1);
+    assert_eq!(gram_slices(2048, u64::MAX), 1);
+    assert_eq!(gram_slices(3200, u64::MAX), 1);
     // No more slices than a binding holds.
     assert_eq!(gram_slices(768, 2 * 768 * 768 * 4), 2);
     assert_eq!(gram_slices(768, 1), 1);

@@ -51,9 +51,15 @@ const GRAM_MAX_SLICES: usize = 8;
 /// f32 accumulator of its own, added in f64 on readback): enough that the upper-triangle tiles
 /// times the slices reach [`GRAM_TARGET_WORKGROUPS`], at most [`GRAM_MAX_SLICES`], and no more
 /// than a storage binding of `max_binding` bytes holds.
+///
+/// Wide Grams (`gram_wide`, 2048 inputs and more) keep one slice: they have 136 tiles or more,
+/// and their slices would cost the memory plan of the largest models most.
 pub fn gram_slices(n: usize, max_binding: u64) -> usize {
+    if n >= GRAM_WIDE_MIN {
+        return 1;
+    }
     let np = gram_padded(n);
-    let side = np / if n >= GRAM_WIDE_MIN { 128 } else { 64 };
+    let side = np / 64;
     let tiles = (side * (side + 1) / 2).max(1);
     let fit = (max_binding / (np as u64 * np as u64 * 4).max(1)) as usize;
     GRAM_TARGET_WORKGROUPS
