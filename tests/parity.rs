@@ -887,3 +887,49 @@ fn the_wide_gram_kernel_matches_the_cpu() {
         assert_eq!(got.samples, want.samples);
     }
 }
+
+/// The compiled kernels go to an on-disk pipeline cache where the backend keeps one (Vulkan):
+/// the first open writes it, the next reads it, a damaged file is ignored and replaced (never
+/// handed to the driver), and kernels built from any of them compute the same Gram.
+#[test]
+fn compiled_kernels_are_cached_on_disk_and_a_damaged_cache_is_ignored() {
+    use comq_gpu::device::wgpu::cache::CacheState;
+    let Some(probe) = gpu::device() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let open = || WgpuDevice::open_with_cache(None, true, Some(dir.path())).unwrap();
+    let first = open();
+    if probe.info().backend != wgpu::Backend::Vulkan {
+        assert_eq!(first.pipeline_cache(), CacheState::Off);
+        return;
+    }
+    assert_eq!(first.pipeline_cache(), CacheState::Created);
+    let files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].to_string_lossy().ends_with(".bin"));
+    let mut rng = Rng::new(15);
+    let x = correlated_x(&mut rng, 50, 20);
+    let gram_on = |d: WgpuDevice| {
+        AnyDevice::Wgpu(Box::new(d))
+            .gram(20, vec![Ok(x.clone())])
+            .unwrap()
+            .data
+    };
+    let want = gram_on(first);
+    assert_eq!(open().pipeline_cache(), CacheState::Loaded);
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x5a;
+    std::fs::write(&files[0], &bytes).unwrap();
+    let damaged = open();
+    assert_eq!(damaged.pipeline_cache(), CacheState::Replaced);
+    assert_eq!(gram_on(damaged), want);
+    let again = open();
+    assert_eq!(again.pipeline_cache(), CacheState::Loaded);
+    assert_eq!(gram_on(again), want);
+    // Off when no directory is given.
+    let off = WgpuDevice::open_with_cache(None, true, None).unwrap();
+    assert_eq!(off.pipeline_cache(), CacheState::Off);
+}

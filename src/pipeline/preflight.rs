@@ -125,12 +125,7 @@ pub fn calibration_bytes(
     if gpu {
         let chunk = 4096 * pad(m) * 4;
         CalibMemory {
-            device_bytes: hidden
-                + batch
-                + weights
-                + 3 * gram(d)
-                + gram(m)
-                + chunk,
+            device_bytes: hidden + batch + weights + 3 * gram(d) + gram(m) + chunk,
             host_bytes: 2 * grams_f64,
         }
     } else {

@@ -9,6 +9,7 @@
 //! and returned as [`Error`]s; a lost device is reported, never panicked on.
 
 pub mod buffers;
+pub mod cache;
 pub mod context;
 pub mod forward;
 pub mod pipelines;
@@ -141,6 +142,8 @@ pub struct WgpuDevice {
     binding_cap: Option<u64>,
     /// Widest layer whose per-row state the sweep and the GPTQ pass keep in workgroup memory.
     shared_cols: usize,
+    /// What became of the on-disk pipeline cache.
+    pipeline_cache: cache::CacheState,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -155,7 +158,19 @@ impl WgpuDevice {
     /// Opens the best adapter (discrete, integrated, virtual, then software), optionally
     /// filtered by a case-insensitive name substring. With `allow_software == false` a software
     /// adapter (lavapipe) is refused, which is what `--device auto` wants.
+    ///
+    /// The compiled kernels are cached on disk where the backend supports it
+    /// ([`cache::default_dir`]: `$COMQ_PIPELINE_CACHE`, `off`, or the user's cache directory).
     pub fn open(filter: Option<&str>, allow_software: bool) -> Result<WgpuDevice> {
+        Self::open_with_cache(filter, allow_software, cache::default_dir().as_deref())
+    }
+
+    /// [`WgpuDevice::open`] with the pipeline cache in `cache_dir` (`None`: no cache).
+    pub fn open_with_cache(
+        filter: Option<&str>,
+        allow_software: bool,
+        cache_dir: Option<&std::path::Path>,
+    ) -> Result<WgpuDevice> {
         let inst = instance();
         let mut adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
         if adapters.is_empty() {
@@ -195,7 +210,7 @@ impl WgpuDevice {
         }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("comq-gpu"),
-            required_features: wgpu::Features::empty(),
+            required_features: adapter.features() & wgpu::Features::PIPELINE_CACHE,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -210,7 +225,17 @@ impl WgpuDevice {
         device.set_device_lost_callback(move |reason, msg| {
             f2.lost(format!("the GPU device was lost ({reason:?}): {msg}"));
         });
-        let pipelines = Pipelines::build(&device)?;
+        let disk = cache_dir
+            .and_then(|d| cache::DiskCache::open(&device, &info, d, &crate::shaders::SOURCES));
+        let pipelines = Pipelines::build(&device, disk.as_ref().map(|c| c.cache()))?;
+        let pipeline_cache = match &disk {
+            Some(c) => {
+                c.save();
+                log::debug!("pipeline cache {:?}: {}", c.state(), c.path().display());
+                c.state()
+            }
+            None => cache::CacheState::Off,
+        };
         log::info!(
             "wgpu adapter: {} ({:?}, {:?}, driver {} {})",
             info.name,
@@ -226,7 +251,13 @@ impl WgpuDevice {
             pool: BufferPool::default(),
             binding_cap: None,
             shared_cols: SWEEP_SHARED_MAX_COLS,
+            pipeline_cache,
         })
+    }
+
+    /// What became of the on-disk pipeline cache when the device opened.
+    pub fn pipeline_cache(&self) -> cache::CacheState {
+        self.pipeline_cache
     }
 
     /// Whether the adapter is a software one (lavapipe, WARP…).

@@ -165,22 +165,31 @@ pub struct Pipelines {
 }
 
 impl Pipelines {
-    /// Compiles every kernel; a WGSL error is returned, not panicked on.
-    pub fn build(device: &wgpu::Device) -> Result<Pipelines> {
+    /// Compiles every kernel (each WGSL file parsed once), through `cache` when given; a WGSL
+    /// error is returned, not panicked on.
+    pub fn build(device: &wgpu::Device, cache: Option<&wgpu::PipelineCache>) -> Result<Pipelines> {
         let mut list = Vec::new();
+        let mut modules: Vec<(&str, wgpu::ShaderModule)> = Vec::new();
         for kernel in Kernel::ALL {
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(kernel.file()),
-                source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
-            });
+            let module = match modules.iter().find(|(f, _)| *f == kernel.file()) {
+                Some((_, m)) => m.clone(),
+                None => {
+                    let m = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(kernel.file()),
+                        source: wgpu::ShaderSource::Wgsl(kernel.source().into()),
+                    });
+                    modules.push((kernel.file(), m.clone()));
+                    m
+                }
+            };
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(kernel.entry()),
                 layout: None,
                 module: &module,
                 entry_point: Some(kernel.entry()),
                 compilation_options: wgpu::PipelineCompilationOptions::default(),
-                cache: None,
+                cache,
             });
             if let Some(e) = pollster::block_on(scope.pop()) {
                 return Err(Error::Shader {
