@@ -660,6 +660,42 @@ fn the_forward_linear_matches_the_cpu_on_awkward_shapes() {
     }
 }
 
+/// The forward records its dispatches into one encoder and submits every
+/// `DISPATCHES_PER_SUBMIT` of them, each dispatch's parameters in a slot of a uniform ring: a
+/// chain of dependent ops several submits long, with copies in between and the ring wrapping
+/// around, read back through a clone (clones share the stream), equals the CPU's chain.
+#[test]
+fn batched_forward_submits_keep_the_order_of_dependent_ops() {
+    use comq_gpu::device::cpu_ops::CpuOps;
+    use comq_gpu::device::ops::Ops;
+    use comq_gpu::device::wgpu::forward::{GpuOps, DISPATCHES_PER_SUBMIT};
+    let Some(g) = gpu::device() else {
+        return;
+    };
+    let ops = GpuOps::new(&g);
+    let other = ops.clone();
+    let mut rng = Rng::new(16);
+    let (rows, d) = (5, 7);
+    let mut h = rng.normals(rows * d);
+    let gammas: Vec<Vec<f32>> = (0..8).map(|_| rng.normals(d)).collect();
+    let o = rng.normals(rows * d);
+    let mut gh = ops.upload(&h).unwrap();
+    let go = ops.upload(&o).unwrap();
+    let gg: Vec<_> = gammas.iter().map(|v| ops.upload(v).unwrap()).collect();
+    let steps = 3 * DISPATCHES_PER_SUBMIT + 1100;
+    for i in 0..steps {
+        let k = i % gammas.len();
+        CpuOps.add_scaled(&mut h, &o, &gammas[k], rows, d).unwrap();
+        ops.add_scaled(&mut gh, &go, &gg[k], rows, d).unwrap();
+        if i % 97 == 0 {
+            gh = other.duplicate(&gh).unwrap();
+        }
+    }
+    let got = other.download(&gh).unwrap();
+    let e = rel32(&got, &h);
+    assert!(e < FORWARD_OP_REL_TOL, "{e}");
+}
+
 /// Flash-style attention (64 queries per workgroup, key tiles of 16, 64 head dims per pass)
 /// against the CPU on shapes that fill no tile, cross the query and key tiles, take two and
 /// three passes over the head dims, and run past the 2048 tokens the old kernel could hold.

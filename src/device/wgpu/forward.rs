@@ -1,7 +1,10 @@
 //! The ViT forward primitives on a wgpu device (`shaders/vit.wgsl`), with the Gram matrices of
 //! layer inputs accumulated where the activations already are.
 //!
-//! Work is submitted without waiting: wgpu runs submissions in order, so only a download blocks.
+//! Work is recorded into one open command encoder (dispatches and copies, each dispatch's
+//! parameters in its own slot of a uniform ring) and submitted every [`DISPATCHES_PER_SUBMIT`]
+//! and at every readback and wait; nothing waits but a download, a Gram's readback, `sync` and
+//! `throttle`. wgpu runs submissions in order.
 //! Activations never leave the device during calibration; the Gram kernel (`gram.wgsl`) reads a
 //! zero-padded copy of a row chunk made on the device (`pad_rows`), sums the chunk in f32 and
 //! adds it into an f32 accumulator on the device, read back once, when the block's Gram is
@@ -86,6 +89,15 @@ pub struct GpuGram {
     samples: u64,
 }
 
+/// Dispatches recorded into one command encoder before it is submitted (a submit costs tens of
+/// microseconds of driver time; a ViT-L batch through a block is about 15 dispatches).
+pub const DISPATCHES_PER_SUBMIT: usize = 64;
+/// Slots of the uniform ring (each 256 bytes, the largest offset alignment wgpu allows). More
+/// than [`DISPATCHES_PER_SUBMIT`]: a slot is rewritten only after the submit that read it (queue
+/// writes land in queue order, before the next submit's work).
+const UNIFORM_SLOTS: u64 = 1024;
+const UNIFORM_SLOT_BYTES: u64 = 256;
+
 /// Forward primitives on one wgpu device. Holds its own handles (cheap clones), so it outlives
 /// a change of the quantization device.
 #[derive(Debug, Clone)]
@@ -94,14 +106,23 @@ pub struct GpuOps {
     /// The quantization device's context: same queue, kernels, fault slot and transfers.
     ctx: GpuContext,
     max_binding: u64,
-    /// The latest submission, and the one [`Ops::throttle`] marked last: at most the work
-    /// between two marks and the one after is in flight.
-    submissions: std::sync::Arc<std::sync::Mutex<Submissions>>,
+    /// The open encoder, the uniform ring and the submissions, shared by clones (their work is
+    /// one stream).
+    state: std::sync::Arc<std::sync::Mutex<Stream>>,
+    /// The uniform ring: every dispatch's parameters in a slot of its own.
+    ring: std::sync::Arc<wgpu::Buffer>,
 }
 
-/// See [`GpuOps::submissions`].
+/// See [`GpuOps::state`].
 #[derive(Debug, Default)]
-struct Submissions {
+struct Stream {
+    /// Dispatches and copies recorded and not yet submitted.
+    open: Option<wgpu::CommandEncoder>,
+    recorded: usize,
+    /// The next slot of the uniform ring.
+    slot: u64,
+    /// The latest submission, and the one [`Ops::throttle`] marked last: at most the work
+    /// between two marks and the one after is in flight.
     latest: Option<wgpu::SubmissionIndex>,
     marked: Option<wgpu::SubmissionIndex>,
 }
@@ -114,11 +135,48 @@ fn grid(count: usize) -> (u32, u32) {
 impl GpuOps {
     /// Forward primitives on the device of `d`.
     pub fn new(d: &WgpuDevice) -> GpuOps {
+        let ring = d.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("vit-params-ring"),
+            size: UNIFORM_SLOTS * UNIFORM_SLOT_BYTES,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         GpuOps {
-            submissions: Default::default(),
+            state: Default::default(),
+            ring: std::sync::Arc::new(ring),
             name: format!("{} ({:?})", d.info.name, d.info.backend),
             ctx: d.ctx.clone(),
             max_binding: d.max_binding(),
+        }
+    }
+
+    fn stream(&self) -> std::sync::MutexGuard<'_, Stream> {
+        // A panic while recording leaves nothing half-done that a later op could misread.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Submits what is recorded (a no-op when nothing is).
+    fn flush_locked(&self, st: &mut Stream) {
+        if let Some(enc) = st.open.take() {
+            st.latest = Some(self.ctx.queue.submit([enc.finish()]));
+            st.recorded = 0;
+        }
+    }
+
+    /// Submits what is recorded: before a transfer that submits on its own (a readback), and at
+    /// every wait.
+    fn flush(&self) {
+        let mut st = self.stream();
+        self.flush_locked(&mut st);
+    }
+
+    /// Records into the open encoder with `f`, submitting after [`DISPATCHES_PER_SUBMIT`].
+    fn record(&self, st: &mut Stream, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let enc = st.open.get_or_insert_with(|| self.ctx.encoder("vit"));
+        f(enc);
+        st.recorded += 1;
+        if st.recorded >= DISPATCHES_PER_SUBMIT {
+            self.flush_locked(st);
         }
     }
 
@@ -146,7 +204,7 @@ impl GpuOps {
         })
     }
 
-    /// Encodes and submits one dispatch of `kernel` with `params` at binding 4 (no wait).
+    /// Records one dispatch of `kernel` with `params` at binding 4 (no wait).
     fn run(
         &self,
         kernel: Kernel,
@@ -154,29 +212,48 @@ impl GpuOps {
         params: VitParams,
         groups: (u32, u32, u32),
     ) {
-        let ubuf = self.ctx.uniform("vit-params", &params);
-        self.dispatch(kernel, bufs, &ubuf, 4, groups);
+        self.dispatch(kernel, bufs, bytemuck::bytes_of(&params), 4, groups);
     }
 
-    /// Encodes and submits one dispatch of `kernel` over `bufs` and the uniform `ubuf` at
-    /// binding `ubinding` (no wait).
+    /// Records one dispatch of `kernel` over `bufs` with the uniform bytes `params` (in the
+    /// next slot of the ring) at binding `ubinding` (no wait).
     fn dispatch(
         &self,
         kernel: Kernel,
         bufs: &[(u32, &wgpu::Buffer)],
-        ubuf: &wgpu::Buffer,
+        params: &[u8],
         ubinding: u32,
         groups: (u32, u32, u32),
     ) {
-        let mut entries = bufs.to_vec();
-        entries.push((ubinding, ubuf));
-        let bg = self.ctx.bind(kernel, &entries);
-        let mut enc = self.ctx.encoder(kernel.entry());
-        self.ctx.pass(&mut enc, kernel, &bg, groups);
-        let idx = self.ctx.queue.submit([enc.finish()]);
-        if let Ok(mut s) = self.submissions.lock() {
-            s.latest = Some(idx);
-        }
+        let mut st = self.stream();
+        let offset = st.slot * UNIFORM_SLOT_BYTES;
+        st.slot = (st.slot + 1) % UNIFORM_SLOTS;
+        self.ctx.queue.write_buffer(&self.ring, offset, params);
+        let layout = self.ctx.pipelines.get(kernel).get_bind_group_layout(0);
+        let mut entries: Vec<wgpu::BindGroupEntry> = bufs
+            .iter()
+            .map(|(binding, buf)| wgpu::BindGroupEntry {
+                binding: *binding,
+                resource: buf.as_entire_binding(),
+            })
+            .collect();
+        entries.push(wgpu::BindGroupEntry {
+            binding: ubinding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.ring,
+                offset,
+                size: std::num::NonZeroU64::new(params.len() as u64),
+            }),
+        });
+        let bg = self
+            .ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(kernel.entry()),
+                layout: &layout,
+                entries: &entries,
+            });
+        self.record(&mut st, |enc| self.ctx.pass(enc, kernel, &bg, groups));
     }
 
     fn elementwise(
@@ -210,18 +287,15 @@ impl Ops for GpuOps {
 
     fn duplicate(&self, t: &GpuTensor) -> Result<GpuTensor> {
         let c = self.alloc(t.len)?;
-        let mut enc = self
-            .ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("duplicate"),
-            });
-        enc.copy_buffer_to_buffer(&t.buf, 0, &c.buf, 0, (t.len * 4) as u64);
-        self.ctx.queue.submit([enc.finish()]);
+        let mut st = self.stream();
+        self.record(&mut st, |enc| {
+            enc.copy_buffer_to_buffer(&t.buf, 0, &c.buf, 0, (t.len * 4) as u64)
+        });
         Ok(c)
     }
 
     fn download(&self, t: &GpuTensor) -> Result<Vec<f32>> {
+        self.flush();
         let v = self.ctx.io.read_f32(&t.buf, t.len)?;
         self.check_fault()?;
         Ok(v)
@@ -519,14 +593,9 @@ impl Ops for GpuOps {
             })
         };
         let g = make("gram");
-        let mut enc = self
-            .ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("gram-clear"),
-            });
-        enc.clear_buffer(&g, 0, None);
-        self.ctx.queue.submit([enc.finish()]);
+        let mut st = self.stream();
+        self.record(&mut st, |enc| enc.clear_buffer(&g, 0, None));
+        drop(st);
         Ok(GpuGram {
             g,
             n,
@@ -560,15 +629,6 @@ impl Ops for GpuOps {
                 split: (rp.div_ceil(slices).div_ceil(16) * 16) as u32,
                 pad: 0,
             };
-            let ubuf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("gram-params"),
-                size: std::mem::size_of::<GramParams>() as u64,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            self.ctx
-                .queue
-                .write_buffer(&ubuf, 0, bytemuck::bytes_of(&gp));
             let (kernel, tile) = if n >= GRAM_WIDE_MIN {
                 (Kernel::GramWide, 128)
             } else {
@@ -577,7 +637,7 @@ impl Ops for GpuOps {
             self.dispatch(
                 kernel,
                 &[(0, &chunk.buf), (1, &g.g)],
-                &ubuf,
+                bytemuck::bytes_of(&gp),
                 2,
                 ((np / tile) as u32, (np / tile) as u32, slices as u32),
             );
@@ -588,6 +648,7 @@ impl Ops for GpuOps {
 
     fn gram_finish(&self, g: GpuGram) -> Result<Gram> {
         // The only readback; the slices are added in f64.
+        self.flush();
         let plane = g.np * g.np;
         let sums = self.ctx.io.read_f32(&g.g, g.slices * plane)?;
         self.check_fault()?;
@@ -599,17 +660,17 @@ impl Ops for GpuOps {
     }
 
     fn sync(&self) -> Result<()> {
+        self.flush();
         super::buffers::wait(&self.ctx.device)?;
         self.check_fault()
     }
 
     fn throttle(&self) -> Result<()> {
-        let previous = match self.submissions.lock() {
-            Ok(mut s) => {
-                let latest = s.latest.clone();
-                std::mem::replace(&mut s.marked, latest)
-            }
-            Err(_) => None,
+        let previous = {
+            let mut st = self.stream();
+            self.flush_locked(&mut st);
+            let latest = st.latest.clone();
+            std::mem::replace(&mut st.marked, latest)
         };
         if let Some(idx) = previous {
             super::buffers::wait_for(&self.ctx.device, Some(idx))?;
