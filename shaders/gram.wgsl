@@ -9,7 +9,9 @@
 // chunks of a stream with mean 3, tests/parity.rs).
 // Workgroup (16, 16); each invocation owns a 4×4 block of G held in four named vec4
 // accumulators (private arrays spill to local memory on NVIDIA), a workgroup owns a 64×64 tile.
-// The host pads n to a multiple of 64 and rows to a multiple of 16 with zeros.
+// The host pads n to a multiple of 64 (a copy made by `pad_rows`) unless it already is one, when
+// the kernel reads the activations in place from row x0 on; rows past `valid` read as zero, so
+// the chunk needs no padded rows.
 // Split over the chunk's rows (split-K, so that a narrow Gram keeps more workgroups busy than
 // its few upper-triangle tiles): workgroup z sums rows z·split .. (z + 1)·split (a multiple of
 // 16, up to rows) into its own slice z of the accumulator ([slices, n_p, n_p]); the host adds the
@@ -20,7 +22,20 @@ struct GramParams {
     rows: u32,   // padded rows of the chunk (multiple of 16)
     n4: u32,     // padded width / 4
     split: u32,  // rows per slice (multiple of 16)
+    valid: u32,  // rows that exist in x from x0 on (rows past them read as zero)
+    x0: u32,     // the chunk's first vec4 in x
+    pad0: u32,
     pad1: u32,
+    pad2: u32,
+}
+
+// vec4 v of chunk row r: x itself when the host reads the activations in place (an aligned width),
+// zero past the valid rows.
+fn xrow(r: u32, v: u32) -> vec4<f32> {
+    if (r < p.valid) {
+        return x[p.x0 + r * p.n4 + v];
+    }
+    return vec4<f32>(0.0);
 }
 
 // The first and one-past-last row of slice z, and the offset of its accumulator slice.
@@ -51,9 +66,8 @@ fn gram(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     let span = slice_rows(wid.z);
     let gb = slice_base(wid.z);
     for (var k0 = span.x; k0 < span.y; k0 += 16u) {
-        let row = (k0 + lid.y) * p.n4;
-        sa[lid.y * 16u + lid.x] = x[row + wid.y * 16u + lid.x];
-        sb[lid.y * 16u + lid.x] = x[row + wid.x * 16u + lid.x];
+        sa[lid.y * 16u + lid.x] = xrow(k0 + lid.y, wid.y * 16u + lid.x);
+        sb[lid.y * 16u + lid.x] = xrow(k0 + lid.y, wid.x * 16u + lid.x);
         workgroupBarrier();
         for (var kk = 0u; kk < 16u; kk++) {
             let a = sa[kk * 16u + lid.y];
@@ -115,9 +129,8 @@ fn gram_wide(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
         // 8 rows × 32 vec4 of each operand: one vec4 per invocation.
         let kk = tid / 32u;
         let v = tid % 32u;
-        let row = (k0 + kk) * p.n4;
-        wa[tid] = x[row + wid.y * 32u + v];
-        wb[tid] = x[row + wid.x * 32u + v];
+        wa[tid] = xrow(k0 + kk, wid.y * 32u + v);
+        wb[tid] = xrow(k0 + kk, wid.x * 32u + v);
         workgroupBarrier();
         for (var k = 0u; k < 8u; k++) {
             let a0 = wa[k * 32u + lid.y];

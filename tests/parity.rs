@@ -859,7 +859,8 @@ fn the_submit_bound_splits_only_the_widest_layers() {
 
 /// The forward pass's Gram split over rows (a narrow Gram's few tiles times up to 8 slices, each
 /// an f32 accumulator of its own, added in f64 on readback): batches of several sizes (slices
-/// left empty by a short batch included) against the CPU, and the split's bounds.
+/// left empty by a short batch included, rows no multiple of 16), widths padded by a copy and
+/// widths read in place, against the CPU, and the split's bounds.
 #[test]
 fn the_gram_split_over_rows_matches_the_cpu() {
     use comq_gpu::device::cpu_ops::CpuOps;
@@ -879,7 +880,8 @@ fn the_gram_split_over_rows_matches_the_cpu() {
     };
     let ops = GpuOps::new(&g);
     let mut rng = Rng::new(14);
-    for n in [60usize, 200] {
+    // 60 and 200 are copied into the padded layout, 64 and 128 read in place.
+    for n in [60usize, 200, 64, 128] {
         let mut c = CpuOps.gram_new(n).unwrap();
         let mut gg = ops.gram_new(n).unwrap();
         for rows in [19usize, 700, 1] {

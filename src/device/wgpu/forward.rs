@@ -609,25 +609,45 @@ impl Ops for GpuOps {
         let (n, np) = (g.n, g.np);
         let cap = ((self.max_binding / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
         let slices = g.slices;
-        // A short batch gets a staging chunk of its own size, not the largest one.
-        let chunk = self.alloc(cap.min(rows.div_ceil(16) * 16).max(16) * np)?;
+        if rows * n > x.len {
+            return Err(crate::error::Error::Internal(format!(
+                "gram_add: {rows} rows of {n} from a tensor of {}",
+                x.len
+            )));
+        }
+        // An aligned width is read in place; another is copied into the padded layout, in a
+        // staging chunk sized to the batch (a short batch does not get the largest one).
+        let in_place = n == np;
+        let chunk = if in_place {
+            None
+        } else {
+            Some(self.alloc(cap.min(rows.div_ceil(16) * 16).max(16) * np)?)
+        };
         for r0 in (0..rows).step_by(cap) {
             let r = cap.min(rows - r0);
             let rp = r.div_ceil(16) * 16;
-            let p = VitParams {
-                a: (rp * np) as u32,
-                b: n as u32,
-                c: np as u32,
-                d: r0 as u32,
-                e: r as u32,
-                ..Default::default()
+            let (src, x0) = match &chunk {
+                None => (&x.buf, r0 * np / 4),
+                Some(c) => {
+                    let p = VitParams {
+                        a: (rp * np) as u32,
+                        b: n as u32,
+                        c: np as u32,
+                        d: r0 as u32,
+                        e: r as u32,
+                        ..Default::default()
+                    };
+                    self.elementwise(Kernel::PadRows, &[(0, &x.buf), (3, &c.buf)], rp * np, p);
+                    (&c.buf, 0)
+                }
             };
-            self.elementwise(Kernel::PadRows, &[(0, &x.buf), (3, &chunk.buf)], rp * np, p);
             let gp = GramParams {
                 rows: rp as u32,
                 n4: (np / 4) as u32,
                 split: (rp.div_ceil(slices).div_ceil(16) * 16) as u32,
-                pad: 0,
+                valid: r as u32,
+                x0: x0 as u32,
+                pad: [0; 3],
             };
             let (kernel, tile) = if n >= GRAM_WIDE_MIN {
                 (Kernel::GramWide, 128)
@@ -636,7 +656,7 @@ impl Ops for GpuOps {
             };
             self.dispatch(
                 kernel,
-                &[(0, &chunk.buf), (1, &g.g)],
+                &[(0, src), (1, &g.g)],
                 bytemuck::bytes_of(&gp),
                 2,
                 ((np / tile) as u32, (np / tile) as u32, slices as u32),

@@ -425,7 +425,9 @@ impl WgpuDevice {
                             n4: (np / 4) as u32,
                             // One slice: this path is bound by its uploads.
                             split: rp as u32,
-                            pad: 0,
+                            valid: rp as u32,
+                            x0: 0,
+                            pad: [0; 3],
                         },
                     );
                     let bg = self.bind(Kernel::Gram, &[(0, &x), (1, &g), (2, &params)]);

@@ -19,8 +19,12 @@ pub struct GramParams {
     pub n4: u32,
     /// Rows per slice of the split over rows (a multiple of 16).
     pub split: u32,
-    /// Padding to 16 bytes.
-    pub pad: u32,
+    /// Rows that exist in the bound buffer from `x0` on; later ones read as zero.
+    pub valid: u32,
+    /// The chunk's first vec4 in the bound buffer.
+    pub x0: u32,
+    /// Padding to 32 bytes.
+    pub pad: [u32; 3],
 }
 
 /// `ResidualParams` / `ReduceParams` (same layout) in `residual.wgsl` and `reduce.wgsl`.
@@ -219,7 +223,7 @@ mod tests {
 
     #[test]
     fn uniform_structs_match_their_wgsl_sizes() {
-        assert_eq!(std::mem::size_of::<GramParams>(), 16);
+        assert_eq!(std::mem::size_of::<GramParams>(), 32);
         assert_eq!(std::mem::size_of::<ModeParams>(), 16);
         assert_eq!(std::mem::size_of::<GridParams>(), 16);
         assert_eq!(std::mem::size_of::<SweepParams>(), 32);
