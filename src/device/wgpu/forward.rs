@@ -46,9 +46,9 @@ pub struct GpuTensor {
 
 /// Workgroups a Gram dispatch aims for (about four per SM on a 132-SM card; `gram_wide` at
 /// 4096 inputs has 528 upper-triangle tiles).
-const GRAM_TARGET_WORKGROUPS: usize = 528;
+pub const GRAM_TARGET_WORKGROUPS: usize = 528;
 /// Most slices of a Gram's split over rows.
-const GRAM_MAX_SLICES: usize = 8;
+pub const GRAM_MAX_SLICES: usize = 8;
 
 /// How many slices an `n`-wide Gram accumulates in (its rows split among them, each slice an
 /// f32 accumulator of its own, added in f64 on readback): enough that the upper-triangle tiles
