@@ -24,7 +24,7 @@ struct GramParams {
     split: u32,  // rows per slice (multiple of 16)
     valid: u32,  // rows that exist in x from x0 on (rows past them read as zero)
     x0: u32,     // the chunk's first vec4 in x
-    pad0: u32,
+    y0: u32,     // the chunk's first vec4 in y (cross only)
     pad1: u32,
     pad2: u32,
 }
@@ -165,4 +165,48 @@ fn gram_wide(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id
     gram_store(gb, wid.y * 128u + 64u + lid.y * 4u + 1u, col, c5, d5);
     gram_store(gb, wid.y * 128u + 64u + lid.y * 4u + 2u, col, c6, d6);
     gram_store(gb, wid.y * 128u + 64u + lid.y * 4u + 3u, col, c7, d7);
+}
+
+// ---- cross: C += xᵀ·y for two activations of the same rows (the quantized model's inputs x
+// against the full-precision model's y; `--calib-mode corrected`). As `gram` (64×64 tiles, 4×4
+// per invocation, the same split over rows into slices), but every tile: C is not symmetric.
+// @group(0) @binding(3) y : array<vec4<f32>>, read — laid out as x (row stride n4, from y0).
+// Dispatch (n_p / 64, n_p / 64, slices).
+@group(0) @binding(3) var<storage, read> y: array<vec4<f32>>;
+
+fn yrow(r: u32, v: u32) -> vec4<f32> {
+    if (r < p.valid) {
+        return y[p.y0 + r * p.n4 + v];
+    }
+    return vec4<f32>(0.0);
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn cross(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    let span = slice_rows(wid.z);
+    let gb = slice_base(wid.z);
+    for (var k0 = span.x; k0 < span.y; k0 += 16u) {
+        sa[lid.y * 16u + lid.x] = xrow(k0 + lid.y, wid.y * 16u + lid.x);
+        sb[lid.y * 16u + lid.x] = yrow(k0 + lid.y, wid.x * 16u + lid.x);
+        workgroupBarrier();
+        for (var kk = 0u; kk < 16u; kk++) {
+            let a = sa[kk * 16u + lid.y];
+            let b = sb[kk * 16u + lid.x];
+            c0 = fma(vec4<f32>(a.x), b, c0);
+            c1 = fma(vec4<f32>(a.y), b, c1);
+            c2 = fma(vec4<f32>(a.z), b, c2);
+            c3 = fma(vec4<f32>(a.w), b, c3);
+        }
+        workgroupBarrier();
+    }
+    let i = (wid.y * 16u + lid.y) * 4u;
+    let col = wid.x * 16u + lid.x;
+    g[gb + (i + 0u) * p.n4 + col] += c0;
+    g[gb + (i + 1u) * p.n4 + col] += c1;
+    g[gb + (i + 2u) * p.n4 + col] += c2;
+    g[gb + (i + 3u) * p.n4 + col] += c3;
 }

@@ -57,6 +57,8 @@ pub enum Kernel {
     PadRows,
     /// A damping on the resident Gram matrix: sets its diagonal (`diag.wgsl`).
     SetDiagonal,
+    /// The cross-Gram `xᵀ·y` of two activations of the same rows (`gram.wgsl`).
+    Cross,
 }
 
 /// Every shader file: (file name, source).
@@ -85,7 +87,7 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 25] = [
+    pub const ALL: [Kernel; 26] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -111,12 +113,13 @@ impl Kernel {
         Kernel::Assemble,
         Kernel::PadRows,
         Kernel::SetDiagonal,
+        Kernel::Cross,
     ];
 
     /// The file the kernel lives in.
     pub fn file(self) -> &'static str {
         match self {
-            Kernel::Gram | Kernel::GramWide => "gram.wgsl",
+            Kernel::Gram | Kernel::GramWide | Kernel::Cross => "gram.wgsl",
             Kernel::Residual => "residual.wgsl",
             Kernel::Reduce => "reduce.wgsl",
             Kernel::Rtn | Kernel::ApplyScale => "rtn.wgsl",
@@ -167,6 +170,7 @@ impl Kernel {
             Kernel::Assemble => "assemble",
             Kernel::PadRows => "pad_rows",
             Kernel::SetDiagonal => "set_diagonal",
+            Kernel::Cross => "cross",
         }
     }
 

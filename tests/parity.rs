@@ -898,6 +898,54 @@ fn the_gram_split_over_rows_matches_the_cpu() {
     }
 }
 
+/// The cross-Gram `xqᵀ·xf` (`--calib-mode corrected`) on the GPU against the CPU's: widths
+/// padded by a copy and read in place, several batches, rows no multiple of 16, and a direct f64
+/// product; it is not symmetric.
+#[test]
+fn the_cross_gram_matches_the_cpu() {
+    use comq_gpu::device::cpu_ops::CpuOps;
+    use comq_gpu::device::ops::Ops;
+    use comq_gpu::device::wgpu::forward::GpuOps;
+    let Some(g) = gpu::device() else {
+        return;
+    };
+    let ops = GpuOps::new(&g);
+    let mut rng = Rng::new(17);
+    for n in [7usize, 64, 100] {
+        let mut c = CpuOps.cross_new(n).unwrap();
+        let mut gc = ops.cross_new(n).unwrap();
+        let mut direct = vec![0.0f64; n * n];
+        for rows in [19usize, 300, 1] {
+            let xf: Vec<f32> = rng.normals(rows * n).iter().map(|v| 0.5 + v).collect();
+            let xq: Vec<f32> = xf
+                .iter()
+                .zip(rng.normals(rows * n))
+                .map(|(a, e)| a + 0.1 * e)
+                .collect();
+            for r in 0..rows {
+                for i in 0..n {
+                    for j in 0..n {
+                        direct[i * n + j] += xq[r * n + i] as f64 * xf[r * n + j] as f64;
+                    }
+                }
+            }
+            CpuOps.cross_add(&mut c, &xq, &xf, rows).unwrap();
+            let (gq, gf) = (ops.upload(&xq).unwrap(), ops.upload(&xf).unwrap());
+            ops.cross_add(&mut gc, &gq, &gf, rows).unwrap();
+        }
+        let want = CpuOps.cross_finish(c).unwrap();
+        let got = ops.cross_finish(gc).unwrap();
+        assert_eq!(got.samples, 320);
+        assert_eq!(want.samples, 320);
+        assert!(frob_rel(&want.data, &direct) < GRAM_REL_TOL);
+        let e = frob_rel(&got.data, &want.data);
+        assert!(e < GRAM_REL_TOL, "n {n}: {e}");
+        if n > 1 {
+            assert!((want.data[1] - want.data[n]).abs() > 1e-6, "not symmetric");
+        }
+    }
+}
+
 /// The forward pass's Gram on the GPU against the CPU's at the widths where the wide kernel
 /// (128×128 tiles, 8×8 per invocation) takes over: exactly 2048, and 2100 (padded to 2176, a
 /// partial last tile), over a batch of rows that is no multiple of 16.

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::ops::{Activation, Ops};
 use crate::error::Result;
-use crate::numeric::gram::{Gram, GramAccumulator};
+use crate::numeric::gram::{CrossGram, Gram, GramAccumulator};
 use crate::numeric::linalg::layernorm_stats;
 
 /// CPU forward primitives; tensors are host vectors.
@@ -82,6 +82,7 @@ pub fn gelu(x: f32) -> f32 {
 impl Ops for CpuOps {
     type T = Vec<f32>;
     type G = GramAccumulator;
+    type X = CrossGram;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -368,5 +369,40 @@ impl Ops for CpuOps {
 
     fn gram_finish(&self, g: GramAccumulator) -> Result<Gram> {
         Ok(g.finish())
+    }
+
+    fn cross_new(&self, n: usize) -> Result<CrossGram> {
+        Ok(CrossGram::zeros(n))
+    }
+
+    fn cross_add(
+        &self,
+        c: &mut CrossGram,
+        xq: &Vec<f32>,
+        xf: &Vec<f32>,
+        rows: usize,
+    ) -> Result<()> {
+        let n = c.n;
+        if xq.len() < rows * n || xf.len() < rows * n {
+            return Err(crate::error::Error::Internal(format!(
+                "cross_add: {rows} rows of {n} from tensors of {} and {}",
+                xq.len(),
+                xf.len()
+            )));
+        }
+        // f32 GEMM partials over GRAM_ROWS rows, summed in f64, as the Gram's.
+        let mut out = vec![0.0f32; n * n];
+        for r0 in (0..rows).step_by(GRAM_ROWS) {
+            let r = GRAM_ROWS.min(rows - r0);
+            let (q, f) = (&xq[r0 * n..(r0 + r) * n], &xf[r0 * n..(r0 + r) * n]);
+            // out[i, j] = Σ_k q[k, i] · f[k, j]
+            sgemm(n, r, n, q, (1, n), f, (n, 1), &mut out, (n, 1));
+            c.add_partial(&out, n, r as u64);
+        }
+        Ok(())
+    }
+
+    fn cross_finish(&self, c: CrossGram) -> Result<CrossGram> {
+        Ok(c)
     }
 }

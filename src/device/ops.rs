@@ -57,6 +57,8 @@ pub trait Ops {
     type T;
     /// A Gram accumulator resident on the device.
     type G;
+    /// A cross-Gram accumulator resident on the device.
+    type X;
     /// Short description of the device.
     fn describe(&self) -> String;
     /// Copies host data to the device.
@@ -157,6 +159,14 @@ pub trait Ops {
     fn gram_add(&self, g: &mut Self::G, x: &Self::T, rows: usize) -> Result<()>;
     /// The accumulated Gram (f64 on the host).
     fn gram_finish(&self, g: Self::G) -> Result<Gram>;
+    /// A zeroed cross-Gram accumulator of width `n` (`--calib-mode corrected`).
+    fn cross_new(&self, n: usize) -> Result<Self::X>;
+    /// `C += xqᵀ·xf` for `xq, xf [rows, n]`: the quantized model's inputs of some rows against
+    /// the full-precision model's inputs of the same rows. The same contract as the Gram: f32
+    /// partials over row chunks, summed in f64.
+    fn cross_add(&self, c: &mut Self::X, xq: &Self::T, xf: &Self::T, rows: usize) -> Result<()>;
+    /// The accumulated cross-Gram (f64 on the host).
+    fn cross_finish(&self, c: Self::X) -> Result<crate::numeric::gram::CrossGram>;
     /// Waits until the work recorded so far has run (for stage timings; a no-op on the CPU).
     fn sync(&self) -> Result<()> {
         Ok(())

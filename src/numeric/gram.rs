@@ -298,6 +298,49 @@ impl GramAccumulator {
     }
 }
 
+/// A cross-Gram `C = X̃ᵀ·X` of two activations of the same rows (`--calib-mode corrected`: the
+/// quantized model's inputs `X̃` against the full-precision model's `X`), row-major `n × n`,
+/// not symmetric: `C[i, j] = Σ_rows x̃_i · x_j`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossGram {
+    /// Width `n`.
+    pub n: usize,
+    /// Row-major `n × n`.
+    pub data: Vec<f64>,
+    /// Rows summed.
+    pub samples: u64,
+}
+
+impl CrossGram {
+    /// An empty cross-Gram of width `n`.
+    pub fn zeros(n: usize) -> CrossGram {
+        CrossGram {
+            n,
+            data: vec![0.0; n * n],
+            samples: 0,
+        }
+    }
+
+    /// Adds f32 partial sums over `samples` rows (row-major, row stride `stride ≥ n`; every
+    /// entry is read), each once, in f64.
+    pub fn add_partial(&mut self, part: &[f32], stride: usize, samples: u64) {
+        let n = self.n;
+        assert!(
+            stride >= n && part.len() >= n * stride,
+            "partial cross-Gram must cover n × n"
+        );
+        self.data
+            .par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(i, out)| {
+                for (o, p) in out.iter_mut().zip(&part[i * stride..i * stride + n]) {
+                    *o += *p as f64;
+                }
+            });
+        self.samples += samples;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@
 pub mod alloc;
 mod any;
 pub mod comq;
+pub mod correct;
 pub mod equalize;
 mod grid_build;
 pub mod preset;

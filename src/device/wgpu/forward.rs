@@ -272,6 +272,7 @@ impl GpuOps {
 impl Ops for GpuOps {
     type T = GpuTensor;
     type G = GpuGram;
+    type X = GpuGram;
 
     fn describe(&self) -> String {
         self.name.clone()
@@ -647,7 +648,8 @@ impl Ops for GpuOps {
                 split: (rp.div_ceil(slices).div_ceil(16) * 16) as u32,
                 valid: r as u32,
                 x0: x0 as u32,
-                pad: [0; 3],
+                y0: 0,
+                pad: [0; 2],
             };
             let (kernel, tile) = if n >= GRAM_WIDE_MIN {
                 (Kernel::GramWide, 128)
@@ -664,6 +666,85 @@ impl Ops for GpuOps {
             g.samples += r as u64;
         }
         Ok(())
+    }
+
+    fn cross_new(&self, n: usize) -> Result<GpuGram> {
+        self.gram_new(n)
+    }
+
+    fn cross_add(
+        &self,
+        c: &mut GpuGram,
+        xq: &GpuTensor,
+        xf: &GpuTensor,
+        rows: usize,
+    ) -> Result<()> {
+        let (n, np) = (c.n, c.np);
+        if rows * n > xq.len || rows * n > xf.len {
+            return Err(crate::error::Error::Internal(format!(
+                "cross_add: {rows} rows of {n} from tensors of {} and {}",
+                xq.len, xf.len
+            )));
+        }
+        let cap = ((self.max_binding / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
+        let slices = c.slices;
+        // As `gram_add`: aligned widths in place, others through padded copies.
+        let chunks = if n == np {
+            None
+        } else {
+            let len = cap.min(rows.div_ceil(16) * 16).max(16) * np;
+            Some((self.alloc(len)?, self.alloc(len)?))
+        };
+        for r0 in (0..rows).step_by(cap) {
+            let r = cap.min(rows - r0);
+            let rp = r.div_ceil(16) * 16;
+            let (a, b, x0) = match &chunks {
+                None => (&xq.buf, &xf.buf, r0 * np / 4),
+                Some((ca, cb)) => {
+                    let p = VitParams {
+                        a: (rp * np) as u32,
+                        b: n as u32,
+                        c: np as u32,
+                        d: r0 as u32,
+                        e: r as u32,
+                        ..Default::default()
+                    };
+                    self.elementwise(Kernel::PadRows, &[(0, &xq.buf), (3, &ca.buf)], rp * np, p);
+                    self.elementwise(Kernel::PadRows, &[(0, &xf.buf), (3, &cb.buf)], rp * np, p);
+                    (&ca.buf, &cb.buf, 0)
+                }
+            };
+            let gp = GramParams {
+                rows: rp as u32,
+                n4: (np / 4) as u32,
+                split: (rp.div_ceil(slices).div_ceil(16) * 16) as u32,
+                valid: r as u32,
+                x0: x0 as u32,
+                y0: x0 as u32,
+                pad: [0; 2],
+            };
+            self.dispatch(
+                Kernel::Cross,
+                &[(0, a), (1, &c.g), (3, b)],
+                bytemuck::bytes_of(&gp),
+                2,
+                ((np / 64) as u32, (np / 64) as u32, slices as u32),
+            );
+            c.samples += r as u64;
+        }
+        Ok(())
+    }
+
+    fn cross_finish(&self, c: GpuGram) -> Result<crate::numeric::gram::CrossGram> {
+        self.flush();
+        let plane = c.np * c.np;
+        let sums = self.ctx.io.read_f32(&c.g, c.slices * plane)?;
+        self.check_fault()?;
+        let mut acc = crate::numeric::gram::CrossGram::zeros(c.n);
+        for (i, slice) in sums.chunks(plane).enumerate() {
+            acc.add_partial(slice, c.np, if i == 0 { c.samples } else { 0 });
+        }
+        Ok(acc)
     }
 
     fn gram_finish(&self, g: GpuGram) -> Result<Gram> {

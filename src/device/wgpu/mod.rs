@@ -427,7 +427,8 @@ impl WgpuDevice {
                             split: rp as u32,
                             valid: rp as u32,
                             x0: 0,
-                            pad: [0; 3],
+                            y0: 0,
+                            pad: [0; 2],
                         },
                     );
                     let bg = self.bind(Kernel::Gram, &[(0, &x), (1, &g), (2, &params)]);

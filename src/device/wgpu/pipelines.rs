@@ -23,8 +23,10 @@ pub struct GramParams {
     pub valid: u32,
     /// The chunk's first vec4 in the bound buffer.
     pub x0: u32,
+    /// The chunk's first vec4 in the second buffer (`cross` only).
+    pub y0: u32,
     /// Padding to 32 bytes.
-    pub pad: [u32; 3],
+    pub pad: [u32; 2],
 }
 
 /// `ResidualParams` / `ReduceParams` (same layout) in `residual.wgsl` and `reduce.wgsl`.
