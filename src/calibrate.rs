@@ -10,7 +10,10 @@
 //! full-precision model, so one forward pass serves every block. [`CalibMode::Quantized`]
 //! (sequential): the inputs come from the already-quantized prefix — earlier blocks run with
 //! their quantized weights, and inside a block a layer's input is recomputed after the layers
-//! before it were quantized.
+//! before it were quantized. [`CalibMode::Corrected`] is the sequential mode plus the
+//! full-precision model's inputs of the same rows, walked beside them: each site also gets the
+//! cross-Gram `X̃ᵀ(X − X̃)`, from which the layer's target is corrected for how far the quantized
+//! prefix moved its inputs (`quant::correct`).
 
 use std::collections::HashMap;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -25,6 +28,7 @@ use crate::io::checkpoint::Checkpoint;
 use crate::io::images::{ImageSet, View};
 use crate::model::forward::{Forward, HostBlock, HostStem, Ops, Stem};
 use crate::model::{Role, Site, VitSpec};
+use crate::numeric::gram::CrossGram;
 use crate::profile::Profile;
 use crate::quant::Gram;
 
@@ -37,11 +41,22 @@ pub enum CalibMode {
     Fp,
     /// From the already-quantized prefix (sequential).
     Quantized,
+    /// From the already-quantized prefix, each layer fitting the full-precision model's output
+    /// (sequential, with the full-precision inputs beside them).
+    Corrected,
+}
+
+impl CalibMode {
+    /// Whether layers are calibrated on the quantized prefix (one block at a time).
+    pub fn sequential(self) -> bool {
+        self != CalibMode::Fp
+    }
 }
 
 crate::util::value_enum!(CalibMode {
     Fp = "fp": "Inputs from the full-precision model (the paper's setting)",
     Quantized = "quantized": "Inputs from the already-quantized prefix (sequential)",
+    Corrected = "corrected": "Inputs from the already-quantized prefix, each layer fitted to the full-precision model's output on them (sequential)",
 });
 
 /// Images per device batch during calibration and evaluation, at most.
@@ -110,6 +125,12 @@ pub trait BlockGrams {
     /// Every site's Gram of block `block`, handed over (full-precision mode; blocks in
     /// increasing order). What [`Ahead`] computes on its own thread.
     fn take_block(&mut self, block: usize) -> Result<HashMap<Site, Gram>>;
+    /// The cross-Gram `X̃ᵀ(X − X̃)` of layer `role`'s input in block `block` (the quantized
+    /// model's inputs against their shift from the full-precision model's), after
+    /// [`BlockGrams::gram`] for it ([`CalibMode::Corrected`]; `None` in the other modes).
+    fn cross(&mut self, _block: usize, _role: Role) -> Result<Option<CrossGram>> {
+        Ok(None)
+    }
 }
 
 /// The block-by-block calibrator over one device.
@@ -120,6 +141,11 @@ pub struct Calibrator<'a, O: Ops> {
     mode: CalibMode,
     /// Hidden state per batch: the input of block `at`.
     hidden: Vec<(O::T, usize)>,
+    /// The full-precision model's hidden state of the same batches (corrected mode; else
+    /// empty).
+    hidden_fp: Vec<(O::T, usize)>,
+    /// Cross-Gram matrices of block `grams_block`, by site (corrected mode).
+    crosses: HashMap<Site, CrossGram>,
     at: usize,
     /// Gram matrices of block `at - 1` (fp mode) or of block `at` (quantized mode), by site.
     grams: HashMap<Site, Gram>,
@@ -146,6 +172,13 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         if profile.exact() {
             ops.sync()?;
         }
+        let hidden_fp = match mode {
+            CalibMode::Corrected => hidden
+                .iter()
+                .map(|(h, n)| Ok((ops.duplicate(h)?, *n)))
+                .collect::<Result<Vec<_>>>()?,
+            _ => Vec::new(),
+        };
         profile.add("embed", t.elapsed().as_secs_f64());
         log::info!(
             "calibration: {} images or views from {}, {} tokens each, on {}",
@@ -160,6 +193,8 @@ impl<'a, O: Ops> Calibrator<'a, O> {
             model,
             mode,
             hidden,
+            hidden_fp,
+            crosses: HashMap::new(),
             at: 0,
             grams: HashMap::new(),
             grams_block: None,
@@ -219,6 +254,14 @@ impl<'a, O: Ops> Calibrator<'a, O> {
             in_gram += t.elapsed().as_secs_f64();
             self.grams_block = Some(b);
         }
+        if !self.hidden_fp.is_empty() {
+            // The full-precision model's walk beside it, through the block's own weights.
+            let wf = HostBlock::load(self.model, self.spec, &self.spec.blocks[b])?.upload(ops)?;
+            for (h, n) in self.hidden_fp.iter_mut() {
+                f.block(&wf, h, *n, None, &mut |_, _, _| Ok(()))?;
+                ops.throttle()?;
+            }
+        }
         if exact {
             ops.sync()?;
         }
@@ -249,6 +292,45 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         }
         ops.gram_finish(g)
     }
+
+    /// [`Calibrator::site_gram`] with the cross-Gram `X̃ᵀ(X − X̃)` of the same site: the
+    /// quantized inputs against how far the full-precision model's inputs of the same rows are
+    /// from them (corrected mode).
+    fn site_grams_corrected(&mut self, site: Site) -> Result<(Gram, CrossGram)> {
+        let b = self.at;
+        let w = self.host_block(b)?.upload(self.ops)?;
+        let wf = HostBlock::load(self.model, self.spec, &self.spec.blocks[b])?.upload(self.ops)?;
+        let f = Forward::new(self.ops, self.spec);
+        let n = self.spec.blocks[b].geom.site_width(site);
+        let ops = self.ops;
+        let mut g = ops.gram_new(n)?;
+        let mut c = ops.cross_new(n)?;
+        let minus = ops.upload(&vec![-1.0f32; n])?;
+        for ((h, k), (hf, _)) in self.hidden.iter_mut().zip(self.hidden_fp.iter_mut()) {
+            let mut xf = None;
+            f.block(&wf, hf, *k, Some(site), &mut |s, x, _| {
+                if s == site {
+                    xf = Some(ops.duplicate(x)?);
+                }
+                Ok(())
+            })?;
+            let xf =
+                xf.ok_or_else(|| Error::Internal(format!("block {b} never reached {site:?}")))?;
+            f.block(&w, h, *k, Some(site), &mut |s, x, rows| {
+                if s == site {
+                    ops.gram_add(&mut g, x, rows)?;
+                    // The shift X − X̃ elementwise in f32, then X̃ᵀ(X − X̃): no cancellation
+                    // between two large sums, and exactly zero where nothing moved.
+                    let mut shift = ops.duplicate(&xf)?;
+                    ops.add_scaled(&mut shift, x, &minus, rows, n)?;
+                    ops.cross_add(&mut c, x, &shift, rows)?;
+                }
+                Ok(())
+            })?;
+            ops.throttle()?;
+        }
+        Ok((ops.gram_finish(g)?, ops.cross_finish(c)?))
+    }
 }
 
 impl<O: Ops> BlockGrams for Calibrator<'_, O> {
@@ -272,19 +354,27 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
                 }
                 Ok(self.grams[&site].clone())
             }
-            CalibMode::Quantized => {
+            CalibMode::Quantized | CalibMode::Corrected => {
                 while self.at < block {
                     self.advance(false)?;
                     self.grams.clear();
+                    self.crosses.clear();
                 }
                 if self.grams_block != Some(block) {
                     self.grams.clear();
+                    self.crosses.clear();
                     self.grams_block = Some(block);
                 }
                 if let Some(g) = self.grams.get(&site) {
                     return Ok(g.clone());
                 }
-                let g = self.site_gram(site)?;
+                let g = if self.mode == CalibMode::Corrected {
+                    let (g, c) = self.site_grams_corrected(site)?;
+                    self.crosses.insert(site, c);
+                    g
+                } else {
+                    self.site_gram(site)?
+                };
                 self.grams.insert(site, g.clone());
                 Ok(g)
             }
@@ -292,7 +382,7 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
     }
 
     fn quantized(&mut self, block: usize, role: Role, w: &[f32]) {
-        if self.mode != CalibMode::Quantized {
+        if !self.mode.sequential() {
             return;
         }
         if !self.blocks.contains_key(&block) {
@@ -316,6 +406,18 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
 
     fn describe(&self) -> String {
         self.ops.describe()
+    }
+
+    fn cross(&mut self, block: usize, role: Role) -> Result<Option<CrossGram>> {
+        if self.mode != CalibMode::Corrected {
+            return Ok(None);
+        }
+        if self.grams_block != Some(block) {
+            return Err(Error::Internal(format!(
+                "cross-Gram of block {block} asked outside its Gram's block"
+            )));
+        }
+        Ok(self.crosses.get(&role.site()).cloned())
     }
 
     fn take_block(&mut self, block: usize) -> Result<HashMap<Site, Gram>> {

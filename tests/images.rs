@@ -213,6 +213,73 @@ fn sequential_calibration_differs_from_fp_calibration_after_the_first_layer() {
     assert!(errs[0][1..].iter().zip(&errs[1][1..]).any(|(a, b)| a != b));
 }
 
+/// `--calib-mode corrected`: the first layer's inputs have not moved, so its target is its own
+/// weights and its error is the quantized mode's; later layers fit the full-precision outputs
+/// and differ. The same run on a GPU gives the CPU's layer errors.
+#[test]
+fn corrected_calibration_keeps_the_first_layer_and_corrects_the_later_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(&dir.path().join("m"), Family::TimmVit, 0);
+    let imgs = photos(&dir.path().join("photos"), 4);
+    let devices: &[&str] = if gpu::device().is_some() {
+        &["cpu", "gpu"]
+    } else {
+        &["cpu"]
+    };
+    let mut errs = Vec::new();
+    for (mode, dev) in [("quantized", "cpu")]
+        .into_iter()
+        .chain(devices.iter().map(|d| ("corrected", *d)))
+    {
+        let rep = dir.path().join(format!("{mode}-{dev}.json"));
+        let out = dir.path().join(format!("{mode}-{dev}.safetensors"));
+        ok(&run(&[
+            "run",
+            s(&model),
+            "--images",
+            s(&imgs),
+            "--calib-mode",
+            mode,
+            "--bits",
+            "3",
+            "--device",
+            dev,
+            "--out",
+            s(&out),
+            "--report",
+            s(&rep),
+        ]));
+        let r = report(&rep);
+        if mode == "corrected" {
+            assert!(r["calibration"].as_str().unwrap().contains("corrected"));
+        }
+        errs.push(
+            r["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["rel_error"].as_f64().unwrap())
+                .collect::<Vec<_>>(),
+        );
+    }
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * a.max(1e-6) + 1e-7;
+    assert!(
+        close(errs[0][0], errs[1][0]),
+        "{} vs {}",
+        errs[0][0],
+        errs[1][0]
+    );
+    assert!(errs[0][1..]
+        .iter()
+        .zip(&errs[1][1..])
+        .any(|(a, b)| !close(*a, *b)));
+    if let Some(g) = errs.get(2) {
+        for (i, (a, b)) in errs[1].iter().zip(g).enumerate() {
+            assert!(close(*a, *b), "layer {i}: cpu {a} vs gpu {b}");
+        }
+    }
+}
+
 #[test]
 fn gpu_calibration_matches_cpu_calibration() {
     if gpu::device().is_none() {

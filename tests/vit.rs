@@ -324,6 +324,85 @@ fn quantized_mode_without_quantized_layers_gives_the_fp_grams() {
     }
 }
 
+/// The corrected mode walks the full-precision model beside the quantized one: before any layer
+/// is quantized the two walks are the same, so every shift cross-Gram `X̃ᵀ(X − X̃)` is exactly
+/// zero, on the CPU and on a GPU; a layer reported as quantized moves the next site's inputs
+/// and its shift cross-Gram is not zero.
+#[test]
+fn corrected_mode_shifts_are_zero_until_a_layer_is_quantized() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synthetic(dir.path(), Family::TimmVit, 0);
+    let imgs = dir.path().join("images");
+    common::png_folder(&imgs, 3, 3);
+    let model = Checkpoint::open(&path).unwrap();
+    let spec = VitSpec::detect(&model).unwrap();
+    let set = ImageSet::open(&imgs).unwrap();
+    let idx: Vec<View> = (0..set.len()).map(View::plain).collect();
+    fn check<O: Ops>(ops: &O, spec: &VitSpec, model: &Checkpoint, set: &ImageSet, idx: &[View]) {
+        let profile = std::sync::Arc::new(Profile::new(false));
+        let mut c =
+            Calibrator::new(ops, spec, model, set, idx, CalibMode::Corrected, profile).unwrap();
+        // The shift's size against the Gram's.
+        let rel = |g: &comq_gpu::Gram, x: &comq_gpu::numeric::gram::CrossGram| {
+            let num: f64 = x.data.iter().map(|b| b * b).sum();
+            let den: f64 = g.data.iter().map(|a| a * a).sum();
+            (num / den).sqrt()
+        };
+        for b in 0..spec.depth {
+            for (role, _) in spec.blocks[b].linears() {
+                let g = c.gram(b, role).unwrap();
+                let x = c
+                    .cross(b, role)
+                    .unwrap()
+                    .expect("corrected mode has cross-Grams");
+                assert_eq!(x.samples, g.samples);
+                assert_eq!(rel(&g, &x), 0.0, "block {b} {role:?}");
+            }
+        }
+        // Quantizing block 0's first layer (here: zeroing half its weights) moves the inputs of
+        // the sites after it in that block, not its own.
+        let mut c = Calibrator::new(
+            ops,
+            spec,
+            model,
+            set,
+            idx,
+            CalibMode::Corrected,
+            profile_of(),
+        )
+        .unwrap();
+        let linears = spec.blocks[0].linears();
+        let (first, t) = (linears[0].0, &linears[0].1);
+        let w = model
+            .read_f32(model.get(&format!("{t}.weight")).unwrap())
+            .unwrap();
+        let half: Vec<f32> = w
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if i % 2 == 0 { v } else { 0.0 })
+            .collect();
+        let g0 = c.gram(0, first).unwrap();
+        assert_eq!(rel(&g0, &c.cross(0, first).unwrap().unwrap()), 0.0);
+        c.quantized(0, first, &half);
+        let later = linears
+            .iter()
+            .map(|(r, _)| *r)
+            .find(|r| r.site() != first.site())
+            .expect("a later site");
+        let g = c.gram(0, later).unwrap();
+        let x = c.cross(0, later).unwrap().unwrap();
+        assert!(rel(&g, &x) > 1e-3, "{}", rel(&g, &x));
+    }
+    fn profile_of() -> std::sync::Arc<Profile> {
+        std::sync::Arc::new(Profile::new(false))
+    }
+    check(&CpuOps, &spec, &model, &set, &idx);
+    if let Some(dev) = gpu::device() {
+        let gpu = comq_gpu::device::wgpu::forward::GpuOps::new(&dev);
+        check(&gpu, &spec, &model, &set, &idx);
+    }
+}
+
 #[test]
 fn bundled_model_matches_pytorch_logits() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

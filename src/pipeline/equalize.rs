@@ -3,7 +3,6 @@
 use super::jobs::Job;
 use super::options::RunOptions;
 use super::vision::Vision;
-use crate::calibrate::CalibMode;
 use crate::error::Error;
 use crate::error::Result;
 use crate::io::{dtype, Checkpoint};
@@ -32,9 +31,9 @@ pub(super) fn equalize_sites(
     }
     let v = match (vision, &opts.images) {
         (Some(v), Some(io)) => {
-            if io.mode == CalibMode::Quantized {
+            if io.mode.sequential() {
                 return Err(Error::InvalidOption(
-                    "--equalize works with --calib-mode fp only (the sequential mode would need the folded LayerNorms inside its forward pass)"
+                    "--equalize works with --calib-mode fp only (the sequential modes would need the folded LayerNorms inside their forward pass)"
                         .into(),
                 ));
             }

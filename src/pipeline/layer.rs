@@ -155,6 +155,7 @@ pub(super) fn quantize_job(
         &mut cal.holdout,
         held_share,
     )?;
+    let cross = super::vision::job_cross(job, &mut cal.grams)?;
     let secs = t.elapsed().as_secs_f64();
     match job.calib {
         // In step, the calibrator's own forward and gram stages hold this time.
@@ -174,6 +175,20 @@ pub(super) fn quantize_job(
     let (w, gram, held, folded) = match env.eq_sites.get(&job.prefix) {
         Some(site) => fold(env.model, site, &mut state.eq_scales, name, w, gram, held)?,
         None => (w, gram, held, Vec::new()),
+    };
+    // The corrected target: what this layer must output from the inputs the quantized prefix
+    // gives it (`quant::correct`).
+    let w = match &cross {
+        Some(c) => crate::quant::correct::corrected_target(
+            &w,
+            job.rows,
+            job.cols,
+            &gram,
+            c,
+            crate::quant::correct::CORRECTION_RIDGE,
+        )
+        .map_err(|e| Error::Shape(format!("{name}: {e}")))?,
+        None => w,
     };
     let problem = Problem {
         job,

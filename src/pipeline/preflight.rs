@@ -369,8 +369,14 @@ pub(super) fn check_calibration(
     // The calibration (above all the hidden state of every image, one block's input) is
     // the big allocation of an images run; refuse before any compute when it cannot fit
     // beside the largest layer.
-    // Every image walks through the model with its augmented views.
-    let images = (v.calib_idx.len() + v.holdout_idx.len()) * (1 + v.extra_views as usize);
+    // Every image walks through the model with its augmented views; with `--calib-mode
+    // corrected` the calibration images walk twice (quantized and full-precision), so their
+    // hidden state counts twice.
+    let walks = match opts.images.as_ref().map(|i| i.mode) {
+        Some(crate::calibrate::CalibMode::Corrected) => 2,
+        _ => 1,
+    };
+    let images = (v.calib_idx.len() * walks + v.holdout_idx.len()) * (1 + v.extra_views as usize);
     let gpu = matches!(device, AnyDevice::Wgpu(_));
     let c = calibration_bytes_of(&v.spec, images, gpu);
     let largest = jobs

@@ -243,6 +243,7 @@ pub(super) fn calib_label(opts: &RunOptions) -> String {
             match i.mode {
                 CalibMode::Fp => "full-precision",
                 CalibMode::Quantized => "quantized",
+                CalibMode::Corrected => "quantized, corrected to full-precision outputs",
             }
         );
     }

@@ -48,15 +48,21 @@ impl Vision {
         Option<Box<dyn BlockGrams + Send + 'a>>,
     )> {
         let set = self.calib.as_ref().expect("opened with --images");
-        let one = |idx: &[usize]| {
+        let one = |idx: &[usize], mode| {
             let views = self.views(idx);
             crate::calibrate::calibrator(e, &self.spec, model, set, &views, mode, profile.clone())
         };
-        let calib = one(&self.calib_idx)?;
+        let calib = one(&self.calib_idx, mode)?;
+        // Candidates are scored around the corrected target on the held-out images' quantized
+        // inputs: their full-precision walk would only feed a cross-Gram nobody reads.
+        let held_mode = match mode {
+            CalibMode::Corrected => CalibMode::Quantized,
+            m => m,
+        };
         let held = if self.holdout_idx.is_empty() {
             None
         } else {
-            Some(one(&self.holdout_idx)?)
+            Some(one(&self.holdout_idx, held_mode)?)
         };
         Ok((calib, held))
     }
@@ -201,6 +207,18 @@ pub(super) fn job_grams(
         _ => None,
     };
     Ok((gram, held))
+}
+
+/// The cross-Gram of an image job's input (`--calib-mode corrected`; `None` otherwise), after
+/// [`job_grams`] for it.
+pub(super) fn job_cross(
+    job: &Job,
+    grams: &mut Option<Box<dyn BlockGrams + '_>>,
+) -> Result<Option<crate::numeric::gram::CrossGram>> {
+    match (job.calib, job.block, grams.as_mut()) {
+        (Some(CalibKind::Images), Some((b, role)), Some(g)) => g.cross(b, role),
+        _ => Ok(None),
+    }
 }
 
 /// The calibrators of an images run before they start: calibration and held-out.

@@ -11,9 +11,11 @@
 //!
 //! so quantizing the target `W*` on `G̃` with the unchanged algorithm minimises the real error
 //! (the asymmetric calibration of GPTAQ, without changing the quantizer). `W*` is computed as a
-//! ridge-damped correction of `W`, `W* = W + W·(C − G̃)ᵀ·(G̃ + λ·mean(diag G̃)·I)⁻¹`: exactly `W`
-//! when the inputs did not move (`C = G̃`), and shrunk towards `W` where few calibration rows
-//! leave `G̃` poorly conditioned.
+//! ridge-damped correction of `W`, `W* = W + W·Dᵀ·(G̃ + λ·mean(diag G̃)·I)⁻¹` with
+//! `D = C − G̃ = X̃ᵀ(X − X̃)`: exactly `W` when the inputs did not move, and shrunk towards `W`
+//! where few calibration rows leave `G̃` poorly conditioned. `D` is accumulated as it is, from
+//! the shift `X − X̃` taken elementwise: as `C − G̃` it would be the small difference of two
+//! large sums, each rounded in f32 partials by another kernel.
 
 use crate::error::{Error, Result};
 use crate::numeric::gram::{CrossGram, Gram};
@@ -21,17 +23,18 @@ use crate::numeric::gram::{CrossGram, Gram};
 /// The ridge `λ` of the correction, a share of `mean(diag G̃)`.
 pub const CORRECTION_RIDGE: f64 = 0.01;
 
-/// The corrected target `W*` of a layer `w[rows, cols]` (see the module docs), in f64 on the
-/// host (a Cholesky factorisation of the damped `G̃` and one `n × n` solve, then one
-/// `rows × n × n` product).
+/// The corrected target `W*` of a layer `w[rows, cols]` from its Gram `G̃` and the shift's
+/// cross-Gram `shift = X̃ᵀ(X − X̃)` (see the module docs), in f64 on the host (a Cholesky
+/// factorisation of the damped `G̃` and one `n × n` solve, then one `rows × n × n` product).
 pub fn corrected_target(
     w: &[f32],
     rows: usize,
     cols: usize,
     g: &Gram,
-    c: &CrossGram,
+    shift: &CrossGram,
     ridge: f64,
 ) -> Result<Vec<f32>> {
+    let c = shift;
     use faer::linalg::solvers::Solve;
     use faer::{Mat, MatRef, Side};
     let n = cols;
@@ -58,7 +61,7 @@ pub fn corrected_target(
                 "corrected target: the damped {n}×{n} Gram is not positive definite"
             ))
         })?;
-    let d = Mat::<f64>::from_fn(n, n, |i, j| c.data[i * n + j] - g.data[i * n + j]);
+    let d = Mat::<f64>::from_fn(n, n, |i, j| c.data[i * n + j]);
     let e = llt.solve(d.as_ref());
     // W* = W + W·Eᵀ: bt[k, j] = E[j, k], row-major.
     let mut bt = vec![0.0f64; n * n];
@@ -116,7 +119,8 @@ mod tests {
         let mut acc = GramAccumulator::new(n);
         acc.add(&xq);
         let g = acc.finish();
-        let c = cross_of(&xq, &xf, rows, n);
+        let shift: Vec<f32> = xf.iter().zip(&xq).map(|(a, b)| a - b).collect();
+        let c = cross_of(&xq, &shift, rows, n);
         let t = corrected_target(&w, m, n, &g, &c, 0.0).unwrap();
         for o in 0..m {
             let resid: Vec<f64> = (0..rows)
@@ -162,12 +166,10 @@ mod tests {
         let mut acc = GramAccumulator::new(n);
         acc.add(&x);
         let g = acc.finish();
-        let c = cross_of(&x, &x, rows, n);
+        let c = cross_of(&x, &vec![0.0; rows * n], rows, n);
         for ridge in [0.0, CORRECTION_RIDGE, 1.0] {
             let t = corrected_target(&w, m, n, &g, &c, ridge).unwrap();
-            for (a, b) in t.iter().zip(&w) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-            }
+            assert_eq!(t, w);
         }
         // Shapes that disagree are an error naming them.
         assert!(corrected_target(&w, m, n + 1, &g, &c, 0.0).is_err());
