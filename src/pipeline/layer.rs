@@ -185,7 +185,7 @@ pub(super) fn quantize_job(
             job.cols,
             &gram,
             c,
-            crate::quant::correct::CORRECTION_RIDGE,
+            crate::quant::correct::correction_ridge(job.cols, gram.samples),
         )
         .map_err(|e| Error::Shape(format!("{name}: {e}")))?,
         None => w,
