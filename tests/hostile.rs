@@ -588,6 +588,7 @@ fn equalize_refusals_read_as_one_sentence() {
     for (extra, needle) in [
         (vec!["--resume"], "cannot be combined with --resume"),
         (vec!["--calib-mode", "quantized"], "--calib-mode fp only"),
+        (vec!["--calib-mode", "corrected"], "--calib-mode fp only"),
     ] {
         let mut args = vec![
             "run",
