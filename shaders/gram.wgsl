@@ -54,37 +54,54 @@ fn slice_base(z: u32) -> u32 {
 var<workgroup> sa: array<vec4<f32>, 256>;
 var<workgroup> sb: array<vec4<f32>, 256>;
 
+// A 4×4 block of sums in four named vec4 accumulators (`gram` and `cross`).
+struct Block4 {
+    c0: vec4<f32>,
+    c1: vec4<f32>,
+    c2: vec4<f32>,
+    c3: vec4<f32>,
+}
+
+// The 16 rows staged in sa and sb added into the invocation's block.
+fn block_step(lid: vec3<u32>, acc: Block4) -> Block4 {
+    var t = acc;
+    for (var kk = 0u; kk < 16u; kk++) {
+        let a = sa[kk * 16u + lid.y];
+        let b = sb[kk * 16u + lid.x];
+        t.c0 = fma(vec4<f32>(a.x), b, t.c0);
+        t.c1 = fma(vec4<f32>(a.y), b, t.c1);
+        t.c2 = fma(vec4<f32>(a.z), b, t.c2);
+        t.c3 = fma(vec4<f32>(a.w), b, t.c3);
+    }
+    return t;
+}
+
+// The block added into slice z's accumulator.
+fn block_store(lid: vec3<u32>, wid: vec3<u32>, t: Block4) {
+    let gb = slice_base(wid.z);
+    let i = (wid.y * 16u + lid.y) * 4u;
+    let col = wid.x * 16u + lid.x;
+    g[gb + (i + 0u) * p.n4 + col] += t.c0;
+    g[gb + (i + 1u) * p.n4 + col] += t.c1;
+    g[gb + (i + 2u) * p.n4 + col] += t.c2;
+    g[gb + (i + 3u) * p.n4 + col] += t.c3;
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn gram(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
     if (wid.x < wid.y) {
         return;
     }
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
+    var t: Block4;
     let span = slice_rows(wid.z);
-    let gb = slice_base(wid.z);
     for (var k0 = span.x; k0 < span.y; k0 += 16u) {
         sa[lid.y * 16u + lid.x] = xrow(k0 + lid.y, wid.y * 16u + lid.x);
         sb[lid.y * 16u + lid.x] = xrow(k0 + lid.y, wid.x * 16u + lid.x);
         workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk++) {
-            let a = sa[kk * 16u + lid.y];
-            let b = sb[kk * 16u + lid.x];
-            c0 = fma(vec4<f32>(a.x), b, c0);
-            c1 = fma(vec4<f32>(a.y), b, c1);
-            c2 = fma(vec4<f32>(a.z), b, c2);
-            c3 = fma(vec4<f32>(a.w), b, c3);
-        }
+        t = block_step(lid, t);
         workgroupBarrier();
     }
-    let i = (wid.y * 16u + lid.y) * 4u;
-    let col = wid.x * 16u + lid.x;
-    g[gb + (i + 0u) * p.n4 + col] += c0;
-    g[gb + (i + 1u) * p.n4 + col] += c1;
-    g[gb + (i + 2u) * p.n4 + col] += c2;
-    g[gb + (i + 3u) * p.n4 + col] += c3;
+    block_store(lid, wid, t);
 }
 
 // ---- gram_wide: the same sums for wide Grams (the host pads n to a multiple of 128 here):
@@ -183,30 +200,14 @@ fn yrow(r: u32, v: u32) -> vec4<f32> {
 
 @compute @workgroup_size(16, 16, 1)
 fn cross(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    var c0 = vec4<f32>(0.0);
-    var c1 = vec4<f32>(0.0);
-    var c2 = vec4<f32>(0.0);
-    var c3 = vec4<f32>(0.0);
+    var t: Block4;
     let span = slice_rows(wid.z);
-    let gb = slice_base(wid.z);
     for (var k0 = span.x; k0 < span.y; k0 += 16u) {
         sa[lid.y * 16u + lid.x] = xrow(k0 + lid.y, wid.y * 16u + lid.x);
         sb[lid.y * 16u + lid.x] = yrow(k0 + lid.y, wid.x * 16u + lid.x);
         workgroupBarrier();
-        for (var kk = 0u; kk < 16u; kk++) {
-            let a = sa[kk * 16u + lid.y];
-            let b = sb[kk * 16u + lid.x];
-            c0 = fma(vec4<f32>(a.x), b, c0);
-            c1 = fma(vec4<f32>(a.y), b, c1);
-            c2 = fma(vec4<f32>(a.z), b, c2);
-            c3 = fma(vec4<f32>(a.w), b, c3);
-        }
+        t = block_step(lid, t);
         workgroupBarrier();
     }
-    let i = (wid.y * 16u + lid.y) * 4u;
-    let col = wid.x * 16u + lid.x;
-    g[gb + (i + 0u) * p.n4 + col] += c0;
-    g[gb + (i + 1u) * p.n4 + col] += c1;
-    g[gb + (i + 2u) * p.n4 + col] += c2;
-    g[gb + (i + 3u) * p.n4 + col] += c3;
+    block_store(lid, wid, t);
 }

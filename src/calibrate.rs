@@ -26,7 +26,7 @@ use crate::device::AnyOps;
 use crate::error::{Error, Result};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::images::{ImageSet, View};
-use crate::model::forward::{Forward, HostBlock, HostStem, Ops, Stem};
+use crate::model::forward::{BlockWeights, Forward, HostBlock, HostStem, Ops, Stem};
 use crate::model::{Role, Site, VitSpec};
 use crate::numeric::gram::CrossGram;
 use crate::profile::Profile;
@@ -146,6 +146,8 @@ pub struct Calibrator<'a, O: Ops> {
     hidden_fp: Vec<(O::T, usize)>,
     /// Cross-Gram matrices of block `grams_block`, by site (corrected mode).
     crosses: HashMap<Site, CrossGram>,
+    /// The full-precision weights of one block on the device (corrected mode).
+    fp_weights: Option<(usize, BlockWeights<O::T>)>,
     at: usize,
     /// Gram matrices of block `at - 1` (fp mode) or of block `at` (quantized mode), by site.
     grams: HashMap<Site, Gram>,
@@ -195,6 +197,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
             hidden,
             hidden_fp,
             crosses: HashMap::new(),
+            fp_weights: None,
             at: 0,
             grams: HashMap::new(),
             grams_block: None,
@@ -256,7 +259,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         }
         if !self.hidden_fp.is_empty() {
             // The full-precision model's walk beside it, through the block's own weights.
-            let wf = HostBlock::load(self.model, self.spec, &self.spec.blocks[b])?.upload(ops)?;
+            let wf = self.fp_weights(b)?;
             for (h, n) in self.hidden_fp.iter_mut() {
                 f.block(&wf, h, *n, None, &mut |_, _, _| Ok(()))?;
                 ops.throttle()?;
@@ -272,64 +275,76 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         Ok(())
     }
 
-    /// The Gram of one site of block `self.at` with the block's current weights, leaving the
-    /// hidden state where it is.
-    fn site_gram(&mut self, site: Site) -> Result<Gram> {
-        let b = self.at;
-        let w = self.host_block(b)?.upload(self.ops)?;
-        let f = Forward::new(self.ops, self.spec);
-        let n = self.spec.blocks[b].geom.site_width(site);
-        let ops = self.ops;
-        let mut g = ops.gram_new(n)?;
-        for (h, k) in self.hidden.iter_mut() {
-            f.block(&w, h, *k, Some(site), &mut |s, x, rows| {
-                if s == site {
-                    ops.gram_add(&mut g, x, rows)?;
-                }
-                Ok(())
-            })?;
-            ops.throttle()?;
+    /// The full-precision weights of block `b` on the device (corrected mode), uploaded once per
+    /// block: every site of the block and the walk past it use them.
+    fn fp_weights(&mut self, b: usize) -> Result<BlockWeights<O::T>> {
+        match self.fp_weights.take() {
+            Some((k, w)) if k == b => Ok(w),
+            _ => HostBlock::load(self.model, self.spec, &self.spec.blocks[b])?.upload(self.ops),
         }
-        ops.gram_finish(g)
     }
 
-    /// [`Calibrator::site_gram`] with the cross-Gram `X̃ᵀ(X − X̃)` of the same site: the
-    /// quantized inputs against how far the full-precision model's inputs of the same rows are
-    /// from them (corrected mode).
-    fn site_grams_corrected(&mut self, site: Site) -> Result<(Gram, CrossGram)> {
+    /// The Gram of one site of block `self.at` with the block's current weights, leaving the
+    /// hidden state where it is; in corrected mode also the cross-Gram `X̃ᵀ(X − X̃)` of the same
+    /// site: the quantized inputs against how far the full-precision model's inputs of the same
+    /// rows are from them.
+    fn site_grams(&mut self, site: Site) -> Result<(Gram, Option<CrossGram>)> {
         let b = self.at;
         let w = self.host_block(b)?.upload(self.ops)?;
-        let wf = HostBlock::load(self.model, self.spec, &self.spec.blocks[b])?.upload(self.ops)?;
+        let corrected = self.mode == CalibMode::Corrected;
+        let wf = if corrected {
+            Some(self.fp_weights(b)?)
+        } else {
+            None
+        };
         let f = Forward::new(self.ops, self.spec);
         let n = self.spec.blocks[b].geom.site_width(site);
         let ops = self.ops;
         let mut g = ops.gram_new(n)?;
-        let mut c = ops.cross_new(n)?;
-        let minus = ops.upload(&vec![-1.0f32; n])?;
-        for ((h, k), (hf, _)) in self.hidden.iter_mut().zip(self.hidden_fp.iter_mut()) {
-            let mut xf = None;
-            f.block(&wf, hf, *k, Some(site), &mut |s, x, _| {
-                if s == site {
-                    xf = Some(ops.duplicate(x)?);
+        let mut c = if corrected {
+            Some(ops.cross_new(n)?)
+        } else {
+            None
+        };
+        let minus = if corrected {
+            Some(ops.upload(&vec![-1.0f32; n])?)
+        } else {
+            None
+        };
+        let mut fp = self.hidden_fp.iter_mut();
+        for (h, k) in self.hidden.iter_mut() {
+            // The full-precision inputs of the same rows, which become the shift below.
+            let mut shift = None;
+            if let (Some(wf), Some((hf, _))) = (&wf, fp.next()) {
+                f.block(wf, hf, *k, Some(site), &mut |s, x, _| {
+                    if s == site {
+                        shift = Some(ops.duplicate(x)?);
+                    }
+                    Ok(())
+                })?;
+                if shift.is_none() {
+                    return Err(Error::Internal(format!("block {b} never reached {site:?}")));
                 }
-                Ok(())
-            })?;
-            let xf =
-                xf.ok_or_else(|| Error::Internal(format!("block {b} never reached {site:?}")))?;
+            }
             f.block(&w, h, *k, Some(site), &mut |s, x, rows| {
                 if s == site {
                     ops.gram_add(&mut g, x, rows)?;
-                    // The shift X − X̃ elementwise in f32, then X̃ᵀ(X − X̃): no cancellation
-                    // between two large sums, and exactly zero where nothing moved.
-                    let mut shift = ops.duplicate(&xf)?;
-                    ops.add_scaled(&mut shift, x, &minus, rows, n)?;
-                    ops.cross_add(&mut c, x, &shift, rows)?;
+                    if let (Some(sh), Some(c), Some(minus)) = (shift.as_mut(), c.as_mut(), &minus) {
+                        // The shift X − X̃ elementwise in f32, then X̃ᵀ(X − X̃): no cancellation
+                        // between two large sums, and exactly zero where nothing moved.
+                        ops.add_scaled(sh, x, minus, rows, n)?;
+                        ops.cross_add(c, x, sh, rows)?;
+                    }
                 }
                 Ok(())
             })?;
             ops.throttle()?;
         }
-        Ok((ops.gram_finish(g)?, ops.cross_finish(c)?))
+        if let Some(wf) = wf {
+            self.fp_weights = Some((b, wf));
+        }
+        let cross = c.map(|c| ops.cross_finish(c)).transpose()?;
+        Ok((ops.gram_finish(g)?, cross))
     }
 }
 
@@ -368,13 +383,10 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
                 if let Some(g) = self.grams.get(&site) {
                     return Ok(g.clone());
                 }
-                let g = if self.mode == CalibMode::Corrected {
-                    let (g, c) = self.site_grams_corrected(site)?;
+                let (g, c) = self.site_grams(site)?;
+                if let Some(c) = c {
                     self.crosses.insert(site, c);
-                    g
-                } else {
-                    self.site_gram(site)?
-                };
+                }
                 self.grams.insert(site, g.clone());
                 Ok(g)
             }

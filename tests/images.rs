@@ -165,6 +165,44 @@ fn run_from_images_quantizes_every_block_linear_in_block_order_and_evaluates() {
     assert_eq!(f["nn_agreement"].as_f64().unwrap(), 1.0);
 }
 
+/// Runs `model` calibrated on `imgs` in calibration mode `mode` at `bits` on `device`; returns
+/// the report's calibration field and each layer's relative error.
+fn calibrated_run(
+    dir: &Path,
+    model: &Path,
+    imgs: &Path,
+    mode: &str,
+    bits: &str,
+    device: &str,
+) -> (String, Vec<f64>) {
+    let rep = dir.join(format!("{mode}-{bits}-{device}.json"));
+    let out = dir.join(format!("{mode}-{bits}-{device}.safetensors"));
+    ok(&run(&[
+        "run",
+        s(model),
+        "--images",
+        s(imgs),
+        "--calib-mode",
+        mode,
+        "--bits",
+        bits,
+        "--device",
+        device,
+        "--out",
+        s(&out),
+        "--report",
+        s(&rep),
+    ]));
+    let r = report(&rep);
+    let errs = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["rel_error"].as_f64().unwrap())
+        .collect();
+    (r["calibration"].as_str().unwrap().to_string(), errs)
+}
+
 #[test]
 fn sequential_calibration_differs_from_fp_calibration_after_the_first_layer() {
     let dir = tempfile::tempdir().unwrap();
@@ -172,41 +210,13 @@ fn sequential_calibration_differs_from_fp_calibration_after_the_first_layer() {
     let imgs = photos(&dir.path().join("photos"), 4);
     let mut errs = Vec::new();
     for mode in ["fp", "quantized"] {
-        let rep = dir.path().join(format!("{mode}.json"));
-        let out = dir.path().join(format!("{mode}.safetensors"));
-        ok(&run(&[
-            "run",
-            s(&model),
-            "--images",
-            s(&imgs),
-            "--calib-mode",
-            mode,
-            "--bits",
-            "2",
-            "--device",
-            "cpu",
-            "--out",
-            s(&out),
-            "--report",
-            s(&rep),
-        ]));
-        let r = report(&rep);
-        errs.push(
-            r["layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l["rel_error"].as_f64().unwrap())
-                .collect::<Vec<_>>(),
-        );
-        assert!(r["calibration"]
-            .as_str()
-            .unwrap()
-            .contains(if mode == "fp" {
-                "full-precision"
-            } else {
-                "quantized"
-            }));
+        let (calibration, e) = calibrated_run(dir.path(), &model, &imgs, mode, "2", "cpu");
+        errs.push(e);
+        assert!(calibration.contains(if mode == "fp" {
+            "full-precision"
+        } else {
+            "quantized"
+        }));
     }
     // The first layer sees the same inputs either way; later ones see the quantized prefix.
     assert_eq!(errs[0][0], errs[1][0]);
@@ -231,36 +241,11 @@ fn corrected_calibration_keeps_the_first_layer_and_corrects_the_later_ones() {
         .into_iter()
         .chain(devices.iter().map(|d| ("corrected", *d)))
     {
-        let rep = dir.path().join(format!("{mode}-{dev}.json"));
-        let out = dir.path().join(format!("{mode}-{dev}.safetensors"));
-        ok(&run(&[
-            "run",
-            s(&model),
-            "--images",
-            s(&imgs),
-            "--calib-mode",
-            mode,
-            "--bits",
-            "3",
-            "--device",
-            dev,
-            "--out",
-            s(&out),
-            "--report",
-            s(&rep),
-        ]));
-        let r = report(&rep);
+        let (calibration, e) = calibrated_run(dir.path(), &model, &imgs, mode, "3", dev);
         if mode == "corrected" {
-            assert!(r["calibration"].as_str().unwrap().contains("corrected"));
+            assert!(calibration.contains("corrected"));
         }
-        errs.push(
-            r["layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l["rel_error"].as_f64().unwrap())
-                .collect::<Vec<_>>(),
-        );
+        errs.push(e);
     }
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-3 * a.max(1e-6) + 1e-7;
     assert!(

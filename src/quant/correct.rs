@@ -49,14 +49,13 @@ pub fn corrected_target(
     shift: &CrossGram,
     ridge: f64,
 ) -> Result<Vec<f32>> {
-    let c = shift;
     use faer::linalg::solvers::Solve;
     use faer::{Mat, MatRef, Side};
     let n = cols;
-    if g.n != n || c.n != n || w.len() != rows * n {
+    if g.n != n || shift.n != n || w.len() != rows * n {
         return Err(Error::Shape(format!(
             "corrected target: weights {rows}×{cols}, Gram {0}×{0}, cross-Gram {1}×{1}",
-            g.n, c.n
+            g.n, shift.n
         )));
     }
     if n == 0 || rows == 0 {
@@ -76,7 +75,7 @@ pub fn corrected_target(
                 "corrected target: the damped {n}×{n} Gram is not positive definite"
             ))
         })?;
-    let d = Mat::<f64>::from_fn(n, n, |i, j| c.data[i * n + j]);
+    let d = Mat::<f64>::from_fn(n, n, |i, j| shift.data[i * n + j]);
     let e = llt.solve(d.as_ref());
     // W* = W + W·Eᵀ: bt[k, j] = E[j, k], row-major.
     let mut bt = vec![0.0f64; n * n];

@@ -269,6 +269,86 @@ impl GpuOps {
     }
 }
 
+impl GpuOps {
+    /// Adds `rows` rows into `g`: of `xs[0]` alone (`gram` or `gram_wide`, the upper triangle),
+    /// or of `xs[0]` against `xs[1]` (`cross`, every tile). An aligned width is read in place;
+    /// another is copied into the padded layout, in staging chunks sized to the batch (a short
+    /// batch does not get the largest one).
+    fn accumulate(&self, g: &mut GpuGram, xs: &[&GpuTensor], rows: usize) -> Result<()> {
+        let (n, np, slices) = (g.n, g.np, g.slices);
+        if let Some(x) = xs.iter().find(|x| rows * n > x.len) {
+            return Err(crate::error::Error::Internal(format!(
+                "Gram accumulation: {rows} rows of {n} from a tensor of {}",
+                x.len
+            )));
+        }
+        let cap = ((self.max_binding / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
+        let chunks = if n == np {
+            Vec::new()
+        } else {
+            let len = cap.min(rows.div_ceil(16) * 16).max(16) * np;
+            xs.iter()
+                .map(|_| self.alloc(len))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let (kernel, tile) = match xs.len() {
+            2 => (Kernel::Cross, 64),
+            _ if n >= GRAM_WIDE_MIN => (Kernel::GramWide, 128),
+            _ => (Kernel::Gram, 64),
+        };
+        for r0 in (0..rows).step_by(cap) {
+            let r = cap.min(rows - r0);
+            let rp = r.div_ceil(16) * 16;
+            let (srcs, x0): (Vec<&wgpu::Buffer>, usize) = if chunks.is_empty() {
+                (xs.iter().map(|x| &x.buf).collect(), r0 * np / 4)
+            } else {
+                let p = VitParams {
+                    a: (rp * np) as u32,
+                    b: n as u32,
+                    c: np as u32,
+                    d: r0 as u32,
+                    e: r as u32,
+                    ..Default::default()
+                };
+                for (x, c) in xs.iter().zip(&chunks) {
+                    self.elementwise(Kernel::PadRows, &[(0, &x.buf), (3, &c.buf)], rp * np, p);
+                }
+                (chunks.iter().map(|c| &c.buf).collect(), 0)
+            };
+            let gp = GramParams {
+                rows: rp as u32,
+                n4: (np / 4) as u32,
+                split: (rp.div_ceil(slices).div_ceil(16) * 16) as u32,
+                valid: r as u32,
+                x0: x0 as u32,
+                y0: x0 as u32,
+                pad: [0; 2],
+            };
+            let mut bufs = vec![(0, srcs[0]), (1, &g.g)];
+            if let Some(y) = srcs.get(1) {
+                bufs.push((3, *y));
+            }
+            self.dispatch(
+                kernel,
+                &bufs,
+                bytemuck::bytes_of(&gp),
+                2,
+                ((np / tile) as u32, (np / tile) as u32, slices as u32),
+            );
+            g.samples += r as u64;
+        }
+        Ok(())
+    }
+
+    /// The accumulator's slices, read back once (the pending work submitted first).
+    fn read_slices(&self, g: &GpuGram) -> Result<Vec<f32>> {
+        self.flush();
+        let sums = self.ctx.io.read_f32(&g.g, g.slices * g.np * g.np)?;
+        self.check_fault()?;
+        Ok(sums)
+    }
+}
+
 impl Ops for GpuOps {
     type T = GpuTensor;
     type G = GpuGram;
@@ -607,65 +687,7 @@ impl Ops for GpuOps {
     }
 
     fn gram_add(&self, g: &mut GpuGram, x: &GpuTensor, rows: usize) -> Result<()> {
-        let (n, np) = (g.n, g.np);
-        let cap = ((self.max_binding / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
-        let slices = g.slices;
-        if rows * n > x.len {
-            return Err(crate::error::Error::Internal(format!(
-                "gram_add: {rows} rows of {n} from a tensor of {}",
-                x.len
-            )));
-        }
-        // An aligned width is read in place; another is copied into the padded layout, in a
-        // staging chunk sized to the batch (a short batch does not get the largest one).
-        let in_place = n == np;
-        let chunk = if in_place {
-            None
-        } else {
-            Some(self.alloc(cap.min(rows.div_ceil(16) * 16).max(16) * np)?)
-        };
-        for r0 in (0..rows).step_by(cap) {
-            let r = cap.min(rows - r0);
-            let rp = r.div_ceil(16) * 16;
-            let (src, x0) = match &chunk {
-                None => (&x.buf, r0 * np / 4),
-                Some(c) => {
-                    let p = VitParams {
-                        a: (rp * np) as u32,
-                        b: n as u32,
-                        c: np as u32,
-                        d: r0 as u32,
-                        e: r as u32,
-                        ..Default::default()
-                    };
-                    self.elementwise(Kernel::PadRows, &[(0, &x.buf), (3, &c.buf)], rp * np, p);
-                    (&c.buf, 0)
-                }
-            };
-            let gp = GramParams {
-                rows: rp as u32,
-                n4: (np / 4) as u32,
-                split: (rp.div_ceil(slices).div_ceil(16) * 16) as u32,
-                valid: r as u32,
-                x0: x0 as u32,
-                y0: 0,
-                pad: [0; 2],
-            };
-            let (kernel, tile) = if n >= GRAM_WIDE_MIN {
-                (Kernel::GramWide, 128)
-            } else {
-                (Kernel::Gram, 64)
-            };
-            self.dispatch(
-                kernel,
-                &[(0, src), (1, &g.g)],
-                bytemuck::bytes_of(&gp),
-                2,
-                ((np / tile) as u32, (np / tile) as u32, slices as u32),
-            );
-            g.samples += r as u64;
-        }
-        Ok(())
+        self.accumulate(g, &[x], rows)
     }
 
     fn cross_new(&self, n: usize) -> Result<GpuGram> {
@@ -679,82 +701,20 @@ impl Ops for GpuOps {
         xf: &GpuTensor,
         rows: usize,
     ) -> Result<()> {
-        let (n, np) = (c.n, c.np);
-        if rows * n > xq.len || rows * n > xf.len {
-            return Err(crate::error::Error::Internal(format!(
-                "cross_add: {rows} rows of {n} from tensors of {} and {}",
-                xq.len, xf.len
-            )));
-        }
-        let cap = ((self.max_binding / (np as u64 * 4)) as usize / 16 * 16).clamp(16, 4096);
-        let slices = c.slices;
-        // As `gram_add`: aligned widths in place, others through padded copies.
-        let chunks = if n == np {
-            None
-        } else {
-            let len = cap.min(rows.div_ceil(16) * 16).max(16) * np;
-            Some((self.alloc(len)?, self.alloc(len)?))
-        };
-        for r0 in (0..rows).step_by(cap) {
-            let r = cap.min(rows - r0);
-            let rp = r.div_ceil(16) * 16;
-            let (a, b, x0) = match &chunks {
-                None => (&xq.buf, &xf.buf, r0 * np / 4),
-                Some((ca, cb)) => {
-                    let p = VitParams {
-                        a: (rp * np) as u32,
-                        b: n as u32,
-                        c: np as u32,
-                        d: r0 as u32,
-                        e: r as u32,
-                        ..Default::default()
-                    };
-                    self.elementwise(Kernel::PadRows, &[(0, &xq.buf), (3, &ca.buf)], rp * np, p);
-                    self.elementwise(Kernel::PadRows, &[(0, &xf.buf), (3, &cb.buf)], rp * np, p);
-                    (&ca.buf, &cb.buf, 0)
-                }
-            };
-            let gp = GramParams {
-                rows: rp as u32,
-                n4: (np / 4) as u32,
-                split: (rp.div_ceil(slices).div_ceil(16) * 16) as u32,
-                valid: r as u32,
-                x0: x0 as u32,
-                y0: x0 as u32,
-                pad: [0; 2],
-            };
-            self.dispatch(
-                Kernel::Cross,
-                &[(0, a), (1, &c.g), (3, b)],
-                bytemuck::bytes_of(&gp),
-                2,
-                ((np / 64) as u32, (np / 64) as u32, slices as u32),
-            );
-            c.samples += r as u64;
-        }
-        Ok(())
+        self.accumulate(c, &[xq, xf], rows)
     }
 
     fn cross_finish(&self, c: GpuGram) -> Result<crate::numeric::gram::CrossGram> {
-        self.flush();
-        let plane = c.np * c.np;
-        let sums = self.ctx.io.read_f32(&c.g, c.slices * plane)?;
-        self.check_fault()?;
         let mut acc = crate::numeric::gram::CrossGram::zeros(c.n);
-        for (i, slice) in sums.chunks(plane).enumerate() {
+        for (i, slice) in self.read_slices(&c)?.chunks(c.np * c.np).enumerate() {
             acc.add_partial(slice, c.np, if i == 0 { c.samples } else { 0 });
         }
         Ok(acc)
     }
 
     fn gram_finish(&self, g: GpuGram) -> Result<Gram> {
-        // The only readback; the slices are added in f64.
-        self.flush();
-        let plane = g.np * g.np;
-        let sums = self.ctx.io.read_f32(&g.g, g.slices * plane)?;
-        self.check_fault()?;
         let mut acc = GramAccumulator::new(g.n);
-        for (i, slice) in sums.chunks(plane).enumerate() {
+        for (i, slice) in self.read_slices(&g)?.chunks(g.np * g.np).enumerate() {
             acc.add_partial(slice, g.np, if i == 0 { g.samples } else { 0 });
         }
         Ok(acc.finish())
