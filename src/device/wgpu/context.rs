@@ -68,14 +68,35 @@ impl GpuContext {
 
     /// The bind group of `kernel` over `entries` (binding, buffer).
     pub(super) fn bind(&self, kernel: Kernel, entries: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
+        self.bind_with(kernel, entries, None)
+    }
+
+    /// [`GpuContext::bind`] plus, optionally, one binding of a buffer range (a uniform ring's
+    /// slot: binding, buffer, offset, size).
+    pub(super) fn bind_with(
+        &self,
+        kernel: Kernel,
+        entries: &[(u32, &wgpu::Buffer)],
+        range: Option<(u32, &wgpu::Buffer, u64, u64)>,
+    ) -> wgpu::BindGroup {
         let layout = self.pipelines.get(kernel).get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry> = entries
+        let mut entries: Vec<wgpu::BindGroupEntry> = entries
             .iter()
             .map(|(binding, buf)| wgpu::BindGroupEntry {
                 binding: *binding,
                 resource: buf.as_entire_binding(),
             })
             .collect();
+        if let Some((binding, buffer, offset, size)) = range {
+            entries.push(wgpu::BindGroupEntry {
+                binding,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset,
+                    size: std::num::NonZeroU64::new(size),
+                }),
+            });
+        }
         self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(kernel.entry()),
             layout: &layout,

@@ -229,30 +229,8 @@ impl GpuOps {
         let offset = st.slot * UNIFORM_SLOT_BYTES;
         st.slot = (st.slot + 1) % UNIFORM_SLOTS;
         self.ctx.queue.write_buffer(&self.ring, offset, params);
-        let layout = self.ctx.pipelines.get(kernel).get_bind_group_layout(0);
-        let mut entries: Vec<wgpu::BindGroupEntry> = bufs
-            .iter()
-            .map(|(binding, buf)| wgpu::BindGroupEntry {
-                binding: *binding,
-                resource: buf.as_entire_binding(),
-            })
-            .collect();
-        entries.push(wgpu::BindGroupEntry {
-            binding: ubinding,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &self.ring,
-                offset,
-                size: std::num::NonZeroU64::new(params.len() as u64),
-            }),
-        });
-        let bg = self
-            .ctx
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(kernel.entry()),
-                layout: &layout,
-                entries: &entries,
-            });
+        let ring = (ubinding, self.ring.as_ref(), offset, params.len() as u64);
+        let bg = self.ctx.bind_with(kernel, bufs, Some(ring));
         self.record(&mut st, |enc| self.ctx.pass(enc, kernel, &bg, groups));
     }
 
