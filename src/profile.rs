@@ -33,11 +33,29 @@ pub const STAGES: [&str; 12] = [
 ];
 
 /// Parts of the `quantize` stage, timed inside the algorithm through [`record`] and listed after
-/// the stages: the damped Gram, the visiting order and the GPTQ factor of a layer (`prepare`),
-/// a search's candidate runs (`candidates`, which include their scoring and the preparation of
-/// other dampings) and the scoring of candidates on held-out images (`scoring`).
-pub const QUANTIZE_PARTS: [&str; 4] =
-    ["  prepare", "  prepare beside", "  candidates", "  scoring"];
+/// the stages: the damped Gram, the visiting order and the GPTQ factor of a layer (`prepare`, and
+/// `prepare beside` for the other dampings a search builds on a helper thread), a search's
+/// candidate runs (`candidates`, which include their scoring) and the scoring of candidates on
+/// held-out images (`scoring`). The indented parts split those further by the step that runs:
+/// round-to-nearest, exact residual refreshes, GPTQ passes, sweeps and `‖W − Q̂‖²` reductions
+/// inside the runs; the energy `‖X·Wᵀ‖²` and the state's upload per layer; the order, the damped
+/// copy of `G` and the factor inside each preparation (on whichever thread builds it).
+pub const QUANTIZE_PARTS: [&str; 14] = [
+    "  prepare",
+    "  prepare beside",
+    "  candidates",
+    "  scoring",
+    "    rtn",
+    "    refresh",
+    "    gptq",
+    "    sweep",
+    "    sqnorm",
+    "    energy",
+    "    upload",
+    "    order",
+    "    damped",
+    "    factor",
+];
 
 thread_local! {
     static CURRENT: RefCell<Option<Arc<Profile>>> = const { RefCell::new(None) };

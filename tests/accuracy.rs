@@ -389,6 +389,7 @@ fn gpu_gptq_and_search_match_the_cpu() {
         let held = layer(seed + 100, rows, cols, cols).1;
         let plan = SearchPlan {
             scalars: vec![1.0, 0.9],
+            line_search: true,
             paper: true,
             rtn_scalars: true,
             damps: vec![0.1],
@@ -597,5 +598,70 @@ fn the_storage_and_workgroup_memory_kernels_choose_the_same_codes() {
             .unwrap();
         assert_eq!(a.layer.codes, b.layer.codes, "{rows}x{cols}");
         assert_eq!(a.rel_error, b.rel_error, "{rows}x{cols}");
+    }
+}
+
+/// The default (quick) search: RTN at scale 1 first, neither RTN at a shrink nor the paper's
+/// candidate, a line search over the shrink from `first_scalar(bits)` that ends at a shrink
+/// whose neighbours (within 0.5…1) were tried and score no better, then the other damping at
+/// that shrink; the shipped candidate has the lowest held-out error of all tried.
+#[test]
+fn the_quick_search_walks_the_shrink_to_a_best_with_no_better_neighbour() {
+    use comq_gpu::quant::search::{first_scalar, SCALAR_STEP};
+    let (rows, cols) = (24, 64);
+    let mut rng = Rng::new(29);
+    let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
+    let x = correlated_x(&mut rng, 120, cols);
+    let cal = gram_of(&x[..80 * cols], 80, cols);
+    let held = gram_of(&x[80 * cols..], 40, cols);
+    let dev = CpuDevice::new();
+    for bits in [2, 3, 4, 5] {
+        let cfg = QuantConfig {
+            bits,
+            init: Init::Gptq,
+            damp: 0.01,
+            ..QuantConfig::default()
+        };
+        let plan = SearchPlan::quick(bits, vec![0.1], 0.0);
+        let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
+        assert_eq!(c.tried[0].label, "rtn s1.00");
+        assert!(c.tried[1..].iter().all(|t| t.label.starts_with("gptq")));
+        // Per shrink of the configured damping: the best of its start and its sweep.
+        let mut by_scalar: Vec<(f32, f64)> = Vec::new();
+        for t in c.tried.iter().filter(|t| t.label.ends_with("d0.01")) {
+            let s: f32 = t.label.split(' ').nth(1).unwrap()[1..].parse().unwrap();
+            let h = t.rel_error_holdout.unwrap();
+            match by_scalar.iter_mut().find(|e| e.0 == s) {
+                Some(e) => e.1 = e.1.min(h),
+                None => by_scalar.push((s, h)),
+            }
+        }
+        assert_eq!(by_scalar[0].0, first_scalar(bits), "W{bits}");
+        let (best, score) = by_scalar
+            .iter()
+            .copied()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        for side in [-SCALAR_STEP, SCALAR_STEP] {
+            let s = ((best + side) * 100.0).round() / 100.0;
+            if (0.5 - 1e-6..=1.0 + 1e-6).contains(&s) {
+                let e = by_scalar.iter().find(|e| e.0 == s);
+                assert!(
+                    e.is_some_and(|e| e.1 >= score),
+                    "W{bits}: best s{best:.2}, neighbour s{s:.2}: {e:?}"
+                );
+            }
+        }
+        let n = c.tried.len();
+        let at_best = format!("s{best:.2} d0.1");
+        assert!(
+            c.tried[n - 2].label.ends_with(&at_best) && c.tried[n - 1].label.ends_with(&at_best)
+        );
+        let lowest = c
+            .tried
+            .iter()
+            .map(|t| t.rel_error_holdout.unwrap())
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(c.rel_error_holdout, Some(lowest));
     }
 }

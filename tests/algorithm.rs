@@ -485,3 +485,120 @@ fn device_primitives_compose_to_the_reference_state() {
     let e = dev.energy(&mut st).unwrap();
     assert!(e > 0.0);
 }
+
+/// With the exact products kept between sweeps (`track_sweeps`), the refresh and the held-out
+/// product after a sweep that changed few codes update the products of the sweep's start: the
+/// losses equal whole products up to f64 rounding and the residual the next sweep reads agrees
+/// to f32 rounding. After any other step (RTN, the GPTQ pass, a reset, a new diagonal) and after
+/// a sweep that moved many codes (from the float weights), they are whole products, bit for bit.
+#[test]
+fn products_kept_between_sweeps_equal_whole_products() {
+    let (rows, cols) = (48, 96);
+    let dev = CpuDevice::new();
+    let (w, gram) = problem(61, rows, cols, 160);
+    let (_, held) = problem(62, rows, cols, 120);
+    let cfg = QuantConfig {
+        bits: 4,
+        ..QuantConfig::default()
+    };
+    let grid = Grid::build(&w, rows, cols, &cfg);
+    let order = Order::build(OrderKind::Greedy, &w, rows, cols, &gram.diag());
+    let g32 = gram.to_f32();
+    let p = LayerProblem {
+        name: "t",
+        weights: &w,
+        gram: &g32,
+        grid: &grid,
+        order: &order,
+        dead_threshold: gram.dead_threshold(),
+        scale_dtype: cfg.scale_dtype,
+    };
+    let factor =
+        comq_gpu::quant::gptq::factor(&gram.damped(0.01), true, gram.dead_threshold() as f64)
+            .unwrap();
+    let mut kept = dev.upload(&p).unwrap();
+    let mut whole = dev.upload(&p).unwrap();
+    dev.track_sweeps(&mut kept).unwrap();
+    for st in [&mut kept, &mut whole] {
+        dev.attach_holdout(st, &held.to_f32()).unwrap();
+    }
+    // (step, how many of the two products after it are updates; `None`: either)
+    let steps: [(&str, Option<u64>); 9] = [
+        ("rtn", Some(0)),
+        ("sweep", None),
+        ("gptq", Some(0)),
+        ("sweep", Some(2)),
+        ("sweep", Some(2)),
+        ("diagonal", Some(0)),
+        ("sweep", Some(2)),
+        ("reset", Some(0)),
+        // From the float weights every code moves: whole products.
+        ("sweep", Some(0)),
+    ];
+    let mut updates = 0;
+    for (i, (step, expect)) in steps.into_iter().enumerate() {
+        for st in [&mut kept, &mut whole] {
+            match step {
+                "rtn" => dev.round_to_nearest(st).unwrap(),
+                "gptq" => dev.gptq(st, &factor).unwrap(),
+                "sweep" => dev.sweep(st).unwrap(),
+                "reset" => dev.reset(st).unwrap(),
+                _ => {
+                    let diag: Vec<f32> = gram.diag().iter().map(|&d| d as f32 * 1.1).collect();
+                    dev.set_diagonal(st, &diag).unwrap()
+                }
+            }
+        }
+        // The held-out product first after one step, the refresh first after the next: each is
+        // updated from its own kept product whichever comes first.
+        let order_h = i % 2 == 0;
+        let mut figures = Vec::new();
+        for st in [&mut kept, &mut whole] {
+            let (l, h) = if order_h {
+                let h = dev.holdout_product(st, false).unwrap();
+                (dev.refresh(st).unwrap(), h)
+            } else {
+                let l = dev.refresh(st).unwrap();
+                (l, dev.holdout_product(st, false).unwrap())
+            };
+            figures.push((l, h, dev.download(st).unwrap().0));
+        }
+        let (a, b) = (&figures[0], &figures[1]);
+        assert_eq!(a.2, b.2, "{step}: the codes");
+        let updated = kept.sweep_updates() - updates;
+        updates = kept.sweep_updates();
+        if let Some(n) = expect {
+            assert_eq!(updated, n, "{step}: products updated");
+        }
+        if updated > 0 {
+            assert!(
+                (a.0 - b.0).abs() <= 1e-12 * b.0,
+                "{step}: {} vs {}",
+                a.0,
+                b.0
+            );
+            assert!(
+                (a.1 - b.1).abs() <= 1e-12 * b.1,
+                "{step}: {} vs {}",
+                a.1,
+                b.1
+            );
+        } else {
+            assert_eq!((a.0, a.1), (b.0, b.1), "{step}: whole products");
+        }
+    }
+    assert_eq!(whole.sweep_updates(), 0);
+    // The residual the next sweep reads: one more sweep from either state ships the same codes.
+    dev.gptq(&mut kept, &factor).unwrap();
+    dev.gptq(&mut whole, &factor).unwrap();
+    for _ in 0..3 {
+        for st in [&mut kept, &mut whole] {
+            dev.refresh(st).unwrap();
+            dev.sweep(st).unwrap();
+        }
+        assert_eq!(
+            dev.download(&mut kept).unwrap().0,
+            dev.download(&mut whole).unwrap().0
+        );
+    }
+}

@@ -10,7 +10,7 @@ use comq_gpu::calibrate::CalibMode;
 use comq_gpu::device::DeviceKind;
 use comq_gpu::pipeline::{self, Selection};
 use comq_gpu::quant::{
-    Choices, Granularity, Init, Method, OrderKind, Preset, QuantConfig, Resolved,
+    Choices, Granularity, Init, Method, OrderKind, Preset, QuantConfig, Resolved, SearchMode,
 };
 use comq_gpu::recipe::Recipe;
 
@@ -183,10 +183,15 @@ pub struct QuantArgs {
     #[arg(long, value_enum)]
     pub preset: Option<Preset>,
     /// Grid shrink factor c (the reference uses 0.65 at 2 bits), or `auto` to choose it per
-    /// layer by error from 1.0, 0.95, 0.9, 0.85, 0.8 — and lower in 0.05 steps, to 0.5, while
-    /// the smallest wins [default: auto; paper: 1.0].
+    /// layer by held-out error: a line search in 0.05 steps between 0.5 and 1.0, from 0.9 at
+    /// 4 bits (0.95 above, 0.85 at 3, 0.75 at 2) [default: auto; paper: 1.0].
     #[arg(long, value_name = "C|auto")]
     pub scalar: Option<String>,
+    /// Candidates per layer with `--scalar auto`: `quick` (the line search, then the other
+    /// damping; RTN at scale 1 as the guard) or `full` (also every shrink from 1.0 to 0.8, RTN
+    /// at each and the paper's recipe: about twice the time) [default: quick].
+    #[arg(long, value_enum)]
+    pub search: Option<SearchMode>,
     /// Coordinate-descent sweeps; 0 ships the start itself (not with --init w) [default: 1].
     #[arg(long)]
     pub sweeps: Option<usize>,
@@ -268,6 +273,7 @@ impl QuantArgs {
             no_act_order: self.no_act_order,
             holdout: self.holdout,
             score_damp: self.score_damp,
+            search: self.search,
             order: self.order,
             scale_update: self.scale_update,
             granularity: self.granularity,

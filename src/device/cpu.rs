@@ -53,11 +53,56 @@ pub struct CpuLayer {
     kept: Option<(Vec<i32>, Vec<f32>)>,
     /// Orders stashed by key.
     stash: Vec<(u64, Order)>,
+    /// The exact products kept between sweeps ([`Device::track_sweeps`]).
+    tracked: Option<Tracked>,
 }
+
+/// What [`Device::track_sweeps`] keeps on the CPU: the f64 products `(W − Q̂)·G` and
+/// `(W − Q̂)·G_h` with the state they are exact for, and `Q̂` where the last sweep started.
+///
+/// States are numbered: every step that moves `Q̂` starts a new one. A product may be updated
+/// instead of recomputed only when it is exact for the state the last sweep started from and the
+/// sweep is the only step since; so the values follow from the run's own steps alone.
+#[derive(Debug, Clone, Default)]
+struct Tracked {
+    /// The current state's number.
+    state: u64,
+    /// The state the last sweep started from, when a product was exact there (`q_from` holds
+    /// its `Q̂`).
+    swept_from: Option<u64>,
+    q_from: Vec<f32>,
+    /// `(W − Q̂)·G` in f64, and the state it is exact for.
+    r64: Vec<f64>,
+    r_at: Option<u64>,
+    /// `(W − Q̂)·G_h` in f64 (held-out Gram), and the state it is exact for.
+    h64: Vec<f64>,
+    h_at: Option<u64>,
+    /// Products updated rather than recomputed so far.
+    updates: u64,
+}
+
+impl Tracked {
+    /// Whether a sweep, and nothing else, led to the current state from the state a product
+    /// is exact for (`at`); `q_from` is then that state's `Q̂`.
+    fn swept_since(&self, at: Option<u64>) -> bool {
+        matches!((self.swept_from, at), (Some(f), Some(a)) if f == a && self.state == f + 1)
+    }
+}
+
+/// A sweep may leave at most this share of the codes changed for the products to be updated
+/// rather than recomputed: an update reads one row of `G` per changed code, a recomputation
+/// runs at matrix-product speed, and a sweep after a GPTQ or RTN start changes about 1%.
+const SPARSE_SHARE: usize = 8;
 
 impl CpuLayer {
     fn groups(&self) -> usize {
         self.cols / self.group_size
+    }
+
+    /// How many refreshes and held-out products after a sweep updated the kept products
+    /// instead of computing whole ones ([`Device::track_sweeps`]); 0 when not tracked.
+    pub fn sweep_updates(&self) -> u64 {
+        self.tracked.as_ref().map_or(0, |t| t.updates)
     }
 }
 
@@ -166,6 +211,7 @@ impl Device for CpuDevice {
             gh64: None,
             kept: None,
             stash: Vec::new(),
+            tracked: None,
         })
     }
 
@@ -174,6 +220,7 @@ impl Device for CpuDevice {
     }
 
     fn reset(&self, l: &mut CpuLayer) -> Result<()> {
+        moved(l);
         l.q.copy_from_slice(&l.w);
         l.r.iter_mut().for_each(|v| *v = 0.0);
         l.codes.iter_mut().for_each(|v| *v = 0);
@@ -182,6 +229,7 @@ impl Device for CpuDevice {
     }
 
     fn round_to_nearest(&self, l: &mut CpuLayer) -> Result<()> {
+        moved(l);
         let (n, gs, ng, levels) = (l.cols, l.group_size, l.groups(), l.levels);
         let (delta, lo) = (&l.delta, &l.lo);
         l.q.par_chunks_mut(n)
@@ -200,6 +248,15 @@ impl Device for CpuDevice {
     }
 
     fn sweep(&self, l: &mut CpuLayer) -> Result<()> {
+        if let Some(t) = l.tracked.as_mut() {
+            let exact_here = t.r_at == Some(t.state) || t.h_at == Some(t.state);
+            t.swept_from = exact_here.then_some(t.state);
+            if exact_here {
+                t.q_from.clear();
+                t.q_from.extend_from_slice(&l.q);
+            }
+            t.state += 1;
+        }
         if let Order::Shared { perm, .. } = &l.order {
             let perm = perm.clone();
             sweep_shared(l, &perm);
@@ -231,6 +288,16 @@ impl Device for CpuDevice {
     fn refresh(&self, l: &mut CpuLayer) -> Result<f64> {
         let n = l.cols;
         let g = &l.g64;
+        if let Some(t) = l.tracked.as_mut() {
+            let base = t.swept_since(t.r_at).then_some(t.q_from.as_slice());
+            let (loss, updated) = exact_product(&l.w, &l.q, g, n, base, &mut t.r64);
+            t.updates += updated as u64;
+            l.r.par_iter_mut()
+                .zip(&t.r64)
+                .for_each(|(r, &v)| *r = v as f32);
+            t.r_at = Some(t.state);
+            return Ok(loss);
+        }
         Ok(l.r
             .par_chunks_mut(GRAM_PANEL * n)
             .zip(l.w.par_chunks(GRAM_PANEL * n))
@@ -246,6 +313,7 @@ impl Device for CpuDevice {
     }
 
     fn update_scales(&self, l: &mut CpuLayer, granularity: Granularity) -> Result<()> {
+        moved(l);
         match granularity {
             Granularity::Channel => update_scales_channel(l),
             Granularity::Layer => update_scale_layer(l),
@@ -258,6 +326,7 @@ impl Device for CpuDevice {
     }
 
     fn load_codes(&self, l: &mut CpuLayer, codes: &[i32], delta: &[f32]) -> Result<()> {
+        moved(l);
         l.codes.copy_from_slice(codes);
         l.delta.copy_from_slice(delta);
         let (n, gs, ng) = (l.cols, l.group_size, l.groups());
@@ -274,6 +343,7 @@ impl Device for CpuDevice {
     }
 
     fn gptq(&self, l: &mut CpuLayer, f: &GptqFactor) -> Result<()> {
+        moved(l);
         let grid = RowGrid {
             delta: &l.delta,
             lo: &l.lo,
@@ -298,6 +368,9 @@ impl Device for CpuDevice {
         for (j, &d) in diag.iter().enumerate() {
             l.g[j * n + j] = d;
             l.g64[j * n + j] = d as f64;
+        }
+        if let Some(t) = l.tracked.as_mut() {
+            t.r_at = None;
         }
         Ok(())
     }
@@ -333,6 +406,9 @@ impl Device for CpuDevice {
     fn attach_holdout(&self, l: &mut CpuLayer, gram: &[f32]) -> Result<()> {
         check_len("held-out Gram", gram.len(), l.cols * l.cols)?;
         l.gh64 = Some(gram.iter().map(|&v| v as f64).collect());
+        if let Some(t) = l.tracked.as_mut() {
+            t.h_at = None;
+        }
         Ok(())
     }
 
@@ -346,6 +422,13 @@ impl Device for CpuDevice {
             return Ok(weight_product(&l.w, gh, l.cols));
         }
         let n = l.cols;
+        if let Some(t) = l.tracked.as_mut() {
+            let base = t.swept_since(t.h_at).then_some(t.q_from.as_slice());
+            let (loss, updated) = exact_product(&l.w, &l.q, gh, n, base, &mut t.h64);
+            t.updates += updated as u64;
+            t.h_at = Some(t.state);
+            return Ok(loss);
+        }
         Ok(l.w
             .par_chunks(GRAM_PANEL * n)
             .zip(l.q.par_chunks(GRAM_PANEL * n))
@@ -369,6 +452,76 @@ impl Device for CpuDevice {
             .clone()
             .ok_or_else(|| crate::error::Error::Internal("download_kept: nothing was kept".into()))
     }
+
+    fn track_sweeps(&self, l: &mut CpuLayer) -> Result<()> {
+        l.tracked.get_or_insert_with(Tracked::default);
+        Ok(())
+    }
+}
+
+/// A step that moves `Q̂` other than a sweep: a new state, from which no product is updated.
+fn moved(l: &mut CpuLayer) {
+    if let Some(t) = l.tracked.as_mut() {
+        t.state += 1;
+    }
+}
+
+/// `Σ_i a_iᵀ G a_i` with `a = W − Q̂`, writing `A·G` to `p64` (f64, row-major): from scratch as
+/// [`quadratic_panel`] does (the same sums, bit for bit), or, when `base` is the `Q̂` that `p64`
+/// is exact for and few codes changed since, by subtracting `(Q̂ − base)_j · G[j, :]` for each
+/// changed input `j` of each row. Returns the sum and whether it was an update.
+fn exact_product(
+    w: &[f32],
+    q: &[f32],
+    g64: &[f64],
+    n: usize,
+    base: Option<&[f32]>,
+    p64: &mut Vec<f64>,
+) -> (f64, bool) {
+    let total = w.len();
+    let base = base.filter(|b| {
+        p64.len() == total
+            && b.len() == total
+            && b.par_iter().zip(q).filter(|(x, y)| x != y).count() * SPARSE_SHARE <= total
+    });
+    p64.resize(total, 0.0);
+    let chunk = GRAM_PANEL * n.max(1);
+    let sum = match base {
+        Some(b) => p64
+            .par_chunks_mut(chunk)
+            .zip(w.par_chunks(chunk))
+            .zip(q.par_chunks(chunk))
+            .zip(b.par_chunks(chunk))
+            .map(|(((p, w), q), b)| {
+                for ((p, q), b) in p.chunks_mut(n).zip(q.chunks(n)).zip(b.chunks(n)) {
+                    for (j, (&qj, &bj)) in q.iter().zip(b).enumerate() {
+                        if qj != bj {
+                            let d = qj as f64 - bj as f64;
+                            for (pv, &gv) in p.iter_mut().zip(&g64[j * n..(j + 1) * n]) {
+                                *pv -= d * gv;
+                            }
+                        }
+                    }
+                }
+                let a = error_rows(w, q);
+                a.chunks(n)
+                    .zip(p.chunks(n))
+                    .map(|(a, o)| dot64(a, o))
+                    .sum::<f64>()
+            })
+            .sum(),
+        None => p64
+            .par_chunks_mut(chunk)
+            .zip(w.par_chunks(chunk))
+            .zip(q.par_chunks(chunk))
+            .map(|((p, w), q)| {
+                let (loss, out) = quadratic_panel(&error_rows(w, q), g64, n);
+                p.copy_from_slice(&out);
+                loss
+            })
+            .sum(),
+    };
+    (sum, base.is_some())
 }
 
 /// `Σ_i w_iᵀ G w_i` in f64, panels of rows in parallel.

@@ -60,16 +60,18 @@ impl Prepared {
         gram: &Gram,
         cfg: &QuantConfig,
     ) -> Result<Prepared> {
-        let damped = (cfg.damp > 0.0).then(|| gram.damped(cfg.damp));
+        let damped = crate::profile::record("    damped", || {
+            (cfg.damp > 0.0).then(|| gram.damped(cfg.damp))
+        });
         let h = damped.as_ref().unwrap_or(gram);
         let diag = h.diag();
-        let order = Order::build(cfg.order, w, rows, cols, &diag);
+        let order = crate::profile::record("    order", || {
+            Order::build(cfg.order, w, rows, cols, &diag)
+        });
         let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
-            Some(gptq::factor(
-                h,
-                cfg.act_order,
-                gram.dead_threshold() as f64,
-            )?)
+            Some(crate::profile::record("    factor", || {
+                gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64)
+            })?)
         } else {
             None
         };
@@ -221,6 +223,9 @@ pub(crate) fn run<D: Device>(
         scale_dtype: cfg.scale_dtype,
     };
     let mut st = device.upload(&problem)?;
+    if tracks_sweeps(cfg) {
+        device.track_sweeps(&mut st)?;
+    }
     let lam = gram.damping(cfg.damp);
     let energy = undamped_energy(device, &mut st, w, lam)?;
     let ctx = RunContext {
@@ -255,6 +260,14 @@ pub(crate) fn run<D: Device>(
     })
 }
 
+/// Whether a lone run of `cfg` keeps the exact products between sweeps
+/// ([`Device::track_sweeps`]): the sweeps after a GPTQ or RTN start change few codes. A search
+/// keeps them for all its runs; a lone run of a search's candidate gives the same figures
+/// either way (a sweep from the float weights changes too many codes to be updated).
+pub(crate) fn tracks_sweeps(cfg: &QuantConfig) -> bool {
+    cfg.method == Method::Comq && cfg.init != Init::W && cfg.sweeps > 0
+}
+
 /// `‖X·Wᵀ‖² = Σ wᵀGw` from a state that may hold the damped `G + λ'·I`: the damped energy less
 /// `λ'·‖W‖²`.
 pub(crate) fn undamped_energy<D: Device>(
@@ -263,7 +276,7 @@ pub(crate) fn undamped_energy<D: Device>(
     w: &[f32],
     lam: f64,
 ) -> Result<f64> {
-    let e = device.energy(st)?;
+    let e = crate::profile::record("    energy", || device.energy(st))?;
     Ok(if lam == 0.0 {
         e
     } else {
@@ -326,7 +339,7 @@ fn undamped<D: Device>(device: &D, st: &mut D::Layer, lam: f64, loss: f64) -> Re
     if lam == 0.0 {
         return Ok(loss);
     }
-    Ok((loss - lam * device.error_sqnorm(st)?).max(0.0))
+    Ok((loss - lam * crate::profile::record("    sqnorm", || device.error_sqnorm(st))?).max(0.0))
 }
 
 /// The driver on a state that holds the run's grid, (damped) Gram and order, at the starting
@@ -347,8 +360,8 @@ pub(crate) fn run_on<D: Device>(
     let rel = |l: f64| if energy > 0.0 { l / energy } else { 0.0 };
     let need_rtn = measure_rtn || cfg.method == Method::Rtn || cfg.init == Init::Rtn;
     let loss_rtn = if need_rtn {
-        device.round_to_nearest(st)?;
-        let l = device.refresh(st)?;
+        crate::profile::record("    rtn", || device.round_to_nearest(st))?;
+        let l = crate::profile::record("    refresh", || device.refresh(st))?;
         undamped(device, st, lam, l)?
     } else {
         f64::NAN
@@ -366,12 +379,12 @@ pub(crate) fn run_on<D: Device>(
                 let f = ctx.factor.ok_or_else(|| {
                     Error::Internal("the GPTQ start was run without its factor".into())
                 })?;
-                device.gptq(st, f)?;
+                crate::profile::record("    gptq", || device.gptq(st, f))?;
             }
         }
         let mut loss = 0.0;
         if cfg.init != Init::W {
-            let l = device.refresh(st)?;
+            let l = crate::profile::record("    refresh", || device.refresh(st))?;
             let r = rel(undamped(device, st, lam, l)?);
             rel_start = Some(r);
             if let Some(hook) = stages.as_mut() {
@@ -381,8 +394,8 @@ pub(crate) fn run_on<D: Device>(
         }
         for sweep in 0..cfg.sweeps {
             // Each sweep ends with an exact refresh, so the next one starts from an exact R.
-            device.sweep(st)?;
-            loss = device.refresh(st)?;
+            crate::profile::record("    sweep", || device.sweep(st))?;
+            loss = crate::profile::record("    refresh", || device.refresh(st))?;
             history.push(loss);
             if cfg.scale_update {
                 device.update_scales(st, cfg.granularity)?;

@@ -28,7 +28,7 @@ pub use crate::numeric::order::OrderKind;
 pub use crate::numeric::{gptq, gram, grid, linalg, order};
 
 pub use comq::{quantize_layer, LayerOutcome};
-pub use preset::{Choices, Preset, Resolved, Scalar};
+pub use preset::{Choices, Preset, Resolved, Scalar, SearchMode};
 
 /// [`quantize_layer`] on a run-time chosen device.
 pub fn quantize_layer_any(

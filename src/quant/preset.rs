@@ -3,9 +3,7 @@
 //! share. The command line and recipe files only fill in [`Choices`]; every default is decided
 //! here.
 
-use super::search::{
-    SearchPlan, AUTO_DAMPS, AUTO_SCALARS, DEFAULT_DAMP, DEFAULT_HOLDOUT, DEFAULT_SCORE_DAMP,
-};
+use super::search::{SearchPlan, AUTO_DAMPS, DEFAULT_DAMP, DEFAULT_HOLDOUT, DEFAULT_SCORE_DAMP};
 use super::{Granularity, Init, Method, OrderKind, QuantConfig};
 use crate::error::{Error, Result};
 
@@ -25,6 +23,24 @@ pub enum Preset {
 crate::util::value_enum!(Preset {
     Default = "default",
     Paper = "paper",
+});
+
+/// How many candidates the default recipe's search tries per layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchMode {
+    /// The line search over the grid shrink from one start per bit width, then the other
+    /// damping, with RTN at scale 1 as the guard ([`SearchPlan::quick`]).
+    #[default]
+    Quick,
+    /// Also every shrink from 1.0 to 0.8, RTN at each, and the paper's candidate
+    /// ([`SearchPlan::full`]): about twice the runs, and on the models measured the same choices.
+    Full,
+}
+
+crate::util::value_enum!(SearchMode {
+    Quick = "quick",
+    Full = "full",
 });
 
 /// The grid shrink the user asked for.
@@ -73,6 +89,8 @@ pub struct Choices {
     pub holdout: Option<f32>,
     /// Damping of the calibration Gram candidates are compared on without held-out images.
     pub score_damp: Option<f32>,
+    /// How many candidates a grid-shrink search tries.
+    pub search: Option<SearchMode>,
     /// Visiting order.
     pub order: Option<OrderKind>,
     /// Closed-form scale update after each sweep.
@@ -166,12 +184,12 @@ impl Preset {
             )));
         }
         let plan = match (self.scalar(c), paper) {
-            (Scalar::Auto, _) => Some(SearchPlan {
-                scalars: AUTO_SCALARS.to_vec(),
-                paper: !paper,
-                rtn_scalars: true,
-                damps,
-                score_damp,
+            (Scalar::Auto, _) => Some(match c.search.unwrap_or_default() {
+                SearchMode::Quick => SearchPlan::quick(cfg.bits, damps, score_damp),
+                SearchMode::Full => SearchPlan {
+                    paper: !paper,
+                    ..SearchPlan::full(damps, score_damp)
+                },
             }),
             (Scalar::Fixed(_), true) if holdout == 0.0 => None,
             (Scalar::Fixed(_), paper) => Some(SearchPlan {
@@ -204,10 +222,21 @@ mod tests {
         assert_eq!(r.config.scalar, 1.0);
         assert_eq!(r.holdout, DEFAULT_HOLDOUT);
         let s = r.search.unwrap();
-        assert_eq!(s.scalars, AUTO_SCALARS.to_vec());
-        assert_eq!(s.damps, AUTO_DAMPS.to_vec());
-        assert!(s.paper && s.rtn_scalars);
-        assert_eq!(s.score_damp, DEFAULT_SCORE_DAMP);
+        assert_eq!(
+            s,
+            SearchPlan::quick(4, AUTO_DAMPS.to_vec(), DEFAULT_SCORE_DAMP)
+        );
+        assert_eq!(s.scalars, vec![crate::quant::search::first_scalar(4)]);
+        assert!(s.line_search && !s.paper && !s.rtn_scalars);
+        // `--search full` tries every shrink, RTN at each and the paper's candidate.
+        let full = Choices {
+            search: Some(SearchMode::Full),
+            ..Choices::default()
+        };
+        let s = Preset::Default.resolve(&full).unwrap().search.unwrap();
+        assert_eq!(s, SearchPlan::full(AUTO_DAMPS.to_vec(), DEFAULT_SCORE_DAMP));
+        assert_eq!(s.scalars, crate::quant::search::AUTO_SCALARS.to_vec());
+        assert!(s.line_search && s.paper && s.rtn_scalars);
     }
 
     #[test]

@@ -9,11 +9,19 @@
 //!
 //! The candidates are cheap to enumerate: the start of a run (`--init rtn|gptq`) and the state
 //! after every sweep are candidates of their own ([`super::comq::Stage`]), so one run with
-//! `--sweeps 1` scores both "GPTQ" and "GPTQ + one COMQ sweep". Per grid shrink (`--scalar
-//! auto`), one such run and RTN; plus RTN at scale 1 and the paper's one-sweep COMQ from the
-//! float weights. Two coordinate steps follow: while the smallest shrink scores best, the next
-//! one down is tried (a line search, to [`MIN_SCALAR`]); then, at the best shrink, the other
-//! dampings of the plan (one run each).
+//! `--sweeps 1` scores both "GPTQ" and "GPTQ + one COMQ sweep". RTN at scale 1 is always the
+//! first candidate. Then, per grid shrink of the plan, one such run (and, in the full plan, RTN
+//! at that shrink, and the paper's one-sweep COMQ from the float weights). Two coordinate steps
+//! follow: a line search over the shrink (while the smallest shrink tried scores best, the next
+//! one down, to [`MIN_SCALAR`]; while the largest scores best, the next one up, to 1), then, at
+//! the best shrink, the other dampings of the plan (one run each).
+//!
+//! The default plan ([`SearchPlan::quick`]) starts the line search at one shrink that depends on
+//! the bit width and tries neither RTN below scale 1 nor the paper's candidate: on DINOv2-S (72
+//! layers at W4, W3 and W2) and the bundled model (16 layers at each), none of them was ever
+//! shipped by the full plan ([`SearchPlan::full`], `--search full`), and with the held-out
+//! error unimodal in the shrink the line search reaches the same best shrink from one start
+//! with about half the runs. ARCHITECTURE.md has the figures.
 
 use serde::Serialize;
 
@@ -46,14 +54,29 @@ pub const MIN_SCALAR: f32 = 0.5;
 /// measurable); the README has the table.
 pub const DEFAULT_SCORE_DAMP: f32 = 0.1;
 
-/// Grid shrinks `--scalar auto` tries, largest first.
+/// Grid shrinks the full plan (`--search full`) tries first, largest first.
 pub const AUTO_SCALARS: [f32; 5] = [1.0, 0.95, 0.9, 0.85, 0.8];
+
+/// The shrink the quick plan's line search starts from at `bits`: near where the held-out error
+/// bottomed out on DINOv2-S and the bundled model (the best shrinks fall with the width: around
+/// 0.9 at W4, 0.7–0.85 at W3, 0.5–0.8 at W2), so the search takes few steps either way.
+pub fn first_scalar(bits: u32) -> f32 {
+    match bits {
+        0..=2 => 0.75,
+        3 => 0.85,
+        4 => 0.9,
+        _ => 0.95,
+    }
+}
 
 /// What the search may vary beyond the user's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SearchPlan {
-    /// Grid shrinks to try with the configured method (one value: no scale search).
+    /// Grid shrinks to try first with the configured method.
     pub scalars: Vec<f32>,
+    /// Go on from the best of `scalars` in [`SCALAR_STEP`]s, down to [`MIN_SCALAR`] and up to 1,
+    /// while the shrink at the end tried scores best (a line search).
+    pub line_search: bool,
     /// Also try the paper's recipe (one sweep from `W`, undamped, scalar 1).
     pub paper: bool,
     /// Also try round-to-nearest at every scalar (RTN at scalar 1 is always tried).
@@ -73,10 +96,38 @@ impl SearchPlan {
     pub fn single(cfg: &QuantConfig) -> SearchPlan {
         SearchPlan {
             scalars: vec![cfg.scalar],
+            line_search: false,
             paper: false,
             rtn_scalars: false,
             damps: Vec::new(),
             score_damp: 0.0,
+        }
+    }
+
+    /// The default recipe's search at `bits`: a line search over the grid shrink from
+    /// [`first_scalar`], then the other `damps` at the best shrink; RTN at scale 1 as the guard.
+    pub fn quick(bits: u32, damps: Vec<f32>, score_damp: f32) -> SearchPlan {
+        SearchPlan {
+            scalars: vec![first_scalar(bits)],
+            line_search: true,
+            paper: false,
+            rtn_scalars: false,
+            damps,
+            score_damp,
+        }
+    }
+
+    /// Every candidate the default recipe may try (`--search full`): every shrink of
+    /// [`AUTO_SCALARS`] and on down while the smallest wins, RTN at each, the paper's recipe,
+    /// then the other `damps` at the best shrink.
+    pub fn full(damps: Vec<f32>, score_damp: f32) -> SearchPlan {
+        SearchPlan {
+            scalars: AUTO_SCALARS.to_vec(),
+            line_search: true,
+            paper: true,
+            rtn_scalars: true,
+            damps,
+            score_damp,
         }
     }
 }
@@ -189,6 +240,9 @@ impl<D: Device> Resident<D> {
             scale_dtype: c.scale_dtype,
         };
         let mut st = device.upload(&problem)?;
+        // Every GPTQ run's sweep changes about 1% of the codes: its refresh and held-out score
+        // update the start's products instead of computing whole ones again.
+        device.track_sweeps(&mut st)?;
         let holdout_energy = match l.holdout {
             Some(h) => {
                 device.attach_holdout(&mut st, &h.to_f32())?;
@@ -379,7 +433,9 @@ pub fn search<D: Device>(
                     i
                 }
                 None => {
-                    states.push(Resident::upload(device, &layer, &c, &grid, prep)?);
+                    states.push(crate::profile::record("    upload", || {
+                        Resident::upload(device, &layer, &c, &grid, prep)
+                    })?);
                     states.len() - 1
                 }
             };
@@ -463,15 +519,22 @@ impl<'a> Queue<'a> {
                 return Some(c);
             }
             let best = ledger.by_scalar.iter().min_by(|a, b| a.1.total_cmp(&b.1));
-            // Line search downwards: while the smallest shrink tried is the best, try the next.
-            if plan.scalars.len() > 1 && !self.damp_stage {
-                let lowest = ledger
-                    .by_scalar
-                    .iter()
-                    .map(|e| e.0)
-                    .fold(f32::INFINITY, f32::min);
-                if best.map(|e| e.0) == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
-                    let next = ((lowest - SCALAR_STEP) * 100.0).round() / 100.0;
+            // The line search: while the smallest shrink tried is the best, try the next one
+            // down; else while the largest is, the next one up.
+            if plan.line_search && !self.damp_stage {
+                let tried = ledger.by_scalar.iter().map(|e| e.0);
+                let lowest = tried.clone().fold(f32::INFINITY, f32::min);
+                let highest = tried.fold(f32::NEG_INFINITY, f32::max);
+                let b = best.map(|e| e.0);
+                let next = if b == Some(lowest) && lowest - SCALAR_STEP >= MIN_SCALAR - 1e-6 {
+                    Some(lowest - SCALAR_STEP)
+                } else if b == Some(highest) && highest + SCALAR_STEP <= 1.0 + 1e-6 {
+                    Some(highest + SCALAR_STEP)
+                } else {
+                    None
+                };
+                if let Some(next) = next {
+                    let next = (next * 100.0).round() / 100.0;
                     if plan.rtn_scalars {
                         self.queue.push_back(QuantConfig {
                             method: Method::Rtn,

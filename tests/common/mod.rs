@@ -166,6 +166,7 @@ pub fn assert_refused(o: &std::process::Output, needle: &str) {
 pub fn full_plan(score_damp: f32) -> comq_gpu::quant::search::SearchPlan {
     comq_gpu::quant::search::SearchPlan {
         scalars: comq_gpu::quant::search::AUTO_SCALARS.to_vec(),
+        line_search: true,
         paper: true,
         rtn_scalars: true,
         damps: vec![0.1],
