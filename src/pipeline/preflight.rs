@@ -202,6 +202,26 @@ pub fn host_bytes(rows: usize, cols: usize, cpu: bool, cfg: &QuantConfig) -> u64
     }
 }
 
+/// What the CPU keeps to update its exact products after a sweep ([`Device::track_sweeps`]):
+/// `(W − Q̂)·G` in f64 and the `Q̂` a sweep starts from, and with held-out images `(W − Q̂)·G_h`
+/// in f64. A search always keeps them (`search` is `Some(holdout)`); a lone run does when its
+/// sweeps follow a GPTQ or RTN start.
+///
+/// [`Device::track_sweeps`]: crate::device::Device::track_sweeps
+pub fn cpu_tracking_bytes(
+    rows: usize,
+    cols: usize,
+    cfg: &QuantConfig,
+    search: Option<bool>,
+) -> u64 {
+    let mn = rows as u64 * cols as u64;
+    match search {
+        Some(holdout) => 12 * mn + if holdout { 8 * mn } else { 0 },
+        None if crate::quant::comq::tracks_sweeps(cfg) => 12 * mn,
+        None => 0,
+    }
+}
+
 /// What a candidate search adds to one layer's state, `(device, host)` bytes. The search stays
 /// resident ([`crate::quant::search`]): on the device the kept codes and steps of the best
 /// candidate, the GPTQ factor of the damping being run, the stashed orders of up to three
@@ -257,7 +277,13 @@ pub fn preflight(
         let cfg = &j.config;
         let (search_dev, search_host) = search.map_or((0, 0), |held| search_bytes(m, n, held, cfg));
         let dev = device_bytes(m, n, cfg) + search_dev;
-        let host = host_bytes(m, n, cpu, cfg) + search_host + if cpu { search_dev } else { 0 };
+        let host = host_bytes(m, n, cpu, cfg)
+            + search_host
+            + if cpu {
+                search_dev + cpu_tracking_bytes(m, n, cfg, search)
+            } else {
+                0
+            };
         let calib_rows = calib.map_or(0, |c| c.rows(&j.prefix, n));
         let g_bytes = (4 * n * n) as u64;
         let work = (m * n * n) as f64
