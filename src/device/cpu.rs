@@ -176,7 +176,7 @@ const GRAM_PANEL: usize = 64;
 /// `out = A·G` for a panel of rows of `A` (row-major `p × n`), in f64: one cache-blocked SIMD
 /// matrix product with `G` widened to f64 (exactly the f32 values the sweep uses).
 fn rows_times_gram(a: &[f64], g64: &[f64], n: usize, out: &mut [f64]) {
-    crate::numeric::linalg::dgemm(a.len() / n.max(1), n, n, a, g64, out);
+    crate::numeric::linalg::dgemm_seq(a.len() / n.max(1), n, n, a, g64, out);
 }
 
 fn dot64(a: &[f64], b: &[f64]) -> f64 {
