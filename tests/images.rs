@@ -640,6 +640,31 @@ fn the_default_recipe_guards_every_layer_and_target_bits_mixes_widths() {
             .fold(f64::INFINITY, f64::min);
         assert_eq!(held, best);
     }
+    // The output says the shrink was chosen per layer, and by which search.
+    let meta = comq_gpu::io::Checkpoint::open(&out)
+        .unwrap()
+        .metadata()
+        .clone();
+    assert_eq!(meta["comq.scalar"], "auto");
+    let plan: serde_json::Value = serde_json::from_str(&meta["comq.search"]).unwrap();
+    assert_eq!(plan["line_search"], true);
+    assert_eq!(plan["paper"], false);
+    assert_eq!(plan["scalars"].as_array().unwrap().len(), 1);
+    let mut full = common.to_vec();
+    full.extend(["--search", "full"]);
+    ok(&run(&full));
+    let plan: serde_json::Value = serde_json::from_str(
+        &comq_gpu::io::Checkpoint::open(&out).unwrap().metadata()["comq.search"],
+    )
+    .unwrap();
+    assert_eq!(plan["paper"], true);
+    assert_eq!(plan["scalars"].as_array().unwrap().len(), 5);
+    // More candidates per layer, each layer still no worse than RTN on the held-out images.
+    for l in report(&rep)["layers"].as_array().unwrap() {
+        assert!(l["candidates"].as_array().unwrap().len() >= 12);
+        let held = l["rel_error_holdout"].as_f64().unwrap();
+        assert!(held <= l["rel_error_holdout_rtn"].as_f64().unwrap());
+    }
     let mut a = common.to_vec();
     a.extend(["--target-bits", "3"]);
     ok(&run(&a));

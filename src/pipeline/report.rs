@@ -189,7 +189,19 @@ pub(super) fn provenance(
         c.group_size.map_or("row".into(), |g| g.to_string()),
     );
     put("symmetric", c.sym.to_string());
-    put("scalar", c.scalar.to_string());
+    // A grid shrink chosen per layer (`--scalar auto`) is in each layer's report entry; the
+    // configured value would read as the shrink every layer got.
+    let searched = opts.search.as_ref().filter(|p| p.line_search);
+    put(
+        "scalar",
+        searched.map_or(c.scalar.to_string(), |_| "auto".into()),
+    );
+    if let Some(plan) = &opts.search {
+        put(
+            "search",
+            serde_json::to_string(plan).expect("a search plan serialises"),
+        );
+    }
     put("sweeps", c.sweeps.to_string());
     put(
         "order",
