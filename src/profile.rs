@@ -39,7 +39,9 @@ pub const STAGES: [&str; 12] = [
 /// held-out images (`scoring`). The indented parts split those further by the step that runs:
 /// round-to-nearest, exact residual refreshes, GPTQ passes, sweeps and `‖W − Q̂‖²` reductions
 /// inside the runs; the energy `‖X·Wᵀ‖²` and the state's upload per layer; the order, the damped
-/// copy of `G` and the factor inside each preparation (on whichever thread builds it).
+/// copy of `G` and the factor inside each preparation (on whichever thread builds it). On a GPU
+/// the steps are queued, so a step that reads a result back (a refresh's loss, a reduction)
+/// also holds the queued work before it.
 pub const QUANTIZE_PARTS: [&str; 14] = [
     "  prepare",
     "  prepare beside",
