@@ -462,25 +462,36 @@ fn the_blocked_shared_sweep_is_the_plain_sweep_in_that_order() {
     }
 }
 
-#[test]
-fn device_primitives_compose_to_the_reference_state() {
-    // upload → reset gives Q̂ = W and R = 0, so the loss right after upload is 0.
-    let dev = CpuDevice::new();
-    let (w, gram) = problem(11, 4, 8, 16);
-    let cfg = QuantConfig::default();
-    let grid = Grid::build(&w, 4, 8, &cfg);
-    let order = Order::build(OrderKind::Greedy, &w, 4, 8, &gram.diag());
+/// A CPU state of `w` against `gram` on `cfg`'s grid, in the per-row greedy order.
+fn upload_greedy(
+    dev: &CpuDevice,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &comq_gpu::Gram,
+    cfg: &QuantConfig,
+) -> comq_gpu::device::cpu::CpuLayer {
+    let grid = Grid::build(w, rows, cols, cfg);
+    let order = Order::build(OrderKind::Greedy, w, rows, cols, &gram.diag());
     let g32 = gram.to_f32();
     let p = LayerProblem {
         name: "t",
-        weights: &w,
+        weights: w,
         gram: &g32,
         grid: &grid,
         order: &order,
         dead_threshold: gram.dead_threshold(),
         scale_dtype: cfg.scale_dtype,
     };
-    let mut st = dev.upload(&p).unwrap();
+    dev.upload(&p).unwrap()
+}
+
+#[test]
+fn device_primitives_compose_to_the_reference_state() {
+    // upload → reset gives Q̂ = W and R = 0, so the loss right after upload is 0.
+    let dev = CpuDevice::new();
+    let (w, gram) = problem(11, 4, 8, 16);
+    let mut st = upload_greedy(&dev, &w, 4, 8, &gram, &QuantConfig::default());
     assert_eq!(dev.refresh(&mut st).unwrap(), 0.0);
     let e = dev.energy(&mut st).unwrap();
     assert!(e > 0.0);
@@ -501,23 +512,11 @@ fn products_kept_between_sweeps_equal_whole_products() {
         bits: 4,
         ..QuantConfig::default()
     };
-    let grid = Grid::build(&w, rows, cols, &cfg);
-    let order = Order::build(OrderKind::Greedy, &w, rows, cols, &gram.diag());
-    let g32 = gram.to_f32();
-    let p = LayerProblem {
-        name: "t",
-        weights: &w,
-        gram: &g32,
-        grid: &grid,
-        order: &order,
-        dead_threshold: gram.dead_threshold(),
-        scale_dtype: cfg.scale_dtype,
-    };
     let factor =
         comq_gpu::quant::gptq::factor(&gram.damped(0.01), true, gram.dead_threshold() as f64)
             .unwrap();
-    let mut kept = dev.upload(&p).unwrap();
-    let mut whole = dev.upload(&p).unwrap();
+    let mut kept = upload_greedy(&dev, &w, rows, cols, &gram, &cfg);
+    let mut whole = upload_greedy(&dev, &w, rows, cols, &gram, &cfg);
     dev.track_sweeps(&mut kept).unwrap();
     for st in [&mut kept, &mut whole] {
         dev.attach_holdout(st, &held.to_f32()).unwrap();

@@ -223,18 +223,7 @@ impl GramAccumulator {
             stride >= n && part.len() >= n * stride,
             "partial Gram must cover n × n"
         );
-        // Rows in parallel: each element gets the same single addition, so the sum is the same.
-        self.sum
-            .par_chunks_mut(n.max(1))
-            .enumerate()
-            .for_each(|(i, out)| {
-                for (o, p) in out[i..]
-                    .iter_mut()
-                    .zip(&part[i * stride + i..i * stride + n])
-                {
-                    *o += *p as f64;
-                }
-            });
+        add_rows(&mut self.sum, n, part, stride, true);
         self.samples += samples;
     }
 
@@ -329,16 +318,26 @@ impl CrossGram {
             stride >= n && part.len() >= n * stride,
             "partial cross-Gram must cover n × n"
         );
-        self.data
-            .par_chunks_mut(n.max(1))
-            .enumerate()
-            .for_each(|(i, out)| {
-                for (o, p) in out.iter_mut().zip(&part[i * stride..i * stride + n]) {
-                    *o += *p as f64;
-                }
-            });
+        add_rows(&mut self.data, n, part, stride, false);
         self.samples += samples;
     }
+}
+
+/// Adds the f32 `part` (row-major, row stride `stride`) into the f64 `n × n` `sum`, each entry
+/// once (`upper`: only the upper triangle). Rows in parallel: each element gets the same single
+/// addition, so the sum does not depend on the threads.
+fn add_rows(sum: &mut [f64], n: usize, part: &[f32], stride: usize, upper: bool) {
+    sum.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(i, out)| {
+            let from = if upper { i } else { 0 };
+            for (o, p) in out[from..]
+                .iter_mut()
+                .zip(&part[i * stride + from..i * stride + n])
+            {
+                *o += *p as f64;
+            }
+        });
 }
 
 #[cfg(test)]
