@@ -75,21 +75,24 @@ pub fn factor(h: &Gram, act_order: bool, dead: f64) -> Result<GptqFactor> {
     }
     let is_dead: Vec<bool> = diag.iter().map(|&d| d <= dead).collect();
     let mut hp = vec![0.0f64; n * n];
-    for (t, &j) in perm.iter().enumerate() {
-        let j = j as usize;
-        for (s, &k) in perm.iter().enumerate() {
-            let k = k as usize;
-            hp[t * n + s] = if is_dead[j] || is_dead[k] {
-                if t == s {
-                    1.0
+    hp.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(t, row)| {
+            let j = perm[t] as usize;
+            let src = &h.data[j * n..(j + 1) * n];
+            for (s, (v, &k)) in row.iter_mut().zip(&perm).enumerate() {
+                let k = k as usize;
+                *v = if is_dead[j] || is_dead[k] {
+                    if t == s {
+                        1.0
+                    } else {
+                        0.0
+                    }
                 } else {
-                    0.0
-                }
-            } else {
-                h.data[j * n + k]
-            };
-        }
-    }
+                    src[k]
+                };
+            }
+        });
     let mean = diag.iter().sum::<f64>() / n.max(1) as f64;
     let mut extra = 0.0;
     let mut tries = FALLBACK_DAMP.iter();
@@ -105,7 +108,7 @@ pub fn factor(h: &Gram, act_order: bool, dead: f64) -> Result<GptqFactor> {
                 id: next_factor_id(),
                 n,
                 perm,
-                u: u.iter().map(|&v| v as f32).collect(),
+                u: u.par_iter().map(|&v| v as f32).collect(),
             });
         }
         let Some(&next) = tries.next() else {
