@@ -59,10 +59,16 @@ pub enum Kernel {
     SetDiagonal,
     /// The cross-Gram `xᵀ·y` of two activations of the same rows (`gram.wgsl`).
     Cross,
+    /// Rows of a matrix from their packed upper parts (`unpack.wgsl`).
+    UnpackUpper,
+    /// A symmetric matrix's lower triangle from its upper one (`unpack.wgsl`).
+    MirrorLower,
+    /// 32-bit values from 16-bit halves (`unpack.wgsl`).
+    UnpackHalves,
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 10] = [
+pub const SOURCES: [(&str, &str); 11] = [
     ("block.wgsl", include_str!("../shaders/block.wgsl")),
     ("diag.wgsl", include_str!("../shaders/diag.wgsl")),
     ("gptq.wgsl", include_str!("../shaders/gptq.wgsl")),
@@ -72,6 +78,7 @@ pub const SOURCES: [(&str, &str); 10] = [
     ("rtn.wgsl", include_str!("../shaders/rtn.wgsl")),
     ("sweep.wgsl", include_str!("../shaders/sweep.wgsl")),
     ("scale.wgsl", include_str!("../shaders/scale.wgsl")),
+    ("unpack.wgsl", include_str!("../shaders/unpack.wgsl")),
     ("vit.wgsl", include_str!("../shaders/vit.wgsl")),
 ];
 
@@ -87,7 +94,7 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 26] = [
+    pub const ALL: [Kernel; 29] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -114,6 +121,9 @@ impl Kernel {
         Kernel::PadRows,
         Kernel::SetDiagonal,
         Kernel::Cross,
+        Kernel::UnpackUpper,
+        Kernel::MirrorLower,
+        Kernel::UnpackHalves,
     ];
 
     /// The file the kernel lives in.
@@ -128,6 +138,7 @@ impl Kernel {
             Kernel::BlockSteps | Kernel::BlockUpdate => "block.wgsl",
             Kernel::Gptq | Kernel::GptqShared => "gptq.wgsl",
             Kernel::SetDiagonal => "diag.wgsl",
+            Kernel::UnpackUpper | Kernel::MirrorLower | Kernel::UnpackHalves => "unpack.wgsl",
             Kernel::Linear
             | Kernel::LayerNorm
             | Kernel::Gelu
@@ -171,6 +182,9 @@ impl Kernel {
             Kernel::PadRows => "pad_rows",
             Kernel::SetDiagonal => "set_diagonal",
             Kernel::Cross => "cross",
+            Kernel::UnpackUpper => "unpack_upper",
+            Kernel::MirrorLower => "mirror_lower",
+            Kernel::UnpackHalves => "unpack_halves",
         }
     }
 

@@ -427,8 +427,9 @@ fn a_layer_in_small_staging_chunks_matches_one_in_whole_copies() {
     assert_eq!(a.rel_error, b.rel_error);
 }
 
-/// The profile's transfer counters: a layer moves at least its weights and Gram up and its codes
-/// down, and the same layer again moves exactly as much again.
+/// The profile's transfer counters: a layer moves at least its weights and the upper triangle of
+/// its Gram up (and less than both whole: the Gram goes up as its triangle, the order as 16-bit
+/// indices) and its codes down, and the same layer again moves exactly as much again.
 #[test]
 fn transfers_are_counted() {
     let Some(gpu) = gpu::device() else { return };
@@ -438,8 +439,14 @@ fn transfers_are_counted() {
     let (u0, d0) = gpu.traffic();
     quantize_layer(&gpu, "l", &w, rows, cols, &gram, &cfg).unwrap();
     let (u1, d1) = gpu.traffic();
+    let triangle = (2 * cols * (cols + 1)) as u64;
     assert!(
-        u1 - u0 >= (4 * rows * cols + 4 * cols * cols) as u64,
+        u1 - u0 >= (4 * rows * cols) as u64 + triangle,
+        "{}",
+        u1 - u0
+    );
+    assert!(
+        u1 - u0 < (4 * rows * cols + 4 * cols * cols) as u64,
         "{}",
         u1 - u0
     );
@@ -447,6 +454,53 @@ fn transfers_are_counted() {
     quantize_layer(&gpu, "l", &w, rows, cols, &gram, &cfg).unwrap();
     let (u2, d2) = gpu.traffic();
     assert_eq!((u2 - u1, d2 - d1), (u1 - u0, d1 - d0));
+}
+
+/// A Gram matrix that is not exactly symmetric (one read from a file may not be) goes up whole,
+/// not as its upper triangle: the GPU's sweep from it agrees with the CPU's, which reads it as it
+/// is, while a sweep from its upper triangle mirrored does not.
+#[test]
+fn a_gram_that_is_not_symmetric_is_held_as_it_is() {
+    let Some(gpu) = gpu::device() else { return };
+    let cpu = CpuDevice::new();
+    let (rows, cols) = (33, 63);
+    let (w, gram) = layer(77, rows, cols);
+    let mut skew = gram.clone();
+    for i in 0..cols {
+        for j in 0..i {
+            skew.data[i * cols + j] *= 0.5;
+        }
+    }
+    let mut mirrored = skew.clone();
+    for i in 0..cols {
+        for j in 0..i {
+            mirrored.data[i * cols + j] = mirrored.data[j * cols + i];
+        }
+    }
+    let cfg = QuantConfig {
+        bits: 3,
+        ..QuantConfig::default()
+    };
+    let codes = |gram: &comq_gpu::Gram| {
+        let (mut c, mut g) = both_states(&gpu, &w, gram, rows, cols, &cfg);
+        let (kc, ..) = rtn_and_sweep(&cpu, &mut c);
+        let (kg, ..) = rtn_and_sweep(&gpu, &mut g);
+        (kc, kg)
+    };
+    let share = |a: &[i32], b: &[i32]| {
+        a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
+    };
+    let (kc, kg) = codes(&skew);
+    assert!(
+        share(&kc, &kg) <= CODE_DISAGREEMENT_MAX,
+        "GPU vs CPU on a skewed Gram: {:.3}",
+        share(&kc, &kg)
+    );
+    let (km, _) = codes(&mirrored);
+    assert!(
+        share(&kc, &km) > CODE_DISAGREEMENT_MAX,
+        "the skew must matter to the sweep for this test to mean anything"
+    );
 }
 
 /// Runs RTN, a refresh and one sweep; returns the codes, the steps and the two losses.
@@ -570,7 +624,8 @@ fn kept_is_a_snapshot<D: Device>(d: &D, st: &mut D::Layer) {
 /// The default recipe's search on the GPU moves each input of a layer up once — `W`, `G`, the
 /// held-out Gram, the GPTQ factor of each damping tried and the order each damping ranks — plus
 /// a grid per candidate (bounded by 1.05× those inputs), and reads back the shipped codes once
-/// plus one scalar per row per reduction.
+/// plus one scalar per row per reduction. The two Grams and the triangular factors go up as
+/// their upper triangles, the orders as 16-bit indices.
 #[test]
 fn a_resident_search_moves_each_input_once() {
     use comq_gpu::quant::search::search;
@@ -588,10 +643,12 @@ fn a_resident_search_moves_each_input_once() {
     let (u0, d0) = gpu.traffic();
     let c = search(&gpu, "t", &w, rows, cols, &gram, Some(&held), &cfg, &plan).unwrap();
     let (up, down) = (gpu.traffic().0 - u0, gpu.traffic().1 - d0);
-    let (mn, nn) = ((4 * rows * cols) as u64, (4 * cols * cols) as u64);
+    let mn = (4 * rows * cols) as u64;
     // W, G, G_h; the factor (U and its permutation) at 0.01 and 0.1; the per-row order at
-    // 0.01, 0 (the paper candidate) and 0.1.
-    let inputs = mn + 2 * nn + 2 * (nn + 4 * cols as u64) + 3 * mn;
+    // 0.01, 0 (the paper candidate) and 0.1. `G`, `G_h` and `U` as upper triangles, the orders
+    // as 16-bit indices.
+    let tri = (2 * cols * (cols + 1)) as u64;
+    let inputs = mn + 2 * tri + 2 * (tri + 4 * cols as u64) + 3 * mn / 2;
     let codes = mn + (4 * rows) as u64;
     let scalars = (4 * rows * 8 * c.tried.len()) as u64;
     eprintln!(

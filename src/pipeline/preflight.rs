@@ -2,7 +2,8 @@
 //!
 //! Memory is counted from the device's own layout (ARCHITECTURE.md, memory plan): on the GPU
 //! `W`, `Q̂`, `R`, codes and a scratch row block (f32/i32), the order table (greedy only), steps
-//! and code ranges, and `G` in f32; on the host the f32 weights, the f64 Gram, its f32 copy and
+//! and code ranges, `G` in f32 and the packed copy of a compact upload (at most one chunk); on
+//! the host the f32 weights, the f64 Gram, its f32 copy and
 //! the downloaded codes and dequantized values (on the CPU also the device state and `G` in f64
 //! for the exact products). Time is estimated from a quick measured run of a
 //! small synthetic layer on the same device, scaled by `rows·cols²` (the work of a sweep and of a
@@ -186,7 +187,13 @@ pub fn device_bytes(rows: usize, cols: usize, cfg: &QuantConfig) -> u64 {
         OrderKind::Shared => 4 * n + 4 * m * crate::quant::order::SHARED_BLOCK as u64,
         OrderKind::Natural => 0,
     };
-    20 * m * n + order + 12 * m * groups + 4 * m + 4 * n * n
+    // The packed copy a compact upload (the Gram's triangle, the order's 16-bit indices)
+    // goes through, at most one chunk.
+    let packed = 4
+        * (n * (n + 1) / 2)
+            .max((m * n).div_ceil(2))
+            .min(crate::device::wgpu::PACK_CHUNK as u64);
+    20 * m * n + order + 12 * m * groups + 4 * m + 4 * n * n + packed
 }
 
 /// Host bytes while one layer is processed.

@@ -132,6 +132,11 @@ impl Transfers {
         &self.traffic
     }
 
+    /// The staging chunk in bytes.
+    pub fn chunk(&self) -> u64 {
+        self.chunk
+    }
+
     /// Caps the staging chunk at `bytes`, rounded down to a positive multiple of wgpu's copy
     /// alignment.
     pub fn cap_chunk(&mut self, bytes: u64) {

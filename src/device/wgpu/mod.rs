@@ -19,7 +19,7 @@ use std::sync::Arc;
 use buffers::{gpu_err, BufferPool};
 use pipelines::{
     BlockParams, GptqParams, GramParams, GridParams, ModeParams, Pipelines, ScaleParams,
-    SweepParams,
+    SweepParams, UnpackParams,
 };
 
 use super::{Device, LayerProblem};
@@ -578,6 +578,143 @@ impl Drop for WgpuLayer {
     }
 }
 
+/// Values per chunk of a compact upload: the packed copy's device buffer holds at most this
+/// many 32-bit words (64 MiB), whatever the matrix, and no more than a staging chunk.
+pub const PACK_CHUNK: usize = 16 << 20;
+
+/// Whether the row-major `n × n` matrix `m` is exactly symmetric (a Gram matrix is, by
+/// construction; one read from a file may not be, and then goes up whole).
+fn is_symmetric(m: &[f32], n: usize) -> bool {
+    const T: usize = 64;
+    // In tiles, so the column reads stay in cache.
+    (0..n).step_by(T).all(|i0| {
+        (i0..n).step_by(T).all(|j0| {
+            (i0..(i0 + T).min(n)).all(|i| {
+                (j0.max(i + 1)..(j0 + T).min(n))
+                    .all(|j| m[i * n + j].to_bits() == m[j * n + i].to_bits())
+            })
+        })
+    })
+}
+
+impl WgpuDevice {
+    /// Writes the row-major `n × n` matrix `m` to `dst`, moving only its upper triangle (half
+    /// the bytes): rows go up packed from their diagonal on, in chunks of at most
+    /// [`PACK_CHUNK`] values, and `unpack.wgsl` writes them into place; a `symmetric` matrix's
+    /// lower triangle is then mirrored on the device, a triangular one's set to zero. A matrix
+    /// that is not what it says (not exactly symmetric, or not zero below the diagonal) goes up
+    /// whole, so the device always holds `m` bit for bit.
+    fn write_upper(&self, dst: &wgpu::Buffer, m: &[f32], n: usize, symmetric: bool) -> Result<()> {
+        let fits = if symmetric {
+            is_symmetric(m, n)
+        } else {
+            (0..n).all(|i| m[i * n..i * n + i].iter().all(|v| v.to_bits() == 0))
+        };
+        if !fits || n < 2 {
+            return self.ctx.io.write(dst, 0, bytemuck::cast_slice(m));
+        }
+        let cap = self.pack_words().max(n);
+        let tmp = self.pool.take(
+            &self.ctx.device,
+            "packed",
+            (4 * cap.min(n * (n + 1) / 2)) as u64,
+        );
+        let result = (|| {
+            let mut i0 = 0;
+            while i0 < n {
+                let (mut i1, mut len) = (i0, 0);
+                while i1 < n && len + (n - i1) <= cap {
+                    len += n - i1;
+                    i1 += 1;
+                }
+                let mut packed = Vec::with_capacity(len);
+                for i in i0..i1 {
+                    packed.extend_from_slice(&m[i * n + i..(i + 1) * n]);
+                }
+                self.ctx.io.write(&tmp, 0, bytemuck::cast_slice(&packed))?;
+                let params = UnpackParams {
+                    n: n as u32,
+                    first: i0 as u32,
+                    rows: (i1 - i0) as u32,
+                    zero_lower: u32::from(!symmetric),
+                };
+                self.unpack(Kernel::UnpackUpper, dst, &tmp, &params, (i1 - i0) * n)?;
+                i0 = i1;
+            }
+            if symmetric {
+                let params = UnpackParams {
+                    n: n as u32,
+                    first: 0,
+                    rows: 0,
+                    zero_lower: 0,
+                };
+                self.unpack(Kernel::MirrorLower, dst, &tmp, &params, n * n)?;
+            }
+            Ok(())
+        })();
+        self.pool.give(vec![tmp]);
+        result
+    }
+
+    /// Writes `values` to `dst` from `first` on as 16-bit halves (half the bytes), expanded by
+    /// `unpack.wgsl`; values of 2¹⁶ and more go up whole.
+    fn write_halves(&self, dst: &wgpu::Buffer, values: &[u32]) -> Result<()> {
+        if values.len() < 2 || values.iter().any(|&v| v > 0xffff) {
+            return self.ctx.io.write(dst, 0, bytemuck::cast_slice(values));
+        }
+        let cap = 2 * self.pack_words();
+        let tmp = self.pool.take(
+            &self.ctx.device,
+            "packed",
+            (2 * cap.min(values.len() + 1)) as u64,
+        );
+        let result = (|| {
+            for (c, chunk) in values.chunks(cap).enumerate() {
+                let packed: Vec<u32> = chunk
+                    .chunks(2)
+                    .map(|p| p[0] | p.get(1).map_or(0, |&hi| hi << 16))
+                    .collect();
+                self.ctx.io.write(&tmp, 0, bytemuck::cast_slice(&packed))?;
+                let params = UnpackParams {
+                    n: chunk.len() as u32,
+                    first: (c * cap) as u32,
+                    rows: 0,
+                    zero_lower: 0,
+                };
+                self.unpack(Kernel::UnpackHalves, dst, &tmp, &params, chunk.len())?;
+            }
+            Ok(())
+        })();
+        self.pool.give(vec![tmp]);
+        result
+    }
+
+    /// 32-bit words per chunk of a compact upload.
+    fn pack_words(&self) -> usize {
+        PACK_CHUNK.min((self.ctx.io.chunk() / 4) as usize).max(1)
+    }
+
+    /// One dispatch of an `unpack.wgsl` kernel over `count` elements.
+    fn unpack(
+        &self,
+        kernel: Kernel,
+        dst: &wgpu::Buffer,
+        src: &wgpu::Buffer,
+        params: &UnpackParams,
+        count: usize,
+    ) -> Result<()> {
+        let params = self.uniform("unpack-params", params);
+        // The mirror reads nothing but the matrix itself.
+        let bind = match kernel {
+            Kernel::MirrorLower => self.bind(kernel, &[(0, dst), (2, &params)]),
+            _ => self.bind(kernel, &[(0, dst), (1, src), (2, &params)]),
+        };
+        let mut enc = self.encoder("unpack");
+        self.dispatch(&mut enc, kernel, &bind, per_element(count));
+        self.submit(enc)
+    }
+}
+
 impl WgpuDevice {
     fn make_tile(
         &self,
@@ -702,11 +839,9 @@ impl WgpuDevice {
     ) -> Result<()> {
         let io = &self.ctx.io;
         match order {
-            Order::PerRow { perm, .. } => io.write(
-                b.order,
-                0,
-                bytemuck::cast_slice(&perm[row0 * n..(row0 + rows) * n]),
-            ),
+            Order::PerRow { perm, .. } => {
+                self.write_halves(b.order, &perm[row0 * n..(row0 + rows) * n])
+            }
             Order::Shared { perm, .. } => io.write(b.order, 0, bytemuck::cast_slice(perm)),
             Order::Natural { .. } => Ok(()),
         }
@@ -1031,7 +1166,7 @@ impl Device for WgpuDevice {
             .device
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let g = self.pool.take(&self.ctx.device, "gram", g_bytes);
-        self.ctx.io.write(&g, 0, bytemuck::cast_slice(p.gram))?;
+        self.write_upper(&g, p.gram, n, true)?;
         let mut tiles = Vec::new();
         for row0 in (0..rows).step_by(tile_rows) {
             tiles.push(self.make_tile(p, &g, row0, tile_rows.min(rows - row0))?);
@@ -1213,7 +1348,7 @@ impl Device for WgpuDevice {
             let take = |label: &str, size: u64| l.pool.take(&self.ctx.device, label, size);
             let u = take("gptq-u", (n * n * 4) as u64);
             let perm = take("gptq-perm", (n * 4) as u64);
-            self.ctx.io.write(&u, 0, bytemuck::cast_slice(&f.u))?;
+            self.write_upper(&u, &f.u, n, false)?;
             self.ctx.io.write(&perm, 0, bytemuck::cast_slice(&f.perm))?;
             l.factor = Some((f.id, u, perm));
         }
@@ -1377,7 +1512,7 @@ impl Device for WgpuDevice {
         let gh = l
             .pool
             .take(&self.ctx.device, "gram-holdout", (n * n * 4) as u64);
-        self.ctx.io.write(&gh, 0, bytemuck::cast_slice(gram))?;
+        self.write_upper(&gh, gram, n, true)?;
         for t in &mut l.tiles {
             let b = TileBufs::of(&t.bufs);
             t.holdout = Some(

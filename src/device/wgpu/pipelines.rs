@@ -43,6 +43,20 @@ pub struct ModeParams {
     pub pad: u32,
 }
 
+/// Parameters of `unpack.wgsl` (the fields' meaning per entry point is in the shader).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct UnpackParams {
+    /// The matrix width, or the values in the chunk.
+    pub n: u32,
+    /// The chunk's first row, or its first value in the destination.
+    pub first: u32,
+    /// Rows in the chunk.
+    pub rows: u32,
+    /// 1: zeros below the diagonal.
+    pub zero_lower: u32,
+}
+
 /// `GridParams` in `rtn.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -227,6 +241,7 @@ mod tests {
     fn uniform_structs_match_their_wgsl_sizes() {
         assert_eq!(std::mem::size_of::<GramParams>(), 32);
         assert_eq!(std::mem::size_of::<ModeParams>(), 16);
+        assert_eq!(std::mem::size_of::<UnpackParams>(), 16);
         assert_eq!(std::mem::size_of::<GridParams>(), 16);
         assert_eq!(std::mem::size_of::<SweepParams>(), 32);
         assert_eq!(std::mem::size_of::<BlockParams>(), 32);
