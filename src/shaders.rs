@@ -65,12 +65,17 @@ pub enum Kernel {
     MirrorLower,
     /// 32-bit values from 16-bit halves (`unpack.wgsl`).
     UnpackHalves,
+    /// A Gram accumulator's slices added into the first (`fold.wgsl`).
+    FoldSum,
+    /// The folded Gram's triangle (or all of a cross-Gram) packed for readback (`fold.wgsl`).
+    FoldPack,
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 11] = [
+pub const SOURCES: [(&str, &str); 12] = [
     ("block.wgsl", include_str!("../shaders/block.wgsl")),
     ("diag.wgsl", include_str!("../shaders/diag.wgsl")),
+    ("fold.wgsl", include_str!("../shaders/fold.wgsl")),
     ("gptq.wgsl", include_str!("../shaders/gptq.wgsl")),
     ("gram.wgsl", include_str!("../shaders/gram.wgsl")),
     ("residual.wgsl", include_str!("../shaders/residual.wgsl")),
@@ -94,7 +99,7 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 29] = [
+    pub const ALL: [Kernel; 31] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -124,6 +129,8 @@ impl Kernel {
         Kernel::UnpackUpper,
         Kernel::MirrorLower,
         Kernel::UnpackHalves,
+        Kernel::FoldSum,
+        Kernel::FoldPack,
     ];
 
     /// The file the kernel lives in.
@@ -139,6 +146,7 @@ impl Kernel {
             Kernel::Gptq | Kernel::GptqShared => "gptq.wgsl",
             Kernel::SetDiagonal => "diag.wgsl",
             Kernel::UnpackUpper | Kernel::MirrorLower | Kernel::UnpackHalves => "unpack.wgsl",
+            Kernel::FoldSum | Kernel::FoldPack => "fold.wgsl",
             Kernel::Linear
             | Kernel::LayerNorm
             | Kernel::Gelu
@@ -185,6 +193,8 @@ impl Kernel {
             Kernel::UnpackUpper => "unpack_upper",
             Kernel::MirrorLower => "mirror_lower",
             Kernel::UnpackHalves => "unpack_halves",
+            Kernel::FoldSum => "fold_sum",
+            Kernel::FoldPack => "fold_pack",
         }
     }
 

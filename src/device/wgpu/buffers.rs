@@ -172,6 +172,12 @@ impl Transfers {
     /// Reads `size` bytes at the start of `src` back to the host, through one staging buffer of
     /// at most the chunk.
     pub fn read_bytes(&self, src: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+        self.read_bytes_at(src, 0, size)
+    }
+
+    /// Reads `size` bytes of `src` from byte `offset` on (a multiple of 4), as
+    /// [`Transfers::read_bytes`].
+    pub fn read_bytes_at(&self, src: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
         if size == 0 {
             return Ok(Vec::new());
         }
@@ -191,7 +197,7 @@ impl Transfers {
             let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("readback"),
             });
-            enc.copy_buffer_to_buffer(src, at, &staging, 0, len);
+            enc.copy_buffer_to_buffer(src, offset + at, &staging, 0, len);
             queue.submit([enc.finish()]);
             let (tx, rx) = std::sync::mpsc::channel();
             staging.map_async(wgpu::MapMode::Read, ..len, move |r| {
@@ -216,6 +222,12 @@ impl Transfers {
     /// Reads `count` f32 values.
     pub fn read_f32(&self, src: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(src, (count * 4) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Reads `count` f32 values from byte `offset` on.
+    pub fn read_f32_at(&self, src: &wgpu::Buffer, offset: u64, count: usize) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes_at(src, offset, (count * 4) as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 

@@ -12,7 +12,7 @@
 
 use super::buffers::gpu_err;
 use super::context::GpuContext;
-use super::pipelines::{GramParams, VitParams};
+use super::pipelines::{FoldParams, GramParams, VitParams};
 use super::{WgpuDevice, MAX_GROUPS};
 use crate::device::ops::{Activation, Ops};
 use crate::error::Result;
@@ -318,12 +318,46 @@ impl GpuOps {
         Ok(())
     }
 
-    /// The accumulator's slices, read back once (the pending work submitted first).
-    fn read_slices(&self, g: &GpuGram) -> Result<Vec<f32>> {
+    /// The accumulator read back once (the pending work submitted first), as row-major parts
+    /// of row stride `stride` whose upper triangle (or, with `full`, every element) holds the
+    /// sums. An accumulator of several slices is folded on the device first ([`Kernel::FoldSum`],
+    /// [`Kernel::FoldPack`]): one unpadded matrix comes back instead of `slices` padded ones,
+    /// and of a Gram matrix only the upper triangle (its f32 slices added in f32 there, where the
+    /// host added them in f64: one rounding of a sum of at most [`GRAM_MAX_SLICES`] terms, each
+    /// of which already sums its rows in f32).
+    fn read_folded(&self, g: &GpuGram, full: bool) -> Result<(Vec<f32>, usize)> {
+        let (n, np) = (g.n, g.np);
+        if g.slices < 2 || n == 0 {
+            self.flush();
+            let sums = self.ctx.io.read_f32(&g.g, g.slices * np * np)?;
+            self.check_fault()?;
+            return Ok((sums, np));
+        }
+        let p = FoldParams {
+            n: n as u32,
+            np: np as u32,
+            slices: g.slices as u32,
+            full: u32::from(full),
+        };
+        let (gx, gy) = grid(n * n);
+        for kernel in [Kernel::FoldSum, Kernel::FoldPack] {
+            self.dispatch(kernel, &[(0, &g.g)], bytemuck::bytes_of(&p), 2, (gx, gy, 1));
+        }
         self.flush();
-        let sums = self.ctx.io.read_f32(&g.g, g.slices * g.np * g.np)?;
+        let count = if full { n * n } else { n * (n + 1) / 2 };
+        let packed = self.ctx.io.read_f32_at(&g.g, (np * np * 4) as u64, count)?;
         self.check_fault()?;
-        Ok(sums)
+        if full {
+            return Ok((packed, n));
+        }
+        // The triangle back in place (row i from its diagonal on); the lower triangle is not read.
+        let mut out = vec![0.0f32; n * n];
+        let mut at = 0;
+        for i in 0..n {
+            out[i * n + i..(i + 1) * n].copy_from_slice(&packed[at..at + n - i]);
+            at += n - i;
+        }
+        Ok((out, n))
     }
 }
 
@@ -684,16 +718,18 @@ impl Ops for GpuOps {
 
     fn cross_finish(&self, c: GpuGram) -> Result<crate::numeric::gram::CrossGram> {
         let mut acc = crate::numeric::gram::CrossGram::zeros(c.n);
-        for (i, slice) in self.read_slices(&c)?.chunks(c.np * c.np).enumerate() {
-            acc.add_partial(slice, c.np, if i == 0 { c.samples } else { 0 });
+        let (parts, stride) = self.read_folded(&c, true)?;
+        for (i, part) in parts.chunks(stride * stride).enumerate() {
+            acc.add_partial(part, stride, if i == 0 { c.samples } else { 0 });
         }
         Ok(acc)
     }
 
     fn gram_finish(&self, g: GpuGram) -> Result<Gram> {
         let mut acc = GramAccumulator::new(g.n);
-        for (i, slice) in self.read_slices(&g)?.chunks(g.np * g.np).enumerate() {
-            acc.add_partial(slice, g.np, if i == 0 { g.samples } else { 0 });
+        let (parts, stride) = self.read_folded(&g, false)?;
+        for (i, part) in parts.chunks(stride * stride).enumerate() {
+            acc.add_partial(part, stride, if i == 0 { g.samples } else { 0 });
         }
         Ok(acc.finish())
     }

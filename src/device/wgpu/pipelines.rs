@@ -150,6 +150,20 @@ pub struct ScaleParams {
     pub dtype: u32,
 }
 
+/// `FoldParams` in `fold.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct FoldParams {
+    /// The matrix width.
+    pub n: u32,
+    /// The padded width of a slice.
+    pub np: u32,
+    /// Slices of the accumulator.
+    pub slices: u32,
+    /// 1: every element (a cross-Gram); 0: the upper triangle.
+    pub full: u32,
+}
+
 /// `VitParams` in `vit.wgsl` (field meanings per kernel are in the shader).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable, Default)]
@@ -242,6 +256,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<GramParams>(), 32);
         assert_eq!(std::mem::size_of::<ModeParams>(), 16);
         assert_eq!(std::mem::size_of::<UnpackParams>(), 16);
+        assert_eq!(std::mem::size_of::<FoldParams>(), 16);
         assert_eq!(std::mem::size_of::<GridParams>(), 16);
         assert_eq!(std::mem::size_of::<SweepParams>(), 32);
         assert_eq!(std::mem::size_of::<BlockParams>(), 32);
