@@ -448,6 +448,9 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
     }
 }
 
+/// Work done with a block's Grams on the thread that computed them ([`Ahead::spawn`]).
+pub type BlockHook<'env> = dyn Fn(usize, &HashMap<Site, Gram>) + Send + 'env;
+
 /// A full-precision calibrator run on its own thread, one block ahead of the quantization: while
 /// the layers of block `b` are quantized, the forward pass and the Grams of the next block needed
 /// are computed. The channel is a rendezvous, so at most two blocks' Grams exist at once (the
@@ -459,17 +462,23 @@ pub struct Ahead {
 }
 
 impl Ahead {
-    /// Starts `inner` on a thread of `scope`, producing the Grams of `blocks` (increasing).
+    /// Starts `inner` on a thread of `scope`, producing the Grams of `blocks` (increasing);
+    /// `then` runs on that thread with each block's Grams before they are handed over (the
+    /// run builds the block's GPTQ factors there, while the block before it quantizes).
     pub fn spawn<'scope, 'env>(
         scope: &'scope std::thread::Scope<'scope, 'env>,
         mut inner: Box<dyn BlockGrams + Send + 'env>,
         blocks: Vec<usize>,
+        then: Option<Box<BlockHook<'env>>>,
     ) -> Ahead {
         let describe = inner.describe();
         let (tx, rx) = sync_channel(0);
         scope.spawn(move || {
             for b in blocks {
                 let item = inner.take_block(b).map(|m| (b, m));
+                if let (Ok((b, grams)), Some(f)) = (&item, &then) {
+                    f(*b, grams);
+                }
                 let failed = item.is_err();
                 // The receiver is gone when the run stopped early: nothing more to do.
                 if tx.send(item).is_err() || failed {

@@ -16,14 +16,16 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// Stage names, in the order a report lists them.
-pub const STAGES: [&str; 12] = [
+/// Stage names, in the order a report lists them (`factor ahead`: the GPTQ factors a search
+/// will use, built on the calibration thread with each block's Grams).
+pub const STAGES: [&str; 13] = [
     "probe",
     "read",
     "read wait",
     "embed",
     "forward",
     "gram",
+    "factor ahead",
     "calibration wait",
     "quantize",
     "write",

@@ -249,6 +249,71 @@ fn damping_zero_reproduces_the_reference_recipe() {
     assert_eq!(a.history, b.history);
 }
 
+/// A search handed the factors built ahead (`prefactor`) runs the very candidates a search
+/// without them runs: the same scores to the last bit and the same shipped codes, every GPTQ
+/// start finding its factor ready (both dampings), and no factor when the Gram differs.
+#[test]
+fn a_search_with_factors_built_ahead_equals_one_without() {
+    use comq_gpu::quant::prefactor::FactorCache;
+    use comq_gpu::quant::search::search_with;
+    let (rows, cols) = (24, 48);
+    let mut rng = Rng::new(23);
+    let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
+    let x = correlated_x(&mut rng, 90, cols);
+    let cal = gram_of(&x[..60 * cols], 60, cols);
+    let held = gram_of(&x[60 * cols..], 30, cols);
+    let cfg = QuantConfig {
+        bits: 3,
+        init: Init::Gptq,
+        damp: 0.01,
+        ..QuantConfig::default()
+    };
+    let plan = SearchPlan::quick(3, vec![0.1], 0.0);
+    let dev = CpuDevice::new();
+    let plain = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
+    let cache = FactorCache::default();
+    cache.build(0, &cal, &[0.01, 0.1], true).unwrap();
+    let ahead = search_with(
+        &dev,
+        "t",
+        &w,
+        rows,
+        cols,
+        &cal,
+        Some(&held),
+        &cfg,
+        &plan,
+        Some(&cache),
+    )
+    .unwrap();
+    assert_eq!(plain.chosen, ahead.chosen);
+    assert_eq!(plain.outcome.layer.codes, ahead.outcome.layer.codes);
+    assert_eq!(plain.tried.len(), ahead.tried.len());
+    for (a, b) in plain.tried.iter().zip(&ahead.tried) {
+        assert_eq!(a.label, b.label);
+        assert_eq!(a.rel_error.to_bits(), b.rel_error.to_bits(), "{}", a.label);
+        assert_eq!(a.score.to_bits(), b.score.to_bits(), "{}", a.label);
+    }
+    // Both dampings' preparations found their factor (the first and the one built beside).
+    assert_eq!(cache.counts(), (2, 2));
+    // Another Gram of the same width finds nothing.
+    let other = gram_of(&x[30 * cols..], 60, cols);
+    search_with(
+        &dev,
+        "t",
+        &w,
+        rows,
+        cols,
+        &other,
+        Some(&held),
+        &cfg,
+        &plan,
+        Some(&cache),
+    )
+    .unwrap();
+    assert_eq!(cache.counts(), (2, 2));
+}
+
 #[test]
 fn the_search_ships_the_best_held_out_candidate_and_never_loses_to_rtn() {
     let (rows, cols) = (20, 64);
@@ -397,10 +462,10 @@ fn gpu_gptq_and_search_match_the_cpu() {
         };
         let cfg = QuantConfig { sweeps: 1, ..cfg };
         let ca = cpu
-            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan)
+            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan, None)
             .unwrap();
         let cb = gpu
-            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan)
+            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan, None)
             .unwrap();
         assert_eq!(ca.tried.len(), cb.tried.len());
         for (x, y) in ca.tried.iter().zip(&cb.tried) {

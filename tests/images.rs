@@ -129,6 +129,12 @@ fn run_from_images_quantizes_every_block_linear_in_block_order_and_evaluates() {
         );
     }
     assert!(r["calibration"].as_str().unwrap().contains("4 images"));
+    // The GPTQ factors were built on the calibration thread, once per block, and every layer
+    // found its own there (no factor built while quantizing).
+    let stages = r["profile"]["stages"].as_array().unwrap();
+    let stage = |name: &str| stages.iter().find(|st| st["stage"] == name);
+    assert_eq!(stage("factor ahead").expect("factors ahead")["calls"], 2);
+    assert!(stage("    factor").is_none(), "{stages:?}");
 
     // `eval` of the dequantized output against the original reproduces the COMQ row.
     let e = run(&[

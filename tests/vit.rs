@@ -269,6 +269,8 @@ fn calibrating_one_block_ahead_on_a_thread_hands_over_the_same_grams() {
     let set = ImageSet::open(&imgs).unwrap();
     let idx: Vec<View> = (0..set.len()).map(View::plain).collect();
     let profile = std::sync::Arc::new(Profile::new(true));
+    // The hook sees each block's Grams on the calibration thread, in order, before hand-over.
+    let seen = std::sync::Mutex::new(Vec::new());
     let ahead = std::thread::scope(|sc| {
         let c = Calibrator::new(
             &CpuOps,
@@ -281,7 +283,11 @@ fn calibrating_one_block_ahead_on_a_thread_hands_over_the_same_grams() {
         )
         .unwrap();
         let blocks: Vec<usize> = (0..spec.depth).collect();
-        let mut a = Ahead::spawn(sc, Box::new(c), blocks);
+        let seen = &seen;
+        let hook = move |b: usize, g: &std::collections::HashMap<_, comq_gpu::Gram>| {
+            seen.lock().unwrap().push((b, g.len()));
+        };
+        let mut a = Ahead::spawn(sc, Box::new(c), blocks, Some(Box::new(hook)));
         let mut out = Vec::new();
         for b in 0..spec.depth {
             for (role, _) in spec.blocks[b].linears() {
@@ -297,6 +303,12 @@ fn calibrating_one_block_ahead_on_a_thread_hands_over_the_same_grams() {
         assert_eq!(a.data, b.data);
         assert_eq!(a.samples, b.samples);
     }
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(
+        seen.iter().map(|(b, _)| *b).collect::<Vec<_>>(),
+        (0..spec.depth).collect::<Vec<_>>()
+    );
+    assert!(seen.iter().all(|(_, sites)| *sites == 4), "{seen:?}");
     // The calibration thread recorded its stages.
     for stage in ["embed", "forward", "gram"] {
         assert!(profile.seconds(stage) > 0.0, "{stage}");

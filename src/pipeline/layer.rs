@@ -37,6 +37,8 @@ pub(super) struct LayerEnv<'a> {
     pub(super) profile: &'a Profile,
     /// Full-precision image calibration, one block ahead on its own thread.
     pub(super) fp_mode: bool,
+    /// GPTQ factors built ahead on the calibration thread ([`crate::quant::prefactor`]).
+    pub(super) factors: &'a crate::quant::prefactor::FactorCache,
 }
 
 /// What layers change as a run goes on.
@@ -196,6 +198,7 @@ pub(super) fn quantize_job(
         gram: &gram,
         held: held.as_ref(),
         search: env.opts.search.as_ref(),
+        factors: env.factors,
     };
     let (outcome, choice) = match problem.quantize(&state.device) {
         Err(e @ Error::Gpu { .. }) if env.opts.device == DeviceKind::Auto => {
@@ -262,6 +265,7 @@ struct Problem<'a> {
     gram: &'a Gram,
     held: Option<&'a Gram>,
     search: Option<&'a crate::quant::search::SearchPlan>,
+    factors: &'a crate::quant::prefactor::FactorCache,
 }
 
 impl Problem<'_> {
@@ -284,6 +288,7 @@ impl Problem<'_> {
                     self.held,
                     &job.config,
                     p,
+                    Some(self.factors),
                 )?;
                 Ok((c.outcome.clone(), Some(c)))
             }
@@ -420,6 +425,7 @@ mod tests {
             verify_at: verify,
             profile,
             fp_mode: false,
+            factors: Box::leak(Box::default()),
         }
     }
 

@@ -151,6 +151,13 @@ pub(super) fn allocate_bits(
         let w = model.read_f32(&job.meta)?;
         model.release(&job.meta);
         let (gram, held) = job_grams(job, calib, device, &mut grams, &mut holdout, 0.0)?;
+        // Every width searches from the same factor: built once here, not once per width.
+        let factors = crate::quant::prefactor::FactorCache::default();
+        if job.config.method == crate::quant::Method::Comq
+            && job.config.init == crate::quant::Init::Gptq
+        {
+            factors.build(0, &gram, &[job.config.damp], job.config.act_order)?;
+        }
         let mut errors = Vec::new();
         for bits in 2..=8u32 {
             let cfg = QuantConfig {
@@ -167,6 +174,7 @@ pub(super) fn allocate_bits(
                 held.as_ref(),
                 &cfg,
                 &plan,
+                Some(&factors),
             )?;
             let err = c.rel_error_holdout.unwrap_or(c.outcome.rel_error);
             errors.push((bits, err));

@@ -159,6 +159,27 @@ pub fn calibration_bytes_of(spec: &crate::model::VitSpec, images: usize, gpu: bo
     )
 }
 
+/// Host bytes of the GPTQ factors a run builds ahead ([`crate::quant::prefactor`]): one per
+/// block input (`4n² + 4n` bytes each) and damping, for the block being quantized and the one
+/// after it, at most [`crate::quant::prefactor::PREFACTOR_BYTES`].
+pub fn prefactor_bytes(spec: &crate::model::VitSpec, damps: usize) -> u64 {
+    let block = |g: &crate::model::BlockGeom| -> u64 {
+        g.sites()
+            .into_iter()
+            .map(|s| g.site_width(s) as u64)
+            .map(|n| 4 * n * n + 4 * n)
+            .sum::<u64>()
+            * damps as u64
+    };
+    let largest = spec
+        .blocks
+        .iter()
+        .map(|b| block(&b.geom))
+        .max()
+        .unwrap_or(0);
+    (2 * largest).min(crate::quant::prefactor::PREFACTOR_BYTES)
+}
+
 /// Host memory available to new allocations (`MemAvailable`), where the OS reports it.
 pub fn host_available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -433,7 +454,14 @@ pub(super) fn check_calibration(
             + crate::device::wgpu::buffers::POOL_CAP_BYTES
             + crate::device::wgpu::buffers::STAGING_BYTES
     } else {
-        c.host_bytes + largest
+        // The GPTQ factors built ahead, when the search starts from GPTQ.
+        let ahead = match (&opts.search, opts.config.init, opts.config.method) {
+            (Some(plan), crate::quant::Init::Gptq, crate::quant::Method::Comq) => {
+                prefactor_bytes(&v.spec, 1 + plan.damps.len())
+            }
+            _ => 0,
+        };
+        c.host_bytes + largest + ahead
     };
     let budget = match &device {
         AnyDevice::Cpu(_) => opts.memory_limit.or_else(host_available_bytes),
@@ -475,7 +503,10 @@ mod tests {
         assert!(total < 8_000_000_000, "{total} bytes");
         // The hidden state alone is 1024 × 257 × 3200 × 4 bytes.
         assert!(c.device_bytes > 1024 * 257 * 3200 * 4);
-        let host = c.host_bytes + host_bytes(3200, 12800, false, &cfg);
+        // With the GPTQ factors built ahead at their cap.
+        let host = c.host_bytes
+            + host_bytes(3200, 12800, false, &cfg)
+            + crate::quant::prefactor::PREFACTOR_BYTES;
         assert!(host < 16_000_000_000, "{host} bytes");
         // Batches shrink for the wide shape only.
         assert_eq!(crate::calibrate::batch_for(1024, 4096, 197), 32);

@@ -16,7 +16,7 @@ use super::layer::{layer_report, quantize_job, Calibrators, LayerEnv, LayerState
 use super::report::LayerReport;
 use super::vision::RawCalibrators;
 use super::Progress;
-use crate::calibrate::{Ahead, BlockGrams};
+use crate::calibrate::{Ahead, BlockGrams, BlockHook};
 use crate::error::{Error, Result};
 use crate::eval::SwappedWeights;
 use crate::io::writer::ShardedWriter;
@@ -97,18 +97,57 @@ impl Out {
     }
 }
 
-/// `g` on its own thread one block ahead when `fp` (see [`Ahead`]), else `g` itself.
+/// `g` on its own thread one block ahead when `fp` (see [`Ahead`]), running `then` with each
+/// block's Grams there, else `g` itself.
 fn ahead_of<'scope, 'env>(
     sc: &'scope std::thread::Scope<'scope, 'env>,
     g: Box<dyn BlockGrams + Send + 'env>,
     fp: bool,
     blocks: &[usize],
+    then: Option<Box<BlockHook<'env>>>,
 ) -> Box<dyn BlockGrams + 'env> {
     if fp {
-        Box::new(Ahead::spawn(sc, g, blocks.to_vec()))
+        Box::new(Ahead::spawn(sc, g, blocks.to_vec(), then))
     } else {
         g
     }
+}
+
+/// The hook that builds a block's GPTQ factors on the calibration thread, ahead of its layers
+/// (`None` when no layer searches from a GPTQ start): one per (input, damping) its layers'
+/// searches use, into `env.factors`. A failure is left to the layer, which reports it by name.
+fn prefactor<'env>(
+    env: &'env LayerEnv<'env>,
+    jobs: &'env [Job],
+    profile: &Arc<Profile>,
+) -> Option<Box<BlockHook<'env>>> {
+    use crate::quant::{Init, Method};
+    let plan = env.opts.search.as_ref()?;
+    let uses = |j: &Job| {
+        j.block.is_some() && j.config.method == Method::Comq && j.config.init == Init::Gptq
+    };
+    if !jobs.iter().any(uses) {
+        return None;
+    }
+    let (profile, factors) = (profile.clone(), env.factors);
+    Some(Box::new(move |block, grams| {
+        let build = || {
+            crate::profile::record("factor ahead", || {
+                for j in jobs.iter().filter(|j| uses(j)) {
+                    let Some((b, role)) = j.block else { continue };
+                    let Some(gram) = grams.get(&role.site()).filter(|_| b == block) else {
+                        continue;
+                    };
+                    let mut damps = vec![j.config.damp];
+                    damps.extend(plan.damps.iter().filter(|d| **d != j.config.damp));
+                    if let Err(e) = factors.build(block, gram, &damps, j.config.act_order) {
+                        log::debug!("factor ahead for {}: {e}", j.meta.name);
+                    }
+                }
+            })
+        };
+        crate::profile::with_current(&profile, build)
+    }))
 }
 
 /// Quantizes every job in order and writes its codes behind, returning the writers with every
@@ -137,8 +176,10 @@ pub(super) fn quantize_all<'c>(
     let mut comq_weights = SwappedWeights::new();
     let writers = std::thread::scope(|sc| -> Result<Writers> {
         let mut cal = Calibrators {
-            grams: raw.0.map(|g| ahead_of(sc, g, env.fp_mode, &blocks)),
-            holdout: raw.1.map(|g| ahead_of(sc, g, env.fp_mode, &blocks)),
+            grams: raw
+                .0
+                .map(|g| ahead_of(sc, g, env.fp_mode, &blocks, prefactor(env, jobs, profile))),
+            holdout: raw.1.map(|g| ahead_of(sc, g, env.fp_mode, &blocks, None)),
         };
         // The reader decodes the next layer's weights while this one is quantized (one ahead).
         let (read_tx, read_rx) = sync_channel::<Result<Vec<f32>>>(1);

@@ -1,7 +1,8 @@
 //! The algorithm on a device chosen at run time. These are inherent methods of
 //! [`AnyDevice`] written here, in the algorithm's layer, so the devices never import it.
 
-use super::search::{search, Choice, SearchPlan};
+use super::prefactor::FactorCache;
+use super::search::{search_with, Choice, SearchPlan};
 use super::{quantize_layer_any, Gram, LayerOutcome, QuantConfig};
 use crate::device::AnyDevice;
 use crate::error::Result;
@@ -20,8 +21,8 @@ impl AnyDevice {
         quantize_layer_any(self, name, w, rows, cols, gram, cfg)
     }
 
-    /// Searches the candidates of `plan` for one layer on this device (see
-    /// [`super::search::search`]).
+    /// Searches the candidates of `plan` for one layer on this device, with the GPTQ factors
+    /// built ahead in `factors` (see [`super::search::search_with`]).
     #[allow(clippy::too_many_arguments)]
     pub fn search(
         &self,
@@ -33,10 +34,24 @@ impl AnyDevice {
         holdout: Option<&Gram>,
         cfg: &QuantConfig,
         plan: &SearchPlan,
+        factors: Option<&FactorCache>,
     ) -> Result<Choice> {
         match self {
-            AnyDevice::Cpu(d) => search(d, name, w, rows, cols, gram, holdout, cfg, plan),
-            AnyDevice::Wgpu(d) => search(d.as_ref(), name, w, rows, cols, gram, holdout, cfg, plan),
+            AnyDevice::Cpu(d) => {
+                search_with(d, name, w, rows, cols, gram, holdout, cfg, plan, factors)
+            }
+            AnyDevice::Wgpu(d) => search_with(
+                d.as_ref(),
+                name,
+                w,
+                rows,
+                cols,
+                gram,
+                holdout,
+                cfg,
+                plan,
+                factors,
+            ),
         }
     }
 }

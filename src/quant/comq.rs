@@ -46,7 +46,14 @@ pub(crate) struct Prepared {
     pub(crate) order: Order,
     /// `diag(G) + λ'` in f32: exactly the diagonal of the damped Gram's f32 copy.
     pub(crate) diag32: Vec<f32>,
-    pub(crate) factor: Option<gptq::GptqFactor>,
+    pub(crate) factor: Option<std::sync::Arc<gptq::GptqFactor>>,
+}
+
+/// Factors built ahead ([`super::prefactor`]) and the digest of the layer's Gram to find them by.
+#[derive(Clone, Copy)]
+pub(crate) struct Ready<'a> {
+    pub(crate) cache: &'a super::prefactor::FactorCache,
+    pub(crate) digest: [u64; 2],
 }
 
 impl Prepared {
@@ -59,6 +66,7 @@ impl Prepared {
         cols: usize,
         gram: &Gram,
         cfg: &QuantConfig,
+        ready: Option<Ready<'_>>,
     ) -> Result<Prepared> {
         let damped = crate::profile::record("    damped", || {
             (cfg.damp > 0.0).then(|| gram.damped(cfg.damp))
@@ -69,9 +77,17 @@ impl Prepared {
             Order::build(cfg.order, w, rows, cols, &diag)
         });
         let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
-            Some(crate::profile::record("    factor", || {
-                gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64)
-            })?)
+            let key = |r: Ready<'_>| {
+                super::prefactor::FactorKey::new(r.digest, gram, cfg.damp, cfg.act_order)
+            };
+            match ready.and_then(|r| r.cache.get(&key(r))) {
+                Some(f) => Some(f),
+                // The same factor `prefactor::factor_of` builds ahead.
+                None => Some(std::sync::Arc::new(crate::profile::record(
+                    "    factor",
+                    || gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64),
+                )?)),
+            }
         } else {
             None
         };
@@ -211,7 +227,9 @@ pub(crate) fn run<D: Device>(
     let start = Instant::now();
     check_inputs(name, w, rows, cols, gram, cfg)?;
     let grid = Grid::build(w, rows, cols, cfg);
-    let prep = crate::profile::record("  prepare", || Prepared::new(w, rows, cols, gram, cfg))?;
+    let prep = crate::profile::record("  prepare", || {
+        Prepared::new(w, rows, cols, gram, cfg, None)
+    })?;
     let g32 = prep.gram32(gram);
     let problem = LayerProblem {
         name,
@@ -232,7 +250,7 @@ pub(crate) fn run<D: Device>(
         grid: &grid,
         energy,
         lam,
-        factor: prep.factor.as_ref(),
+        factor: prep.factor.as_deref(),
     };
     let stats = match stages {
         Some(sink) => {

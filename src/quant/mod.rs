@@ -17,6 +17,7 @@ pub mod comq;
 pub mod correct;
 pub mod equalize;
 mod grid_build;
+pub mod prefactor;
 pub mod preset;
 pub mod search;
 pub mod synth;

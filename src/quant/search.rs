@@ -217,6 +217,8 @@ struct Layer<'a> {
     cols: usize,
     gram: &'a Gram,
     holdout: Option<&'a Gram>,
+    /// Factors built ahead, when the caller has them.
+    ready: Option<super::comq::Ready<'a>>,
 }
 
 impl<D: Device> Resident<D> {
@@ -397,6 +399,24 @@ pub fn search<D: Device>(
     cfg: &QuantConfig,
     plan: &SearchPlan,
 ) -> Result<Choice> {
+    search_with(device, name, w, rows, cols, gram, holdout, cfg, plan, None)
+}
+
+/// [`search`], taking the GPTQ factors of `gram` from `factors` where they were built ahead
+/// ([`super::prefactor`]; the same factors, so the same candidates and choice).
+#[allow(clippy::too_many_arguments)]
+pub fn search_with<D: Device>(
+    device: &D,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &Gram,
+    holdout: Option<&Gram>,
+    cfg: &QuantConfig,
+    plan: &SearchPlan,
+    factors: Option<&super::prefactor::FactorCache>,
+) -> Result<Choice> {
     let start = std::time::Instant::now();
     check_inputs(name, w, rows, cols, gram, cfg)?;
     let layer = Layer {
@@ -406,6 +426,10 @@ pub fn search<D: Device>(
         cols,
         gram,
         holdout,
+        ready: factors.map(|cache| super::comq::Ready {
+            cache,
+            digest: super::prefactor::digest(gram),
+        }),
     };
     // The damped diagonal, the order and the GPTQ factor per damping, made once each: the
     // configured damping's here, the others' on a helper thread while the first candidates run.
@@ -445,7 +469,7 @@ pub fn search<D: Device>(
                 grid: &grid,
                 energy,
                 lam: gram.damping(c.damp),
-                factor: prep.factor.as_ref(),
+                factor: prep.factor.as_deref(),
             };
             let run = ledger.tried.len();
             let stage = |sweeps: usize, rel_error: f64| Stage {
@@ -629,7 +653,7 @@ impl<'s> Preparations<'s> {
                     crate::profile::record("  prepare beside", || {
                         others
                             .iter()
-                            .map(|c| Prepared::new(l.w, l.rows, l.cols, l.gram, c))
+                            .map(|c| Prepared::new(l.w, l.rows, l.cols, l.gram, c, l.ready))
                             .collect::<Result<Vec<_>>>()
                     })
                 };
@@ -640,7 +664,7 @@ impl<'s> Preparations<'s> {
             })
         });
         let first = crate::profile::record("  prepare", || {
-            Prepared::new(l.w, l.rows, l.cols, l.gram, cfg)
+            Prepared::new(l.w, l.rows, l.cols, l.gram, cfg, l.ready)
         })?;
         Ok(Preparations {
             ready: vec![first],
@@ -661,7 +685,7 @@ impl<'s> Preparations<'s> {
         }
         if !self.ready.iter().any(|p| p.fits(c)) {
             let p = crate::profile::record("  prepare", || {
-                Prepared::new(l.w, l.rows, l.cols, l.gram, c)
+                Prepared::new(l.w, l.rows, l.cols, l.gram, c, l.ready)
             })?;
             self.ready.push(p);
         }

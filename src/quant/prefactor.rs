@@ -1,0 +1,220 @@
+//! GPTQ factors made ahead of the layers that use them.
+//!
+//! The factor of a damped Gram (a Cholesky factorisation and a triangular inverse, `O(n³)` on the
+//! host) depends on the Gram, the damping and act-order only. A run calibrating from images knows
+//! every Gram of a block one block before it quantizes it (the calibration runs ahead on its own
+//! thread), so that thread also builds the block's factors — once per (input, damping), shared by
+//! the layers that read the same input (`q`, `k` and `v` of HF layouts) — while the current block
+//! quantizes. A GPU then never waits for the host's factor, and the search finds each factor
+//! ready ([`FactorCache::get`]).
+//!
+//! Entries are found by content: a 128-bit digest of the Gram's f64 bits with its width, the
+//! damping and act-order. A Gram changed on its way to the layer (folded scales, another
+//! calibration mode) simply misses and is factored on the spot, so a hit is always the factor
+//! the layer would have built itself, bit for bit (the same function on the same values; faer's
+//! kernels split outputs, never sums, across threads). A digest collision could hand a layer the
+//! factor of another Gram of the same width — a worse start for its search, never a wrong read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::gptq::{self, GptqFactor};
+use super::Gram;
+use crate::error::Result;
+
+/// At most this many bytes of factors are held ahead (about two blocks of ViT-L, both
+/// dampings); a factor that would go beyond is left to its layer.
+pub const PREFACTOR_BYTES: u64 = 1 << 30;
+
+/// What a factor is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FactorKey {
+    digest: [u64; 2],
+    n: usize,
+    damp: u32,
+    act_order: bool,
+}
+
+impl FactorKey {
+    /// The key of `gram`'s factor at `damp` (see [`digest`]).
+    pub fn new(digest: [u64; 2], gram: &Gram, damp: f32, act_order: bool) -> FactorKey {
+        FactorKey {
+            digest,
+            n: gram.n,
+            damp: damp.to_bits(),
+            act_order,
+        }
+    }
+}
+
+/// A 128-bit digest of a Gram's f64 bits (not cryptographic: it tells apart Grams of one run).
+/// Rows in parallel panels, combined in order, so it does not depend on the threads.
+pub fn digest(gram: &Gram) -> [u64; 2] {
+    const PANEL: usize = 1 << 16;
+    let parts: Vec<[u64; 2]> = gram
+        .data
+        .par_chunks(PANEL)
+        .map(|c| {
+            let (mut a, mut b) = (0x9E37_79B9_7F4A_7C15u64, 0xC2B2_AE3D_27D4_EB4Fu64);
+            for &v in c {
+                let x = v.to_bits();
+                a = (a ^ x).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(27);
+                b = (b ^ x.rotate_left(31)).wrapping_mul(0xFF51_AFD7_ED55_8CCD) ^ (b >> 29);
+            }
+            [a, b]
+        })
+        .collect();
+    let mut h = [
+        gram.n as u64 ^ 0xA076_1D64_78BD_642F,
+        gram.data.len() as u64,
+    ];
+    for [a, b] in parts {
+        h[0] = (h[0] ^ a)
+            .wrapping_mul(0xE703_7ED1_A0B4_28DB)
+            .rotate_left(23);
+        h[1] = (h[1] ^ b)
+            .wrapping_mul(0x8EBC_6AF0_9C88_C6E3)
+            .rotate_left(41);
+    }
+    h
+}
+
+/// The factor a GPTQ start at `damp` uses: of `G + damp·mean(diag G)·I` (of `G` itself at 0),
+/// its inputs visited by act-order when asked, dead inputs decoupled. What
+/// [`super::comq`] builds per (layer, damping) and what runs ahead build per (input, damping).
+pub fn factor_of(gram: &Gram, damp: f32, act_order: bool) -> Result<GptqFactor> {
+    let damped = (damp > 0.0).then(|| gram.damped(damp));
+    let h = damped.as_ref().unwrap_or(gram);
+    gptq::factor(h, act_order, gram.dead_threshold() as f64)
+}
+
+struct Entry {
+    key: FactorKey,
+    block: usize,
+    factor: Arc<GptqFactor>,
+}
+
+/// Factors built ahead, by content; shared between the thread that builds them and the one that
+/// quantizes.
+#[derive(Default)]
+pub struct FactorCache {
+    entries: Mutex<Vec<Entry>>,
+    hits: AtomicU64,
+    built: AtomicU64,
+}
+
+impl FactorCache {
+    /// The factor of `key`, when it was built ahead.
+    pub fn get(&self, key: &FactorKey) -> Option<Arc<GptqFactor>> {
+        let found = self
+            .entries
+            .lock()
+            .expect("factor cache lock")
+            .iter()
+            .find(|e| e.key == *key)
+            .map(|e| e.factor.clone());
+        if found.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Builds the factors of `gram` for block `block` at each of `damps` that is not held yet,
+    /// first dropping those of blocks before `block − 1` (the block being quantized keeps its
+    /// own). A factor that would hold more than [`PREFACTOR_BYTES`] in all is not built.
+    pub fn build(&self, block: usize, gram: &Gram, damps: &[f32], act_order: bool) -> Result<()> {
+        self.entries
+            .lock()
+            .expect("factor cache lock")
+            .retain(|e| e.block + 1 >= block);
+        let d = digest(gram);
+        for &damp in damps {
+            let key = FactorKey::new(d, gram, damp, act_order);
+            let bytes = (4 * gram.n * gram.n + 4 * gram.n) as u64;
+            {
+                let entries = self.entries.lock().expect("factor cache lock");
+                let held: u64 = entries
+                    .iter()
+                    .map(|e| (4 * e.factor.n * e.factor.n + 4 * e.factor.n) as u64)
+                    .sum();
+                if entries.iter().any(|e| e.key == key) || held + bytes > PREFACTOR_BYTES {
+                    continue;
+                }
+            }
+            let factor = Arc::new(factor_of(gram, damp, act_order)?);
+            self.built.fetch_add(1, Ordering::Relaxed);
+            self.entries
+                .lock()
+                .expect("factor cache lock")
+                .push(Entry { key, block, factor });
+        }
+        Ok(())
+    }
+
+    /// `(factors built ahead, factors a layer found ready)` so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.built.load(Ordering::Relaxed),
+            self.hits.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gram(n: usize, seed: u64) -> Gram {
+        crate::bench::correlated_gram(n, seed)
+    }
+
+    #[test]
+    fn the_digest_tells_grams_apart_and_repeats() {
+        let (a, b) = (gram(40, 1), gram(40, 2));
+        assert_eq!(digest(&a), digest(&a.clone()));
+        assert_ne!(digest(&a), digest(&b));
+        let mut c = a.clone();
+        c.data[7] = f64::from_bits(c.data[7].to_bits() ^ 1);
+        assert_ne!(digest(&a), digest(&c));
+    }
+
+    #[test]
+    fn a_factor_built_ahead_is_the_one_a_layer_builds() {
+        let g = gram(70, 3);
+        let cache = FactorCache::default();
+        cache.build(0, &g, &[0.01, 0.1], true).unwrap();
+        for damp in [0.01f32, 0.1] {
+            let key = FactorKey::new(digest(&g), &g, damp, true);
+            let ahead = cache.get(&key).expect("built ahead");
+            assert_eq!(*ahead, factor_of(&g, damp, true).unwrap());
+        }
+        // Another damping, act-order or Gram misses.
+        assert!(cache
+            .get(&FactorKey::new(digest(&g), &g, 0.05, true))
+            .is_none());
+        assert!(cache
+            .get(&FactorKey::new(digest(&g), &g, 0.01, false))
+            .is_none());
+        let h = gram(70, 4);
+        assert!(cache
+            .get(&FactorKey::new(digest(&h), &h, 0.01, true))
+            .is_none());
+        assert_eq!(cache.counts(), (2, 2));
+    }
+
+    #[test]
+    fn blocks_two_behind_are_dropped_and_nothing_is_built_twice() {
+        let cache = FactorCache::default();
+        let (g0, g1, g2) = (gram(16, 5), gram(16, 6), gram(16, 7));
+        cache.build(0, &g0, &[0.1], true).unwrap();
+        cache.build(0, &g0, &[0.1], true).unwrap();
+        assert_eq!(cache.counts().0, 1);
+        cache.build(1, &g1, &[0.1], true).unwrap();
+        let k0 = FactorKey::new(digest(&g0), &g0, 0.1, true);
+        assert!(cache.get(&k0).is_some(), "block 0 is still being quantized");
+        cache.build(2, &g2, &[0.1], true).unwrap();
+        assert!(cache.get(&k0).is_none(), "block 0 is done");
+    }
+}
