@@ -22,6 +22,8 @@ pub(super) struct Inputs {
     pub(super) vision: Option<Vision>,
     /// The planned memory of an images run's calibration.
     pub(super) calib_memory: Option<CalibMemory>,
+    /// Host bytes the run may hold in GPTQ factors built ahead (within the memory budget).
+    pub(super) factors_ahead: u64,
 }
 
 impl Inputs {
@@ -68,9 +70,12 @@ impl Inputs {
             search_state(opts),
         )?
         .check()?;
-        let calib_memory = match (&vision, &opts.images) {
-            (Some(v), Some(_)) => Some(check_calibration(opts, v, &jobs, &device)?),
-            _ => None,
+        let (calib_memory, factors_ahead) = match (&vision, &opts.images) {
+            (Some(v), Some(_)) => {
+                let (m, ahead) = check_calibration(opts, v, &jobs, &device)?;
+                (Some(m), ahead)
+            }
+            _ => (None, 0),
         };
         let inputs = Inputs {
             model,
@@ -79,6 +84,7 @@ impl Inputs {
             jobs,
             vision,
             calib_memory,
+            factors_ahead,
         };
         Ok((inputs, device))
     }

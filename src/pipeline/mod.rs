@@ -127,7 +127,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     });
     let engine = vision.map(|_| AnyOps::for_device(&device)).transpose()?;
     let calibrators = open_calibrators(opts, vision, engine.as_ref(), model, &profile, progress)?;
-    let factors = crate::quant::prefactor::FactorCache::default();
+    let factors = crate::quant::prefactor::FactorCache::with_cap(inputs.factors_ahead);
     let env = LayerEnv {
         factors: &factors,
         opts,

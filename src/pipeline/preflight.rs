@@ -419,7 +419,7 @@ pub(super) fn check_calibration(
     v: &Vision,
     jobs: &[Job],
     device: &AnyDevice,
-) -> Result<CalibMemory> {
+) -> Result<(CalibMemory, u64)> {
     // The calibration (above all the hidden state of every image, one block's input) is
     // the big allocation of an images run; refuse before any compute when it cannot fit
     // beside the largest layer.
@@ -454,14 +454,7 @@ pub(super) fn check_calibration(
             + crate::device::wgpu::buffers::POOL_CAP_BYTES
             + crate::device::wgpu::buffers::STAGING_BYTES
     } else {
-        // The GPTQ factors built ahead, when the search starts from GPTQ.
-        let ahead = match (&opts.search, opts.config.init, opts.config.method) {
-            (Some(plan), crate::quant::Init::Gptq, crate::quant::Method::Comq) => {
-                prefactor_bytes(&v.spec, 1 + plan.damps.len())
-            }
-            _ => 0,
-        };
-        c.host_bytes + largest + ahead
+        c.host_bytes + largest
     };
     let budget = match &device {
         AnyDevice::Cpu(_) => opts.memory_limit.or_else(host_available_bytes),
@@ -482,7 +475,21 @@ pub(super) fn check_calibration(
              lower --calib-count"
         )));
     }
-    Ok(c)
+    // The GPTQ factors built ahead (when the search starts from GPTQ) are a saving of time, not
+    // a need: they get what the host has left beside the rest, up to what they would hold.
+    let want = match (&opts.search, opts.config.init, opts.config.method) {
+        (Some(plan), crate::quant::Init::Gptq, crate::quant::Method::Comq) => {
+            prefactor_bytes(&v.spec, 1 + plan.damps.len())
+        }
+        _ => 0,
+    };
+    let host_used = if gpu { c.host_bytes } else { bytes };
+    let host_budget = match &device {
+        AnyDevice::Cpu(_) => budget,
+        AnyDevice::Wgpu(_) => host_available_bytes(),
+    };
+    let ahead = host_budget.map_or(want, |b| want.min(b.saturating_sub(host_used)));
+    Ok((c, ahead))
 }
 
 #[cfg(test)]

@@ -98,14 +98,33 @@ struct Entry {
 
 /// Factors built ahead, by content; shared between the thread that builds them and the one that
 /// quantizes.
-#[derive(Default)]
 pub struct FactorCache {
     entries: Mutex<Vec<Entry>>,
     hits: AtomicU64,
     built: AtomicU64,
+    /// The most bytes of factors held.
+    cap: u64,
+}
+
+impl Default for FactorCache {
+    /// A cache of at most [`PREFACTOR_BYTES`].
+    fn default() -> FactorCache {
+        FactorCache::with_cap(PREFACTOR_BYTES)
+    }
 }
 
 impl FactorCache {
+    /// A cache holding at most `cap` bytes of factors (the smaller of `cap` and
+    /// [`PREFACTOR_BYTES`]; 0 builds nothing).
+    pub fn with_cap(cap: u64) -> FactorCache {
+        FactorCache {
+            entries: Mutex::new(Vec::new()),
+            hits: AtomicU64::new(0),
+            built: AtomicU64::new(0),
+            cap: cap.min(PREFACTOR_BYTES),
+        }
+    }
+
     /// The factor of `key`, when it was built ahead.
     pub fn get(&self, key: &FactorKey) -> Option<Arc<GptqFactor>> {
         let found = self
@@ -123,7 +142,7 @@ impl FactorCache {
 
     /// Builds the factors of `gram` for block `block` at each of `damps` that is not held yet,
     /// first dropping those of blocks before `block − 1` (the block being quantized keeps its
-    /// own). A factor that would hold more than [`PREFACTOR_BYTES`] in all is not built.
+    /// own). A factor that would take the cache beyond its cap is not built.
     pub fn build(&self, block: usize, gram: &Gram, damps: &[f32], act_order: bool) -> Result<()> {
         self.entries
             .lock()
@@ -139,7 +158,7 @@ impl FactorCache {
                     .iter()
                     .map(|e| (4 * e.factor.n * e.factor.n + 4 * e.factor.n) as u64)
                     .sum();
-                if entries.iter().any(|e| e.key == key) || held + bytes > PREFACTOR_BYTES {
+                if entries.iter().any(|e| e.key == key) || held + bytes > self.cap {
                     continue;
                 }
             }
@@ -202,6 +221,18 @@ mod tests {
             .get(&FactorKey::new(digest(&h), &h, 0.01, true))
             .is_none());
         assert_eq!(cache.counts(), (2, 2));
+    }
+
+    #[test]
+    fn nothing_is_built_beyond_the_cap() {
+        let g = gram(16, 8);
+        let one = (4 * 16 * 16 + 4 * 16) as u64;
+        let cache = FactorCache::with_cap(one);
+        cache.build(0, &g, &[0.01, 0.1], true).unwrap();
+        assert_eq!(cache.counts().0, 1);
+        let none = FactorCache::with_cap(0);
+        none.build(0, &g, &[0.01], true).unwrap();
+        assert_eq!(none.counts().0, 0);
     }
 
     #[test]
