@@ -185,8 +185,24 @@ impl FactorCache {
 mod tests {
     use super::*;
 
+    /// A positive-definite Gram of `n` inputs with seeded, correlated entries.
     fn gram(n: usize, seed: u64) -> Gram {
-        crate::bench::correlated_gram(n, seed)
+        let mut data = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                let d = i.abs_diff(j) as f64;
+                let wobble = ((i * 31 + j * 17 + seed as usize * 7) % 13) as f64 / 130.0;
+                data[i * n + j] = (-d / 3.0).exp() * (1.0 + if i == j { wobble } else { 0.0 });
+            }
+        }
+        for i in 0..n {
+            data[i * n + i] += 0.5 + seed as f64 / 100.0;
+        }
+        Gram {
+            n,
+            data,
+            samples: 1,
+        }
     }
 
     #[test]
