@@ -448,7 +448,7 @@ impl<O: Ops> BlockGrams for Calibrator<'_, O> {
     }
 }
 
-/// Work done with a block's Grams on the thread that computed them ([`Ahead::spawn`]).
+/// Work done with a block's Grams on the thread that computed them ([`Ahead::spawn_with`]).
 pub type BlockHook<'env> = dyn Fn(usize, &HashMap<Site, Gram>) + Send + 'env;
 
 /// A full-precision calibrator run on its own thread, one block ahead of the quantization: while
@@ -462,10 +462,19 @@ pub struct Ahead {
 }
 
 impl Ahead {
-    /// Starts `inner` on a thread of `scope`, producing the Grams of `blocks` (increasing);
-    /// `then` runs on that thread with each block's Grams before they are handed over (the
-    /// run builds the block's GPTQ factors there, while the block before it quantizes).
+    /// Starts `inner` on a thread of `scope`, producing the Grams of `blocks` (increasing).
     pub fn spawn<'scope, 'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        inner: Box<dyn BlockGrams + Send + 'env>,
+        blocks: Vec<usize>,
+    ) -> Ahead {
+        Ahead::spawn_with(scope, inner, blocks, None)
+    }
+
+    /// [`Ahead::spawn`], with `then` run on that thread with each block's Grams before they are
+    /// handed over (the run builds the block's GPTQ factors there, while the block before it
+    /// quantizes).
+    pub fn spawn_with<'scope, 'env>(
         scope: &'scope std::thread::Scope<'scope, 'env>,
         mut inner: Box<dyn BlockGrams + Send + 'env>,
         blocks: Vec<usize>,

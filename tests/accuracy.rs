@@ -462,10 +462,10 @@ fn gpu_gptq_and_search_match_the_cpu() {
         };
         let cfg = QuantConfig { sweeps: 1, ..cfg };
         let ca = cpu
-            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan, None)
+            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan)
             .unwrap();
         let cb = gpu
-            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan, None)
+            .search("t", &w, rows, cols, &g, Some(&held), &cfg, &plan)
             .unwrap();
         assert_eq!(ca.tried.len(), cb.tried.len());
         for (x, y) in ca.tried.iter().zip(&cb.tried) {

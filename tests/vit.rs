@@ -287,7 +287,7 @@ fn calibrating_one_block_ahead_on_a_thread_hands_over_the_same_grams() {
         let hook = move |b: usize, g: &std::collections::HashMap<_, comq_gpu::Gram>| {
             seen.lock().unwrap().push((b, g.len()));
         };
-        let mut a = Ahead::spawn(sc, Box::new(c), blocks, Some(Box::new(hook)));
+        let mut a = Ahead::spawn_with(sc, Box::new(c), blocks, Some(Box::new(hook)));
         let mut out = Vec::new();
         for b in 0..spec.depth {
             for (role, _) in spec.blocks[b].linears() {

@@ -279,7 +279,7 @@ impl Problem<'_> {
             .filter(|_| job.calib.is_some() && job.config.method == Method::Comq);
         match plan {
             Some(p) => {
-                let c = device.search(
+                let c = device.search_with(
                     &job.meta.name,
                     self.w,
                     job.rows,

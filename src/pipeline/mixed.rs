@@ -165,7 +165,7 @@ pub(super) fn allocate_bits(
                 ..job.config.clone()
             };
             let plan = SearchPlan::single(&cfg);
-            let c = device.search(
+            let c = device.search_with(
                 &job.meta.name,
                 &w,
                 job.rows,

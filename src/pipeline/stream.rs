@@ -107,7 +107,7 @@ fn ahead_of<'scope, 'env>(
     then: Option<Box<BlockHook<'env>>>,
 ) -> Box<dyn BlockGrams + 'env> {
     if fp {
-        Box::new(Ahead::spawn(sc, g, blocks.to_vec(), then))
+        Box::new(Ahead::spawn_with(sc, g, blocks.to_vec(), then))
     } else {
         g
     }

@@ -21,10 +21,27 @@ impl AnyDevice {
         quantize_layer_any(self, name, w, rows, cols, gram, cfg)
     }
 
-    /// Searches the candidates of `plan` for one layer on this device, with the GPTQ factors
-    /// built ahead in `factors` (see [`super::search::search_with`]).
+    /// Searches the candidates of `plan` for one layer on this device (see
+    /// [`super::search::search`]).
     #[allow(clippy::too_many_arguments)]
     pub fn search(
+        &self,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &Gram,
+        holdout: Option<&Gram>,
+        cfg: &QuantConfig,
+        plan: &SearchPlan,
+    ) -> Result<Choice> {
+        self.search_with(name, w, rows, cols, gram, holdout, cfg, plan, None)
+    }
+
+    /// [`AnyDevice::search`] with the GPTQ factors built ahead in `factors` (see
+    /// [`super::search::search_with`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn search_with(
         &self,
         name: &str,
         w: &[f32],
