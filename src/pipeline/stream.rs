@@ -133,15 +133,33 @@ fn prefactor<'env>(
     Some(Box::new(move |block, grams| {
         let build = || {
             crate::profile::record("factor ahead", || {
+                // The dampings each input's layers search, gathered first, so an input that
+                // several layers read (`q`, `k`, `v`) is digested and factored once.
+                let mut wanted: Vec<(crate::model::Site, bool, Vec<f32>)> = Vec::new();
                 for j in jobs.iter().filter(|j| uses(j)) {
-                    let Some((b, role)) = j.block else { continue };
-                    let Some(gram) = grams.get(&role.site()).filter(|_| b == block) else {
+                    let Some((_, role)) = j.block.filter(|(b, _)| *b == block) else {
                         continue;
                     };
-                    let mut damps = vec![j.config.damp];
-                    damps.extend(plan.damps.iter().filter(|d| **d != j.config.damp));
-                    if let Err(e) = factors.build(block, gram, &damps, j.config.act_order) {
-                        log::debug!("factor ahead for {}: {e}", j.meta.name);
+                    let (site, act) = (role.site(), j.config.act_order);
+                    let i = match wanted.iter().position(|w| w.0 == site && w.1 == act) {
+                        Some(i) => i,
+                        None => {
+                            wanted.push((site, act, Vec::new()));
+                            wanted.len() - 1
+                        }
+                    };
+                    for &d in std::iter::once(&j.config.damp).chain(&plan.damps) {
+                        if !wanted[i].2.contains(&d) {
+                            wanted[i].2.push(d);
+                        }
+                    }
+                }
+                for (site, act, damps) in &wanted {
+                    let Some(gram) = grams.get(site) else {
+                        continue;
+                    };
+                    if let Err(e) = factors.build(block, gram, damps, *act) {
+                        log::debug!("factor ahead for {site:?} of block {block}: {e}");
                     }
                 }
             })

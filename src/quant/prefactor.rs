@@ -172,6 +172,11 @@ impl FactorCache {
         Ok(())
     }
 
+    /// Whether no factor is held (a layer then need not digest its Gram to look).
+    pub fn is_empty(&self) -> bool {
+        self.entries.lock().expect("factor cache lock").is_empty()
+    }
+
     /// `(factors built ahead, factors a layer found ready)` so far.
     pub fn counts(&self) -> (u64, u64) {
         (

@@ -426,10 +426,14 @@ pub fn search_with<D: Device>(
         cols,
         gram,
         holdout,
-        ready: factors.map(|cache| super::comq::Ready {
-            cache,
-            digest: super::prefactor::digest(gram),
-        }),
+        // A block's factors are built before its Grams are handed over, so an empty cache has
+        // none for this layer: no digest then.
+        ready: factors
+            .filter(|c| !c.is_empty())
+            .map(|cache| super::comq::Ready {
+                cache,
+                digest: super::prefactor::digest(gram),
+            }),
     };
     // The damped diagonal, the order and the GPTQ factor per damping, made once each: the
     // configured damping's here, the others' on a helper thread while the first candidates run.
