@@ -7,7 +7,7 @@ use common::{correlated_x, gram_of, Rng};
 use comq_gpu::device::{AnyDevice, CpuDevice};
 use comq_gpu::quant::comq::quantize_layer_stages;
 use comq_gpu::quant::gptq;
-use comq_gpu::quant::search::{search, SearchPlan, AUTO_SCALARS};
+use comq_gpu::quant::search::{search, search_by, ChooseBy, SearchPlan, AUTO_SCALARS};
 use comq_gpu::quant::{quantize_layer, Gram, Init, QuantConfig, QuantizedLayer};
 
 #[path = "common/gpu.rs"]
@@ -480,6 +480,89 @@ fn gpu_gptq_and_search_match_the_cpu() {
     }
 }
 
+/// The row-by-row choice on the GPU against the CPU's: the same candidates, held-out and
+/// calibration errors within the GPU tolerance, and the GPU's reported errors are its shipped
+/// codes' own (the rows it copied and restored are the rows it scored).
+#[test]
+fn gpu_row_choice_matches_the_cpu() {
+    let Some(gpu) = gpu::device() else { return };
+    let cpu = CpuDevice::new();
+    let mut mixed = false;
+    for (seed, rows, cols, group) in [(41u64, 33usize, 96usize, None), (42, 20, 128, Some(32))] {
+        let (w, g) = layer(seed, rows, cols, 2 * cols);
+        let held = layer(seed + 100, rows, cols, cols).1;
+        let cfg = QuantConfig {
+            bits: 3,
+            group_size: group,
+            init: Init::Gptq,
+            damp: 0.01,
+            ..QuantConfig::default()
+        };
+        let plan = SearchPlan::quick(3, vec![0.1], 0.1);
+        let row = ChooseBy::Row;
+        let a = search_by(
+            &cpu,
+            "t",
+            &w,
+            rows,
+            cols,
+            &g,
+            Some(&held),
+            &cfg,
+            &plan,
+            None,
+            row,
+        )
+        .unwrap();
+        let b = search_by(
+            &gpu,
+            "t",
+            &w,
+            rows,
+            cols,
+            &g,
+            Some(&held),
+            &cfg,
+            &plan,
+            None,
+            row,
+        )
+        .unwrap();
+        // The candidates, without the mix (its label counts rows, which may differ).
+        let labels = |c: &comq_gpu::quant::search::Choice| {
+            c.tried
+                .iter()
+                .map(|t| t.label.clone())
+                .filter(|l| !l.starts_with("rows: "))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(labels(&a), labels(&b));
+        let (ha, hb) = (a.rel_error_holdout.unwrap(), b.rel_error_holdout.unwrap());
+        assert!(
+            (ha - hb).abs() <= ERROR_REL_TOL * ha,
+            "held-out CPU {ha} vs GPU {hb}"
+        );
+        let (ea, eb) = (a.outcome.rel_error, b.outcome.rel_error);
+        assert!(
+            (ea - eb).abs() <= 10.0 * ERROR_REL_TOL * ea,
+            "calibration CPU {ea} vs GPU {eb}"
+        );
+        let direct = rel_error(&w, &b.outcome.layer, &held);
+        assert!((direct - hb).abs() <= 1e-4 * direct, "{direct} vs {hb}");
+        let direct = rel_error(&w, &b.outcome.layer, &g);
+        assert!((direct - eb).abs() <= 1e-4 * direct, "{direct} vs {eb}");
+        for c in [&a, &b] {
+            if !c.rows_from.is_empty() {
+                assert_eq!(c.rows_from.iter().map(|r| r.1).sum::<usize>(), rows);
+            }
+        }
+        // At least one of these layers mixes candidates on the GPU, so the copies and the
+        // restore are exercised.
+        mixed |= !b.rows_from.is_empty();
+    }
+    assert!(mixed, "no layer mixed candidates on the GPU");
+}
+
 /// The configuration and stage a search label names (`rtn s0.90`, `comq+1 s1.00`, `gptq s0.85
 /// d0.01`, `gptq+1 s0.85 d0.1`), around the searched configuration `cfg`.
 fn config_of(label: &str, cfg: &QuantConfig) -> (QuantConfig, usize) {
@@ -566,6 +649,164 @@ fn the_resident_search_equals_lone_runs_candidate_by_candidate() {
         );
         assert_eq!(c.outcome.layer.grid.delta, shipped.grid.delta);
         assert!(c.tried.len() >= 12, "{}", c.tried.len());
+    }
+}
+
+/// `Σ_a Σ_b e_a G_ab e_b` for one row `e = w − q̂`, in f64.
+fn row_loss(w: &[f32], deq: &[f32], g: &Gram) -> f64 {
+    let n = g.n;
+    let e: Vec<f64> = w
+        .iter()
+        .zip(deq)
+        .map(|(&a, &b)| a as f64 - b as f64)
+        .collect();
+    (0..n)
+        .map(|a| e[a] * (0..n).map(|b| g.data[a * n + b] * e[b]).sum::<f64>())
+        .sum()
+}
+
+/// The row-by-row choice against its definition: every candidate reproduced by a lone run,
+/// each row's held-out loss computed from the codes, and each shipped row is the one of the
+/// first candidate with the lowest loss for that row (codes, steps, lowest codes). So no row is
+/// worse than RTN's on the held-out Gram, the layer's held-out error is at most the layer
+/// choice's, and the reported errors are the shipped codes' own.
+#[test]
+fn the_row_choice_ships_each_row_from_its_best_held_out_candidate() {
+    let (rows, cols) = (24, 96);
+    let mut rng = Rng::new(78);
+    let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
+    let x = correlated_x(&mut rng, 200, cols);
+    let cal = gram_of(&x[..150 * cols], 150, cols);
+    let held = gram_of(&x[150 * cols..], 50, cols);
+    let dev = CpuDevice::new();
+    for (bits, group) in [(3, None), (2, Some(32))] {
+        let cfg = QuantConfig {
+            bits,
+            group_size: group,
+            init: Init::Gptq,
+            damp: 0.01,
+            ..QuantConfig::default()
+        };
+        let plan = SearchPlan::quick(bits, vec![0.1], 0.1);
+        let by_layer = search_by(
+            &dev,
+            "t",
+            &w,
+            rows,
+            cols,
+            &cal,
+            Some(&held),
+            &cfg,
+            &plan,
+            None,
+            ChooseBy::Layer,
+        )
+        .unwrap();
+        let c = search_by(
+            &dev,
+            "t",
+            &w,
+            rows,
+            cols,
+            &cal,
+            Some(&held),
+            &cfg,
+            &plan,
+            None,
+            ChooseBy::Row,
+        )
+        .unwrap();
+        // The same candidates are tried, and the mix is listed last as a candidate of its own:
+        // the shipped quantization has the lowest held-out error of the list.
+        let (mix, tried) = c.tried.split_last().unwrap();
+        assert_eq!(
+            tried.iter().map(|t| &t.label).collect::<Vec<_>>(),
+            by_layer.tried.iter().map(|t| &t.label).collect::<Vec<_>>(),
+        );
+        assert_eq!(mix.label, c.chosen);
+        assert_eq!(mix.rel_error_holdout, c.rel_error_holdout);
+        assert_eq!(mix.rel_error, c.outcome.rel_error);
+        let lowest = c.tried.iter().map(|t| t.rel_error_holdout.unwrap());
+        assert_eq!(
+            lowest.fold(f64::INFINITY, f64::min),
+            mix.rel_error_holdout.unwrap()
+        );
+        let lone: Vec<QuantizedLayer> = tried
+            .iter()
+            .map(|t| {
+                let (lc, sweeps) = config_of(&t.label, &cfg);
+                let (o, stages) =
+                    quantize_layer_stages(&dev, "t", &w, rows, cols, &cal, &lc, true).unwrap();
+                match stages.into_iter().find(|s| s.sweeps == sweeps) {
+                    Some(s) => s.layer,
+                    None => o.layer,
+                }
+            })
+            .collect();
+        let deq: Vec<Vec<f32>> = lone.iter().map(|l| l.dequantize()).collect();
+        let shipped = &c.outcome.layer;
+        let ng = shipped.grid.groups();
+        let mut from = std::collections::BTreeMap::new();
+        for r in 0..rows {
+            let row = r * cols..(r + 1) * cols;
+            let losses: Vec<f64> = deq
+                .iter()
+                .map(|d| row_loss(&w[row.clone()], &d[row.clone()], &held))
+                .collect();
+            // Scores within f32 rounding of each other may go either way.
+            let best = losses.iter().cloned().fold(f64::INFINITY, f64::min);
+            let near: Vec<usize> = (0..losses.len())
+                .filter(|&i| losses[i] <= best * (1.0 + 1e-6))
+                .collect();
+            let k = near
+                .iter()
+                .copied()
+                .find(|&i| lone[i].codes[row.clone()] == shipped.codes[row.clone()])
+                .unwrap_or_else(|| panic!("W{bits} row {r}: from none of {near:?}"));
+            let slots = r * ng..(r + 1) * ng;
+            assert_eq!(
+                shipped.grid.delta[slots.clone()],
+                lone[k].grid.delta[slots.clone()]
+            );
+            assert_eq!(shipped.grid.lo[slots.clone()], lone[k].grid.lo[slots]);
+            assert!(
+                losses[k] <= losses[0] * (1.0 + 1e-6),
+                "row {r} worse than RTN"
+            );
+            *from.entry(tried[k].label.clone()).or_insert(0usize) += 1;
+        }
+        let held_err = rel_error(&w, shipped, &held);
+        let reported = c.rel_error_holdout.unwrap();
+        assert!(
+            (held_err - reported).abs() <= 1e-6 * held_err,
+            "{held_err} vs {reported}"
+        );
+        assert!(reported <= by_layer.rel_error_holdout.unwrap() * (1.0 + 1e-9));
+        let cal_err = rel_error(&w, shipped, &cal);
+        let r = c.outcome.rel_error;
+        assert!((cal_err - r).abs() <= 1e-6 * cal_err, "{cal_err} vs {r}");
+        // On this layer the rows do come from several candidates, and the report says which.
+        assert!(from.len() > 1, "W{bits}: {from:?}");
+        assert_eq!(c.rows_from.iter().map(|r| r.1).sum::<usize>(), rows);
+        assert!(c.chosen.starts_with("rows: "), "{}", c.chosen);
+        // Without held-out images there is nothing to choose rows on: the layer's choice.
+        let a = search_by(
+            &dev,
+            "t",
+            &w,
+            rows,
+            cols,
+            &cal,
+            None,
+            &cfg,
+            &plan,
+            None,
+            ChooseBy::Row,
+        )
+        .unwrap();
+        let b = search(&dev, "t", &w, rows, cols, &cal, None, &cfg, &plan).unwrap();
+        assert_eq!(a.outcome.layer.codes, b.outcome.layer.codes);
+        assert!(a.rows_from.is_empty());
     }
 }
 

@@ -606,6 +606,88 @@ fn the_paper_preset_reproduces_the_core_codes_exactly() {
 
 /// The default recipe on the bundled model: every layer chose on held-out images and is no
 /// worse than RTN there; `--target-bits` meets its budget with mixed widths.
+/// `--choose`: by default (`auto`) the layers whose held-out images give at least 4 rows per
+/// input ship each row from its best candidate, the others a whole candidate; the mix is the
+/// last candidate listed and has the lowest held-out error of them; `--choose layer` and the
+/// paper preset ship whole candidates.
+#[test]
+fn the_default_chooses_rows_where_the_held_out_images_allow() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let model = root.join("assets/fmnist-vit");
+    let calib = root.join("assets/fmnist-images/calib.safetensors");
+    let rep = tmp.path().join("r.json");
+    let out = tmp.path().join("q.safetensors");
+    let common = [
+        "run",
+        s(&model),
+        "--images",
+        s(&calib),
+        "--calib-count",
+        "64",
+        "--bits",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        s(&out),
+        "--report",
+        s(&rep),
+    ];
+    let stdout = ok(&run(&common));
+    assert!(
+        stdout.contains("ship each row from its best candidate"),
+        "{stdout}"
+    );
+    let r = report(&rep);
+    let (mut by_row, mut whole) = (0, 0);
+    for l in r["layers"].as_array().unwrap() {
+        let cols = l["shape"][1].as_u64().unwrap();
+        // 10 held-out images of 50 tokens: rows for the 64-wide inputs, not the 256-wide.
+        let rows_from = l["rows_from"].as_array().unwrap();
+        if 500 < 4 * cols {
+            assert!(rows_from.is_empty(), "{}", l["name"]);
+        }
+        let candidates = l["candidates"].as_array().unwrap();
+        let held = l["rel_error_holdout"].as_f64().unwrap();
+        let best = candidates
+            .iter()
+            .map(|c| c["rel_error_holdout"].as_f64().unwrap())
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(held, best);
+        assert!(held <= l["rel_error_holdout_rtn"].as_f64().unwrap());
+        if rows_from.is_empty() {
+            whole += 1;
+            continue;
+        }
+        by_row += 1;
+        let last = candidates.last().unwrap();
+        assert_eq!(last["label"], l["chosen"]);
+        assert!(l["chosen"].as_str().unwrap().starts_with("rows: "));
+        let rows: u64 = rows_from.iter().map(|e| e[1].as_u64().unwrap()).sum();
+        assert_eq!(rows, l["shape"][0].as_u64().unwrap());
+        // Every row came from a candidate that was tried.
+        for e in rows_from {
+            assert!(candidates.iter().any(|c| c["label"] == e[0]), "{e}");
+        }
+    }
+    assert!(by_row > 0 && whole > 0, "{by_row} by row, {whole} whole");
+    for extra in [
+        &["--choose", "layer"][..],
+        &["--preset", "paper", "--holdout", "0.15"],
+    ] {
+        let mut a = common.to_vec();
+        a.extend(extra);
+        ok(&run(&a));
+        for l in report(&rep)["layers"].as_array().unwrap() {
+            assert!(l["rows_from"].as_array().unwrap().is_empty(), "{extra:?}");
+        }
+    }
+    let mut bad = common.to_vec();
+    bad.extend(["--choose", "rows"]);
+    assert_eq!(run(&bad).status.code(), Some(2));
+}
+
 #[test]
 fn the_default_recipe_guards_every_layer_and_target_bits_mixes_widths() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

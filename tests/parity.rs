@@ -668,6 +668,130 @@ fn a_resident_search_moves_each_input_once() {
     );
 }
 
+/// The row-by-row choice on a layer split over tiles of rows: the GPU keeps and restores each
+/// tile's rows at the right offsets (its shipped codes have the held-out and calibration errors
+/// it reports, close to the CPU's), it uploads exactly what the layer choice uploads (the
+/// comparison is made with the per-row losses every held-out product reads back anyway), and
+/// it reads back only the kept lowest codes and the mix's calibration error on top.
+#[test]
+fn a_row_choice_over_tiles_matches_the_cpu_and_uploads_nothing_more() {
+    use comq_gpu::quant::search::{search_by, ChooseBy, SearchPlan};
+    let Some(mut gpu) = gpu::device() else { return };
+    let (rows, cols) = (100usize, 40usize);
+    gpu.cap_binding_bytes((cols * cols * 4) as u64);
+    let (w, gram) = layer(81, rows, cols);
+    let held = layer(82, rows, cols).1;
+    let cfg = QuantConfig {
+        bits: 3,
+        init: comq_gpu::quant::Init::Gptq,
+        damp: 0.01,
+        ..QuantConfig::default()
+    };
+    let plan = SearchPlan::quick(3, vec![0.1], 0.1);
+    let run = |d: &dyn Fn() -> comq_gpu::quant::search::Choice| d();
+    let t0 = gpu.traffic();
+    let by_layer = run(&|| {
+        search_by(
+            &gpu,
+            "t",
+            &w,
+            rows,
+            cols,
+            &gram,
+            Some(&held),
+            &cfg,
+            &plan,
+            None,
+            ChooseBy::Layer,
+        )
+        .unwrap()
+    });
+    let t1 = gpu.traffic();
+    let g = run(&|| {
+        search_by(
+            &gpu,
+            "t",
+            &w,
+            rows,
+            cols,
+            &gram,
+            Some(&held),
+            &cfg,
+            &plan,
+            None,
+            ChooseBy::Row,
+        )
+        .unwrap()
+    });
+    let t2 = gpu.traffic();
+    let c = search_by(
+        &CpuDevice::new(),
+        "t",
+        &w,
+        rows,
+        cols,
+        &gram,
+        Some(&held),
+        &cfg,
+        &plan,
+        None,
+        ChooseBy::Row,
+    )
+    .unwrap();
+    assert!(
+        !g.rows_from.is_empty(),
+        "the rows come from several candidates"
+    );
+    let quad = |q: &comq_gpu::quant::QuantizedLayer, m: &comq_gpu::Gram| {
+        let d = q.dequantize();
+        let e: Vec<f64> = w
+            .iter()
+            .zip(&d)
+            .map(|(&a, &b)| a as f64 - b as f64)
+            .collect();
+        let mut s = 0.0;
+        for r in 0..rows {
+            for a in 0..cols {
+                for b in 0..cols {
+                    s += e[r * cols + a] * m.data[a * cols + b] * e[r * cols + b];
+                }
+            }
+        }
+        s
+    };
+    let energy = |m: &comq_gpu::Gram| {
+        let mut s = 0.0;
+        for r in 0..rows {
+            for a in 0..cols {
+                for b in 0..cols {
+                    s += w[r * cols + a] as f64 * m.data[a * cols + b] * w[r * cols + b] as f64;
+                }
+            }
+        }
+        s
+    };
+    let held_direct = quad(&g.outcome.layer, &held) / energy(&held);
+    let cal_direct = quad(&g.outcome.layer, &gram) / energy(&gram);
+    let hg = g.rel_error_holdout.unwrap();
+    assert!(
+        rel(held_direct, hg) <= LOSS_REL_TOL,
+        "{held_direct} vs {hg}"
+    );
+    assert!(rel(cal_direct, g.outcome.rel_error) <= LOSS_REL_TOL);
+    assert!(rel(hg, c.rel_error_holdout.unwrap()) <= FINAL_LOSS_REL_TOL);
+    assert!(hg <= by_layer.rel_error_holdout.unwrap() * (1.0 + 1e-6));
+    let (up_layer, down_layer) = (t1.0 - t0.0, t1.1 - t0.1);
+    let (up_row, down_row) = (t2.0 - t1.0, t2.1 - t1.1);
+    assert_eq!(up_row, up_layer);
+    // The kept lowest codes, and the mix's calibration loss and `‖W − Q̂‖²` (one f32 per row
+    // each, as every product reads back).
+    let extra = (3 * 4 * rows) as u64;
+    assert!(
+        down_row <= down_layer + extra,
+        "down {down_row} vs {down_layer}"
+    );
+}
+
 /// Forward primitives, GPU vs CPU: relative Frobenius error of f32 results whose sums run in
 /// another order.
 const FORWARD_OP_REL_TOL: f64 = 1e-5;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use comq_gpu::calibrate::CalibMode;
 use comq_gpu::device::DeviceKind;
 use comq_gpu::pipeline::{self, Selection};
+use comq_gpu::quant::search::ChooseBy;
 use comq_gpu::quant::{
     Choices, Granularity, Init, Method, OrderKind, Preset, QuantConfig, Resolved, SearchMode,
 };
@@ -192,6 +193,12 @@ pub struct QuantArgs {
     /// at each and the paper's recipe: about twice the time) [default: quick].
     #[arg(long, value_enum)]
     pub search: Option<SearchMode>,
+    /// What the search ships: the candidate with the lowest held-out error whole (`layer`),
+    /// each output row from the candidate whose row scored best on the held-out images (`row`),
+    /// or `row` where the held-out images give at least 4 activation rows per input of the
+    /// layer and `layer` elsewhere (`auto`) [default: auto; paper: layer].
+    #[arg(long, value_enum)]
+    pub choose: Option<ChooseBy>,
     /// Coordinate-descent sweeps; 0 ships the start itself (not with --init w) [default: 1].
     #[arg(long)]
     pub sweeps: Option<usize>,
@@ -274,6 +281,7 @@ impl QuantArgs {
             holdout: self.holdout,
             score_damp: self.score_damp,
             search: self.search,
+            choose: self.choose,
             order: self.order,
             scale_update: self.scale_update,
             granularity: self.granularity,

@@ -90,6 +90,17 @@ pub(super) fn print_layer_table(report: &RunReport) {
             l.seconds
         );
     }
+    let mixed = report
+        .layers
+        .iter()
+        .filter(|l| !l.rows_from.is_empty())
+        .count();
+    if mixed > 0 {
+        println!(
+            "{mixed} of {} layers ship each row from its best candidate (--choose)",
+            report.layers.len()
+        );
+    }
 }
 
 /// What `run` prints after the run: the layer table, the totals, the CPU re-runs, the profile

@@ -35,6 +35,7 @@ pub(super) fn run_cmd(a: RunArgs, quiet: bool) -> Result<()> {
 fn run_options(a: RunArgs) -> Result<RunOptions> {
     let recipe = a.quant.recipe()?;
     let resolved = a.quant.resolve()?;
+    let choose = a.quant.preset().choose(&a.quant.choices()?);
     if let Some(p) = &a.plot {
         comq_gpu::plot::check_path(p)?;
     }
@@ -47,6 +48,7 @@ fn run_options(a: RunArgs) -> Result<RunOptions> {
         None => pipeline::DEFAULT_MAX_SHARD_BYTES,
     };
     let mut o = RunOptions::new(a.model, resolved);
+    o.choose = choose;
     o.calib = a.calib;
     o.data_free = a.data_free;
     o.selection = a.quant.selection()?;

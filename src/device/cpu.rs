@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::{Device, LayerProblem};
+use super::{Device, KeptRows, LayerProblem};
 use crate::error::Result;
 use crate::numeric::gptq::{self, GptqFactor, RowGrid};
 use crate::numeric::grid::nearest_code;
@@ -51,6 +51,8 @@ pub struct CpuLayer {
     gh64: Option<Vec<f64>>,
     /// The kept codes and steps.
     kept: Option<(Vec<i32>, Vec<f32>)>,
+    /// The rows a row-by-row choice kept ([`Device::keep_rows`]).
+    kept_rows: Option<KeptRows>,
     /// Orders stashed by key.
     stash: Vec<(u64, Order)>,
     /// The exact products kept between sweeps ([`Device::track_sweeps`]).
@@ -210,6 +212,7 @@ impl Device for CpuDevice {
             scale_dtype: p.scale_dtype,
             gh64: None,
             kept: None,
+            kept_rows: None,
             stash: Vec::new(),
             tracked: None,
         })
@@ -451,6 +454,83 @@ impl Device for CpuDevice {
         l.kept
             .clone()
             .ok_or_else(|| crate::error::Error::Internal("download_kept: nothing was kept".into()))
+    }
+
+    fn keep_rows(&self, l: &mut CpuLayer, tag: u32) -> Result<()> {
+        let Some(gh) = &l.gh64 else {
+            return Err(crate::error::Error::Internal(
+                "keep_rows: no held-out Gram attached".into(),
+            ));
+        };
+        let n = l.cols;
+        // Each row's loss `e_iᵀ G_h e_i`: from the held-out product when it is exact for this
+        // state, else computed here.
+        let exact = l
+            .tracked
+            .as_ref()
+            .filter(|t| t.h_at == Some(t.state) && t.h64.len() == l.q.len())
+            .map(|t| t.h64.as_slice());
+        let losses: Vec<f64> = match exact {
+            Some(p) => {
+                l.w.par_chunks(n)
+                    .zip(l.q.par_chunks(n))
+                    .zip(p.par_chunks(n))
+                    .map(|((w, q), p)| dot64(&error_rows(w, q), p))
+                    .collect()
+            }
+            None => {
+                l.w.par_chunks(GRAM_PANEL * n)
+                    .zip(l.q.par_chunks(GRAM_PANEL * n))
+                    .flat_map_iter(|(w, q)| {
+                        let a = error_rows(w, q);
+                        let (_, out) = quadratic_panel(&a, gh, n);
+                        a.chunks(n)
+                            .zip(out.chunks(n))
+                            .map(|(a, o)| dot64(a, o))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            }
+        };
+        let ng = l.groups();
+        match &mut l.kept_rows {
+            None => {
+                l.kept_rows = Some(KeptRows {
+                    codes: l.codes.clone(),
+                    delta: l.delta.clone(),
+                    lo: l.lo.clone(),
+                    tags: vec![tag; losses.len()],
+                    losses,
+                })
+            }
+            Some(k) => {
+                for (i, &loss) in losses.iter().enumerate() {
+                    if loss < k.losses[i] {
+                        k.codes[i * n..(i + 1) * n].copy_from_slice(&l.codes[i * n..(i + 1) * n]);
+                        let g = i * ng..(i + 1) * ng;
+                        k.delta[g.clone()].copy_from_slice(&l.delta[g.clone()]);
+                        k.lo[g.clone()].copy_from_slice(&l.lo[g]);
+                        k.tags[i] = tag;
+                        k.losses[i] = loss;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn download_kept_rows(&self, l: &mut CpuLayer) -> Result<KeptRows> {
+        l.kept_rows.clone().ok_or_else(|| {
+            crate::error::Error::Internal("download_kept_rows: nothing was kept".into())
+        })
+    }
+
+    fn restore_kept_rows(&self, l: &mut CpuLayer) -> Result<()> {
+        let k = l.kept_rows.clone().ok_or_else(|| {
+            crate::error::Error::Internal("restore_kept_rows: nothing was kept".into())
+        })?;
+        l.lo.copy_from_slice(&k.lo);
+        self.load_codes(l, &k.codes, &k.delta)
     }
 
     fn track_sweeps(&self, l: &mut CpuLayer) -> Result<()> {

@@ -125,6 +125,21 @@ pub trait Device {
     /// kept.
     fn download_kept(&self, layer: &mut Self::Layer) -> Result<(Vec<i32>, Vec<f32>)>;
 
+    /// The choice row by row: keeps each row of the current state whose held-out loss (of the
+    /// last [`Device::holdout_product`] on it, `weights = false`) is strictly below the kept
+    /// row's, with its steps, lowest codes and `tag`. Rows are independent problems sharing `G`
+    /// and each has its own grid, so any mix of candidates' rows is itself a quantization of the
+    /// layer, and its held-out loss is the sum of its rows'. The first call keeps every row.
+    fn keep_rows(&self, layer: &mut Self::Layer, tag: u32) -> Result<()>;
+
+    /// Downloads what [`Device::keep_rows`] kept; an error when it was never called.
+    fn download_kept_rows(&self, layer: &mut Self::Layer) -> Result<KeptRows>;
+
+    /// Makes the rows kept by [`Device::keep_rows`] the current state (codes, steps, lowest
+    /// codes and `Q̂`), to measure their calibration loss with [`Device::refresh`]. Leaves `R`
+    /// stale.
+    fn restore_kept_rows(&self, layer: &mut Self::Layer) -> Result<()>;
+
     /// From now on, keeps the exact products of the state a sweep starts from, so that the
     /// [`Device::refresh`] and the held-out [`Device::holdout_product`] after a sweep that
     /// changed few codes (a sweep after a GPTQ or RTN start changes about 1%) update them by the
@@ -134,6 +149,21 @@ pub trait Device {
     fn track_sweeps(&self, _layer: &mut Self::Layer) -> Result<()> {
         Ok(())
     }
+}
+
+/// The rows a row-by-row choice kept ([`Device::keep_rows`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeptRows {
+    /// Codes, row-major `[rows, cols]`.
+    pub codes: Vec<i32>,
+    /// Steps, `[rows, groups]`.
+    pub delta: Vec<f32>,
+    /// Lowest codes, `[rows, groups]`.
+    pub lo: Vec<i32>,
+    /// The tag of the candidate each row came from.
+    pub tags: Vec<u32>,
+    /// Each row's held-out loss.
+    pub losses: Vec<f64>,
 }
 
 /// Which device the user asked for.

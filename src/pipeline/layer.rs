@@ -198,6 +198,7 @@ pub(super) fn quantize_job(
         gram: &gram,
         held: held.as_ref(),
         search: env.opts.search.as_ref(),
+        choose: env.opts.choose,
         factors: env.factors,
     };
     let (outcome, choice) = match problem.quantize(&state.device) {
@@ -265,6 +266,7 @@ struct Problem<'a> {
     gram: &'a Gram,
     held: Option<&'a Gram>,
     search: Option<&'a crate::quant::search::SearchPlan>,
+    choose: crate::quant::search::ChooseBy,
     factors: &'a crate::quant::prefactor::FactorCache,
 }
 
@@ -279,7 +281,7 @@ impl Problem<'_> {
             .filter(|_| job.calib.is_some() && job.config.method == Method::Comq);
         match plan {
             Some(p) => {
-                let c = device.search_with(
+                let c = device.search_by(
                     &job.meta.name,
                     self.w,
                     job.rows,
@@ -289,6 +291,7 @@ impl Problem<'_> {
                     &job.config,
                     p,
                     Some(self.factors),
+                    self.choose,
                 )?;
                 Ok((c.outcome.clone(), Some(c)))
             }
@@ -372,6 +375,7 @@ pub(super) fn layer_report(job: &Job, done: &LayerDone, seconds: f64, device: &s
         rel_error_holdout: choice.and_then(|c| c.rel_error_holdout),
         rel_error_holdout_rtn: choice.and_then(|c| c.rel_error_holdout_rtn),
         candidates: choice.map(|c| c.tried.clone()).unwrap_or_default(),
+        rows_from: choice.map(|c| c.rows_from.clone()).unwrap_or_default(),
         device_bytes_up: done.device_bytes.map(|b| b.0),
         device_bytes_down: done.device_bytes.map(|b| b.1),
     }

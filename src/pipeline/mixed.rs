@@ -165,7 +165,8 @@ pub(super) fn allocate_bits(
                 ..job.config.clone()
             };
             let plan = SearchPlan::single(&cfg);
-            let c = device.search_with(
+            // Probed as the layer will ship: row by row where the run chooses so.
+            let c = device.search_by(
                 &job.meta.name,
                 &w,
                 job.rows,
@@ -175,6 +176,7 @@ pub(super) fn allocate_bits(
                 &cfg,
                 &plan,
                 Some(&factors),
+                opts.choose,
             )?;
             let err = c.rel_error_holdout.unwrap_or(c.outcome.rel_error);
             errors.push((bits, err));

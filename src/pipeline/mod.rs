@@ -277,6 +277,7 @@ mod tests {
             eval: None,
             search: None,
             holdout: 0.0,
+            choose: crate::quant::search::ChooseBy::Auto,
             target_bits: None,
             mixed_objective: MixedObjective::Output,
             equalize: false,

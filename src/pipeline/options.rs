@@ -6,7 +6,7 @@ use crate::error::Error;
 use crate::error::Result;
 use crate::io::dtype;
 use crate::io::TensorMeta;
-use crate::quant::search::SearchPlan;
+use crate::quant::search::{ChooseBy, SearchPlan};
 use crate::quant::QuantConfig;
 use regex::Regex;
 use serde::Serialize;
@@ -305,6 +305,9 @@ pub struct RunOptions {
     /// Share of the calibration images held out to score the candidates (images mode, with
     /// `search`); 0 scores them on the calibration Gram.
     pub holdout: f32,
+    /// Whether the search ships whole candidates or each row from its best one (the default
+    /// preset's [`ChooseBy::Auto`] unless set).
+    pub choose: ChooseBy,
     /// Mixed precision: choose 2–8 bits per layer for this average (per-layer overrides win).
     pub target_bits: Option<f32>,
     /// What `--target-bits` minimises.
@@ -362,6 +365,7 @@ impl RunOptions {
             eval: None,
             search: resolved.search,
             holdout: resolved.holdout,
+            choose: ChooseBy::default(),
             target_bits: None,
             mixed_objective: MixedObjective::Output,
             equalize: false,

@@ -252,7 +252,7 @@ pub fn cpu_tracking_bytes(
 
 /// What a candidate search adds to one layer's state, `(device, host)` bytes. The search stays
 /// resident ([`crate::quant::search`]): on the device the kept codes and steps of the best
-/// candidate, the GPTQ factor of the damping being run, the stashed orders of up to three
+/// candidate (and with held-out images its best rows), the GPTQ factor of the damping being run, the stashed orders of up to three
 /// dampings and, with held-out images, the held-out Gram; on the host the shipped codes, the order (`u32` per weight for the per-row greedy
 /// order) and factor of each of up to three dampings, and with held-out images that Gram in f64
 /// and its f32 upload copy.
@@ -264,8 +264,15 @@ pub fn search_bytes(rows: usize, cols: usize, holdout: bool, cfg: &QuantConfig) 
         _ => 4 * n,
     };
     let held = |bytes: u64| if holdout { bytes } else { 0 };
-    let device = 4 * m * n + 4 * m * groups + 4 * n * n + 4 * n + 3 * order + held(4 * n * n);
-    let host = 4 * m * n + 3 * (order + 4 * n * n) + held(12 * n * n);
+    // With held-out images the best rows are kept too (codes, steps, lowest codes), and each
+    // row's tag and loss on the host.
+    let device = 4 * m * n
+        + 4 * m * groups
+        + 4 * n * n
+        + 4 * n
+        + 3 * order
+        + held(4 * n * n + 4 * m * n + 8 * m * groups);
+    let host = 4 * m * n + 3 * (order + 4 * n * n) + held(12 * n * n + 16 * m + 8 * m * groups);
     (device, host)
 }
 

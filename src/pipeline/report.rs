@@ -56,6 +56,9 @@ pub struct LayerReport {
     pub rel_error_holdout_rtn: Option<f64>,
     /// Every candidate tried, with its calibration and held-out errors.
     pub candidates: Vec<Tried>,
+    /// With the choice made row by row (`--choose row|auto`): how many output rows each
+    /// candidate gave, `[label, rows]`, most first; empty when one candidate ships whole.
+    pub rows_from: Vec<(String, usize)>,
     /// Bytes uploaded to a GPU while this layer was quantized (its Gram matrices, runs and
     /// scoring; with calibration one block ahead on the same GPU, that thread's transfers in
     /// the meantime too). `null` on the CPU.

@@ -110,6 +110,9 @@ mod tests {
                 o.search = Some(SearchPlan::single(&QuantConfig::default()))
             }),
             ("holdout", |o| o.holdout = 0.15),
+            ("choose", |o| {
+                o.choose = crate::quant::search::ChooseBy::Layer
+            }),
             ("target_bits", |o| o.target_bits = Some(3.0)),
             ("mixed_objective", |o| {
                 o.mixed_objective = crate::pipeline::MixedObjective::Layer

@@ -2,7 +2,7 @@
 //! [`AnyDevice`] written here, in the algorithm's layer, so the devices never import it.
 
 use super::prefactor::FactorCache;
-use super::search::{search_with, Choice, SearchPlan};
+use super::search::{search_by, Choice, ChooseBy, SearchPlan};
 use super::{quantize_layer_any, Gram, LayerOutcome, QuantConfig};
 use crate::device::AnyDevice;
 use crate::error::Result;
@@ -53,11 +53,40 @@ impl AnyDevice {
         plan: &SearchPlan,
         factors: Option<&FactorCache>,
     ) -> Result<Choice> {
+        self.search_by(
+            name,
+            w,
+            rows,
+            cols,
+            gram,
+            holdout,
+            cfg,
+            plan,
+            factors,
+            ChooseBy::Layer,
+        )
+    }
+
+    /// [`AnyDevice::search_with`], shipping by `choose` (see [`super::search::search_by`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn search_by(
+        &self,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &Gram,
+        holdout: Option<&Gram>,
+        cfg: &QuantConfig,
+        plan: &SearchPlan,
+        factors: Option<&FactorCache>,
+        choose: ChooseBy,
+    ) -> Result<Choice> {
         match self {
-            AnyDevice::Cpu(d) => {
-                search_with(d, name, w, rows, cols, gram, holdout, cfg, plan, factors)
-            }
-            AnyDevice::Wgpu(d) => search_with(
+            AnyDevice::Cpu(d) => search_by(
+                d, name, w, rows, cols, gram, holdout, cfg, plan, factors, choose,
+            ),
+            AnyDevice::Wgpu(d) => search_by(
                 d.as_ref(),
                 name,
                 w,
@@ -68,6 +97,7 @@ impl AnyDevice {
                 cfg,
                 plan,
                 factors,
+                choose,
             ),
         }
     }

@@ -353,7 +353,12 @@ pub(crate) type StageHook<'h, L> = &'h mut dyn FnMut(&mut L, usize, f64) -> Resu
 
 /// The undamped value of a damped quadratic form for the state's codes:
 /// `eᵀGe = eᵀHe − λ'·‖e‖²`, with `‖e‖²` reduced on the device.
-fn undamped<D: Device>(device: &D, st: &mut D::Layer, lam: f64, loss: f64) -> Result<f64> {
+pub(crate) fn undamped<D: Device>(
+    device: &D,
+    st: &mut D::Layer,
+    lam: f64,
+    loss: f64,
+) -> Result<f64> {
     if lam == 0.0 {
         return Ok(loss);
     }

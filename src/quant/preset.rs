@@ -3,7 +3,9 @@
 //! share. The command line and recipe files only fill in [`Choices`]; every default is decided
 //! here.
 
-use super::search::{SearchPlan, AUTO_DAMPS, DEFAULT_DAMP, DEFAULT_HOLDOUT, DEFAULT_SCORE_DAMP};
+use super::search::{
+    ChooseBy, SearchPlan, AUTO_DAMPS, DEFAULT_DAMP, DEFAULT_HOLDOUT, DEFAULT_SCORE_DAMP,
+};
 use super::{Granularity, Init, Method, OrderKind, QuantConfig};
 use crate::error::{Error, Result};
 
@@ -91,6 +93,8 @@ pub struct Choices {
     pub score_damp: Option<f32>,
     /// How many candidates a grid-shrink search tries.
     pub search: Option<SearchMode>,
+    /// Whether a search ships whole candidates or each row from its best one.
+    pub choose: Option<ChooseBy>,
     /// Visiting order.
     pub order: Option<OrderKind>,
     /// Closed-form scale update after each sweep.
@@ -121,6 +125,16 @@ impl Preset {
             config,
             search,
             holdout,
+        })
+    }
+
+    /// What a search ships under this preset: the user's choice, else each row from its best
+    /// candidate where the held-out images allow ([`ChooseBy::Auto`]); the paper preset ships
+    /// whole candidates, as the reference recipe has none to choose among.
+    pub fn choose(self, c: &Choices) -> ChooseBy {
+        c.choose.unwrap_or(match self {
+            Preset::Default => ChooseBy::Auto,
+            Preset::Paper => ChooseBy::Layer,
         })
     }
 
@@ -237,6 +251,29 @@ mod tests {
         assert_eq!(s, SearchPlan::full(AUTO_DAMPS.to_vec(), DEFAULT_SCORE_DAMP));
         assert_eq!(s.scalars, crate::quant::search::AUTO_SCALARS.to_vec());
         assert!(s.line_search && s.paper && s.rtn_scalars);
+    }
+
+    #[test]
+    fn the_default_preset_chooses_rows_where_the_held_out_rows_allow_and_the_paper_never() {
+        let none = Choices::default();
+        assert_eq!(Preset::Default.choose(&none), ChooseBy::Auto);
+        assert_eq!(Preset::Paper.choose(&none), ChooseBy::Layer);
+        let row = Choices {
+            choose: Some(ChooseBy::Row),
+            ..Choices::default()
+        };
+        assert_eq!(Preset::Paper.choose(&row), ChooseBy::Row);
+        // `auto` chooses rows from 4 held-out activation rows per input on.
+        let held = |samples: u64| crate::numeric::gram::Gram {
+            samples,
+            ..crate::numeric::gram::Gram::identity(8)
+        };
+        assert!(!ChooseBy::Auto.by_row(8, Some(&held(31))));
+        assert!(ChooseBy::Auto.by_row(8, Some(&held(32))));
+        assert!(!ChooseBy::Auto.by_row(8, None));
+        assert!(!ChooseBy::Row.by_row(8, None));
+        assert!(ChooseBy::Row.by_row(8, Some(&held(1))));
+        assert!(!ChooseBy::Layer.by_row(8, Some(&held(1 << 20))));
     }
 
     #[test]

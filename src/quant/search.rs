@@ -25,7 +25,9 @@
 
 use serde::Serialize;
 
-use super::comq::{check_inputs, run_on, undamped_energy, LayerOutcome, Prepared, RunContext};
+use super::comq::{
+    check_inputs, run_on, undamped, undamped_energy, LayerOutcome, Prepared, RunContext,
+};
 use super::{Gram, Grid, Init, Method, OrderKind, QuantConfig, QuantizedLayer};
 use crate::device::{Device, LayerProblem};
 use crate::error::Result;
@@ -153,12 +155,52 @@ pub struct Choice {
     pub outcome: LayerOutcome,
     /// Its label.
     pub chosen: String,
-    /// Every candidate, in the order tried.
+    /// Every candidate, in the order tried; a row-by-row mix of them, when one ships, last.
     pub tried: Vec<Tried>,
     /// The shipped candidate's held-out error.
     pub rel_error_holdout: Option<f64>,
     /// RTN's (scalar 1) held-out error.
     pub rel_error_holdout_rtn: Option<f64>,
+    /// With the choice made row by row: how many rows each candidate gave (label, rows), most
+    /// first; empty when the layer ships one candidate whole.
+    pub rows_from: Vec<(String, usize)>,
+}
+
+/// What the search picks among its candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChooseBy {
+    /// The candidate with the lowest held-out error ships whole.
+    Layer,
+    /// Each output row ships from the candidate whose row has the lowest held-out error (rows
+    /// are independent problems sharing `G`, each with its own grid). Without held-out images,
+    /// the layer's choice.
+    Row,
+    /// By row where the held-out Gram sums at least [`ROW_CHOICE_SAMPLES`] rows per input, else
+    /// by layer: each row's score is then a sum over enough held-out rows to pick on.
+    #[default]
+    Auto,
+}
+
+crate::util::value_enum!(ChooseBy {
+    Layer = "layer",
+    Row = "row",
+    Auto = "auto",
+});
+
+/// [`ChooseBy::Auto`] chooses by row when the held-out Gram sums at least this many activation
+/// rows per input of the layer.
+pub const ROW_CHOICE_SAMPLES: f64 = 4.0;
+
+impl ChooseBy {
+    /// Whether a layer with `cols` inputs and this held-out Gram is chosen row by row.
+    pub fn by_row(self, cols: usize, holdout: Option<&Gram>) -> bool {
+        match (self, holdout) {
+            (_, None) | (ChooseBy::Layer, _) => false,
+            (ChooseBy::Row, Some(_)) => true,
+            (ChooseBy::Auto, Some(h)) => h.samples as f64 >= ROW_CHOICE_SAMPLES * cols as f64,
+        }
+    }
 }
 
 fn label(cfg: &QuantConfig, sweeps: usize) -> String {
@@ -291,6 +333,10 @@ struct Ledger {
     rtn: Option<(f64, Option<f64>)>,
     /// `λ_s·mean(diag G)` of `--score-damp`.
     score_lam: f64,
+    /// Keep the best rows as well ([`ChooseBy::Row`]).
+    by_row: bool,
+    /// The states whose rows were kept.
+    row_states: Vec<usize>,
 }
 
 impl Ledger {
@@ -325,6 +371,12 @@ impl Ledger {
                 None => self.by_scalar.push((sc, score)),
             }
         }
+        if self.by_row && held.is_some() {
+            device.keep_rows(st, (self.tried.len() - 1) as u32)?;
+            if !self.row_states.contains(&s.state) {
+                self.row_states.push(s.state);
+            }
+        }
         if self.best.as_ref().is_none_or(|b| score < b.score) {
             device.keep(st)?;
             self.best = Some(Best {
@@ -348,9 +400,15 @@ impl Ledger {
         self,
         device: &D,
         states: &mut [Resident<D>],
+        l: &Layer<'_>,
         bits: u32,
         start: std::time::Instant,
     ) -> Result<Choice> {
+        // Rows kept in one state only: with two order kinds (the paper candidate beside a
+        // shared order) the layer's choice ships.
+        if let [si] = self.row_states[..] {
+            return self.ship_rows(device, &mut states[si], l, bits, start);
+        }
         let best = self.best.expect("RTN is always a candidate");
         let (rtn_rel, rtn_held) = self.rtn.expect("RTN is always a candidate");
         let (codes, delta) = device.download_kept(&mut states[best.state].st)?;
@@ -376,8 +434,137 @@ impl Ledger {
             rel_error_holdout_rtn: rtn_held,
             outcome,
             tried: self.tried,
+            rows_from: Vec::new(),
         })
     }
+
+    /// The row-by-row choice: the kept rows downloaded; when they come from more than one
+    /// candidate, their calibration error measured on the device (one product).
+    fn ship_rows<D: Device>(
+        self,
+        device: &D,
+        res: &mut Resident<D>,
+        l: &Layer<'_>,
+        bits: u32,
+        start: std::time::Instant,
+    ) -> Result<Choice> {
+        let best = self.best.expect("RTN is always a candidate");
+        let (rtn_rel, rtn_held) = self.rtn.expect("RTN is always a candidate");
+        let k = device.download_kept_rows(&mut res.st)?;
+        let mut counts = vec![0usize; self.tried.len()];
+        for &t in &k.tags {
+            let t = t as usize;
+            if t >= counts.len() {
+                return Err(crate::error::Error::Internal(format!(
+                    "layer '{}': a kept row names candidate {t} of {}",
+                    l.name,
+                    counts.len()
+                )));
+            }
+            counts[t] += 1;
+        }
+        let whole = counts.iter().filter(|&&c| c > 0).count() == 1;
+        let energy = res
+            .energies
+            .iter()
+            .find(|(d, _)| *d == res.damp)
+            .map_or(best.energy, |e| e.1);
+        let (rel_error, history, rel_error_start) = if whole {
+            let t = k.tags[0] as usize;
+            let same = t == best.index;
+            (
+                self.tried[t].rel_error,
+                if same { best.history } else { Vec::new() },
+                if same { best.rel_error_start } else { None },
+            )
+        } else {
+            device.restore_kept_rows(&mut res.st)?;
+            let loss = crate::profile::record("    refresh", || device.refresh(&mut res.st))?;
+            let loss = undamped(device, &mut res.st, l.gram.damping(res.damp), loss)?;
+            (
+                if energy > 0.0 { loss / energy } else { 0.0 },
+                Vec::new(),
+                None,
+            )
+        };
+        let held = if whole {
+            // One candidate gave every row: its own score, to the bit.
+            self.tried[k.tags[0] as usize]
+                .rel_error_holdout
+                .unwrap_or(f64::NAN)
+        } else if res.holdout_energy > 0.0 {
+            k.losses.iter().sum::<f64>() / res.holdout_energy
+        } else {
+            0.0
+        };
+        let mut rows_from: Vec<(String, usize)> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(i, &c)| (self.tried[i].label.clone(), c))
+            .collect();
+        rows_from.sort_by_key(|r| std::cmp::Reverse(r.1));
+        let chosen = if whole {
+            rows_from[0].0.clone()
+        } else {
+            format!("rows: {}", describe_rows(&rows_from))
+        };
+        let mut tried = self.tried;
+        if !whole {
+            // The mix is a candidate of its own, the last one tried: the report's list holds
+            // every quantization the search could ship, and the shipped one has the lowest
+            // held-out error in it.
+            tried.push(Tried {
+                label: chosen.clone(),
+                rel_error,
+                rel_error_holdout: Some(held),
+                score: held,
+            });
+        }
+        let grid = Grid {
+            delta: k.delta,
+            lo: k.lo,
+            ..best.grid
+        };
+        let outcome = LayerOutcome {
+            layer: QuantizedLayer {
+                rows: grid.rows,
+                cols: grid.cols,
+                bits,
+                grid,
+                codes: k.codes,
+            },
+            rel_error,
+            rel_error_rtn: rtn_rel,
+            energy,
+            history,
+            rel_error_start,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        Ok(Choice {
+            chosen,
+            rel_error_holdout: Some(held),
+            rel_error_holdout_rtn: rtn_held,
+            outcome,
+            tried,
+            rows_from: if whole { Vec::new() } else { rows_from },
+        })
+    }
+}
+
+/// `gptq+1 s0.85 d0.1 ×612, gptq+1 s0.90 ×300, … (3 more)`: the candidates that gave most rows.
+fn describe_rows(rows_from: &[(String, usize)]) -> String {
+    const SHOWN: usize = 3;
+    let mut s = rows_from
+        .iter()
+        .take(SHOWN)
+        .map(|(l, c)| format!("{l} ×{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if rows_from.len() > SHOWN {
+        s.push_str(&format!(", … ({} more)", rows_from.len() - SHOWN));
+    }
+    s
 }
 
 /// Quantizes one layer with every candidate of `plan` around `cfg` and ships the one with the
@@ -417,6 +604,37 @@ pub fn search_with<D: Device>(
     plan: &SearchPlan,
     factors: Option<&super::prefactor::FactorCache>,
 ) -> Result<Choice> {
+    search_by(
+        device,
+        name,
+        w,
+        rows,
+        cols,
+        gram,
+        holdout,
+        cfg,
+        plan,
+        factors,
+        ChooseBy::Layer,
+    )
+}
+
+/// [`search_with`], shipping by `choose`: the best candidate whole, or each row from the
+/// candidate whose row scored best on the held-out Gram.
+#[allow(clippy::too_many_arguments)]
+pub fn search_by<D: Device>(
+    device: &D,
+    name: &str,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &Gram,
+    holdout: Option<&Gram>,
+    cfg: &QuantConfig,
+    plan: &SearchPlan,
+    factors: Option<&super::prefactor::FactorCache>,
+    choose: ChooseBy,
+) -> Result<Choice> {
     let start = std::time::Instant::now();
     check_inputs(name, w, rows, cols, gram, cfg)?;
     let layer = Layer {
@@ -446,6 +664,8 @@ pub fn search_with<D: Device>(
             by_scalar: Vec::new(),
             rtn: None,
             score_lam: gram.damping(plan.score_damp),
+            by_row: choose.by_row(cols, holdout),
+            row_states: Vec::new(),
         };
         let mut queue = Queue::new(cfg, plan);
         while let Some(c) = queue.next(&ledger) {
@@ -511,7 +731,7 @@ pub fn search_with<D: Device>(
                 b.rel_error_start = stats.rel_error_start;
             }
         }
-        ledger.ship(device, &mut states, cfg.bits, start)
+        ledger.ship(device, &mut states, &layer, cfg.bits, start)
     })
 }
 

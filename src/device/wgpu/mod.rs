@@ -485,6 +485,8 @@ struct Tile {
     holdout: Option<[wgpu::BindGroup; 2]>,
     /// The kept codes and steps.
     kept: Option<(wgpu::Buffer, wgpu::Buffer)>,
+    /// The rows a row-by-row choice kept: codes, steps and lowest codes.
+    kept_rows: Option<[wgpu::Buffer; 3]>,
     rtn: wgpu::BindGroup,
     apply: wgpu::BindGroup,
     sweep: wgpu::BindGroup,
@@ -556,6 +558,10 @@ pub struct WgpuLayer {
     scale_dtype: ScaleDtype,
     layer_delta: f32,
     layer_delta0: f32,
+    /// Each row's value of the last held-out product of `W − Q̂`, as the reduction left it.
+    held_rows: Vec<f32>,
+    /// The row-by-row choice's tags and losses, per row ([`Device::keep_rows`]).
+    row_keep: Option<(Vec<u32>, Vec<f64>)>,
 }
 
 impl Drop for WgpuLayer {
@@ -573,6 +579,7 @@ impl Drop for WgpuLayer {
             if let Some((c, d)) = t.kept {
                 bufs.extend([c, d]);
             }
+            bufs.extend(t.kept_rows.into_iter().flatten());
         }
         self.pool.give(bufs);
     }
@@ -750,6 +757,7 @@ impl WgpuDevice {
             reduce,
             holdout: None,
             kept: None,
+            kept_rows: None,
             rtn,
             apply,
             sweep,
@@ -1102,18 +1110,21 @@ impl WgpuDevice {
 
     /// Runs `residual` mode `mode` and `reduce` mode `red` on every tile; returns Σ rows in f64.
     fn product_sum(&self, l: &WgpuLayer, residual: Option<usize>, red: usize) -> Result<f64> {
-        self.products(l, |t| residual.map(|m| &t.residual[m]), red)
+        Ok(self
+            .products(l, |t| residual.map(|m| &t.residual[m]), red)?
+            .0)
     }
 
     /// Runs the residual bind group `residual` picks per tile (if any), then `reduce` mode
-    /// `red`; returns Σ rows in f64.
+    /// `red`; returns Σ rows in f64 and the rows' values.
     fn products<'t>(
         &self,
         l: &'t WgpuLayer,
         residual: impl Fn(&'t Tile) -> Option<&'t wgpu::BindGroup>,
         red: usize,
-    ) -> Result<f64> {
+    ) -> Result<(f64, Vec<f32>)> {
         let mut total = 0.0f64;
+        let mut rows = Vec::new();
         for t in &l.tiles {
             let mut enc = self.encoder("product");
             if let Some(bg) = residual(t) {
@@ -1128,9 +1139,10 @@ impl WgpuDevice {
             self.submit(enc)?;
             let part = self.ctx.io.read_f32(t.buf(t.out), t.rows)?;
             total += part.iter().map(|&v| v as f64).sum::<f64>();
+            rows.extend(part);
         }
         self.check_fault()?;
-        Ok(total)
+        Ok((total, rows))
     }
 }
 
@@ -1187,6 +1199,8 @@ impl Device for WgpuDevice {
             scale_dtype: p.scale_dtype,
             layer_delta: p.grid.delta[0],
             layer_delta0: p.grid.delta[0],
+            held_rows: Vec::new(),
+            row_keep: None,
         };
         if let Some(e) = oom {
             drop(layer);
@@ -1538,7 +1552,11 @@ impl Device for WgpuDevice {
             ));
         }
         let (m, red) = if weights { (1, 1) } else { (0, 4) };
-        self.products(l, |t| t.holdout.as_ref().map(|h| &h[m]), red)
+        let (total, rows) = self.products(l, |t| t.holdout.as_ref().map(|h| &h[m]), red)?;
+        if !weights {
+            l.held_rows = rows;
+        }
+        Ok(total)
     }
 
     fn keep(&self, l: &mut WgpuLayer) -> Result<()> {
@@ -1561,5 +1579,117 @@ impl Device for WgpuDevice {
 
     fn download_kept(&self, l: &mut WgpuLayer) -> Result<(Vec<i32>, Vec<f32>)> {
         self.read_codes(l, |t| t.kept.as_ref().map(|(c, d)| (c, d)))
+    }
+
+    fn keep_rows(&self, l: &mut WgpuLayer, tag: u32) -> Result<()> {
+        let m: usize = l.tiles.iter().map(|t| t.rows).sum();
+        if l.held_rows.len() != m {
+            return Err(Error::Internal(
+                "keep_rows: no held-out product of this state".into(),
+            ));
+        }
+        // The rows' losses came back with the held-out product: the comparison is made here
+        // and only the rows that improved are copied, as runs of consecutive rows.
+        let losses: Vec<f64> = l.held_rows.iter().map(|&v| v as f64).collect();
+        let first = l.row_keep.is_none();
+        let (tags, kept) = l
+            .row_keep
+            .get_or_insert_with(|| (vec![tag; m], vec![f64::INFINITY; m]));
+        let better: Vec<bool> = losses.iter().zip(kept.iter()).map(|(a, b)| a < b).collect();
+        for (i, &b) in better.iter().enumerate() {
+            if b {
+                tags[i] = tag;
+                kept[i] = losses[i];
+            }
+        }
+        let (n, ng) = (l.cols as u64, l.groups as u64);
+        let mut enc = self.encoder("keep-rows");
+        let mut row0 = 0;
+        for t in &mut l.tiles {
+            let sizes = [
+                t.rows as u64 * n * 4,
+                t.rows as u64 * ng * 4,
+                t.rows as u64 * ng * 4,
+            ];
+            if t.kept_rows.is_none() {
+                t.kept_rows = Some([
+                    l.pool.take(&self.ctx.device, "kept-row-codes", sizes[0]),
+                    l.pool.take(&self.ctx.device, "kept-row-delta", sizes[1]),
+                    l.pool.take(&self.ctx.device, "kept-row-lo", sizes[2]),
+                ]);
+            }
+            let dst = t.kept_rows.as_ref().expect("set above");
+            let src = [t.buf(t.codes), t.buf(t.delta), t.buf(t.lo)];
+            let per_row = [n * 4, ng * 4, ng * 4];
+            let mut i = 0;
+            while i < t.rows {
+                if !(first || better[row0 + i]) {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < t.rows && (first || better[row0 + i]) {
+                    i += 1;
+                }
+                for k in 0..3 {
+                    let (off, len) = (start as u64 * per_row[k], (i - start) as u64 * per_row[k]);
+                    enc.copy_buffer_to_buffer(src[k], off, &dst[k], off, len);
+                }
+            }
+            row0 += t.rows;
+        }
+        self.submit(enc)
+    }
+
+    fn download_kept_rows(&self, l: &mut WgpuLayer) -> Result<super::KeptRows> {
+        let (tags, losses) = l
+            .row_keep
+            .clone()
+            .ok_or_else(|| Error::Internal("download_kept_rows: nothing was kept".into()))?;
+        let (mut codes, mut delta, mut lo) = (Vec::new(), Vec::new(), Vec::new());
+        for t in &l.tiles {
+            let [c, d, o] = t
+                .kept_rows
+                .as_ref()
+                .ok_or_else(|| Error::Internal("download_kept_rows: nothing was kept".into()))?;
+            codes.extend(self.ctx.io.read_i32(c, t.rows * l.cols)?);
+            delta.extend(self.ctx.io.read_f32(d, t.rows * l.groups)?);
+            lo.extend(self.ctx.io.read_i32(o, t.rows * l.groups)?);
+        }
+        self.check_fault()?;
+        Ok(super::KeptRows {
+            codes,
+            delta,
+            lo,
+            tags,
+            losses,
+        })
+    }
+
+    fn restore_kept_rows(&self, l: &mut WgpuLayer) -> Result<()> {
+        let (n, ng) = (l.cols as u64, l.groups as u64);
+        let mut enc = self.encoder("restore-rows");
+        for t in &l.tiles {
+            let src = t
+                .kept_rows
+                .as_ref()
+                .ok_or_else(|| Error::Internal("restore_kept_rows: nothing was kept".into()))?;
+            let dst = [t.buf(t.codes), t.buf(t.delta), t.buf(t.lo)];
+            let sizes = [
+                t.rows as u64 * n * 4,
+                t.rows as u64 * ng * 4,
+                t.rows as u64 * ng * 4,
+            ];
+            for k in 0..3 {
+                enc.copy_buffer_to_buffer(&src[k], 0, dst[k], 0, sizes[k]);
+            }
+            self.dispatch(
+                &mut enc,
+                Kernel::ApplyScale,
+                &t.apply,
+                per_element(t.rows * l.cols),
+            );
+        }
+        self.submit(enc)
     }
 }
