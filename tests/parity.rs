@@ -65,6 +65,32 @@ fn gram_matches_the_f64_cpu_gram() {
     }
 }
 
+/// A Gram built from activations on the GPU (`--calib` with `P.input`) comes back as its upper
+/// triangle, packed on the device without the padding to 64: the readback moves n(n+1)/2 values
+/// (and the sums are those of the square read whole: the same matrix as the CPU's, within the
+/// f32 tolerance).
+#[test]
+fn an_activation_gram_reads_back_its_packed_triangle() {
+    let Some(gpu) = gpu::device() else { return };
+    let cpu = AnyDevice::Cpu(CpuDevice::new());
+    for (rows, cols) in [(70usize, 1usize), (90, 65), (40, 130)] {
+        let mut rng = Rng::new(90 + cols as u64);
+        let x = correlated_x(&mut rng, rows, cols);
+        let (_, d0) = gpu.traffic();
+        let g = gpu.gram(cols, vec![Ok(x.clone())]).unwrap();
+        let down = gpu.traffic().1 - d0;
+        assert_eq!(down, (2 * cols * (cols + 1)) as u64, "{rows}×{cols}");
+        let c = cpu.gram(cols, vec![Ok(x)]).unwrap();
+        assert!(frob_rel(&g.data, &c.data) <= GRAM_REL_TOL);
+        // Symmetric, as the accumulator mirrors the triangle.
+        for i in 0..cols {
+            for j in 0..i {
+                assert_eq!(g.data[i * cols + j], g.data[j * cols + i]);
+            }
+        }
+    }
+}
+
 /// Many chunks with a large mean (the hard case for f32 sums): the device's f32 accumulation
 /// across chunks, read back once, stays this close to the f64 CPU Gram.
 const GRAM_LONG_REL_TOL: f64 = 2e-6;

@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use buffers::{gpu_err, BufferPool};
 use pipelines::{
-    BlockParams, GptqParams, GramParams, GridParams, ModeParams, Pipelines, ScaleParams,
-    SweepParams, UnpackParams,
+    BlockParams, FoldParams, GptqParams, GramParams, GridParams, ModeParams, Pipelines,
+    ScaleParams, SweepParams, UnpackParams,
 };
 
 use super::{Device, LayerProblem};
@@ -379,6 +379,11 @@ impl WgpuDevice {
     {
         let np = n.div_ceil(64) * 64;
         let g_bytes = (np * np * 4) as u64;
+        // Room after the padded sums for their upper triangle, packed on the device so the
+        // readback moves n(n+1)/2 values instead of np²; without that room, the whole square.
+        let tri = n * (n + 1) / 2;
+        let packed_bytes = g_bytes + (tri * 4) as u64;
+        let pack = n > 0 && packed_bytes <= self.max_binding();
         if g_bytes > self.max_binding() {
             return Err(gpu_err(format!(
                 "a {n}×{n} Gram matrix ({g_bytes} bytes) exceeds the adapter's storage-binding limit ({} bytes); use --device cpu",
@@ -390,7 +395,11 @@ impl WgpuDevice {
             .ctx
             .device
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let g = self.pool.take(&self.ctx.device, "gram", g_bytes);
+        let g = self.pool.take(
+            &self.ctx.device,
+            "gram",
+            if pack { packed_bytes } else { g_bytes },
+        );
         let x = self
             .pool
             .take(&self.ctx.device, "gram-chunk", (rows_cap * np * 4) as u64);
@@ -443,10 +452,37 @@ impl WgpuDevice {
                     samples += (end - start) as u64;
                 }
             }
-            let sums = self.ctx.io.read_f32(&g, np * np)?;
-            self.check_fault()?;
             let mut acc = GramAccumulator::new(n);
-            acc.add_partial(&sums, np, samples);
+            if pack {
+                let params = self.uniform(
+                    "fold-params",
+                    &FoldParams {
+                        n: n as u32,
+                        np: np as u32,
+                        slices: 1,
+                        full: 0,
+                    },
+                );
+                let bg = self.bind(Kernel::FoldPack, &[(0, &g), (2, &params)]);
+                let mut enc = self.encoder("gram-pack");
+                self.dispatch(&mut enc, Kernel::FoldPack, &bg, per_element(n * n));
+                self.submit(enc)?;
+                let packed = self.ctx.io.read_f32_at(&g, g_bytes, tri)?;
+                self.check_fault()?;
+                // The triangle back in place, row i from its diagonal on; the accumulator
+                // reads no more than that.
+                let mut sums = vec![0.0f32; n * n];
+                let mut at = 0;
+                for i in 0..n {
+                    sums[i * n + i..(i + 1) * n].copy_from_slice(&packed[at..at + n - i]);
+                    at += n - i;
+                }
+                acc.add_partial(&sums, n, samples);
+            } else {
+                let sums = self.ctx.io.read_f32(&g, np * np)?;
+                self.check_fault()?;
+                acc.add_partial(&sums, np, samples);
+            }
             Ok(acc.finish())
         })();
         self.pool.give([g, x]);
