@@ -472,6 +472,76 @@ fn only_naming_a_1d_tensor_is_a_clear_error() {
 #[path = "common/gpu.rs"]
 mod gpu;
 
+/// A calibration file's Grams (activations and Gram matrices alike) and their GPTQ factors are
+/// built one layer ahead on their own thread: the codes are those of a run that builds them in
+/// step (a `--resume` with nothing to resume builds them in step), on the CPU and on the GPU,
+/// and the profile shows the factors built there and none in the layers' own preparation.
+#[test]
+fn a_calibration_files_grams_built_ahead_give_the_codes_built_in_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, calib) = common::tiny_vit(tmp.path(), 32, 91);
+    let mut devices = vec!["cpu"];
+    if gpu::device().is_some() {
+        devices.push("gpu");
+    }
+    for device in devices {
+        let mut digests = Vec::new();
+        for (i, resume) in [false, true].into_iter().enumerate() {
+            let out = tmp.path().join(format!("{device}-{i}.safetensors"));
+            let rep = tmp.path().join(format!("{device}-{i}.json"));
+            let mut args = vec![
+                "run",
+                s(&model),
+                "--calib",
+                s(&calib),
+                "--device",
+                device,
+                "--out",
+                s(&out),
+                "--report",
+                s(&rep),
+            ];
+            if resume {
+                args.push("--resume");
+            }
+            let o = run(&args);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let r: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+            let kinds: Vec<&str> = r["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["calibration"].as_str().unwrap())
+                .collect();
+            assert!(
+                kinds.contains(&"input") && kinds.contains(&"gram"),
+                "{kinds:?}"
+            );
+            let stage = |name: &str| {
+                r["profile"]["stages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|s| s["stage"] == name)
+                    .map(|s| s["calls"].as_u64().unwrap())
+            };
+            if resume {
+                assert_eq!(stage("factor ahead"), None, "{device}");
+            } else {
+                assert_eq!(stage("factor ahead"), Some(8), "{device}: one per layer");
+                assert_eq!(
+                    stage("    factor"),
+                    None,
+                    "{device}: no layer built its own"
+                );
+            }
+            digests.push(r["codes_sha256"].as_str().unwrap().to_string());
+        }
+        assert_eq!(digests[0], digests[1], "{device}");
+    }
+}
+
 #[test]
 fn run_on_the_gpu_agrees_with_the_cpu() {
     if gpu::device().is_none() {

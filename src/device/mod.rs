@@ -246,6 +246,14 @@ impl AnyDevice {
         }
     }
 
+    /// A second handle on the same device, for another thread (the CPU has no state to share).
+    pub fn handle(&self) -> AnyDevice {
+        match self {
+            AnyDevice::Cpu(c) => AnyDevice::Cpu(c.clone()),
+            AnyDevice::Wgpu(w) => AnyDevice::Wgpu(w.clone()),
+        }
+    }
+
     /// The device's description.
     pub fn describe(&self) -> String {
         match self {

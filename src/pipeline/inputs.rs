@@ -24,6 +24,9 @@ pub(super) struct Inputs {
     pub(super) calib_memory: Option<CalibMemory>,
     /// Host bytes the run may hold in GPTQ factors built ahead (within the memory budget).
     pub(super) factors_ahead: u64,
+    /// A calibration file's Grams are built one layer ahead on a thread of their own
+    /// ([`super::preflight::calib_ahead`]).
+    pub(super) grams_ahead: bool,
 }
 
 impl Inputs {
@@ -70,12 +73,16 @@ impl Inputs {
             search_state(opts),
         )?
         .check()?;
-        let (calib_memory, factors_ahead) = match (&vision, &opts.images) {
+        let (calib_memory, factors_ahead, grams_ahead) = match (&vision, &opts.images) {
             (Some(v), Some(_)) => {
                 let (m, ahead) = check_calibration(opts, v, &jobs, &device)?;
-                (Some(m), ahead)
+                (Some(m), ahead, false)
             }
-            _ => (None, 0),
+            _ => {
+                let (on, ahead) =
+                    super::preflight::calib_ahead(opts, calib.as_ref(), &jobs, &device);
+                (None, ahead, on)
+            }
         };
         let inputs = Inputs {
             model,
@@ -85,6 +92,7 @@ impl Inputs {
             vision,
             calib_memory,
             factors_ahead,
+            grams_ahead,
         };
         Ok((inputs, device))
     }

@@ -39,6 +39,8 @@ pub(super) struct LayerEnv<'a> {
     pub(super) fp_mode: bool,
     /// GPTQ factors built ahead on the calibration thread ([`crate::quant::prefactor`]).
     pub(super) factors: &'a crate::quant::prefactor::FactorCache,
+    /// A calibration file's Grams (and their factors) built one layer ahead on their own thread.
+    pub(super) grams_ahead: bool,
 }
 
 /// What layers change as a run goes on.
@@ -101,8 +103,22 @@ pub(super) struct LayerDone {
     pub(super) device_bytes: Option<(u64, u64)>,
 }
 
+/// The share of a calibration file's activation rows a layer holds out to choose on: the
+/// run's `--holdout` for a searched COMQ layer, else none.
+pub(super) fn held_share(opts: &RunOptions, job: &Job) -> f32 {
+    match (&opts.search, job.config.method) {
+        (Some(_), Method::Comq) => opts.holdout,
+        _ => 0.0,
+    }
+}
+
+/// A layer's Grams built ahead of it (a calibration file's, on their own thread): `None` when
+/// they were not, and the layer builds them itself.
+pub(super) type GramsAhead = Option<Result<(Gram, Option<Gram>)>>;
+
 /// Quantizes job `index` from its weights as read (`fetched`), or reuses the saved result of an
-/// interrupted run with the same weights.
+/// interrupted run with the same weights. `ahead` holds its Grams when they were built ahead.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn quantize_job(
     env: &LayerEnv<'_>,
     state: &mut LayerState,
@@ -110,6 +126,7 @@ pub(super) fn quantize_job(
     index: usize,
     job: &Job,
     fetched: Result<Vec<f32>>,
+    ahead: GramsAhead,
     progress: &mut dyn FnMut(Progress<'_>),
 ) -> Result<LayerDone> {
     let name = job.meta.name.as_str();
@@ -145,24 +162,33 @@ pub(super) fn quantize_job(
     });
     let t = Instant::now();
     // A searched layer calibrated from activations holds some of their rows out to choose on.
-    let held_share = match (&env.opts.search, job.config.method) {
-        (Some(_), Method::Comq) => env.opts.holdout,
-        _ => 0.0,
+    let held_share = held_share(env.opts, job);
+    // Grams built ahead on a GPU that has failed since are built again here, on the device
+    // the run went on with.
+    let ahead = match ahead {
+        Some(Err(Error::Gpu { .. })) if !matches!(state.device, AnyDevice::Wgpu(_)) => None,
+        a => a,
     };
-    let (gram, held) = job_grams(
-        job,
-        env.calib,
-        &state.device,
-        &mut cal.grams,
-        &mut cal.holdout,
-        held_share,
-    )?;
+    let was_ahead = ahead.is_some();
+    let (gram, held) = match ahead {
+        Some(r) => r?,
+        None => job_grams(
+            job,
+            env.calib,
+            &state.device,
+            &mut cal.grams,
+            &mut cal.holdout,
+            held_share,
+        )?,
+    };
     let cross = super::vision::job_cross(job, &mut cal.grams)?;
     let secs = t.elapsed().as_secs_f64();
     match job.calib {
         // In step, the calibrator's own forward and gram stages hold this time.
         Some(CalibKind::Images) if env.fp_mode => env.profile.add("calibration wait", secs),
         Some(CalibKind::Images) | None => {}
+        // Built ahead, the thread that built them holds their time.
+        Some(_) if was_ahead => env.profile.add("calibration wait", secs),
         Some(_) => env.profile.add("gram", secs),
     }
     let t_quantize = Instant::now();
@@ -430,6 +456,7 @@ mod tests {
             profile,
             fp_mode: false,
             factors: Box::leak(Box::default()),
+            grams_ahead: false,
         }
     }
 
@@ -459,6 +486,7 @@ mod tests {
             0,
             &job,
             Ok(w.clone()),
+            None,
             &mut |p| {
                 if let Progress::Stage { stage, .. } = p {
                     stages.push(stage)
@@ -500,6 +528,7 @@ mod tests {
             0,
             &job,
             Err(Error::Shape("unreadable".into())),
+            None,
             &mut |_| {},
         );
         assert!(matches!(err, Err(Error::Shape(_))));
@@ -517,6 +546,7 @@ mod tests {
                 0,
                 &job,
                 Ok(w.clone()),
+                None,
                 &mut |_| {},
             )
             .unwrap()
@@ -527,7 +557,7 @@ mod tests {
         let mut e = env(&opts, &model, &sites, &verify, &profile);
         e.work = Some(&work);
         let mut stages = 0;
-        let again = quantize_job(&e, &mut state, &mut cal, 0, &job, Ok(w), &mut |_| {
+        let again = quantize_job(&e, &mut state, &mut cal, 0, &job, Ok(w), None, &mut |_| {
             stages += 1
         })
         .unwrap();

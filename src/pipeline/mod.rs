@@ -130,6 +130,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let factors = crate::quant::prefactor::FactorCache::with_cap(inputs.factors_ahead);
     let env = LayerEnv {
         factors: &factors,
+        grams_ahead: inputs.grams_ahead,
         opts,
         model,
         calib: inputs.calib.as_ref(),

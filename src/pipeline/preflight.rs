@@ -159,6 +159,67 @@ pub fn calibration_bytes_of(spec: &crate::model::VitSpec, images: usize, gpu: bo
     )
 }
 
+/// Whether a run calibrated from a file (`--calib`) builds each layer's Grams one layer ahead on
+/// a thread of its own, and the host bytes it may hold in GPTQ factors built there with them.
+/// Ahead, the host holds one more layer's Gram and held-out Gram in f64 (`16n²` bytes) and, when
+/// the search starts from GPTQ, the factors of up to two layers at each damping (`4n² + 4n`
+/// each). Off for a resumed run (most of its layers are read from the work directory, not
+/// calibrated) and when the host has no room for the Grams beside the largest layer; the
+/// factors get what is left, up to what they would hold.
+pub fn calib_ahead(
+    opts: &RunOptions,
+    calib: Option<&Calibration>,
+    jobs: &[Job],
+    device: &AnyDevice,
+) -> (bool, u64) {
+    use crate::io::calib::CalibKind;
+    if calib.is_none() || opts.resume {
+        return (false, 0);
+    }
+    let from_file = |j: &&Job| matches!(j.calib, Some(CalibKind::Input | CalibKind::Gram));
+    let Some(n) = jobs.iter().filter(from_file).map(|j| j.cols as u64).max() else {
+        return (false, 0);
+    };
+    let cpu = matches!(device, AnyDevice::Cpu(_));
+    let grams = 16 * n * n;
+    let gptq = |j: &Job| {
+        j.config.init == crate::quant::Init::Gptq && j.config.method == crate::quant::Method::Comq
+    };
+    let factors = match &opts.search {
+        Some(plan) if jobs.iter().filter(from_file).any(gptq) => {
+            (2 * (1 + plan.damps.len() as u64) * (4 * n * n + 4 * n))
+                .min(crate::quant::prefactor::PREFACTOR_BYTES)
+        }
+        _ => 0,
+    };
+    let search = search_state(opts);
+    let peak = jobs
+        .iter()
+        .map(|j| {
+            let (m, n) = (j.rows, j.cols);
+            let (dev, host) = search.map_or((0, 0), |held| search_bytes(m, n, held, &j.config));
+            host_bytes(m, n, cpu, &j.config)
+                + host
+                + if cpu {
+                    dev + cpu_tracking_bytes(m, n, &j.config, search)
+                } else {
+                    0
+                }
+        })
+        .max()
+        .unwrap_or(0);
+    let budget = if cpu {
+        opts.memory_limit.or(host_available_bytes())
+    } else {
+        host_available_bytes()
+    };
+    match budget {
+        None => (true, factors),
+        Some(b) if peak + grams > b => (false, 0),
+        Some(b) => (true, factors.min(b - peak - grams)),
+    }
+}
+
 /// Host bytes of the GPTQ factors a run builds ahead ([`crate::quant::prefactor`]): one per
 /// block input (`4n² + 4n` bytes each) and damping, for the block being quantized and the one
 /// after it, at most [`crate::quant::prefactor::PREFACTOR_BYTES`].

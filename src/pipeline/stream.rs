@@ -12,7 +12,9 @@ use sha2::{Digest, Sha256};
 
 use super::encode::{packed_tensors, scale_dtype_for};
 use super::jobs::Job;
-use super::layer::{layer_report, quantize_job, Calibrators, LayerEnv, LayerState};
+use super::layer::{
+    held_share, layer_report, quantize_job, Calibrators, GramsAhead, LayerEnv, LayerState,
+};
 use super::report::LayerReport;
 use super::vision::RawCalibrators;
 use super::Progress;
@@ -168,6 +170,53 @@ fn prefactor<'env>(
     }))
 }
 
+/// What [`grams_ahead`] reads of the run (the parts of [`LayerEnv`] another thread may share).
+struct FileAhead<'a> {
+    opts: &'a super::RunOptions,
+    calib: Option<&'a crate::io::Calibration>,
+    factors: &'a crate::quant::prefactor::FactorCache,
+}
+
+/// A calibration file's Grams of `job` (`None` for a layer calibrated otherwise) and, when its
+/// search starts from GPTQ, their factors at each damping it tries, into `env.factors` under the
+/// job's index: what the layer would build itself, built ahead of it. A factor that fails is left
+/// to the layer, which reports it by name.
+fn grams_ahead(
+    env: &FileAhead<'_>,
+    device: &crate::device::AnyDevice,
+    profile: &Profile,
+    index: usize,
+    job: &Job,
+) -> GramsAhead {
+    use crate::io::calib::CalibKind;
+    use crate::quant::{Init, Method};
+    if !matches!(job.calib, Some(CalibKind::Input | CalibKind::Gram)) {
+        return None;
+    }
+    let grams = profile.time("gram", || {
+        super::vision::job_grams(
+            job,
+            env.calib,
+            device,
+            &mut None,
+            &mut None,
+            held_share(env.opts, job),
+        )
+    });
+    if let (Ok((gram, _)), Some(plan)) = (&grams, &env.opts.search) {
+        if job.config.method == Method::Comq && job.config.init == Init::Gptq {
+            let mut damps = vec![job.config.damp];
+            damps.extend(plan.damps.iter().filter(|&&d| d != job.config.damp));
+            profile.time("factor ahead", || {
+                if let Err(e) = env.factors.build(index, gram, &damps, job.config.act_order) {
+                    log::debug!("factor ahead for {}: {e}", job.meta.name);
+                }
+            });
+        }
+    }
+    Some(grams)
+}
+
 /// Quantizes every job in order and writes its codes behind, returning the writers with every
 /// tensor in place. The full-precision calibrators (`env.fp_mode`) run one block ahead on their
 /// own threads; the sequential mode needs each block's quantized weights first, so it stays in
@@ -216,6 +265,28 @@ pub(super) fn quantize_all<'c>(
                 }
             });
         }
+        // A calibration file's Grams (and their factors) are built one layer ahead on their
+        // own thread, with a second handle on the device: the channel has no slack, so the
+        // thread builds the next layer's while this one is quantized, and no further.
+        let grams_rx = env.grams_ahead.then(|| {
+            let (tx, rx) = sync_channel::<GramsAhead>(0);
+            let device = state.device.handle();
+            let profile = profile.clone();
+            let shared = FileAhead {
+                opts: env.opts,
+                calib: env.calib,
+                factors: env.factors,
+            };
+            sc.spawn(move || {
+                for (index, job) in jobs.iter().enumerate() {
+                    let ahead = grams_ahead(&shared, &device, &profile, index, job);
+                    if tx.send(ahead).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        });
         // The writer encodes and writes behind the quantization (two messages of slack).
         let (out_tx, out_rx) = sync_channel::<Out>(2);
         let writer = {
@@ -247,9 +318,18 @@ pub(super) fn quantize_all<'c>(
                     profile.add("read wait", t.elapsed().as_secs_f64());
                     r.map_err(|_| Error::WorkerStopped("weight reader"))?
                 };
+                let ahead = match &grams_rx {
+                    Some(rx) => {
+                        let t = Instant::now();
+                        let r = rx.recv();
+                        profile.add("calibration wait", t.elapsed().as_secs_f64());
+                        r.map_err(|_| Error::WorkerStopped("calibration file reader"))?
+                    }
+                    None => None,
+                };
                 let t0 = Instant::now();
                 let done = crate::profile::with_current(profile, || {
-                    quantize_job(env, state, &mut cal, index, job, fetched, progress)
+                    quantize_job(env, state, &mut cal, index, job, fetched, ahead, progress)
                 })?;
                 for f in &done.folded {
                     send(Out::Both(f.name.clone(), f.bytes.clone()))?;
@@ -305,6 +385,7 @@ pub(super) fn quantize_all<'c>(
         // then let the writer drain; its own error, if any, is the cause of a failed send.
         drop(out_tx);
         drop(read_rx);
+        drop(grams_rx);
         drop(cal);
         let written = writer
             .join()

@@ -132,7 +132,9 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
     v.iter().map(summary).collect()
 }
 
-/// A wgpu device ready to run COMQ kernels.
+/// A wgpu device ready to run COMQ kernels. A clone is a second handle on the same device
+/// (kernels, buffer pool, fault slot and transfer counters shared), for another thread.
+#[derive(Clone)]
 pub struct WgpuDevice {
     info: wgpu::AdapterInfo,
     /// The device, kernels, fault slot and transfers, shared with the forward primitives.
