@@ -808,6 +808,33 @@ fn the_row_choice_ships_each_row_from_its_best_held_out_candidate() {
         assert_eq!(a.outcome.layer.codes, b.outcome.layer.codes);
         assert!(a.rows_from.is_empty());
     }
+    // One scale for the whole layer: rows from candidates with other scales would break it, so
+    // the layer ships one candidate whole.
+    let cfg = QuantConfig {
+        bits: 3,
+        init: Init::Gptq,
+        damp: 0.01,
+        granularity: comq_gpu::quant::Granularity::Layer,
+        ..QuantConfig::default()
+    };
+    let plan = SearchPlan::quick(3, vec![0.1], 0.1);
+    let c = search_by(
+        &dev,
+        "t",
+        &w,
+        rows,
+        cols,
+        &cal,
+        Some(&held),
+        &cfg,
+        &plan,
+        None,
+        ChooseBy::Row,
+    )
+    .unwrap();
+    assert!(c.rows_from.is_empty());
+    let d = &c.outcome.layer.grid.delta;
+    assert!(d.iter().all(|&x| x == d[0]), "one scale for the layer");
 }
 
 /// Without held-out images, `--score-damp λ` compares candidates on the calibration error plus

@@ -664,7 +664,9 @@ pub fn search_by<D: Device>(
             by_scalar: Vec::new(),
             rtn: None,
             score_lam: gram.damping(plan.score_damp),
-            by_row: choose.by_row(cols, holdout),
+            // One scale for the whole layer (`--granularity layer`) cannot take rows from
+            // candidates with different scales.
+            by_row: choose.by_row(cols, holdout) && cfg.granularity == super::Granularity::Channel,
             row_states: Vec::new(),
         };
         let mut queue = Queue::new(cfg, plan);
