@@ -464,11 +464,12 @@ impl Ledger {
             counts[t] += 1;
         }
         let whole = counts.iter().filter(|&&c| c > 0).count() == 1;
-        let energy = res
-            .energies
-            .iter()
-            .find(|(d, _)| *d == res.damp)
-            .map_or(best.energy, |e| e.1);
+        // The energy the figures divide by: the best candidate's when it gave every row (the
+        // layer choice's figures to the bit), else the state's at its damping.
+        let energy = match res.energies.iter().find(|(d, _)| *d == res.damp) {
+            Some(e) if !(whole && k.tags[0] as usize == best.index) => e.1,
+            _ => best.energy,
+        };
         let (rel_error, history, rel_error_start) = if whole {
             let t = k.tags[0] as usize;
             let same = t == best.index;
