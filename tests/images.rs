@@ -672,6 +672,13 @@ fn the_default_chooses_rows_where_the_held_out_images_allow() {
         }
     }
     assert!(by_row > 0 && whole > 0, "{by_row} by row, {whole} whole");
+    // The report and the output's metadata say how the search chose.
+    assert_eq!(r["choose"], "auto");
+    let meta = comq_gpu::io::Checkpoint::open(&out)
+        .unwrap()
+        .metadata()
+        .clone();
+    assert_eq!(meta["comq.choose"], "auto");
     for extra in [
         &["--choose", "layer"][..],
         &["--preset", "paper", "--holdout", "0.15"],

@@ -101,6 +101,7 @@ pub(super) fn finish(
         mixed_precision: mixed,
         search: opts.search.clone(),
         holdout,
+        choose: opts.choose,
         profile: {
             let mut p = profile.report(wall);
             p.device_bytes_up = traffic.map(|t| t.0);

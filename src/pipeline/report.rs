@@ -132,6 +132,9 @@ pub struct RunReport {
     pub search: Option<SearchPlan>,
     /// Share of the calibration images held out to choose among them.
     pub holdout: f32,
+    /// Whether the search shipped whole candidates or rows (`--choose`; each layer's
+    /// `rows_from` says what it did).
+    pub choose: crate::quant::search::ChooseBy,
     /// Where the time went, per stage.
     pub profile: ProfileReport,
     /// The planned memory of the calibration (images runs).
@@ -203,6 +206,14 @@ pub(super) fn provenance(
         put(
             "search",
             serde_json::to_string(plan).expect("a search plan serialises"),
+        );
+        put(
+            "choose",
+            serde_json::to_value(opts.choose)
+                .expect("enum")
+                .as_str()
+                .unwrap_or("")
+                .into(),
         );
     }
     put("sweeps", c.sweeps.to_string());
