@@ -714,50 +714,22 @@ fn a_row_choice_over_tiles_matches_the_cpu_and_uploads_nothing_more() {
         ..QuantConfig::default()
     };
     let plan = SearchPlan::quick(3, vec![0.1], 0.1);
-    let run = |d: &dyn Fn() -> comq_gpu::quant::search::Choice| d();
+    let h = Some(&held);
+    let on_gpu = |c| search_by(&gpu, "t", &w, rows, cols, &gram, h, &cfg, &plan, None, c).unwrap();
     let t0 = gpu.traffic();
-    let by_layer = run(&|| {
-        search_by(
-            &gpu,
-            "t",
-            &w,
-            rows,
-            cols,
-            &gram,
-            Some(&held),
-            &cfg,
-            &plan,
-            None,
-            ChooseBy::Layer,
-        )
-        .unwrap()
-    });
+    let by_layer = on_gpu(ChooseBy::Layer);
     let t1 = gpu.traffic();
-    let g = run(&|| {
-        search_by(
-            &gpu,
-            "t",
-            &w,
-            rows,
-            cols,
-            &gram,
-            Some(&held),
-            &cfg,
-            &plan,
-            None,
-            ChooseBy::Row,
-        )
-        .unwrap()
-    });
+    let g = on_gpu(ChooseBy::Row);
     let t2 = gpu.traffic();
+    let cpu = CpuDevice::new();
     let c = search_by(
-        &CpuDevice::new(),
+        &cpu,
         "t",
         &w,
         rows,
         cols,
         &gram,
-        Some(&held),
+        h,
         &cfg,
         &plan,
         None,
@@ -768,6 +740,18 @@ fn a_row_choice_over_tiles_matches_the_cpu_and_uploads_nothing_more() {
         !g.rows_from.is_empty(),
         "the rows come from several candidates"
     );
+    // `Σ_r v_rᵀ M v_r` over the rows of `v`, in f64.
+    let form = |v: &[f64], m: &comq_gpu::Gram| {
+        let mut s = 0.0;
+        for r in 0..rows {
+            for a in 0..cols {
+                for b in 0..cols {
+                    s += v[r * cols + a] * m.data[a * cols + b] * v[r * cols + b];
+                }
+            }
+        }
+        s
+    };
     let quad = |q: &comq_gpu::quant::QuantizedLayer, m: &comq_gpu::Gram| {
         let d = q.dequantize();
         let e: Vec<f64> = w
@@ -775,27 +759,10 @@ fn a_row_choice_over_tiles_matches_the_cpu_and_uploads_nothing_more() {
             .zip(&d)
             .map(|(&a, &b)| a as f64 - b as f64)
             .collect();
-        let mut s = 0.0;
-        for r in 0..rows {
-            for a in 0..cols {
-                for b in 0..cols {
-                    s += e[r * cols + a] * m.data[a * cols + b] * e[r * cols + b];
-                }
-            }
-        }
-        s
+        form(&e, m)
     };
-    let energy = |m: &comq_gpu::Gram| {
-        let mut s = 0.0;
-        for r in 0..rows {
-            for a in 0..cols {
-                for b in 0..cols {
-                    s += w[r * cols + a] as f64 * m.data[a * cols + b] * w[r * cols + b] as f64;
-                }
-            }
-        }
-        s
-    };
+    let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+    let energy = |m: &comq_gpu::Gram| form(&w64, m);
     let held_direct = quad(&g.outcome.layer, &held) / energy(&held);
     let cal_direct = quad(&g.outcome.layer, &gram) / energy(&gram);
     let hg = g.rel_error_holdout.unwrap();

@@ -187,8 +187,8 @@ pub(super) fn quantize_job(
         // In step, the calibrator's own forward and gram stages hold this time.
         Some(CalibKind::Images) if env.fp_mode => env.profile.add("calibration wait", secs),
         Some(CalibKind::Images) | None => {}
-        // Built ahead, the thread that built them holds their time.
-        Some(_) if was_ahead => env.profile.add("calibration wait", secs),
+        // Built ahead: that thread holds their time, the stream its wait for them.
+        Some(_) if was_ahead => {}
         Some(_) => env.profile.add("gram", secs),
     }
     let t_quantize = Instant::now();

@@ -195,17 +195,7 @@ pub fn calib_ahead(
     let search = search_state(opts);
     let peak = jobs
         .iter()
-        .map(|j| {
-            let (m, n) = (j.rows, j.cols);
-            let (dev, host) = search.map_or((0, 0), |held| search_bytes(m, n, held, &j.config));
-            host_bytes(m, n, cpu, &j.config)
-                + host
-                + if cpu {
-                    dev + cpu_tracking_bytes(m, n, &j.config, search)
-                } else {
-                    0
-                }
-        })
+        .map(|j| layer_bytes(j, cpu, search).1)
         .max()
         .unwrap_or(0);
     let budget = if cpu {
@@ -218,6 +208,23 @@ pub fn calib_ahead(
         Some(b) if peak + grams > b => (false, 0),
         Some(b) => (true, factors.min(b - peak - grams)),
     }
+}
+
+/// One layer's `(device, host)` bytes: its state and, when it runs a candidate search (`search`
+/// is `Some(holdout)`), the search's; on the CPU the device is the host, which also keeps the
+/// exact products.
+fn layer_bytes(j: &Job, cpu: bool, search: Option<bool>) -> (u64, u64) {
+    let (m, n, cfg) = (j.rows, j.cols, &j.config);
+    let (search_dev, search_host) = search.map_or((0, 0), |held| search_bytes(m, n, held, cfg));
+    let dev = device_bytes(m, n, cfg) + search_dev;
+    let host = host_bytes(m, n, cpu, cfg)
+        + search_host
+        + if cpu {
+            search_dev + cpu_tracking_bytes(m, n, cfg, search)
+        } else {
+            0
+        };
+    (dev, host)
 }
 
 /// Host bytes of the GPTQ factors a run builds ahead ([`crate::quant::prefactor`]): one per
@@ -371,15 +378,7 @@ pub fn preflight(
     for j in jobs {
         let (m, n) = (j.rows, j.cols);
         let cfg = &j.config;
-        let (search_dev, search_host) = search.map_or((0, 0), |held| search_bytes(m, n, held, cfg));
-        let dev = device_bytes(m, n, cfg) + search_dev;
-        let host = host_bytes(m, n, cpu, cfg)
-            + search_host
-            + if cpu {
-                search_dev + cpu_tracking_bytes(m, n, cfg, search)
-            } else {
-                0
-            };
+        let (dev, host) = layer_bytes(j, cpu, search);
         let calib_rows = calib.map_or(0, |c| c.rows(&j.prefix, n));
         let g_bytes = (4 * n * n) as u64;
         let work = (m * n * n) as f64

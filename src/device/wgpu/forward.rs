@@ -350,14 +350,7 @@ impl GpuOps {
         if full {
             return Ok((packed, n));
         }
-        // The triangle back in place (row i from its diagonal on); the lower triangle is not read.
-        let mut out = vec![0.0f32; n * n];
-        let mut at = 0;
-        for i in 0..n {
-            out[i * n + i..(i + 1) * n].copy_from_slice(&packed[at..at + n - i]);
-            at += n - i;
-        }
-        Ok((out, n))
+        Ok((super::upper_from_packed(&packed, n), n))
     }
 }
 

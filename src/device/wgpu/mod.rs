@@ -471,15 +471,7 @@ impl WgpuDevice {
                 self.submit(enc)?;
                 let packed = self.ctx.io.read_f32_at(&g, g_bytes, tri)?;
                 self.check_fault()?;
-                // The triangle back in place, row i from its diagonal on; the accumulator
-                // reads no more than that.
-                let mut sums = vec![0.0f32; n * n];
-                let mut at = 0;
-                for i in 0..n {
-                    sums[i * n + i..(i + 1) * n].copy_from_slice(&packed[at..at + n - i]);
-                    at += n - i;
-                }
-                acc.add_partial(&sums, n, samples);
+                acc.add_partial(&upper_from_packed(&packed, n), n, samples);
             } else {
                 let sums = self.ctx.io.read_f32(&g, np * np)?;
                 self.check_fault()?;
@@ -602,6 +594,14 @@ pub struct WgpuLayer {
     row_keep: Option<(Vec<u32>, Vec<f64>)>,
 }
 
+impl WgpuLayer {
+    /// Bytes per row of what a row-by-row choice keeps: codes, steps and lowest codes.
+    fn kept_row_bytes(&self) -> [u64; 3] {
+        let (n, ng) = (self.cols as u64, self.groups as u64);
+        [4 * n, 4 * ng, 4 * ng]
+    }
+}
+
 impl Drop for WgpuLayer {
     fn drop(&mut self) {
         let mut bufs: Vec<wgpu::Buffer> = self.g.take().into_iter().collect();
@@ -621,6 +621,19 @@ impl Drop for WgpuLayer {
         }
         self.pool.give(bufs);
     }
+}
+
+/// A Gram's upper triangle as `fold_pack` leaves it (row `i` from its diagonal on, row after
+/// row) back in place in a row-major `n × n` matrix; the lower triangle stays zero, since a Gram
+/// accumulator reads only the upper one.
+pub(super) fn upper_from_packed(packed: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * n];
+    let mut at = 0;
+    for i in 0..n {
+        out[i * n + i..(i + 1) * n].copy_from_slice(&packed[at..at + n - i]);
+        at += n - i;
+    }
+    out
 }
 
 /// Values per chunk of a compact upload: the packed copy's device buffer holds at most this
@@ -1640,15 +1653,11 @@ impl Device for WgpuDevice {
                 kept[i] = losses[i];
             }
         }
-        let (n, ng) = (l.cols as u64, l.groups as u64);
+        let per_row = l.kept_row_bytes();
         let mut enc = self.encoder("keep-rows");
         let mut row0 = 0;
         for t in &mut l.tiles {
-            let sizes = [
-                t.rows as u64 * n * 4,
-                t.rows as u64 * ng * 4,
-                t.rows as u64 * ng * 4,
-            ];
+            let sizes = per_row.map(|b| b * t.rows as u64);
             if t.kept_rows.is_none() {
                 t.kept_rows = Some([
                     l.pool.take(&self.ctx.device, "kept-row-codes", sizes[0]),
@@ -1658,7 +1667,6 @@ impl Device for WgpuDevice {
             }
             let dst = t.kept_rows.as_ref().expect("set above");
             let src = [t.buf(t.codes), t.buf(t.delta), t.buf(t.lo)];
-            let per_row = [n * 4, ng * 4, ng * 4];
             let mut i = 0;
             while i < t.rows {
                 if !(first || better[row0 + i]) {
@@ -1705,7 +1713,7 @@ impl Device for WgpuDevice {
     }
 
     fn restore_kept_rows(&self, l: &mut WgpuLayer) -> Result<()> {
-        let (n, ng) = (l.cols as u64, l.groups as u64);
+        let per_row = l.kept_row_bytes();
         let mut enc = self.encoder("restore-rows");
         for t in &l.tiles {
             let src = t
@@ -1713,11 +1721,7 @@ impl Device for WgpuDevice {
                 .as_ref()
                 .ok_or_else(|| Error::Internal("restore_kept_rows: nothing was kept".into()))?;
             let dst = [t.buf(t.codes), t.buf(t.delta), t.buf(t.lo)];
-            let sizes = [
-                t.rows as u64 * n * 4,
-                t.rows as u64 * ng * 4,
-                t.rows as u64 * ng * 4,
-            ];
+            let sizes = per_row.map(|b| b * t.rows as u64);
             for k in 0..3 {
                 enc.copy_buffer_to_buffer(&src[k], 0, dst[k], 0, sizes[k]);
             }
