@@ -69,15 +69,19 @@ pub enum Kernel {
     FoldSum,
     /// The folded Gram's triangle (or all of a cross-Gram) packed for readback (`fold.wgsl`).
     FoldPack,
+    /// The greedy order ranked from the resident weights, in f64 (`order.wgsl`; needs
+    /// SHADER_F64, see [`Kernel::needs_f64`]).
+    GreedyRank,
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 12] = [
+pub const SOURCES: [(&str, &str); 13] = [
     ("block.wgsl", include_str!("../shaders/block.wgsl")),
     ("diag.wgsl", include_str!("../shaders/diag.wgsl")),
     ("fold.wgsl", include_str!("../shaders/fold.wgsl")),
     ("gptq.wgsl", include_str!("../shaders/gptq.wgsl")),
     ("gram.wgsl", include_str!("../shaders/gram.wgsl")),
+    ("order.wgsl", include_str!("../shaders/order.wgsl")),
     ("residual.wgsl", include_str!("../shaders/residual.wgsl")),
     ("reduce.wgsl", include_str!("../shaders/reduce.wgsl")),
     ("rtn.wgsl", include_str!("../shaders/rtn.wgsl")),
@@ -99,7 +103,7 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 31] = [
+    pub const ALL: [Kernel; 32] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -131,6 +135,7 @@ impl Kernel {
         Kernel::UnpackHalves,
         Kernel::FoldSum,
         Kernel::FoldPack,
+        Kernel::GreedyRank,
     ];
 
     /// The file the kernel lives in.
@@ -147,6 +152,7 @@ impl Kernel {
             Kernel::SetDiagonal => "diag.wgsl",
             Kernel::UnpackUpper | Kernel::MirrorLower | Kernel::UnpackHalves => "unpack.wgsl",
             Kernel::FoldSum | Kernel::FoldPack => "fold.wgsl",
+            Kernel::GreedyRank => "order.wgsl",
             Kernel::Linear
             | Kernel::LayerNorm
             | Kernel::Gelu
@@ -195,7 +201,15 @@ impl Kernel {
             Kernel::UnpackHalves => "unpack_halves",
             Kernel::FoldSum => "fold_sum",
             Kernel::FoldPack => "fold_pack",
+            Kernel::GreedyRank => "greedy_rank",
         }
+    }
+
+    /// Whether the kernel computes in f64 and so is built only on adapters with
+    /// `SHADER_F64` (Vulkan's `shaderFloat64`: lavapipe and desktop GPUs; not Metal). The
+    /// device does the same work another way where it is missing.
+    pub fn needs_f64(self) -> bool {
+        matches!(self, Kernel::GreedyRank)
     }
 
     /// The WGSL source of the kernel's file.

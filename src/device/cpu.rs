@@ -207,7 +207,7 @@ impl Device for CpuDevice {
             delta: p.grid.delta.clone(),
             delta0: p.grid.delta.clone(),
             lo: p.grid.lo.clone(),
-            order: p.order.clone(),
+            order: resolve_order(p.order, p.weights, rows),
             dead: p.dead_threshold,
             scale_dtype: p.scale_dtype,
             gh64: None,
@@ -379,14 +379,14 @@ impl Device for CpuDevice {
     }
 
     fn set_order(&self, l: &mut CpuLayer, order: &Order, stashed: Option<u64>) -> Result<()> {
-        if std::mem::discriminant(order) != std::mem::discriminant(&l.order) {
+        if !order.same_layout(&l.order) {
             return Err(crate::error::Error::Internal(
                 "set_order: the order kind differs from the upload's".into(),
             ));
         }
         l.order = match l.stash.iter().find(|(k, _)| Some(*k) == stashed) {
             Some((_, o)) => o.clone(),
-            None => order.clone(),
+            None => resolve_order(order, &l.w, l.w.len() / l.cols.max(1)),
         };
         Ok(())
     }
@@ -648,6 +648,16 @@ fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
 /// Rows per rayon task of the blocked sweep: one task's trailing update is one GEMM of this
 /// many rows (and its `D` panel stays in L1).
 const SWEEP_PANEL: usize = 32;
+
+/// `order` as the sweeps walk it: a ranked greedy order built for the weights `w` here.
+fn resolve_order(order: &Order, w: &[f32], rows: usize) -> Order {
+    match order {
+        Order::Ranked { .. } => {
+            crate::profile::record("    order", || order.resolve(w, rows).into_owned())
+        }
+        other => other.clone(),
+    }
+}
 
 /// One sweep in a shared order, blocked (see [`crate::numeric::order`]).
 ///

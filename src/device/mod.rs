@@ -104,6 +104,14 @@ pub trait Device {
     fn set_order(&self, layer: &mut Self::Layer, order: &Order, stashed: Option<u64>)
         -> Result<()>;
 
+    /// Whether the device builds an [`Order::Ranked`] greedy order from its resident weights
+    /// itself (in [`Device::upload`] and [`Device::set_order`]), so the host neither sorts nor
+    /// sends `rows × cols` indices. Either way a ranked order is accepted and gives the same
+    /// permutation as [`Order::build`]; when this is false the host builds it.
+    fn ranks_orders(&self) -> bool {
+        false
+    }
+
     /// Keeps a device copy of the order now in use under `key` (nothing when `key` is kept
     /// already), so switching back to it moves no bytes from the host.
     fn stash_order(&self, layer: &mut Self::Layer, key: u64) -> Result<()>;

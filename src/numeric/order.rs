@@ -36,7 +36,7 @@ crate::util::value_enum!(OrderKind {
 pub const SHARED_BLOCK: usize = 64;
 
 /// The per-row permutation of column indices that a sweep walks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Order {
     /// Every row visits `0, 1, …, n−1`.
     Natural {
@@ -57,35 +57,30 @@ pub enum Order {
         /// Row-major permutations.
         perm: Vec<u32>,
     },
+    /// The greedy order not built yet: each row of the weights it goes with visits its inputs
+    /// by `|W_ij|·norms[j]` descending, ties by index. It is built where the weights are (see
+    /// [`Order::resolve`]), so a device that holds `W` can rank it itself instead of receiving
+    /// `rows × cols` indices: the same permutation as [`Order::build`] gives, bit for bit.
+    Ranked {
+        /// Columns.
+        cols: usize,
+        /// `sqrt(max(G_jj, 0))` per column, in f64 (what [`Order::build`] ranks by).
+        norms: Vec<f64>,
+    },
 }
+
+// `Ranked`'s norms are `sqrt(max(g, 0))`, never NaN (`max` drops a NaN), so equality is total.
+impl Eq for Order {}
 
 impl Order {
     /// Builds the order of `kind` for a row-major `rows × cols` weight and the Gram diagonal.
     pub fn build(kind: OrderKind, w: &[f32], rows: usize, cols: usize, diag: &[f64]) -> Order {
         match kind {
             OrderKind::Natural => Order::Natural { cols },
-            OrderKind::Greedy => {
-                use rayon::prelude::*;
-                let norms: Vec<f64> = diag.iter().map(|&g| g.max(0.0).sqrt()).collect();
-                let mut perm = vec![0u32; rows * cols];
-                // Rows are independent sorts: in parallel, each writing its own slice.
-                perm.par_chunks_mut(cols.max(1))
-                    .zip(w.par_chunks(cols.max(1)))
-                    .for_each_init(
-                        || vec![0.0f64; cols],
-                        |score, (idx, row)| {
-                            for (s, (&v, &g)) in score.iter_mut().zip(row.iter().zip(&norms)) {
-                                *s = (v as f64).abs() * g;
-                            }
-                            for (j, x) in idx.iter_mut().enumerate() {
-                                *x = j as u32;
-                            }
-                            // Stable: equal scores keep ascending index order.
-                            idx.sort_by(|&a, &b| score[b as usize].total_cmp(&score[a as usize]));
-                        },
-                    );
-                Order::PerRow { cols, perm }
-            }
+            OrderKind::Greedy => Order::PerRow {
+                cols,
+                perm: greedy_rows(w, rows, cols, &column_norms(diag)),
+            },
             OrderKind::Shared => {
                 let mut score = vec![0.0f64; cols];
                 for row in w.chunks(cols.max(1)).take(rows) {
@@ -103,13 +98,45 @@ impl Order {
         }
     }
 
-    /// The column visited at step `t` of row `row`.
+    /// The greedy order of `diag`'s columns, to be built where the weights are
+    /// ([`Order::Ranked`]); [`Order::resolve`] with the weights gives what [`Order::build`] does.
+    pub fn ranked(diag: &[f64]) -> Order {
+        Order::Ranked {
+            cols: diag.len(),
+            norms: column_norms(diag),
+        }
+    }
+
+    /// This order with a [`Order::Ranked`] one built for the row-major `rows × cols` weights `w`
+    /// (as [`Order::PerRow`]); any other order as it is.
+    pub fn resolve(&self, w: &[f32], rows: usize) -> std::borrow::Cow<'_, Order> {
+        match self {
+            Order::Ranked { cols, norms } => std::borrow::Cow::Owned(Order::PerRow {
+                cols: *cols,
+                perm: greedy_rows(w, rows, *cols, norms),
+            }),
+            other => std::borrow::Cow::Borrowed(other),
+        }
+    }
+
+    /// Whether a device holds `self` and `other` in the same form: one index per weight for
+    /// [`Order::PerRow`] and [`Order::Ranked`] alike, one per column for [`Order::Shared`],
+    /// none for [`Order::Natural`].
+    pub fn same_layout(&self, other: &Order) -> bool {
+        let per_row = |o: &Order| matches!(o, Order::PerRow { .. } | Order::Ranked { .. });
+        (per_row(self) && per_row(other))
+            || std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+
+    /// The column visited at step `t` of row `row`. A [`Order::Ranked`] order is resolved
+    /// first ([`Order::resolve`]); asking it panics.
     #[inline]
     pub fn at(&self, row: usize, t: usize) -> usize {
         match self {
             Order::Natural { .. } => t,
             Order::Shared { perm, .. } => perm[t] as usize,
             Order::PerRow { cols, perm } => perm[row * cols + t] as usize,
+            Order::Ranked { .. } => unreachable!("a ranked order is resolved before it is walked"),
         }
     }
 
@@ -119,8 +146,37 @@ impl Order {
             Order::Natural { cols } => (0..rows).flat_map(|_| 0..*cols as u32).collect(),
             Order::Shared { perm, .. } => (0..rows).flat_map(|_| perm.iter().copied()).collect(),
             Order::PerRow { perm, .. } => perm.clone(),
+            Order::Ranked { .. } => unreachable!("a ranked order is resolved before its table"),
         }
     }
+}
+
+/// `sqrt(max(G_jj, 0))` per column: the greedy order's input norms.
+fn column_norms(diag: &[f64]) -> Vec<f64> {
+    diag.iter().map(|&g| g.max(0.0).sqrt()).collect()
+}
+
+/// Per row, the columns by `|W_ij|·norms[j]` descending (ties by index): the greedy order.
+fn greedy_rows(w: &[f32], rows: usize, cols: usize, norms: &[f64]) -> Vec<u32> {
+    use rayon::prelude::*;
+    let mut perm = vec![0u32; rows * cols];
+    // Rows are independent sorts: in parallel, each writing its own slice.
+    perm.par_chunks_mut(cols.max(1))
+        .zip(w.par_chunks(cols.max(1)))
+        .for_each_init(
+            || vec![0.0f64; cols],
+            |score, (idx, row)| {
+                for (s, (&v, &g)) in score.iter_mut().zip(row.iter().zip(norms)) {
+                    *s = (v as f64).abs() * g;
+                }
+                for (j, x) in idx.iter_mut().enumerate() {
+                    *x = j as u32;
+                }
+                // Stable: equal scores keep ascending index order.
+                idx.sort_by(|&a, &b| score[b as usize].total_cmp(&score[a as usize]));
+            },
+        );
+    perm
 }
 
 #[cfg(test)]
@@ -140,6 +196,18 @@ mod tests {
                 perm: vec![1, 3, 0, 2]
             }
         );
+    }
+
+    #[test]
+    fn a_ranked_order_resolves_to_the_built_greedy_order() {
+        // Ties, a dead input (0) and a negative diagonal entry (ranked as 0).
+        let w = [0.5f32, -2.0, 0.5, 1.0, 0.0, 3.0, -3.0, 1.0];
+        let diag = [1.0, 1.0, 0.0, -2.0];
+        let built = Order::build(OrderKind::Greedy, &w, 2, 4, &diag);
+        let ranked = Order::ranked(&diag);
+        assert!(ranked.same_layout(&built) && !ranked.same_layout(&Order::Natural { cols: 4 }));
+        assert_eq!(&*ranked.resolve(&w, 2), &built);
+        assert_eq!(built.table(2), vec![1, 0, 2, 3, 1, 0, 2, 3]);
     }
 
     #[test]

@@ -59,7 +59,9 @@ pub(crate) struct Ready<'a> {
 impl Prepared {
     /// Prepares the runs of a layer at `cfg`'s damping and order kind; the GPTQ factor is built
     /// when `cfg` starts from it. The caller has checked the inputs ([`check_inputs`]) once for
-    /// every damping it prepares.
+    /// every damping it prepares. With `ranked` (the device ranks greedy orders itself,
+    /// [`crate::device::Device::ranks_orders`]) a greedy order is left to the device.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         w: &[f32],
         rows: usize,
@@ -67,15 +69,21 @@ impl Prepared {
         gram: &Gram,
         cfg: &QuantConfig,
         ready: Option<Ready<'_>>,
+        ranked: bool,
     ) -> Result<Prepared> {
         let damped = crate::profile::record("    damped", || {
             (cfg.damp > 0.0).then(|| gram.damped(cfg.damp))
         });
         let h = damped.as_ref().unwrap_or(gram);
         let diag = h.diag();
-        let order = crate::profile::record("    order", || {
-            Order::build(cfg.order, w, rows, cols, &diag)
-        });
+        // A device that ranks the greedy order itself gets the column norms only: `rows × cols`
+        // indices neither built here nor sent.
+        let order = match cfg.order {
+            super::OrderKind::Greedy if ranked => Order::ranked(&diag),
+            kind => {
+                crate::profile::record("    order", || Order::build(kind, w, rows, cols, &diag))
+            }
+        };
         let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
             let key = |r: Ready<'_>| {
                 super::prefactor::FactorKey::new(r.digest, gram, cfg.damp, cfg.act_order)
@@ -228,7 +236,7 @@ pub(crate) fn run<D: Device>(
     check_inputs(name, w, rows, cols, gram, cfg)?;
     let grid = Grid::build(w, rows, cols, cfg);
     let prep = crate::profile::record("  prepare", || {
-        Prepared::new(w, rows, cols, gram, cfg, None)
+        Prepared::new(w, rows, cols, gram, cfg, None, device.ranks_orders())
     })?;
     let g32 = prep.gram32(gram);
     let problem = LayerProblem {

@@ -261,6 +261,8 @@ struct Layer<'a> {
     holdout: Option<&'a Gram>,
     /// Factors built ahead, when the caller has them.
     ready: Option<super::comq::Ready<'a>>,
+    /// The device ranks greedy orders itself ([`Device::ranks_orders`]).
+    ranked: bool,
 }
 
 impl<D: Device> Resident<D> {
@@ -653,6 +655,7 @@ pub fn search_by<D: Device>(
                 cache,
                 digest: super::prefactor::digest(gram),
             }),
+        ranked: device.ranks_orders(),
     };
     // The damped diagonal, the order and the GPTQ factor per damping, made once each: the
     // configured damping's here, the others' on a helper thread while the first candidates run.
@@ -880,7 +883,9 @@ impl<'s> Preparations<'s> {
                     crate::profile::record("  prepare beside", || {
                         others
                             .iter()
-                            .map(|c| Prepared::new(l.w, l.rows, l.cols, l.gram, c, l.ready))
+                            .map(|c| {
+                                Prepared::new(l.w, l.rows, l.cols, l.gram, c, l.ready, l.ranked)
+                            })
                             .collect::<Result<Vec<_>>>()
                     })
                 };
@@ -891,7 +896,7 @@ impl<'s> Preparations<'s> {
             })
         });
         let first = crate::profile::record("  prepare", || {
-            Prepared::new(l.w, l.rows, l.cols, l.gram, cfg, l.ready)
+            Prepared::new(l.w, l.rows, l.cols, l.gram, cfg, l.ready, l.ranked)
         })?;
         Ok(Preparations {
             ready: vec![first],
@@ -912,7 +917,7 @@ impl<'s> Preparations<'s> {
         }
         if !self.ready.iter().any(|p| p.fits(c)) {
             let p = crate::profile::record("  prepare", || {
-                Prepared::new(l.w, l.rows, l.cols, l.gram, c, l.ready)
+                Prepared::new(l.w, l.rows, l.cols, l.gram, c, l.ready, l.ranked)
             })?;
             self.ready.push(p);
         }

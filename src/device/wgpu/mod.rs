@@ -146,6 +146,8 @@ pub struct WgpuDevice {
     shared_cols: usize,
     /// What became of the on-disk pipeline cache.
     pipeline_cache: cache::CacheState,
+    /// Greedy orders are built on the host and sent even where the adapter could rank them.
+    host_orders: bool,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -212,7 +214,9 @@ impl WgpuDevice {
         }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("comq-gpu"),
-            required_features: adapter.features() & wgpu::Features::PIPELINE_CACHE,
+            // f64 where there is one, for the kernels that rank in it (`Kernel::needs_f64`).
+            required_features: adapter.features()
+                & (wgpu::Features::PIPELINE_CACHE | wgpu::Features::SHADER_F64),
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -254,6 +258,7 @@ impl WgpuDevice {
             binding_cap: None,
             shared_cols: SWEEP_SHARED_MAX_COLS,
             pipeline_cache,
+            host_orders: false,
         })
     }
 
@@ -338,6 +343,36 @@ impl WgpuDevice {
     /// exercised (and tested) on small layers.
     pub fn cap_binding_bytes(&mut self, bytes: u64) {
         self.binding_cap = Some(bytes.max(16));
+    }
+
+    /// Builds greedy orders on the host and sends them, as on an adapter without f64, so that
+    /// path can be exercised (and tested, and compared) on any adapter.
+    pub fn rank_orders_on_host(&mut self) {
+        self.host_orders = true;
+    }
+
+    /// The per-row order a layer's sweeps walk now, read back (`rows × cols` indices; a natural
+    /// order's `0..cols` per row, a shared order's one permutation per row): for tests.
+    pub fn order_table(&self, l: &WgpuLayer) -> Result<Vec<u32>> {
+        let n = l.cols;
+        let mut out = Vec::new();
+        for t in &l.tiles {
+            let b = TileBufs::of(&t.bufs);
+            match l.order_layout {
+                OrderLayout::Natural => {
+                    out.extend((0..t.rows).flat_map(|_| 0..n as u32));
+                }
+                OrderLayout::Shared => {
+                    let perm = self.ctx.io.read_i32(b.order, n)?;
+                    out.extend((0..t.rows).flat_map(|_| perm.iter().map(|&v| v as u32)));
+                }
+                OrderLayout::PerRow => {
+                    let v = self.ctx.io.read_i32(b.order, t.rows * n)?;
+                    out.extend(v.into_iter().map(|v| v as u32));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Lowers the widest layer whose per-row state the sweep and the GPTQ pass keep in
@@ -568,11 +603,30 @@ impl Tile {
     }
 }
 
+/// How a layer's order buffer holds its order: nothing, one index per column, or one per
+/// weight (a per-row order, uploaded or ranked on the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OrderLayout {
+    Natural,
+    Shared,
+    PerRow,
+}
+
+impl OrderLayout {
+    fn of(order: &Order) -> OrderLayout {
+        match order {
+            Order::Natural { .. } => OrderLayout::Natural,
+            Order::Shared { .. } => OrderLayout::Shared,
+            Order::PerRow { .. } | Order::Ranked { .. } => OrderLayout::PerRow,
+        }
+    }
+}
+
 /// A layer's state on the GPU.
 pub struct WgpuLayer {
     cols: usize,
-    /// The kind of the uploaded order (`set_order` keeps it).
-    order_kind: std::mem::Discriminant<Order>,
+    /// How the uploaded order is held (`set_order` keeps it).
+    order_layout: OrderLayout,
     /// The held-out Gram, once attached.
     gh: Option<wgpu::Buffer>,
     /// The last GPTQ factor handed in (its id, `U` and the permutation), kept resident.
@@ -778,12 +832,13 @@ impl WgpuDevice {
         &self,
         p: &LayerProblem<'_>,
         g: &wgpu::Buffer,
+        norms: Option<&wgpu::Buffer>,
         row0: usize,
         rows: usize,
     ) -> Result<Tile> {
         let bufs = self.tile_buffers(p, rows);
         let b = TileBufs::of(&bufs);
-        self.upload_tile(p, &b, row0, rows)?;
+        self.upload_tile(p, &b, norms, row0, rows)?;
         let blocks = match b.block_d {
             Some(dbuf) => self.block_bindings(p, g, &b, dbuf, rows),
             None => Vec::new(),
@@ -840,7 +895,7 @@ impl WgpuDevice {
                 match p.order {
                     Order::Natural { .. } => 16,
                     Order::Shared { .. } => (n * 4) as u64,
-                    Order::PerRow { .. } => mn,
+                    Order::PerRow { .. } | Order::Ranked { .. } => mn,
                 },
             ),
             take("out", (rows * 4) as u64),
@@ -852,11 +907,12 @@ impl WgpuDevice {
     }
 
     /// Uploads the tile's rows of W, the starting steps, the grid offsets and its visiting
-    /// order.
+    /// order (a ranked one ranked here from the tile's `W` when `norms` holds its norms).
     fn upload_tile(
         &self,
         p: &LayerProblem<'_>,
         b: &TileBufs<'_>,
+        norms: Option<&wgpu::Buffer>,
         row0: usize,
         rows: usize,
     ) -> Result<()> {
@@ -867,7 +923,8 @@ impl WgpuDevice {
             bytemuck::cast_slice(&p.weights[row0 * n..(row0 + rows) * n]),
         )?;
         self.write_grid(b, &p.grid.delta, &p.grid.lo, p.grid.groups(), row0, rows)?;
-        self.write_order(b, p.order, n, row0, rows)
+        let w = &p.weights[row0 * n..(row0 + rows) * n];
+        self.write_order(b, p.order, n, row0, rows, norms, Some(w))
     }
 
     /// The tile's rows of an initial grid: steps into `delta0`, lowest codes into `lo`.
@@ -887,7 +944,10 @@ impl WgpuDevice {
         self.ctx.io.write(b.lo, 0, bytemuck::cast_slice(&lo[gr]))
     }
 
-    /// The tile's rows of a visiting order (nothing for the natural order).
+    /// The tile's rows of a visiting order (nothing for the natural order). A ranked order is
+    /// ranked on the device from the tile's resident `W` when `norms` holds its norms
+    /// ([`WgpuDevice::order_norms`]); else it is built on the host from the tile's weights `w`.
+    #[allow(clippy::too_many_arguments)]
     fn write_order(
         &self,
         b: &TileBufs<'_>,
@@ -895,15 +955,74 @@ impl WgpuDevice {
         n: usize,
         row0: usize,
         rows: usize,
+        norms: Option<&wgpu::Buffer>,
+        w: Option<&[f32]>,
     ) -> Result<()> {
         let io = &self.ctx.io;
         match order {
             Order::PerRow { perm, .. } => {
                 self.write_halves(b.order, &perm[row0 * n..(row0 + rows) * n])
             }
+            Order::Ranked { .. } => match (norms, w) {
+                (Some(nb), _) => self.rank_order(b, nb, n, rows),
+                (None, Some(w)) => match &*order.resolve(w, rows) {
+                    Order::PerRow { perm, .. } => self.write_halves(b.order, perm),
+                    _ => unreachable!("a ranked order resolves to a per-row one"),
+                },
+                (None, None) => Err(Error::Internal(
+                    "a ranked order on an adapter without f64 needs the host's weights".into(),
+                )),
+            },
             Order::Shared { perm, .. } => io.write(b.order, 0, bytemuck::cast_slice(perm)),
             Order::Natural { .. } => Ok(()),
         }
+    }
+
+    /// A ranked order's column norms on the device (`n` f64 values), when the adapter ranks
+    /// orders itself (SHADER_F64) and `order` is ranked; `None` otherwise.
+    fn order_norms(&self, order: &Order) -> Result<Option<wgpu::Buffer>> {
+        match order {
+            Order::Ranked { norms, .. } if self.ranks_orders() => {
+                let buf =
+                    self.pool
+                        .take(&self.ctx.device, "norms", (norms.len().max(1) * 8) as u64);
+                self.ctx.io.write(&buf, 0, bytemuck::cast_slice(norms))?;
+                Ok(Some(buf))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The greedy order of the tile's resident `W` by the column norms in `norms`, into its
+    /// order buffer (`order.wgsl`): the host's permutation, bit for bit.
+    fn rank_order(
+        &self,
+        b: &TileBufs<'_>,
+        norms: &wgpu::Buffer,
+        n: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let params = self.uniform(
+            "rank-params",
+            &ModeParams {
+                rows: rows as u32,
+                n: n as u32,
+                mode: 0,
+                pad: 0,
+            },
+        );
+        let bind = self.bind(
+            Kernel::GreedyRank,
+            &[(0, b.w), (1, norms), (2, b.order), (3, &params)],
+        );
+        let mut enc = self.encoder("greedy-rank");
+        self.dispatch(
+            &mut enc,
+            Kernel::GreedyRank,
+            &bind,
+            (n.div_ceil(256) as u32, rows.min(MAX_GROUPS as usize) as u32),
+        );
+        self.submit(enc)
     }
 
     /// The shared-order sweep's bind groups per block of columns: in-block steps and the
@@ -1230,14 +1349,23 @@ impl Device for WgpuDevice {
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let g = self.pool.take(&self.ctx.device, "gram", g_bytes);
         self.write_upper(&g, p.gram, n, true)?;
+        let norms = self.order_norms(p.order)?;
         let mut tiles = Vec::new();
         for row0 in (0..rows).step_by(tile_rows) {
-            tiles.push(self.make_tile(p, &g, row0, tile_rows.min(rows - row0))?);
+            let rows = tile_rows.min(rows - row0);
+            match self.make_tile(p, &g, norms.as_ref(), row0, rows) {
+                Ok(t) => tiles.push(t),
+                Err(e) => {
+                    self.pool.give(norms.into_iter().collect::<Vec<_>>());
+                    return Err(e);
+                }
+            }
         }
+        self.pool.give(norms.into_iter().collect::<Vec<_>>());
         let oom = pollster::block_on(scope.pop());
         let layer = WgpuLayer {
             cols: n,
-            order_kind: std::mem::discriminant(p.order),
+            order_layout: OrderLayout::of(p.order),
             gh: None,
             factor: None,
             stash: Vec::new(),
@@ -1517,7 +1645,7 @@ impl Device for WgpuDevice {
     }
 
     fn set_order(&self, l: &mut WgpuLayer, order: &Order, stashed: Option<u64>) -> Result<()> {
-        if std::mem::discriminant(order) != l.order_kind {
+        if OrderLayout::of(order) != l.order_layout {
             return Err(Error::Internal(
                 "set_order: the order kind differs from the upload's".into(),
             ));
@@ -1531,12 +1659,23 @@ impl Device for WgpuDevice {
             }
             return self.submit(enc);
         }
+        let norms = self.order_norms(order)?;
         let mut row0 = 0;
+        let mut result = Ok(());
         for t in &l.tiles {
-            self.write_order(&TileBufs::of(&t.bufs), order, l.cols, row0, t.rows)?;
+            let b = TileBufs::of(&t.bufs);
+            result = self.write_order(&b, order, l.cols, row0, t.rows, norms.as_ref(), None);
+            if result.is_err() {
+                break;
+            }
             row0 += t.rows;
         }
-        Ok(())
+        self.pool.give(norms.into_iter().collect::<Vec<_>>());
+        result
+    }
+
+    fn ranks_orders(&self) -> bool {
+        !self.host_orders && self.ctx.pipelines.has(Kernel::GreedyRank)
     }
 
     fn stash_order(&self, l: &mut WgpuLayer, key: u64) -> Result<()> {

@@ -204,7 +204,8 @@ impl Pipelines {
     pub fn build(device: &wgpu::Device, cache: Option<&wgpu::PipelineCache>) -> Result<Pipelines> {
         let mut list = Vec::new();
         let mut modules: Vec<(&str, wgpu::ShaderModule)> = Vec::new();
-        for kernel in Kernel::ALL {
+        let f64 = device.features().contains(wgpu::Features::SHADER_F64);
+        for kernel in Kernel::ALL.into_iter().filter(|k| f64 || !k.needs_f64()) {
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let module = match modules.iter().find(|(f, _)| *f == kernel.file()) {
                 Some((_, m)) => m.clone(),
@@ -236,13 +237,18 @@ impl Pipelines {
         Ok(Pipelines { list })
     }
 
+    /// Whether `kernel` was built (one that [`Kernel::needs_f64`] is not, without SHADER_F64).
+    pub fn has(&self, kernel: Kernel) -> bool {
+        self.list.iter().any(|(k, _)| *k == kernel)
+    }
+
     /// The pipeline of `kernel`.
     pub fn get(&self, kernel: Kernel) -> &wgpu::ComputePipeline {
         &self
             .list
             .iter()
             .find(|(k, _)| *k == kernel)
-            .expect("every kernel is built")
+            .expect("every kernel used is built")
             .1
     }
 }
