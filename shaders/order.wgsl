@@ -10,14 +10,14 @@
 // @group(0) @binding(1) norms  : array<f64>, read        — [n], sqrt(max(G_jj, 0))
 // @group(0) @binding(2) order  : array<u32>, read_write  — [rows, n], row-major permutations
 // @group(0) @binding(3) params : uniform RankParams
-// Workgroup 256: 256 columns of one row. Dispatch (ceil(n / 256), min(rows, 65535), 1); rows
-// past the grid's height are taken in strides of it.
+// Workgroup 256: 256 columns of one row. Dispatch (ceil(n / 256), min(end − first, 65535), 1)
+// for the rows first..end; rows past the grid's height are taken in strides of it.
 
 struct RankParams {
-    rows: u32,
+    end: u32,
     n: u32,
-    pad0: u32,
-    pad1: u32,
+    first: u32,
+    pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read> w: array<f32>;
@@ -40,7 +40,7 @@ fn greedy_rank(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let j = wid.x * TILE + lid.x;
-    for (var row = wid.y; row < p.rows; row += nwg.y) {
+    for (var row = p.first + wid.y; row < p.end; row += nwg.y) {
         let base = row * p.n;
         var mine = f64(0.0);
         if (j < p.n) {

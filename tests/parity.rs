@@ -674,7 +674,7 @@ fn a_resident_search_moves_each_input_once() {
     // 0.01, 0 (the paper candidate) and 0.1. `G`, `G_h` and `U` as upper triangles, the orders
     // as 16-bit indices, or as their f64 column norms where the device ranks them itself.
     let tri = (2 * cols * (cols + 1)) as u64;
-    let orders = if gpu.ranks_orders() {
+    let orders = if gpu.ranks_orders(cols) {
         3 * 8 * cols as u64
     } else {
         3 * mn / 2
@@ -1233,11 +1233,12 @@ fn the_greedy_order_ranked_on_the_device_is_the_hosts() {
     let Some(gpu) = gpu::device() else { return };
     if std::env::var("COMQ_REQUIRE_GPU").is_ok_and(|v| v == "1") {
         // Every adapter the tests run on in CI (lavapipe) has f64: the kernel must run there.
-        assert!(gpu.ranks_orders(), "{}: no f64 ranking", gpu.describe());
+        assert!(gpu.ranks_orders(300), "{}: no f64 ranking", gpu.describe());
     }
     let mut host = gpu::device().unwrap();
     host.rank_orders_on_host();
-    assert!(!host.ranks_orders());
+    assert!(!host.ranks_orders(1));
+    assert!(!gpu.ranks_orders(comq_gpu::device::wgpu::RANK_MAX_COLS + 1));
     let mut tiled = gpu::device().unwrap();
     for (seed, rows, cols) in [
         (1u64, 1usize, 1usize),
@@ -1298,6 +1299,9 @@ fn the_greedy_order_ranked_on_the_device_is_the_hosts() {
         // place to another diagonal's order and back to this one.
         let tile_rows = if rows > 1000 { 30_000 } else { 3 };
         tiled.cap_binding_bytes((tile_rows * cols * 4).max(cols * cols * 4) as u64);
+        // And two rows per submit of the ranking (20,000 of the tall layer).
+        let submit_rows = if rows > 1000 { 20_000 } else { 2 };
+        tiled.cap_rank_submit(submit_rows * cols * cols);
         let mut st = tiled.upload(&p).unwrap();
         assert_eq!(
             tiled.order_table(&st).unwrap(),
@@ -1330,13 +1334,13 @@ fn the_greedy_order_ranked_on_the_device_is_the_hosts() {
 fn a_search_with_device_ranked_orders_ships_the_same_codes_and_sends_less() {
     use comq_gpu::quant::search::search;
     let Some(gpu) = gpu::device() else { return };
-    if !gpu.ranks_orders() {
+    let (rows, cols) = (96usize, 64usize);
+    if !gpu.ranks_orders(cols) {
         eprintln!("SKIP: {} has no f64 to rank orders with", gpu.describe());
         return;
     }
     let mut host = gpu::device().unwrap();
     host.rank_orders_on_host();
-    let (rows, cols) = (96usize, 64usize);
     let (w, gram) = layer(91, rows, cols);
     let held = layer(92, rows, cols).1;
     let cfg = QuantConfig {

@@ -104,11 +104,12 @@ pub trait Device {
     fn set_order(&self, layer: &mut Self::Layer, order: &Order, stashed: Option<u64>)
         -> Result<()>;
 
-    /// Whether the device builds an [`Order::Ranked`] greedy order from its resident weights
-    /// itself (in [`Device::upload`] and [`Device::set_order`]), so the host neither sorts nor
-    /// sends `rows × cols` indices. Either way a ranked order is accepted and gives the same
-    /// permutation as [`Order::build`]; when this is false the host builds it.
-    fn ranks_orders(&self) -> bool {
+    /// Whether the device builds an [`Order::Ranked`] greedy order of a `cols`-wide layer from
+    /// its resident weights itself (in [`Device::upload`] and [`Device::set_order`]), so the
+    /// host neither sorts nor sends `rows × cols` indices. The search hands a ranked order only
+    /// where this holds; [`Device::upload`] accepts one anyway and builds it from the problem's
+    /// weights. The permutation is [`Order::build`]'s either way.
+    fn ranks_orders(&self, _cols: usize) -> bool {
         false
     }
 

@@ -236,7 +236,7 @@ pub(crate) fn run<D: Device>(
     check_inputs(name, w, rows, cols, gram, cfg)?;
     let grid = Grid::build(w, rows, cols, cfg);
     let prep = crate::profile::record("  prepare", || {
-        Prepared::new(w, rows, cols, gram, cfg, None, device.ranks_orders())
+        Prepared::new(w, rows, cols, gram, cfg, None, device.ranks_orders(cols))
     })?;
     let g32 = prep.gram32(gram);
     let problem = LayerProblem {

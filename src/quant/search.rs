@@ -655,7 +655,7 @@ pub fn search_by<D: Device>(
                 cache,
                 digest: super::prefactor::digest(gram),
             }),
-        ranked: device.ranks_orders(),
+        ranked: device.ranks_orders(cols),
     };
     // The damped diagonal, the order and the GPTQ factor per damping, made once each: the
     // configured damping's here, the others' on a helper thread while the first candidates run.

@@ -148,6 +148,8 @@ pub struct WgpuDevice {
     pipeline_cache: cache::CacheState,
     /// Greedy orders are built on the host and sent even where the adapter could rank them.
     host_orders: bool,
+    /// Comparisons per submit of the order ranking ([`RANK_SUBMIT_COMPARISONS`]).
+    rank_submit: usize,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -259,6 +261,7 @@ impl WgpuDevice {
             shared_cols: SWEEP_SHARED_MAX_COLS,
             pipeline_cache,
             host_orders: false,
+            rank_submit: RANK_SUBMIT_COMPARISONS,
         })
     }
 
@@ -349,6 +352,12 @@ impl WgpuDevice {
     /// path can be exercised (and tested, and compared) on any adapter.
     pub fn rank_orders_on_host(&mut self) {
         self.host_orders = true;
+    }
+
+    /// Lowers the comparisons per submit of the order ranking, so its split over submits can be
+    /// exercised (and tested) on small layers.
+    pub fn cap_rank_submit(&mut self, comparisons: usize) {
+        self.rank_submit = comparisons.clamp(1, RANK_SUBMIT_COMPARISONS);
     }
 
     /// The per-row order a layer's sweeps walk now, read back (`rows × cols` indices; a natural
@@ -690,6 +699,15 @@ pub(super) fn upper_from_packed(packed: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
+/// The widest layer whose greedy order the GPU ranks (`order.wgsl`): ranking costs `n`
+/// comparisons per weight against the host sort's `log n`, and past this width `G`'s `n²`
+/// outweighs the `m·n` indices on the bus anyway, so the host sorts and sends them.
+pub const RANK_MAX_COLS: usize = 4096;
+
+/// Comparisons per submit of the ranking (`rows · n²`): about 4·10⁹, a few milliseconds on a
+/// desktop GPU, far below a watchdog's seconds.
+const RANK_SUBMIT_COMPARISONS: usize = 1 << 32;
+
 /// Values per chunk of a compact upload: the packed copy's device buffer holds at most this
 /// many 32-bit words (64 MiB), whatever the matrix, and no more than a staging chunk.
 pub const PACK_CHUNK: usize = 16 << 20;
@@ -982,7 +1000,7 @@ impl WgpuDevice {
     /// orders itself (SHADER_F64) and `order` is ranked; `None` otherwise.
     fn order_norms(&self, order: &Order) -> Result<Option<wgpu::Buffer>> {
         match order {
-            Order::Ranked { norms, .. } if self.ranks_orders() => {
+            Order::Ranked { norms, .. } if self.ranks_orders(norms.len()) => {
                 let buf =
                     self.pool
                         .take(&self.ctx.device, "norms", (norms.len().max(1) * 8) as u64);
@@ -994,7 +1012,9 @@ impl WgpuDevice {
     }
 
     /// The greedy order of the tile's resident `W` by the column norms in `norms`, into its
-    /// order buffer (`order.wgsl`): the host's permutation, bit for bit.
+    /// order buffer (`order.wgsl`): the host's permutation, bit for bit. In submits of at most
+    /// [`RANK_SUBMIT_COMPARISONS`] comparisons, so no one submit runs long enough for a
+    /// desktop's watchdog.
     fn rank_order(
         &self,
         b: &TileBufs<'_>,
@@ -1002,27 +1022,35 @@ impl WgpuDevice {
         n: usize,
         rows: usize,
     ) -> Result<()> {
-        let params = self.uniform(
-            "rank-params",
-            &ModeParams {
-                rows: rows as u32,
-                n: n as u32,
-                mode: 0,
-                pad: 0,
-            },
-        );
-        let bind = self.bind(
-            Kernel::GreedyRank,
-            &[(0, b.w), (1, norms), (2, b.order), (3, &params)],
-        );
-        let mut enc = self.encoder("greedy-rank");
-        self.dispatch(
-            &mut enc,
-            Kernel::GreedyRank,
-            &bind,
-            (n.div_ceil(256) as u32, rows.min(MAX_GROUPS as usize) as u32),
-        );
-        self.submit(enc)
+        let per_submit = (self.rank_submit / (n * n).max(1)).max(1);
+        for first in (0..rows).step_by(per_submit) {
+            let end = (first + per_submit).min(rows);
+            let params = self.uniform(
+                "rank-params",
+                &ModeParams {
+                    rows: end as u32,
+                    n: n as u32,
+                    mode: first as u32,
+                    pad: 0,
+                },
+            );
+            let bind = self.bind(
+                Kernel::GreedyRank,
+                &[(0, b.w), (1, norms), (2, b.order), (3, &params)],
+            );
+            let mut enc = self.encoder("greedy-rank");
+            self.dispatch(
+                &mut enc,
+                Kernel::GreedyRank,
+                &bind,
+                (
+                    n.div_ceil(256) as u32,
+                    (end - first).min(MAX_GROUPS as usize) as u32,
+                ),
+            );
+            self.submit(enc)?;
+        }
+        Ok(())
     }
 
     /// The shared-order sweep's bind groups per block of columns: in-block steps and the
@@ -1674,8 +1702,8 @@ impl Device for WgpuDevice {
         result
     }
 
-    fn ranks_orders(&self) -> bool {
-        !self.host_orders && self.ctx.pipelines.has(Kernel::GreedyRank)
+    fn ranks_orders(&self, cols: usize) -> bool {
+        !self.host_orders && cols <= RANK_MAX_COLS && self.ctx.pipelines.has(Kernel::GreedyRank)
     }
 
     fn stash_order(&self, l: &mut WgpuLayer, key: u64) -> Result<()> {
