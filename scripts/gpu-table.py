@@ -70,14 +70,20 @@ def main():
     print()
     gpu_mib = {s[0]: int(s[3]) for s in steps if len(s) > 3 and s[3].strip().isdigit()}
 
+    def order_cell(r):
+        if "order_seconds" not in r:
+            return "-"
+        where = "ranked on the device" if r.get("order_on_device") else "host sort + upload"
+        return f"{r['order_seconds'] * 1e3:.2f} ms ({where})"
+
     k = load(d, "kernels.json")
     if k:
         print("## Kernels alone (`bench --kernels --no-cpu --gram-rows 16384`)\n")
         if pk:
             print(f"Rates against the {pk[2]} datasheet: FP32 {pk[0] / 1e12:.0f} TFLOP/s, "
                   f"{pk[1] / 1e12:.2f} TB/s.\n")
-        print("| layer | Gram | GFLOP/s | % FP32 | greedy sweep | GB/s | % bandwidth | shared sweep | GFLOP/s | % FP32 |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| layer | Gram | GFLOP/s | % FP32 | greedy sweep | GB/s | % bandwidth | shared sweep | GFLOP/s | % FP32 | greedy order |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in k:
             m, n = r["shape"]
             gr = r["gram_flops"] / r["gram_seconds"]
@@ -86,7 +92,8 @@ def main():
             pct = (lambda v, p: f"{100 * v / p:.1f}%") if pk else (lambda v, p: "-")
             print(f"| {m} × {n} | {r['gram_seconds'] * 1e3:.2f} ms | {gr / 1e9:.0f} | {pct(gr, pk[0] if pk else 1)} "
                   f"| {r['sweep_greedy_seconds'] * 1e3:.2f} ms | {gb / 1e9:.0f} | {pct(gb, pk[1] if pk else 1)} "
-                  f"| {r['sweep_shared_seconds'] * 1e3:.2f} ms | {sr / 1e9:.0f} | {pct(sr, pk[0] if pk else 1)} |")
+                  f"| {r['sweep_shared_seconds'] * 1e3:.2f} ms | {sr / 1e9:.0f} | {pct(sr, pk[0] if pk else 1)} "
+                  f"| {order_cell(r)} |")
         print()
 
     lay = load(d, "layers.json")

@@ -452,6 +452,12 @@ pub struct KernelRow {
     pub sweep_shared_seconds: f64,
     /// FLOPs of the blocked sweep (`2·m·n²` in the trailing products, `m·n·64` in the blocks).
     pub sweep_shared_flops: f64,
+    /// Seconds to make a per-row greedy order current on a resident layer: on the CPU the
+    /// host's sort; on the GPU the ranking kernel where the adapter ranks orders, else the
+    /// host's sort and the upload of its indices.
+    pub order_seconds: f64,
+    /// Whether the GPU ranked the order itself (`order.wgsl`); false on the CPU.
+    pub order_on_device: bool,
 }
 
 /// Times the Gram accumulation and the two sweep forms for each shape on the CPU and/or the GPU.
@@ -519,6 +525,50 @@ pub fn run_kernel_bench(
         let without = run(false)?;
         Ok((with - without).max(0.0))
     }
+    /// Making the greedy order of another diagonal current (as a search's damping does), less
+    /// the refresh that waits for it.
+    fn order_time<D: crate::device::Device>(
+        dev: &D,
+        w: &[f32],
+        m: usize,
+        n: usize,
+        g: &Gram,
+    ) -> Result<(f64, bool)> {
+        let cfg = crate::quant::QuantConfig::default();
+        let grid = crate::quant::Grid::build(w, m, n, &cfg);
+        let diag = g.diag();
+        let ord = crate::quant::Order::build(crate::quant::OrderKind::Greedy, w, m, n, &diag);
+        let g32 = g.to_f32();
+        let p = crate::device::LayerProblem {
+            name: "bench",
+            weights: w,
+            gram: &g32,
+            grid: &grid,
+            order: &ord,
+            dead_threshold: g.dead_threshold(),
+            scale_dtype: cfg.scale_dtype,
+        };
+        let mut st = dev.upload(&p)?;
+        let damped: Vec<f64> = diag.iter().map(|v| v * 1.1).collect();
+        let ranked = dev.ranks_orders(n);
+        let mut run = |order: bool| -> Result<f64> {
+            let s = Instant::now();
+            if order {
+                let o = if ranked {
+                    crate::quant::Order::ranked(&damped)
+                } else {
+                    crate::quant::Order::build(crate::quant::OrderKind::Greedy, w, m, n, &damped)
+                };
+                dev.set_order(&mut st, &o, None)?;
+            }
+            dev.refresh(&mut st)?;
+            Ok(s.elapsed().as_secs_f64())
+        };
+        run(true)?;
+        let with = run(true)?;
+        let without = run(false)?;
+        Ok(((with - without).max(0.0), ranked))
+    }
     let mut out = Vec::new();
     let mut devices: Vec<&str> = Vec::new();
     if gpu.is_some() {
@@ -535,13 +585,14 @@ pub fn run_kernel_bench(
         let tiles = (np / 64) * (np / 64 + 1) / 2;
         for &d in &devices {
             use crate::quant::OrderKind;
-            let (gram_seconds, greedy, shared) = match (d, gpu) {
+            let (gram_seconds, greedy, shared, order) = match (d, gpu) {
                 ("gpu", Some(dev)) => {
                     let ops = crate::device::wgpu::forward::GpuOps::new(dev);
                     (
                         gram_time(&ops, &x, rows, n)?,
                         sweep_time(dev, &w, m, n, &g, OrderKind::Greedy)?,
                         sweep_time(dev, &w, m, n, &g, OrderKind::Shared)?,
+                        order_time(dev, &w, m, n, &g)?,
                     )
                 }
                 _ => {
@@ -550,6 +601,7 @@ pub fn run_kernel_bench(
                         gram_time(&crate::device::cpu_ops::CpuOps, &x, rows, n)?,
                         sweep_time(&dev, &w, m, n, &g, OrderKind::Greedy)?,
                         sweep_time(&dev, &w, m, n, &g, OrderKind::Shared)?,
+                        order_time(&dev, &w, m, n, &g)?,
                     )
                 }
             };
@@ -564,6 +616,8 @@ pub fn run_kernel_bench(
                 sweep_shared_seconds: shared,
                 sweep_shared_flops: 2.0 * (m * n) as f64 * n as f64
                     + (m * n * crate::quant::order::SHARED_BLOCK) as f64,
+                order_seconds: order.0,
+                order_on_device: order.1,
             };
             on_row(&row);
             out.push(row);

@@ -280,15 +280,24 @@ pub(super) fn bench_row(r: &BenchRow) {
 /// The header of `bench --kernels`.
 pub(super) fn kernel_header() {
     println!(
-        "{:>4} {:>11} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10}",
-        "dev", "shape", "Gram s", "GFLOP/s", "greedy s", "G GB", "GB/s", "shared s", "GFLOP/s"
+        "{:>4} {:>11} {:>10} {:>10} {:>12} {:>10} {:>10} {:>12} {:>10} {:>14}",
+        "dev",
+        "shape",
+        "Gram s",
+        "GFLOP/s",
+        "greedy s",
+        "G GB",
+        "GB/s",
+        "shared s",
+        "GFLOP/s",
+        "order s"
     );
 }
 
 /// One line of `bench --kernels`.
 pub(super) fn kernel_row(r: &KernelRow) {
     println!(
-        "{:>4} {:>11} {:>10.4} {:>10.1} {:>12.4} {:>10.2} {:>10.1} {:>12.4} {:>10.1}",
+        "{:>4} {:>11} {:>10.4} {:>10.1} {:>12.4} {:>10.2} {:>10.1} {:>12.4} {:>10.1} {:>9.4} {:>4}",
         r.device,
         format!("{}x{}", r.shape[0], r.shape[1]),
         r.gram_seconds,
@@ -297,7 +306,9 @@ pub(super) fn kernel_row(r: &KernelRow) {
         r.sweep_greedy_bytes / 1e9,
         r.sweep_greedy_bytes / r.sweep_greedy_seconds.max(1e-12) / 1e9,
         r.sweep_shared_seconds,
-        r.sweep_shared_flops / r.sweep_shared_seconds.max(1e-12) / 1e9
+        r.sweep_shared_flops / r.sweep_shared_seconds.max(1e-12) / 1e9,
+        r.order_seconds,
+        if r.order_on_device { "dev" } else { "host" }
     );
 }
 
