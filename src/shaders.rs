@@ -72,12 +72,21 @@ pub enum Kernel {
     /// The greedy order ranked from the resident weights, in f64 (`order.wgsl`; needs
     /// SHADER_F64, see [`Kernel::needs_f64`]).
     GreedyRank,
+    /// The GPTQ factor's work matrix from the resident Gram, reversed (`factor.wgsl`; f64).
+    FactorFill,
+    /// One column of the Cholesky factor and the trailing update (`factor.wgsl`; f64).
+    CholStep,
+    /// One row of the triangular inverse (`factor.wgsl`; f64).
+    InvRow,
+    /// The factor `U` in f32 from the inverse (`factor.wgsl`; f64).
+    FactorPack,
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 13] = [
+pub const SOURCES: [(&str, &str); 14] = [
     ("block.wgsl", include_str!("../shaders/block.wgsl")),
     ("diag.wgsl", include_str!("../shaders/diag.wgsl")),
+    ("factor.wgsl", include_str!("../shaders/factor.wgsl")),
     ("fold.wgsl", include_str!("../shaders/fold.wgsl")),
     ("gptq.wgsl", include_str!("../shaders/gptq.wgsl")),
     ("gram.wgsl", include_str!("../shaders/gram.wgsl")),
@@ -103,7 +112,7 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 32] = [
+    pub const ALL: [Kernel; 36] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -136,6 +145,10 @@ impl Kernel {
         Kernel::FoldSum,
         Kernel::FoldPack,
         Kernel::GreedyRank,
+        Kernel::FactorFill,
+        Kernel::CholStep,
+        Kernel::InvRow,
+        Kernel::FactorPack,
     ];
 
     /// The file the kernel lives in.
@@ -153,6 +166,9 @@ impl Kernel {
             Kernel::UnpackUpper | Kernel::MirrorLower | Kernel::UnpackHalves => "unpack.wgsl",
             Kernel::FoldSum | Kernel::FoldPack => "fold.wgsl",
             Kernel::GreedyRank => "order.wgsl",
+            Kernel::FactorFill | Kernel::CholStep | Kernel::InvRow | Kernel::FactorPack => {
+                "factor.wgsl"
+            }
             Kernel::Linear
             | Kernel::LayerNorm
             | Kernel::Gelu
@@ -202,6 +218,10 @@ impl Kernel {
             Kernel::FoldSum => "fold_sum",
             Kernel::FoldPack => "fold_pack",
             Kernel::GreedyRank => "greedy_rank",
+            Kernel::FactorFill => "factor_fill",
+            Kernel::CholStep => "chol_step",
+            Kernel::InvRow => "inv_row",
+            Kernel::FactorPack => "factor_pack",
         }
     }
 
@@ -209,7 +229,14 @@ impl Kernel {
     /// `SHADER_F64` (Vulkan's `shaderFloat64`: lavapipe and desktop GPUs; not Metal). The
     /// device does the same work another way where it is missing.
     pub fn needs_f64(self) -> bool {
-        matches!(self, Kernel::GreedyRank)
+        matches!(
+            self,
+            Kernel::GreedyRank
+                | Kernel::FactorFill
+                | Kernel::CholStep
+                | Kernel::InvRow
+                | Kernel::FactorPack
+        )
     }
 
     /// The WGSL source of the kernel's file.

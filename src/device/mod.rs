@@ -113,6 +113,30 @@ pub trait Device {
         false
     }
 
+    /// Whether the device builds the GPTQ factor of a `cols`-wide layer itself
+    /// ([`Device::build_factor`]) from the `G` it holds, so the factor does not go up.
+    fn builds_factors(&self, _cols: usize) -> bool {
+        false
+    }
+
+    /// Builds the GPTQ factor of `plan` from the resident `G`'s off-diagonal terms and the
+    /// diagonal `diag` (visiting order, a dead input negative: [`crate::numeric::gptq::FactorPlan::diagonal`]),
+    /// and keeps it as the layer's factor under `plan.id`: a later [`Device::gptq`] with that
+    /// id runs on it. `Ok(false)` when the matrix is not positive definite (nothing kept); a
+    /// factor already kept under `plan.id` is kept as it is. Only where
+    /// [`Device::builds_factors`] holds.
+    fn build_factor(
+        &self,
+        _layer: &mut Self::Layer,
+        _plan: &crate::numeric::gptq::FactorPlan,
+        _diag: &[f64],
+    ) -> Result<bool> {
+        Err(Error::Internal(format!(
+            "{} does not build GPTQ factors",
+            self.describe()
+        )))
+    }
+
     /// Keeps a device copy of the order now in use under `key` (nothing when `key` is kept
     /// already), so switching back to it moves no bytes from the host.
     fn stash_order(&self, layer: &mut Self::Layer, key: u64) -> Result<()>;

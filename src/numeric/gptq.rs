@@ -125,6 +125,102 @@ pub fn factor(h: &Gram, act_order: bool, dead: f64) -> Result<GptqFactor> {
     }
 }
 
+/// What a device needs to build the factor itself from the Gram it holds
+/// ([`crate::device::Device::build_factor`]): the visiting order and the damped diagonal in it.
+/// The off-diagonal terms are the device's `G`; `U` never crosses the bus. A device builds in
+/// f64 the same `U` as [`factor`] (the same matrix, factored in another summation order) where
+/// its `G` holds the host's values, as a Gram accumulated on the device does.
+#[derive(Debug, Clone)]
+pub struct FactorPlan {
+    /// The id the built factor is kept under ([`GptqFactor::id`]).
+    pub id: u64,
+    /// Width `n`.
+    pub n: usize,
+    /// `perm[t]` is the input visited at step `t` ([`factor`]'s).
+    pub perm: Vec<u32>,
+    /// The damped `H_jj` at each visiting step; a dead input (decoupled, diagonal 1) as `−1`.
+    diag: Vec<f64>,
+    /// `mean(diag H)`, the unit of the fallback damping.
+    mean: f64,
+}
+
+/// The plan of [`factor`]`(h, act_order, dead)` for a device that builds it.
+pub fn plan(h: &Gram, act_order: bool, dead: f64) -> FactorPlan {
+    let n = h.n;
+    let diag = h.diag();
+    let mut perm: Vec<u32> = (0..n as u32).collect();
+    if act_order {
+        // Stable: equal diagonals keep ascending index order, as in `factor`.
+        perm.sort_by(|&a, &b| diag[b as usize].total_cmp(&diag[a as usize]));
+    }
+    let visit: Vec<f64> = perm
+        .iter()
+        .map(|&j| {
+            let d = diag[j as usize];
+            if d <= dead {
+                -1.0
+            } else {
+                d
+            }
+        })
+        .collect();
+    FactorPlan {
+        id: next_factor_id(),
+        n,
+        perm,
+        diag: visit,
+        mean: diag.iter().sum::<f64>() / n.max(1) as f64,
+    }
+}
+
+impl FactorPlan {
+    /// The diagonal of the `attempt`-th try (`0`: as planned; then [`factor`]'s fallback
+    /// dampings, added to the diagonal by the same additions in the same order), a dead input
+    /// as the negative of its diagonal; `None` past the last fallback.
+    pub fn diagonal(&self, attempt: usize) -> Option<Vec<f64>> {
+        if attempt > FALLBACK_DAMP.len() {
+            return None;
+        }
+        let mut d: Vec<f64> = self
+            .diag
+            .iter()
+            .map(|&v| if v < 0.0 { 1.0 } else { v })
+            .collect();
+        let mut extra = 0.0;
+        for &next in &FALLBACK_DAMP[..attempt] {
+            let add = (next - extra) * self.mean.max(f64::MIN_POSITIVE);
+            for v in d.iter_mut() {
+                *v += add;
+            }
+            extra = next;
+        }
+        for (v, &p) in d.iter_mut().zip(&self.diag) {
+            if p < 0.0 {
+                *v = -*v;
+            }
+        }
+        Some(d)
+    }
+
+    /// The extra damping of the `attempt`-th try, as a share of the mean diagonal.
+    pub fn extra(attempt: usize) -> f64 {
+        attempt
+            .checked_sub(1)
+            .map_or(0.0, |i| FALLBACK_DAMP[i.min(FALLBACK_DAMP.len() - 1)])
+    }
+
+    /// The factor as the device keeps it: its id and order, its `U` on the device only (an
+    /// empty `u`, which [`crate::device::Device::gptq`] never reads while the id is resident).
+    pub fn resident(&self) -> GptqFactor {
+        GptqFactor {
+            id: self.id,
+            n: self.n,
+            perm: self.perm.clone(),
+            u: Vec::new(),
+        }
+    }
+}
+
 /// The grid of the rows being quantized, as the pass needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct RowGrid<'a> {

@@ -41,6 +41,9 @@ pub(super) struct LayerEnv<'a> {
     pub(super) factors: &'a crate::quant::prefactor::FactorCache,
     /// A calibration file's Grams (and their factors) built one layer ahead on their own thread.
     pub(super) grams_ahead: bool,
+    /// The widest Gram whose GPTQ factors the device builds itself
+    /// ([`crate::device::Device::builds_factors`]; 0: none): none are built ahead for those.
+    pub(super) device_factors: usize,
 }
 
 /// What layers change as a run goes on.
@@ -457,6 +460,7 @@ mod tests {
             fp_mode: false,
             factors: Box::leak(Box::default()),
             grams_ahead: false,
+            device_factors: 0,
         }
     }
 

@@ -131,7 +131,7 @@ fn prefactor<'env>(
     if !jobs.iter().any(uses) {
         return None;
     }
-    let (profile, factors) = (profile.clone(), env.factors);
+    let (profile, factors, on_device) = (profile.clone(), env.factors, env.device_factors);
     Some(Box::new(move |block, grams| {
         let build = || {
             crate::profile::record("factor ahead", || {
@@ -157,7 +157,7 @@ fn prefactor<'env>(
                     }
                 }
                 for (site, act, damps) in &wanted {
-                    let Some(gram) = grams.get(site) else {
+                    let Some(gram) = grams.get(site).filter(|g| g.n > on_device) else {
                         continue;
                     };
                     if let Err(e) = factors.build(block, gram, damps, *act) {
@@ -175,6 +175,8 @@ struct FileAhead<'a> {
     opts: &'a super::RunOptions,
     calib: Option<&'a crate::io::Calibration>,
     factors: &'a crate::quant::prefactor::FactorCache,
+    /// [`LayerEnv::device_factors`].
+    device_factors: usize,
 }
 
 /// A calibration file's Grams of `job` (`None` for a layer calibrated otherwise) and, when its
@@ -204,7 +206,11 @@ fn grams_ahead(
         )
     });
     if let (Ok((gram, _)), Some(plan)) = (&grams, &env.opts.search) {
-        if job.config.method == Method::Comq && job.config.init == Init::Gptq {
+        // A device that builds the factor itself needs none from the host.
+        if job.config.method == Method::Comq
+            && job.config.init == Init::Gptq
+            && gram.n > env.device_factors
+        {
             let mut damps = vec![job.config.damp];
             damps.extend(plan.damps.iter().filter(|&&d| d != job.config.damp));
             profile.time("factor ahead", || {
@@ -276,6 +282,7 @@ pub(super) fn quantize_all<'c>(
                 opts: env.opts,
                 calib: env.calib,
                 factors: env.factors,
+                device_factors: env.device_factors,
             };
             sc.spawn(move || {
                 for (index, job) in jobs.iter().enumerate() {

@@ -47,6 +47,8 @@ pub(crate) struct Prepared {
     /// `diag(G) + λ'` in f32: exactly the diagonal of the damped Gram's f32 copy.
     pub(crate) diag32: Vec<f32>,
     pub(crate) factor: Option<std::sync::Arc<gptq::GptqFactor>>,
+    /// For the GPTQ start on a device that builds its factor itself: what it builds it from.
+    pub(crate) plan: Option<gptq::FactorPlan>,
 }
 
 /// Factors built ahead ([`super::prefactor`]) and the digest of the layer's Gram to find them by.
@@ -60,7 +62,8 @@ impl Prepared {
     /// Prepares the runs of a layer at `cfg`'s damping and order kind; the GPTQ factor is built
     /// when `cfg` starts from it. The caller has checked the inputs ([`check_inputs`]) once for
     /// every damping it prepares. With `ranked` (the device ranks greedy orders itself,
-    /// [`crate::device::Device::ranks_orders`]) a greedy order is left to the device.
+    /// [`crate::device::Device::ranks_orders`]) a greedy order is left to the device; with
+    /// `factored` ([`crate::device::Device::builds_factors`]) so is the GPTQ factor.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         w: &[f32],
@@ -70,6 +73,7 @@ impl Prepared {
         cfg: &QuantConfig,
         ready: Option<Ready<'_>>,
         ranked: bool,
+        factored: bool,
     ) -> Result<Prepared> {
         let damped = crate::profile::record("    damped", || {
             (cfg.damp > 0.0).then(|| gram.damped(cfg.damp))
@@ -84,7 +88,12 @@ impl Prepared {
                 crate::profile::record("    order", || Order::build(kind, w, rows, cols, &diag))
             }
         };
-        let factor = if cfg.init == Init::Gptq && cfg.method == Method::Comq {
+        let gptq_start = cfg.init == Init::Gptq && cfg.method == Method::Comq;
+        // A device that builds the factor from its resident `G` gets the plan: the order and
+        // the damped diagonal, `n` values each, instead of `n²/2`.
+        let plan = (gptq_start && factored)
+            .then(|| gptq::plan(h, cfg.act_order, gram.dead_threshold() as f64));
+        let factor = if gptq_start && plan.is_none() {
             let key = |r: Ready<'_>| {
                 super::prefactor::FactorKey::new(r.digest, gram, cfg.damp, cfg.act_order)
             };
@@ -106,13 +115,15 @@ impl Prepared {
             order,
             diag32: diag.iter().map(|&v| v as f32).collect(),
             factor,
+            plan,
         })
     }
 
     /// Whether a run of `cfg` can use this.
     pub(crate) fn fits(&self, cfg: &QuantConfig) -> bool {
-        let factor_fits =
-            self.factor.is_some() || !(cfg.init == Init::Gptq && cfg.method == Method::Comq);
+        let factor_fits = self.factor.is_some()
+            || self.plan.is_some()
+            || !(cfg.init == Init::Gptq && cfg.method == Method::Comq);
         self.damp == cfg.damp
             && self.order_kind == cfg.order
             && self.act_order == cfg.act_order
@@ -236,7 +247,16 @@ pub(crate) fn run<D: Device>(
     check_inputs(name, w, rows, cols, gram, cfg)?;
     let grid = Grid::build(w, rows, cols, cfg);
     let prep = crate::profile::record("  prepare", || {
-        Prepared::new(w, rows, cols, gram, cfg, None, device.ranks_orders(cols))
+        Prepared::new(
+            w,
+            rows,
+            cols,
+            gram,
+            cfg,
+            None,
+            device.ranks_orders(cols),
+            device.builds_factors(cols),
+        )
     })?;
     let g32 = prep.gram32(gram);
     let problem = LayerProblem {
@@ -259,6 +279,7 @@ pub(crate) fn run<D: Device>(
         energy,
         lam,
         factor: prep.factor.as_deref(),
+        plan: prep.plan.as_ref(),
     };
     let stats = match stages {
         Some(sink) => {
@@ -320,6 +341,8 @@ pub(crate) struct RunContext<'a> {
     pub(crate) lam: f64,
     /// The GPTQ factor at that damping, for the GPTQ start.
     pub(crate) factor: Option<&'a gptq::GptqFactor>,
+    /// Or its plan, where the device builds it.
+    pub(crate) plan: Option<&'a gptq::FactorPlan>,
 }
 
 impl RunContext<'_> {
@@ -373,6 +396,35 @@ pub(crate) fn undamped<D: Device>(
     Ok((loss - lam * crate::profile::record("    sqnorm", || device.error_sqnorm(st))?).max(0.0))
 }
 
+/// Builds `plan`'s factor on the device (nothing when it is kept there already), with the host's
+/// fallback dampings where the damped Gram is not positive definite.
+fn factor_on_device<D: Device>(
+    device: &D,
+    st: &mut D::Layer,
+    plan: &gptq::FactorPlan,
+) -> Result<()> {
+    let mut attempt = 0;
+    while let Some(diag) = plan.diagonal(attempt) {
+        if device.build_factor(st, plan, &diag)? {
+            if attempt > 0 {
+                log::warn!(
+                    "GPTQ start: the Gram matrix is not positive definite; added {:.0e} of its \
+                     mean diagonal (use --damp to set the damping)",
+                    gptq::FactorPlan::extra(attempt)
+                );
+            }
+            return Ok(());
+        }
+        attempt += 1;
+    }
+    let n = plan.n;
+    Err(Error::InvalidOption(format!(
+        "the GPTQ start needs a positive-definite Gram matrix ({n} × {n}); even with \
+         {:.0e} extra damping it is not (try a larger --damp or --init w)",
+        gptq::FactorPlan::extra(attempt - 1)
+    )))
+}
+
 /// The driver on a state that holds the run's grid, (damped) Gram and order, at the starting
 /// point: RTN when needed, the start, the sweeps. `stages` sees the start and the state after
 /// every sweep on the device, as they are taken.
@@ -406,12 +458,18 @@ pub(crate) fn run_on<D: Device>(
             Init::W => device.reset(st)?,
             // The RTN state is already there, and the refresh above made R exact.
             Init::Rtn => {}
-            Init::Gptq => {
-                let f = ctx.factor.ok_or_else(|| {
-                    Error::Internal("the GPTQ start was run without its factor".into())
-                })?;
-                crate::profile::record("    gptq", || device.gptq(st, f))?;
-            }
+            Init::Gptq => match ctx.plan {
+                Some(plan) => {
+                    crate::profile::record("    factor", || factor_on_device(device, st, plan))?;
+                    crate::profile::record("    gptq", || device.gptq(st, &plan.resident()))?;
+                }
+                None => {
+                    let f = ctx.factor.ok_or_else(|| {
+                        Error::Internal("the GPTQ start was run without its factor".into())
+                    })?;
+                    crate::profile::record("    gptq", || device.gptq(st, f))?;
+                }
+            },
         }
         let mut loss = 0.0;
         if cfg.init != Init::W {

@@ -263,6 +263,8 @@ struct Layer<'a> {
     ready: Option<super::comq::Ready<'a>>,
     /// The device ranks greedy orders itself ([`Device::ranks_orders`]).
     ranked: bool,
+    /// The device builds GPTQ factors itself ([`Device::builds_factors`]).
+    factored: bool,
 }
 
 impl<D: Device> Resident<D> {
@@ -656,6 +658,7 @@ pub fn search_by<D: Device>(
                 digest: super::prefactor::digest(gram),
             }),
         ranked: device.ranks_orders(cols),
+        factored: device.builds_factors(cols),
     };
     // The damped diagonal, the order and the GPTQ factor per damping, made once each: the
     // configured damping's here, the others' on a helper thread while the first candidates run.
@@ -700,6 +703,7 @@ pub fn search_by<D: Device>(
                 energy,
                 lam: gram.damping(c.damp),
                 factor: prep.factor.as_deref(),
+                plan: prep.plan.as_ref(),
             };
             let run = ledger.tried.len();
             let stage = |sweeps: usize, rel_error: f64| Stage {
@@ -884,7 +888,9 @@ impl<'s> Preparations<'s> {
                         others
                             .iter()
                             .map(|c| {
-                                Prepared::new(l.w, l.rows, l.cols, l.gram, c, l.ready, l.ranked)
+                                Prepared::new(
+                                    l.w, l.rows, l.cols, l.gram, c, l.ready, l.ranked, l.factored,
+                                )
                             })
                             .collect::<Result<Vec<_>>>()
                     })
@@ -896,7 +902,9 @@ impl<'s> Preparations<'s> {
             })
         });
         let first = crate::profile::record("  prepare", || {
-            Prepared::new(l.w, l.rows, l.cols, l.gram, cfg, l.ready, l.ranked)
+            Prepared::new(
+                l.w, l.rows, l.cols, l.gram, cfg, l.ready, l.ranked, l.factored,
+            )
         })?;
         Ok(Preparations {
             ready: vec![first],
@@ -917,7 +925,9 @@ impl<'s> Preparations<'s> {
         }
         if !self.ready.iter().any(|p| p.fits(c)) {
             let p = crate::profile::record("  prepare", || {
-                Prepared::new(l.w, l.rows, l.cols, l.gram, c, l.ready, l.ranked)
+                Prepared::new(
+                    l.w, l.rows, l.cols, l.gram, c, l.ready, l.ranked, l.factored,
+                )
             })?;
             self.ready.push(p);
         }

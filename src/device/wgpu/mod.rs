@@ -150,6 +150,8 @@ pub struct WgpuDevice {
     host_orders: bool,
     /// Comparisons per submit of the order ranking ([`RANK_SUBMIT_COMPARISONS`]).
     rank_submit: usize,
+    /// GPTQ factors are built on the host and sent even where the adapter could build them.
+    host_factors: bool,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -262,6 +264,7 @@ impl WgpuDevice {
             pipeline_cache,
             host_orders: false,
             rank_submit: RANK_SUBMIT_COMPARISONS,
+            host_factors: false,
         })
     }
 
@@ -352,6 +355,12 @@ impl WgpuDevice {
     /// path can be exercised (and tested, and compared) on any adapter.
     pub fn rank_orders_on_host(&mut self) {
         self.host_orders = true;
+    }
+
+    /// Builds GPTQ factors on the host and sends them, as on an adapter without f64, so that
+    /// path can be exercised (and tested, and compared) on any adapter.
+    pub fn factor_on_host(&mut self) {
+        self.host_factors = true;
     }
 
     /// Lowers the comparisons per submit of the order ranking, so its split over submits can be
@@ -1563,6 +1572,13 @@ impl Device for WgpuDevice {
     fn gptq(&self, l: &mut WgpuLayer, f: &GptqFactor) -> Result<()> {
         let n = l.cols;
         if l.factor.as_ref().is_none_or(|(id, _, _)| *id != f.id) {
+            if f.u.len() != n * n {
+                return Err(Error::Internal(format!(
+                    "gptq: factor {} is neither resident nor given ({} values for {n} × {n})",
+                    f.id,
+                    f.u.len()
+                )));
+            }
             if let Some((_, u, perm)) = l.factor.take() {
                 l.pool.give(vec![u, perm]);
             }
@@ -1700,6 +1716,114 @@ impl Device for WgpuDevice {
         }
         self.pool.give(norms.into_iter().collect::<Vec<_>>());
         result
+    }
+
+    fn builds_factors(&self, cols: usize) -> bool {
+        !self.host_factors
+            && cols <= RANK_MAX_COLS
+            && (8 * cols * cols) as u64 <= self.max_binding()
+            && self.ctx.pipelines.has(Kernel::CholStep)
+    }
+
+    fn build_factor(
+        &self,
+        l: &mut WgpuLayer,
+        plan: &crate::numeric::gptq::FactorPlan,
+        diag: &[f64],
+    ) -> Result<bool> {
+        let n = l.cols;
+        if l.factor.as_ref().is_some_and(|(id, _, _)| *id == plan.id) {
+            return Ok(true);
+        }
+        if plan.n != n || diag.len() != n || plan.perm.len() != n || !self.builds_factors(n) {
+            return Err(Error::Internal(format!(
+                "build_factor: a {}-wide plan for a {n}-wide layer on {}",
+                plan.n,
+                self.describe()
+            )));
+        }
+        if let Some((_, u, perm)) = l.factor.take() {
+            l.pool.give(vec![u, perm]);
+        }
+        let take = |label: &str, size: u64| l.pool.take(&self.ctx.device, label, size);
+        let u = take("gptq-u", (n * n * 4) as u64);
+        let perm = take("gptq-perm", (n * 4) as u64);
+        let dg = take("factor-diag", (n * 8) as u64);
+        let a = take("factor-a", (n * n * 8) as u64);
+        let m = take("factor-m", (n * n * 8) as u64);
+        let flag = take("factor-flag", 16);
+        let result = (|| -> Result<bool> {
+            self.ctx
+                .io
+                .write(&perm, 0, bytemuck::cast_slice(&plan.perm))?;
+            self.ctx.io.write(&dg, 0, bytemuck::cast_slice(diag))?;
+            self.ctx
+                .io
+                .write(&flag, 0, bytemuck::cast_slice(&[0u32; 4]))?;
+            let g = l.g.as_ref().expect("a live layer has its Gram");
+            let params = |k: usize| {
+                self.uniform(
+                    "factor-params",
+                    &ModeParams {
+                        rows: n as u32,
+                        n: k as u32,
+                        mode: 0,
+                        pad: 0,
+                    },
+                )
+            };
+            let sq = |w: usize| (w.div_ceil(16) as u32, w.div_ceil(16) as u32);
+            let p0 = params(0);
+            let mut enc = self.encoder("factor");
+            let fill = self.bind(
+                Kernel::FactorFill,
+                &[(0, g), (1, &dg), (2, &perm), (3, &a), (4, &m), (7, &p0)],
+            );
+            self.dispatch(&mut enc, Kernel::FactorFill, &fill, sq(n));
+            // One dispatch per column, then per row, in submits of at most 256.
+            for k in 0..n {
+                let pk = params(k);
+                let bind = self.bind(Kernel::CholStep, &[(3, &a), (4, &m), (6, &flag), (7, &pk)]);
+                self.dispatch(&mut enc, Kernel::CholStep, &bind, sq(n - k));
+                if k % 256 == 255 {
+                    self.submit(std::mem::replace(&mut enc, self.encoder("factor")))?;
+                }
+            }
+            self.submit(enc)?;
+            if self.ctx.io.read_i32(&flag, 1)?[0] != 0 {
+                return Ok(false);
+            }
+            let mut enc = self.encoder("factor-inverse");
+            for k in 0..n {
+                let pk = params(k);
+                let bind = self.bind(Kernel::InvRow, &[(3, &a), (4, &m), (7, &pk)]);
+                self.dispatch(
+                    &mut enc,
+                    Kernel::InvRow,
+                    &bind,
+                    ((k + 1).div_ceil(256) as u32, 1),
+                );
+                if k % 256 == 255 {
+                    self.submit(std::mem::replace(&mut enc, self.encoder("factor-inverse")))?;
+                }
+            }
+            let pack = self.bind(Kernel::FactorPack, &[(3, &a), (5, &u), (7, &p0)]);
+            self.dispatch(&mut enc, Kernel::FactorPack, &pack, sq(n));
+            self.submit(enc)?;
+            self.check_fault()?;
+            Ok(true)
+        })();
+        l.pool.give(vec![dg, a, m, flag]);
+        match result {
+            Ok(true) => {
+                l.factor = Some((plan.id, u, perm));
+                Ok(true)
+            }
+            other => {
+                l.pool.give(vec![u, perm]);
+                other
+            }
+        }
     }
 
     fn ranks_orders(&self, cols: usize) -> bool {
