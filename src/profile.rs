@@ -41,10 +41,12 @@ pub const STAGES: [&str; 13] = [
 /// held-out images (`scoring`). The indented parts split those further by the step that runs:
 /// round-to-nearest, exact residual refreshes, GPTQ passes, sweeps and `‖W − Q̂‖²` reductions
 /// inside the runs; the energy `‖X·Wᵀ‖²` and the state's upload per layer; the order, the damped
-/// copy of `G` and the factor inside each preparation (on whichever thread builds it). On a GPU
+/// copy of `G` and the factor inside each preparation (on whichever thread builds it), and the
+/// factor a GPU builds from its resident `G` at a run's GPTQ start (`factor on device`: each
+/// call, a build or a look at the one it keeps). On a GPU
 /// the steps are queued, so a step that reads a result back (a refresh's loss, a reduction)
 /// also holds the queued work before it.
-pub const QUANTIZE_PARTS: [&str; 14] = [
+pub const QUANTIZE_PARTS: [&str; 15] = [
     "  prepare",
     "  prepare beside",
     "  candidates",
@@ -59,6 +61,7 @@ pub const QUANTIZE_PARTS: [&str; 14] = [
     "    order",
     "    damped",
     "    factor",
+    "    factor on device",
 ];
 
 thread_local! {

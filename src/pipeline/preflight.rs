@@ -195,7 +195,7 @@ pub fn calib_ahead(
     let search = search_state(opts);
     let peak = jobs
         .iter()
-        .map(|j| layer_bytes(j, cpu, search).1)
+        .map(|j| layer_bytes(j, device, search).1)
         .max()
         .unwrap_or(0);
     let budget = if cpu {
@@ -213,10 +213,11 @@ pub fn calib_ahead(
 /// One layer's `(device, host)` bytes: its state and, when it runs a candidate search (`search`
 /// is `Some(holdout)`), the search's; on the CPU the device is the host, which also keeps the
 /// exact products.
-fn layer_bytes(j: &Job, cpu: bool, search: Option<bool>) -> (u64, u64) {
+fn layer_bytes(j: &Job, device: &AnyDevice, search: Option<bool>) -> (u64, u64) {
+    let cpu = matches!(device, AnyDevice::Cpu(_));
     let (m, n, cfg) = (j.rows, j.cols, &j.config);
     let (search_dev, search_host) = search.map_or((0, 0), |held| search_bytes(m, n, held, cfg));
-    let dev = device_bytes(m, n, cfg) + search_dev;
+    let dev = device_bytes(m, n, cfg) + search_dev + factor_build_bytes(j, device, search);
     let host = host_bytes(m, n, cpu, cfg)
         + search_host
         + if cpu {
@@ -318,6 +319,21 @@ pub fn cpu_tracking_bytes(
     }
 }
 
+/// The work matrices a GPU that builds a search's GPTQ factors itself holds while it builds one
+/// (two `n × n` f64, with the diagonal and a flag): nothing elsewhere.
+fn factor_build_bytes(j: &Job, device: &AnyDevice, search: Option<bool>) -> u64 {
+    use crate::device::Device;
+    let n = j.cols as u64;
+    let gptq =
+        j.config.init == crate::quant::Init::Gptq && j.config.method == crate::quant::Method::Comq;
+    match device {
+        AnyDevice::Wgpu(d) if search.is_some() && gptq && d.builds_factors(j.cols) => {
+            16 * n * n + 8 * n + 16
+        }
+        _ => 0,
+    }
+}
+
 /// What a candidate search adds to one layer's state, `(device, host)` bytes. The search stays
 /// resident ([`crate::quant::search`]): on the device the kept codes and steps of the best
 /// candidate (and with held-out images its best rows), the GPTQ factor of the damping being run, the stashed orders of up to three
@@ -378,7 +394,7 @@ pub fn preflight(
     for j in jobs {
         let (m, n) = (j.rows, j.cols);
         let cfg = &j.config;
-        let (dev, host) = layer_bytes(j, cpu, search);
+        let (dev, host) = layer_bytes(j, device, search);
         let calib_rows = calib.map_or(0, |c| c.rows(&j.prefix, n));
         let g_bytes = (4 * n * n) as u64;
         let work = (m * n * n) as f64
@@ -503,10 +519,11 @@ pub(super) fn check_calibration(
     let largest = jobs
         .iter()
         .map(|j| {
-            let (sd, sh) = search_state(opts)
-                .map_or((0, 0), |held| search_bytes(j.rows, j.cols, held, &j.config));
+            let search = search_state(opts);
+            let (sd, sh) =
+                search.map_or((0, 0), |held| search_bytes(j.rows, j.cols, held, &j.config));
             if gpu {
-                device_bytes(j.rows, j.cols, &j.config) + sd
+                device_bytes(j.rows, j.cols, &j.config) + sd + factor_build_bytes(j, device, search)
             } else {
                 host_bytes(j.rows, j.cols, true, &j.config) + sd + sh
             }

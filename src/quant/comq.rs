@@ -460,7 +460,9 @@ pub(crate) fn run_on<D: Device>(
             Init::Rtn => {}
             Init::Gptq => match ctx.plan {
                 Some(plan) => {
-                    crate::profile::record("    factor", || factor_on_device(device, st, plan))?;
+                    crate::profile::record("    factor on device", || {
+                        factor_on_device(device, st, plan)
+                    })?;
                     crate::profile::record("    gptq", || device.gptq(st, &plan.resident()))?;
                 }
                 None => {
