@@ -120,6 +120,11 @@ step e2e-paper-shared 120 "$bin" bench --model vit-l16 --images 1024 --no-cpu --
 # 4 of the 24 blocks: the whole model does not fit this script's budget with it.
 step e2e-default-4b 150 "$bin" bench --model vit-l16 --images 1024 --no-cpu --preset default \
   --blocks 4 --work-dir "$work" --json "$out/e2e-default-4b.json"
+# The same with every GPTQ factor built on the host and sent (no device-built factors for the
+# 1024-wide layers): which of the two is faster on this card.
+step e2e-default-4b-host-factor 150 env COMQ_DEVICE_FACTOR=off "$bin" bench --model vit-l16 \
+  --images 1024 --no-cpu --preset default --blocks 4 --work-dir "$work" \
+  --json "$out/e2e-default-4b-host-factor.json"
 for n in 256 512 2048 4096; do
   step "calib-$n" 150 "$bin" bench --model vit-l16 --images "$n" --no-cpu \
     --work-dir "$work" --json "$out/calib-$n.json"

@@ -128,6 +128,9 @@ def main():
         rows.append(("default, greedy", r["images"], r))
     for r in load(d, "e2e-default-4b.json") or []:
         rows.append((f"default, greedy, first {r['blocks']} blocks", r["images"], r))
+    for r in load(d, "e2e-default-4b-host-factor.json") or []:
+        rows.append((f"default, greedy, first {r['blocks']} blocks, factors from the host",
+                     r["images"], r))
     for n in (256, 512, 2048, 4096):
         for r in load(d, f"calib-{n}.json") or []:
             rows.append(("paper, greedy", r["images"], r))

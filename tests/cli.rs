@@ -554,6 +554,38 @@ fn a_calibration_files_grams_built_ahead_give_the_codes_built_in_step() {
             digests.push(r["codes_sha256"].as_str().unwrap().to_string());
         }
         assert_eq!(digests[0], digests[1], "{device}");
+        if device == "gpu" {
+            // `COMQ_DEVICE_FACTOR=off`: every factor from the host again, built ahead.
+            let rep = tmp.path().join("gpu-host-factor.json");
+            let out = tmp.path().join("gpu-host-factor.safetensors");
+            let o = bin()
+                .env("COMQ_DEVICE_FACTOR", "off")
+                .args([
+                    "run",
+                    s(&model),
+                    "--calib",
+                    s(&calib),
+                    "--device",
+                    "gpu",
+                    "--out",
+                    s(&out),
+                    "--report",
+                    s(&rep),
+                ])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let r: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+            let stages: Vec<&str> = r["profile"]["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["stage"].as_str().unwrap())
+                .collect();
+            assert!(stages.contains(&"factor ahead"), "{stages:?}");
+            assert!(!stages.contains(&"    factor on device"), "{stages:?}");
+        }
     }
 }
 

@@ -264,7 +264,7 @@ impl WgpuDevice {
             pipeline_cache,
             host_orders: false,
             rank_submit: RANK_SUBMIT_COMPARISONS,
-            host_factors: false,
+            host_factors: std::env::var("COMQ_DEVICE_FACTOR").is_ok_and(|v| v == "off"),
         })
     }
 
@@ -712,6 +712,14 @@ pub(super) fn upper_from_packed(packed: &[f32], n: usize) -> Vec<f32> {
 /// comparisons per weight against the host sort's `log n`, and past this width `G`'s `n²`
 /// outweighs the `m·n` indices on the bus anyway, so the host sorts and sends them.
 pub const RANK_MAX_COLS: usize = 4096;
+
+/// The widest layer whose GPTQ factor the GPU builds from its resident Gram (`factor.wgsl`).
+/// The build is unblocked: `2n` dependent dispatches and `n³/3` f64 work, against an upload of
+/// `2n²` bytes of `U` from a host factor built ahead off the critical path. By estimate (not yet
+/// measured on a hardware GPU) it costs some milliseconds at 1024 inputs and most of a second at
+/// 4096, where the upload takes about 16 ms; so wider layers take the host's factor.
+/// `COMQ_DEVICE_FACTOR=off` sends every factor from the host.
+pub const FACTOR_MAX_COLS: usize = 1024;
 
 /// Comparisons per submit of the ranking (`rows · n²`): about 4·10⁹, a few milliseconds on a
 /// desktop GPU, far below a watchdog's seconds.
@@ -1720,7 +1728,7 @@ impl Device for WgpuDevice {
 
     fn builds_factors(&self, cols: usize) -> bool {
         !self.host_factors
-            && cols <= RANK_MAX_COLS
+            && cols <= FACTOR_MAX_COLS
             && (8 * cols * cols) as u64 <= self.max_binding()
             && self.ctx.pipelines.has(Kernel::CholStep)
     }
