@@ -20,15 +20,17 @@
 // @group(0) @binding(6) flag   : array<atomic<u32>>, read_write — [1], set when H is not
 //                                positive definite
 // @group(0) @binding(7) params : uniform FactorParams
-// Workgroup 16×16 (fill, chol_step, pack: (i, j) pairs) or 256 (inv_row: one column each).
-// Dispatch (ceil(n / 16), ceil(n / 16)) over the square, or the trailing square from k on for
-// chol_step; (ceil((k + 1) / 256), 1) for inv_row.
+// Workgroup 16×16 for fill and pack: (i, j) pairs, dispatch (ceil(n / 16), ceil(n / 16)).
+// chol_step and inv_row take their step k from the dispatch's size, so every step shares one
+// bind group: chol_step(k) runs 64 columns of one row per workgroup, dispatch
+// (n − k, ceil((n − k) / 64)); inv_row(k) one column per workgroup, its sum split over 64
+// invocations, dispatch (k + 1, 1).
 
 struct FactorParams {
     n: u32,
-    k: u32,
     pad0: u32,
     pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> g: array<f32>;
@@ -61,13 +63,17 @@ fn factor_fill(@builtin(global_invocation_id) gid: vec3<u32>) {
     m[i * n + j] = f64(0.0);
 }
 
-@compute @workgroup_size(16, 16, 1)
-fn chol_step(@builtin(global_invocation_id) gid: vec3<u32>) {
+@compute @workgroup_size(64, 1, 1)
+fn chol_step(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
     let n = p.n;
-    let k = p.k;
-    let i = k + gid.y;
-    let j = k + gid.x;
-    if (i >= n || j > i) {
+    let k = n - nwg.x;
+    let i = k + wid.x;
+    let j = k + wid.y * 64u + lid.x;
+    if (j > i) {
         return;
     }
     let pivot = a[k * n + k];
@@ -81,20 +87,34 @@ fn chol_step(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
-@compute @workgroup_size(256, 1, 1)
-fn inv_row(@builtin(global_invocation_id) gid: vec3<u32>) {
+var<workgroup> partial: array<f64, 64>;
+
+@compute @workgroup_size(64, 1, 1)
+fn inv_row(
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
     let n = p.n;
-    let k = p.k;
-    let j = gid.x;
-    if (j > k) {
-        return;
-    }
+    let k = nwg.x - 1u;
+    let j = wid.x;
     // X[k, j] = (δ_kj − Σ_{q=j}^{k−1} M[k, q]·X[q, j]) / M[k, k]; rows above k are final.
-    var acc = select(f64(0.0), f64(1.0), j == k);
-    for (var q = j; q < k; q++) {
-        acc = acc - m[k * n + q] * a[q * n + j];
+    var acc = f64(0.0);
+    for (var q = j + lid.x; q < k; q += 64u) {
+        acc = acc + m[k * n + q] * a[q * n + j];
     }
-    a[k * n + j] = acc / m[k * n + k];
+    partial[lid.x] = acc;
+    workgroupBarrier();
+    for (var half = 32u; half > 0u; half = half / 2u) {
+        if (lid.x < half) {
+            partial[lid.x] = partial[lid.x] + partial[lid.x + half];
+        }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) {
+        let delta = select(f64(0.0), f64(1.0), j == k);
+        a[k * n + j] = (delta - partial[0]) / m[k * n + k];
+    }
 }
 
 @compute @workgroup_size(16, 16, 1)

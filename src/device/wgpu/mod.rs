@@ -1769,30 +1769,28 @@ impl Device for WgpuDevice {
                 .io
                 .write(&flag, 0, bytemuck::cast_slice(&[0u32; 4]))?;
             let g = l.g.as_ref().expect("a live layer has its Gram");
-            let params = |k: usize| {
-                self.uniform(
-                    "factor-params",
-                    &ModeParams {
-                        rows: n as u32,
-                        n: k as u32,
-                        mode: 0,
-                        pad: 0,
-                    },
-                )
-            };
+            let p0 = self.uniform(
+                "factor-params",
+                &ModeParams {
+                    rows: n as u32,
+                    n: 0,
+                    mode: 0,
+                    pad: 0,
+                },
+            );
             let sq = |w: usize| (w.div_ceil(16) as u32, w.div_ceil(16) as u32);
-            let p0 = params(0);
             let mut enc = self.encoder("factor");
             let fill = self.bind(
                 Kernel::FactorFill,
                 &[(0, g), (1, &dg), (2, &perm), (3, &a), (4, &m), (7, &p0)],
             );
             self.dispatch(&mut enc, Kernel::FactorFill, &fill, sq(n));
-            // One dispatch per column, then per row, in submits of at most 256.
+            // One dispatch per column, then per row, in submits of at most 256; each step's k
+            // is its dispatch's size, so one bind group serves them all.
+            let chol = self.bind(Kernel::CholStep, &[(3, &a), (4, &m), (6, &flag), (7, &p0)]);
             for k in 0..n {
-                let pk = params(k);
-                let bind = self.bind(Kernel::CholStep, &[(3, &a), (4, &m), (6, &flag), (7, &pk)]);
-                self.dispatch(&mut enc, Kernel::CholStep, &bind, sq(n - k));
+                let groups = ((n - k) as u32, (n - k).div_ceil(64) as u32);
+                self.dispatch(&mut enc, Kernel::CholStep, &chol, groups);
                 if k % 256 == 255 {
                     self.submit(std::mem::replace(&mut enc, self.encoder("factor")))?;
                 }
@@ -1802,15 +1800,9 @@ impl Device for WgpuDevice {
                 return Ok(false);
             }
             let mut enc = self.encoder("factor-inverse");
+            let inv = self.bind(Kernel::InvRow, &[(3, &a), (4, &m), (7, &p0)]);
             for k in 0..n {
-                let pk = params(k);
-                let bind = self.bind(Kernel::InvRow, &[(3, &a), (4, &m), (7, &pk)]);
-                self.dispatch(
-                    &mut enc,
-                    Kernel::InvRow,
-                    &bind,
-                    ((k + 1).div_ceil(256) as u32, 1),
-                );
+                self.dispatch(&mut enc, Kernel::InvRow, &inv, ((k + 1) as u32, 1));
                 if k % 256 == 255 {
                     self.submit(std::mem::replace(&mut enc, self.encoder("factor-inverse")))?;
                 }
