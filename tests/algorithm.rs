@@ -601,3 +601,45 @@ fn products_kept_between_sweeps_equal_whole_products() {
         );
     }
 }
+
+/// The CPU device takes a ranked greedy order (`Order::Ranked`, what a device that ranks orders
+/// itself is handed) and builds it from its own weights, on upload and on a switch: the sweep
+/// gives the codes of the order built on the host.
+#[test]
+fn a_ranked_order_sweeps_as_the_built_one_on_the_cpu() {
+    let (rows, cols) = (9usize, 23usize);
+    let (w, gram) = problem(31, rows, cols, 60);
+    let cfg = QuantConfig::default();
+    let grid = Grid::build(&w, rows, cols, &cfg);
+    let g32 = gram.to_f32();
+    let cpu = CpuDevice::new();
+    let run = |order: &Order, switch_to: Option<&Order>| {
+        let p = LayerProblem {
+            name: "ranked",
+            weights: &w,
+            gram: &g32,
+            grid: &grid,
+            order,
+            dead_threshold: gram.dead_threshold(),
+            scale_dtype: cfg.scale_dtype,
+        };
+        let mut st = cpu.upload(&p).unwrap();
+        if let Some(o) = switch_to {
+            cpu.set_order(&mut st, o, None).unwrap();
+        }
+        cpu.sweep(&mut st).unwrap();
+        cpu.download(&mut st).unwrap()
+    };
+    let diag = gram.diag();
+    let built = Order::build(OrderKind::Greedy, &w, rows, cols, &diag);
+    let ranked = Order::ranked(&diag);
+    assert_eq!(run(&ranked, None), run(&built, None));
+    // A switch to another diagonal's ranked order, as a damping makes.
+    let other: Vec<f64> = diag.iter().map(|v| v + 0.3).collect();
+    let built_other = Order::build(OrderKind::Greedy, &w, rows, cols, &other);
+    assert_eq!(
+        run(&built, Some(&Order::ranked(&other))),
+        run(&built, Some(&built_other))
+    );
+    assert!(!cpu.ranks_orders(cols) && !cpu.builds_factors(cols));
+}
