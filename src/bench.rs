@@ -484,6 +484,32 @@ pub fn run_kernel_bench(
         once()?;
         once()
     }
+    /// A layer uploaded with the default grid and an order of `order`'s kind.
+    fn upload<D: crate::device::Device>(
+        dev: &D,
+        w: &[f32],
+        m: usize,
+        n: usize,
+        g: &Gram,
+        order: crate::quant::OrderKind,
+    ) -> Result<D::Layer> {
+        let cfg = crate::quant::QuantConfig {
+            order,
+            ..Default::default()
+        };
+        let grid = crate::quant::Grid::build(w, m, n, &cfg);
+        let ord = crate::quant::Order::build(order, w, m, n, &g.diag());
+        let g32 = g.to_f32();
+        dev.upload(&crate::device::LayerProblem {
+            name: "bench",
+            weights: w,
+            gram: &g32,
+            grid: &grid,
+            order: &ord,
+            dead_threshold: g.dead_threshold(),
+            scale_dtype: cfg.scale_dtype,
+        })
+    }
     fn sweep_time<D: crate::device::Device>(
         dev: &D,
         w: &[f32],
@@ -492,23 +518,7 @@ pub fn run_kernel_bench(
         g: &Gram,
         order: crate::quant::OrderKind,
     ) -> Result<f64> {
-        let cfg = crate::quant::QuantConfig {
-            order,
-            ..Default::default()
-        };
-        let grid = crate::quant::Grid::build(w, m, n, &cfg);
-        let ord = crate::quant::Order::build(order, w, m, n, &g.diag());
-        let g32 = g.to_f32();
-        let p = crate::device::LayerProblem {
-            name: "bench",
-            weights: w,
-            gram: &g32,
-            grid: &grid,
-            order: &ord,
-            dead_threshold: g.dead_threshold(),
-            scale_dtype: cfg.scale_dtype,
-        };
-        let mut st = dev.upload(&p)?;
+        let mut st = upload(dev, w, m, n, g, order)?;
         // (reset, sweep, refresh) less (reset, refresh): the refresh's readback waits for the
         // sweep, so the difference is the sweep.
         let mut run = |sweep: bool| -> Result<f64> {
@@ -534,21 +544,8 @@ pub fn run_kernel_bench(
         n: usize,
         g: &Gram,
     ) -> Result<(f64, bool)> {
-        let cfg = crate::quant::QuantConfig::default();
-        let grid = crate::quant::Grid::build(w, m, n, &cfg);
+        let mut st = upload(dev, w, m, n, g, crate::quant::OrderKind::Greedy)?;
         let diag = g.diag();
-        let ord = crate::quant::Order::build(crate::quant::OrderKind::Greedy, w, m, n, &diag);
-        let g32 = g.to_f32();
-        let p = crate::device::LayerProblem {
-            name: "bench",
-            weights: w,
-            gram: &g32,
-            grid: &grid,
-            order: &ord,
-            dead_threshold: g.dead_threshold(),
-            scale_dtype: cfg.scale_dtype,
-        };
-        let mut st = dev.upload(&p)?;
         let damped: Vec<f64> = diag.iter().map(|v| v * 1.1).collect();
         let ranked = dev.ranks_orders(n);
         let mut run = |order: bool| -> Result<f64> {

@@ -279,6 +279,15 @@ impl AnyDevice {
         }
     }
 
+    /// Whether the device builds the GPTQ factor of a `cols`-wide layer itself
+    /// ([`Device::builds_factors`]).
+    pub fn builds_factors(&self, cols: usize) -> bool {
+        match self {
+            AnyDevice::Cpu(d) => d.builds_factors(cols),
+            AnyDevice::Wgpu(d) => d.builds_factors(cols),
+        }
+    }
+
     /// A second handle on the same device, for another thread (the CPU has no state to share).
     pub fn handle(&self) -> AnyDevice {
         match self {

@@ -98,12 +98,7 @@ pub fn factor(h: &Gram, act_order: bool, dead: f64) -> Result<GptqFactor> {
     let mut tries = FALLBACK_DAMP.iter();
     loop {
         if let Some(u) = inverse_upper_factor(&hp, n) {
-            if extra > 0.0 {
-                log::warn!(
-                    "GPTQ start: the Gram matrix is not positive definite; added {extra:.0e} of its \
-                     mean diagonal (use --damp to set the damping)"
-                );
-            }
+            warn_extra_damping(extra);
             return Ok(GptqFactor {
                 id: next_factor_id(),
                 n,
@@ -112,10 +107,7 @@ pub fn factor(h: &Gram, act_order: bool, dead: f64) -> Result<GptqFactor> {
             });
         }
         let Some(&next) = tries.next() else {
-            return Err(Error::InvalidOption(format!(
-                "the GPTQ start needs a positive-definite Gram matrix ({n} × {n}); even with \
-                 {extra:.0e} extra damping it is not (try a larger --damp or --init w)"
-            )));
+            return Err(not_positive_definite(n, extra));
         };
         let add = (next - extra) * mean.max(f64::MIN_POSITIVE);
         for t in 0..n {
@@ -123,6 +115,24 @@ pub fn factor(h: &Gram, act_order: bool, dead: f64) -> Result<GptqFactor> {
         }
         extra = next;
     }
+}
+
+/// Logs the fallback damping a factor needed (nothing when it needed none).
+pub(crate) fn warn_extra_damping(extra: f64) {
+    if extra > 0.0 {
+        log::warn!(
+            "GPTQ start: the Gram matrix is not positive definite; added {extra:.0e} of its \
+             mean diagonal (use --damp to set the damping)"
+        );
+    }
+}
+
+/// The error of a Gram matrix that is not positive definite even with `extra` damping.
+pub(crate) fn not_positive_definite(n: usize, extra: f64) -> Error {
+    Error::InvalidOption(format!(
+        "the GPTQ start needs a positive-definite Gram matrix ({n} × {n}); even with \
+         {extra:.0e} extra damping it is not (try a larger --damp or --init w)"
+    ))
 }
 
 /// What a device needs to build the factor itself from the Gram it holds
@@ -207,6 +217,21 @@ impl FactorPlan {
         attempt
             .checked_sub(1)
             .map_or(0.0, |i| FALLBACK_DAMP[i.min(FALLBACK_DAMP.len() - 1)])
+    }
+
+    /// Tries `build` on each [`FactorPlan::diagonal`] in turn until it succeeds, as [`factor`]
+    /// does on the host: the fallback damping it needed is logged, and a Gram that no fallback
+    /// makes positive definite is the same error.
+    pub fn build_with(&self, mut build: impl FnMut(&[f64]) -> Result<bool>) -> Result<()> {
+        let mut attempt = 0;
+        while let Some(diag) = self.diagonal(attempt) {
+            if build(&diag)? {
+                warn_extra_damping(Self::extra(attempt));
+                return Ok(());
+            }
+            attempt += 1;
+        }
+        Err(not_positive_definite(self.n, Self::extra(attempt - 1)))
     }
 
     /// The factor as the device keeps it: its id and order, its `U` on the device only (an

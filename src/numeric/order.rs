@@ -35,6 +35,17 @@ crate::util::value_enum!(OrderKind {
 /// `G` corner, `64 × 64` f32 = 16 KiB, in workgroup memory).
 pub const SHARED_BLOCK: usize = 64;
 
+/// How a device holds an order ([`Order::layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderLayout {
+    /// No indices: every row visits `0..n`.
+    Natural,
+    /// One permutation of the columns for every row.
+    Shared,
+    /// One permutation per row.
+    PerRow,
+}
+
 /// The per-row permutation of column indices that a sweep walks.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Order {
@@ -119,13 +130,20 @@ impl Order {
         }
     }
 
-    /// Whether a device holds `self` and `other` in the same form: one index per weight for
-    /// [`Order::PerRow`] and [`Order::Ranked`] alike, one per column for [`Order::Shared`],
-    /// none for [`Order::Natural`].
+    /// How a device holds this order: one index per weight for [`Order::PerRow`] and
+    /// [`Order::Ranked`] alike, one per column for [`Order::Shared`], none for
+    /// [`Order::Natural`].
+    pub fn layout(&self) -> OrderLayout {
+        match self {
+            Order::Natural { .. } => OrderLayout::Natural,
+            Order::Shared { .. } => OrderLayout::Shared,
+            Order::PerRow { .. } | Order::Ranked { .. } => OrderLayout::PerRow,
+        }
+    }
+
+    /// Whether a device holds `self` and `other` in the same form ([`Order::layout`]).
     pub fn same_layout(&self, other: &Order) -> bool {
-        let per_row = |o: &Order| matches!(o, Order::PerRow { .. } | Order::Ranked { .. });
-        (per_row(self) && per_row(other))
-            || std::mem::discriminant(self) == std::mem::discriminant(other)
+        self.layout() == other.layout()
     }
 
     /// The column visited at step `t` of row `row`. A [`Order::Ranked`] order is resolved

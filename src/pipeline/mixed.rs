@@ -154,17 +154,7 @@ pub(super) fn allocate_bits(
         // Every width searches from the same factor: built once here, not once per width.
         let factors = crate::quant::prefactor::FactorCache::default();
         // (A GPU that builds factors from its resident Gram builds its own per width.)
-        let device_builds = match device {
-            crate::AnyDevice::Wgpu(w) => {
-                use crate::device::Device;
-                w.builds_factors(gram.n)
-            }
-            crate::AnyDevice::Cpu(_) => false,
-        };
-        if job.config.method == crate::quant::Method::Comq
-            && job.config.init == crate::quant::Init::Gptq
-            && !device_builds
-        {
+        if job.config.gptq_start() && !device.builds_factors(gram.n) {
             factors.build(0, &gram, &[job.config.damp], job.config.act_order)?;
         }
         let mut errors = Vec::new();

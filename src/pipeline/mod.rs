@@ -128,16 +128,11 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
     let engine = vision.map(|_| AnyOps::for_device(&device)).transpose()?;
     let calibrators = open_calibrators(opts, vision, engine.as_ref(), model, &profile, progress)?;
     let factors = crate::quant::prefactor::FactorCache::with_cap(inputs.factors_ahead);
-    let device_factors = match &device {
-        crate::AnyDevice::Wgpu(w) => {
-            use crate::device::Device;
-            let widths = (0..=12).rev().map(|p| 1usize << p);
-            widths
-                .into_iter()
-                .find(|&n| w.builds_factors(n))
-                .unwrap_or(0)
-        }
-        crate::AnyDevice::Cpu(_) => 0,
+    let widest = crate::device::wgpu::FACTOR_MAX_COLS;
+    let device_factors = if device.builds_factors(widest) {
+        widest
+    } else {
+        0
     };
     let env = LayerEnv {
         device_factors,

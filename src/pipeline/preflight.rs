@@ -182,9 +182,7 @@ pub fn calib_ahead(
     };
     let cpu = matches!(device, AnyDevice::Cpu(_));
     let grams = 16 * n * n;
-    let gptq = |j: &Job| {
-        j.config.init == crate::quant::Init::Gptq && j.config.method == crate::quant::Method::Comq
-    };
+    let gptq = |j: &Job| j.config.gptq_start();
     let factors = match &opts.search {
         Some(plan) if jobs.iter().filter(from_file).any(gptq) => {
             (2 * (1 + plan.damps.len() as u64) * (4 * n * n + 4 * n))
@@ -322,15 +320,11 @@ pub fn cpu_tracking_bytes(
 /// The work matrices a GPU that builds a search's GPTQ factors itself holds while it builds one
 /// (two `n × n` f64, with the diagonal and a flag): nothing elsewhere.
 fn factor_build_bytes(j: &Job, device: &AnyDevice, search: Option<bool>) -> u64 {
-    use crate::device::Device;
     let n = j.cols as u64;
-    let gptq =
-        j.config.init == crate::quant::Init::Gptq && j.config.method == crate::quant::Method::Comq;
-    match device {
-        AnyDevice::Wgpu(d) if search.is_some() && gptq && d.builds_factors(j.cols) => {
-            16 * n * n + 8 * n + 16
-        }
-        _ => 0,
+    if search.is_some() && j.config.gptq_start() && device.builds_factors(j.cols) {
+        16 * n * n + 8 * n + 16
+    } else {
+        0
     }
 }
 

@@ -123,11 +123,8 @@ fn prefactor<'env>(
     jobs: &'env [Job],
     profile: &Arc<Profile>,
 ) -> Option<Box<BlockHook<'env>>> {
-    use crate::quant::{Init, Method};
     let plan = env.opts.search.as_ref()?;
-    let uses = |j: &Job| {
-        j.block.is_some() && j.config.method == Method::Comq && j.config.init == Init::Gptq
-    };
+    let uses = |j: &Job| j.block.is_some() && j.config.gptq_start();
     if !jobs.iter().any(uses) {
         return None;
     }
@@ -191,7 +188,6 @@ fn grams_ahead(
     job: &Job,
 ) -> GramsAhead {
     use crate::io::calib::CalibKind;
-    use crate::quant::{Init, Method};
     if !matches!(job.calib, Some(CalibKind::Input | CalibKind::Gram)) {
         return None;
     }
@@ -207,10 +203,7 @@ fn grams_ahead(
     });
     if let (Ok((gram, _)), Some(plan)) = (&grams, &env.opts.search) {
         // A device that builds the factor itself needs none from the host.
-        if job.config.method == Method::Comq
-            && job.config.init == Init::Gptq
-            && gram.n > env.device_factors
-        {
+        if job.config.gptq_start() && gram.n > env.device_factors {
             let mut damps = vec![job.config.damp];
             damps.extend(plan.damps.iter().filter(|&&d| d != job.config.damp));
             profile.time("factor ahead", || {

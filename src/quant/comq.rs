@@ -88,7 +88,7 @@ impl Prepared {
                 crate::profile::record("    order", || Order::build(kind, w, rows, cols, &diag))
             }
         };
-        let gptq_start = cfg.init == Init::Gptq && cfg.method == Method::Comq;
+        let gptq_start = cfg.gptq_start();
         // A device that builds the factor from its resident `G` gets the plan: the order and
         // the damped diagonal, `n` values each, instead of `n²/2`.
         let plan = (gptq_start && factored)
@@ -121,9 +121,7 @@ impl Prepared {
 
     /// Whether a run of `cfg` can use this.
     pub(crate) fn fits(&self, cfg: &QuantConfig) -> bool {
-        let factor_fits = self.factor.is_some()
-            || self.plan.is_some()
-            || !(cfg.init == Init::Gptq && cfg.method == Method::Comq);
+        let factor_fits = self.factor.is_some() || self.plan.is_some() || !cfg.gptq_start();
         self.damp == cfg.damp
             && self.order_kind == cfg.order
             && self.act_order == cfg.act_order
@@ -403,26 +401,7 @@ fn factor_on_device<D: Device>(
     st: &mut D::Layer,
     plan: &gptq::FactorPlan,
 ) -> Result<()> {
-    let mut attempt = 0;
-    while let Some(diag) = plan.diagonal(attempt) {
-        if device.build_factor(st, plan, &diag)? {
-            if attempt > 0 {
-                log::warn!(
-                    "GPTQ start: the Gram matrix is not positive definite; added {:.0e} of its \
-                     mean diagonal (use --damp to set the damping)",
-                    gptq::FactorPlan::extra(attempt)
-                );
-            }
-            return Ok(());
-        }
-        attempt += 1;
-    }
-    let n = plan.n;
-    Err(Error::InvalidOption(format!(
-        "the GPTQ start needs a positive-definite Gram matrix ({n} × {n}); even with \
-         {:.0e} extra damping it is not (try a larger --damp or --init w)",
-        gptq::FactorPlan::extra(attempt - 1)
-    )))
+    plan.build_with(|diag| device.build_factor(st, plan, diag))
 }
 
 /// The driver on a state that holds the run's grid, (damped) Gram and order, at the starting

@@ -145,6 +145,11 @@ impl Default for QuantConfig {
 }
 
 impl QuantConfig {
+    /// Whether a run starts from the GPTQ-style pass, and so needs its factor.
+    pub fn gptq_start(&self) -> bool {
+        self.init == Init::Gptq && self.method == Method::Comq
+    }
+
     /// Checks the options on their own (ranges, combinations).
     pub fn validate(&self) -> Result<()> {
         if !(2..=8).contains(&self.bits) {

@@ -27,8 +27,8 @@ use crate::error::{Error, Result};
 use crate::numeric::gptq::GptqFactor;
 use crate::numeric::gram::{Gram, GramAccumulator};
 use crate::numeric::grid::{scale_step, Granularity, ScaleDtype};
-use crate::numeric::order::Order;
 use crate::numeric::order::SHARED_BLOCK;
+use crate::numeric::order::{Order, OrderLayout};
 use crate::shaders::{Kernel, MAX_STORAGE_BUFFERS, SWEEP_SHARED_MAX_COLS};
 
 /// Largest workgroup count per dispatch dimension.
@@ -621,25 +621,6 @@ impl Tile {
     }
 }
 
-/// How a layer's order buffer holds its order: nothing, one index per column, or one per
-/// weight (a per-row order, uploaded or ranked on the device).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OrderLayout {
-    Natural,
-    Shared,
-    PerRow,
-}
-
-impl OrderLayout {
-    fn of(order: &Order) -> OrderLayout {
-        match order {
-            Order::Natural { .. } => OrderLayout::Natural,
-            Order::Shared { .. } => OrderLayout::Shared,
-            Order::PerRow { .. } | Order::Ranked { .. } => OrderLayout::PerRow,
-        }
-    }
-}
-
 /// A layer's state on the GPU.
 pub struct WgpuLayer {
     cols: usize,
@@ -927,10 +908,10 @@ impl WgpuDevice {
             take("lo", mg),
             take(
                 "order",
-                match p.order {
-                    Order::Natural { .. } => 16,
-                    Order::Shared { .. } => (n * 4) as u64,
-                    Order::PerRow { .. } | Order::Ranked { .. } => mn,
+                match p.order.layout() {
+                    OrderLayout::Natural => 16,
+                    OrderLayout::Shared => (n * 4) as u64,
+                    OrderLayout::PerRow => mn,
                 },
             ),
             take("out", (rows * 4) as u64),
@@ -1410,7 +1391,7 @@ impl Device for WgpuDevice {
         let oom = pollster::block_on(scope.pop());
         let layer = WgpuLayer {
             cols: n,
-            order_layout: OrderLayout::of(p.order),
+            order_layout: p.order.layout(),
             gh: None,
             factor: None,
             stash: Vec::new(),
@@ -1697,7 +1678,7 @@ impl Device for WgpuDevice {
     }
 
     fn set_order(&self, l: &mut WgpuLayer, order: &Order, stashed: Option<u64>) -> Result<()> {
-        if OrderLayout::of(order) != l.order_layout {
+        if order.layout() != l.order_layout {
             return Err(Error::Internal(
                 "set_order: the order kind differs from the upload's".into(),
             ));
