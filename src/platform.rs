@@ -11,7 +11,9 @@
 //! - interrupts: SIGINT/SIGTERM/SIGHUP waited for on a thread of their own and SIGBUS on a
 //!   truncated map on unix, the console's Ctrl-C / Ctrl-Break / close events on Windows; both
 //!   call the same handler (`crate::interrupt` decides what to clean up and say);
-//! - a file-size limit (unix's SIGXFSZ) turned into an ordinary write error.
+//! - a file-size limit (unix's SIGXFSZ) turned into an ordinary write error;
+//! - asking for transparent huge pages on a large buffer before it is first touched (Linux
+//!   only: elsewhere a no-op).
 
 use std::fs::File;
 use std::io;
@@ -53,6 +55,17 @@ pub fn open_file_id(file: &File) -> Option<(u64, u64)> {
 /// read-only map; the pages stay in the page cache and fault back in on the next access.
 pub fn release_pages(map: &memmap2::Mmap, start: usize, len: usize) {
     imp::release_pages(map, start, len)
+}
+
+/// Asks the kernel to back `buf` with huge pages where it can (Linux's `MADV_HUGEPAGE`; a no-op
+/// elsewhere and for buffers under 4 MiB). Call right after allocating, before the first write:
+/// a fresh 128 MiB Gram sum then costs 64 page faults instead of 32,768, which on a virtual
+/// machine was 0.3 s of a 1 s Gram. The contents are unchanged; failure is ignored.
+pub fn advise_huge_pages<T>(buf: &mut [T]) {
+    let bytes = std::mem::size_of_val(buf);
+    if bytes >= 4 << 20 {
+        imp::advise_huge_pages(buf.as_mut_ptr() as *mut u8, bytes)
+    }
 }
 
 /// Makes a file-size limit a write error naming the file rather than a kill that leaves a
@@ -98,6 +111,25 @@ mod imp {
         // back in. The callers hold no reference into these pages past this call.
         let _ =
             unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+    }
+
+    pub fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+        #[cfg(target_os = "linux")]
+        {
+            // The whole 2 MiB pages inside the buffer.
+            const HUGE: usize = 2 << 20;
+            let start = (ptr as usize).next_multiple_of(HUGE);
+            let end = (ptr as usize + bytes) / HUGE * HUGE;
+            if end > start {
+                // SAFETY: [start, end) lies inside the caller's live, writable buffer;
+                // MADV_HUGEPAGE only changes how its pages are backed, never their contents.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (ptr, bytes);
     }
 
     pub fn ignore_file_size_signal() {
@@ -232,6 +264,8 @@ mod imp {
 
     pub fn release_pages(_map: &memmap2::Mmap, _start: usize, _len: usize) {}
 
+    pub fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}
+
     pub fn ignore_file_size_signal() {}
 
     pub fn on_interrupt(handler: fn(Interrupt) -> !) {
@@ -279,6 +313,8 @@ mod imp {
     }
 
     pub fn release_pages(_map: &memmap2::Mmap, _start: usize, _len: usize) {}
+
+    pub fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}
 
     pub fn ignore_file_size_signal() {}
 

@@ -22,7 +22,7 @@ const PANEL: usize = 64;
 const GRAM_PANEL: usize = 64;
 
 /// Activation rows per f32 Gram partial before it is added to the f64 sum.
-const GRAM_ROWS: usize = 256;
+const GRAM_ROWS: usize = super::cpu_gram::CHUNK;
 
 /// `c[m, n] = a · b` with arbitrary strides (row stride, column stride) for each operand.
 #[allow(clippy::too_many_arguments)]
@@ -344,6 +344,18 @@ impl Ops for CpuOps {
     fn gram_add(&self, g: &mut GramAccumulator, x: &Vec<f32>, rows: usize) -> Result<()> {
         // f32 GEMM partials over GRAM_ROWS rows, summed in f64: the GPU's contract, at GEMM speed.
         let n = g.n();
+        if x.len() < rows * n {
+            return Err(crate::error::Error::Internal(format!(
+                "gram_add: {rows} rows of {n} from a tensor of {}",
+                x.len()
+            )));
+        }
+        // The AVX-512 kernel computes the same sums bit for bit (see `cpu_gram`).
+        if g.add_upper_with(rows as u64, |sum| {
+            super::cpu_gram::add_upper(sum, n, &x[..rows * n], rows)
+        }) {
+            return Ok(());
+        }
         for chunk in x[..rows * n].chunks(GRAM_ROWS * n) {
             let r = chunk.len() / n;
             g.add_panels(GRAM_PANEL, r as u64, |i0, out| {

@@ -8,6 +8,7 @@
 //! because the trait has an associated state type).
 
 pub mod cpu;
+pub mod cpu_gram;
 pub mod cpu_ops;
 pub mod ops;
 pub mod wgpu;

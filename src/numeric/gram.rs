@@ -167,11 +167,9 @@ pub struct GramAccumulator {
 impl GramAccumulator {
     /// An empty accumulator for `n` input features.
     pub fn new(n: usize) -> Self {
-        GramAccumulator {
-            n,
-            sum: vec![0.0; n * n],
-            samples: 0,
-        }
+        let mut sum = vec![0.0; n * n];
+        crate::platform::advise_huge_pages(&mut sum);
+        GramAccumulator { n, sum, samples: 0 }
     }
 
     /// Width `n`.
@@ -257,6 +255,20 @@ impl GramAccumulator {
                 }
             });
         self.samples += samples;
+    }
+
+    /// Lets a kernel add `samples` rows into the f64 sum's upper triangle itself (`n × n`,
+    /// row-major; the lower triangle is filled by `finish`). `add` returns whether it did; the
+    /// row count is kept only then.
+    pub fn add_upper_with<F>(&mut self, samples: u64, add: F) -> bool
+    where
+        F: FnOnce(&mut [f64]) -> bool,
+    {
+        let done = add(&mut self.sum);
+        if done {
+            self.samples += samples;
+        }
+        done
     }
 
     /// Adds another accumulator's sums (for parallel or sharded accumulation).
