@@ -106,6 +106,66 @@ mod tests {
         assert_eq!(nearest_code(-1e30, 1.0, -8, 16), -8);
     }
 
+    /// The cast-based ceiling gives the code of the plain formula on every kind of value:
+    /// integers and halves (ties), tiny and huge quotients, both signs, infinities and NaN.
+    #[test]
+    fn the_nearest_code_is_the_plain_ceiling_formula() {
+        fn plain(target: f32, delta: f32, lo: i32, levels: i32) -> i32 {
+            let k = (target / delta - 0.5).ceil();
+            let k = k.max(lo as f32).min((lo + levels - 1) as f32);
+            if k.is_nan() {
+                lo
+            } else {
+                k as i32
+            }
+        }
+        let mut targets = vec![
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            1e-45,
+            8388608.0,
+            -8388609.0,
+            3e9,
+            -3e9,
+            f32::MAX,
+            f32::MIN,
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for i in -600..=600 {
+            targets.push(i as f32 * 0.25);
+            targets.push(f32::from_bits((i as f32 * 0.25).to_bits().wrapping_add(1)));
+            targets.push(f32::from_bits((i as f32 * 0.25).to_bits().wrapping_sub(1)));
+        }
+        for _ in 0..20000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            targets.push(f32::from_bits(seed as u32));
+        }
+        for &(delta, lo, levels) in &[
+            (1.0f32, -8, 16),
+            (0.37, -8, 16),
+            (3.0e-3, 0, 16),
+            (0.5, -2, 4),
+            (1e-30, -128, 256),
+            (7.5e20, 3, 8),
+        ] {
+            for &t in &targets {
+                assert_eq!(
+                    nearest_code(t, delta, lo, levels),
+                    plain(t, delta, lo, levels),
+                    "target {t:e} ({:#x}), delta {delta:e}, lo {lo}, levels {levels}",
+                    t.to_bits()
+                );
+            }
+        }
+    }
+
     #[test]
     fn constant_rows_stay_exact() {
         for c in [3.5f32, -2.0, 0.0] {
