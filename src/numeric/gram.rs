@@ -286,17 +286,46 @@ impl GramAccumulator {
     /// The symmetric Gram matrix.
     pub fn finish(mut self) -> Gram {
         let n = self.n;
-        for i in 0..n {
-            for j in 0..i {
-                self.sum[i * n + j] = self.sum[j * n + i];
-            }
-        }
+        mirror_upper(&mut self.sum, n);
         Gram {
             n,
             data: self.sum,
             samples: self.samples,
         }
     }
+}
+
+/// Copies the upper triangle of a row-major `n × n` matrix onto its lower triangle, in
+/// 64 × 64 tiles (a row-by-row copy reads a column per row: 75 ms at n = 4096, a tenth of
+/// the Gram itself), row panels in parallel.
+fn mirror_upper(a: &mut [f64], n: usize) {
+    const T: usize = 64;
+    assert!(
+        a.len() >= n * n,
+        "mirror_upper: {} values for n = {n}",
+        a.len()
+    );
+    /// The matrix shared by the row panels; see the SAFETY note below.
+    #[derive(Clone, Copy)]
+    struct Shared(*mut f64);
+    // SAFETY: the panels write disjoint elements (each its own rows' strictly lower part) and
+    // read only strictly upper elements, which no panel writes; `a` outlives the loop.
+    unsafe impl Send for Shared {}
+    unsafe impl Sync for Shared {}
+    let p = Shared(a.as_mut_ptr());
+    (0..n.div_ceil(T)).into_par_iter().for_each(move |b| {
+        let p = p;
+        let (i0, i1) = (b * T, ((b + 1) * T).min(n));
+        for j0 in (0..i1).step_by(T) {
+            for i in i0..i1 {
+                for j in j0..(j0 + T).min(i) {
+                    // SAFETY: j < i < n: (i, j) is strictly lower, in this panel's rows; (j, i)
+                    // is strictly upper. Both inside the n × n matrix.
+                    unsafe { *p.0.add(i * n + j) = *p.0.add(j * n + i) };
+                }
+            }
+        }
+    });
 }
 
 /// A cross-Gram `C = X̃ᵀ·X` of two activations of the same rows (`--calib-mode corrected`: the
@@ -377,6 +406,28 @@ mod tests {
                     (got - direct).abs() <= 1e-12 * direct.abs().max(1.0),
                     "G[{i},{j}] = {got}, expected {direct}"
                 );
+            }
+        }
+    }
+
+    /// The tiled mirror copies every upper element onto its lower twin and nothing else, at
+    /// widths below, at and across the tile edge.
+    #[test]
+    fn the_mirror_copies_the_upper_triangle_exactly() {
+        for n in [0usize, 1, 2, 63, 64, 65, 130, 257] {
+            let upper = |i: usize, j: usize| (i * 1000 + j) as f64 + 0.5;
+            let mut a = vec![f64::NAN; n * n];
+            for i in 0..n {
+                for j in i..n {
+                    a[i * n + j] = upper(i, j);
+                }
+            }
+            mirror_upper(&mut a, n);
+            for i in 0..n {
+                for j in 0..n {
+                    let want = if j >= i { upper(i, j) } else { upper(j, i) };
+                    assert_eq!(a[i * n + j], want, "n {n}: ({i}, {j})");
+                }
             }
         }
     }
