@@ -109,17 +109,33 @@ impl Ops for CpuOps {
         b: &Vec<f32>,
         n: usize,
     ) -> Result<Vec<f32>> {
+        if x.len() < rows * k || w.len() < n * k || b.len() < n {
+            return Err(crate::error::Error::Internal(format!(
+                "linear: x {} for {rows} × {k}, w {} and b {} for {n} outputs",
+                x.len(),
+                w.len(),
+                b.len()
+            )));
+        }
         let mut y = vec![0.0f32; rows * n];
+        let add_bias = |yc: &mut [f32]| {
+            for row in yc.chunks_mut(n) {
+                for (v, bias) in row.iter_mut().zip(b) {
+                    *v += bias;
+                }
+            }
+        };
+        // The AVX-512 kernel computes the same sums bit for bit (see `cpu_linear`).
+        if super::cpu_linear::linear(x, rows, k, w, n, &mut y, PANEL) {
+            y.par_chunks_mut(PANEL * n).for_each(add_bias);
+            return Ok(y);
+        }
         y.par_chunks_mut(PANEL * n)
             .zip(x.par_chunks(PANEL * k))
             .for_each(|(yc, xc)| {
                 let r = yc.len() / n;
                 sgemm(r, k, n, xc, (k, 1), w, (1, k), yc, (n, 1));
-                for row in yc.chunks_mut(n) {
-                    for (v, bias) in row.iter_mut().zip(b) {
-                        *v += bias;
-                    }
-                }
+                add_bias(yc);
             });
         Ok(y)
     }

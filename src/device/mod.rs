@@ -9,6 +9,7 @@
 
 pub mod cpu;
 pub mod cpu_gram;
+pub mod cpu_linear;
 pub mod cpu_ops;
 pub mod ops;
 pub mod wgpu;
