@@ -6,8 +6,9 @@
 //! one added to the output with one rounding (`α = 1`, `β = 1`). This kernel computes the same
 //! chains and additions, so the activations (and with them the Grams and the codes the paper
 //! preset pins) do not depend on which of the two ran; a test holds them equal bit for bit. It
-//! is 1.3–1.4× faster on ViT-B's shapes because it packs `W` once per call (the portable path
-//! packs it again for every 64-row panel), reads `X` in place, and keeps an 8 × 32 register tile
+//! is 1.3–1.4× faster on ViT-B's shapes because it packs `W` once per call, a slab of about
+//! 1 MiB of columns at a time that stays in L2 while every row panel passes over it (the
+//! portable path packs all of it again for every 64-row panel), reads `X` in place, and keeps an 8 × 32 register tile
 //! in 16 named accumulators (one 512-bit load per 8 multiply-adds, where `matrixmultiply`'s
 //! 16 × 16 tile loads as often as it multiplies). An 8 × 48 tile and `X` packed in 8-row groups
 //! measured the same.
@@ -68,6 +69,8 @@ mod avx512 {
     const LANES: usize = 16;
     /// Rows of `X` per register tile (the broadcast side).
     const MR: usize = 8;
+    /// Bytes of `W` packed at a time.
+    const SLAB_BYTES: usize = 1 << 20;
     /// Panels per register tile (the vector side): 32 output columns, so that a block's
     /// slice of `W` (256 × 32 floats) and of `X` (8 × 256) stay in L1 together (with 48
     /// columns the tile ran at half the Gram kernel's rate).
@@ -86,35 +89,57 @@ mod avx512 {
             y.fill(0.0);
             return;
         }
-        // W packed once: panel q holds columns 16q .. 16q + 16 as k rows of 16 (zero past n).
-        let panels = n.div_ceil(LANES);
-        let mut wp = vec![0.0f32; panels * k * LANES];
-        crate::platform::advise_huge_pages(&mut wp);
-        wp.par_chunks_mut(k * LANES)
-            .enumerate()
-            .for_each(|(q, dst)| {
-                for t in 0..LANES.min(n - q * LANES) {
-                    let row = &w[(q * LANES + t) * k..(q * LANES + t + 1) * k];
-                    for (p, &v) in row.iter().enumerate() {
-                        dst[p * LANES + t] = v;
-                    }
-                }
-            });
+        // W packed a slab of columns at a time (about 1 MiB, so that it stays in L2 while
+        // every row panel passes over it, and the copy never costs a second W): panel q of a
+        // slab holds its columns 16q .. 16q + 16 as k rows of 16.
+        let slab = ((SLAB_BYTES / (4 * k)) / (NP * LANES) * (NP * LANES)).max(NP * LANES);
+        let mut wp = vec![0.0f32; slab.min(n.next_multiple_of(LANES)) * k];
         let x = &x[..rows * k];
-        y.par_chunks_mut(panel * n)
-            .zip(x.par_chunks(panel * k))
-            .for_each(|(yc, xc)| {
-                let r = yc.len() / n;
-                // SAFETY: the CPU has AVX-512 (checked by the caller); `xc` is r × k, `yc`
-                // r × n and `wp` holds `panels` packed panels of k rows.
-                unsafe { panel_product(xc, r, k, &wp, n, yc) };
-            });
+        for c0 in (0..n).step_by(slab) {
+            let c1 = (c0 + slab).min(n);
+            let wp = &mut wp[..(c1 - c0).div_ceil(LANES) * LANES * k];
+            wp.par_chunks_mut(k * LANES)
+                .enumerate()
+                .for_each(|(q, dst)| {
+                    let first = c0 + q * LANES;
+                    let cols = LANES.min(c1 - first);
+                    if cols < LANES {
+                        dst.fill(0.0);
+                    }
+                    for t in 0..cols {
+                        let row = &w[(first + t) * k..(first + t + 1) * k];
+                        for (p, &v) in row.iter().enumerate() {
+                            dst[p * LANES + t] = v;
+                        }
+                    }
+                });
+            let wp = &*wp;
+            y.par_chunks_mut(panel * n)
+                .zip(x.par_chunks(panel * k))
+                .for_each(|(yc, xc)| {
+                    let r = yc.len() / n;
+                    // SAFETY: the CPU has AVX-512 (checked by the caller); `xc` is r × k, `yc`
+                    // r × n and `wp` holds the packed panels of columns c0 .. c1.
+                    unsafe { panel_product(xc, r, k, wp, c0, c1, n, yc) };
+                });
+        }
     }
 
-    /// One row panel: register tiles of 8 rows × 48 columns, each over the blocks of `KC`.
+    /// One row panel against one slab of columns `c0 .. c1`: register tiles of 8 rows × 32
+    /// columns, each over the blocks of `KC`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn panel_product(x: &[f32], r: usize, k: usize, wp: &[f32], n: usize, y: &mut [f32]) {
-        let panels = n.div_ceil(LANES);
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn panel_product(
+        x: &[f32],
+        r: usize,
+        k: usize,
+        wp: &[f32],
+        c0: usize,
+        c1: usize,
+        n: usize,
+        y: &mut [f32],
+    ) {
+        let panels = (c1 - c0).div_ceil(LANES);
         let mut c = 0;
         while c < panels * LANES {
             let np = ((panels * LANES - c) / LANES).min(NP);
@@ -143,8 +168,8 @@ mod avx512 {
                             break;
                         }
                         for (q, v) in row.iter().enumerate().take(np) {
-                            let col = c + q * LANES;
-                            let lanes = LANES.min(n.saturating_sub(col));
+                            let col = c0 + c + q * LANES;
+                            let lanes = LANES.min(c1.saturating_sub(col));
                             if lanes == 0 {
                                 break;
                             }
@@ -308,6 +333,9 @@ mod tests {
             (9, 512, 16),
             (130, 700, 100),
             (70, 1536, 97),
+            // Several slabs of packed columns, the last one short.
+            (20, 1536, 400),
+            (10, 4096, 100),
         ] {
             let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
