@@ -54,7 +54,37 @@ pub fn add_upper(sum: &mut [f64], n: usize, x: &[f32], rows: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         if n > 0 && rows > 0 {
-            avx512::add_upper(sum, n, &x[..rows * n], rows, avx512::GROUP_BYTES);
+            let x = &x[..rows * n];
+            avx512::add::<true>(sum, n, x, x, rows, avx512::GROUP_BYTES);
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Adds the cross-Gram `Σ_rows a_i·b_j` of two activations of the same rows (`rows × n` each,
+/// row-major) into all of `sum` (`n × n`, row-major), with the same chunks and chains as
+/// [`add_upper`] (and as the portable path's `matrixmultiply` partials). Returns `false` (and
+/// does nothing) where the machine has no AVX-512.
+pub fn add_cross(sum: &mut [f64], n: usize, a: &[f32], b: &[f32], rows: usize) -> bool {
+    assert!(
+        sum.len() >= n * n && a.len() >= rows * n && b.len() >= rows * n,
+        "add_cross: sum {} for n = {n}, a {} and b {} for {rows} rows",
+        sum.len(),
+        a.len(),
+        b.len()
+    );
+    if !available() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if n > 0 && rows > 0 {
+            let (a, b) = (&a[..rows * n], &b[..rows * n]);
+            avx512::add::<false>(sum, n, a, b, rows, avx512::GROUP_BYTES);
         }
         true
     }
@@ -89,38 +119,53 @@ mod avx512 {
     unsafe impl Send for SumPtr {}
     unsafe impl Sync for SumPtr {}
 
-    pub(super) fn add_upper(sum: &mut [f64], n: usize, x: &[f32], rows: usize, group_bytes: usize) {
+    /// Adds `Σ_rows a_i·b_j` into `sum`: the upper triangle only when `UPPER` (then `a` and
+    /// `b` are the same activations and are packed once), else every element.
+    pub(super) fn add<const UPPER: bool>(
+        sum: &mut [f64],
+        n: usize,
+        a: &[f32],
+        b: &[f32],
+        rows: usize,
+        group_bytes: usize,
+    ) {
         let panels = n.div_ceil(LANES);
-        // One packed chunk: `panels` panels of CHUNK rows × 16 columns.
+        // One packed chunk: `panels` panels of CHUNK rows × 16 columns (two with a cross-Gram).
         let chunk_len = panels * CHUNK * LANES;
+        let operands = if UPPER { 1 } else { 2 };
         let chunks = rows.div_ceil(CHUNK);
-        let group = (group_bytes / (chunk_len * 4)).clamp(1, 16).min(chunks);
-        let mut pack = vec![0.0f32; group * chunk_len];
+        let group = (group_bytes / (operands * chunk_len * 4))
+            .clamp(1, 16)
+            .min(chunks);
+        let mut pack = vec![0.0f32; group * operands * chunk_len];
         crate::platform::advise_huge_pages(&mut pack);
         let blocks = n.div_ceil(TILE);
         let tiles: Vec<(usize, usize)> = (0..blocks)
-            .flat_map(|bi| (bi..blocks).map(move |bj| (bi, bj)))
+            .flat_map(|bi| ((if UPPER { bi } else { 0 })..blocks).map(move |bj| (bi, bj)))
             .collect();
         let out = SumPtr(sum.as_mut_ptr());
         for g0 in (0..chunks).step_by(group) {
             let g1 = (g0 + group).min(chunks);
-            let used = &mut pack[..(g1 - g0) * chunk_len];
+            let used = &mut pack[..(g1 - g0) * operands * chunk_len];
             used.par_chunks_mut(chunk_len)
                 .enumerate()
                 .for_each(|(c, dst)| {
-                    let r0 = (g0 + c) * CHUNK;
+                    let r0 = (g0 + c / operands) * CHUNK;
                     let r = CHUNK.min(rows - r0);
-                    pack_chunk(&x[r0 * n..(r0 + r) * n], n, r, dst);
+                    let src = if c % operands == 0 { a } else { b };
+                    pack_chunk(&src[r0 * n..(r0 + r) * n], n, r, dst);
                 });
-            let packed = &pack[..(g1 - g0) * chunk_len];
+            let packed = &pack[..(g1 - g0) * operands * chunk_len];
             tiles.par_iter().for_each(|&(bi, bj)| {
                 for c in 0..g1 - g0 {
                     let r = CHUNK.min(rows - (g0 + c) * CHUNK);
-                    let chunk = &packed[c * chunk_len..(c + 1) * chunk_len];
-                    // SAFETY: the CPU has AVX-512 (checked by the caller); `chunk` holds
+                    let at = c * operands * chunk_len;
+                    let pa = &packed[at..at + chunk_len];
+                    let pb = &packed[at + (operands - 1) * chunk_len..at + operands * chunk_len];
+                    // SAFETY: the CPU has AVX-512 (checked by the caller); `pa` and `pb` hold
                     // `panels` packed panels; the tile writes only rows `bi·TILE ..` and
                     // columns `bj·TILE ..` of the sum (disjoint between tasks) inside `n × n`.
-                    unsafe { tile(out, n, chunk, r, bi * TILE, bj * TILE) };
+                    unsafe { tile::<UPPER>(out, n, pa, pb, r, bi * TILE, bj * TILE) };
                 }
             });
         }
@@ -139,27 +184,35 @@ mod avx512 {
         }
     }
 
-    /// Adds one chunk's partials to the output tile at `(i0, j0)`: register tiles at or right
-    /// of the diagonal only.
+    /// Adds one chunk's partials to the output tile at `(i0, j0)` (`a` gives the rows, `b` the
+    /// columns): with `UPPER`, register tiles at or right of the diagonal only.
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile(out: SumPtr, n: usize, chunk: &[f32], r: usize, i0: usize, j0: usize) {
+    unsafe fn tile<const UPPER: bool>(
+        out: SumPtr,
+        n: usize,
+        pa: &[f32],
+        pb: &[f32],
+        r: usize,
+        i0: usize,
+        j0: usize,
+    ) {
         let panels = n.div_ceil(LANES);
         let i1 = (i0 + TILE).min(n);
         let j1 = (j0 + TILE).min(panels * LANES);
         for i in (i0..i1).step_by(MR) {
             // The panel holding rows i .. i + 8 (8 divides 16), at lane offset i % 16.
-            let a = chunk[(i / LANES) * CHUNK * LANES + i % LANES..].as_ptr();
+            let a = pa[(i / LANES) * CHUNK * LANES + i % LANES..].as_ptr();
             // Register tiles whose last column is left of `i` hold no upper element.
-            let first = if j0 > i { j0 } else { i - i % LANES };
+            let first = if !UPPER || j0 > i { j0 } else { i - i % LANES };
             let mut j = first;
             while j < j1 {
-                let b = chunk[(j / LANES) * CHUNK * LANES..].as_ptr();
+                let b = pb[(j / LANES) * CHUNK * LANES..].as_ptr();
                 // SAFETY (all three): `a` reads 8 lanes of r rows of one panel, `b` reads
                 // 1–3 whole panels that exist (j < j1 ≤ panels · 16), inside `chunk`.
                 match (j1 - j) / LANES {
-                    1 => unsafe { micro::<1>(out, n, a, b, r, i, j) },
-                    2 => unsafe { micro::<2>(out, n, a, b, r, i, j) },
-                    _ => unsafe { micro::<NP>(out, n, a, b, r, i, j) },
+                    1 => unsafe { micro::<1, UPPER>(out, n, a, b, r, i, j) },
+                    2 => unsafe { micro::<2, UPPER>(out, n, a, b, r, i, j) },
+                    _ => unsafe { micro::<NP, UPPER>(out, n, a, b, r, i, j) },
                 }
                 j += LANES * NP;
             }
@@ -217,12 +270,13 @@ mod avx512 {
     }
 
     /// One register tile: rows `i .. i + 8`, columns `j .. j + 16·P`, the fused multiply-add
-    /// chain over the chunk's `r` rows in order, then added into the f64 sum where `i ≤ col < n`.
+    /// chain over the chunk's `r` rows in order, then added into the f64 sum where `col < n`
+    /// (and `i ≤ col` with `UPPER`).
     /// The full-width tile (`P = 3`) keeps its 24 accumulators in named registers (an array of
     /// them is spilled to the stack by the compiler); the narrow ones at the right edge are rare.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn micro<const P: usize>(
+    unsafe fn micro<const P: usize, const UPPER: bool>(
         out: SumPtr,
         n: usize,
         a: *const f32,
@@ -255,7 +309,7 @@ mod avx512 {
                 }
             }
         }
-        let interior = i + MR <= j + 1 && j + LANES * P <= n;
+        let interior = (!UPPER || i + MR <= j + 1) && j + LANES * P <= n;
         for (m, row) in acc.iter().enumerate() {
             let gi = i + m;
             if gi >= n {
@@ -276,11 +330,11 @@ mod avx512 {
                         _mm512_storeu_pd(d8, _mm512_add_pd(_mm512_loadu_pd(d8), hi));
                     }
                 } else {
-                    // Columns gi ≤ c < n only (the upper triangle, inside the row).
+                    // Columns c < n only (inside the row), and gi ≤ c for the upper triangle.
                     let mut mask: u32 = 0;
                     for t in 0..LANES {
                         let c = col + t;
-                        if c >= gi && c < n {
+                        if (!UPPER || c >= gi) && c < n {
                             mask |= 1 << t;
                         }
                     }
@@ -339,6 +393,79 @@ mod tests {
         sum
     }
 
+    /// The portable cross-Gram: full `matrixmultiply` partials per chunk, added in order.
+    fn portable_cross(mut sum: Vec<f64>, n: usize, a: &[f32], b: &[f32], rows: usize) -> Vec<f64> {
+        let mut part = vec![0.0f32; n * n];
+        for r0 in (0..rows).step_by(CHUNK) {
+            let r = CHUNK.min(rows - r0);
+            let (ca, cb) = (&a[r0 * n..(r0 + r) * n], &b[r0 * n..(r0 + r) * n]);
+            // SAFETY: ca and cb are r × n, part is n × n, strides in bounds.
+            unsafe {
+                matrixmultiply::sgemm(
+                    n,
+                    r,
+                    n,
+                    1.0,
+                    ca.as_ptr(),
+                    1,
+                    n as isize,
+                    cb.as_ptr(),
+                    n as isize,
+                    1,
+                    0.0,
+                    part.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+            for (s, p) in sum.iter_mut().zip(&part) {
+                *s += *p as f64;
+            }
+        }
+        sum
+    }
+
+    #[test]
+    fn the_cross_kernel_gives_the_portable_sums_bit_for_bit() {
+        if !available() {
+            eprintln!("no AVX-512 on this machine: the portable path is the only one");
+            return;
+        }
+        let mut seed = 0x5851_f42d_4c95_7f2du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+        };
+        for &(n, rows) in &[
+            (1, 2),
+            (7, 300),
+            (17, 257),
+            (50, 100),
+            (200, 513),
+            (385, 260),
+        ] {
+            let a: Vec<f32> = (0..rows * n).map(|_| next()).collect();
+            let b: Vec<f32> = (0..rows * n).map(|_| next()).collect();
+            let base: Vec<f64> = (0..n * n).map(|k| k as f64 * -0.125).collect();
+            let want = portable_cross(base.clone(), n, &a, &b, rows);
+            let mut got = base.clone();
+            assert!(add_cross(&mut got, n, &a, &b, rows));
+            let mut one = base.clone();
+            #[cfg(target_arch = "x86_64")]
+            avx512::add::<false>(&mut one, n, &a, &b, rows, 1);
+            for (k, ((g, w), o)) in got.iter().zip(&want).zip(&one).enumerate() {
+                assert_eq!(g.to_bits(), w.to_bits(), "n {n} rows {rows}: element {k}");
+                assert_eq!(
+                    o.to_bits(),
+                    w.to_bits(),
+                    "n {n} rows {rows}: one chunk per group"
+                );
+            }
+        }
+    }
+
     #[test]
     fn the_kernel_gives_the_portable_sums_bit_for_bit() {
         if !available() {
@@ -373,7 +500,7 @@ mod tests {
             // One chunk per packed group: the buffer is reused, a shorter last chunk included.
             let mut one = base.clone();
             #[cfg(target_arch = "x86_64")]
-            avx512::add_upper(&mut one, n, &x, rows, 1);
+            avx512::add::<true>(&mut one, n, &x, &x, rows, 1);
             assert!(
                 one.iter()
                     .zip(&got)

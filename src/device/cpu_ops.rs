@@ -418,7 +418,12 @@ impl Ops for CpuOps {
                 xf.len()
             )));
         }
-        // f32 GEMM partials over GRAM_ROWS rows, summed in f64, as the Gram's.
+        // f32 GEMM partials over GRAM_ROWS rows, summed in f64, as the Gram's; the AVX-512
+        // kernel computes the same sums bit for bit (see `cpu_gram`).
+        if super::cpu_gram::add_cross(&mut c.data, n, xq, xf, rows) {
+            c.samples += rows as u64;
+            return Ok(());
+        }
         let mut out = vec![0.0f32; n * n];
         for r0 in (0..rows).step_by(GRAM_ROWS) {
             let r = GRAM_ROWS.min(rows - r0);
