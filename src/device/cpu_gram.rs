@@ -16,6 +16,9 @@
 //!   where `matrixmultiply`'s 16 × 16 tile issues as many loads as multiply-adds;
 //! - converts and adds the f32 partials into the f64 sum straight from the registers.
 //!
+//! The cross-Gram of `--calib-mode corrected` (`X̃ᵀ·X`, [`add_cross`]) runs the same kernel over
+//! every tile, with the two activations packed side by side.
+//!
 //! No crate offers this: a BLAS `syrk` sums in another order (and would change the low bits
 //! that the paper preset's pinned codes depend on) and has no f64 accumulation of f32 partials.
 
@@ -114,8 +117,8 @@ mod avx512 {
     /// The f64 sum shared by the tile tasks; each task writes only its own tile.
     #[derive(Clone, Copy)]
     struct SumPtr(*mut f64);
-    // SAFETY: tasks write disjoint tiles of the sum (see `add_upper`), and the slice outlives
-    // the parallel loop that uses the pointer.
+    // SAFETY: tasks write disjoint tiles of the sum (see `add`), and the slice outlives the
+    // parallel loop that uses the pointer.
     unsafe impl Send for SumPtr {}
     unsafe impl Sync for SumPtr {}
 
