@@ -362,41 +362,8 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// The portable path's sums: `matrixmultiply` partials per chunk, added in order.
-    fn portable(mut sum: Vec<f64>, n: usize, x: &[f32], rows: usize) -> Vec<f64> {
-        let mut part = vec![0.0f32; n * n];
-        for r0 in (0..rows).step_by(CHUNK) {
-            let r = CHUNK.min(rows - r0);
-            let c = &x[r0 * n..(r0 + r) * n];
-            // SAFETY: c is r × n, part is n × n, strides in bounds.
-            unsafe {
-                matrixmultiply::sgemm(
-                    n,
-                    r,
-                    n,
-                    1.0,
-                    c.as_ptr(),
-                    1,
-                    n as isize,
-                    c.as_ptr(),
-                    n as isize,
-                    1,
-                    0.0,
-                    part.as_mut_ptr(),
-                    n as isize,
-                    1,
-                );
-            }
-            for i in 0..n {
-                for j in i..n {
-                    sum[i * n + j] += part[i * n + j] as f64;
-                }
-            }
-        }
-        sum
-    }
-
-    /// The portable cross-Gram: full `matrixmultiply` partials per chunk, added in order.
+    /// The portable path's sums: `matrixmultiply`'s full partials per chunk, added in order
+    /// (for the Gram itself `a = b`, and the test reads the upper triangle).
     fn portable_cross(mut sum: Vec<f64>, n: usize, a: &[f32], b: &[f32], rows: usize) -> Vec<f64> {
         let mut part = vec![0.0f32; n * n];
         for r0 in (0..rows).step_by(CHUNK) {
@@ -434,13 +401,7 @@ mod tests {
             eprintln!("no AVX-512 on this machine: the portable path is the only one");
             return;
         }
-        let mut seed = 0x5851_f42d_4c95_7f2du64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-        };
+        let mut rng = crate::util::rng::SplitMix::new(5);
         for &(n, rows) in &[
             (1, 2),
             (7, 300),
@@ -449,8 +410,8 @@ mod tests {
             (200, 513),
             (385, 260),
         ] {
-            let a: Vec<f32> = (0..rows * n).map(|_| next()).collect();
-            let b: Vec<f32> = (0..rows * n).map(|_| next()).collect();
+            let a = rng.normals(rows * n);
+            let b = rng.normals(rows * n);
             let base: Vec<f64> = (0..n * n).map(|k| k as f64 * -0.125).collect();
             let want = portable_cross(base.clone(), n, &a, &b, rows);
             let mut got = base.clone();
@@ -475,13 +436,7 @@ mod tests {
             eprintln!("no AVX-512 on this machine: the portable path is the only one");
             return;
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-        };
+        let mut rng = crate::util::rng::SplitMix::new(6);
         for &(n, rows) in &[
             (1, 3),
             (7, 300),
@@ -494,10 +449,10 @@ mod tests {
             (385, 260),
             (33, 1000),
         ] {
-            let x: Vec<f32> = (0..rows * n).map(|_| next()).collect();
+            let x = rng.normals(rows * n);
             // Start from non-zero sums, as a second call into an accumulator does.
             let base: Vec<f64> = (0..n * n).map(|k| k as f64 * 0.25).collect();
-            let want = portable(base.clone(), n, &x, rows);
+            let want = portable_cross(base.clone(), n, &x, &x, rows);
             let mut got = base.clone();
             assert!(add_upper(&mut got, n, &x, rows));
             // One chunk per packed group: the buffer is reused, a shorter last chunk included.

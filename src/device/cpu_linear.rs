@@ -72,8 +72,8 @@ mod avx512 {
     /// Bytes of `W` packed at a time.
     const SLAB_BYTES: usize = 1 << 20;
     /// Panels per register tile (the vector side): 32 output columns, so that a block's
-    /// slice of `W` (256 × 32 floats) and of `X` (8 × 256) stay in L1 together (with 48
-    /// columns the tile ran at half the Gram kernel's rate).
+    /// slice of `W` (256 × 32 floats) and of `X` (8 × 256) fit L1 together (a 48-column tile
+    /// measured the same).
     const NP: usize = 2;
 
     pub(super) fn linear(
@@ -98,21 +98,7 @@ mod avx512 {
         for c0 in (0..n).step_by(slab) {
             let c1 = (c0 + slab).min(n);
             let wp = &mut wp[..(c1 - c0).div_ceil(LANES) * LANES * k];
-            wp.par_chunks_mut(k * LANES)
-                .enumerate()
-                .for_each(|(q, dst)| {
-                    let first = c0 + q * LANES;
-                    let cols = LANES.min(c1 - first);
-                    if cols < LANES {
-                        dst.fill(0.0);
-                    }
-                    for t in 0..cols {
-                        let row = &w[(first + t) * k..(first + t + 1) * k];
-                        for (p, &v) in row.iter().enumerate() {
-                            dst[p * LANES + t] = v;
-                        }
-                    }
-                });
+            pack_slab(w, k, c0, c1, wp);
             let wp = &*wp;
             y.par_chunks_mut(panel * n)
                 .zip(x.par_chunks(panel * k))
@@ -123,6 +109,26 @@ mod avx512 {
                     unsafe { panel_product(xc, r, k, wp, c0, c1, n, yc) };
                 });
         }
+    }
+
+    /// Packs rows `c0 .. c1` of `w` (`k` wide) into `wp`: panel q holds columns
+    /// `c0 + 16q ..` of the output as k rows of 16 (zeros past `c1`), the panels in parallel.
+    fn pack_slab(w: &[f32], k: usize, c0: usize, c1: usize, wp: &mut [f32]) {
+        wp.par_chunks_mut(k * LANES)
+            .enumerate()
+            .for_each(|(q, dst)| {
+                let first = c0 + q * LANES;
+                let cols = LANES.min(c1 - first);
+                if cols < LANES {
+                    dst.fill(0.0);
+                }
+                for t in 0..cols {
+                    let row = &w[(first + t) * k..(first + t + 1) * k];
+                    for (p, &v) in row.iter().enumerate() {
+                        dst[p * LANES + t] = v;
+                    }
+                }
+            });
     }
 
     /// One row panel against one slab of columns `c0 .. c1`: register tiles of 8 rows × 32
@@ -317,13 +323,7 @@ mod tests {
             eprintln!("no AVX-512 on this machine: the portable path is the only one");
             return;
         }
-        let mut seed = 0x0123_4567_89ab_cdefu64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-        };
+        let mut rng = crate::util::rng::SplitMix::new(7);
         for &(rows, k, n) in &[
             (1, 1, 1),
             (3, 0, 5),
@@ -337,8 +337,8 @@ mod tests {
             (20, 1536, 400),
             (10, 4096, 100),
         ] {
-            let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
-            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let x = rng.normals(rows * k);
+            let w = rng.normals(n * k);
             let want = portable(&x, rows, k, &w, n);
             for panel in [64, 5] {
                 let mut got = vec![f32::NAN; rows * n];

@@ -218,13 +218,8 @@ mod tests {
     #[test]
     fn the_greedy_rows_are_the_stable_sort() {
         let (rows, cols) = (40, 97);
-        let mut seed = 0x1234_5678_9abc_def1u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = crate::util::rng::SplitMix::new(11);
+        let mut next = move || rng.next_u64();
         let w: Vec<f32> = (0..rows * cols)
             .map(|_| [0.0f32, -0.0, 0.5, -0.5, 1.0, 3.0][(next() % 6) as usize])
             .collect();

@@ -135,17 +135,14 @@ mod tests {
             f32::MAX,
             f32::MIN,
         ];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::util::rng::SplitMix::new(3);
         for i in -600..=600 {
             targets.push(i as f32 * 0.25);
             targets.push(f32::from_bits((i as f32 * 0.25).to_bits().wrapping_add(1)));
             targets.push(f32::from_bits((i as f32 * 0.25).to_bits().wrapping_sub(1)));
         }
         for _ in 0..20000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            targets.push(f32::from_bits(seed as u32));
+            targets.push(f32::from_bits(rng.next_u64() as u32));
         }
         for &(delta, lo, levels) in &[
             (1.0f32, -8, 16),
