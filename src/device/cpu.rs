@@ -59,8 +59,9 @@ pub struct CpuLayer {
     tracked: Option<Tracked>,
 }
 
-/// What [`Device::track_sweeps`] keeps on the CPU: the f64 products `(W − Q̂)·G` and
-/// `(W − Q̂)·G_h` with the state they are exact for, and `Q̂` where the last sweep started.
+/// What [`Device::track_sweeps`] keeps on the CPU: the f64 product `(W − Q̂)·G` and the rows'
+/// held-out losses `e_iᵀ G_h e_i` with the state they are exact for, and `Q̂` where the last
+/// sweep started.
 ///
 /// States are numbered: every step that moves `Q̂` starts a new one. A product may be updated
 /// instead of recomputed only when it is exact for the state the last sweep started from and the
@@ -76,11 +77,13 @@ struct Tracked {
     /// `(W − Q̂)·G` in f64, and the state it is exact for.
     r64: Vec<f64>,
     r_at: Option<u64>,
-    /// `(W − Q̂)·G_h` in f64 (held-out Gram), and the state it is exact for.
-    h64: Vec<f64>,
+    /// Each row's held-out loss `e_iᵀ G_h e_i` in f64, and the state they are exact for.
+    h_rows: Vec<f64>,
     h_at: Option<u64>,
     /// Products updated rather than recomputed so far.
     updates: u64,
+    /// `‖W − Q̂‖²`, summed by the last refresh, and the state it is exact for.
+    sqnorm: Option<(u64, f64)>,
 }
 
 impl Tracked {
@@ -293,8 +296,9 @@ impl Device for CpuDevice {
         let g = &l.g64;
         if let Some(t) = l.tracked.as_mut() {
             let base = t.swept_since(t.r_at).then_some(t.q_from.as_slice());
-            let (loss, updated) = exact_product(&l.w, &l.q, g, n, base, &mut t.r64);
+            let (loss, updated, sqnorm) = exact_product(&l.w, &l.q, g, n, base, &mut t.r64);
             t.updates += updated as u64;
+            t.sqnorm = Some((t.state, sqnorm));
             l.r.par_iter_mut()
                 .zip(&t.r64)
                 .for_each(|(r, &v)| *r = v as f32);
@@ -399,6 +403,12 @@ impl Device for CpuDevice {
     }
 
     fn error_sqnorm(&self, l: &mut CpuLayer) -> Result<f64> {
+        // The refresh of this state summed it already (the same panels, the same sums).
+        if let Some((at, v)) = l.tracked.as_ref().and_then(|t| t.sqnorm) {
+            if l.tracked.as_ref().is_some_and(|t| t.state == at) {
+                return Ok(v);
+            }
+        }
         Ok(l.w
             .par_chunks(GRAM_PANEL * l.cols)
             .zip(l.q.par_chunks(GRAM_PANEL * l.cols))
@@ -427,16 +437,13 @@ impl Device for CpuDevice {
         let n = l.cols;
         if let Some(t) = l.tracked.as_mut() {
             let base = t.swept_since(t.h_at).then_some(t.q_from.as_slice());
-            let (loss, updated) = exact_product(&l.w, &l.q, gh, n, base, &mut t.h64);
+            let (loss, updated) = row_losses(&l.w, &l.q, gh, n, base, &mut t.h_rows);
             t.updates += updated as u64;
             t.h_at = Some(t.state);
             return Ok(loss);
         }
-        Ok(l.w
-            .par_chunks(GRAM_PANEL * n)
-            .zip(l.q.par_chunks(GRAM_PANEL * n))
-            .map(|(w, q)| quadratic_panel(&error_rows(w, q), gh, n).0)
-            .sum())
+        let mut rows = Vec::new();
+        Ok(row_losses(&l.w, &l.q, gh, n, None, &mut rows).0)
     }
 
     fn keep(&self, l: &mut CpuLayer) -> Result<()> {
@@ -463,33 +470,19 @@ impl Device for CpuDevice {
             ));
         };
         let n = l.cols;
-        // Each row's loss `e_iᵀ G_h e_i`: from the held-out product when it is exact for this
+        // Each row's loss `e_iᵀ G_h e_i`: the held-out score's when they are exact for this
         // state, else computed here.
         let exact = l
             .tracked
             .as_ref()
-            .filter(|t| t.h_at == Some(t.state) && t.h64.len() == l.q.len())
-            .map(|t| t.h64.as_slice());
+            .filter(|t| t.h_at == Some(t.state) && t.h_rows.len() * n == l.q.len())
+            .map(|t| t.h_rows.clone());
         let losses: Vec<f64> = match exact {
-            Some(p) => {
-                l.w.par_chunks(n)
-                    .zip(l.q.par_chunks(n))
-                    .zip(p.par_chunks(n))
-                    .map(|((w, q), p)| dot64(&error_rows(w, q), p))
-                    .collect()
-            }
+            Some(rows) => rows,
             None => {
-                l.w.par_chunks(GRAM_PANEL * n)
-                    .zip(l.q.par_chunks(GRAM_PANEL * n))
-                    .flat_map_iter(|(w, q)| {
-                        let a = error_rows(w, q);
-                        let (_, out) = quadratic_panel(&a, gh, n);
-                        a.chunks(n)
-                            .zip(out.chunks(n))
-                            .map(|(a, o)| dot64(a, o))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect()
+                let mut rows = Vec::new();
+                row_losses(&l.w, &l.q, gh, n, None, &mut rows);
+                rows
             }
         };
         let ng = l.groups();
@@ -549,7 +542,8 @@ fn moved(l: &mut CpuLayer) {
 /// `Σ_i a_iᵀ G a_i` with `a = W − Q̂`, writing `A·G` to `p64` (f64, row-major): from scratch as
 /// [`quadratic_panel`] does (the same sums, bit for bit), or, when `base` is the `Q̂` that `p64`
 /// is exact for and few codes changed since, by subtracting `(Q̂ − base)_j · G[j, :]` for each
-/// changed input `j` of each row. Returns the sum and whether it was an update.
+/// changed input `j` of each row. Returns the sum, whether it was an update, and `‖W − Q̂‖²`
+/// (summed by panels as [`Device::error_sqnorm`] sums it).
 fn exact_product(
     w: &[f32],
     q: &[f32],
@@ -557,7 +551,7 @@ fn exact_product(
     n: usize,
     base: Option<&[f32]>,
     p64: &mut Vec<f64>,
-) -> (f64, bool) {
+) -> (f64, bool, f64) {
     let total = w.len();
     let base = base.filter(|b| {
         p64.len() == total
@@ -584,34 +578,153 @@ fn exact_product(
                     }
                 }
                 let a = error_rows(w, q);
-                a.chunks(n)
+                let loss = a
+                    .chunks(n)
                     .zip(p.chunks(n))
                     .map(|(a, o)| dot64(a, o))
-                    .sum::<f64>()
+                    .sum::<f64>();
+                (loss, a.iter().map(|e| e * e).sum::<f64>())
             })
-            .sum(),
+            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1)),
         None => p64
             .par_chunks_mut(chunk)
             .zip(w.par_chunks(chunk))
             .zip(q.par_chunks(chunk))
             .map(|((p, w), q)| {
-                let (loss, out) = quadratic_panel(&error_rows(w, q), g64, n);
+                let a = error_rows(w, q);
+                let (loss, out) = quadratic_panel(&a, g64, n);
                 p.copy_from_slice(&out);
-                loss
+                (loss, a.iter().map(|e| e * e).sum::<f64>())
             })
-            .sum(),
+            .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1)),
     };
-    (sum, base.is_some())
+    (sum.0, base.is_some(), sum.1)
 }
 
-/// `Σ_i w_iᵀ G w_i` in f64, panels of rows in parallel.
+/// `Σ_i w_iᵀ G w_i` in f64, panels of rows in parallel ([`quadratic_rows`]).
 fn weight_product(w: &[f32], g64: &[f64], n: usize) -> f64 {
     w.par_chunks(GRAM_PANEL * n)
         .map(|w| {
             let a: Vec<f64> = w.iter().map(|&x| x as f64).collect();
-            quadratic_panel(&a, g64, n).0
+            let mut out = vec![0.0; a.len() / n.max(1)];
+            quadratic_rows(&a, g64, n, &mut out);
+            out.iter().sum::<f64>()
         })
         .sum()
+}
+
+/// Columns per block of [`quadratic_rows`]: one GEMM per block row of `G`'s upper triangle.
+const QUAD_BLOCK: usize = 64;
+
+/// Each row's `a_iᵀ G a_i` for a panel of rows `a` (row-major `p × n`, f64) into `out`, from `G`'s
+/// upper block triangle only: `Σ_J [a_J·G_JJ·a_Jᵀ + 2·a_J·G_{J,>J}·a_{>J}ᵀ]` over blocks `J` of
+/// [`QUAD_BLOCK`] columns, one GEMM per block row, about half the flops of the whole product
+/// `A·G` (a loss alone does not need `A·G`).
+fn quadratic_rows(a: &[f64], g64: &[f64], n: usize, out: &mut [f64]) {
+    let p = out.len();
+    out.iter_mut().for_each(|v| *v = 0.0);
+    if n == 0 || p == 0 {
+        return;
+    }
+    let mut t = vec![0.0; p * n];
+    for j0 in (0..n).step_by(QUAD_BLOCK) {
+        let b = QUAD_BLOCK.min(n - j0);
+        let width = n - j0;
+        let t = &mut t[..p * width];
+        crate::numeric::linalg::dgemm_seq_strided(
+            p,
+            b,
+            width,
+            &a[j0..],
+            n,
+            &g64[j0 * n + j0..],
+            n,
+            t,
+        );
+        for (i, o) in out.iter_mut().enumerate() {
+            let (ti, ai) = (&t[i * width..(i + 1) * width], &a[i * n + j0..(i + 1) * n]);
+            let diag = crate::numeric::linalg::dot(&ti[..b], &ai[..b]);
+            let off = crate::numeric::linalg::dot(&ti[b..], &ai[b..]);
+            *o += diag + 2.0 * off;
+        }
+    }
+}
+
+/// Each row's loss `e_iᵀ G e_i` with `e = W − Q̂` into `rows` (f64), and their sum: from scratch
+/// ([`quadratic_rows`]), or, when `base` is the `Q̂` that `rows` are exact for and few codes
+/// changed since, updated: with `δ = Q̂ − base` on a row's changed inputs `S`,
+/// `e'ᵀGe' = eᵀGe − 2·Σ_{j∈S} δ_j·(G_j·e) + Σ_{j,k∈S} δ_j·G_jk·δ_k` (`e` the base's error), one row
+/// of `G` per changed code. Returns the sum and whether it was an update.
+fn row_losses(
+    w: &[f32],
+    q: &[f32],
+    g64: &[f64],
+    n: usize,
+    base: Option<&[f32]>,
+    rows: &mut Vec<f64>,
+) -> (f64, bool) {
+    let total = w.len();
+    let m = total / n.max(1);
+    let base = base.filter(|b| {
+        rows.len() == m
+            && b.len() == total
+            && b.par_iter().zip(q).filter(|(x, y)| x != y).count() * SPARSE_SHARE <= total
+    });
+    rows.resize(m, 0.0);
+    let chunk = GRAM_PANEL * n.max(1);
+    let sum = match base {
+        Some(b) => rows
+            .par_chunks_mut(GRAM_PANEL)
+            .zip(w.par_chunks(chunk))
+            .zip(q.par_chunks(chunk))
+            .zip(b.par_chunks(chunk))
+            .map(|(((out, w), q), b)| {
+                let mut changed: Vec<(usize, f64)> = Vec::new();
+                for (((o, w), q), b) in out
+                    .iter_mut()
+                    .zip(w.chunks(n))
+                    .zip(q.chunks(n))
+                    .zip(b.chunks(n))
+                {
+                    changed.clear();
+                    changed.extend(
+                        q.iter()
+                            .zip(b)
+                            .enumerate()
+                            .filter(|(_, (x, y))| x != y)
+                            .map(|(j, (&x, &y))| (j, x as f64 - y as f64)),
+                    );
+                    if changed.is_empty() {
+                        continue;
+                    }
+                    let e: Vec<f64> = w
+                        .iter()
+                        .zip(b)
+                        .map(|(&x, &y)| x as f64 - y as f64)
+                        .collect();
+                    let mut cross = 0.0;
+                    let mut quad = 0.0;
+                    for &(j, dj) in &changed {
+                        let gj = &g64[j * n..(j + 1) * n];
+                        cross += dj * crate::numeric::linalg::dot(gj, &e);
+                        quad += dj * changed.iter().map(|&(k, dk)| gj[k] * dk).sum::<f64>();
+                    }
+                    *o += quad - 2.0 * cross;
+                }
+                out.iter().sum::<f64>()
+            })
+            .sum(),
+        None => rows
+            .par_chunks_mut(GRAM_PANEL)
+            .zip(w.par_chunks(chunk))
+            .zip(q.par_chunks(chunk))
+            .map(|((out, w), q)| {
+                quadratic_rows(&error_rows(w, q), g64, n, out);
+                out.iter().sum::<f64>()
+            })
+            .sum(),
+    };
+    (sum, base.is_some())
 }
 
 /// `W − Q̂` for a panel of rows, widened to f64.
@@ -784,5 +897,87 @@ fn update_scale_layer(l: &mut CpuLayer) {
         for (q, &k) in l.q.iter_mut().zip(&l.codes) {
             *q = new * k as f32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::rng::SplitMix;
+
+    /// A symmetric `n × n` matrix `XᵀX` of `k` random rows, in f64.
+    fn gram(n: usize, k: usize, rng: &mut SplitMix) -> Vec<f64> {
+        let x = rng.normals(k * n);
+        let mut g = vec![0.0; n * n];
+        for r in x.chunks(n) {
+            for i in 0..n {
+                for j in 0..n {
+                    g[i * n + j] += r[i] as f64 * r[j] as f64;
+                }
+            }
+        }
+        g
+    }
+
+    /// `a_iᵀ G a_i` the plain way.
+    fn naive(a: &[f64], g: &[f64], n: usize) -> Vec<f64> {
+        a.chunks(n)
+            .map(|r| {
+                (0..n)
+                    .map(|i| (0..n).map(|j| r[i] * g[i * n + j] * r[j]).sum::<f64>())
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// The half-product row losses equal the plain quadratic forms up to f64 rounding, on widths
+    /// around the block (one column, less than a block, a block, a block and one, several).
+    #[test]
+    fn row_losses_from_the_upper_block_triangle_match_the_quadratic_form() {
+        let mut rng = SplitMix::new(11);
+        for n in [1, 7, 63, 64, 65, 130, 200] {
+            let p = 5;
+            let g = gram(n, n + 3, &mut rng);
+            let a: Vec<f64> = rng.normals(p * n).iter().map(|&v| v as f64).collect();
+            let mut out = vec![0.0; p];
+            quadratic_rows(&a, &g, n, &mut out);
+            for (got, want) in out.iter().zip(naive(&a, &g, n)) {
+                assert!(
+                    (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+                    "n {n}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// After a few codes change, the updated row losses equal losses computed from scratch up to
+    /// f64 rounding; with too many changes they are computed from scratch (no update).
+    #[test]
+    fn row_losses_update_after_few_changes() {
+        let mut rng = SplitMix::new(12);
+        let (m, n) = (70, 90);
+        let g = gram(n, 120, &mut rng);
+        let w = rng.normals(m * n);
+        let base: Vec<f32> = w.iter().map(|&v| (v * 4.0).round() / 4.0).collect();
+        let mut q = base.clone();
+        for k in (0..m * n).step_by(37) {
+            q[k] += 0.25;
+        }
+        let mut rows = Vec::new();
+        let (_, updated) = row_losses(&w, &base, &g, n, None, &mut rows);
+        assert!(!updated);
+        let (sum, updated) = row_losses(&w, &q, &g, n, Some(&base), &mut rows);
+        assert!(updated);
+        let mut fresh = Vec::new();
+        let (want, _) = row_losses(&w, &q, &g, n, None, &mut fresh);
+        assert!((sum - want).abs() <= 1e-12 * want, "{sum} vs {want}");
+        for (a, b) in rows.iter().zip(&fresh) {
+            assert!((a - b).abs() <= 1e-11 * b.abs().max(1e-300), "{a} vs {b}");
+        }
+        // Every code moved: from scratch, bit for bit.
+        let far: Vec<f32> = base.iter().map(|v| v + 0.5).collect();
+        let (s1, updated) = row_losses(&w, &far, &g, n, Some(&base), &mut rows);
+        assert!(!updated);
+        assert_eq!(s1, row_losses(&w, &far, &g, n, None, &mut fresh).0);
     }
 }

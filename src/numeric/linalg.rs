@@ -204,6 +204,41 @@ pub fn dgemm_seq(m: usize, k: usize, n: usize, a: &[f64], b: &[f64], c: &mut [f6
     faer::linalg::matmul::matmul(ct, Accum::Replace, bt, at, 1.0, Par::Seq);
 }
 
+/// `c[m, n] = a[m, k] · b[k, n]` in f64 on the calling thread, as [`dgemm_seq`], with `a` and `b`
+/// row-major blocks of larger matrices (row strides `lda ≥ k` and `ldb ≥ n`); `c` contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn dgemm_seq_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f64],
+    lda: usize,
+    b: &[f64],
+    ldb: usize,
+    c: &mut [f64],
+) {
+    use faer::{Accum, MatMut, MatRef, Par};
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        lda >= k
+            && ldb >= n
+            && a.len() >= (m - 1) * lda + k
+            && (k == 0 || b.len() >= (k - 1) * ldb + n)
+            && c.len() >= m * n,
+        "dgemm_seq_strided: operand sizes"
+    );
+    let at = MatRef::from_column_major_slice_with_stride(&a[..(m - 1) * lda + k], k, m, lda);
+    let bt = if k == 0 {
+        MatRef::from_column_major_slice(&b[..0], n, 0)
+    } else {
+        MatRef::from_column_major_slice_with_stride(&b[..(k - 1) * ldb + n], n, k, ldb)
+    };
+    let ct = MatMut::from_column_major_slice_mut(&mut c[..m * n], n, m);
+    faer::linalg::matmul::matmul(ct, Accum::Replace, bt, at, 1.0, Par::Seq);
+}
+
 /// Dot product with four independent partial sums (vectorises without reassociation flags).
 #[inline]
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
