@@ -319,6 +319,16 @@ impl Device for CpuDevice {
             .sum())
     }
 
+    fn loss(&self, l: &mut CpuLayer) -> Result<f64> {
+        let mut rows = Vec::new();
+        let (loss, _) = row_losses(&l.w, &l.q, &l.g64, l.cols, None, &mut rows);
+        if let Some(t) = l.tracked.as_mut() {
+            // `R` is stale now: no product may be updated from this state.
+            t.r_at = None;
+        }
+        Ok(loss)
+    }
+
     fn update_scales(&self, l: &mut CpuLayer, granularity: Granularity) -> Result<()> {
         moved(l);
         match granularity {

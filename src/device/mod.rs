@@ -70,6 +70,13 @@ pub trait Device {
     /// Recomputes `R = (W − Q̂)·G` exactly and returns the loss `Σ_i e_iᵀ G e_i`.
     fn refresh(&self, layer: &mut Self::Layer) -> Result<f64>;
 
+    /// The loss `Σ_i e_iᵀ G e_i` alone, for a state no sweep will start from (`R` may be left
+    /// stale: the next step that sweeps resets or refreshes it first). A device may compute it
+    /// at half the cost of [`Device::refresh`]; by default it is the refresh.
+    fn loss(&self, layer: &mut Self::Layer) -> Result<f64> {
+        self.refresh(layer)
+    }
+
     /// Closed-form scale steps with the codes fixed (spec a.4/a.5); needs an exact `R`.
     /// Never raises the loss. Leaves `R` approximately updated; call [`Device::refresh`] after.
     fn update_scales(&self, layer: &mut Self::Layer, granularity: Granularity) -> Result<()>;

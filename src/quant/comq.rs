@@ -423,7 +423,12 @@ pub(crate) fn run_on<D: Device>(
     let need_rtn = measure_rtn || cfg.method == Method::Rtn || cfg.init == Init::Rtn;
     let loss_rtn = if need_rtn {
         crate::profile::record("    rtn", || device.round_to_nearest(st))?;
-        let l = crate::profile::record("    refresh", || device.refresh(st))?;
+        // Only an RTN start sweeps from here; every other run resets or refreshes `R` first.
+        let l = if cfg.method != Method::Rtn && cfg.init == Init::Rtn {
+            crate::profile::record("    refresh", || device.refresh(st))?
+        } else {
+            crate::profile::record("    loss", || device.loss(st))?
+        };
         undamped(device, st, lam, l)?
     } else {
         f64::NAN
