@@ -298,8 +298,8 @@ pub fn host_bytes(rows: usize, cols: usize, cpu: bool, cfg: &QuantConfig) -> u64
 }
 
 /// What the CPU keeps to update its exact products after a sweep ([`Device::track_sweeps`]):
-/// `(W − Q̂)·G` in f64 and the `Q̂` a sweep starts from, and with held-out images `(W − Q̂)·G_h`
-/// in f64. A search always keeps them (`search` is `Some(holdout)`); a lone run does when its
+/// `(W − Q̂)·G` in f64 and the `Q̂` a sweep starts from, and with held-out images each row's
+/// held-out loss (f64). A search always keeps them (`search` is `Some(holdout)`); a lone run does when its
 /// sweeps follow a GPTQ or RTN start.
 ///
 /// [`Device::track_sweeps`]: crate::device::Device::track_sweeps
@@ -311,7 +311,7 @@ pub fn cpu_tracking_bytes(
 ) -> u64 {
     let mn = rows as u64 * cols as u64;
     match search {
-        Some(holdout) => 12 * mn + if holdout { 8 * mn } else { 0 },
+        Some(holdout) => 12 * mn + if holdout { 8 * rows as u64 } else { 0 },
         None if crate::quant::comq::tracks_sweeps(cfg) => 12 * mn,
         None => 0,
     }
