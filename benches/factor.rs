@@ -4,6 +4,8 @@
 //! `cargo bench --bench factor` times n = 1024, 3072 and 4096 (the ViT-B/L widths);
 //! `COMQ_FACTOR_SIZES=12800 cargo bench --bench factor` any others (12800: the 6B shape's fc2).
 //! Wall clock of one call after one warm-up, best of three; results go into BENCHMARKS.md.
+//! Then the CPU's GPTQ pass (`gptq::quantize_rows`, all threads) on the shapes of a ViT-S/B
+//! block's layers, in multiply-adds per second (`m·n²/2` of them).
 
 use std::time::Instant;
 
@@ -51,6 +53,35 @@ fn main() {
             flops / gemm,
             flops / t / 1e9,
             100.0 * flops / t / gemm
+        );
+    }
+    println!("{:>12} {:>10} {:>10}", "GPTQ pass", "ms", "GMAC/s");
+    for (m, n) in [
+        (384usize, 384usize),
+        (1536, 384),
+        (384, 1536),
+        (3072, 768),
+        (768, 3072),
+    ] {
+        let f = gptq::factor(&correlated_gram(n, 3).damped(0.1), true, 0.0).expect("factor");
+        let w: Vec<f32> = (0..m * n)
+            .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+            .collect();
+        let (delta, lo) = (vec![0.1f32; m], vec![-8i32; m]);
+        let grid = gptq::RowGrid {
+            delta: &delta,
+            lo: &lo,
+            group_size: n,
+            levels: 16,
+        };
+        let (mut codes, mut q) = (vec![0i32; m * n], vec![0f32; m * n]);
+        let t = best_of(5, || gptq::quantize_rows(&w, &f, grid, &mut codes, &mut q));
+        let mac = (m * n * n) as f64 / 2.0;
+        println!(
+            "{:>12} {:>10.2} {:>10.1}",
+            format!("{m}x{n}"),
+            t * 1e3,
+            mac / t / 1e9
         );
     }
 }

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 pub const BLOCK: usize = 128;
 
 /// Rows per parallel panel of the CPU pass.
-const PANEL: usize = 32;
+const PANEL: usize = 64;
 
 /// Extra relative damping tried, in order, when the damped Gram is still not positive definite
 /// in f64 (an undamped, rank-deficient Gram).
@@ -285,25 +285,50 @@ pub fn quantize_rows(
                 }
             }
             let mut err = vec![0.0f32; rows * BLOCK];
+            let mut xt = vec![0.0f32; rows * BLOCK];
+            let (mut step, mut lo, mut e_t) =
+                (vec![0.0f32; rows], vec![0i32; rows], vec![0.0f32; rows]);
             for b0 in (0..n).step_by(BLOCK) {
                 let b1 = (b0 + BLOCK).min(n);
                 let bw = b1 - b0;
+                // The block's columns transposed (`xt[t][i]`), so each step works on the whole
+                // panel at once: a row's steps are a chain (a step reads what the previous one
+                // wrote) but the rows are independent, so the rounding, the errors and the
+                // updates run across rows in SIMD lanes. Each value sees the same operations in
+                // the same order as row by row (an error of 0 updates by ±0, which moves nothing
+                // a code depends on).
                 for i in 0..rows {
-                    let xi = &mut x[i * n..(i + 1) * n];
                     for t in b0..b1 {
-                        let j = f.perm[t] as usize;
-                        let slot = (row0 + i) * groups + j / grid.group_size;
-                        let k = nearest_code(xi[t], grid.delta[slot], grid.lo[slot], grid.levels);
-                        let qv = grid.delta[slot] * k as f32;
+                        xt[(t - b0) * rows + i] = x[i * n + t];
+                    }
+                }
+                let mut group = usize::MAX;
+                for t in b0..b1 {
+                    let j = f.perm[t] as usize;
+                    let g = j / grid.group_size;
+                    if g != group {
+                        group = g;
+                        for i in 0..rows {
+                            let slot = (row0 + i) * groups + g;
+                            step[i] = grid.delta[slot];
+                            lo[i] = grid.lo[slot];
+                        }
+                    }
+                    let utt = f.u[t * n + t];
+                    let (col, rest) = xt[(t - b0) * rows..bw * rows].split_at_mut(rows);
+                    for i in 0..rows {
+                        let k = nearest_code(col[i], step[i], lo[i], grid.levels);
+                        let qv = step[i] * k as f32;
                         cp[i * n + j] = k;
                         qp[i * n + j] = qv;
-                        let e = (xi[t] - qv) / f.u[t * n + t];
+                        let e = (col[i] - qv) / utt;
+                        e_t[i] = e;
                         err[i * BLOCK + (t - b0)] = e;
-                        if e != 0.0 {
-                            let urow = &f.u[t * n + t + 1..t * n + b1];
-                            for (xv, &uv) in xi[t + 1..b1].iter_mut().zip(urow) {
-                                *xv -= e * uv;
-                            }
+                    }
+                    let urow = &f.u[t * n + t + 1..t * n + b1];
+                    for (xs, &uv) in rest.chunks_exact_mut(rows).zip(urow) {
+                        for (xv, &e) in xs.iter_mut().zip(&e_t[..rows]) {
+                            *xv -= e * uv;
                         }
                     }
                 }
