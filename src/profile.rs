@@ -39,20 +39,22 @@ pub const STAGES: [&str; 13] = [
 /// `prepare beside` for the other dampings a search builds on a helper thread), a search's
 /// candidate runs (`candidates`, which include their scoring) and the scoring of candidates on
 /// held-out images (`scoring`). The indented parts split those further by the step that runs:
-/// round-to-nearest, exact residual refreshes, GPTQ passes, sweeps and `‖W − Q̂‖²` reductions
+/// round-to-nearest, exact residual refreshes, losses without a residual (an RTN candidate's),
+/// GPTQ passes, sweeps and `‖W − Q̂‖²` reductions
 /// inside the runs; the energy `‖X·Wᵀ‖²` and the state's upload per layer; the order, the damped
 /// copy of `G` and the factor inside each preparation (on whichever thread builds it), and the
 /// factor a GPU builds from its resident `G` at a run's GPTQ start (`factor on device`: each
 /// call, a build or a look at the one it keeps). On a GPU
 /// the steps are queued, so a step that reads a result back (a refresh's loss, a reduction)
 /// also holds the queued work before it.
-pub const QUANTIZE_PARTS: [&str; 15] = [
+pub const QUANTIZE_PARTS: [&str; 16] = [
     "  prepare",
     "  prepare beside",
     "  candidates",
     "  scoring",
     "    rtn",
     "    refresh",
+    "    loss",
     "    gptq",
     "    sweep",
     "    sqnorm",
