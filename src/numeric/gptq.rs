@@ -286,6 +286,7 @@ pub fn quantize_rows(
             }
             let mut err = vec![0.0f32; rows * BLOCK];
             let mut xt = vec![0.0f32; rows * BLOCK];
+            let (mut kt, mut qt) = (vec![0i32; rows * BLOCK], vec![0.0f32; rows * BLOCK]);
             let (mut step, mut lo, mut e_t) =
                 (vec![0.0f32; rows], vec![0i32; rows], vec![0.0f32; rows]);
             for b0 in (0..n).step_by(BLOCK) {
@@ -319,8 +320,8 @@ pub fn quantize_rows(
                     for i in 0..rows {
                         let k = nearest_code(col[i], step[i], lo[i], grid.levels);
                         let qv = step[i] * k as f32;
-                        cp[i * n + j] = k;
-                        qp[i * n + j] = qv;
+                        kt[(t - b0) * rows + i] = k;
+                        qt[(t - b0) * rows + i] = qv;
                         let e = (col[i] - qv) / utt;
                         e_t[i] = e;
                         err[i * BLOCK + (t - b0)] = e;
@@ -330,6 +331,15 @@ pub fn quantize_rows(
                         for (xv, &e) in xs.iter_mut().zip(&e_t[..rows]) {
                             *xv -= e * uv;
                         }
+                    }
+                }
+                // The block's codes and values go to their rows row by row (written per step,
+                // 64 rows a row's length apart would share a few cache sets).
+                for i in 0..rows {
+                    for t in b0..b1 {
+                        let j = f.perm[t] as usize;
+                        cp[i * n + j] = kt[(t - b0) * rows + i];
+                        qp[i * n + j] = qt[(t - b0) * rows + i];
                     }
                 }
                 // The rest of every row absorbs the block's errors at once.
