@@ -414,10 +414,12 @@ impl Device for CpuDevice {
 
     fn error_sqnorm(&self, l: &mut CpuLayer) -> Result<f64> {
         // The refresh of this state summed it already (the same panels, the same sums).
-        if let Some((at, v)) = l.tracked.as_ref().and_then(|t| t.sqnorm) {
-            if l.tracked.as_ref().is_some_and(|t| t.state == at) {
-                return Ok(v);
-            }
+        if let Some((_, v)) = l
+            .tracked
+            .as_ref()
+            .and_then(|t| t.sqnorm.filter(|&(at, _)| at == t.state))
+        {
+            return Ok(v);
         }
         Ok(l.w
             .par_chunks(GRAM_PANEL * l.cols)
@@ -563,11 +565,7 @@ fn exact_product(
     p64: &mut Vec<f64>,
 ) -> (f64, bool, f64) {
     let total = w.len();
-    let base = base.filter(|b| {
-        p64.len() == total
-            && b.len() == total
-            && b.par_iter().zip(q).filter(|(x, y)| x != y).count() * SPARSE_SHARE <= total
-    });
+    let base = base.filter(|b| p64.len() == total && few_changed(b, q));
     p64.resize(total, 0.0);
     let chunk = GRAM_PANEL * n.max(1);
     let sum = match base {
@@ -609,6 +607,13 @@ fn exact_product(
             .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1)),
     };
     (sum.0, base.is_some(), sum.1)
+}
+
+/// Whether `base` is a state of the same size from which at most a [`SPARSE_SHARE`]th of the
+/// values changed to `q`: a kept product is then updated rather than recomputed.
+fn few_changed(base: &[f32], q: &[f32]) -> bool {
+    base.len() == q.len()
+        && base.par_iter().zip(q).filter(|(x, y)| x != y).count() * SPARSE_SHARE <= q.len()
 }
 
 /// `Σ_i w_iᵀ G w_i` in f64, panels of rows in parallel ([`quadratic_rows`]).
@@ -675,11 +680,7 @@ fn row_losses(
 ) -> (f64, bool) {
     let total = w.len();
     let m = total / n.max(1);
-    let base = base.filter(|b| {
-        rows.len() == m
-            && b.len() == total
-            && b.par_iter().zip(q).filter(|(x, y)| x != y).count() * SPARSE_SHARE <= total
-    });
+    let base = base.filter(|b| rows.len() == m && few_changed(b, q));
     rows.resize(m, 0.0);
     let chunk = GRAM_PANEL * n.max(1);
     let sum = match base {
@@ -707,11 +708,7 @@ fn row_losses(
                     if changed.is_empty() {
                         continue;
                     }
-                    let e: Vec<f64> = w
-                        .iter()
-                        .zip(b)
-                        .map(|(&x, &y)| x as f64 - y as f64)
-                        .collect();
+                    let e = error_rows(w, b);
                     let mut cross = 0.0;
                     let mut quad = 0.0;
                     for &(j, dj) in &changed {
