@@ -43,6 +43,7 @@ width_args() {
     w4) echo "--bits 4" ;;
     w3) echo "--bits 3" ;;
     w2) echo "--bits 2" ;;
+    w4g128) echo "--bits 4 --group-size 128" ;;
     w3g128) echo "--bits 3 --group-size 128" ;;
     t3) echo "--target-bits 3" ;;
     t2.5) echo "--target-bits 2.5" ;;
@@ -51,7 +52,7 @@ width_args() {
 }
 
 SETTINGS=${SETTINGS:-paper default augment rotate corrected all}
-WIDTHS=${WIDTHS:-w4 w3 w2 w3g128 t3 t2.5}
+WIDTHS=${WIDTHS:-w4 w3 w2 w4g128 w3g128 t3 t2.5}
 for w in $WIDTHS; do
   for s in $SETTINGS; do
     dir="$OUT/$s-$w"

@@ -12,7 +12,7 @@ the last one.
 import json
 import sys
 
-WIDTHS = {"w4": "W4", "w3": "W3", "w2": "W2", "w3g128": "W3 g128", "t3": "`--target-bits 3`",
+WIDTHS = {"w4": "W4", "w3": "W3", "w2": "W2", "w4g128": "W4 g128", "w3g128": "W3 g128", "t3": "`--target-bits 3`",
           "t2.5": "`--target-bits 2.5`"}
 SETTINGS = {"paper": "paper", "default": "default", "augment": "`--augment auto`",
             "rotate": "`--rotate`", "corrected": "`--calib-mode corrected`",
