@@ -47,11 +47,12 @@ pub const STAGES: [&str; 13] = [
 /// call, a build or a look at the one it keeps). On a GPU
 /// the steps are queued, so a step that reads a result back (a refresh's loss, a reduction)
 /// also holds the queued work before it.
-pub const QUANTIZE_PARTS: [&str; 16] = [
+pub const QUANTIZE_PARTS: [&str; 17] = [
     "  prepare",
     "  prepare beside",
     "  candidates",
     "  scoring",
+    "    start",
     "    rtn",
     "    refresh",
     "    loss",

@@ -998,3 +998,122 @@ fn the_quick_search_walks_the_shrink_to_a_best_with_no_better_neighbour() {
         assert_eq!(c.rel_error_holdout, Some(lowest));
     }
 }
+
+/// The tool's runs start each layer's line search at the shrink whose round-to-nearest error,
+/// weighted by the Gram's diagonal, is lowest (checked here by brute force on the same grids),
+/// and walk from there to a best with no better neighbour; a plan without a line search, or a
+/// layer that points nowhere, keeps its own start.
+#[test]
+fn a_layer_starts_its_line_search_at_its_weighted_rtn_optimum() {
+    use comq_gpu::quant::search::{first_scalar, start_scalar, SCALAR_STEP};
+    use comq_gpu::quant::Grid;
+    let (rows, cols) = (24, 64);
+    let mut rng = Rng::new(31);
+    // Heavy tails (a few large weights per row) put the optimum well below 1 at every width.
+    let w: Vec<f32> = rng
+        .normals(rows * cols)
+        .iter()
+        .map(|v| 0.05 * v * if v.abs() > 2.0 { 3.0 } else { 1.0 })
+        .collect();
+    let x = correlated_x(&mut rng, 120, cols);
+    let cal = gram_of(&x[..80 * cols], 80, cols);
+    let held = gram_of(&x[80 * cols..], 40, cols);
+    let diag = cal.diag();
+    let dev = CpuDevice::new();
+    let mut starts = Vec::new();
+    for bits in [2, 3, 4] {
+        let cfg = QuantConfig {
+            bits,
+            init: Init::Gptq,
+            damp: 0.01,
+            ..QuantConfig::default()
+        };
+        // Brute force: every shrink of the line search, its grid built alone, exact nearest codes.
+        let mut best = (f64::INFINITY, 0.0f32);
+        for k in (0..=10).rev() {
+            let scalar = ((0.5 + 0.05 * k as f32) * 100.0).round() / 100.0;
+            let g = Grid::build(
+                &w,
+                rows,
+                cols,
+                &QuantConfig {
+                    scalar,
+                    ..cfg.clone()
+                },
+            );
+            let mut e = 0.0f64;
+            for i in 0..rows {
+                for j in 0..cols {
+                    let v = g.value(i, g.nearest(i, w[i * cols + j]));
+                    e += diag[j] * ((w[i * cols + j] - v) as f64).powi(2);
+                }
+            }
+            if e < best.0 {
+                best = (e, scalar);
+            }
+        }
+        let start = start_scalar(&w, rows, cols, &cal, &cfg, first_scalar(bits));
+        assert_eq!(start, best.1, "W{bits}");
+        starts.push(start);
+        let quick = SearchPlan::quick(bits, vec![0.1], 0.0);
+        let plan = quick.for_layer(&w, rows, cols, &cal, &cfg);
+        assert_eq!(plan.scalars, vec![start]);
+        let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
+        assert_eq!(
+            c.tried[1].label,
+            format!("gptq s{start:.2} d0.01"),
+            "W{bits}"
+        );
+        // It walks to a shrink no neighbour beats, as from any start.
+        let mut by_scalar: Vec<(f32, f64)> = Vec::new();
+        for t in c.tried.iter().filter(|t| t.label.ends_with("d0.01")) {
+            let s: f32 = t.label.split(' ').nth(1).unwrap()[1..].parse().unwrap();
+            let h = t.rel_error_holdout.unwrap();
+            match by_scalar.iter_mut().find(|e| e.0 == s) {
+                Some(e) => e.1 = e.1.min(h),
+                None => by_scalar.push((s, h)),
+            }
+        }
+        let (s_best, score) = by_scalar
+            .iter()
+            .copied()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        for side in [-SCALAR_STEP, SCALAR_STEP] {
+            let s = ((s_best + side) * 100.0).round() / 100.0;
+            if (0.5 - 1e-6..=1.0 + 1e-6).contains(&s) {
+                assert!(by_scalar
+                    .iter()
+                    .find(|e| e.0 == s)
+                    .is_some_and(|e| e.1 >= score));
+            }
+        }
+        // Plans without a line search from one shrink are kept as they are.
+        let single = SearchPlan::single(&cfg);
+        assert_eq!(*single.for_layer(&w, rows, cols, &cal, &cfg), single);
+        let full = common::full_plan(0.0);
+        assert_eq!(*full.for_layer(&w, rows, cols, &cal, &cfg), full);
+        // A layer that points nowhere starts where the plan does.
+        let zero = vec![0.0f32; rows * cols];
+        assert_eq!(start_scalar(&zero, rows, cols, &cal, &cfg, 0.85), 0.85);
+        // Inputs the search refuses keep the plan (the search names the problem).
+        let short = &w[..rows * cols - 1];
+        assert_eq!(
+            quick.for_layer(short, rows, cols, &cal, &cfg).scalars,
+            quick.scalars
+        );
+    }
+    // The start falls with the width on these weights, and is not the fixed per-width start
+    // everywhere (which is what it replaces).
+    assert!(
+        starts[0] <= starts[1] && starts[1] <= starts[2],
+        "{starts:?}"
+    );
+    assert!(
+        starts
+            .iter()
+            .zip([2, 3, 4])
+            .any(|(&s, b)| s != first_scalar(b)),
+        "{starts:?}"
+    );
+}

@@ -310,6 +310,7 @@ impl Problem<'_> {
             .filter(|_| job.calib.is_some() && job.config.method == Method::Comq);
         match plan {
             Some(p) => {
+                let p = p.for_layer(self.w, job.rows, job.cols, self.gram, &job.config);
                 let c = device.search_by(
                     &job.meta.name,
                     self.w,
@@ -318,7 +319,7 @@ impl Problem<'_> {
                     self.gram,
                     self.held,
                     &job.config,
-                    p,
+                    &p,
                     Some(self.factors),
                     self.choose,
                 )?;

@@ -8,12 +8,35 @@ impl Grid {
     ///
     /// The caller has validated `cfg` against the shape (the group size divides `cols`).
     pub fn build(w: &[f32], rows: usize, cols: usize, cfg: &QuantConfig) -> Grid {
+        Grid::build_shrinks(w, rows, cols, cfg, &[cfg.scalar])
+            .pop()
+            .expect("one grid per shrink")
+    }
+
+    /// [`Grid::build`] at each grid shrink of `scalars` (`cfg.scalar` ignored), each range
+    /// found once: the grids are those `Grid::build` gives at each shrink, bit for bit.
+    pub fn build_shrinks(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        cfg: &QuantConfig,
+        scalars: &[f32],
+    ) -> Vec<Grid> {
         assert_eq!(w.len(), rows * cols, "weight length must be rows × cols");
         let group_size = cfg.group_size.unwrap_or(cols).min(cols).max(1);
         let groups = cols / group_size;
         let levels_m1 = ((1u32 << cfg.bits) - 1) as f32;
-        let mut delta = Vec::with_capacity(rows * groups);
-        let mut lo = Vec::with_capacity(rows * groups);
+        let mut grids: Vec<Grid> = scalars
+            .iter()
+            .map(|_| Grid {
+                bits: cfg.bits,
+                rows,
+                cols,
+                group_size,
+                delta: Vec::with_capacity(rows * groups),
+                lo: Vec::with_capacity(rows * groups),
+            })
+            .collect();
         let layer_range = (cfg.granularity == Granularity::Layer).then(|| min_max(w));
         for r in 0..rows {
             for g in 0..groups {
@@ -21,23 +44,18 @@ impl Grid {
                     Some(range) => range,
                     None => min_max(&w[r * cols + g * group_size..r * cols + (g + 1) * group_size]),
                 };
-                let (d, l) = if cfg.sym {
-                    sym_range(mn, mx, cfg.bits, levels_m1, cfg.scalar)
-                } else {
-                    asym_range(mn, mx, levels_m1, cfg.scalar)
-                };
-                delta.push(cfg.scale_dtype.round(d));
-                lo.push(l);
+                for (grid, &scalar) in grids.iter_mut().zip(scalars) {
+                    let (d, l) = if cfg.sym {
+                        sym_range(mn, mx, cfg.bits, levels_m1, scalar)
+                    } else {
+                        asym_range(mn, mx, levels_m1, scalar)
+                    };
+                    grid.delta.push(cfg.scale_dtype.round(d));
+                    grid.lo.push(l);
+                }
             }
         }
-        Grid {
-            bits: cfg.bits,
-            rows,
-            cols,
-            group_size,
-            delta,
-            lo,
-        }
+        grids
     }
 }
 
@@ -192,5 +210,43 @@ mod tests {
         let g = Grid::build(&w, 2, 2, &c);
         assert_eq!(g.delta[0], g.delta[1]);
         assert_eq!(g.lo[0], g.lo[1]);
+    }
+
+    /// One pass at several shrinks gives `Grid::build`'s grid at each, bit for bit: per row
+    /// and per group, symmetric or not, f16 and bf16 scales, constant and all-zero rows.
+    #[test]
+    fn grids_at_several_shrinks_are_the_grids_built_one_by_one() {
+        let (rows, cols) = (7, 24);
+        let mut rng = crate::util::rng::SplitMix::new(5);
+        let mut w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.uniform() as f32 - 0.4)
+            .collect();
+        w[..cols].iter_mut().for_each(|v| *v = 0.0);
+        w[cols..2 * cols].iter_mut().for_each(|v| *v = -1.5);
+        let scalars = [0.5f32, 0.55, 0.9, 1.0];
+        for sym in [false, true] {
+            for group_size in [None, Some(8)] {
+                for scale_dtype in [ScaleDtype::F32, ScaleDtype::F16, ScaleDtype::Bf16] {
+                    let c = QuantConfig {
+                        group_size,
+                        scale_dtype,
+                        ..cfg(3, sym)
+                    };
+                    let all = Grid::build_shrinks(&w, rows, cols, &c, &scalars);
+                    for (g, &scalar) in all.iter().zip(&scalars) {
+                        let one = Grid::build(
+                            &w,
+                            rows,
+                            cols,
+                            &QuantConfig {
+                                scalar,
+                                ..c.clone()
+                            },
+                        );
+                        assert_eq!(g, &one, "scalar {scalar}, sym {sym}, groups {group_size:?}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -16,12 +16,15 @@
 //! one down, to [`MIN_SCALAR`]; while the largest scores best, the next one up, to 1), then, at
 //! the best shrink, the other dampings of the plan (one run each).
 //!
-//! The default plan ([`SearchPlan::quick`]) starts the line search at one shrink that depends on
-//! the bit width and tries neither RTN below scale 1 nor the paper's candidate: on DINOv2-S (72
-//! layers at W4, W3 and W2) and the bundled model (16 layers at each), none of them was ever
-//! shipped by the full plan ([`SearchPlan::full`], `--search full`), and with the held-out
-//! error unimodal in the shrink the line search reaches the same best shrink from one start
-//! with about half the runs. ARCHITECTURE.md has the figures.
+//! The default plan ([`SearchPlan::quick`]) starts the line search at one shrink and tries
+//! neither RTN below scale 1 nor the paper's candidate: on DINOv2-S (72 layers at W4, W3 and W2)
+//! and the bundled model (16 layers at each), none of them was ever shipped by the full plan
+//! ([`SearchPlan::full`], `--search full`), and the line search reaches a best shrink from one
+//! start with about half the runs. The start is the layer's own ([`start_scalar`]): the shrink
+//! whose round-to-nearest error, weighted by the Gram's diagonal, is lowest — `O(mn)` work per
+//! shrink that lands within a step of where the held-out error bottoms out on most layers, so
+//! the line search mostly confirms it (on DINOv2-S's MLP down-projections it walked six or seven
+//! steps from a start per bit width). ARCHITECTURE.md has the figures.
 
 use serde::Serialize;
 
@@ -59,9 +62,10 @@ pub const DEFAULT_SCORE_DAMP: f32 = 0.1;
 /// Grid shrinks the full plan (`--search full`) tries first, largest first.
 pub const AUTO_SCALARS: [f32; 5] = [1.0, 0.95, 0.9, 0.85, 0.8];
 
-/// The shrink the quick plan's line search starts from at `bits`: near where the held-out error
-/// bottomed out on DINOv2-S and the bundled model (the best shrinks fall with the width: around
-/// 0.9 at W4, 0.7–0.85 at W3, 0.5–0.8 at W2), so the search takes few steps either way.
+/// The quick plan's shrink at `bits` (its [`SearchPlan::scalars`]), where a layer starts when
+/// its weights point nowhere ([`SearchPlan::for_layer`]): near where the held-out error bottomed out on
+/// DINOv2-S and the bundled model (the best shrinks fall with the width: around 0.9 at W4,
+/// 0.7–0.85 at W3, 0.5–0.8 at W2).
 pub fn first_scalar(bits: u32) -> f32 {
     match bits {
         0..=2 => 0.75,
@@ -74,7 +78,8 @@ pub fn first_scalar(bits: u32) -> f32 {
 /// What the search may vary beyond the user's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SearchPlan {
-    /// Grid shrinks to try first with the configured method.
+    /// Grid shrinks to try first with the configured method ([`SearchPlan::for_layer`] moves a
+    /// line search's lone start to the layer's own).
     pub scalars: Vec<f32>,
     /// Go on from the best of `scalars` in [`SCALAR_STEP`]s, down to [`MIN_SCALAR`] and up to 1,
     /// while the shrink at the end tried scores best (a line search).
@@ -107,7 +112,8 @@ impl SearchPlan {
     }
 
     /// The default recipe's search at `bits`: a line search over the grid shrink from
-    /// [`first_scalar`], then the other `damps` at the best shrink; RTN at scale 1 as the guard.
+    /// [`first_scalar`] (from the layer's [`start_scalar`] through [`SearchPlan::for_layer`]),
+    /// then the other `damps` at the best shrink; RTN at scale 1 as the guard.
     pub fn quick(bits: u32, damps: Vec<f32>, score_damp: f32) -> SearchPlan {
         SearchPlan {
             scalars: vec![first_scalar(bits)],
@@ -116,6 +122,34 @@ impl SearchPlan {
             rtn_scalars: false,
             damps,
             score_damp,
+        }
+    }
+
+    /// This plan for one layer: a line search from one shrink starts at the layer's own
+    /// ([`start_scalar`], with this plan's shrink where the layer gives none); any other plan as
+    /// it is. The tool's runs search each layer with it; [`search`] takes a plan as given.
+    pub fn for_layer(
+        &self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        gram: &Gram,
+        cfg: &QuantConfig,
+    ) -> std::borrow::Cow<'_, SearchPlan> {
+        match self.scalars[..] {
+            // Inputs the search will refuse keep the plan (the search names what is wrong).
+            [fallback]
+                if self.line_search && check_inputs("", w, rows, cols, gram, cfg).is_ok() =>
+            {
+                let s = crate::profile::record("    start", || {
+                    start_scalar(w, rows, cols, gram, cfg, fallback)
+                });
+                std::borrow::Cow::Owned(SearchPlan {
+                    scalars: vec![s],
+                    ..self.clone()
+                })
+            }
+            _ => std::borrow::Cow::Borrowed(self),
         }
     }
 
@@ -745,6 +779,105 @@ pub fn search_by<D: Device>(
     })
 }
 
+/// A grid shrink as the line search spells it: rounded to hundredths, so steps taken from
+/// different starts name the same shrink.
+fn canonical_scalar(s: f32) -> f32 {
+    (s * 100.0).round() / 100.0
+}
+
+/// The grid shrinks a line search may visit: [`MIN_SCALAR`] to 1 in [`SCALAR_STEP`]s.
+fn line_scalars() -> Vec<f32> {
+    let steps = ((1.0 - MIN_SCALAR) / SCALAR_STEP).round() as usize;
+    (0..=steps)
+        .map(|k| canonical_scalar(MIN_SCALAR + k as f32 * SCALAR_STEP))
+        .collect()
+}
+
+/// Where the quick plan's line search starts on a layer: of the shrinks it may visit, the one
+/// whose round-to-nearest error weighted by the Gram's diagonal, `Σ_ij G_jj·(W_ij − Q_ij)²`, is
+/// lowest (ties go to the larger shrink); `fallback` when every shrink gives the same error (an
+/// all-zero layer or Gram).
+///
+/// The weighted RTN error is what the candidates' errors reduce to when the inputs are
+/// uncorrelated, and `O(mn)` per shrink: eleven of them cost less than one candidate's `O(mn²)`
+/// product. The line search then moves from it while a neighbour scores better on the held-out
+/// images, so the start decides how many runs a layer takes, and which of two minima the search
+/// finds where the held-out error has more than one. The sums are per row, then over the rows in
+/// order, so the start is the same on any number of threads and on every device.
+pub fn start_scalar(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    gram: &Gram,
+    cfg: &QuantConfig,
+    fallback: f32,
+) -> f32 {
+    use rayon::prelude::*;
+    let scalars = line_scalars();
+    let grids = Grid::build_shrinks(w, rows, cols, cfg, &scalars);
+    let diag: Vec<f32> = gram.diag().iter().map(|&d| d.max(0.0) as f32).collect();
+    let k = scalars.len();
+    let mut per_row = vec![0.0f64; rows * k];
+    per_row
+        .par_chunks_mut(k)
+        .zip(w.par_chunks(cols.max(1)))
+        .enumerate()
+        .for_each(|(i, (out, row))| {
+            for (o, g) in out.iter_mut().zip(&grids) {
+                let (gs, ng, levels) = (g.group_size, g.groups(), g.levels());
+                *o = row
+                    .chunks(gs)
+                    .zip(diag.chunks(gs))
+                    .enumerate()
+                    .map(|(s, (xs, ds))| {
+                        let (delta, lo) = (g.delta[i * ng + s], g.lo[i * ng + s]);
+                        weighted_rtn_error(xs, ds, delta, lo, levels) as f64
+                    })
+                    .sum();
+            }
+        });
+    let errors: Vec<f64> = (0..k)
+        .map(|s| (0..rows).map(|i| per_row[i * k + s]).sum())
+        .collect();
+    let mut best = k - 1;
+    for s in (0..k - 1).rev() {
+        if errors[s] < errors[best] {
+            best = s;
+        }
+    }
+    if errors.iter().all(|&e| e == errors[0]) {
+        return fallback;
+    }
+    scalars[best]
+}
+
+/// `Σ_j d_j·(x_j − Δ·k_j)²` in f32 for one range, `k_j` the code nearest to `x_j` on it, in
+/// eight lanes that the compiler vectorises. Ties round to even here (adding and subtracting
+/// 1.5·2²³), not down as [`crate::numeric::grid::nearest_code`] has them: a start needs no
+/// exact ties, and the baseline x86-64 has no rounding instruction to vectorise.
+fn weighted_rtn_error(xs: &[f32], ds: &[f32], delta: f32, lo: i32, levels: i32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    let inv = 1.0 / delta;
+    let (lo_f, hi_f) = (lo as f32, (lo + levels - 1) as f32);
+    let err = |x: f32, d: f32| {
+        let k = (x * inv + ROUND) - ROUND;
+        let k = if k < lo_f { lo_f } else { k };
+        let k = if k > hi_f { hi_f } else { k };
+        let r = x - delta * k;
+        d * r * r
+    };
+    let mut acc = [0.0f32; 8];
+    let (xc, dc) = (xs.chunks_exact(8), ds.chunks_exact(8));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (x, d) in xc.zip(dc) {
+        for l in 0..8 {
+            acc[l] += err(x[l], d[l]);
+        }
+    }
+    let tail: f32 = xr.iter().zip(dr).map(|(&x, &d)| err(x, d)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// The order candidates are tried in: [`first_candidates`], then the line search down the grid
 /// shrinks while the smallest one tried scores best, then the other dampings at the best shrink.
 struct Queue<'a> {
@@ -792,7 +925,7 @@ impl<'a> Queue<'a> {
                     None
                 };
                 if let Some(next) = next {
-                    let next = (next * 100.0).round() / 100.0;
+                    let next = canonical_scalar(next);
                     if plan.rtn_scalars {
                         self.queue.push_back(QuantConfig {
                             method: Method::Rtn,
