@@ -39,7 +39,7 @@ pub const STAGES: [&str; 13] = [
 /// `prepare beside` for the other dampings a search builds on a helper thread), a search's
 /// candidate runs (`candidates`, which include their scoring) and the scoring of candidates on
 /// held-out images (`scoring`). The indented parts split those further by the step that runs:
-/// round-to-nearest, exact residual refreshes, losses without a residual (an RTN candidate's),
+/// the line search's start per layer (`start`), round-to-nearest, exact residual refreshes, losses without a residual (an RTN candidate's),
 /// GPTQ passes, sweeps and `‖W − Q̂‖²` reductions
 /// inside the runs; the energy `‖X·Wᵀ‖²` and the state's upload per layer; the order, the damped
 /// copy of `G` and the factor inside each preparation (on whichever thread builds it), and the

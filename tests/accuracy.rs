@@ -938,9 +938,46 @@ fn the_storage_and_workgroup_memory_kernels_choose_the_same_codes() {
 /// candidate, a line search over the shrink from `first_scalar(bits)` that ends at a shrink
 /// whose neighbours (within 0.5…1) were tried and score no better, then the other damping at
 /// that shrink; the shipped candidate has the lowest held-out error of all tried.
+/// Per shrink of the configured damping (`d0.01`), the best held-out error of its start and
+/// its sweep, in the order the shrinks were first tried.
+fn held_out_by_scalar(tried: &[comq_gpu::quant::search::Tried]) -> Vec<(f32, f64)> {
+    let mut by_scalar: Vec<(f32, f64)> = Vec::new();
+    for t in tried.iter().filter(|t| t.label.ends_with("d0.01")) {
+        let s: f32 = t.label.split(' ').nth(1).unwrap()[1..].parse().unwrap();
+        let h = t.rel_error_holdout.unwrap();
+        match by_scalar.iter_mut().find(|e| e.0 == s) {
+            Some(e) => e.1 = e.1.min(h),
+            None => by_scalar.push((s, h)),
+        }
+    }
+    by_scalar
+}
+
+/// The best shrink of `by_scalar`, checked to have no better neighbour one step either way
+/// (within 0.5 … 1, where the line search goes).
+fn best_with_no_better_neighbour(by_scalar: &[(f32, f64)], bits: u32) -> f32 {
+    use comq_gpu::quant::search::SCALAR_STEP;
+    let (best, score) = by_scalar
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    for side in [-SCALAR_STEP, SCALAR_STEP] {
+        let s = ((best + side) * 100.0).round() / 100.0;
+        if (0.5 - 1e-6..=1.0 + 1e-6).contains(&s) {
+            let e = by_scalar.iter().find(|e| e.0 == s);
+            assert!(
+                e.is_some_and(|e| e.1 >= score),
+                "W{bits}: best s{best:.2}, neighbour s{s:.2}: {e:?}"
+            );
+        }
+    }
+    best
+}
+
 #[test]
 fn the_quick_search_walks_the_shrink_to_a_best_with_no_better_neighbour() {
-    use comq_gpu::quant::search::{first_scalar, SCALAR_STEP};
+    use comq_gpu::quant::search::first_scalar;
     let (rows, cols) = (24, 64);
     let mut rng = Rng::new(29);
     let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
@@ -959,32 +996,9 @@ fn the_quick_search_walks_the_shrink_to_a_best_with_no_better_neighbour() {
         let c = search(&dev, "t", &w, rows, cols, &cal, Some(&held), &cfg, &plan).unwrap();
         assert_eq!(c.tried[0].label, "rtn s1.00");
         assert!(c.tried[1..].iter().all(|t| t.label.starts_with("gptq")));
-        // Per shrink of the configured damping: the best of its start and its sweep.
-        let mut by_scalar: Vec<(f32, f64)> = Vec::new();
-        for t in c.tried.iter().filter(|t| t.label.ends_with("d0.01")) {
-            let s: f32 = t.label.split(' ').nth(1).unwrap()[1..].parse().unwrap();
-            let h = t.rel_error_holdout.unwrap();
-            match by_scalar.iter_mut().find(|e| e.0 == s) {
-                Some(e) => e.1 = e.1.min(h),
-                None => by_scalar.push((s, h)),
-            }
-        }
+        let by_scalar = held_out_by_scalar(&c.tried);
         assert_eq!(by_scalar[0].0, first_scalar(bits), "W{bits}");
-        let (best, score) = by_scalar
-            .iter()
-            .copied()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .unwrap();
-        for side in [-SCALAR_STEP, SCALAR_STEP] {
-            let s = ((best + side) * 100.0).round() / 100.0;
-            if (0.5 - 1e-6..=1.0 + 1e-6).contains(&s) {
-                let e = by_scalar.iter().find(|e| e.0 == s);
-                assert!(
-                    e.is_some_and(|e| e.1 >= score),
-                    "W{bits}: best s{best:.2}, neighbour s{s:.2}: {e:?}"
-                );
-            }
-        }
+        let best = best_with_no_better_neighbour(&by_scalar, bits);
         let n = c.tried.len();
         let at_best = format!("s{best:.2} d0.1");
         assert!(
@@ -1005,7 +1019,7 @@ fn the_quick_search_walks_the_shrink_to_a_best_with_no_better_neighbour() {
 /// layer that points nowhere, keeps its own start.
 #[test]
 fn a_layer_starts_its_line_search_at_its_weighted_rtn_optimum() {
-    use comq_gpu::quant::search::{first_scalar, start_scalar, SCALAR_STEP};
+    use comq_gpu::quant::search::{first_scalar, start_scalar};
     use comq_gpu::quant::Grid;
     let (rows, cols) = (24, 64);
     let mut rng = Rng::new(31);
@@ -1065,29 +1079,7 @@ fn a_layer_starts_its_line_search_at_its_weighted_rtn_optimum() {
             "W{bits}"
         );
         // It walks to a shrink no neighbour beats, as from any start.
-        let mut by_scalar: Vec<(f32, f64)> = Vec::new();
-        for t in c.tried.iter().filter(|t| t.label.ends_with("d0.01")) {
-            let s: f32 = t.label.split(' ').nth(1).unwrap()[1..].parse().unwrap();
-            let h = t.rel_error_holdout.unwrap();
-            match by_scalar.iter_mut().find(|e| e.0 == s) {
-                Some(e) => e.1 = e.1.min(h),
-                None => by_scalar.push((s, h)),
-            }
-        }
-        let (s_best, score) = by_scalar
-            .iter()
-            .copied()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .unwrap();
-        for side in [-SCALAR_STEP, SCALAR_STEP] {
-            let s = ((s_best + side) * 100.0).round() / 100.0;
-            if (0.5 - 1e-6..=1.0 + 1e-6).contains(&s) {
-                assert!(by_scalar
-                    .iter()
-                    .find(|e| e.0 == s)
-                    .is_some_and(|e| e.1 >= score));
-            }
-        }
+        best_with_no_better_neighbour(&held_out_by_scalar(&c.tried), bits);
         // Plans without a line search from one shrink are kept as they are.
         let single = SearchPlan::single(&cfg);
         assert_eq!(*single.for_layer(&w, rows, cols, &cal, &cfg), single);

@@ -137,9 +137,14 @@ impl SearchPlan {
         cfg: &QuantConfig,
     ) -> std::borrow::Cow<'_, SearchPlan> {
         match self.scalars[..] {
-            // Inputs the search will refuse keep the plan (the search names what is wrong).
+            // A shape or configuration the search will refuse keeps the plan (the search names
+            // what is wrong); the values' checks are the search's own.
             [fallback]
-                if self.line_search && check_inputs("", w, rows, cols, gram, cfg).is_ok() =>
+                if self.line_search
+                    && w.len() == rows * cols
+                    && gram.n == cols
+                    && cfg.validate().is_ok()
+                    && cfg.validate_for("", rows, cols).is_ok() =>
             {
                 let s = crate::profile::record("    start", || {
                     start_scalar(w, rows, cols, gram, cfg, fallback)
