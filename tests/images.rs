@@ -271,6 +271,76 @@ fn corrected_calibration_keeps_the_first_layer_and_corrects_the_later_ones() {
     }
 }
 
+/// The calibration's forward pass runs on the same GPU beside the quantization, on a handle of
+/// its own: each layer's transfers are the search's alone (its upload within 1.2× of one upload
+/// of `W` and `G`), and the run's total holds the forward pass's besides.
+#[test]
+fn each_layer_counts_its_own_transfers_beside_the_calibration_forward() {
+    if gpu::device().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Layers 128 wide: a candidate's grid (two values per row) is then a small part of a row of
+    // `W`, as on any real model; at 32 inputs the grids alone would pass the bound.
+    let mdir = dir.path().join("m");
+    comq_gpu::model::synthetic::SyntheticVit {
+        family: Family::TimmVit,
+        dim: 128,
+        depth: 2,
+        heads: 2,
+        mlp: 256,
+        patch: 8,
+        img: 32,
+        channels: 3,
+        classes: 3,
+        seed: 4,
+    }
+    .write_as(&mdir, safetensors::Dtype::F32)
+    .unwrap();
+    let model = mdir.join("model.safetensors");
+    let imgs = photos(&dir.path().join("photos"), 8);
+    let rep = dir.path().join("r.json");
+    let out = ok(&run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--device",
+        "gpu",
+        "--out",
+        s(&dir.path().join("q.safetensors")),
+        "--report",
+        s(&rep),
+        "--profile",
+    ]));
+    assert!(out.contains("GPU transfers of the layers:"), "{out}");
+    let r = report(&rep);
+    let (mut up_sum, mut down_sum) = (0u64, 0u64);
+    for l in r["layers"].as_array().unwrap() {
+        let (m, n) = (
+            l["shape"][0].as_u64().unwrap(),
+            l["shape"][1].as_u64().unwrap(),
+        );
+        let up = l["device_bytes_up"].as_u64().unwrap();
+        let down = l["device_bytes_down"].as_u64().unwrap();
+        let floor = 4 * (m * n + n * n);
+        assert!(
+            up as f64 <= 1.2 * floor as f64,
+            "{}: {up} bytes up against {floor} for W and G",
+            l["name"]
+        );
+        assert!(down >= 4 * m * n, "{}: {down}", l["name"]);
+        eprintln!("{}: up {:.3}× W + G", l["name"], up as f64 / floor as f64);
+        up_sum += up;
+        down_sum += down;
+    }
+    // The forward pass uploaded the images and the blocks' weights, and read Grams back.
+    let total_up = r["profile"]["device_bytes_up"].as_u64().unwrap();
+    let total_down = r["profile"]["device_bytes_down"].as_u64().unwrap();
+    assert!(total_up > up_sum, "{total_up} <= {up_sum}");
+    assert!(total_down > down_sum, "{total_down} <= {down_sum}");
+}
+
 #[test]
 fn gpu_calibration_matches_cpu_calibration() {
     if gpu::device().is_none() {

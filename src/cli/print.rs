@@ -49,6 +49,45 @@ pub(super) fn print_profile(p: &comq_gpu::profile::ProfileReport) {
     }
 }
 
+/// The quantization's share of the GPU transfers (the layers' own, summed) beside the rest (the
+/// forward pass of the calibration and the evaluation, on a handle of their own), and the
+/// quantization's bytes against one upload of each layer's `W` and `G` and one download of its
+/// codes.
+fn print_layer_traffic(report: &RunReport) {
+    let (Some(up), Some(down)) = (report.profile.device_bytes_up, report.profile.device_bytes_down)
+    else {
+        return;
+    };
+    let counted: Vec<_> = report
+        .layers
+        .iter()
+        .filter_map(|l| Some((l, l.device_bytes_up?, l.device_bytes_down?)))
+        .collect();
+    if counted.is_empty() {
+        return;
+    }
+    let (lu, ld) = counted
+        .iter()
+        .fold((0u64, 0u64), |a, &(_, u, d)| (a.0 + u, a.1 + d));
+    let floor: u64 = counted
+        .iter()
+        .map(|(l, _, _)| {
+            let (m, n) = (l.shape[0] as u64, l.shape[1] as u64);
+            4 * (m * n + n * n) + 4 * m * n
+        })
+        .sum();
+    println!(
+        "GPU transfers of the layers: {} uploaded, {} read back ({:.2}× one upload of W and G \
+         and one download of the codes); the rest (calibration and evaluation): {} uploaded, {} \
+         read back",
+        human_bytes(lu as usize),
+        human_bytes(ld as usize),
+        (lu + ld) as f64 / floor.max(1) as f64,
+        human_bytes(up.saturating_sub(lu) as usize),
+        human_bytes(down.saturating_sub(ld) as usize)
+    );
+}
+
 /// The per-layer table of a run (with a search, the held-out errors and the shipped candidate).
 pub(super) fn print_layer_table(report: &RunReport) {
     // With a search, the held-out errors and the shipped candidate follow.
@@ -146,6 +185,7 @@ pub(super) fn run_summary(report: &RunReport, profile: bool) {
                 report.layers.len()
             );
         }
+        print_layer_traffic(report);
     }
     let resumed = report.layers.iter().filter(|l| l.resumed).count();
     if resumed > 0 {

@@ -264,11 +264,21 @@ pub enum AnyDevice {
 }
 
 impl AnyDevice {
-    /// Bytes uploaded to and read back from a GPU so far, `(up, down)`; `None` on the CPU.
+    /// Bytes uploaded to and read back from a GPU so far through this handle (not through a
+    /// [`AnyDevice::handle`] made from it), `(up, down)`; `None` on the CPU.
     pub fn traffic(&self) -> Option<(u64, u64)> {
         match self {
             AnyDevice::Cpu(_) => None,
             AnyDevice::Wgpu(d) => Some(d.traffic()),
+        }
+    }
+
+    /// Bytes uploaded to and read back from a GPU so far through every handle on it, `(up,
+    /// down)`; `None` on the CPU.
+    pub fn total_traffic(&self) -> Option<(u64, u64)> {
+        match self {
+            AnyDevice::Cpu(_) => None,
+            AnyDevice::Wgpu(d) => Some(d.total_traffic()),
         }
     }
 
@@ -298,10 +308,12 @@ impl AnyDevice {
     }
 
     /// A second handle on the same device, for another thread (the CPU has no state to share).
+    /// Its transfers count on an account of their own, so [`AnyDevice::traffic`] of each handle
+    /// holds that thread's work only; [`AnyDevice::total_traffic`] holds both.
     pub fn handle(&self) -> AnyDevice {
         match self {
             AnyDevice::Cpu(c) => AnyDevice::Cpu(c.clone()),
-            AnyDevice::Wgpu(w) => AnyDevice::Wgpu(w.clone()),
+            AnyDevice::Wgpu(w) => AnyDevice::Wgpu(Box::new(w.own_account())),
         }
     }
 

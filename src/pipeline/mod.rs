@@ -125,7 +125,11 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         layers: jobs.len(),
         device: &device_name,
     });
-    let engine = vision.map(|_| AnyOps::for_device(&device)).transpose()?;
+    // The forward pass (calibration beside the quantization, then evaluation) on a handle of
+    // its own: each layer's transfers are then the quantization's alone.
+    let engine = vision
+        .map(|_| AnyOps::for_device(&device.handle()))
+        .transpose()?;
     let calibrators = open_calibrators(opts, vision, engine.as_ref(), model, &profile, progress)?;
     let factors = crate::quant::prefactor::FactorCache::with_cap(inputs.factors_ahead);
     let widest = crate::device::wgpu::FACTOR_MAX_COLS;
@@ -180,7 +184,7 @@ pub fn run(opts: &RunOptions, progress: &mut dyn FnMut(Progress<'_>)) -> Result<
         eval,
         mixed,
         device: state.device_name,
-        traffic: state.device.traffic(),
+        traffic: state.device.total_traffic(),
         started,
     };
     finish(opts, &inputs, done, &profile, progress)

@@ -85,6 +85,14 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    fn add_up(&self, bytes: u64) {
+        self.up.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn add_down(&self, bytes: u64) {
+        self.down.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Bytes uploaded so far.
     pub fn up(&self) -> u64 {
         self.up.load(Ordering::Relaxed)
@@ -107,13 +115,20 @@ pub const STAGING_BYTES: u64 = 2 * STAGING_CHUNK;
 /// The host↔device transfers of one device, in staging chunks of at most `chunk` bytes
 /// ([`STAGING_CHUNK`] on a device as opened). Cloned into every user of the device (the
 /// quantization primitives and the forward pass), so both move data the same way.
+///
+/// Bytes are counted twice: for the whole device, and for the account these transfers belong
+/// to. A clone shares both; [`Transfers::own_account`] opens a new account, so that a second
+/// thread's work on the same device (the calibration's forward pass and Gram matrices beside
+/// the quantization) is not counted as the first thread's.
 #[derive(Debug, Clone)]
 pub struct Transfers {
     device: wgpu::Device,
     queue: wgpu::Queue,
     chunk: u64,
-    /// Bytes moved each way, shared by every clone.
+    /// Bytes moved each way on this account, shared by every clone.
     traffic: Arc<Traffic>,
+    /// Bytes moved each way on the device, every account together.
+    total: Arc<Traffic>,
 }
 
 impl Transfers {
@@ -124,12 +139,28 @@ impl Transfers {
             queue,
             chunk: STAGING_CHUNK,
             traffic: Arc::default(),
+            total: Arc::default(),
         }
     }
 
-    /// Bytes uploaded and read back through these transfers (and their clones) so far.
+    /// The same transfers on a new account: what moves through them (and their clones) is
+    /// counted in the device's total and in the new account, not in this one.
+    pub fn own_account(&self) -> Transfers {
+        Transfers {
+            traffic: Arc::default(),
+            ..self.clone()
+        }
+    }
+
+    /// Bytes uploaded and read back through these transfers (and their clones, on this
+    /// account) so far.
     pub fn traffic(&self) -> &Traffic {
         &self.traffic
+    }
+
+    /// Bytes uploaded and read back on the whole device so far, every account together.
+    pub fn total(&self) -> &Traffic {
+        &self.total
     }
 
     /// The staging chunk in bytes.
@@ -150,9 +181,8 @@ impl Transfers {
     /// than one chunk of staging memory. The data lands in the same order relative to other work
     /// either way: before anything submitted after this call.
     pub fn write(&self, dst: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<()> {
-        self.traffic
-            .up
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.traffic.add_up(data.len() as u64);
+        self.total.add_up(data.len() as u64);
         let chunk = self.chunk;
         if data.len() as u64 <= chunk {
             if !data.is_empty() {
@@ -181,7 +211,8 @@ impl Transfers {
         if size == 0 {
             return Ok(Vec::new());
         }
-        self.traffic.down.fetch_add(size, Ordering::Relaxed);
+        self.traffic.add_down(size);
+        self.total.add_down(size);
         let (device, queue) = (&self.device, &self.queue);
         let chunk = size.min(self.chunk);
         let staging = device.create_buffer(&wgpu::BufferDescriptor {

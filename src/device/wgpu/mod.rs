@@ -133,7 +133,8 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
 }
 
 /// A wgpu device ready to run COMQ kernels. A clone is a second handle on the same device
-/// (kernels, buffer pool, fault slot and transfer counters shared), for another thread.
+/// (kernels, buffer pool, fault slot and transfer counters shared), for another thread;
+/// [`WgpuDevice::own_account`] is one that counts its transfers apart.
 #[derive(Clone)]
 pub struct WgpuDevice {
     info: wgpu::AdapterInfo,
@@ -406,11 +407,29 @@ impl WgpuDevice {
         self.ctx.io.cap_chunk(bytes);
     }
 
-    /// Bytes uploaded to and read back from this device so far (the forward primitives on it
-    /// included), `(up, down)`.
+    /// Bytes uploaded to and read back from the device so far through this handle, its clones
+    /// and the forward primitives made from them, `(up, down)`. A handle made by
+    /// [`WgpuDevice::own_account`] (and what is made from it) counts apart.
     pub fn traffic(&self) -> (u64, u64) {
         let t = self.ctx.io.traffic();
         (t.up(), t.down())
+    }
+
+    /// Bytes uploaded to and read back from the device so far through every handle, `(up,
+    /// down)`.
+    pub fn total_traffic(&self) -> (u64, u64) {
+        let t = self.ctx.io.total();
+        (t.up(), t.down())
+    }
+
+    /// A second handle on the same device (kernels, buffer pool and fault slot shared, as a
+    /// clone) whose transfers count on an account of their own ([`WgpuDevice::traffic`]): what
+    /// another thread moves through it is not counted as this handle's. Both count in
+    /// [`WgpuDevice::total_traffic`].
+    pub fn own_account(&self) -> WgpuDevice {
+        let mut d = self.clone();
+        d.ctx.io = self.ctx.io.own_account();
+        d
     }
 
     /// Writes `data` to a new device buffer and reads it back, both through the staging chunks.
