@@ -1519,3 +1519,94 @@ fn the_device_factor_refuses_what_the_host_refuses_and_falls_back_the_same_way()
     assert_eq!(got, gpu.download(&mut h).unwrap());
     assert!(plan.diagonal(5).is_none());
 }
+
+/// A Gram the calibration's forward pass accumulated on the GPU stays there: a search (and a
+/// lone run) on the same device copies it, and the held-out Gram likewise, instead of sending
+/// them again. The codes, the choice and every score are the same bit for bit as on a device
+/// that holds nothing, and the uploads are smaller by exactly the two triangles (less the
+/// damped diagonal that goes up instead). A Gram changed on the host is not found and goes up.
+/// Both accumulator layouts: folded slices, and one padded slice under a small binding cap.
+#[test]
+fn a_gram_accumulated_on_the_device_is_not_sent_back_to_it() {
+    use comq_gpu::device::ops::Ops;
+    use comq_gpu::device::wgpu::forward::GpuOps;
+    use comq_gpu::quant::search::search;
+    let (rows, n) = (48usize, 100usize);
+    for cap in [None, Some((128 * 128 * 4) as u64)] {
+        let open = || {
+            let mut d = gpu::device()?;
+            if let Some(c) = cap {
+                d.cap_binding_bytes(c);
+            }
+            Some(d)
+        };
+        let (Some(dev), Some(fresh)) = (open(), open()) else {
+            return;
+        };
+        // The calibration on a handle of its own, as a run does.
+        let ops = GpuOps::new(&dev.own_account());
+        let mut rng = Rng::new(91);
+        let mut accumulate = |count: usize| {
+            let mut g = ops.gram_new(n).unwrap();
+            // Several batches, each within the smallest binding cap.
+            for rows in [count / 3, count / 3, count - 2 * (count / 3)] {
+                let x = correlated_x(&mut rng, rows, n);
+                ops.gram_add(&mut g, &ops.upload(&x).unwrap(), rows)
+                    .unwrap();
+            }
+            ops.gram_finish(g).unwrap()
+        };
+        let gram = accumulate(4 * n);
+        let held = accumulate(2 * n);
+        let w: Vec<f32> = rng.normals(rows * n).iter().map(|v| v * 0.05).collect();
+        let cfg = QuantConfig {
+            bits: 3,
+            init: comq_gpu::quant::Init::Gptq,
+            damp: 0.01,
+            ..QuantConfig::default()
+        };
+        let plan = common::full_plan(0.0);
+        let searched = |d: &WgpuDevice, g: &comq_gpu::Gram| {
+            let u0 = d.traffic().0;
+            let c = search(d, "held", &w, rows, n, g, Some(&held), &cfg, &plan).unwrap();
+            (c, d.traffic().0 - u0)
+        };
+        let (want, up_fresh) = searched(&fresh, &gram);
+        let (got, up_held) = searched(&dev, &gram);
+        assert_eq!(
+            got.outcome.layer.codes, want.outcome.layer.codes,
+            "cap {cap:?}"
+        );
+        assert_eq!(got.chosen, want.chosen);
+        assert_eq!(got.tried.len(), want.tried.len());
+        for (a, b) in got.tried.iter().zip(&want.tried) {
+            assert_eq!(a.rel_error.to_bits(), b.rel_error.to_bits(), "{}", a.label);
+            assert_eq!(a.score.to_bits(), b.score.to_bits(), "{}", a.label);
+        }
+        let tri = (4 * n * (n + 1) / 2) as u64;
+        assert_eq!(
+            up_fresh - up_held,
+            2 * tri - 4 * n as u64,
+            "cap {cap:?}: up {up_held} on the holding device against {up_fresh}"
+        );
+        // A lone run copies it too, with the same codes.
+        let lone = |d: &WgpuDevice| {
+            let u0 = d.traffic().0;
+            let o = quantize_layer(d, "held", &w, rows, n, &gram, &cfg).unwrap();
+            (o.layer.codes, d.traffic().0 - u0)
+        };
+        let ((c_fresh, u_fresh), (c_held, u_held)) = (lone(&fresh), lone(&dev));
+        assert_eq!(c_held, c_fresh);
+        assert_eq!(u_fresh - u_held, tri - 4 * n as u64);
+        // Changed on the host (a scale folded in, say), it is another Gram: sent as before
+        // (the held-out Gram is still found).
+        let mut changed = gram.clone();
+        for v in &mut changed.data {
+            *v *= 2.0;
+        }
+        let (c2, up2) = searched(&dev, &changed);
+        let (c2_fresh, up2_fresh) = searched(&fresh, &changed);
+        assert_eq!(c2.outcome.layer.codes, c2_fresh.outcome.layer.codes);
+        assert_eq!(up2_fresh - up2, tri);
+    }
+}

@@ -54,8 +54,10 @@ pub(super) fn print_profile(p: &comq_gpu::profile::ProfileReport) {
 /// quantization's bytes against one upload of each layer's `W` and `G` and one download of its
 /// codes.
 fn print_layer_traffic(report: &RunReport) {
-    let (Some(up), Some(down)) = (report.profile.device_bytes_up, report.profile.device_bytes_down)
-    else {
+    let (Some(up), Some(down)) = (
+        report.profile.device_bytes_up,
+        report.profile.device_bytes_down,
+    ) else {
         return;
     };
     let counted: Vec<_> = report

@@ -156,6 +156,31 @@ pub trait Device {
     /// Uploads a second, held-out Gram matrix (`cols × cols` f32) to score candidates on.
     fn attach_holdout(&self, layer: &mut Self::Layer, gram: &[f32]) -> Result<()>;
 
+    /// Whether Gram matrices may already be on the device ([`Device::upload_held`]): only then
+    /// does the search digest a layer's Grams to look for them.
+    fn holds_grams(&self) -> bool {
+        false
+    }
+
+    /// [`Device::upload`] with the Gram the device holds under `key` (the digest of the
+    /// layer's f64 Gram, [`crate::numeric::gram::Gram::digest`], whose f32 values it holds) and
+    /// `diag` as its diagonal, instead of `problem.gram` (which is not read and may be empty):
+    /// no Gram crosses the bus. `None` when the device does not hold that Gram.
+    fn upload_held(
+        &self,
+        _problem: &LayerProblem<'_>,
+        _key: [u64; 2],
+        _diag: &[f32],
+    ) -> Result<Option<Self::Layer>> {
+        Ok(None)
+    }
+
+    /// [`Device::attach_holdout`] with the Gram the device holds under `key`; `false` (and
+    /// nothing attached) when it does not hold it.
+    fn attach_held_holdout(&self, _layer: &mut Self::Layer, _key: [u64; 2]) -> Result<bool> {
+        Ok(false)
+    }
+
     /// `Σ_i a_iᵀ G_h a_i` on the held-out Gram with `a = W − Q̂` (a candidate's held-out loss)
     /// or, with `weights`, `a = W` (the held-out energy). Leaves `R` as it was.
     fn holdout_product(&self, layer: &mut Self::Layer, weights: bool) -> Result<f64>;

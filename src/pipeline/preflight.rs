@@ -105,7 +105,9 @@ pub struct CalibMemory {
 /// - one block's weights;
 /// - the block's four Gram accumulators (f32, padded to 64, in as many slices as their split
 ///   over rows takes, on a GPU; plus the GPU's staging chunk), and on the host the f64 Grams of two blocks: the one being quantized and the one
-///   calibrated ahead of it.
+///   calibrated ahead of it;
+/// - on a GPU, the packed Gram triangles of those two blocks (with their held-out Grams) that
+///   stay on the device for the layers, at most [`crate::device::wgpu::held::HELD_GRAM_BYTES`].
 pub fn calibration_bytes(
     dim: usize,
     mlp: usize,
@@ -125,8 +127,22 @@ pub fn calibration_bytes(
     let grams_f64 = (3 * d * d + m * m) * 8;
     if gpu {
         let chunk = 4096 * pad(m) * 4;
+        // The Grams left on the device for the layers (`device::wgpu::held`): the block being
+        // quantized and the one calibrated ahead, each with its held-out Grams, up to the cap.
+        let held = {
+            use crate::device::wgpu::held::{triangle_bytes, HeldGrams, HELD_GRAM_BYTES};
+            let tri = |n: u64| {
+                let n = n as usize;
+                if HeldGrams::fits(n) {
+                    triangle_bytes(n)
+                } else {
+                    0
+                }
+            };
+            (4 * (3 * tri(d) + tri(m))).min(HELD_GRAM_BYTES)
+        };
         CalibMemory {
-            device_bytes: hidden + batch + weights + 3 * gram(d) + gram(m) + chunk,
+            device_bytes: hidden + batch + weights + 3 * gram(d) + gram(m) + chunk + held,
             host_bytes: 2 * grams_f64,
         }
     } else {

@@ -139,6 +139,28 @@ impl Prepared {
     }
 }
 
+/// Uploads `problem` (its `gram` not read) with `gram` damped as `prep` says: copied on the
+/// device where the device holds it under `key` (its digest, [`Device::upload_held`]), else
+/// sent from the host.
+pub(crate) fn upload<D: Device>(
+    device: &D,
+    problem: &LayerProblem<'_>,
+    gram: &Gram,
+    key: Option<[u64; 2]>,
+    prep: &Prepared,
+) -> Result<D::Layer> {
+    if let Some(key) = key {
+        if let Some(st) = device.upload_held(problem, key, &prep.diag32)? {
+            return Ok(st);
+        }
+    }
+    let g32 = prep.gram32(gram);
+    device.upload(&LayerProblem {
+        gram: &g32,
+        ..*problem
+    })
+}
+
 /// Refuses a layer whose options, weight or Gram matrix cannot be quantized, naming it.
 pub(crate) fn check_inputs(
     name: &str,
@@ -256,17 +278,17 @@ pub(crate) fn run<D: Device>(
             device.builds_factors(cols),
         )
     })?;
-    let g32 = prep.gram32(gram);
     let problem = LayerProblem {
         name,
         weights: w,
-        gram: &g32,
+        gram: &[],
         grid: &grid,
         order: &prep.order,
         dead_threshold: gram.dead_threshold(),
         scale_dtype: cfg.scale_dtype,
     };
-    let mut st = device.upload(&problem)?;
+    let key = device.holds_grams().then(|| gram.digest());
+    let mut st = upload(device, &problem, gram, key, &prep)?;
     if tracks_sweeps(cfg) {
         device.track_sweeps(&mut st)?;
     }

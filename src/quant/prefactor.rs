@@ -18,8 +18,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rayon::prelude::*;
-
 use super::gptq::{self, GptqFactor};
 use super::Gram;
 use crate::error::Result;
@@ -49,36 +47,9 @@ impl FactorKey {
     }
 }
 
-/// A 128-bit digest of a Gram's f64 bits (not cryptographic: it tells apart Grams of one run).
-/// Rows in parallel panels, combined in order, so it does not depend on the threads.
+/// A 128-bit digest of a Gram's f64 bits ([`Gram::digest`]).
 pub fn digest(gram: &Gram) -> [u64; 2] {
-    const PANEL: usize = 1 << 16;
-    let parts: Vec<[u64; 2]> = gram
-        .data
-        .par_chunks(PANEL)
-        .map(|c| {
-            let (mut a, mut b) = (0x9E37_79B9_7F4A_7C15u64, 0xC2B2_AE3D_27D4_EB4Fu64);
-            for &v in c {
-                let x = v.to_bits();
-                a = (a ^ x).wrapping_mul(0x0000_0100_0000_01B3).rotate_left(27);
-                b = (b ^ x.rotate_left(31)).wrapping_mul(0xFF51_AFD7_ED55_8CCD) ^ (b >> 29);
-            }
-            [a, b]
-        })
-        .collect();
-    let mut h = [
-        gram.n as u64 ^ 0xA076_1D64_78BD_642F,
-        gram.data.len() as u64,
-    ];
-    for [a, b] in parts {
-        h[0] = (h[0] ^ a)
-            .wrapping_mul(0xE703_7ED1_A0B4_28DB)
-            .rotate_left(23);
-        h[1] = (h[1] ^ b)
-            .wrapping_mul(0x8EBC_6AF0_9C88_C6E3)
-            .rotate_left(41);
-    }
-    h
+    gram.digest()
 }
 
 /// The factor a GPTQ start at `damp` uses: of `G + damp·mean(diag G)·I` (of `G` itself at 0),

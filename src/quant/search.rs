@@ -304,6 +304,9 @@ struct Layer<'a> {
     ranked: bool,
     /// The device builds GPTQ factors itself ([`Device::builds_factors`]).
     factored: bool,
+    /// The digests of the Gram and of the held-out Gram, where the device may hold them
+    /// ([`Device::holds_grams`]).
+    held: Option<([u64; 2], Option<[u64; 2]>)>,
 }
 
 impl<D: Device> Resident<D> {
@@ -316,23 +319,29 @@ impl<D: Device> Resident<D> {
         grid: &Grid,
         prep: &Prepared,
     ) -> Result<Resident<D>> {
-        let g32 = prep.gram32(l.gram);
         let problem = LayerProblem {
             name: l.name,
             weights: l.w,
-            gram: &g32,
+            gram: &[],
             grid,
             order: &prep.order,
             dead_threshold: l.gram.dead_threshold(),
             scale_dtype: c.scale_dtype,
         };
-        let mut st = device.upload(&problem)?;
+        // The Gram the calibration left on the device is copied there; else it goes up.
+        let mut st = super::comq::upload(device, &problem, l.gram, l.held.map(|h| h.0), prep)?;
         // Every GPTQ run's sweep changes about 1% of the codes: its refresh and held-out score
         // update the start's products instead of computing whole ones again.
         device.track_sweeps(&mut st)?;
         let holdout_energy = match l.holdout {
             Some(h) => {
-                device.attach_holdout(&mut st, &h.to_f32())?;
+                let held = match l.held.and_then(|(_, k)| k) {
+                    Some(key) => device.attach_held_holdout(&mut st, key)?,
+                    None => false,
+                };
+                if !held {
+                    device.attach_holdout(&mut st, &h.to_f32())?;
+                }
                 device.holdout_product(&mut st, true)?
             }
             None => 0.0,
@@ -681,6 +690,12 @@ pub fn search_by<D: Device>(
 ) -> Result<Choice> {
     let start = std::time::Instant::now();
     check_inputs(name, w, rows, cols, gram, cfg)?;
+    // A block's factors are built before its Grams are handed over, so an empty cache has
+    // none for this layer, and a device that holds no Gram holds none of this layer's: no
+    // digest then.
+    let cache = factors.filter(|c| !c.is_empty());
+    let holds = device.holds_grams();
+    let digest = (cache.is_some() || holds).then(|| gram.digest());
     let layer = Layer {
         name,
         w,
@@ -688,16 +703,14 @@ pub fn search_by<D: Device>(
         cols,
         gram,
         holdout,
-        // A block's factors are built before its Grams are handed over, so an empty cache has
-        // none for this layer: no digest then.
-        ready: factors
-            .filter(|c| !c.is_empty())
-            .map(|cache| super::comq::Ready {
-                cache,
-                digest: super::prefactor::digest(gram),
-            }),
+        ready: cache
+            .zip(digest)
+            .map(|(cache, digest)| super::comq::Ready { cache, digest }),
         ranked: device.ranks_orders(cols),
         factored: device.builds_factors(cols),
+        held: digest
+            .filter(|_| holds)
+            .map(|d| (d, holdout.map(|h| h.digest()))),
     };
     // The damped diagonal, the order and the GPTQ factor per damping, made once each: the
     // configured damping's here, the others' on a helper thread while the first candidates run.

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use super::buffers::{gpu_err, Faults, Transfers};
+use super::held::HeldGrams;
 use super::pipelines::Pipelines;
 use crate::error::Result;
 use crate::shaders::Kernel;
@@ -19,6 +20,8 @@ pub struct GpuContext {
     pub(super) fault: Arc<Faults>,
     /// Uploads and readbacks, in staging chunks.
     pub(super) io: Transfers,
+    /// Gram matrices the calibration left on the device for the layers that use them.
+    pub(super) held: Arc<HeldGrams>,
 }
 
 impl GpuContext {
@@ -36,6 +39,7 @@ impl GpuContext {
             pipelines,
             fault,
             io,
+            held: Arc::default(),
         }
     }
 

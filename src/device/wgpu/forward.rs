@@ -12,6 +12,7 @@
 
 use super::buffers::gpu_err;
 use super::context::GpuContext;
+use super::held;
 use super::pipelines::{FoldParams, GramParams, VitParams};
 use super::{WgpuDevice, MAX_GROUPS};
 use crate::device::ops::{Activation, Ops};
@@ -351,6 +352,48 @@ impl GpuOps {
             return Ok((packed, n));
         }
         Ok((super::upper_from_packed(&packed, n), n))
+    }
+}
+
+impl GpuOps {
+    /// Keeps the packed upper triangle of the folded accumulator `g` on the device under the
+    /// digest of `gram`, its host copy ([`super::held`]), for the layers that quantize with it.
+    /// A Gram too wide to hold is not held (its layers upload it).
+    fn hold(&self, g: &GpuGram, gram: &Gram) -> Result<()> {
+        let n = g.n;
+        let bytes = held::triangle_bytes(n);
+        if !held::HeldGrams::fits(n) || bytes > self.max_binding {
+            return Ok(());
+        }
+        let key = gram.digest();
+        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("held-gram"),
+            size: bytes,
+            usage: STORAGE,
+            mapped_at_creation: false,
+        });
+        let np = g.np as u64;
+        let mut st = self.stream();
+        self.record(&mut st, |enc| {
+            if g.slices >= 2 {
+                // `fold_pack` left the triangle, packed, after the first slice.
+                enc.copy_buffer_to_buffer(&g.g, np * np * 4, &buf, 0, bytes);
+            } else {
+                // One padded slice: its upper triangle row by row.
+                let mut at = 0u64;
+                for i in 0..n as u64 {
+                    let len = (n as u64 - i) * 4;
+                    enc.copy_buffer_to_buffer(&g.g, (i * np + i) * 4, &buf, at, len);
+                    at += len;
+                }
+            }
+        });
+        // Submitted before the triangle is offered: any use of it is queued after the copy.
+        self.flush_locked(&mut st);
+        drop(st);
+        self.check_fault()?;
+        self.ctx.held.insert(key, n, buf);
+        Ok(())
     }
 }
 
@@ -724,7 +767,9 @@ impl Ops for GpuOps {
         for (i, part) in parts.chunks(stride * stride).enumerate() {
             acc.add_partial(part, stride, if i == 0 { g.samples } else { 0 });
         }
-        Ok(acc.finish())
+        let gram = acc.finish();
+        self.hold(&g, &gram)?;
+        Ok(gram)
     }
 
     fn sync(&self) -> Result<()> {

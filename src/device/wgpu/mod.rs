@@ -12,6 +12,7 @@ pub mod buffers;
 pub mod cache;
 pub mod context;
 pub mod forward;
+pub mod held;
 pub mod pipelines;
 
 use std::sync::Arc;
@@ -544,6 +545,9 @@ impl WgpuDevice {
                 let packed = self.ctx.io.read_f32_at(&g, g_bytes, tri)?;
                 self.check_fault()?;
                 acc.add_partial(&upper_from_packed(&packed, n), n, samples);
+                let gram = acc.finish();
+                self.hold_packed(&g, g_bytes, &gram)?;
+                return Ok(gram);
             } else {
                 let sums = self.ctx.io.read_f32(&g, np * np)?;
                 self.check_fault()?;
@@ -553,6 +557,32 @@ impl WgpuDevice {
         })();
         self.pool.give([g, x]);
         result
+    }
+}
+
+impl WgpuDevice {
+    /// Keeps the packed upper triangle of `gram` (at byte `offset` of `src`, where `fold_pack`
+    /// left it) on the device for the layers that quantize with it ([`held`]).
+    fn hold_packed(&self, src: &wgpu::Buffer, offset: u64, gram: &Gram) -> Result<()> {
+        let n = gram.n;
+        let bytes = held::triangle_bytes(n);
+        if !held::HeldGrams::fits(n) || bytes > self.max_binding() {
+            return Ok(());
+        }
+        let key = gram.digest();
+        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("held-gram"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.encoder("hold-gram");
+        enc.copy_buffer_to_buffer(src, offset, &buf, 0, bytes);
+        self.submit(enc)?;
+        self.ctx.held.insert(key, n, buf);
+        Ok(())
     }
 }
 
@@ -1361,21 +1391,72 @@ impl WgpuDevice {
     }
 }
 
-impl Device for WgpuDevice {
-    type Layer = WgpuLayer;
+/// Where a layer's Gram comes from: the host (`n × n` f32, uploaded as its upper triangle
+/// where it is symmetric), or the device itself (a packed upper triangle held since the
+/// calibration, [`held`], with the diagonal to set, when one is given).
+#[derive(Clone, Copy)]
+enum GramFrom<'a> {
+    Host(&'a [f32]),
+    Held(&'a wgpu::Buffer, &'a [f32]),
+}
 
-    fn describe(&self) -> String {
-        format!(
-            "gpu: {} ({:?}, {:?}, {} {})",
-            self.info.name,
-            self.info.backend,
-            self.info.device_type,
-            self.info.driver,
-            self.info.driver_info
-        )
+impl WgpuDevice {
+    /// Writes the `n × n` Gram `from` gives into `dst`.
+    fn write_gram(&self, dst: &wgpu::Buffer, n: usize, from: GramFrom<'_>) -> Result<()> {
+        match from {
+            GramFrom::Host(m) => self.write_upper(dst, m, n, true),
+            GramFrom::Held(tri, diag) => {
+                let all = UnpackParams {
+                    n: n as u32,
+                    first: 0,
+                    rows: n as u32,
+                    zero_lower: 0,
+                };
+                self.unpack(Kernel::UnpackUpper, dst, tri, &all, n * n)?;
+                self.unpack(
+                    Kernel::MirrorLower,
+                    dst,
+                    tri,
+                    &UnpackParams { rows: 0, ..all },
+                    n * n,
+                )?;
+                if diag.is_empty() {
+                    Ok(())
+                } else {
+                    self.write_diagonal(dst, n, diag)
+                }
+            }
+        }
     }
 
-    fn upload(&self, p: &LayerProblem<'_>) -> Result<WgpuLayer> {
+    /// Sets the diagonal of the `n × n` matrix in `g` to `diag` (`n` values go up).
+    fn write_diagonal(&self, g: &wgpu::Buffer, n: usize, diag: &[f32]) -> Result<()> {
+        let d = self.pool.take(&self.ctx.device, "diag", (n * 4) as u64);
+        self.ctx.io.write(&d, 0, bytemuck::cast_slice(diag))?;
+        let params = self.uniform(
+            "diag-params",
+            &ModeParams {
+                rows: 0,
+                n: n as u32,
+                mode: 0,
+                pad: 0,
+            },
+        );
+        let bind = self.bind(Kernel::SetDiagonal, &[(0, g), (1, &d), (2, &params)]);
+        let mut enc = self.encoder("set-diagonal");
+        self.dispatch(
+            &mut enc,
+            Kernel::SetDiagonal,
+            &bind,
+            (n.div_ceil(256) as u32, 1),
+        );
+        let result = self.submit(enc);
+        self.pool.give(vec![d]);
+        result
+    }
+
+    /// [`Device::upload`] with the Gram `from` gives.
+    fn upload_from(&self, p: &LayerProblem<'_>, from: GramFrom<'_>) -> Result<WgpuLayer> {
         let (rows, n) = (p.grid.rows, p.grid.cols);
         let max = self.max_binding();
         let g_bytes = (n * n * 4) as u64;
@@ -1393,7 +1474,7 @@ impl Device for WgpuDevice {
             .device
             .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let g = self.pool.take(&self.ctx.device, "gram", g_bytes);
-        self.write_upper(&g, p.gram, n, true)?;
+        self.write_gram(&g, n, from)?;
         let norms = self.order_norms(p.order)?;
         let mut tiles = Vec::new();
         for row0 in (0..rows).step_by(tile_rows) {
@@ -1437,6 +1518,86 @@ impl Device for WgpuDevice {
         let mut layer = layer;
         self.reset(&mut layer)?;
         Ok(layer)
+    }
+
+    /// [`Device::attach_holdout`] of a Gram from the host or held on the device.
+    fn attach_holdout_from(&self, l: &mut WgpuLayer, from: GramFrom<'_>) -> Result<()> {
+        let n = l.cols;
+        let scope = self
+            .ctx
+            .device
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let gh = l
+            .pool
+            .take(&self.ctx.device, "gram-holdout", (n * n * 4) as u64);
+        self.write_gram(&gh, n, from)?;
+        for t in &mut l.tiles {
+            let b = TileBufs::of(&t.bufs);
+            t.holdout = Some(
+                [0u32, 1]
+                    .map(|m| self.residual_binding(&gh, &b, b.s, self.mode_uniform(t.rows, n, m))),
+            );
+        }
+        if let Some(old) = l.gh.replace(gh) {
+            l.pool.give(vec![old]);
+        }
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(gpu_err(format!(
+                "out of GPU memory uploading a held-out Gram matrix ({n} × {n}): {e}; use --device cpu"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Device for WgpuDevice {
+    type Layer = WgpuLayer;
+
+    fn describe(&self) -> String {
+        format!(
+            "gpu: {} ({:?}, {:?}, {} {})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info
+        )
+    }
+
+    fn upload(&self, p: &LayerProblem<'_>) -> Result<WgpuLayer> {
+        self.upload_from(p, GramFrom::Host(p.gram))
+    }
+
+    fn holds_grams(&self) -> bool {
+        !self.ctx.held.is_empty()
+    }
+
+    fn upload_held(
+        &self,
+        p: &LayerProblem<'_>,
+        key: [u64; 2],
+        diag: &[f32],
+    ) -> Result<Option<WgpuLayer>> {
+        let n = p.grid.cols;
+        if diag.len() != n {
+            return Err(Error::Internal(format!(
+                "upload_held: {} diagonal values for a {n}-wide Gram",
+                diag.len()
+            )));
+        }
+        match self.ctx.held.get(key, n) {
+            Some(buf) => self.upload_from(p, GramFrom::Held(&buf, diag)).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn attach_held_holdout(&self, l: &mut WgpuLayer, key: [u64; 2]) -> Result<bool> {
+        match self.ctx.held.get(key, l.cols) {
+            Some(buf) => self
+                .attach_holdout_from(l, GramFrom::Held(&buf, &[]))
+                .map(|_| true),
+            None => Ok(false),
+        }
     }
 
     fn energy(&self, l: &mut WgpuLayer) -> Result<f64> {
@@ -1672,28 +1833,7 @@ impl Device for WgpuDevice {
             )));
         }
         let g = l.g.as_ref().expect("a live layer has its Gram");
-        let d = l.pool.take(&self.ctx.device, "diag", (n * 4) as u64);
-        self.ctx.io.write(&d, 0, bytemuck::cast_slice(diag))?;
-        let params = self.uniform(
-            "diag-params",
-            &ModeParams {
-                rows: 0,
-                n: n as u32,
-                mode: 0,
-                pad: 0,
-            },
-        );
-        let bind = self.bind(Kernel::SetDiagonal, &[(0, g), (1, &d), (2, &params)]);
-        let mut enc = self.encoder("set-diagonal");
-        self.dispatch(
-            &mut enc,
-            Kernel::SetDiagonal,
-            &bind,
-            (n.div_ceil(256) as u32, 1),
-        );
-        let result = self.submit(enc);
-        l.pool.give(vec![d]);
-        result
+        self.write_diagonal(g, n, diag)
     }
 
     fn set_order(&self, l: &mut WgpuLayer, order: &Order, stashed: Option<u64>) -> Result<()> {
@@ -1861,30 +2001,7 @@ impl Device for WgpuDevice {
                 gram.len()
             )));
         }
-        let scope = self
-            .ctx
-            .device
-            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let gh = l
-            .pool
-            .take(&self.ctx.device, "gram-holdout", (n * n * 4) as u64);
-        self.write_upper(&gh, gram, n, true)?;
-        for t in &mut l.tiles {
-            let b = TileBufs::of(&t.bufs);
-            t.holdout = Some(
-                [0u32, 1]
-                    .map(|m| self.residual_binding(&gh, &b, b.s, self.mode_uniform(t.rows, n, m))),
-            );
-        }
-        if let Some(old) = l.gh.replace(gh) {
-            l.pool.give(vec![old]);
-        }
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(gpu_err(format!(
-                "out of GPU memory uploading a held-out Gram matrix ({n} × {n}): {e}; use --device cpu"
-            )));
-        }
-        Ok(())
+        self.attach_holdout_from(l, GramFrom::Host(gram))
     }
 
     fn holdout_product(&self, l: &mut WgpuLayer, weights: bool) -> Result<f64> {

@@ -1,0 +1,96 @@
+//! Gram matrices kept on the device between the calibration that accumulated them and the
+//! layers that quantize with them.
+//!
+//! The calibration's forward pass accumulates each Gram on the GPU and reads it back once (the
+//! host needs it: the damping, the dead inputs, the orders and the factors it builds). Its
+//! upper triangle, packed, also stays on the device here, under the digest of the host copy
+//! ([`crate::numeric::gram::Gram::digest`]). A search that uploads a layer whose Gram is held
+//! copies it on the device instead of sending it again, and likewise the held-out Gram.
+//!
+//! Found by content, as the factors built ahead are: a Gram changed on its way to the layer
+//! (scales folded in, Grams summed on the host) digests differently and is uploaded as before,
+//! so a hit is the very matrix the upload would send, bit for bit (the host copy holds the
+//! device's f32 sums exactly, as f64). A collision of the 128-bit digest between two Grams of
+//! the same width in one run would hand a layer the wrong matrix; the digest mixes every bit of
+//! every entry, so it is not a practical concern. Beyond [`HELD_GRAM_BYTES`] entries already
+//! copied by a layer go first (a block's layers come in order, so those are mostly done with),
+//! then the oldest; a miss costs one upload, never a result.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+/// At most this many bytes of packed Gram triangles are held (a block of ViT-L with its
+/// held-out Grams is about 80 MB; the 6B shape's 1,024-image calibration keeps 8 GB of device
+/// memory with this much beside it); a Gram whose triangle alone is larger is not held.
+pub const HELD_GRAM_BYTES: u64 = 96 << 20;
+
+/// Bytes of the packed upper triangle of an `n × n` f32 matrix.
+pub fn triangle_bytes(n: usize) -> u64 {
+    (n * (n + 1) / 2 * 4) as u64
+}
+
+#[derive(Debug)]
+struct Entry {
+    key: [u64; 2],
+    n: usize,
+    buf: wgpu::Buffer,
+    /// A layer has copied it.
+    used: bool,
+}
+
+/// The held Grams of one device, shared by every handle on it.
+#[derive(Debug, Default)]
+pub struct HeldGrams {
+    entries: Mutex<VecDeque<Entry>>,
+}
+
+impl HeldGrams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether an `n`-wide Gram can be held at all.
+    pub fn fits(n: usize) -> bool {
+        n >= 2 && triangle_bytes(n) <= HELD_GRAM_BYTES
+    }
+
+    /// Holds `buf` (the packed upper triangle of an `n`-wide Gram, row after row from the
+    /// diagonal) under `key`, releasing the oldest entries beyond [`HELD_GRAM_BYTES`].
+    pub fn insert(&self, key: [u64; 2], n: usize, buf: wgpu::Buffer) {
+        if !Self::fits(n) {
+            return;
+        }
+        let mut e = self.lock();
+        e.retain(|x| x.key != key || x.n != n);
+        let mut total: u64 = e.iter().map(|x| triangle_bytes(x.n)).sum();
+        while total + triangle_bytes(n) > HELD_GRAM_BYTES {
+            let victim = e.iter().position(|x| x.used).unwrap_or(0);
+            match e.remove(victim) {
+                Some(old) => total -= triangle_bytes(old.n),
+                None => break,
+            }
+        }
+        e.push_back(Entry {
+            key,
+            n,
+            buf,
+            used: false,
+        });
+    }
+
+    /// The held triangle of the `n`-wide Gram with digest `key`.
+    pub fn get(&self, key: [u64; 2], n: usize) -> Option<wgpu::Buffer> {
+        self.lock()
+            .iter_mut()
+            .find(|x| x.key == key && x.n == n)
+            .map(|x| {
+                x.used = true;
+                x.buf.clone()
+            })
+    }
+
+    /// Whether anything is held.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
