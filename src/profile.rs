@@ -39,7 +39,7 @@ pub const STAGES: [&str; 13] = [
 /// `prepare beside` for the other dampings a search builds on a helper thread), a search's
 /// candidate runs (`candidates`, which include their scoring) and the scoring of candidates on
 /// held-out images (`scoring`). The indented parts split those further by the step that runs:
-/// the line search's start per layer (`start`), round-to-nearest, exact residual refreshes, losses without a residual (an RTN candidate's),
+/// the line search's start per layer (`start`), each candidate's grid (`grids`), round-to-nearest, exact residual refreshes, losses without a residual (an RTN candidate's),
 /// GPTQ passes, sweeps and `‖W − Q̂‖²` reductions
 /// inside the runs; the energy `‖X·Wᵀ‖²` and the state's upload per layer; the order, the damped
 /// copy of `G` and the factor inside each preparation (on whichever thread builds it), and the
@@ -47,12 +47,13 @@ pub const STAGES: [&str; 13] = [
 /// call, a build or a look at the one it keeps). On a GPU
 /// the steps are queued, so a step that reads a result back (a refresh's loss, a reduction)
 /// also holds the queued work before it.
-pub const QUANTIZE_PARTS: [&str; 17] = [
+pub const QUANTIZE_PARTS: [&str; 18] = [
     "  prepare",
     "  prepare beside",
     "  candidates",
     "  scoring",
     "    start",
+    "    grids",
     "    rtn",
     "    refresh",
     "    loss",

@@ -1378,7 +1378,8 @@ fn a_known_vit_runs_with_no_data_and_says_how_it_calibrated() {
 }
 
 /// A GPU run reports the bytes it moved, in total and per layer, and `--profile` prints them:
-/// each layer uploads at least its weights and Gram and reads back at least its codes.
+/// each layer uploads at least its weights (its Grams, accumulated on the device from the file's
+/// activations, are copied there and need not go up) and reads back at least its codes.
 #[test]
 fn a_gpu_run_reports_its_transfers_in_total_and_per_layer() {
     if gpu::device().is_none() {
@@ -1404,6 +1405,7 @@ fn a_gpu_run_reports_its_transfers_in_total_and_per_layer() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("GPU transfers:"), "{stdout}");
+    assert!(stdout.contains("GPU transfers of the layers:"), "{stdout}");
     assert!(stdout.contains("candidates tried:"), "{stdout}");
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
     let total_up = r["profile"]["device_bytes_up"].as_u64().unwrap();
@@ -1415,7 +1417,7 @@ fn a_gpu_run_reports_its_transfers_in_total_and_per_layer() {
         );
         let up = l["device_bytes_up"].as_u64().unwrap();
         let down = l["device_bytes_down"].as_u64().unwrap();
-        assert!(up >= 4 * (rows * cols + cols * cols), "{}: {up}", l["name"]);
+        assert!(up >= 4 * rows * cols, "{}: {up}", l["name"]);
         assert!(down >= 4 * rows * cols, "{}: {down}", l["name"]);
         sum_up += up;
     }

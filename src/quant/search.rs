@@ -733,7 +733,7 @@ pub fn search_by<D: Device>(
             c.validate()?;
             c.validate_for(name, rows, cols)?;
             let prep = preps.get(&layer, &c)?;
-            let grid = Grid::build(w, rows, cols, &c);
+            let grid = crate::profile::record("    grids", || Grid::build(w, rows, cols, &c));
             // A state uploaded for this candidate starts on its grid; one kept from an earlier
             // candidate takes the grid in place.
             let si = match states.iter().position(|r| r.kind == c.order) {
