@@ -156,8 +156,12 @@ pub struct FactorPlan {
 
 /// The plan of [`factor`]`(h, act_order, dead)` for a device that builds it.
 pub fn plan(h: &Gram, act_order: bool, dead: f64) -> FactorPlan {
-    let n = h.n;
-    let diag = h.diag();
+    plan_from_diag(&h.diag(), act_order, dead)
+}
+
+/// [`plan`] from the damped Gram's diagonal alone (all a plan reads of it).
+pub fn plan_from_diag(diag: &[f64], act_order: bool, dead: f64) -> FactorPlan {
+    let n = diag.len();
     let mut perm: Vec<u32> = (0..n as u32).collect();
     if act_order {
         // Stable: equal diagonals keep ascending index order, as in `factor`.

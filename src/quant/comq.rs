@@ -75,11 +75,13 @@ impl Prepared {
         ranked: bool,
         factored: bool,
     ) -> Result<Prepared> {
-        let damped = crate::profile::record("    damped", || {
-            (cfg.damp > 0.0).then(|| gram.damped(cfg.damp))
-        });
-        let h = damped.as_ref().unwrap_or(gram);
-        let diag = h.diag();
+        // The damped diagonal, `G_jj + λ·mean(diag G)` as `Gram::damped` adds it; the damped
+        // copy of the whole `G` only where the factor is built here from it.
+        let add = (cfg.damp > 0.0).then(|| gram.damping(cfg.damp));
+        let diag: Vec<f64> = match add {
+            Some(a) => gram.diag().iter().map(|&d| d + a).collect(),
+            None => gram.diag(),
+        };
         // A device that ranks the greedy order itself gets the column norms only: `rows × cols`
         // indices neither built here nor sent.
         let order = match cfg.order {
@@ -92,7 +94,7 @@ impl Prepared {
         // A device that builds the factor from its resident `G` gets the plan: the order and
         // the damped diagonal, `n` values each, instead of `n²/2`.
         let plan = (gptq_start && factored)
-            .then(|| gptq::plan(h, cfg.act_order, gram.dead_threshold() as f64));
+            .then(|| gptq::plan_from_diag(&diag, cfg.act_order, gram.dead_threshold() as f64));
         let factor = if gptq_start && plan.is_none() {
             let key = |r: Ready<'_>| {
                 super::prefactor::FactorKey::new(r.digest, gram, cfg.damp, cfg.act_order)
@@ -100,10 +102,16 @@ impl Prepared {
             match ready.and_then(|r| r.cache.get(&key(r))) {
                 Some(f) => Some(f),
                 // The same factor `prefactor::factor_of` builds ahead.
-                None => Some(std::sync::Arc::new(crate::profile::record(
-                    "    factor",
-                    || gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64),
-                )?)),
+                None => {
+                    let damped = crate::profile::record("    damped", || {
+                        (cfg.damp > 0.0).then(|| gram.damped(cfg.damp))
+                    });
+                    let h = damped.as_ref().unwrap_or(gram);
+                    Some(std::sync::Arc::new(crate::profile::record(
+                        "    factor",
+                        || gptq::factor(h, cfg.act_order, gram.dead_threshold() as f64),
+                    )?))
+                }
             }
         } else {
             None
