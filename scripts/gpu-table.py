@@ -45,6 +45,14 @@ def stage(row, name):
     return 0.0
 
 
+def layers_ratio(r):
+    """The layers' bytes both ways against one upload of W and G and one download of the codes."""
+    lb, floor = r.get("layers_bytes"), r.get("layers_floor_bytes")
+    if not lb or not floor:
+        return "-"
+    return "%.2fx" % ((lb[0] + lb[1]) / floor)
+
+
 def main():
     d = sys.argv[1]
     host = open(os.path.join(d, "host.txt")).read() if os.path.exists(os.path.join(d, "host.txt")) else ""
@@ -136,15 +144,16 @@ def main():
             rows.append(("paper, greedy", r["images"], r))
     if rows:
         print("## End to end, ViT-L/16 (synthetic weights, 224-px images), W4, one sweep, on the GPU\n")
-        print("| recipe | images | forward | Gram | quantize | search | wall | wall without I/O | peak host memory | mean layer error |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| recipe | images | forward | Gram | quantize | search | wall | wall without I/O | peak host memory | mean layer error | layers' bytes ÷ (W + G up, codes down) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for label, n, r in sorted(rows, key=lambda t: (t[0], t[1] or 1024)):
             rss = r.get("peak_rss_bytes")
             err = r.get("mean_rel_error")
             print(f"| {label} | {n or 1024} | {stage(r, 'forward'):.2f} s | {stage(r, 'gram'):.2f} s "
                   f"| {stage(r, 'quantize'):.2f} s | {stage(r, 'probe') + stage(r, 'search'):.2f} s "
                   f"| {r['wall_seconds']:.2f} s | {r['wall_seconds_without_io']:.2f} s "
-                  f"| {'-' if rss is None else '%.2f GB' % (rss / 1e9)} | {'-' if err is None else '%.3e' % err} |")
+                  f"| {'-' if rss is None else '%.2f GB' % (rss / 1e9)} | {'-' if err is None else '%.3e' % err} "
+                  f"| {layers_ratio(r)} |")
         print()
         print("Stage seconds are busy time per thread (the calibration runs one block ahead on its own "
               "thread), so they can add up to more than the wall clock.\n")

@@ -302,6 +302,12 @@ pub struct E2eRow {
     pub device_bytes_up: Option<u64>,
     /// Bytes read back from the GPU (GPU runs).
     pub device_bytes_down: Option<u64>,
+    /// Of those, the layers' own (the quantization's), uploaded and read back: the rest is the
+    /// forward pass of the calibration.
+    pub layers_bytes: Option<(u64, u64)>,
+    /// One upload of each layer's `W` and `G` and one download of its codes, summed: the least
+    /// the layers could move without keeping anything on the device.
+    pub layers_floor_bytes: Option<u64>,
 }
 
 /// Options of an end-to-end benchmark run.
@@ -425,7 +431,30 @@ pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
         mean_rel_error: v["totals"]["mean_rel_error"].as_f64().unwrap_or(f64::NAN),
         device_bytes_up: profile.device_bytes_up,
         device_bytes_down: profile.device_bytes_down,
+        layers_bytes: layers_bytes(&v),
+        layers_floor_bytes: layers_floor_bytes(&v),
         stages: profile.stages,
+    })
+}
+
+/// The layers' bytes up and down in a run's report (`None` without GPU counters).
+fn layers_bytes(report: &serde_json::Value) -> Option<(u64, u64)> {
+    let layers = report["layers"].as_array()?;
+    layers.iter().try_fold((0u64, 0u64), |(u, d), l| {
+        Some((
+            u + l["device_bytes_up"].as_u64()?,
+            d + l["device_bytes_down"].as_u64()?,
+        ))
+    })
+}
+
+/// `Σ 4·(m·n + n² + m·n)` over a run's layers: one f32 upload of `W` and `G`, one download of
+/// 32-bit codes.
+fn layers_floor_bytes(report: &serde_json::Value) -> Option<u64> {
+    let layers = report["layers"].as_array()?;
+    layers.iter().try_fold(0u64, |acc, l| {
+        let (m, n) = (l["shape"][0].as_u64()?, l["shape"][1].as_u64()?);
+        Some(acc + 4 * (2 * m * n + n * n))
     })
 }
 

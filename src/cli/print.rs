@@ -388,6 +388,15 @@ pub(super) fn e2e_run(r: &E2eRow, bits: u32, order: &str, recipe: &str) {
             human_bytes(down as usize)
         );
     }
+    if let (Some((up, down)), Some(floor)) = (r.layers_bytes, r.layers_floor_bytes) {
+        println!(
+            "  of which the layers': {} uploaded, {} read back ({:.2}× one upload of W and G and \
+             one download of the codes)",
+            human_bytes(up as usize),
+            human_bytes(down as usize),
+            (up + down) as f64 / floor.max(1) as f64
+        );
+    }
     if let Some(c) = &r.calibration_memory {
         println!(
             "  planned calibration memory: {} on the device, {} on the host",
