@@ -30,34 +30,44 @@ pub fn triangle_bytes(n: usize) -> u64 {
 }
 
 #[derive(Debug)]
-struct Entry {
+struct Entry<B> {
     key: [u64; 2],
     n: usize,
-    buf: wgpu::Buffer,
+    buf: B,
     /// A layer has copied it.
     used: bool,
 }
 
-/// The held Grams of one device, shared by every handle on it.
-#[derive(Debug, Default)]
-pub struct HeldGrams {
-    entries: Mutex<VecDeque<Entry>>,
+/// The held Grams of one device, shared by every handle on it (`B`: the device's buffer).
+#[derive(Debug)]
+pub struct HeldGrams<B = wgpu::Buffer> {
+    entries: Mutex<VecDeque<Entry<B>>>,
+}
+
+impl<B> Default for HeldGrams<B> {
+    fn default() -> Self {
+        HeldGrams {
+            entries: Mutex::new(VecDeque::new()),
+        }
+    }
 }
 
 impl HeldGrams {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Whether an `n`-wide Gram can be held at all.
     pub fn fits(n: usize) -> bool {
         n >= 2 && triangle_bytes(n) <= HELD_GRAM_BYTES
     }
+}
+
+impl<B: Clone> HeldGrams<B> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry<B>>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
     /// Holds `buf` (the packed upper triangle of an `n`-wide Gram, row after row from the
     /// diagonal) under `key`, releasing the oldest entries beyond [`HELD_GRAM_BYTES`].
-    pub fn insert(&self, key: [u64; 2], n: usize, buf: wgpu::Buffer) {
-        if !Self::fits(n) {
+    pub fn insert(&self, key: [u64; 2], n: usize, buf: B) {
+        if !HeldGrams::fits(n) {
             return;
         }
         let mut e = self.lock();
@@ -79,7 +89,7 @@ impl HeldGrams {
     }
 
     /// The held triangle of the `n`-wide Gram with digest `key`.
-    pub fn get(&self, key: [u64; 2], n: usize) -> Option<wgpu::Buffer> {
+    pub fn get(&self, key: [u64; 2], n: usize) -> Option<B> {
         self.lock()
             .iter_mut()
             .find(|x| x.key == key && x.n == n)
@@ -92,5 +102,43 @@ impl HeldGrams {
     /// Whether anything is held.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(h: &HeldGrams<u32>) -> Vec<u32> {
+        h.lock().iter().map(|e| e.buf).collect()
+    }
+
+    #[test]
+    fn entries_a_layer_copied_go_first_then_the_oldest() {
+        // Four Grams of a third of the cap each: the fourth pushes one out.
+        let n = (1..8192)
+            .rev()
+            .find(|&n| triangle_bytes(n) * 3 <= HELD_GRAM_BYTES)
+            .unwrap();
+        let h = HeldGrams::<u32>::default();
+        assert!(h.is_empty());
+        for i in 0..3 {
+            h.insert([i, 0], n, i as u32);
+        }
+        assert_eq!(h.get([1, 0], n), Some(1));
+        // The same key at another width is another Gram.
+        assert_eq!(h.get([1, 0], n - 1), None);
+        h.insert([3, 0], n, 3);
+        assert_eq!(held(&h), vec![0, 2, 3], "the copied entry goes first");
+        h.insert([4, 0], n, 4);
+        assert_eq!(held(&h), vec![2, 3, 4], "then the oldest");
+        // Inserting a key again replaces it.
+        h.insert([4, 0], n, 5);
+        assert_eq!(held(&h), vec![2, 3, 5]);
+        // Too wide to hold: not held, nothing evicted.
+        let wide = (n..1 << 20).find(|&m| !HeldGrams::fits(m)).unwrap();
+        h.insert([9, 0], wide, 9);
+        assert_eq!(held(&h), vec![2, 3, 5]);
+        assert!(!HeldGrams::fits(1));
     }
 }
