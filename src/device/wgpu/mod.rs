@@ -1585,13 +1585,24 @@ impl Device for WgpuDevice {
                 diag.len()
             )));
         }
+        // A triangle this handle could not bind (a smaller binding cap than the calibration's)
+        // is as good as not held.
+        if held::triangle_bytes(n) > self.max_binding() {
+            return Ok(None);
+        }
         match self.ctx.held.get(key, n) {
-            Some(buf) => self.upload_from(p, GramFrom::Held(&buf, diag)).map(Some),
+            Some(buf) => {
+                log::debug!("layer '{}': its Gram is copied on the device", p.name);
+                self.upload_from(p, GramFrom::Held(&buf, diag)).map(Some)
+            }
             None => Ok(None),
         }
     }
 
     fn attach_held_holdout(&self, l: &mut WgpuLayer, key: [u64; 2]) -> Result<bool> {
+        if held::triangle_bytes(l.cols) > self.max_binding() {
+            return Ok(false);
+        }
         match self.ctx.held.get(key, l.cols) {
             Some(buf) => self
                 .attach_holdout_from(l, GramFrom::Held(&buf, &[]))
