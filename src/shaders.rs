@@ -80,10 +80,12 @@ pub enum Kernel {
     InvRow,
     /// The factor `U` in f32 from the inverse (`factor.wgsl`; f64).
     FactorPack,
+    /// A reduction's per-row values summed in f64 (`sum.wgsl`; f64).
+    SumRows,
 }
 
 /// Every shader file: (file name, source).
-pub const SOURCES: [(&str, &str); 14] = [
+pub const SOURCES: [(&str, &str); 15] = [
     ("block.wgsl", include_str!("../shaders/block.wgsl")),
     ("diag.wgsl", include_str!("../shaders/diag.wgsl")),
     ("factor.wgsl", include_str!("../shaders/factor.wgsl")),
@@ -96,6 +98,7 @@ pub const SOURCES: [(&str, &str); 14] = [
     ("rtn.wgsl", include_str!("../shaders/rtn.wgsl")),
     ("sweep.wgsl", include_str!("../shaders/sweep.wgsl")),
     ("scale.wgsl", include_str!("../shaders/scale.wgsl")),
+    ("sum.wgsl", include_str!("../shaders/sum.wgsl")),
     ("unpack.wgsl", include_str!("../shaders/unpack.wgsl")),
     ("vit.wgsl", include_str!("../shaders/vit.wgsl")),
 ];
@@ -112,7 +115,7 @@ pub const MAX_STORAGE_BUFFERS: u32 = 9;
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 36] = [
+    pub const ALL: [Kernel; 37] = [
         Kernel::BlockSteps,
         Kernel::BlockUpdate,
         Kernel::Gptq,
@@ -149,6 +152,7 @@ impl Kernel {
         Kernel::CholStep,
         Kernel::InvRow,
         Kernel::FactorPack,
+        Kernel::SumRows,
     ];
 
     /// The file the kernel lives in.
@@ -166,6 +170,7 @@ impl Kernel {
             Kernel::UnpackUpper | Kernel::MirrorLower | Kernel::UnpackHalves => "unpack.wgsl",
             Kernel::FoldSum | Kernel::FoldPack => "fold.wgsl",
             Kernel::GreedyRank => "order.wgsl",
+            Kernel::SumRows => "sum.wgsl",
             Kernel::FactorFill | Kernel::CholStep | Kernel::InvRow | Kernel::FactorPack => {
                 "factor.wgsl"
             }
@@ -222,6 +227,7 @@ impl Kernel {
             Kernel::CholStep => "chol_step",
             Kernel::InvRow => "inv_row",
             Kernel::FactorPack => "factor_pack",
+            Kernel::SumRows => "sum_rows",
         }
     }
 
@@ -236,6 +242,7 @@ impl Kernel {
                 | Kernel::CholStep
                 | Kernel::InvRow
                 | Kernel::FactorPack
+                | Kernel::SumRows
         )
     }
 

@@ -797,12 +797,36 @@ fn a_row_choice_over_tiles_matches_the_cpu_and_uploads_nothing_more() {
     let (up_layer, down_layer) = (t1.0 - t0.0, t1.1 - t0.1);
     let (up_row, down_row) = (t2.0 - t1.0, t2.1 - t1.1);
     assert_eq!(up_row, up_layer);
-    // The kept lowest codes, and the mix's calibration loss and `‖W − Q̂‖²` (one f32 per row
-    // each, as every product reads back).
+    // Where every product reads its rows back (rows summed on the host): beyond that, the kept
+    // lowest codes, and the mix's calibration loss and `‖W − Q̂‖²` (one f32 per row each).
+    let mut host = gpu.clone();
+    host.sum_rows_on_host();
+    let on = |c| search_by(&host, "t", &w, rows, cols, &gram, h, &cfg, &plan, None, c).unwrap();
+    let h0 = host.traffic();
+    let host_layer = on(ChooseBy::Layer);
+    let h1 = host.traffic();
+    let host_row = on(ChooseBy::Row);
+    let h2 = host.traffic();
+    assert_eq!(host_row.outcome.layer.codes, g.outcome.layer.codes);
+    assert_eq!(host_layer.outcome.layer.codes, by_layer.outcome.layer.codes);
+    let (host_down_layer, host_down_row) = (h1.1 - h0.1, h2.1 - h1.1);
     let extra = (3 * 4 * rows) as u64;
     assert!(
-        down_row <= down_layer + extra,
+        host_down_row <= host_down_layer + extra,
+        "down {host_down_row} vs {host_down_layer}"
+    );
+    // Where the device sums the rows: the layer choice reads back no row of any product, so
+    // the row choice reads, beyond it, each scored candidate's per-row held-out losses too;
+    // and it reads no more than when the host sums.
+    let scored = (g.tried.len() * 4 * rows) as u64;
+    assert!(
+        down_row <= down_layer + extra + scored,
         "down {down_row} vs {down_layer}"
+    );
+    assert!(down_row <= host_down_row, "{down_row} vs {host_down_row}");
+    assert!(
+        down_layer <= host_down_layer,
+        "{down_layer} vs {host_down_layer}"
     );
 }
 
@@ -1609,4 +1633,64 @@ fn a_gram_accumulated_on_the_device_is_not_sent_back_to_it() {
         assert_eq!(c2.outcome.layer.codes, c2_fresh.outcome.layer.codes);
         assert_eq!(up2_fresh - up2, tri);
     }
+}
+
+/// Where the adapter has f64, a reduction's rows are summed on the device (`sum.wgsl`) and 8
+/// bytes per tile come back instead of one f32 per row: a search over row tiles ships the same
+/// codes and choice as with the rows summed on the host, every score within 1e-12 (only the
+/// order of the f64 additions differs), and reads back the codes and steps plus at most 8 bytes
+/// per tile per reduction.
+#[test]
+fn reductions_come_back_as_one_f64_sum_per_tile() {
+    use comq_gpu::quant::search::search;
+    let Some(mut gpu) = gpu::device() else { return };
+    let (rows, cols) = (150usize, 48usize);
+    // Three tiles of at most 64 rows.
+    gpu.cap_binding_bytes((64 * cols * 4) as u64);
+    let mut host = gpu.clone();
+    host.sum_rows_on_host();
+    let (w, gram) = layer(95, rows, cols);
+    let held = layer(96, rows, cols).1;
+    let cfg = QuantConfig {
+        bits: 3,
+        init: comq_gpu::quant::Init::Gptq,
+        damp: 0.01,
+        ..QuantConfig::default()
+    };
+    let plan = common::full_plan(0.0);
+    let run = |d: &WgpuDevice| {
+        let d0 = d.traffic().1;
+        let c = search(d, "sums", &w, rows, cols, &gram, Some(&held), &cfg, &plan).unwrap();
+        (c, d.traffic().1 - d0)
+    };
+    let (want, down_host) = run(&host);
+    let (got, down) = run(&gpu);
+    assert_eq!(got.outcome.layer.codes, want.outcome.layer.codes);
+    assert_eq!(got.chosen, want.chosen);
+    assert_eq!(got.tried.len(), want.tried.len());
+    for (a, b) in got.tried.iter().zip(&want.tried) {
+        assert!(
+            rel(a.score, b.score) <= 1e-12,
+            "{}: {} vs {}",
+            a.label,
+            a.score,
+            b.score
+        );
+        assert!(rel(a.rel_error, b.rel_error) <= 1e-12, "{}", a.label);
+    }
+    if !gpu.ranks_orders(cols) {
+        // No f64 on this adapter: both read the rows back.
+        assert_eq!(down, down_host);
+        return;
+    }
+    let shipped = (4 * rows * cols + 4 * rows) as u64;
+    // Each candidate: its loss, `‖W − Q̂‖²` and held-out loss, per stage; the energies.
+    let reductions = (6 * got.tried.len() + 8) as u64;
+    let tiles = rows.div_ceil(64) as u64;
+    assert!(
+        down <= shipped + 8 * tiles * reductions,
+        "down {down} against {shipped} shipped"
+    );
+    assert!(down < down_host, "{down} vs {down_host}");
+    eprintln!("down {down} B with device sums, {down_host} B with host sums ({shipped} B shipped)");
 }

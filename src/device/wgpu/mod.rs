@@ -154,6 +154,9 @@ pub struct WgpuDevice {
     rank_submit: usize,
     /// GPTQ factors are built on the host and sent even where the adapter could build them.
     host_factors: bool,
+    /// Reductions send their rows back for the host to sum even where the adapter could sum
+    /// them in f64.
+    host_sums: bool,
 }
 
 impl std::fmt::Debug for WgpuDevice {
@@ -267,6 +270,7 @@ impl WgpuDevice {
             host_orders: false,
             rank_submit: RANK_SUBMIT_COMPARISONS,
             host_factors: std::env::var("COMQ_DEVICE_FACTOR").is_ok_and(|v| v == "off"),
+            host_sums: false,
         })
     }
 
@@ -363,6 +367,13 @@ impl WgpuDevice {
     /// path can be exercised (and tested, and compared) on any adapter.
     pub fn factor_on_host(&mut self) {
         self.host_factors = true;
+    }
+
+    /// Reads every reduction's rows back and sums them on the host, as on an adapter without
+    /// f64, so that path can be exercised (and tested, and compared) on any adapter. Layers
+    /// uploaded after the call follow it.
+    pub fn sum_rows_on_host(&mut self) {
+        self.host_sums = true;
     }
 
     /// Lowers the comparisons per submit of the order ranking, so its split over submits can be
@@ -619,6 +630,11 @@ struct Tile {
     kept: Option<(wgpu::Buffer, wgpu::Buffer)>,
     /// The rows a row-by-row choice kept: codes, steps and lowest codes.
     kept_rows: Option<[wgpu::Buffer; 3]>,
+    /// Where the adapter has f64: the f64 sum of `out` (8 bytes) and `sum_rows`' bind group.
+    sum: Option<(wgpu::Buffer, wgpu::BindGroup)>,
+    /// The last held-out product's per-row losses, copied from `out` on the device (read back
+    /// only when a row-by-row choice compares them).
+    held_copy: Option<wgpu::Buffer>,
     rtn: wgpu::BindGroup,
     apply: wgpu::BindGroup,
     sweep: wgpu::BindGroup,
@@ -627,6 +643,25 @@ struct Tile {
     scale: wgpu::BindGroup,
     /// Shared order: per block of columns, the bind groups of `block_steps` and `block_update`.
     blocks: Vec<(wgpu::BindGroup, wgpu::BindGroup)>,
+}
+
+/// Which product a reduction reads: a residual mode's, or the held-out Gram's.
+#[derive(Clone, Copy)]
+enum Pick {
+    Residual(usize),
+    Holdout(usize),
+}
+
+/// Where the last held-out product's per-row losses are, for [`Device::keep_rows`].
+#[derive(Debug, Default)]
+enum HeldRows {
+    /// None since the layer was uploaded.
+    #[default]
+    None,
+    /// Copied to each tile's `held_copy` on the device.
+    OnDevice,
+    /// Read back (an adapter without f64).
+    Host(Vec<f32>),
 }
 
 /// A tile's buffers by name, in the order [`WgpuDevice::tile_buffers`] makes them (the indices
@@ -691,7 +726,7 @@ pub struct WgpuLayer {
     layer_delta: f32,
     layer_delta0: f32,
     /// Each row's value of the last held-out product of `W − Q̂`, as the reduction left it.
-    held_rows: Vec<f32>,
+    held_rows: HeldRows,
     /// The row-by-row choice's tags and losses, per row ([`Device::keep_rows`]).
     row_keep: Option<(Vec<u32>, Vec<f64>)>,
 }
@@ -913,6 +948,7 @@ impl WgpuDevice {
         let sweep_params = Self::sweep_params(p, rows);
         let sweep = self.sweep_binding(&sweep_params, g, &b);
         let scale = self.scale_binding(p, g, &b, rows);
+        let sum = self.sum_binding(b.out, rows);
         Ok(Tile {
             rows,
             w: 0,
@@ -929,6 +965,8 @@ impl WgpuDevice {
             holdout: None,
             kept: None,
             kept_rows: None,
+            sum,
+            held_copy: None,
             rtn,
             apply,
             sweep,
@@ -1354,40 +1392,92 @@ impl WgpuDevice {
     }
 
     /// Runs `residual` mode `mode` and `reduce` mode `red` on every tile; returns Σ rows in f64.
-    fn product_sum(&self, l: &WgpuLayer, residual: Option<usize>, red: usize) -> Result<f64> {
-        Ok(self
-            .products(l, |t| residual.map(|m| &t.residual[m]), red)?
-            .0)
+    fn product_sum(&self, l: &mut WgpuLayer, residual: Option<usize>, red: usize) -> Result<f64> {
+        self.products(l, residual.map(Pick::Residual), red, false)
     }
 
-    /// Runs the residual bind group `residual` picks per tile (if any), then `reduce` mode
-    /// `red`; returns Σ rows in f64 and the rows' values.
-    fn products<'t>(
+    /// Runs the residual bind group `pick` names per tile (if any), then `reduce` mode `red`;
+    /// returns Σ rows in f64. Where the adapter has f64 the rows are summed on the device and
+    /// 8 bytes per tile come back (with `keep`, the rows are also copied to the tile's
+    /// `held_copy` for a row-by-row choice to read); else the rows come back and the host sums
+    /// them (and keeps them in `held_rows`, with `keep`).
+    fn products(
         &self,
-        l: &'t WgpuLayer,
-        residual: impl Fn(&'t Tile) -> Option<&'t wgpu::BindGroup>,
+        l: &mut WgpuLayer,
+        pick: Option<Pick>,
         red: usize,
-    ) -> Result<(f64, Vec<f32>)> {
+        keep: bool,
+    ) -> Result<f64> {
         let mut total = 0.0f64;
         let mut rows = Vec::new();
-        for t in &l.tiles {
+        let cols = l.cols;
+        let on_device = l.tiles.iter().all(|t| t.sum.is_some());
+        for t in &mut l.tiles {
             let mut enc = self.encoder("product");
-            if let Some(bg) = residual(t) {
+            let bg = match pick {
+                Some(Pick::Residual(m)) => Some(&t.residual[m]),
+                Some(Pick::Holdout(m)) => t.holdout.as_ref().map(|h| &h[m]),
+                None => None,
+            };
+            if let Some(bg) = bg {
                 self.dispatch(
                     &mut enc,
                     Kernel::Residual,
                     bg,
-                    (l.cols.div_ceil(128) as u32, t.rows.div_ceil(128) as u32),
+                    (cols.div_ceil(128) as u32, t.rows.div_ceil(128) as u32),
                 );
             }
             self.dispatch(&mut enc, Kernel::Reduce, &t.reduce[red], per_row(t.rows));
+            if let (true, Some((sum, sbg))) = (on_device, t.sum.as_ref()) {
+                self.dispatch(&mut enc, Kernel::SumRows, sbg, (1, 1));
+                if keep {
+                    let bytes = (t.rows * 4) as u64;
+                    let copy = t
+                        .held_copy
+                        .get_or_insert_with(|| l.pool.take(&self.ctx.device, "held-rows", bytes));
+                    enc.copy_buffer_to_buffer(&t.bufs[t.out], 0, copy, 0, bytes);
+                }
+                self.submit(enc)?;
+                let b = self.ctx.io.read_bytes(sum, 8)?;
+                total += f64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+                continue;
+            }
             self.submit(enc)?;
             let part = self.ctx.io.read_f32(t.buf(t.out), t.rows)?;
             total += part.iter().map(|&v| v as f64).sum::<f64>();
             rows.extend(part);
         }
         self.check_fault()?;
-        Ok((total, rows))
+        if keep {
+            // On the device the rows wait in `held_copy`; else they came back.
+            l.held_rows = if on_device {
+                HeldRows::OnDevice
+            } else {
+                HeldRows::Host(rows)
+            };
+        }
+        Ok(total)
+    }
+
+    /// A bind group of `sum_rows` over a tile's `out` (`rows` values) and its 8-byte sum, where
+    /// the adapter has f64 (`None` otherwise: the rows then come back to the host).
+    fn sum_binding(
+        &self,
+        out: &wgpu::Buffer,
+        rows: usize,
+    ) -> Option<(wgpu::Buffer, wgpu::BindGroup)> {
+        if self.host_sums || !self.ctx.pipelines.has(Kernel::SumRows) {
+            return None;
+        }
+        let sum = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("row-sum"),
+            size: 8,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let params = self.mode_uniform(rows, 0, 0);
+        let bg = self.bind(Kernel::SumRows, &[(0, out), (1, &sum), (2, &params)]);
+        Some((sum, bg))
     }
 }
 
@@ -1504,7 +1594,7 @@ impl WgpuDevice {
             scale_dtype: p.scale_dtype,
             layer_delta: p.grid.delta[0],
             layer_delta0: p.grid.delta[0],
-            held_rows: Vec::new(),
+            held_rows: HeldRows::None,
             row_keep: None,
         };
         if let Some(e) = oom {
@@ -2022,11 +2112,7 @@ impl Device for WgpuDevice {
             ));
         }
         let (m, red) = if weights { (1, 1) } else { (0, 4) };
-        let (total, rows) = self.products(l, |t| t.holdout.as_ref().map(|h| &h[m]), red)?;
-        if !weights {
-            l.held_rows = rows;
-        }
-        Ok(total)
+        self.products(l, Some(Pick::Holdout(m)), red, !weights)
     }
 
     fn keep(&self, l: &mut WgpuLayer) -> Result<()> {
@@ -2053,14 +2139,28 @@ impl Device for WgpuDevice {
 
     fn keep_rows(&self, l: &mut WgpuLayer, tag: u32) -> Result<()> {
         let m: usize = l.tiles.iter().map(|t| t.rows).sum();
-        if l.held_rows.len() != m {
+        // The rows' losses of the held-out product (read back now where they waited on the
+        // device): the comparison is made here and only the rows that improved are copied, as
+        // runs of consecutive rows.
+        let held: Vec<f32> = match &l.held_rows {
+            HeldRows::Host(rows) => rows.clone(),
+            HeldRows::OnDevice => {
+                let mut rows = Vec::with_capacity(m);
+                for t in &l.tiles {
+                    let copy = t.held_copy.as_ref().expect("copied with the product");
+                    rows.extend(self.ctx.io.read_f32(copy, t.rows)?);
+                }
+                self.check_fault()?;
+                rows
+            }
+            HeldRows::None => Vec::new(),
+        };
+        if held.len() != m {
             return Err(Error::Internal(
                 "keep_rows: no held-out product of this state".into(),
             ));
         }
-        // The rows' losses came back with the held-out product: the comparison is made here
-        // and only the rows that improved are copied, as runs of consecutive rows.
-        let losses: Vec<f64> = l.held_rows.iter().map(|&v| v as f64).collect();
+        let losses: Vec<f64> = held.iter().map(|&v| v as f64).collect();
         let first = l.row_keep.is_none();
         let (tags, kept) = l
             .row_keep
