@@ -417,6 +417,7 @@ pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
         .map_err(|e| Error::Bench(format!("report {}: {e}", report.display())))?;
     let profile: crate::profile::ProfileReport = serde_json::from_value(v["profile"].clone())
         .map_err(|e| Error::Bench(format!("report {}: profile: {e}", report.display())))?;
+    let traffic = layers_traffic(&v);
     Ok(E2eRow {
         model: o.shape.clone(),
         blocks,
@@ -431,31 +432,24 @@ pub fn run_e2e(o: &E2eOptions, device: &str) -> Result<E2eRow> {
         mean_rel_error: v["totals"]["mean_rel_error"].as_f64().unwrap_or(f64::NAN),
         device_bytes_up: profile.device_bytes_up,
         device_bytes_down: profile.device_bytes_down,
-        layers_bytes: layers_bytes(&v),
-        layers_floor_bytes: layers_floor_bytes(&v),
+        layers_bytes: traffic.map(|t| t.0),
+        layers_floor_bytes: traffic.map(|t| t.1),
         stages: profile.stages,
     })
 }
 
-/// The layers' bytes up and down in a run's report (`None` without GPU counters).
-fn layers_bytes(report: &serde_json::Value) -> Option<(u64, u64)> {
-    let layers = report["layers"].as_array()?;
-    layers.iter().try_fold((0u64, 0u64), |(u, d), l| {
-        Some((
-            u + l["device_bytes_up"].as_u64()?,
-            d + l["device_bytes_down"].as_u64()?,
-        ))
-    })
-}
-
-/// `Σ 4·(m·n + n² + m·n)` over a run's layers: one f32 upload of `W` and `G`, one download of
-/// 32-bit codes.
-fn layers_floor_bytes(report: &serde_json::Value) -> Option<u64> {
-    let layers = report["layers"].as_array()?;
-    layers.iter().try_fold(0u64, |acc, l| {
-        let (m, n) = (l["shape"][0].as_u64()?, l["shape"][1].as_u64()?);
-        Some(acc + 4 * (2 * m * n + n * n))
-    })
+/// The layers' bytes up and down in a run's report and their floor
+/// ([`crate::pipeline::layers_traffic`]).
+fn layers_traffic(report: &serde_json::Value) -> Option<((u64, u64), u64)> {
+    let layers = report["layers"].as_array()?.iter().map(|l| {
+        let dim = |i: usize| l["shape"][i].as_u64().unwrap_or(0) as usize;
+        (
+            [dim(0), dim(1)],
+            l["device_bytes_up"].as_u64(),
+            l["device_bytes_down"].as_u64(),
+        )
+    });
+    crate::pipeline::layers_traffic(layers)
 }
 
 /// One layer shape of `comq-gpu bench --kernels`: the Gram kernel and one sweep, alone, with the

@@ -31,6 +31,17 @@ fn frob_rel(a: &[f64], b: &[f64]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
+/// W3 from a GPTQ start at damping 0.01: the default recipe's method at the width where
+/// candidates differ most.
+fn gptq_w3() -> QuantConfig {
+    QuantConfig {
+        bits: 3,
+        init: comq_gpu::quant::Init::Gptq,
+        damp: 0.01,
+        ..QuantConfig::default()
+    }
+}
+
 fn layer(seed: u64, rows: usize, cols: usize) -> (Vec<f32>, comq_gpu::Gram) {
     let mut rng = Rng::new(seed);
     let w: Vec<f32> = rng.normals(rows * cols).iter().map(|v| v * 0.05).collect();
@@ -659,12 +670,7 @@ fn a_resident_search_moves_each_input_once() {
     let (rows, cols) = (64usize, 128usize);
     let (w, gram) = layer(71, rows, cols);
     let held = layer(72, rows, cols).1;
-    let cfg = QuantConfig {
-        bits: 3,
-        init: comq_gpu::quant::Init::Gptq,
-        damp: 0.01,
-        ..QuantConfig::default()
-    };
+    let cfg = gptq_w3();
     let plan = common::full_plan(0.0);
     let (u0, d0) = gpu.traffic();
     let c = search(&gpu, "t", &w, rows, cols, &gram, Some(&held), &cfg, &plan).unwrap();
@@ -728,12 +734,7 @@ fn a_row_choice_over_tiles_matches_the_cpu_and_uploads_nothing_more() {
     gpu.cap_binding_bytes((cols * cols * 4) as u64);
     let (w, gram) = layer(81, rows, cols);
     let held = layer(82, rows, cols).1;
-    let cfg = QuantConfig {
-        bits: 3,
-        init: comq_gpu::quant::Init::Gptq,
-        damp: 0.01,
-        ..QuantConfig::default()
-    };
+    let cfg = gptq_w3();
     let plan = SearchPlan::quick(3, vec![0.1], 0.1);
     let h = Some(&held);
     let on_gpu = |c| search_by(&gpu, "t", &w, rows, cols, &gram, h, &cfg, &plan, None, c).unwrap();
@@ -1381,12 +1382,7 @@ fn a_search_with_device_ranked_orders_ships_the_same_codes_and_sends_less() {
     host.rank_orders_on_host();
     let (w, gram) = layer(91, rows, cols);
     let held = layer(92, rows, cols).1;
-    let cfg = QuantConfig {
-        bits: 3,
-        init: comq_gpu::quant::Init::Gptq,
-        damp: 0.01,
-        ..QuantConfig::default()
-    };
+    let cfg = gptq_w3();
     let plan = common::full_plan(0.0);
     let run = |d: &WgpuDevice| {
         let u0 = d.traffic().0;
@@ -1583,12 +1579,7 @@ fn a_gram_accumulated_on_the_device_is_not_sent_back_to_it() {
         let gram = accumulate(4 * n);
         let held = accumulate(2 * n);
         let w: Vec<f32> = rng.normals(rows * n).iter().map(|v| v * 0.05).collect();
-        let cfg = QuantConfig {
-            bits: 3,
-            init: comq_gpu::quant::Init::Gptq,
-            damp: 0.01,
-            ..QuantConfig::default()
-        };
+        let cfg = gptq_w3();
         let plan = common::full_plan(0.0);
         let searched = |d: &WgpuDevice, g: &comq_gpu::Gram| {
             let u0 = d.traffic().0;
@@ -1651,12 +1642,7 @@ fn reductions_come_back_as_one_f64_sum_per_tile() {
     host.sum_rows_on_host();
     let (w, gram) = layer(95, rows, cols);
     let held = layer(96, rows, cols).1;
-    let cfg = QuantConfig {
-        bits: 3,
-        init: comq_gpu::quant::Init::Gptq,
-        damp: 0.01,
-        ..QuantConfig::default()
-    };
+    let cfg = gptq_w3();
     let plan = common::full_plan(0.0);
     let run = |d: &WgpuDevice| {
         let d0 = d.traffic().1;

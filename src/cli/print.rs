@@ -60,24 +60,13 @@ fn print_layer_traffic(report: &RunReport) {
     ) else {
         return;
     };
-    let counted: Vec<_> = report
+    let layers = report
         .layers
         .iter()
-        .filter_map(|l| Some((l, l.device_bytes_up?, l.device_bytes_down?)))
-        .collect();
-    if counted.is_empty() {
+        .map(|l| (l.shape, l.device_bytes_up, l.device_bytes_down));
+    let Some(((lu, ld), floor)) = comq_gpu::pipeline::layers_traffic(layers) else {
         return;
-    }
-    let (lu, ld) = counted
-        .iter()
-        .fold((0u64, 0u64), |a, &(_, u, d)| (a.0 + u, a.1 + d));
-    let floor: u64 = counted
-        .iter()
-        .map(|(l, _, _)| {
-            let (m, n) = (l.shape[0] as u64, l.shape[1] as u64);
-            4 * (m * n + n * n) + 4 * m * n
-        })
-        .sum();
+    };
     println!(
         "GPU transfers of the layers: {} uploaded, {} read back ({:.2}× one upload of W and G \
          and one download of the codes); the rest (calibration and evaluation): {} uploaded, {} \

@@ -17,6 +17,26 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// The GPU bytes `(up, down)` of the layers that counted them (each given as its `[out, in]`
+/// shape and its counters) and, beside them, the least those layers could move without keeping
+/// anything on the device: one f32 upload of `W` and `G` and one download of 32-bit codes each.
+/// `None` when no layer counted (a CPU run).
+pub fn layers_traffic(
+    layers: impl IntoIterator<Item = ([usize; 2], Option<u64>, Option<u64>)>,
+) -> Option<((u64, u64), u64)> {
+    let mut counted = false;
+    let (mut up, mut down, mut floor) = (0u64, 0u64, 0u64);
+    for ([m, n], u, d) in layers {
+        let (Some(u), Some(d)) = (u, d) else { continue };
+        let (m, n) = (m as u64, n as u64);
+        counted = true;
+        up += u;
+        down += d;
+        floor += 4 * (2 * m * n + n * n);
+    }
+    counted.then_some(((up, down), floor))
+}
+
 /// One layer's line in the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerReport {

@@ -361,17 +361,10 @@ impl GpuOps {
     /// A Gram too wide to hold is not held (its layers upload it).
     fn hold(&self, g: &GpuGram, gram: &Gram) -> Result<()> {
         let n = g.n;
-        let bytes = held::triangle_bytes(n);
-        if !held::HeldGrams::fits(n) || bytes > self.max_binding {
+        let Some(buf) = held::triangle_buffer(&self.ctx.device, n, self.max_binding) else {
             return Ok(());
-        }
-        let key = gram.digest();
-        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("held-gram"),
-            size: bytes,
-            usage: STORAGE,
-            mapped_at_creation: false,
-        });
+        };
+        let (key, bytes) = (gram.digest(), held::triangle_bytes(n));
         let np = g.np as u64;
         let mut st = self.stream();
         self.record(&mut st, |enc| {

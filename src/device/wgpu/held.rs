@@ -29,6 +29,26 @@ pub fn triangle_bytes(n: usize) -> u64 {
     (n * (n + 1) / 2 * 4) as u64
 }
 
+/// A buffer for the packed triangle of an `n`-wide Gram, where one can be held and bound under
+/// `max_binding` (`None` otherwise: its layers upload it).
+pub fn triangle_buffer(device: &wgpu::Device, n: usize, max_binding: u64) -> Option<wgpu::Buffer> {
+    usable(n, max_binding).then(|| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("held-gram"),
+            size: triangle_bytes(n),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    })
+}
+
+/// Whether an `n`-wide Gram's triangle can be held and bound under `max_binding`.
+pub fn usable(n: usize, max_binding: u64) -> bool {
+    HeldGrams::fits(n) && triangle_bytes(n) <= max_binding
+}
+
 #[derive(Debug)]
 struct Entry<B> {
     key: [u64; 2],

@@ -576,24 +576,23 @@ impl WgpuDevice {
     /// left it) on the device for the layers that quantize with it ([`held`]).
     fn hold_packed(&self, src: &wgpu::Buffer, offset: u64, gram: &Gram) -> Result<()> {
         let n = gram.n;
-        let bytes = held::triangle_bytes(n);
-        if !held::HeldGrams::fits(n) || bytes > self.max_binding() {
+        let Some(buf) = held::triangle_buffer(&self.ctx.device, n, self.max_binding()) else {
             return Ok(());
-        }
-        let key = gram.digest();
-        let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("held-gram"),
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
+        };
         let mut enc = self.encoder("hold-gram");
-        enc.copy_buffer_to_buffer(src, offset, &buf, 0, bytes);
+        enc.copy_buffer_to_buffer(src, offset, &buf, 0, held::triangle_bytes(n));
         self.submit(enc)?;
-        self.ctx.held.insert(key, n, buf);
+        self.ctx.held.insert(gram.digest(), n, buf);
         Ok(())
+    }
+
+    /// The triangle of the `n`-wide Gram held under `key`, where this handle can bind it (one
+    /// it could not bind, under a smaller binding cap than the calibration's, is as good as not
+    /// held).
+    fn held_gram(&self, key: [u64; 2], n: usize) -> Option<wgpu::Buffer> {
+        held::usable(n, self.max_binding())
+            .then(|| self.ctx.held.get(key, n))
+            .flatten()
     }
 }
 
@@ -1675,12 +1674,7 @@ impl Device for WgpuDevice {
                 diag.len()
             )));
         }
-        // A triangle this handle could not bind (a smaller binding cap than the calibration's)
-        // is as good as not held.
-        if held::triangle_bytes(n) > self.max_binding() {
-            return Ok(None);
-        }
-        match self.ctx.held.get(key, n) {
+        match self.held_gram(key, n) {
             Some(buf) => {
                 log::debug!("layer '{}': its Gram is copied on the device", p.name);
                 self.upload_from(p, GramFrom::Held(&buf, diag)).map(Some)
@@ -1690,10 +1684,7 @@ impl Device for WgpuDevice {
     }
 
     fn attach_held_holdout(&self, l: &mut WgpuLayer, key: [u64; 2]) -> Result<bool> {
-        if held::triangle_bytes(l.cols) > self.max_binding() {
-            return Ok(false);
-        }
-        match self.ctx.held.get(key, l.cols) {
+        match self.held_gram(key, l.cols) {
             Some(buf) => self
                 .attach_holdout_from(l, GramFrom::Held(&buf, &[]))
                 .map(|_| true),
