@@ -296,12 +296,10 @@ impl Device for CpuDevice {
         let g = &l.g64;
         if let Some(t) = l.tracked.as_mut() {
             let base = t.swept_since(t.r_at).then_some(t.q_from.as_slice());
-            let (loss, updated, sqnorm) = exact_product(&l.w, &l.q, g, n, base, &mut t.r64);
+            let (loss, updated, sqnorm) =
+                exact_product(&l.w, &l.q, g, n, base, &mut t.r64, &mut l.r);
             t.updates += updated as u64;
             t.sqnorm = Some((t.state, sqnorm));
-            l.r.par_iter_mut()
-                .zip(&t.r64)
-                .for_each(|(r, &v)| *r = v as f32);
             t.r_at = Some(t.state);
             return Ok(loss);
         }
@@ -310,7 +308,9 @@ impl Device for CpuDevice {
             .zip(l.w.par_chunks(GRAM_PANEL * n))
             .zip(l.q.par_chunks(GRAM_PANEL * n))
             .map(|((r, w), q)| {
-                let (loss, out) = quadratic_panel(&error_rows(w, q), g, n);
+                let a = error_rows(w, q);
+                let mut out = vec![0.0; a.len()];
+                let loss = quadratic_panel(&a, g, n, &mut out);
                 for (rv, &o) in r.iter_mut().zip(&out) {
                     *rv = o as f32;
                 }
@@ -551,11 +551,16 @@ fn moved(l: &mut CpuLayer) {
     }
 }
 
-/// `Σ_i a_iᵀ G a_i` with `a = W − Q̂`, writing `A·G` to `p64` (f64, row-major): from scratch as
-/// [`quadratic_panel`] does (the same sums, bit for bit), or, when `base` is the `Q̂` that `p64`
-/// is exact for and few codes changed since, by subtracting `(Q̂ − base)_j · G[j, :]` for each
-/// changed input `j` of each row. Returns the sum, whether it was an update, and `‖W − Q̂‖²`
-/// (summed by panels as [`Device::error_sqnorm`] sums it).
+/// `Σ_i a_iᵀ G a_i` with `a = W − Q̂`, writing `A·G` to `p64` (f64, row-major) and its f32
+/// rounding to `r` (the sweep's residual): from scratch as [`quadratic_panel`] does (the same
+/// sums, bit for bit), or, when `base` is the `Q̂` that `p64` is exact for and few codes changed
+/// since, by subtracting `(Q̂ − base)_j · G[j, :]` for each changed input `j` of each row.
+/// Returns the sum, whether it was an update, and `‖W − Q̂‖²` (summed by panels as
+/// [`Device::error_sqnorm`] sums it).
+///
+/// Each panel of rows is one rayon task that computes its product, its sums and its f32 copy
+/// while the panel is in cache: the product goes straight into `p64`, and no pass over the
+/// whole layer follows.
 fn exact_product(
     w: &[f32],
     q: &[f32],
@@ -563,18 +568,31 @@ fn exact_product(
     n: usize,
     base: Option<&[f32]>,
     p64: &mut Vec<f64>,
+    r: &mut [f32],
 ) -> (f64, bool, f64) {
     let total = w.len();
     let base = base.filter(|b| p64.len() == total && few_changed(b, q));
     p64.resize(total, 0.0);
     let chunk = GRAM_PANEL * n.max(1);
+    let sums = |a: &[f64], p: &[f64], r: &mut [f32]| {
+        for (rv, &v) in r.iter_mut().zip(p) {
+            *rv = v as f32;
+        }
+        let loss = a
+            .chunks(n)
+            .zip(p.chunks(n))
+            .map(|(a, o)| dot64(a, o))
+            .sum::<f64>();
+        (loss, a.iter().map(|e| e * e).sum::<f64>())
+    };
     let sum = match base {
         Some(b) => p64
             .par_chunks_mut(chunk)
+            .zip(r.par_chunks_mut(chunk))
             .zip(w.par_chunks(chunk))
             .zip(q.par_chunks(chunk))
             .zip(b.par_chunks(chunk))
-            .map(|(((p, w), q), b)| {
+            .map(|((((p, r), w), q), b)| {
                 for ((p, q), b) in p.chunks_mut(n).zip(q.chunks(n)).zip(b.chunks(n)) {
                     for (j, (&qj, &bj)) in q.iter().zip(b).enumerate() {
                         if qj != bj {
@@ -585,24 +603,18 @@ fn exact_product(
                         }
                     }
                 }
-                let a = error_rows(w, q);
-                let loss = a
-                    .chunks(n)
-                    .zip(p.chunks(n))
-                    .map(|(a, o)| dot64(a, o))
-                    .sum::<f64>();
-                (loss, a.iter().map(|e| e * e).sum::<f64>())
+                sums(&error_rows(w, q), p, r)
             })
             .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1)),
         None => p64
             .par_chunks_mut(chunk)
+            .zip(r.par_chunks_mut(chunk))
             .zip(w.par_chunks(chunk))
             .zip(q.par_chunks(chunk))
-            .map(|((p, w), q)| {
+            .map(|(((p, r), w), q)| {
                 let a = error_rows(w, q);
-                let (loss, out) = quadratic_panel(&a, g64, n);
-                p.copy_from_slice(&out);
-                (loss, a.iter().map(|e| e * e).sum::<f64>())
+                rows_times_gram(&a, g64, n, p);
+                sums(&a, p, r)
             })
             .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1)),
     };
@@ -742,16 +754,14 @@ fn error_rows(w: &[f32], q: &[f32]) -> Vec<f64> {
         .collect()
 }
 
-/// `Σ_i a_iᵀ G a_i` over a panel of rows `a` and the product `A·G` it sums over, in f64.
-fn quadratic_panel(a: &[f64], g64: &[f64], n: usize) -> (f64, Vec<f64>) {
-    let mut out = vec![0.0; a.len()];
-    rows_times_gram(a, g64, n, &mut out);
-    let sum = a
-        .chunks(n)
+/// `Σ_i a_iᵀ G a_i` over a panel of rows `a`, writing the product `A·G` it sums over to `out`,
+/// in f64.
+fn quadratic_panel(a: &[f64], g64: &[f64], n: usize, out: &mut [f64]) -> f64 {
+    rows_times_gram(a, g64, n, out);
+    a.chunks(n)
         .zip(out.chunks(n))
         .map(|(a, o)| dot64(a, o))
-        .sum::<f64>();
-    (sum, out)
+        .sum::<f64>()
 }
 
 /// An internal error when a resident-state input has the wrong length.
