@@ -969,6 +969,49 @@ mod tests {
 
     /// After a few codes change, the updated row losses equal losses computed from scratch up to
     /// f64 rounding; with too many changes they are computed from scratch (no update).
+    /// The exact product writes the sweep's f32 residual from its own panels: from scratch the
+    /// kept product, the loss and `‖W − Q̂‖²` are the panel sums bit for bit, and after an update
+    /// (few codes changed) the residual is still the kept product rounded, close to a fresh one.
+    #[test]
+    fn the_exact_product_writes_the_residual_it_keeps() {
+        let mut rng = SplitMix::new(21);
+        let (m, n) = (150, 70);
+        let g = gram(n, 110, &mut rng);
+        let w = rng.normals(m * n);
+        let base: Vec<f32> = w.iter().map(|&v| (v * 4.0).round() / 4.0).collect();
+        let (mut p, mut r) = (Vec::new(), vec![f32::NAN; m * n]);
+        let (loss, updated, sq) = exact_product(&w, &base, &g, n, None, &mut p, &mut r);
+        assert!(!updated);
+        let a = error_rows(&w, &base);
+        let mut want = 0.0;
+        let mut want_sq = 0.0;
+        for (k, panel) in a.chunks(GRAM_PANEL * n).enumerate() {
+            let mut out = vec![0.0; panel.len()];
+            want += quadratic_panel(panel, &g, n, &mut out);
+            want_sq += panel.iter().map(|e| e * e).sum::<f64>();
+            let at = k * GRAM_PANEL * n;
+            assert_eq!(&p[at..at + panel.len()], &out[..], "panel {k}");
+        }
+        assert!((loss - want).abs() <= 1e-12 * want, "{loss} vs {want}");
+        assert!((sq - want_sq).abs() <= 1e-12 * want_sq, "{sq} vs {want_sq}");
+        assert!(r.iter().zip(&p).all(|(&rv, &pv)| rv == pv as f32));
+        // A few codes move: the kept product is updated, and the residual follows it.
+        let mut q = base.clone();
+        for k in (0..m * n).step_by(41) {
+            q[k] -= 0.25;
+        }
+        let (loss, updated, _) = exact_product(&w, &q, &g, n, Some(&base), &mut p, &mut r);
+        assert!(updated);
+        assert!(r.iter().zip(&p).all(|(&rv, &pv)| rv == pv as f32));
+        let (mut fresh, mut rf) = (Vec::new(), vec![0.0f32; m * n]);
+        let (want, _, _) = exact_product(&w, &q, &g, n, None, &mut fresh, &mut rf);
+        assert!((loss - want).abs() <= 1e-12 * want, "{loss} vs {want}");
+        let scale = fresh.iter().fold(0.0f64, |acc, v| acc.max(v.abs()));
+        for (x, y) in p.iter().zip(&fresh) {
+            assert!((x - y).abs() <= 1e-12 * scale, "{x} vs {y}");
+        }
+    }
+
     #[test]
     fn row_losses_update_after_few_changes() {
         let mut rng = SplitMix::new(12);
