@@ -81,13 +81,35 @@ pub fn inverse_upper_factor(a: &[f64], n: usize) -> Option<Vec<f64>> {
     Some(u)
 }
 
+thread_local! {
+    static FACTORS_ON_THIS_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every factor it builds ([`inverse_upper_factor`]) computed on the calling
+/// thread alone, none of it in rayon's pool: for factors built ahead on a thread of their own,
+/// beside a quantization that keeps the pool busy. faer's threaded Cholesky and inverse are many
+/// short joins; queued behind the quantization's tasks they waited (ViT-L/16's factors ahead took
+/// 26 s of wall clock for about 6 s of work on two cores), and they took the cores in small
+/// slices. The results are the same bits: faer splits the outputs among threads, not the sums.
+pub fn factors_on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FACTORS_ON_THIS_THREAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FACTORS_ON_THIS_THREAD.with(|c| c.replace(true)));
+    f()
+}
+
 /// Rows and columns per tile of [`inverse_upper_factor`]'s reordering copy.
 const FACTOR_TILE: usize = 64;
 
 /// The factor's parallelism: below 1024 inputs faer's threaded kernels cost more in
-/// synchronisation than they gain (n = 384: 2.7 ms threaded, 1.5 ms on one thread, on two cores).
+/// synchronisation than they gain (n = 384: 2.7 ms threaded, 1.5 ms on one thread, on two cores);
+/// inside [`factors_on_this_thread`], none.
 fn factor_par(n: usize) -> faer::Par {
-    if n < 1024 {
+    if n < 1024 || FACTORS_ON_THIS_THREAD.with(|c| c.get()) {
         faer::Par::Seq
     } else {
         faer::Par::rayon(0)

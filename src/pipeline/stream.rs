@@ -157,7 +157,10 @@ fn prefactor<'env>(
                     let Some(gram) = grams.get(site).filter(|g| g.n > on_device) else {
                         continue;
                     };
-                    if let Err(e) = factors.build(block, gram, damps, *act) {
+                    let built = crate::numeric::linalg::factors_on_this_thread(|| {
+                        factors.build(block, gram, damps, *act)
+                    });
+                    if let Err(e) = built {
                         log::debug!("factor ahead for {site:?} of block {block}: {e}");
                     }
                 }
@@ -207,7 +210,10 @@ fn grams_ahead(
             let mut damps = vec![job.config.damp];
             damps.extend(plan.damps.iter().filter(|&&d| d != job.config.damp));
             profile.time("factor ahead", || {
-                if let Err(e) = env.factors.build(index, gram, &damps, job.config.act_order) {
+                let built = crate::numeric::linalg::factors_on_this_thread(|| {
+                    env.factors.build(index, gram, &damps, job.config.act_order)
+                });
+                if let Err(e) = built {
                     log::debug!("factor ahead for {}: {e}", job.meta.name);
                 }
             });
