@@ -427,6 +427,26 @@ mod tests {
         assert!(inverse_upper_factor(&[f64::NAN], 1).is_none());
     }
 
+    /// A factor built on the calling thread alone is the threaded one bit for bit (above the
+    /// 1024 inputs where the factor uses the pool), and the setting ends with the closure.
+    #[test]
+    fn a_factor_on_this_thread_is_the_threaded_factor() {
+        let n = 1100;
+        let g = crate::quant::synth::correlated_gram(n, 3);
+        assert!(matches!(factor_par(n), faer::Par::Rayon(_)));
+        let pooled = inverse_upper_factor(&g.data, n).expect("SPD");
+        let alone = factors_on_this_thread(|| {
+            assert!(matches!(factor_par(n), faer::Par::Seq));
+            inverse_upper_factor(&g.data, n).expect("SPD")
+        });
+        assert!(pooled
+            .iter()
+            .zip(&alone)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(!FACTORS_ON_THIS_THREAD.with(|c| c.get()));
+        assert!(matches!(factor_par(n), faer::Par::Rayon(_)));
+    }
+
     #[test]
     fn cholesky_reconstructs_the_matrix() {
         let n = 23;
