@@ -432,12 +432,20 @@ mod tests {
     #[test]
     fn a_factor_on_this_thread_is_the_threaded_factor() {
         let n = 1100;
-        let g = crate::quant::synth::correlated_gram(n, 3);
+        // Correlated inputs, `exp(−|i − j|/8)` with an uneven diagonal: symmetric positive
+        // definite, and far from diagonal, so the blocked updates carry real sums.
+        let mut g = vec![0.0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                g[i * n + j] = (-(i.abs_diff(j) as f64) / 8.0).exp();
+            }
+            g[i * n + i] += 0.1 + (i % 7) as f64 / 70.0;
+        }
         assert!(matches!(factor_par(n), faer::Par::Rayon(_)));
-        let pooled = inverse_upper_factor(&g.data, n).expect("SPD");
+        let pooled = inverse_upper_factor(&g, n).expect("SPD");
         let alone = factors_on_this_thread(|| {
             assert!(matches!(factor_par(n), faer::Par::Seq));
-            inverse_upper_factor(&g.data, n).expect("SPD")
+            inverse_upper_factor(&g, n).expect("SPD")
         });
         assert!(pooled
             .iter()
