@@ -1,4 +1,4 @@
-// Per-row dot products, summed on the host in f64:
+// Per-row dot products, summed in f64 by sum.wgsl where the adapter has f64, else on the host:
 //   mode 0: Σ_c (W − Q̂)_c · R_c   (the loss, with R exact)
 //   mode 1: Σ_c W_c · S_c          (the energy, with S = W·G)
 //   mode 2: Σ_c K_c · R_c          (numerator of the per-layer scale step)

@@ -85,7 +85,8 @@ impl<B: Clone> HeldGrams<B> {
     }
 
     /// Holds `buf` (the packed upper triangle of an `n`-wide Gram, row after row from the
-    /// diagonal) under `key`, releasing the oldest entries beyond [`HELD_GRAM_BYTES`].
+    /// diagonal) under `key`, releasing entries beyond [`HELD_GRAM_BYTES`]: those a layer has
+    /// copied first, then the oldest.
     pub fn insert(&self, key: [u64; 2], n: usize, buf: B) {
         if !HeldGrams::fits(n) {
             return;

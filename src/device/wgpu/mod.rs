@@ -2133,25 +2133,30 @@ impl Device for WgpuDevice {
         // The rows' losses of the held-out product (read back now where they waited on the
         // device): the comparison is made here and only the rows that improved are copied, as
         // runs of consecutive rows.
-        let held: Vec<f32> = match &l.held_rows {
-            HeldRows::Host(rows) => rows.clone(),
+        let losses: Vec<f64> = match &l.held_rows {
+            HeldRows::Host(rows) => rows.iter().map(|&v| v as f64).collect(),
             HeldRows::OnDevice => {
                 let mut rows = Vec::with_capacity(m);
                 for t in &l.tiles {
                     let copy = t.held_copy.as_ref().expect("copied with the product");
-                    rows.extend(self.ctx.io.read_f32(copy, t.rows)?);
+                    rows.extend(
+                        self.ctx
+                            .io
+                            .read_f32(copy, t.rows)?
+                            .into_iter()
+                            .map(|v| v as f64),
+                    );
                 }
                 self.check_fault()?;
                 rows
             }
             HeldRows::None => Vec::new(),
         };
-        if held.len() != m {
+        if losses.len() != m {
             return Err(Error::Internal(
                 "keep_rows: no held-out product of this state".into(),
             ));
         }
-        let losses: Vec<f64> = held.iter().map(|&v| v as f64).collect();
         let first = l.row_keep.is_none();
         let (tags, kept) = l
             .row_keep
