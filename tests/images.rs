@@ -442,6 +442,42 @@ fn an_unreadable_image_is_a_clear_error_naming_the_file() {
 }
 
 #[test]
+fn a_truncated_jpeg_is_a_clear_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic(&dir.path().join("m"), Family::TimmVit, 0);
+    let imgs = photos(&dir.path().join("photos"), 3);
+    let img = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 6, 90]));
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    // Cut in the middle of its scan: the decoder alone would fill the rest with grey.
+    let cut = &bytes[..bytes.len() - bytes.len() / 4];
+    let path = imgs.join("cats/cut.jpg");
+    std::fs::write(&path, cut).unwrap();
+    let out = dir.path().join("q.safetensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&imgs),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    assert_bad_input(&o, "cut.jpg");
+    assert_bad_input(&o, "truncated");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read(&path).unwrap(), cut, "the input is untouched");
+    let o = run(&["eval", s(&model), "--images", s(&imgs), "--device", "cpu"]);
+    assert_bad_input(&o, "cut.jpg");
+}
+
+#[test]
 fn images_for_an_unknown_layout_or_a_non_block_layer_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = common::tiny_vit(dir.path(), 8, 1);

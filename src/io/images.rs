@@ -392,6 +392,11 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
         Error::Image { reason, .. } => reason,
         other => other.to_string(),
     })?;
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills what is missing with grey and says nothing; PIL, which timm
+        // and transformers load images with, refuses such a file, and so does this.
+        return Err("the JPEG ends before its end-of-image marker: the file is truncated".into());
+    }
     let img = reader()?
         .decode()
         .map_err(|e| format!("cannot decode image: {e}"))?;
@@ -399,6 +404,42 @@ pub fn decode_bytes(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
         return Err("the image is empty".into());
     }
     Ok(img)
+}
+
+/// Whether a JPEG's bytes hold an end-of-image marker after its first scan. The marker segments
+/// before the first start-of-scan are walked by their lengths (so a thumbnail inside an APP1
+/// segment, with an end-of-image marker of its own, is skipped); inside the entropy-coded data a
+/// `0xFF` is followed by `0x00` or a restart marker, so `0xFF 0xD9` there is the end of the image.
+/// Bytes after the marker are allowed, as every decoder allows them.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2;
+    // The segments before the first scan: 0xFF, a marker, a big-endian length that counts itself.
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            // Fill bytes before a marker.
+            0xFF => i += 1,
+            // Standalone markers carry no length.
+            0x01 | 0xD0..=0xD7 => i += 2,
+            0xD9 => return false,
+            _ => {
+                let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+                if len < 2 {
+                    return false;
+                }
+                i += 2 + len;
+                if marker == 0xDA {
+                    return bytes
+                        .get(i..)
+                        .is_some_and(|rest| rest.windows(2).any(|w| w == [0xFF, 0xD9]));
+                }
+            }
+        }
+    }
+    false
 }
 
 /// One calibration input: an image, or a seeded augmented view of it.
@@ -529,6 +570,54 @@ fn normalise(img: &DynamicImage, p: &Preprocess) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+        }));
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+        bytes
+    }
+
+    /// A JPEG cut short anywhere is refused before it is decoded (the decoder would fill the
+    /// rest with grey); a whole one, with bytes after its end, or with a thumbnail whose own
+    /// end-of-image marker comes before the main image's scan, is read.
+    #[test]
+    fn a_truncated_jpeg_is_refused_and_a_whole_one_is_read() {
+        let whole = jpeg(40, 30);
+        assert!(decode_bytes(&whole).is_ok());
+        // Cut in the headers, the decoder refuses it itself; cut in the scan, it would not.
+        let sos = whole.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        assert!(decode_bytes(&whole[..sos / 2]).is_err());
+        for cut in [
+            whole.len() - 1,
+            whole.len() - 2,
+            (sos + whole.len()) / 2,
+            sos + 20,
+        ] {
+            let e = decode_bytes(&whole[..cut]).unwrap_err();
+            assert!(e.contains("truncated"), "cut at {cut}: {e}");
+        }
+        let mut trailing = whole.clone();
+        trailing.extend_from_slice(b"\0\xFF\xDAtrailing bytes");
+        assert!(decode_bytes(&trailing).is_ok());
+        // A thumbnail (a whole JPEG) in an APP1 segment right after the start-of-image marker.
+        let thumb = jpeg(8, 8);
+        let mut app1 = vec![0xFF, 0xE1];
+        app1.extend_from_slice(&((thumb.len() + 2) as u16).to_be_bytes());
+        app1.extend_from_slice(&thumb);
+        let with_thumb: Vec<u8> = [&whole[..2], &app1[..], &whole[2..]].concat();
+        assert!(jpeg_is_complete(&with_thumb));
+        assert!(decode_bytes(&with_thumb).is_ok());
+        let cut = &with_thumb[..with_thumb.len() - 40];
+        assert!(!jpeg_is_complete(cut));
+        assert!(decode_bytes(cut).unwrap_err().contains("truncated"));
+    }
 
     fn prep(crop: usize) -> Preprocess {
         Preprocess {
