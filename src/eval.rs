@@ -387,7 +387,7 @@ pub fn label_map(set: &ImageSet, spec: &VitSpec) -> crate::error::Result<Vec<Opt
             spec.labels[0]
         );
     }
-    Ok((0..classes.len().max(spec.num_classes))
+    let map: Vec<Option<usize>> = (0..classes.len().max(spec.num_classes))
         .map(|i| {
             if by_name {
                 classes
@@ -397,7 +397,32 @@ pub fn label_map(set: &ImageSet, spec: &VitSpec) -> crate::error::Result<Vec<Opt
                 (i < spec.num_classes).then_some(i)
             }
         })
-        .collect())
+        .collect();
+    // A labelled image whose class the head does not have would drop out of top-1 and top-5
+    // unseen (and the figures would be over fewer images than the table says). Without a head
+    // nothing is scored, and a pack's negative label marks an image without one.
+    if spec.num_classes > 0 {
+        let beyond = (0..set.len()).find(|&i| {
+            set.label(i)
+                .is_some_and(|l| map.get(l).copied().flatten().is_none())
+        });
+        if let Some(i) = beyond {
+            let l = set.label(i).expect("found labelled");
+            let what = match classes.get(l) {
+                Some(c) => format!("class '{c}'"),
+                None => format!("label {l}"),
+            };
+            return Err(crate::error::Error::Image {
+                path: set.path().to_path_buf(),
+                reason: format!(
+                    "{what} (of {}) is not a class of the model's head, which has {} classes                      matched by position: leave those images out, or name the classes like the                      model's labels (config.json id2label)",
+                    set.name(i),
+                    spec.num_classes
+                ),
+            });
+        }
+    }
+    Ok(map)
 }
 
 /// Top-1 / top-5 of `f` on the labelled images of `idx` (`None` without a head or labels).

@@ -64,6 +64,65 @@ fn labelled_pack(dir: &Path, n: usize) -> PathBuf {
     p
 }
 
+/// An image pack of `n` 16-px images with these labels (and class names, when given).
+fn pack_with_labels(dir: &Path, labels: &[i64], classes: Option<&[&str]>) -> PathBuf {
+    let n = labels.len();
+    let p = dir.join("labels.safetensors");
+    let px: Vec<u8> = (0..n * 16 * 16 * 3).map(|i| (i * 11 % 251) as u8).collect();
+    let lb: Vec<u8> = bytemuck::cast_slice(labels).to_vec();
+    let views = [
+        (
+            "images",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![n, 16, 16, 3], &px)
+                .unwrap(),
+        ),
+        (
+            "labels",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![n], &lb).unwrap(),
+        ),
+    ];
+    let meta = classes.map(|c| {
+        std::collections::HashMap::from([(
+            "classes".to_string(),
+            serde_json::to_string(c).unwrap(),
+        )])
+    });
+    safetensors::serialize_to_file(views, meta, &p).unwrap();
+    p
+}
+
+#[test]
+fn a_label_the_head_does_not_have_is_refused_not_left_out_of_top1() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two head classes; the label 7 (no class names) and a third class folder are beyond it.
+    let model = vit(dir.path(), |_, _| {});
+    let pack = pack_with_labels(dir.path(), &[0, 1, 7, 0], None);
+    let o = run(&["eval", s(&model), "--images", s(&pack), "--device", "cpu"]);
+    assert_refused(&o, "label 7");
+    assert_refused(&o, "labels.safetensors[2]");
+    assert_refused(&o, "2 classes");
+    let pack = pack_with_labels(dir.path(), &[0, 1, 2, 0], Some(&["a", "b", "c"]));
+    let out = dir.path().join("q.safetensors");
+    let o = run(&[
+        "run",
+        s(&model),
+        "--images",
+        s(&pack),
+        "--eval",
+        s(&pack),
+        "--out",
+        s(&out),
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(&o, "class 'c'");
+    assert!(!out.exists());
+    // A negative label marks an image without one: it is not scored, and not refused.
+    let pack = pack_with_labels(dir.path(), &[0, 1, -1, 0], None);
+    let o = run(&["eval", s(&model), "--images", s(&pack), "--device", "cpu"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn a_nan_layernorm_parameter_is_an_error_naming_the_model_not_a_perfect_score() {
     let dir = tempfile::tempdir().unwrap();
