@@ -289,6 +289,12 @@ impl<'a, O: Ops> Calibrator<'a, O> {
     /// site: the quantized inputs against how far the full-precision model's inputs of the same
     /// rows are from them.
     fn site_grams(&mut self, site: Site) -> Result<(Gram, Option<CrossGram>)> {
+        // The partial walks count as `forward`, the Gram and cross-Gram sums as `gram`, as in
+        // `advance` (in step with the quantization, these are most of a sequential run's
+        // calibration).
+        let started = Instant::now();
+        let mut in_gram = 0.0;
+        let exact = self.profile.exact();
         let b = self.at;
         let w = self.host_block(b)?.upload(self.ops)?;
         let corrected = self.mode == CalibMode::Corrected;
@@ -328,6 +334,10 @@ impl<'a, O: Ops> Calibrator<'a, O> {
             }
             f.block(&w, h, *k, Some(site), &mut |s, x, rows| {
                 if s == site {
+                    if exact {
+                        ops.sync()?;
+                    }
+                    let t = Instant::now();
                     ops.gram_add(&mut g, x, rows)?;
                     if let (Some(sh), Some(c), Some(minus)) = (shift.as_mut(), c.as_mut(), &minus) {
                         // The shift X − X̃ elementwise in f32, then X̃ᵀ(X − X̃): no cancellation
@@ -335,6 +345,10 @@ impl<'a, O: Ops> Calibrator<'a, O> {
                         ops.add_scaled(sh, x, minus, rows, n)?;
                         ops.cross_add(c, x, sh, rows)?;
                     }
+                    if exact {
+                        ops.sync()?;
+                    }
+                    in_gram += t.elapsed().as_secs_f64();
                 }
                 Ok(())
             })?;
@@ -343,8 +357,14 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         if let Some(wf) = wf {
             self.fp_weights = Some((b, wf));
         }
+        let t = Instant::now();
         let cross = c.map(|c| ops.cross_finish(c)).transpose()?;
-        Ok((ops.gram_finish(g)?, cross))
+        let gram = ops.gram_finish(g)?;
+        in_gram += t.elapsed().as_secs_f64();
+        self.profile.add("gram", in_gram);
+        self.profile
+            .add("forward", started.elapsed().as_secs_f64() - in_gram);
+        Ok((gram, cross))
     }
 }
 
