@@ -232,17 +232,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         for (h, n) in self.hidden.iter_mut() {
             f.block(&w, h, *n, None, &mut |site, x, rows| {
                 if let Some(g) = acc.get_mut(&site) {
-                    // With an exact profile the forward work before this point is waited for
-                    // (and counted as forward), then the Gram's own.
-                    if exact {
-                        ops.sync()?;
-                    }
-                    let t = Instant::now();
-                    ops.gram_add(g, x, rows)?;
-                    if exact {
-                        ops.sync()?;
-                    }
-                    in_gram += t.elapsed().as_secs_f64();
+                    timed_gram(ops, exact, &mut in_gram, || ops.gram_add(g, x, rows))?;
                 }
                 Ok(())
             })?;
@@ -268,9 +258,7 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         if exact {
             ops.sync()?;
         }
-        self.profile.add("gram", in_gram);
-        self.profile
-            .add("forward", started.elapsed().as_secs_f64() - in_gram);
+        self.add_walk(started, in_gram);
         self.at += 1;
         Ok(())
     }
@@ -334,21 +322,19 @@ impl<'a, O: Ops> Calibrator<'a, O> {
             }
             f.block(&w, h, *k, Some(site), &mut |s, x, rows| {
                 if s == site {
-                    if exact {
-                        ops.sync()?;
-                    }
-                    let t = Instant::now();
-                    ops.gram_add(&mut g, x, rows)?;
-                    if let (Some(sh), Some(c), Some(minus)) = (shift.as_mut(), c.as_mut(), &minus) {
-                        // The shift X − X̃ elementwise in f32, then X̃ᵀ(X − X̃): no cancellation
-                        // between two large sums, and exactly zero where nothing moved.
-                        ops.add_scaled(sh, x, minus, rows, n)?;
-                        ops.cross_add(c, x, sh, rows)?;
-                    }
-                    if exact {
-                        ops.sync()?;
-                    }
-                    in_gram += t.elapsed().as_secs_f64();
+                    timed_gram(ops, exact, &mut in_gram, || {
+                        ops.gram_add(&mut g, x, rows)?;
+                        if let (Some(sh), Some(c), Some(minus)) =
+                            (shift.as_mut(), c.as_mut(), &minus)
+                        {
+                            // The shift X − X̃ elementwise in f32, then X̃ᵀ(X − X̃): no
+                            // cancellation between two large sums, and exactly zero where
+                            // nothing moved.
+                            ops.add_scaled(sh, x, minus, rows, n)?;
+                            ops.cross_add(c, x, sh, rows)?;
+                        }
+                        Ok(())
+                    })?;
                 }
                 Ok(())
             })?;
@@ -361,11 +347,37 @@ impl<'a, O: Ops> Calibrator<'a, O> {
         let cross = c.map(|c| ops.cross_finish(c)).transpose()?;
         let gram = ops.gram_finish(g)?;
         in_gram += t.elapsed().as_secs_f64();
+        self.add_walk(started, in_gram);
+        Ok((gram, cross))
+    }
+
+    /// Books a walk begun at `started`: `in_gram` seconds of it as `gram`, the rest as
+    /// `forward`.
+    fn add_walk(&self, started: Instant, in_gram: f64) {
         self.profile.add("gram", in_gram);
         self.profile
             .add("forward", started.elapsed().as_secs_f64() - in_gram);
-        Ok((gram, cross))
     }
+}
+
+/// Runs one Gram accumulation and adds its seconds to `in_gram`. With an exact profile the
+/// forward work queued before it is waited for first (and so counted as forward), then its own.
+fn timed_gram<O: Ops>(
+    ops: &O,
+    exact: bool,
+    in_gram: &mut f64,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    if exact {
+        ops.sync()?;
+    }
+    let t = Instant::now();
+    f()?;
+    if exact {
+        ops.sync()?;
+    }
+    *in_gram += t.elapsed().as_secs_f64();
+    Ok(())
 }
 
 impl<O: Ops> BlockGrams for Calibrator<'_, O> {

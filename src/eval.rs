@@ -415,7 +415,9 @@ pub fn label_map(set: &ImageSet, spec: &VitSpec) -> crate::error::Result<Vec<Opt
             return Err(crate::error::Error::Image {
                 path: set.path().to_path_buf(),
                 reason: format!(
-                    "{what} (of {}) is not a class of the model's head, which has {} classes                      matched by position: leave those images out, or name the classes like the                      model's labels (config.json id2label)",
+                    "{what} (of {}) is not a class of the model's head, which has {} classes \
+                     matched by position: leave those images out, or name the classes like the \
+                     model's labels (config.json id2label)",
                     set.name(i),
                     spec.num_classes
                 ),

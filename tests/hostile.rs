@@ -45,30 +45,15 @@ fn vit(dir: &Path, edit: impl Fn(&str, &mut Vec<f32>)) -> PathBuf {
 
 /// An image pack of `n` 16-px images labelled 0, 1, 0, 1, …
 fn labelled_pack(dir: &Path, n: usize) -> PathBuf {
-    let p = dir.join("pack.safetensors");
-    let px: Vec<u8> = (0..n * 16 * 16 * 3).map(|i| (i * 7 % 251) as u8).collect();
     let labels: Vec<i64> = (0..n as i64).map(|i| i % 2).collect();
-    let lb: Vec<u8> = bytemuck::cast_slice(&labels).to_vec();
-    let views = [
-        (
-            "images",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![n, 16, 16, 3], &px)
-                .unwrap(),
-        ),
-        (
-            "labels",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![n], &lb).unwrap(),
-        ),
-    ];
-    safetensors::serialize_to_file(views, None, &p).unwrap();
-    p
+    pack_with_labels(dir, &labels, None)
 }
 
-/// An image pack of `n` 16-px images with these labels (and class names, when given).
+/// An image pack of 16-px images with these labels (and class names, when given).
 fn pack_with_labels(dir: &Path, labels: &[i64], classes: Option<&[&str]>) -> PathBuf {
     let n = labels.len();
     let p = dir.join("labels.safetensors");
-    let px: Vec<u8> = (0..n * 16 * 16 * 3).map(|i| (i * 11 % 251) as u8).collect();
+    let px: Vec<u8> = (0..n * 16 * 16 * 3).map(|i| (i * 7 % 251) as u8).collect();
     let lb: Vec<u8> = bytemuck::cast_slice(labels).to_vec();
     let views = [
         (

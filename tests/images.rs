@@ -417,12 +417,14 @@ fn an_empty_image_folder_is_a_clear_error() {
     assert!(!out.exists());
 }
 
-#[test]
-fn an_unreadable_image_is_a_clear_error_naming_the_file() {
+/// `bytes` written as `cats/<name>` among good photos: `run` refuses it naming the file and
+/// saying `why`, leaves no output and the file as it was; `eval` names it too.
+fn a_bad_image_is_refused(name: &str, bytes: &[u8], why: &str) {
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic(&dir.path().join("m"), Family::TimmVit, 0);
     let imgs = photos(&dir.path().join("photos"), 3);
-    std::fs::write(imgs.join("cats/broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let path = imgs.join("cats").join(name);
+    std::fs::write(&path, bytes).unwrap();
     let out = dir.path().join("q.safetensors");
     let o = run(&[
         "run",
@@ -434,18 +436,29 @@ fn an_unreadable_image_is_a_clear_error_naming_the_file() {
         "--device",
         "cpu",
     ]);
-    assert_bad_input(&o, "broken.png");
-    assert_bad_input(&o, "cannot decode");
+    assert_bad_input(&o, name);
+    assert_bad_input(&o, why);
     assert!(!out.exists());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        bytes,
+        "the input is untouched"
+    );
     let o = run(&["eval", s(&model), "--images", s(&imgs), "--device", "cpu"]);
-    assert_bad_input(&o, "broken.png");
+    assert_bad_input(&o, name);
+}
+
+#[test]
+fn an_unreadable_image_is_a_clear_error_naming_the_file() {
+    a_bad_image_is_refused(
+        "broken.png",
+        b"\x89PNG\r\n\x1a\nnot really",
+        "cannot decode",
+    );
 }
 
 #[test]
 fn a_truncated_jpeg_is_a_clear_error_naming_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = synthetic(&dir.path().join("m"), Family::TimmVit, 0);
-    let imgs = photos(&dir.path().join("photos"), 3);
     let img = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 6, 90]));
     let mut bytes = Vec::new();
     image::DynamicImage::ImageRgb8(img)
@@ -456,25 +469,7 @@ fn a_truncated_jpeg_is_a_clear_error_naming_the_file() {
         .unwrap();
     // Cut in the middle of its scan: the decoder alone would fill the rest with grey.
     let cut = &bytes[..bytes.len() - bytes.len() / 4];
-    let path = imgs.join("cats/cut.jpg");
-    std::fs::write(&path, cut).unwrap();
-    let out = dir.path().join("q.safetensors");
-    let o = run(&[
-        "run",
-        s(&model),
-        "--images",
-        s(&imgs),
-        "--out",
-        s(&out),
-        "--device",
-        "cpu",
-    ]);
-    assert_bad_input(&o, "cut.jpg");
-    assert_bad_input(&o, "truncated");
-    assert!(!out.exists());
-    assert_eq!(std::fs::read(&path).unwrap(), cut, "the input is untouched");
-    let o = run(&["eval", s(&model), "--images", s(&imgs), "--device", "cpu"]);
-    assert_bad_input(&o, "cut.jpg");
+    a_bad_image_is_refused("cut.jpg", cut, "truncated");
 }
 
 #[test]

@@ -157,10 +157,7 @@ fn prefactor<'env>(
                     let Some(gram) = grams.get(site).filter(|g| g.n > on_device) else {
                         continue;
                     };
-                    let built = crate::numeric::linalg::factors_on_this_thread(|| {
-                        factors.build(block, gram, damps, *act)
-                    });
-                    if let Err(e) = built {
+                    if let Err(e) = factors.build_ahead(block, gram, damps, *act) {
                         log::debug!("factor ahead for {site:?} of block {block}: {e}");
                     }
                 }
@@ -210,10 +207,10 @@ fn grams_ahead(
             let mut damps = vec![job.config.damp];
             damps.extend(plan.damps.iter().filter(|&&d| d != job.config.damp));
             profile.time("factor ahead", || {
-                let built = crate::numeric::linalg::factors_on_this_thread(|| {
-                    env.factors.build(index, gram, &damps, job.config.act_order)
-                });
-                if let Err(e) = built {
+                if let Err(e) = env
+                    .factors
+                    .build_ahead(index, gram, &damps, job.config.act_order)
+                {
                     log::debug!("factor ahead for {}: {e}", job.meta.name);
                 }
             });

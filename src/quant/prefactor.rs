@@ -111,6 +111,19 @@ impl FactorCache {
         found
     }
 
+    /// [`FactorCache::build`] for a thread that builds factors ahead, beside a quantization that
+    /// keeps rayon's pool busy: each factor is computed on the calling thread alone
+    /// ([`crate::numeric::linalg::factors_on_this_thread`]; the same bits).
+    pub fn build_ahead(
+        &self,
+        block: usize,
+        gram: &Gram,
+        damps: &[f32],
+        act_order: bool,
+    ) -> Result<()> {
+        crate::numeric::linalg::factors_on_this_thread(|| self.build(block, gram, damps, act_order))
+    }
+
     /// Builds the factors of `gram` for block `block` at each of `damps` that is not held yet,
     /// first dropping those of blocks before `block − 1` (the block being quantized keeps its
     /// own). A factor that would take the cache beyond its cap is not built.
